@@ -1,0 +1,1 @@
+"""Backends: the reference oracle, and the emitters that render templates into packages."""

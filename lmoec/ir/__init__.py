@@ -1,0 +1,21 @@
+"""The IR: pydantic nodes with sympy expressions; see nodes.py."""
+from .nodes import (  # noqa: F401
+    SCHEMA_VERSION,
+    AttentionSpec,
+    CommPlan,
+    CommStep,
+    Decay,
+    DecayKind,
+    Delta,
+    DenseFFNSpec,
+    DPLRTerms,
+    Family,
+    LSMSpec,
+    ModelSpec,
+    MoESpec,
+    Param,
+    ParallelSpec,
+    Recurrence,
+    SourceLoc,
+    SpecIR,
+)

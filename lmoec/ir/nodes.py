@@ -1,0 +1,266 @@
+"""The lmoec IR: one typed, JSON-serializable description of a compiled spec.
+
+The frontend builds it, passes fill in the derived parts (family, chunk size,
+communication plan), backends render code from it. Nothing downstream reads
+spec text again.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal, Optional
+
+import sympy
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, WithJsonSchema
+
+from . import expr as ex
+
+SCHEMA_VERSION = 1
+
+
+def _validate_expr(value: Any) -> sympy.Expr:
+    if isinstance(value, sympy.Basic):
+        return value
+    return ex.from_json(value)
+
+
+Expr = Annotated[
+    sympy.Expr,
+    PlainValidator(_validate_expr),
+    PlainSerializer(ex.to_json, return_type=Any),
+    WithJsonSchema({"description": "expression tree: number | {sym} | {op, args}"}),
+]
+
+
+class Node(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+
+class SourceLoc(Node):
+    """Where a construct was written, for diagnostics (1-based line and column)."""
+
+    file: str
+    line: int
+    col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+# ---- the recurrence ---------------------------------------------------------
+
+DecayKind = Literal["none", "constant", "scalar", "vector"]
+
+
+class Family(str, Enum):
+    """The transition families of DESIGN.md; they decide kernels and LASP-2 payloads."""
+
+    additive = "additive"
+    constant = "constant"
+    scalar = "scalar"
+    vector = "vector"
+    delta = "delta"
+    dplr = "dplr"
+
+
+class Recurrence(Node):
+    """What a kernel is specialized on: the shape of the transition T_t.
+
+    Two specs with equal `Recurrence` share kernels; everything else in an
+    `LSMSpec` (projections, feature maps, gates) lives in the layer.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    decay: DecayKind = "none"
+    delta: bool = False
+    dplr: bool = False
+    bonus: bool = False  # RWKV6's u: o_t reads S_{t-1} plus (q.(u*k)) v
+
+    @property
+    def family(self) -> Family:
+        if self.dplr:
+            return Family.dplr
+        if self.delta:
+            return Family.delta
+        return {
+            "none": Family.additive,
+            "constant": Family.constant,
+            "scalar": Family.scalar,
+            "vector": Family.vector,
+        }[self.decay]
+
+    @property
+    def key(self) -> str:
+        """A short stable name, used in kernel names and caches."""
+        parts = [self.family.value]
+        if self.family in (Family.delta, Family.dplr) and self.decay != "none":
+            parts.append(self.decay)
+        if self.bonus:
+            parts.append("bonus")
+        return "_".join(parts)
+
+
+FeatureMap = Literal["identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "rebased"]
+
+
+class Param(Node):
+    """A learned tensor declared in a spec (e.g. Mamba2's A_log [H], RWKV6's u [H, K])."""
+
+    name: str
+    shape: list[str]  # dimension names: H, K, V, hidden
+    init: Expr  # may read h (head index) and k index `i` for per-element inits
+    loc: Optional[SourceLoc] = None
+
+
+class Decay(Node):
+    kind: DecayKind = "none"
+    # log decay g: constant decays read only h/H/layer; data-dependent ones read x, params
+    expr: Optional[Expr] = None
+
+
+class Delta(Node):
+    beta: Expr  # per head, in (0, 2) for a contraction; e.g. sigmoid(x @ W_beta)
+
+
+class DPLRTerms(Node):
+    """RWKV7-style rank-one correction: T_t = Diag(exp(g_t)) + a_t b_t^T."""
+
+    a: Expr
+    b: Expr
+
+
+class LSMSpec(Node):
+    """One linear sequence model layer: the recurrence and everything around it."""
+
+    name: str
+    doc: str = ""
+    loc: Optional[SourceLoc] = None
+    heads: Optional[int] = None  # None: the model's heads
+    expand_k: float = 1.0  # head dim K = expand_k * hidden / heads
+    expand_v: float = 1.0
+    feature_map_q: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
+    feature_map_k: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
+    decay: Decay = Field(default_factory=Decay)
+    delta: Optional[Delta] = None
+    dplr: Optional[DPLRTerms] = None
+    bonus_u: bool = False
+    tie_k_to_decay: bool = False  # HGRN2: k = 1 - exp(g)
+    short_conv: int = 0  # causal depthwise conv kernel size on q/k/v; 0: none
+    output_norm: Literal["none", "rmsnorm", "layernorm", "groupnorm"] = "none"
+    output_gate: Optional[Expr] = None  # o = norm(o) * gate(x)
+    scale: Optional[Expr] = None  # None: K ** -0.5
+    params: dict[str, Param] = Field(default_factory=dict)
+    chunk_size: int = 64
+
+    # filled by passes
+    recurrence: Optional[Recurrence] = None
+
+
+# ---- the model stack ---------------------------------------------------------
+
+
+class AttentionSpec(Node):
+    """Softmax attention of the N layers (causal, RoPE)."""
+
+    heads: Optional[int] = None  # None: the model's heads
+    kv_heads: Optional[int] = None  # None: = heads (MHA); fewer: GQA
+    rope_theta: float = 10000.0
+    window: Optional[int] = None  # sliding window; None: full causal
+
+
+class MoESpec(Node):
+    experts: int
+    top_k: int
+    expert_ffn: int
+    shared_experts: int = 0  # always-on experts, each of width expert_ffn
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    order: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
+    bias_balancing: bool = False  # aux-loss-free balancing with a router bias
+    bias_update_rate: float = 1e-3
+    aux_loss: float = 0.01
+    z_loss: float = 0.001
+    capacity_factor: Optional[float] = None  # None: dropless
+    normalize_topk: bool = True  # renormalize the k selected weights to sum to 1
+
+
+class DenseFFNSpec(Node):
+    ffn: int  # SwiGLU inner width
+
+
+class ParallelSpec(Node):
+    dp: int = 1
+    sp: int = 1
+    ep: int = 1
+    tp: int = 1
+    loc: Optional[SourceLoc] = None
+
+
+class ModelSpec(Node):
+    name: str
+    doc: str = ""
+    loc: Optional[SourceLoc] = None
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    pattern: str  # one letter per layer: L (LSM) or N (softmax attention)
+    lsm: Optional[str] = None  # name of the LSM the L layers use
+    attention: AttentionSpec = Field(default_factory=AttentionSpec)
+    moe: Optional[MoESpec] = None
+    ffn: Optional[DenseFFNSpec] = None  # used when moe is None
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    max_seq_len: int = 4096
+
+
+# ---- derived: communication plans ---------------------------------------------
+
+
+class CommStep(Node):
+    """One collective of one layer, per rank, per direction."""
+
+    layer: int
+    kind: Literal["lsm", "attention", "moe"]
+    direction: Literal["forward", "backward"]
+    collective: Literal["all_gather", "all_to_all", "reduce_scatter"]
+    group: Literal["sp", "ep", "dp"]
+    what: str  # e.g. "A_r [B,H,K] + M_r [B,H,K,V] fp32"
+    shape: dict[str, list[str]]  # tensor -> symbolic shape
+    bytes_per_rank: Expr  # a sympy formula of B, T (local length), dtype bytes
+    depends_on_seq_len: bool
+
+
+class CommPlan(Node):
+    steps: list[CommStep] = Field(default_factory=list)
+
+
+# ---- the compilation unit ------------------------------------------------------
+
+
+class SpecIR(Node):
+    """Everything one spec file (with its imports) compiles to."""
+
+    schema_version: int = SCHEMA_VERSION
+    source: str
+    name: str
+    lsms: dict[str, LSMSpec] = Field(default_factory=dict)
+    model: Optional[ModelSpec] = None
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec)
+    comm: Optional[CommPlan] = None  # filled by passes.comm
+
+    def lsm(self, name: Optional[str] = None) -> LSMSpec:
+        if name is None:
+            if self.model is not None and self.model.lsm is not None:
+                name = self.model.lsm
+            elif len(self.lsms) == 1:
+                name = next(iter(self.lsms))
+            else:
+                raise ValueError(f"{self.source}: names {sorted(self.lsms)}; say which lsm")
+        if name not in self.lsms:
+            raise ValueError(f"{self.source}: no lsm named {name!r} (has {sorted(self.lsms)})")
+        return self.lsms[name]
+
+    def dump(self) -> str:
+        return self.model_dump_json(indent=2)

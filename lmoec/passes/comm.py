@@ -1,0 +1,116 @@
+"""Pass: derive the communication plan (LASP-2 / LASP-2H / expert parallel) from the IR.
+
+An LSM layer's local slice acts on the incoming state as an affine map
+S -> A_r S + M_r (DESIGN.md). LASP-2 all-gathers (A_r, M_r) over the
+sequence-parallel group, forward, and the same shapes for dS backward. The
+shape of A_r follows from the family alone:
+
+    additive   A_r = I              nothing to send but M_r
+    constant   A_r = gamma^T_local  known to every rank: nothing to send
+    scalar     A_r [B, H]
+    vector     A_r [B, H, K]
+    delta/DPLR A_r [B, H, K, K]
+
+so the payload depends on B, H, K, V and never on the sequence length.
+Softmax attention layers (LASP-2H) all-gather K and V, which does grow with T.
+"""
+from __future__ import annotations
+
+import sympy
+
+from ..ir.nodes import CommPlan, CommStep, Family, LSMSpec, ModelSpec, SpecIR
+
+B, T, H, K, V, D, hidden, topk, act = sympy.symbols("B T H K V D hidden topk act_bytes", positive=True, integer=True)
+FP32 = 4
+
+A_SHAPES: dict[Family, list[str]] = {
+    Family.additive: [],
+    Family.constant: [],
+    Family.scalar: ["B", "H"],
+    Family.vector: ["B", "H", "K"],
+    Family.delta: ["B", "H", "K", "K"],
+    Family.dplr: ["B", "H", "K", "K"],
+}
+
+
+def _numel(shape: list[str]) -> sympy.Expr:
+    sym = {"B": B, "T": T, "H": H, "K": K, "V": V, "D": D, "hidden": hidden, "topk": topk}
+    return sympy.Mul(*[sym[d] for d in shape]) if shape else sympy.Integer(0)
+
+
+def lsm_steps(layer: int, lsm: LSMSpec) -> list[CommStep]:
+    """The LASP-2 all-gathers of one LSM layer, forward and backward."""
+    family = lsm.recurrence.family
+    a_shape = A_SHAPES[family]
+    shapes = {"M_r": ["B", "H", "K", "V"]}
+    if a_shape:
+        shapes["A_r"] = a_shape
+    nbytes = FP32 * (_numel(a_shape) + _numel(["B", "H", "K", "V"]))
+    what = " + ".join(f"{n} [{', '.join(s)}]" for n, s in sorted(shapes.items())) + " fp32"
+    return [
+        CommStep(layer=layer, kind="lsm", direction=d, collective="all_gather", group="sp", what=what,
+                 shape=shapes, bytes_per_rank=nbytes, depends_on_seq_len=False)
+        for d in ("forward", "backward")
+    ]
+
+
+def attention_steps(layer: int) -> list[CommStep]:
+    """LASP-2H: all-gather the local K and V; backward reduce-scatters their gradients."""
+    shapes = {"K": ["B", "T", "H", "D"], "V": ["B", "T", "H", "D"]}
+    nbytes = act * 2 * _numel(["B", "T", "H", "D"])
+    return [
+        CommStep(layer=layer, kind="attention", direction="forward", collective="all_gather", group="sp",
+                 what="K, V [B, T, H_kv, D] activations", shape=shapes, bytes_per_rank=nbytes, depends_on_seq_len=True),
+        CommStep(layer=layer, kind="attention", direction="backward", collective="reduce_scatter", group="sp",
+                 what="dK, dV [B, T, H_kv, D] activations", shape=shapes, bytes_per_rank=nbytes, depends_on_seq_len=True),
+    ]
+
+
+def moe_steps(layer: int) -> list[CommStep]:
+    """Expert parallel: tokens to their experts' ranks and back (after a token-count exchange)."""
+    shapes = {"tokens": ["B", "T", "topk", "hidden"]}
+    nbytes = act * _numel(["B", "T", "topk", "hidden"])
+    return [
+        CommStep(layer=layer, kind="moe", direction=d, collective="all_to_all", group="ep",
+                 what=f"{stage} routed tokens [B*T*topk, hidden] (at most; exact counts exchanged first)",
+                 shape=shapes, bytes_per_rank=nbytes, depends_on_seq_len=True)
+        for d in ("forward", "backward")
+        for stage in ("dispatch", "combine")
+    ]
+
+
+def model_dims(model: ModelSpec, lsm: LSMSpec | None) -> dict[sympy.Symbol, int]:
+    """Numbers for the symbols, where the model fixes them."""
+    dims = {hidden: model.hidden, D: model.hidden // model.heads}
+    if model.moe is not None:
+        dims[topk] = model.moe.top_k
+    if lsm is not None:
+        heads = lsm.heads or model.heads
+        dims[H] = heads
+        dims[K] = int(lsm.expand_k * model.hidden) // heads
+        dims[V] = int(lsm.expand_v * model.hidden) // heads
+    return dims
+
+
+def plan(ir: SpecIR) -> SpecIR:
+    steps: list[CommStep] = []
+    if ir.model is None:
+        for i, lsm in enumerate(ir.lsms.values()):
+            steps += lsm_steps(i, lsm)
+    else:
+        model = ir.model
+        lsm = ir.lsms.get(model.lsm) if model.lsm else None
+        dims = model_dims(model, lsm)
+        attn_heads = model.attention.kv_heads or model.attention.heads or model.heads
+        for i, kind in enumerate(model.pattern):
+            layer_steps = lsm_steps(i, lsm) if kind == "L" else attention_steps(i)
+            if model.moe is not None and ir.parallel.ep > 1:
+                layer_steps += moe_steps(i)
+            for s in layer_steps:
+                sub = dict(dims)
+                if s.kind == "attention":
+                    sub[H] = attn_heads
+                s.bytes_per_rank = sympy.simplify(s.bytes_per_rank.subs(sub))
+            steps += layer_steps
+    ir.comm = CommPlan(steps=steps)
+    return ir

@@ -1,0 +1,95 @@
+"""The kernel-level op contract, checked once in front of every backend.
+
+`op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None,
+initial_state=None, output_final_state=False, cu_seqlens=None)`, layout
+[B, T, H, D] (the flash-linear-attention convention). An argument the spec
+does not declare, or a tensor of the wrong shape, is a ValueError that says
+which argument and why, before any kernel runs.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ir.nodes import Recurrence
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def check_op_args(
+    rec: Recurrence,
+    name: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+    u: Optional[torch.Tensor] = None,
+    a: Optional[torch.Tensor] = None,
+    b: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> None:
+    """Raise ValueError naming the first argument that breaks the contract."""
+
+    def fail(msg: str) -> None:
+        raise ValueError(f"{name}: {msg}")
+
+    for arg, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            fail(f"{arg} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            fail(f"{arg} must be [B, T, H, D], got shape {_shape(t)}")
+    B, T, H, K = q.shape
+    if k.shape != q.shape:
+        fail(f"k must have q's shape {_shape(q)}, got {_shape(k)}")
+    if v.shape[:3] != q.shape[:3]:
+        fail(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {_shape(v)}")
+    V = v.shape[-1]
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        fail(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+    def expect(arg: str, t: Optional[torch.Tensor], wanted: bool, why: str, shapes: list[tuple]) -> None:
+        if t is None:
+            if wanted:
+                fail(f"{arg} is required: {why}")
+            return
+        if not wanted:
+            fail(f"{arg} is not accepted: {why}")
+        if not isinstance(t, torch.Tensor):
+            fail(f"{arg} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) not in shapes:
+            want = " or ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes)
+            fail(f"{arg} must have shape {want}, got {_shape(t)}")
+
+    family = rec.family.value
+    if rec.decay == "none":
+        expect("g", g, False, f"this {family} recurrence has no decay", [])
+    elif rec.decay == "vector":
+        expect("g", g, True, "the spec declares a vector decay (log decay per key)", [(B, T, H, K)])
+    elif rec.decay == "constant":
+        expect("g", g, True, "the spec declares a constant decay (log decay per head)", [(H,), (B, T, H)])
+    else:
+        expect("g", g, True, "the spec declares a scalar decay (log decay per head and token)", [(B, T, H)])
+    expect("beta", beta, rec.delta and not rec.dplr, "beta belongs to the delta rule" if rec.delta else f"the {family} recurrence has no delta rule", [(B, T, H)])
+    expect("u", u, rec.bonus, "u is RWKV6's bonus" if rec.bonus else "the spec declares no bonus term u", [(H, K)])
+    why_ab = "a and b are the DPLR rank-one terms" if rec.dplr else "the spec declares no DPLR terms"
+    expect("a", a, rec.dplr, why_ab, [(B, T, H, K)])
+    expect("b", b, rec.dplr, why_ab, [(B, T, H, K)])
+
+    n_seq = B
+    if cu_seqlens is not None:
+        if B != 1:
+            fail(f"with cu_seqlens, sequences are packed along T and B must be 1, got B={B}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            fail("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of sequence offsets")
+        offs = cu_seqlens.tolist()
+        if offs[0] != 0 or offs[-1] != T or any(b_ < a_ for a_, b_ in zip(offs, offs[1:])):
+            fail(f"cu_seqlens must rise from 0 to T={T}, got {offs}")
+        n_seq = len(offs) - 1
+    if initial_state is not None:
+        if tuple(initial_state.shape) != (n_seq, H, K, V):
+            fail(f"initial_state must be [N, H, K, V] = [{n_seq}, {H}, {K}, {V}], got {_shape(initial_state)}")
