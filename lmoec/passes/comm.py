@@ -20,7 +20,7 @@ import sympy
 
 from ..ir.nodes import CommPlan, CommStep, Family, LSMSpec, ModelSpec, SpecIR
 
-B, T, H, K, V, D, hidden, topk, act = sympy.symbols("B T H K V D hidden topk act_bytes", positive=True, integer=True)
+B, T, H, K, V, D, hidden, topk, act = sympy.symbols("B T H K V D hidden topk act_bytes")
 FP32 = 4
 
 A_SHAPES: dict[Family, list[str]] = {

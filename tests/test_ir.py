@@ -1,0 +1,98 @@
+"""The IR core: expression JSON round trips, the oracle, the op contract, the comm plan."""
+import json
+
+import pytest
+import sympy
+import torch
+
+from lmoec.backends.reference import recurrent_reference
+from lmoec.ir import expr as ex
+from lmoec.ir.nodes import Decay, Delta, Family, LSMSpec, Recurrence, SpecIR
+from lmoec.passes import run_passes
+from lmoec.runtime.contract import check_op_args
+
+
+def test_expression_json_round_trip():
+    x, h, H = sympy.symbols("x h H")
+    e = ex.function("logsigmoid")(ex.linear(ex.linear(x, "W_a", 16), "W_b")) / 16 + sympy.log(1 - 2 ** (-5 - h)) * sympy.Max(H, 2)
+    tree = ex.to_json(e)
+    assert ex.from_json(json.loads(json.dumps(tree))) == e
+    assert ex.free_names(e) == {"x", "h", "H"}
+    assert [str(l.args[1]) for l in ex.linears(e)] == ["W_a", "W_b"]
+
+
+def test_expression_json_rejects_unknown_ops():
+    with pytest.raises(ValueError):
+        ex.from_json({"op": "__import__", "args": ["os"]})
+
+
+def test_ir_json_round_trip():
+    ir = SpecIR(name="t", source="<test>", lsms={"t": LSMSpec(name="t", decay=Decay(kind="scalar", expr=ex.function("logsigmoid")(ex.linear(sympy.Symbol("x"), "W")) / 16), delta=Delta(beta=ex.function("sigmoid")(ex.linear(sympy.Symbol("x"), "W_b"))))})
+    ir = run_passes(ir)
+    again = SpecIR.model_validate_json(ir.dump())
+    assert again == ir
+    assert again.lsms["t"].recurrence.family is Family.delta
+
+
+@pytest.mark.parametrize(
+    "rec,family",
+    [
+        (Recurrence(), Family.additive),
+        (Recurrence(decay="constant"), Family.constant),
+        (Recurrence(decay="scalar"), Family.scalar),
+        (Recurrence(decay="vector", bonus=True), Family.vector),
+        (Recurrence(decay="vector", delta=True), Family.delta),
+        (Recurrence(decay="vector", dplr=True), Family.dplr),
+    ],
+)
+def test_family_of_recurrence(rec, family):
+    assert rec.family is family
+
+
+def test_reference_additive_matches_closed_form():
+    """S_t = sum_{s<=t} k_s v_s^T, so o_t = scale * sum_{s<=t} (q_t.k_s) v_s: causal linear attention."""
+    torch.manual_seed(0)
+    B, T, H, K, V = 2, 9, 3, 4, 5
+    q, k = torch.randn(2, B, T, H, K, dtype=torch.float64)
+    v = torch.randn(B, T, H, V, dtype=torch.float64)
+    o, S = recurrent_reference(Recurrence(), q, k, v, scale=0.5, output_final_state=True)
+    att = torch.einsum("bthk,bshk->bhts", q, k).tril()
+    expected = 0.5 * torch.einsum("bhts,bshv->bthv", att, v)
+    torch.testing.assert_close(o, expected)
+    torch.testing.assert_close(S, torch.einsum("bthk,bthv->bhkv", k, v))
+
+
+def test_reference_scalar_decay_matches_closed_form():
+    torch.manual_seed(1)
+    B, T, H, K, V = 1, 7, 2, 3, 4
+    q, k = torch.randn(2, B, T, H, K, dtype=torch.float64)
+    v = torch.randn(B, T, H, V, dtype=torch.float64)
+    g = -torch.rand(B, T, H, dtype=torch.float64)
+    o, _ = recurrent_reference(Recurrence(decay="scalar"), q, k, v, g=g, scale=1.0)
+    b = g.cumsum(1)  # [B,T,H]
+    decay = (b[:, :, None, :] - b[:, None, :, :]).permute(0, 3, 1, 2)  # [B,H,t,s]
+    att = torch.einsum("bthk,bshk->bhts", q, k) * torch.exp(decay).tril()
+    torch.testing.assert_close(o, torch.einsum("bhts,bshv->bthv", att.tril(), v))
+
+
+def test_contract_names_the_bad_argument():
+    rec = Recurrence(decay="vector")
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="g is required"):
+        check_op_args(rec, "gla", q, q, q)
+    with pytest.raises(ValueError, match=r"g must have shape \[1, 8, 2, 4\]"):
+        check_op_args(rec, "gla", q, q, q, g=torch.randn(1, 8, 2))
+    with pytest.raises(ValueError, match="beta is not accepted"):
+        check_op_args(rec, "gla", q, q, q, g=q, beta=q[..., 0])
+    with pytest.raises(ValueError, match="initial_state must be"):
+        check_op_args(rec, "gla", q, q, q, g=q, initial_state=torch.zeros(1, 2, 4, 5))
+
+
+def test_lsm_payload_does_not_depend_on_sequence_length():
+    ir = SpecIR(name="t", source="<test>", lsms={"t": LSMSpec(name="t", decay=Decay(kind="vector", expr=sympy.Symbol("x")))})
+    steps = run_passes(ir).comm.steps
+    assert steps and all(not s.depends_on_seq_len for s in steps)
+    T = sympy.Symbol("T")
+    assert all(T not in s.bytes_per_rank.free_symbols for s in steps)
+    B, H, K, V = sympy.symbols("B H K V")
+    assert sympy.simplify(steps[0].bytes_per_rank - 4 * (B * H * K + B * H * K * V)) == 0
