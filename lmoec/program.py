@@ -38,6 +38,48 @@ class Program:
         lsm = self.ir.lsm(name)
         return getattr(self.package, f"{lsm.name}_ops").op
 
+    def moe(self, name: Optional[str] = None):
+        """A fresh MoE layer of the spec's model (or the model named `name`): `<package>.moe.build`."""
+        model = self.ir.model
+        if model is None or name not in (None, model.name):
+            raise ValueError(f"{self.ir.source}: no model named {name!r} (has {[model.name] if model else []})")
+        if model.moe is None:
+            raise ValueError(f"{self.ir.source}: model {model.name!r} has no moe block (a dense ffn)")
+        return self.package.moe.build(model.hidden)
+
+    def model(self, **overrides):
+        """A freshly initialized causal LM of the spec's model (`<package>.model.build`); overrides replace config entries."""
+        if self.ir.model is None:
+            raise ValueError(f"{self.ir.source}: the spec defines no model (only lsms {sorted(self.ir.lsms)})")
+        return self.package.model.build(**overrides)
+
+    def layer(
+        self,
+        name: Optional[str] = None,
+        hidden: Optional[int] = None,
+        heads: Optional[int] = None,
+        layer_idx: int = 0,
+        layers: Optional[int] = None,
+    ):
+        """A fresh LSM layer (`<package>.<lsm>_layer.Layer`) of the spec's LSM or the named one.
+
+        hidden, heads and layers default to the spec's model; heads first to the lsm's own `heads`.
+        """
+        lsm = self.ir.lsm(name)
+        model = self.ir.model
+        if hidden is None:
+            if model is None:
+                raise ValueError(f"{self.ir.source}: the spec has no model block; pass hidden= to layer()")
+            hidden = model.hidden
+        if heads is None:
+            heads = lsm.heads if lsm.heads is not None else (model.heads if model is not None else None)
+            if heads is None:
+                raise ValueError(f"{self.ir.source}: lsm {lsm.name!r} sets no heads and the spec has no model; pass heads= to layer()")
+        if layers is None and model is not None:
+            layers = model.layers
+        module = getattr(self.package, f"{lsm.name}_layer")
+        return module.Layer(hidden, heads, layer_idx=layer_idx, layers=layers)
+
     def write(self, out_dir: Path) -> Path:
         """Write the package atomically: a failed write leaves nothing behind."""
         out_dir = Path(out_dir)

@@ -15,6 +15,9 @@ from .. import __version__
 from ..ir.nodes import SpecIR
 from ..paths import TEMPLATES
 from .context import LSMContext, lsm_context
+from .model_emit import emit_model
+from .moe_emit import emit_moe
+from .modules import emit_layers
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -57,7 +60,9 @@ def emit_lsm_ops(ir: SpecIR) -> dict[str, str]:
     return files
 
 
-EMITTERS: list[Callable[[SpecIR], dict[str, str]]] = [emit_ir, emit_lsm_ops]
+EMITTERS: list[Callable[[SpecIR], dict[str, str]]] = [emit_ir, emit_lsm_ops, emit_model]
+EMITTERS.append(emit_moe)
+EMITTERS.append(emit_layers)
 
 
 def emit_package(ir: SpecIR) -> dict[str, str]:

@@ -1,7 +1,10 @@
 """The Triton backend: which recurrences it emits kernels for, and their emission.
 
 Delta and DPLR recurrences are emitted by `triton_delta`; the decay families
-(additive, constant, scalar, vector) here.
+(additive, constant, scalar, vector, with RWKV6's bonus) here, from
+templates/triton/chunk.py.j2. Constant decay runs the scalar-decay kernels on
+g broadcast per token: one kernel set less to keep right, and the broadcast is
+H floats per token.
 """
 from __future__ import annotations
 
@@ -9,16 +12,37 @@ from ..ir.nodes import Family
 from . import triton_delta
 from .context import LSMContext
 
+SUB_CHUNK = 16  # rows of the vector-decay sub-chunks (and the smallest tl.dot tile)
+
+_KERNEL_DECAY = {"none": "none", "constant": "scalar", "scalar": "scalar", "vector": "vector"}
+
 
 def supports(ctx: LSMContext) -> tuple[bool, str]:
     """(ok, reason): whether Triton kernels are emitted for this recurrence, and why not."""
     if ctx.rec.family in (Family.delta, Family.dplr):
         return triton_delta.supports(ctx)
-    return False, f"no Triton kernels are emitted yet for the {ctx.rec.key} recurrence"
+    if ctx.rec.bonus and ctx.rec.decay != "vector":
+        return False, f"the bonus term u is emitted for vector decay (RWKV6) only, not for {ctx.rec.key}"
+    C = ctx.chunk_size
+    if C < SUB_CHUNK or C & (C - 1):
+        return False, f"chunk size {C} must be a power of two >= {SUB_CHUNK} for the Triton kernels"
+    return True, ""
 
 
 def emit(ctx: LSMContext, header: str) -> str:
     """The source of `<lsm>_triton.py`: kernels plus `chunk(...)` (autograd) and `step(...)`."""
     if ctx.rec.family in (Family.delta, Family.dplr):
         return triton_delta.emit(ctx, header)
-    raise ValueError(supports(ctx)[1])
+    ok, reason = supports(ctx)
+    if not ok:
+        raise ValueError(reason)
+    from .emit import render
+
+    return render(
+        "triton/chunk.py.j2",
+        ctx=ctx,
+        header=header,
+        decay=_KERNEL_DECAY[ctx.rec.decay],
+        bonus=ctx.rec.bonus,
+        sub=SUB_CHUNK,
+    )

@@ -1,12 +1,33 @@
-"""Triton kernels for the delta-rule and DPLR families (WY / UT representation)."""
+"""Triton kernels for the delta-rule family (WY / UT representation), rendered from templates/triton/delta.py.j2.
+
+One template covers DeltaNet (no decay), Gated DeltaNet (scalar or constant decay) and the delta
+rule with a vector decay; the template branches on the decay at generation time, so each emitted
+file holds only its spec's kernels. DPLR (RWKV7) has no emitted kernels yet: `supports` says so.
+"""
 from __future__ import annotations
 
 from .context import LSMContext
+from .emit import render
 
 
 def supports(ctx: LSMContext) -> tuple[bool, str]:
-    return False, f"no Triton kernels are emitted yet for the {ctx.rec.key} recurrence"
+    """(ok, reason): whether Triton kernels are emitted for this recurrence, and why not."""
+    rec = ctx.rec
+    if rec.dplr:
+        return False, "no Triton kernels are emitted yet for the DPLR recurrence (RWKV7): use the torch backend"
+    if not rec.delta:
+        return False, f"the {rec.key} recurrence is no delta rule"
+    if rec.bonus:
+        return False, "the delta rule with a bonus term u has no Triton kernels"
+    if ctx.chunk_size < 16 or ctx.chunk_size & (ctx.chunk_size - 1):
+        return False, f"chunk size {ctx.chunk_size} must be a power of two >= 16 for the Triton kernels"
+    return True, ""
 
 
 def emit(ctx: LSMContext, header: str) -> str:
-    raise ValueError(supports(ctx)[1])
+    """The source of `<lsm>_triton.py` for a delta-rule recurrence."""
+    ok, reason = supports(ctx)
+    if not ok:
+        raise ValueError(reason)
+    decay = "scalar" if ctx.rec.decay == "constant" else ctx.rec.decay
+    return render("triton/delta.py.j2", ctx=ctx, header=header, decay=decay)

@@ -2,11 +2,13 @@
 
 An LSM layer's local slice acts on the incoming state as an affine map
 S -> A_r S + M_r (DESIGN.md). LASP-2 all-gathers (A_r, M_r) over the
-sequence-parallel group, forward, and the same shapes for dS backward. The
+sequence-parallel group forward; backward reduce-scatters their gradients
+(same shapes) back to the rank that sent them (lmoec.runtime.lasp2). The
 shape of A_r follows from the family alone:
 
     additive   A_r = I              nothing to send but M_r
-    constant   A_r = gamma^T_local  known to every rank: nothing to send
+    constant   A_r = gamma^T_local  known to every rank: nothing to send (g given per
+                                    token [B, T, H] is sent as the scalar family's [B, H])
     scalar     A_r [B, H]
     vector     A_r [B, H, K]
     delta/DPLR A_r [B, H, K, K]
@@ -21,6 +23,7 @@ import sympy
 from ..ir.nodes import CommPlan, CommStep, Family, LSMSpec, ModelSpec, SpecIR
 
 B, T, H, K, V, D, hidden, topk, act = sympy.symbols("B T H K V D hidden topk act_bytes")
+E = sympy.Symbol("E")  # experts of the MoE layers
 FP32 = 4
 
 A_SHAPES: dict[Family, list[str]] = {
@@ -47,10 +50,13 @@ def lsm_steps(layer: int, lsm: LSMSpec) -> list[CommStep]:
         shapes["A_r"] = a_shape
     nbytes = FP32 * (_numel(a_shape) + _numel(["B", "H", "K", "V"]))
     what = " + ".join(f"{n} [{', '.join(s)}]" for n, s in sorted(shapes.items())) + " fp32"
+    # backward (lmoec.runtime.lasp2): the gradients of every rank's gathered (A_r, M_r) are
+    # reduce-scattered back to their owner, the same shapes in reverse
     return [
-        CommStep(layer=layer, kind="lsm", direction=d, collective="all_gather", group="sp", what=what,
-                 shape=shapes, bytes_per_rank=nbytes, depends_on_seq_len=False)
-        for d in ("forward", "backward")
+        CommStep(layer=layer, kind="lsm", direction="forward", collective="all_gather", group="sp", what=what,
+                 shape=shapes, bytes_per_rank=nbytes, depends_on_seq_len=False),
+        CommStep(layer=layer, kind="lsm", direction="backward", collective="reduce_scatter", group="sp",
+                 what="d" + what.replace(" + ", " + d"), shape=shapes, bytes_per_rank=nbytes, depends_on_seq_len=False),
     ]
 
 
@@ -67,15 +73,23 @@ def attention_steps(layer: int) -> list[CommStep]:
 
 
 def moe_steps(layer: int) -> list[CommStep]:
-    """Expert parallel: tokens to their experts' ranks and back (after a token-count exchange)."""
+    """Expert parallel (lmoec.runtime.expert_parallel): a token-count exchange, then tokens to their
+    experts' ranks and back. Forward: all_gather of every rank's [E] slot counts (the all_to_all
+    split sizes, plus the global load for capacity, router stats and the aux loss), dispatch and
+    combine all_to_all. Backward: the two all_to_all in reverse, reusing the forward's counts.
+    Token payloads are upper bounds: the B*T*topk slots a rank sends, less those it keeps locally."""
+    counts = CommStep(layer=layer, kind="moe", direction="forward", collective="all_gather", group="ep",
+                      what="token counts [E] int64 per rank (split sizes, global expert load)",
+                      shape={"counts": ["E"]}, bytes_per_rank=8 * E, depends_on_seq_len=False)
     shapes = {"tokens": ["B", "T", "topk", "hidden"]}
     nbytes = act * _numel(["B", "T", "topk", "hidden"])
-    return [
+    stages = {"forward": ("dispatch", "combine"), "backward": ("combine grad", "dispatch grad")}
+    return [counts] + [
         CommStep(layer=layer, kind="moe", direction=d, collective="all_to_all", group="ep",
-                 what=f"{stage} routed tokens [B*T*topk, hidden] (at most; exact counts exchanged first)",
+                 what=f"{stage}: routed tokens [B*T*topk, hidden] (at most)",
                  shape=shapes, bytes_per_rank=nbytes, depends_on_seq_len=True)
         for d in ("forward", "backward")
-        for stage in ("dispatch", "combine")
+        for stage in stages[d]
     ]
 
 
@@ -84,6 +98,7 @@ def model_dims(model: ModelSpec, lsm: LSMSpec | None) -> dict[sympy.Symbol, int]
     dims = {hidden: model.hidden, D: model.hidden // model.heads}
     if model.moe is not None:
         dims[topk] = model.moe.top_k
+        dims[E] = model.moe.experts
     if lsm is not None:
         heads = lsm.heads or model.heads
         dims[H] = heads

@@ -1,25 +1,252 @@
-"""Pass: semantic checks the grammar can't express; each failure names the spec location."""
+"""Pass: semantic checks the grammar can't express; each failure names the spec location.
+
+The frontend calls `validate(ir, locs)` with the position of every statement,
+so a message points at the value that is wrong. The pass pipeline calls it
+again without positions (an IR built in Python or read from JSON has none):
+then a message points at the enclosing block, or carries no position.
+"""
 from __future__ import annotations
 
+from typing import Optional
+
+import sympy
+
 from ..errors import SpecError
-from ..ir.nodes import SpecIR
+from ..ir import expr as ex
+from ..ir.nodes import LSMSpec, ModelSpec, SourceLoc, SpecIR
+
+DIMS = ("H", "K", "V", "hidden")
+CHUNK_SIZES = (16, 32, 64, 128, 256)
 
 
-def validate(ir: SpecIR) -> SpecIR:
-    model = ir.model
-    if model is not None:
-        if model.lsm is not None and model.lsm not in ir.lsms:
-            raise SpecError(f"model {model.name!r} uses lsm {model.lsm!r}, which is not defined or imported", model.loc)
-        if "L" in model.pattern and model.lsm is None:
-            raise SpecError(f"model {model.name!r} has L layers but names no lsm", model.loc)
+class Locs:
+    """Statement positions by key, e.g. ("lsm", "gla", "decay") or ("model", "moe", "top_k")."""
+
+    def __init__(self) -> None:
+        self._at: dict[tuple, SourceLoc] = {}
+
+    def set(self, key: tuple, loc: Optional[SourceLoc]) -> None:
+        if loc is not None:
+            self._at[key] = loc
+
+    def get(self, *key) -> Optional[SourceLoc]:
+        return self._at.get(tuple(key))
+
+    def copy_prefix(self, old: tuple, new: tuple) -> None:
+        """Inherit the positions of a base block (extends)."""
+        n = len(old)
+        for key, loc in list(self._at.items()):
+            if key[:n] == old:
+                self._at.setdefault(new + key[n:], loc)
+
+
+class _Checker:
+    def __init__(self, ir: SpecIR, locs: Optional[Locs]):
+        self.ir = ir
+        self.locs = locs or Locs()
+
+    def fail(self, message: str, *key: str, fallback: Optional[SourceLoc] = None):
+        """Raise at the most precise position known: the key, then its prefixes, then the block."""
+        for n in range(len(key), 0, -1):
+            loc = self.locs.get(*key[:n])
+            if loc is not None:
+                raise SpecError(message, loc)
+        raise SpecError(message, fallback)
+
+    # ---- one LSM ----------------------------------------------------------------
+
+    def lsm(self, lsm: LSMSpec) -> None:
+        at = ("lsm", lsm.name)
+
+        def fail(msg: str, *field: str):
+            self.fail(f"lsm {lsm.name!r}: {msg}", *at, *field, fallback=lsm.loc)
+
+        if lsm.heads is not None and lsm.heads < 1:
+            fail(f"heads must be >= 1, got {lsm.heads}", "heads")
+        for key in ("expand_k", "expand_v"):
+            if getattr(lsm, key) <= 0:
+                fail(f"{key} must be > 0, got {getattr(lsm, key)}", key)
+        if lsm.short_conv < 0:
+            fail(f"short_conv must be >= 0 (0: none), got {lsm.short_conv}", "short_conv")
+        if lsm.chunk_size not in CHUNK_SIZES:
+            fail(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}, got {lsm.chunk_size}", "chunk_size")
+        for side in ("q", "k"):
+            maps = getattr(lsm, f"feature_map_{side}")
+            for m in maps[:-1]:
+                if m in ("taylor2", "rebased"):
+                    fail(f"feature map {m!r} expands the key dimension and must come last", "feature_map", side)
+
+        params = set(lsm.params)
+        data = {"x"} | params | {"h", "H", "K", "V", "layer"}
+        decay = lsm.decay
+        if decay.kind == "none" and decay.expr is not None:
+            fail("decay none takes no expression", "decay")
+        if decay.kind != "none":
+            if decay.expr is None:
+                fail(f"decay {decay.kind} needs an expression for the log decay g", "decay")
+            names = ex.free_names(decay.expr)
+            if decay.kind == "constant":
+                bad = names - {"h", "H", "K", "V", "layer"}
+                if bad or ex.linears(decay.expr):
+                    what = f"'{sorted(bad)[0]}'" if bad else "a projection"
+                    fail(f"constant decay may read only h, H, K, V and layer, not {what} (use decay scalar or vector)", "decay")
+            else:
+                self._reads(names, data, f"{decay.kind} decay", fail, "decay")
+                if "x" not in names:
+                    fail(f"{decay.kind} decay must depend on the input x; a decay of h alone is 'decay constant'", "decay")
+        if lsm.delta is not None:
+            if lsm.dplr is not None:
+                fail("delta and dplr are exclusive: dplr already generalizes the delta rule", "dplr")
+            self._reads(ex.free_names(lsm.delta.beta), data, "delta beta", fail, "delta")
+        if lsm.dplr is not None:
+            for part in ("a", "b"):
+                names = ex.free_names(getattr(lsm.dplr, part))
+                self._reads(names, data | {"q", "k", "v"}, f"dplr {part}", fail, "dplr", part)
+        if lsm.bonus_u:
+            if lsm.delta is not None or lsm.dplr is not None:
+                fail("bonus u (RWKV6) reads S_{t-1} and is defined only without delta/dplr", "bonus")
+            if "u" in lsm.params and lsm.params["u"].shape != ["H", "K"]:
+                fail(f"param u must have shape [H, K], got [{', '.join(lsm.params['u'].shape)}]", "params", "u")
+        if lsm.tie_k_to_decay and decay.kind != "vector":
+            fail(f"tie k = 1 - exp(g) needs a vector decay (HGRN2), not decay {decay.kind}", "tie")
+        if lsm.output_gate is not None:
+            self._reads(ex.free_names(lsm.output_gate), data, "output_gate", fail, "output_gate")
+        if lsm.scale is not None:
+            bad = ex.free_names(lsm.scale) - {"H", "K", "V"}
+            if bad or ex.linears(lsm.scale):
+                fail("scale may read only H, K and V", "scale")
+        for name, p in lsm.params.items():
+            if name in ex.RESERVED_SYMBOLS:
+                fail(f"param {name!r} shadows a built-in symbol", "params", name)
+            if not p.shape:
+                fail(f"param {name!r} needs at least one dimension", "params", name)
+            for d in p.shape:
+                if d not in DIMS:
+                    fail(f"param {name!r}: unknown dimension {d!r} (one of {', '.join(DIMS)})", "params", name)
+            bad = ex.free_names(p.init) - {"h", "i", "H", "K", "V", "layer"}
+            if bad or ex.linears(p.init):
+                fail(f"param {name!r}: an init may read only h, i, H, K, V and layer", "params", name)
+        self._weights(lsm, fail)
+
+    @staticmethod
+    def _reads(names: set[str], allowed: set[str], what: str, fail, *field: str) -> None:
+        bad = sorted(names - allowed)
+        if bad:
+            fail(f"{what} may not read {bad[0]!r}", *field)
+
+    @staticmethod
+    def _weights(lsm: LSMSpec, fail) -> None:
+        """A projection weight is one tensor: it may not also name a param or change rank."""
+        ranks: dict[str, int] = {}
+        for e in lsm_expressions(lsm):
+            for lin in ex.linears(e):
+                w, out = lin.args[1].name, int(lin.args[2])
+                if w in lsm.params or w in ex.RESERVED_SYMBOLS:
+                    fail(f"projection weight {w!r} collides with a symbol or param of the same name")
+                if ranks.setdefault(w, out) != out:
+                    fail(f"projection weight {w!r} is used with two different widths")
+                if out < 0:
+                    fail(f"projection {w!r}: a low-rank width must be positive")
+
+    # ---- the model --------------------------------------------------------------
+
+    def model(self, model: ModelSpec) -> None:
+        def fail(msg: str, *field: str):
+            self.fail(f"model {model.name!r}: {msg}", "model", *field, fallback=model.loc)
+
+        for key in ("vocab", "hidden", "layers", "heads", "max_seq_len"):
+            if getattr(model, key) < 1:
+                fail(f"{key} must be >= 1, got {getattr(model, key)}", key)
+        if model.hidden % model.heads:
+            fail(f"heads = {model.heads} does not divide hidden = {model.hidden}", "heads")
+        bad = sorted(set(model.pattern) - {"L", "N"})
+        if bad:
+            fail(f"pattern may contain only L (LSM layer) and N (softmax attention layer), not {bad[0]!r}", "pattern")
         if len(model.pattern) != model.layers:
-            raise SpecError(f"pattern has {len(model.pattern)} layers but the model declares layers = {model.layers}", model.loc)
-        if model.moe is not None and not 0 < model.moe.top_k <= model.moe.experts:
-            raise SpecError(f"top_k = {model.moe.top_k} must be between 1 and experts = {model.moe.experts}", model.loc)
-    par = ir.parallel
-    for name in ("dp", "sp", "ep", "tp"):
-        if getattr(par, name) < 1:
-            raise SpecError(f"parallel degree {name} must be >= 1, got {getattr(par, name)}", par.loc)
-    if model is not None and model.moe is not None and model.moe.experts % par.ep:
-        raise SpecError(f"ep = {par.ep} does not divide experts = {model.moe.experts}", par.loc)
+            fail(f"pattern has {len(model.pattern)} layers but layers = {model.layers}", "pattern")
+        if "L" in model.pattern and model.lsm is None:
+            fail("the pattern has L layers but the model names no lsm (add `lsm = NAME`)", "pattern")
+        if model.lsm is not None:
+            if model.lsm not in self.ir.lsms:
+                fail(f"uses lsm {model.lsm!r}, which is not defined or imported", "lsm")
+            lsm = self.ir.lsms[model.lsm]
+            heads = lsm.heads or model.heads
+            for key in ("expand_k", "expand_v"):
+                width = getattr(lsm, key) * model.hidden
+                if width != int(width) or int(width) % heads or int(width) < heads:
+                    fail(f"lsm {lsm.name!r}: {key} * hidden = {width:g} is not a positive multiple of heads = {heads}", "lsm")
+        attn = model.attention
+        heads = attn.heads or model.heads
+        if heads < 1 or model.hidden % heads:
+            fail(f"attention heads = {heads} does not divide hidden = {model.hidden}", "attention", "heads")
+        kv = attn.kv_heads or heads
+        if kv < 1 or heads % kv:
+            fail(f"attention kv_heads = {kv} does not divide heads = {heads}", "attention", "kv_heads")
+        if attn.window is not None and attn.window < 1:
+            fail(f"attention window must be >= 1, got {attn.window}", "attention", "window")
+        if model.moe is not None and model.ffn is not None:
+            fail("a model has either a moe { } or an ffn { } block, not both", "ffn")
+        if model.moe is None and model.ffn is None:
+            fail("a model needs a moe { } block (Linear-MoE) or an ffn { } block (dense)")
+        if model.moe is not None:
+            moe = model.moe
+            for key in ("experts", "expert_ffn"):
+                if getattr(moe, key) < 1:
+                    fail(f"moe {key} must be >= 1, got {getattr(moe, key)}", "moe", key)
+            if not 0 < moe.top_k <= moe.experts:
+                fail(f"moe top_k = {moe.top_k} must be between 1 and experts = {moe.experts}", "moe", "top_k")
+            if moe.shared_experts < 0:
+                fail(f"moe shared_experts must be >= 0, got {moe.shared_experts}", "moe", "shared_experts")
+            for key in ("aux_loss", "z_loss", "bias_update_rate"):
+                if getattr(moe, key) < 0:
+                    fail(f"moe {key} must be >= 0", "moe", key)
+            if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+                fail("moe capacity_factor must be > 0 (or none: dropless)", "moe", "capacity_factor")
+        if model.ffn is not None and model.ffn.ffn < 1:
+            fail(f"ffn must be >= 1, got {model.ffn.ffn}", "ffn", "ffn")
+
+    # ---- parallelism --------------------------------------------------------------
+
+    def parallel(self) -> None:
+        par, model = self.ir.parallel, self.ir.model
+
+        def fail(msg: str, *field: str):
+            self.fail(msg, "parallel", *field, fallback=par.loc)
+
+        for name in ("dp", "sp", "ep", "tp"):
+            if getattr(par, name) < 1:
+                fail(f"parallel degree {name} must be >= 1, got {getattr(par, name)}", name)
+        if model is None:
+            return
+        if par.ep > 1 and model.moe is None:
+            fail(f"ep = {par.ep} needs experts, but model {model.name!r} is dense", "ep")
+        if model.moe is not None and model.moe.experts % par.ep:
+            fail(f"ep = {par.ep} does not divide experts = {model.moe.experts}", "ep")
+        if model.heads % par.tp:
+            fail(f"tp = {par.tp} does not divide heads = {model.heads}", "tp")
+
+    def run(self) -> None:
+        for lsm in self.ir.lsms.values():
+            self.lsm(lsm)
+        if self.ir.model is not None:
+            self.model(self.ir.model)
+        self.parallel()
+
+
+def lsm_expressions(lsm: LSMSpec) -> list[sympy.Expr]:
+    """Every expression of an LSM that may hold projections, in a fixed order."""
+    out = []
+    if lsm.decay.expr is not None:
+        out.append(lsm.decay.expr)
+    if lsm.delta is not None:
+        out.append(lsm.delta.beta)
+    if lsm.dplr is not None:
+        out += [lsm.dplr.a, lsm.dplr.b]
+    if lsm.output_gate is not None:
+        out.append(lsm.output_gate)
+    return out
+
+
+def validate(ir: SpecIR, locs: Optional[Locs] = None) -> SpecIR:
+    _Checker(ir, locs).run()
     return ir

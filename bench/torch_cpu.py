@@ -1,0 +1,119 @@
+"""The torch chunkwise backend vs the token-by-token reference on CPU, for every family (issue 2's Numbers).
+
+Both run in the same process on the same fp32 inputs (B=1, T=4096, H=4, K=V=64 by default), forward only,
+fastest of a few runs; the torch path also forward+backward. Writes bench/results/torch_cpu.md.
+
+    python bench/torch_cpu.py [--T 4096] [--repeats 3] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import RECURRENCES, _program, random_inputs  # noqa: E402
+
+
+def timed(fn, repeats, warmup=True):
+    """Fastest of `repeats` calls (after one warm-up call): the machine is shared, the minimum is the least disturbed."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--T", type=int, default=4096)
+    parser.add_argument("--H", type=int, default=4)
+    parser.add_argument("--D", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "torch_cpu.md")
+    args = parser.parse_args()
+    B, T, H, D = 1, args.T, args.H, args.D
+    lines = [
+        "# torch chunkwise backend vs the reference recurrence (CPU)",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- CPU: {cpu_name()} ({os.cpu_count()} cores, shared with other jobs)",
+        f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- shape: B={B}, T={T}, H={H}, K=V={D}, fp32 inputs, chunk 64, no autograd for the forward columns;",
+        f"  torch: fastest of {args.repeats} runs after a warm-up; reference: fastest of 2 runs",
+        "- command: `python bench/torch_cpu.py`",
+    ]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        lines += ["", f"## torch.set_num_threads({threads})", ""] + table(measure(B, T, H, D, args.repeats))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+def measure(B, T, H, D, repeats):
+    """One row per family: (family, key, reference s, torch s, speed-up, torch fwd+bwd s, max rel err)."""
+    rows = []
+    for family, rec in RECURRENCES.items():
+        op = _program(rec, 64).op()
+        torch.manual_seed(0)
+        inputs = random_inputs(rec, B=B, T=T, H=H, K=D, V=D, dtype=torch.float32)
+
+        def run(backend):
+            with torch.no_grad():
+                return op(**inputs, output_final_state=True, backend=backend)
+
+        t_torch = timed(lambda: run("torch"), repeats)
+        t_ref = timed(lambda: run("reference"), 2, warmup=False)  # a slow, steady loop: no warm-up
+        (o, _), (o_ref, _) = run("torch"), run("reference")
+        err = ((o - o_ref).abs().max() / o_ref.abs().max()).item()
+
+        leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+
+        def fwd_bwd():
+            o, S = op(**leaves, output_final_state=True, backend="torch")
+            (o.sum() + S.sum()).backward()
+
+        t_train = timed(fwd_bwd, repeats)
+        rows.append((family, rec.key, t_ref, t_torch, t_ref / t_torch, t_train, err))
+        print(f"{family:15s} reference {t_ref * 1e3:9.1f} ms  torch {t_torch * 1e3:7.1f} ms  "
+              f"x{t_ref / t_torch:6.1f}  torch fwd+bwd {t_train * 1e3:7.1f} ms  max rel err (fp32) {err:.1e}", flush=True)
+
+    return rows
+
+
+def table(rows):
+    lines = [
+        "| family | recurrence | reference fwd ms | torch fwd ms | speed-up | torch fwd+bwd ms | max rel err vs reference |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for family, key, t_ref, t_torch, ratio, t_train, err in rows:
+        lines.append(f"| {family} | {key} | {t_ref * 1e3:.1f} | {t_torch * 1e3:.1f} | {ratio:.1f}x | {t_train * 1e3:.1f} | {err:.1e} |")
+    worst = min(rows, key=lambda r: r[4])
+    lines += ["", f"Smallest speed-up: {worst[4]:.1f}x ({worst[0]}); the issue asks for at least 10x."]
+    return lines
+
+
+if __name__ == "__main__":
+    main()

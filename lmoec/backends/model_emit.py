@@ -1,0 +1,113 @@
+"""Emit the causal LM of a model spec: `model.py` (the nn.Module) and `config.json` (its hyperparameters).
+
+The template reads one `ModelContext`; every derived number (head counts, FFN
+kind) is decided here once, so model.py and config.json cannot disagree.
+"""
+from __future__ import annotations
+
+import json
+import pprint
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+from ..ir.nodes import SpecIR
+
+
+class ModelContext(BaseModel):
+    """What templates/model/model.py.j2 reads."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    source: str
+    vocab: int
+    hidden: int
+    layers: int
+    pattern: str
+    lsm: Optional[str]  # the L layers' LSM name (its module is <lsm>_layer.py); None: no L layers
+    lsm_heads: int
+    attn_heads: int
+    attn_kv_heads: int
+    rope_theta: float
+    window: Optional[int]
+    moe: bool  # True: moe.py builds the FFN; False: dense SwiGLU of width ffn_width
+    ffn_width: Optional[int]
+    norm: Literal["rmsnorm", "layernorm"]
+    norm_eps: float
+    tie_embeddings: bool
+    init_std: float
+    max_seq_len: int
+
+    @property
+    def config(self) -> dict:
+        """The runtime config dict model.py is built from (and config.json holds)."""
+        return {
+            "model_type": "lmoec",
+            "name": self.name,
+            "vocab": self.vocab,
+            "hidden": self.hidden,
+            "layers": self.layers,
+            "pattern": self.pattern,
+            "lsm": self.lsm,
+            "lsm_heads": self.lsm_heads,
+            "attn_heads": self.attn_heads,
+            "attn_kv_heads": self.attn_kv_heads,
+            "rope_theta": self.rope_theta,
+            "window": self.window,
+            "moe": self.moe,
+            "ffn": self.ffn_width,
+            "norm": self.norm,
+            "norm_eps": self.norm_eps,
+            "tie_embeddings": self.tie_embeddings,
+            "init_std": self.init_std,
+            "max_seq_len": self.max_seq_len,
+        }
+
+    @property
+    def config_literal(self) -> str:
+        return pprint.pformat(self.config, sort_dicts=False, width=110)
+
+
+def model_context(ir: SpecIR) -> ModelContext:
+    model = ir.model
+    assert model is not None
+    if model.moe is None and model.ffn is None:
+        raise ValueError(f"{ir.source}: model {model.name!r} declares neither moe nor ffn")
+    lsm_heads = model.heads
+    if "L" in model.pattern:
+        lsm_heads = ir.lsm(model.lsm).heads or model.heads
+    return ModelContext(
+        name=model.name,
+        source=ir.source,
+        vocab=model.vocab,
+        hidden=model.hidden,
+        layers=model.layers,
+        pattern=model.pattern,
+        lsm=model.lsm if "L" in model.pattern else None,
+        lsm_heads=lsm_heads,
+        attn_heads=model.attention.heads or model.heads,
+        attn_kv_heads=model.attention.kv_heads or model.attention.heads or model.heads,
+        rope_theta=model.attention.rope_theta,
+        window=model.attention.window,
+        moe=model.moe is not None,
+        ffn_width=None if model.ffn is None else model.ffn.ffn,
+        norm=model.norm,
+        norm_eps=model.norm_eps,
+        tie_embeddings=model.tie_embeddings,
+        init_std=model.init_std,
+        max_seq_len=model.max_seq_len,
+    )
+
+
+def emit_model(ir: SpecIR) -> dict[str, str]:
+    """model.py and config.json for a spec with a model; nothing for an LSM-only spec."""
+    if ir.model is None:
+        return {}
+    from .emit import header, render  # emit.py lists this emitter: import it late
+
+    ctx = model_context(ir)
+    return {
+        "model.py": render("model/model.py.j2", ctx=ctx, header=header(ir, f"model {ctx.name}")),
+        "config.json": json.dumps(ctx.config, indent=2) + "\n",
+    }

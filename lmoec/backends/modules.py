@@ -1,0 +1,284 @@
+"""Emit one LSM layer module per LSM: `<lsm>_layer.py` with `class Layer(nn.Module)`.
+
+The layer is everything around the op: q/k/v projections, short convolutions,
+feature maps, the gate expressions of the spec (decay g, beta, DPLR a/b, the
+output gate) printed as PyTorch code, the output norm and projection. The op
+itself comes from the same package (`<lsm>_ops.op` / `step`).
+
+All decisions are made here, into one `LayerContext` the template reads; the
+template only lays the code out.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import sympy
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from ..ir import expr as ex
+from ..ir.nodes import LSMSpec, SpecIR
+from .context import lsm_context
+from .printer import Projection, Slot, check_identifier, print_torch, projections_of
+
+# code names of the layer's dimensions, as the emitted module spells them
+DIMS = {"H": "self.heads", "K": "self.head_k", "V": "self.head_v", "hidden": "self.hidden"}
+NUMBERS = {**{k: v for k, v in DIMS.items() if k != "hidden"}, "layer": "self.layer_idx"}
+
+SCALAR = Slot("self.heads")
+PER_KEY = Slot("self.heads * self.head_k", "(self.heads, self.head_k)")
+PER_VALUE = Slot("self.heads * self.head_v", "(self.heads, self.head_v)")
+
+# attribute names the layer defines itself; spec weights and params must not take them
+_OWN_NAMES = {
+    "q_proj", "k_proj", "v_proj", "o_proj", "q_conv", "k_conv", "v_conv", "o_norm", "log_decay", "scale",
+    "hidden", "heads", "head_k", "head_v", "key_proj_dim", "layer_idx", "layers",
+    "q_rebased_gamma", "q_rebased_beta", "k_rebased_gamma", "k_rebased_beta",
+}
+
+
+class FeatureStep(BaseModel):
+    """One feature map applied to q or k: the line of code and the key dim after it."""
+
+    kind: str
+    code: str  # e.g. "q = F.silu(q)"
+    dim_after: str  # code of the per-head dim after this map
+
+
+class ParamDecl(BaseModel):
+    name: str
+    shape: list[str]  # code per dim
+    init: str  # code of the init value (a number or a tensor of h / i)
+    grid: list[str]  # lines defining h / i for the init, if it reads them
+
+
+class LayerContext(BaseModel):
+    """What templates/modules/layer.py.j2 reads (and nothing else)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    header: str
+    name: str
+    doc: str
+    family: str
+    recurrence: str
+    op_args: list[str]  # the op's tensor arguments in contract order (g, beta, u, a, b)
+    default_heads: Optional[int]
+    expand_k: float
+    expand_v: float
+    tie_k: bool
+    short_conv: int
+    feature_q: list[FeatureStep]
+    feature_k: list[FeatureStep]
+    rebased_q: Optional[str]  # dim code of q's rebased gamma/beta, if q uses rebased
+    rebased_k: Optional[str]
+    projections: list[Projection]
+    params: list[ParamDecl]
+    decay: str  # none / constant / scalar / vector
+    g_code: Optional[str]
+    beta_code: Optional[str]
+    a_code: Optional[str]
+    b_code: Optional[str]
+    u_name: Optional[str]  # the bonus parameter passed as u
+    h_in_forward: bool  # the forward expressions read the head index h
+    output_norm: str
+    gate_code: Optional[str]
+    scale_code: str
+    helpers: list[str]  # names of module-level helpers the code uses (l2norm, taylor2, rebased)
+    uses_functional: bool  # whether the code calls torch.nn.functional (imported as F only then)
+
+
+def _feature_steps(side: str, maps: list[str], short_conv: int) -> tuple[list[FeatureStep], Optional[str], list[str]]:
+    """The code of a feature map chain on q or k, its dims, and the helpers it uses.
+
+    A short convolution ends in SiLU (as in fla), so a leading `silu` map is that same SiLU: applied once.
+    """
+    steps, rebased_dim, helpers = [], None, []
+    dim = "self.key_proj_dim"
+    maps = [m for m in maps if m != "identity"]
+    if short_conv and maps[:1] == ["silu"]:
+        maps = maps[1:]
+    for kind in maps:
+        if kind == "elu_p1":
+            code = f"{side} = F.elu({side}) + 1"
+        elif kind in ("relu", "silu"):
+            code = f"{side} = F.{kind}({side})"
+        elif kind == "l2norm":
+            code, helpers = f"{side} = l2norm({side})", helpers + ["l2norm"]
+        elif kind == "taylor2":
+            code, helpers = f"{side} = taylor2({side})", helpers + ["taylor2"]
+            dim = f"1 + {dim} + {dim} ** 2" if dim == "self.key_proj_dim" else f"1 + ({dim}) + ({dim}) ** 2"
+        elif kind == "rebased":
+            if rebased_dim is not None:
+                raise ValueError(f"feature map of {side} applies rebased twice")
+            rebased_dim = dim
+            code, helpers = f"{side} = rebased({side}, self.{side}_rebased_gamma, self.{side}_rebased_beta)", helpers + ["rebased"]
+            dim = f"({dim}) ** 2" if dim != "self.key_proj_dim" else f"{dim} ** 2"
+        else:
+            raise ValueError(f"unknown feature map {kind!r}")
+        steps.append(FeatureStep(kind=kind, code=code, dim_after=dim))
+    return steps, rebased_dim, helpers
+
+
+def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
+    """Decide the whole layer; a ValueError names the part of the spec that can't be built."""
+    where = f"lsm {lsm.name}"
+    ctx = lsm_context(ir, lsm)
+    rec = ctx.rec
+
+    for name in list(lsm.params):
+        check_identifier(name, f"{where}: parameter")
+        if name in _OWN_NAMES or hasattr(torch.nn.Module, name) or name in ex.RESERVED_SYMBOLS or name == "i":
+            raise ValueError(f"{where}: parameter name {name!r} is reserved")
+
+    feature_q, rebased_q, helpers_q = _feature_steps("q", lsm.feature_map_q, lsm.short_conv)
+    feature_k, rebased_k, helpers_k = _feature_steps("k", lsm.feature_map_k, lsm.short_conv)
+    helpers = set(helpers_q) | set(helpers_k)
+    dim_q = feature_q[-1].dim_after if feature_q else "self.key_proj_dim"
+    dim_k = feature_k[-1].dim_after if feature_k else "self.key_proj_dim"
+    if lsm.tie_k_to_decay:
+        if rec.decay != "vector":
+            raise ValueError(f"{where}: tie_k_to_decay (k = 1 - exp(g)) needs a vector decay, not {rec.decay!r}")
+        if feature_k:
+            raise ValueError(f"{where}: k = 1 - exp(g) is tied to the decay; it takes no feature map")
+        dim_k = dim_q
+    if dim_q != dim_k:
+        raise ValueError(f"{where}: feature maps give q dim {dim_q} but k dim {dim_k}; the op needs them equal")
+
+    params = {name: f"self.{name}" for name in lsm.params}
+    projections: dict[str, Projection] = {}
+
+    def gate(expr: Optional[sympy.Basic], what: str, slot: Slot, per_head: set[str], h_code: str) -> Optional[str]:
+        """Print one data-dependent expression that fills `slot`."""
+        if expr is None:
+            return None
+        symbols = {"x": "x", "h": h_code, **NUMBERS, **params, **{s: s for s in per_head}}
+        tensors = {"x", "h", *params, *per_head}
+        try:
+            code = print_torch(expr, symbols, tensors, slot)
+            found = projections_of(expr, slot)
+        except ValueError as err:
+            raise ValueError(f"{where}: {what}: {err}") from None
+        for p in found:
+            if p.weight in params or p.weight in _OWN_NAMES or hasattr(torch.nn.Module, p.weight):
+                raise ValueError(f"{where}: {what}: projection name {p.weight!r} is taken")
+            old = projections.setdefault(p.weight, p)
+            if old != p:
+                raise ValueError(f"{where}: projection {p.weight} is used as {old.in_features} -> {old.out_features} and as {p.in_features} -> {p.out_features}")
+        return code
+
+    g_code = None
+    if rec.decay in ("scalar", "vector"):
+        if lsm.decay.expr is None:
+            raise ValueError(f"{where}: a {rec.decay} decay needs an expression for g")
+        slot, h = (SCALAR, "h") if rec.decay == "scalar" else (PER_KEY, "h[:, None]")
+        g_code = gate(lsm.decay.expr, f"decay ({rec.decay})", slot, set(), h)
+    elif rec.decay == "constant":
+        if lsm.decay.expr is None:
+            raise ValueError(f"{where}: a constant decay needs an expression for g")
+        if ex.linears(lsm.decay.expr):
+            raise ValueError(f"{where}: a constant decay reads only h, H, K, V and layer, not projections of x")
+        try:
+            g_code = print_torch(lsm.decay.expr, {"h": "h", **NUMBERS}, {"h"})
+        except ValueError as err:
+            raise ValueError(f"{where}: constant decay: {err}") from None
+
+    per_key_readers = {"q"} if lsm.tie_k_to_decay else {"q", "k"}
+    beta_code = gate(lsm.delta.beta, "beta", SCALAR, set(), "h") if lsm.delta is not None else None
+    a_code = gate(lsm.dplr.a, "dplr a", PER_KEY, per_key_readers, "h[:, None]") if lsm.dplr is not None else None
+    b_code = gate(lsm.dplr.b, "dplr b", PER_KEY, per_key_readers, "h[:, None]") if lsm.dplr is not None else None
+    gate_code = gate(lsm.output_gate, "output gate", PER_VALUE, set(), "h[:, None]")
+
+    u_name = None
+    if rec.bonus:
+        if "u" not in lsm.params:
+            raise ValueError(f"{where}: bonus u needs a declared parameter `param u[H, K] = ...`")
+        if lsm.params["u"].shape != ["H", "K"]:
+            raise ValueError(f"{where}: bonus parameter u must have shape [H, K], got {lsm.params['u'].shape}")
+        u_name = "u"
+
+    scale_expr = lsm.scale if lsm.scale is not None else sympy.Symbol("K") ** sympy.Rational(-1, 2)
+    try:
+        scale_code = print_torch(scale_expr, NUMBERS)
+    except ValueError as err:
+        raise ValueError(f"{where}: scale: {err}") from None
+
+    param_decls = []
+    for name, p in lsm.params.items():
+        for d in p.shape:
+            if d not in DIMS:
+                raise ValueError(f"{where}: parameter {name} has unknown dimension {d!r} (known: {', '.join(DIMS)})")
+        grid = []
+        ndim = len(p.shape)
+        init_names = ex.free_names(p.init)
+        if "h" in init_names:
+            if "H" not in p.shape:
+                raise ValueError(f"{where}: parameter {name}'s init reads h but it has no H dimension")
+            view = ["1"] * ndim
+            view[p.shape.index("H")] = "-1"
+            grid.append(f"h = torch.arange(self.heads, dtype=torch.float64).view({', '.join(view)})")
+        if "i" in init_names:
+            other = [j for j, d in enumerate(p.shape) if d != "H"]
+            if not other:
+                raise ValueError(f"{where}: parameter {name}'s init reads i but it has no K, V or hidden dimension")
+            view = ["1"] * ndim
+            view[other[-1]] = "-1"
+            grid.append(f"i = torch.arange({DIMS[p.shape[other[-1]]]}, dtype=torch.float64).view({', '.join(view)})")
+        try:
+            init = print_torch(p.init, {"h": "h", "i": "i", **NUMBERS}, {"h", "i"})
+        except ValueError as err:
+            raise ValueError(f"{where}: init of parameter {name}: {err}") from None
+        param_decls.append(ParamDecl(name=name, shape=[DIMS[d] for d in p.shape], init=init, grid=grid))
+
+    forward_exprs = [e for e in (lsm.decay.expr if rec.decay in ("scalar", "vector") else None,
+                                 lsm.delta.beta if lsm.delta else None, lsm.dplr.a if lsm.dplr else None,
+                                 lsm.dplr.b if lsm.dplr else None, lsm.output_gate) if e is not None]
+    if any(getattr(f, "func", None) == ex.function("l2norm") for e in forward_exprs for f in sympy.preorder_traversal(e)):
+        helpers.add("l2norm")
+
+    h_in_forward = any("h" in ex.free_names(e) for e in forward_exprs)
+    return LayerContext(
+        header=header,
+        name=lsm.name,
+        doc=" ".join(lsm.doc.split()),
+        family=rec.family.value,
+        recurrence=rec.key,
+        op_args=ctx.args,
+        default_heads=lsm.heads,
+        expand_k=lsm.expand_k,
+        expand_v=lsm.expand_v,
+        tie_k=lsm.tie_k_to_decay,
+        short_conv=lsm.short_conv,
+        feature_q=feature_q,
+        feature_k=feature_k,
+        rebased_q=rebased_q,
+        rebased_k=rebased_k,
+        projections=list(projections.values()),
+        params=param_decls,
+        decay=rec.decay,
+        g_code=g_code,
+        beta_code=beta_code,
+        a_code=a_code,
+        b_code=b_code,
+        u_name=u_name,
+        h_in_forward=h_in_forward,
+        output_norm=lsm.output_norm,
+        gate_code=gate_code,
+        scale_code=scale_code,
+        helpers=sorted(helpers),
+        uses_functional=bool(lsm.short_conv) or any(
+            "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, *(f.code for f in feature_q + feature_k)) if code
+        ),
+    )
+
+
+def emit_layers(ir: SpecIR) -> dict[str, str]:
+    """`<lsm>_layer.py` for each LSM of the spec."""
+    from .emit import header, render
+
+    files = {}
+    for lsm in ir.lsms.values():
+        text_header = header(ir, f"lsm {lsm.name}, layer module")
+        ctx = layer_context(ir, lsm, text_header)
+        files[f"{lsm.name}_layer.py"] = render("modules/layer.py.j2", ctx=ctx)
+    return files

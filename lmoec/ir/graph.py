@@ -1,0 +1,145 @@
+"""The layer stack of a model as a networkx graph, and its parameter counts, from the IR alone.
+
+Counts are analytic: every projection a spec writes (low-rank ones as two
+factors), convolutions, norms, declared params, attention, experts, router,
+embeddings and the head. They describe the layers lmoec emits:
+
+- LSM layer: q/k/v projections hidden -> H*K (H*V for v; no k when HGRN2 ties
+  k = 1 - exp(g)), an output projection H*V -> hidden, depthwise short
+  convolutions on q, k, v, the projections inside gate/decay/beta/dplr
+  expressions (an unsized `x @ W` is as wide as its slot: H for scalar gates and
+  beta, H*K for vector gates and dplr terms, H*V for the output gate), the
+  declared params, the output norm (weights shared over heads: V for rmsnorm,
+  2V for layernorm, 2*H*V for groupnorm), Rebased's affine (2*K per map).
+- attention layer: q/o hidden x hidden, k/v hidden x kv_heads*D, no biases.
+- MoE: router hidden x experts, SwiGLU experts 3*hidden*expert_ffn each;
+  active = top_k + shared experts. Dense FFN: one SwiGLU 3*hidden*ffn.
+- per block two norms; a final norm; embeddings vocab*hidden; an untied head
+  another vocab*hidden.
+"""
+from __future__ import annotations
+
+import networkx as nx
+import sympy
+
+from . import expr as ex
+from .nodes import LSMSpec, ModelSpec, SpecIR
+
+
+def _norm(kind: str, width: int) -> int:
+    return {"rmsnorm": width, "layernorm": 2 * width, "none": 0}[kind]
+
+
+def lsm_dims(lsm: LSMSpec, hidden: int, model_heads: int) -> dict[str, int]:
+    heads = lsm.heads or model_heads
+    return {"H": heads, "K": int(lsm.expand_k * hidden) // heads, "V": int(lsm.expand_v * hidden) // heads, "hidden": hidden}
+
+
+def _linear_params(e: sympy.Expr, slot: int, d: dict[str, int], seen: dict[str, int]) -> None:
+    """Add each projection of `e` (name -> size) to `seen`; one weight counted once."""
+    widths = {"x": d["hidden"], "q": d["H"] * d["K"], "k": d["H"] * d["K"], "v": d["H"] * d["V"]}
+
+    def width_of(inp: sympy.Expr) -> int:
+        if isinstance(inp, sympy.Function) and inp.func == ex.Linear:
+            return int(inp.args[2]) or slot
+        inner = ex.linears(inp)
+        if inner:
+            return width_of(inner[-1])
+        names = ex.free_names(inp) & set(widths)
+        return max(widths[n] for n in names) if names else d["hidden"]
+
+    for lin in ex.linears(e):
+        inp, weight, out = lin.args
+        seen.setdefault(weight.name, width_of(inp) * (int(out) or slot))
+
+
+def lsm_params(lsm: LSMSpec, hidden: int, model_heads: int) -> int:
+    d = lsm_dims(lsm, hidden, model_heads)
+    H, K, V = d["H"], d["K"], d["V"]
+    qk = H * K
+    n_k = 0 if lsm.tie_k_to_decay else 1
+    total = hidden * qk * (1 + n_k) + hidden * H * V + H * V * hidden
+    total += lsm.short_conv * (qk * (1 + n_k) + H * V)
+    weights: dict[str, int] = {}
+    slots = []
+    if lsm.decay.expr is not None and lsm.decay.kind in ("scalar", "vector"):
+        slots.append((lsm.decay.expr, H if lsm.decay.kind == "scalar" else qk))
+    if lsm.delta is not None:
+        slots.append((lsm.delta.beta, H))
+    if lsm.dplr is not None:
+        slots += [(lsm.dplr.a, qk), (lsm.dplr.b, qk)]
+    if lsm.output_gate is not None:
+        slots.append((lsm.output_gate, H * V))
+    for e, slot in slots:
+        _linear_params(e, slot, d, weights)
+    total += sum(weights.values())
+    for p in lsm.params.values():
+        total += int(sympy.Mul(*[d[s] for s in p.shape]))
+    total += {"none": 0, "rmsnorm": V, "layernorm": 2 * V, "groupnorm": 2 * H * V}[lsm.output_norm]
+    total += 2 * K * (lsm.feature_map_q.count("rebased") + lsm.feature_map_k.count("rebased"))
+    return total
+
+
+def attention_params(model: ModelSpec) -> int:
+    heads = model.attention.heads or model.heads
+    kv = model.attention.kv_heads or heads
+    head_dim = model.hidden // heads
+    return 2 * model.hidden * heads * head_dim + 2 * model.hidden * kv * head_dim
+
+
+def ffn_params(model: ModelSpec) -> tuple[int, int]:
+    """(total, active) of one block's feed-forward part."""
+    if model.moe is not None:
+        moe = model.moe
+        expert = 3 * model.hidden * moe.expert_ffn
+        router = model.hidden * moe.experts
+        return router + expert * (moe.experts + moe.shared_experts), router + expert * (moe.top_k + moe.shared_experts)
+    if model.ffn is not None:
+        dense = 3 * model.hidden * model.ffn.ffn
+        return dense, dense
+    return 0, 0
+
+
+def layer_graph(ir: SpecIR) -> nx.DiGraph:
+    """embed -> (mixer -> ffn/moe) per layer -> final norm -> head; nodes carry kind and params."""
+    model = ir.model
+    if model is None:
+        raise ValueError(f"{ir.source}: no model block, so no layer graph")
+    g = nx.DiGraph(name=model.name)
+    lsm = ir.lsms[model.lsm] if model.lsm else None
+    emb = model.vocab * model.hidden
+    g.add_node("embed", kind="embedding", params_total=emb, params_active=emb)
+    prev = "embed"
+    norm = _norm(model.norm, model.hidden)
+    ffn_total, ffn_active = ffn_params(model)
+    mixers = {"L": lsm_params(lsm, model.hidden, model.heads) if lsm else 0, "N": attention_params(model)}
+    for i, letter in enumerate(model.pattern):
+        mixer = f"layer{i}.{'lsm' if letter == 'L' else 'attention'}"
+        n = mixers[letter] + norm
+        g.add_node(mixer, kind="lsm" if letter == "L" else "attention", layer=i,
+                   lsm=model.lsm if letter == "L" else None, params_total=n, params_active=n)
+        ffn = f"layer{i}.{'moe' if model.moe else 'ffn'}"
+        g.add_node(ffn, kind="moe" if model.moe else "ffn", layer=i,
+                   params_total=ffn_total + norm, params_active=ffn_active + norm)
+        g.add_edge(prev, mixer)
+        g.add_edge(mixer, ffn)
+        prev = ffn
+    g.add_node("final_norm", kind="norm", params_total=norm, params_active=norm)
+    head = 0 if model.tie_embeddings else emb
+    g.add_node("head", kind="head", tied=model.tie_embeddings, params_total=head, params_active=head)
+    g.add_edge(prev, "final_norm")
+    g.add_edge("final_norm", "head")
+    return g
+
+
+def param_counts(ir: SpecIR) -> tuple[int, int]:
+    """(total, active) parameters of the model, embeddings and head included."""
+    g = layer_graph(ir)
+    return (sum(d["params_total"] for _, d in g.nodes(data=True)),
+            sum(d["params_active"] for _, d in g.nodes(data=True)))
+
+
+def embedding_params(ir: SpecIR) -> int:
+    """Embedding plus untied head: what papers usually leave out of a model's size name."""
+    g = layer_graph(ir)
+    return g.nodes["embed"]["params_total"] + g.nodes["head"]["params_total"]

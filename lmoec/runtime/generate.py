@@ -1,0 +1,94 @@
+"""Text generation from a checkpoint: one chunkwise prefill, then one-token recurrent steps.
+
+LSM layers carry a fixed-size state [B, H, K, V] between steps, attention layers
+a KV cache, so decoding a pure Linear-MoE stack costs the same memory and time
+per token at any context length.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+from typing import Iterator, Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .data import encode
+from .loader import load_package
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(model in eval mode, checkpoint payload) from a checkpoint file or run directory."""
+    state = ckpt.load(path)
+    try:
+        package = load_package(state["package"]["name"], state["package"]["files"])
+        model = package.model.CausalLM(state["model_config"])
+        model.load_state_dict(state["model"])
+    except (KeyError, RuntimeError, SyntaxError, ImportError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ckpt.CheckpointError(f"{ckpt.resolve(path)} does not hold a usable model ({reason})") from None
+    return model.to(device).eval(), state
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token ids [B] from last-position logits [B, vocab]; temperature 0 is greedy."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0) -> Iterator[torch.Tensor]:
+    """Yield next-token ids [B], one per step: prefill the prompt [B, T] at once, then decode step by step."""
+    generator = torch.Generator().manual_seed(seed)
+    logits, cache = model(prompt_ids, use_cache=True)
+    for _ in range(max_new_tokens):
+        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        yield token
+        logits, cache = model(token[:, None], cache=cache, use_cache=True)
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by a decoding cache (recurrent states and KV caches, however nested)."""
+    if isinstance(cache, torch.Tensor):
+        return cache.numel() * cache.element_size()
+    if isinstance(cache, (list, tuple)):
+        return sum(cache_nbytes(c) for c in cache)
+    if isinstance(cache, dict):
+        return sum(cache_nbytes(c) for c in cache.values())
+    if hasattr(cache, "__dict__"):
+        return cache_nbytes(vars(cache))
+    return 0
+
+
+def generate_text(model, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, seed: int = 0) -> Iterator[str]:
+    """Yield decoded text pieces as they are generated (byte tokens; incomplete UTF-8 waits for its next byte)."""
+    device = next(model.parameters()).device
+    ids = encode(prompt) or [ord("\n")]
+    prompt_ids = torch.tensor([ids], device=device)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed):
+        piece = decoder.decode(bytes([int(token[0])]))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+__all__ = ["load_model", "sample_next", "generate_ids", "generate_text", "cache_nbytes"]

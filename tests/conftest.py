@@ -1,0 +1,112 @@
+"""Shared fixtures: a compiled Program for a bare `Recurrence` (no frontend), and realistic random inputs for it.
+
+`lsm_program(rec, chunk_size)` builds a one-LSM SpecIR whose expressions only exist to declare the family
+(the op applies no gate function), compiles it and caches the Program. `lsm_inputs(rec, ...)` draws fresh
+inputs shaped as the op contract says, with the statistics real models feed a kernel: negative log decays,
+L2-normalized delta keys with beta in (0, 1), and RWKV7's DPLR terms a = -kk, b = kk * a_gate (a contraction).
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import sympy
+import torch
+
+from lmoec.ir import expr as ex
+from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, Param, Recurrence, SpecIR
+from lmoec.program import Program, compile_ir
+
+# every family the torch backend emits, by a readable id
+RECURRENCES = {
+    "additive": Recurrence(),
+    "additive_bonus": Recurrence(bonus=True),
+    "constant": Recurrence(decay="constant"),
+    "scalar": Recurrence(decay="scalar"),
+    "vector": Recurrence(decay="vector"),
+    "vector_bonus": Recurrence(decay="vector", bonus=True),
+    "delta": Recurrence(delta=True),
+    "delta_scalar": Recurrence(decay="scalar", delta=True),
+    "delta_vector": Recurrence(decay="vector", delta=True),
+    "dplr": Recurrence(dplr=True),
+    "dplr_scalar": Recurrence(decay="scalar", dplr=True),
+    "dplr_vector": Recurrence(decay="vector", dplr=True),
+}
+
+
+def lsm_spec_for(rec: Recurrence, chunk_size: int = 64) -> LSMSpec:
+    """An LSMSpec of the given recurrence; its expressions declare the family (the op never evaluates them)."""
+    x, h = sympy.Symbol("x"), sympy.Symbol("h")
+    sigmoid, logsigmoid = ex.function("sigmoid"), ex.function("logsigmoid")
+    if rec.decay == "constant":
+        decay = Decay(kind="constant", expr=sympy.log(1 - 2 ** (-5 - h)))
+    elif rec.decay in ("scalar", "vector"):
+        decay = Decay(kind=rec.decay, expr=logsigmoid(ex.linear(x, "W_g")) / 16)
+    else:
+        decay = Decay()
+    kk = sympy.Symbol("k")
+    return LSMSpec(
+        name="lsm",
+        decay=decay,
+        delta=Delta(beta=sigmoid(ex.linear(x, "W_beta"))) if rec.delta else None,
+        dplr=DPLRTerms(a=-kk, b=kk * sigmoid(ex.linear(x, "W_a"))) if rec.dplr else None,
+        bonus_u=rec.bonus,
+        params={"u": Param(name="u", shape=["H", "K"], init=sympy.Float(0.5))} if rec.bonus else {},
+        chunk_size=chunk_size,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _program(rec: Recurrence, chunk_size: int) -> Program:
+    ir = SpecIR(name=f"test_{rec.key}_c{chunk_size}", source="<test>", lsms={"lsm": lsm_spec_for(rec, chunk_size)})
+    program = compile_ir(ir)
+    assert program.ir.lsms["lsm"].recurrence == rec
+    return program
+
+
+@pytest.fixture
+def lsm_program():
+    """(rec, chunk_size=64) -> compiled Program with one LSM named 'lsm' (cached across tests)."""
+    return lambda rec, chunk_size=64: _program(rec, chunk_size)
+
+
+def random_inputs(rec: Recurrence, B=2, T=37, H=2, K=8, V=8, dtype=torch.float64, n_seq=None, strong_decay=False,
+                  constant_per_head=True, generator=None) -> dict:
+    """Op keyword arguments (q, k, v and what the family takes, plus initial_state) drawn fresh."""
+    gen = generator
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def l2norm(x):
+        return x / x.norm(dim=-1, keepdim=True)
+
+    out = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V)}
+    if rec.decay == "constant":
+        per_head = torch.log(1 - 2.0 ** (-5 - torch.arange(H, dtype=torch.float64)))
+        out["g"] = per_head if constant_per_head else per_head.view(1, 1, H).expand(B, T, H).clone()
+    elif rec.decay in ("scalar", "vector"):
+        shape = (B, T, H) if rec.decay == "scalar" else (B, T, H, K)
+        if strong_decay:
+            out["g"] = -5 - 15 * torch.rand(*shape, generator=gen, dtype=torch.float64)
+        else:
+            out["g"] = torch.nn.functional.logsigmoid(randn(*shape) + 2)
+    if rec.delta:
+        out["k"] = l2norm(out["k"])
+        out["beta"] = torch.sigmoid(randn(B, T, H))
+    if rec.bonus:
+        out["u"] = randn(H, K) * 0.5
+    if rec.dplr:
+        kk = l2norm(randn(B, T, H, K))
+        a_gate = torch.sigmoid(randn(B, T, H, K))
+        out["a"], out["b"] = -kk, kk * a_gate
+        out["k"] = out["k"] * 0.5
+    out["initial_state"] = randn(n_seq or B, H, K, V) * 0.5
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # states are fp32 in the contract
+    return {name: t.to(state_dtype if name == "initial_state" else dtype) for name, t in out.items()}
+
+
+@pytest.fixture
+def lsm_inputs():
+    """(rec, **shape) -> fresh op inputs; see `random_inputs`."""
+    return random_inputs

@@ -1,0 +1,296 @@
+"""LASP-2 / LASP-2H on CPU (gloo): sp = 2 and 4 equal the single-process op, forward and every gradient.
+
+One spawned run per world size checks every case (spawn is slow); each rank
+writes what it found to a JSON file, and the tests below read those results,
+one test per case. Inputs are float64; every rank builds the same global
+inputs from one seed, runs the op on the whole sequence as the oracle, then its
+slice under sequence parallelism.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import sympy
+import torch.nn.functional as F
+
+from lmoec.backends.reference import recurrent_reference
+from lmoec.ir import expr as ex
+from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, ParallelSpec, Param, Recurrence, SpecIR
+from lmoec.passes import run_passes
+from lmoec.program import Program
+from lmoec.runtime.contract import check_op_args
+from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
+
+FAMILIES = {
+    "additive": Recurrence(),
+    "constant": Recurrence(decay="constant"),
+    "scalar": Recurrence(decay="scalar"),
+    "vector": Recurrence(decay="vector"),
+    "vector_bonus": Recurrence(decay="vector", bonus=True),
+    "delta": Recurrence(delta=True),
+    "delta_scalar": Recurrence(decay="scalar", delta=True),
+    "dplr": Recurrence(decay="vector", dplr=True),
+}
+# (case, family, transition, backend): every family on the float64 oracle and on the emitted torch
+# chunkwise op; the generic K x K route forced on a diagonal family too
+LSM_CASES = [
+    (f"{name}-{backend}", name, "auto", backend) for backend in ("reference", "torch") for name in FAMILIES
+] + [("scalar_as_matrix-torch", "scalar", "matrix", "torch")]
+B, T_LOCAL, H, K, V = 2, 5, 2, 4, 3
+
+
+def reference_op(rec: Recurrence):
+    """An op module shaped like an emitted `<lsm>_ops` (RECURRENCE + op), running the float64 oracle."""
+    name = f"lasp2_test_ops_{rec.key}"
+    if name not in sys.modules:
+        module = types.ModuleType(name)
+        module.RECURRENCE = rec
+
+        def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_state=None,
+               output_final_state=False, cu_seqlens=None):
+            check_op_args(rec, name, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens)
+            return recurrent_reference(rec, q, k, v, g, beta, u, a, b, scale, initial_state, output_final_state, cu_seqlens)
+
+        op.__module__ = name
+        module.op = op
+        sys.modules[name] = module
+    return sys.modules[name].op
+
+
+def _lsm_spec(name: str, rec: Recurrence) -> LSMSpec:
+    """A minimal LSM spec whose classified recurrence is `rec` (only the op is used)."""
+    x = sympy.Symbol("x")
+    parts = {}
+    if rec.decay == "constant":
+        parts["decay"] = Decay(kind="constant", expr=sympy.log(1 - 2 ** (-5 - sympy.Symbol("h"))))
+    elif rec.decay != "none":
+        parts["decay"] = Decay(kind=rec.decay, expr=ex.function("logsigmoid")(ex.linear(x, "W_g")))
+    if rec.delta:
+        parts["delta"] = Delta(beta=ex.function("sigmoid")(ex.linear(x, "W_beta")))
+    if rec.dplr:
+        parts["dplr"] = DPLRTerms(a=ex.linear(x, "W_a"), b=ex.linear(x, "W_b"))
+    if rec.bonus:
+        parts["bonus_u"] = True
+        parts["params"] = {"u": Param(name="u", shape=["H", "K"], init=sympy.Integer(0))}
+    return LSMSpec(name=name, **parts)
+
+
+def emitted_op(family: str):
+    """The op of an emitted package (Program.op) for `family`: what users run."""
+    rec = FAMILIES[family]
+    ir = SpecIR(name=f"lasp2_{family}", source="<test_lasp2>", lsms={family: _lsm_spec(family, rec)})
+    op = Program(run_passes(ir)).op()
+    assert sys.modules[op.__module__].RECURRENCE == rec
+    return op
+
+
+def op_for(family: str, backend: str):
+    """(op, extra op kwargs) for a case."""
+    if backend == "reference":
+        return reference_op(FAMILIES[family]), {}
+    return emitted_op(family), {"backend": backend}
+
+
+def global_inputs(rec: Recurrence, T: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random float64 inputs for the whole sequence; decays in (0, 1), delta keys normalized."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    x = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V)}
+    if rec.decay == "constant":
+        x["g"] = -0.05 - 0.3 * torch.rand(H, generator=gen, dtype=torch.float64)
+    elif rec.decay == "scalar":
+        x["g"] = F.logsigmoid(randn(B, T, H) + 2)
+    elif rec.decay == "vector":
+        x["g"] = F.logsigmoid(randn(B, T, H, K) + 2)
+    if rec.delta and not rec.dplr:
+        x["k"] = F.normalize(x["k"], dim=-1)
+        x["beta"] = torch.sigmoid(randn(B, T, H))
+    if rec.bonus:
+        x["u"] = randn(H, K)
+    if rec.dplr:
+        x["a"] = 0.3 * randn(B, T, H, K) / K ** 0.5
+        x["b"] = 0.3 * randn(B, T, H, K) / K ** 0.5
+    x["initial_state"] = randn(B, H, K, V)
+    return x
+
+
+def _close(errors: list[str], what: str, got, want) -> None:
+    if got is None or want is None:
+        if not (got is None and want is None):
+            errors.append(f"{what}: got {'None' if got is None else 'a tensor'}, want {'None' if want is None else 'a tensor'}")
+        return
+    try:
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    except AssertionError as e:
+        errors.append(f"{what}: {str(e).splitlines()[0:4]}")
+
+
+def check_lsm(family: str, transition: str, backend: str, group, seed: int) -> list[str]:
+    """This rank's outputs, final state and input gradients against the whole-sequence op."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rec = FAMILIES[family]
+    op, op_kwargs = op_for(family, backend)
+    full = global_inputs(rec, T_LOCAL * world, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    w_o = torch.randn(B, T_LOCAL * world, H, V, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+
+    leaves = {n: t.clone().requires_grad_() for n, t in full.items()}
+    o_full, s_full = op(**leaves, output_final_state=True, **op_kwargs)
+    ((o_full * w_o).sum() + (s_full * w_s).sum()).backward()
+
+    # This rank's slice along T; g [H], u [H, K] and the initial state are whole on every rank.
+    sl = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
+    sliced = {n for n, t in full.items() if t.dim() >= 3 and n != "initial_state"}
+    local = {n: (t[:, sl] if n in sliced else t).clone().requires_grad_() for n, t in full.items()}
+    o, s = lasp2_op(op, **local, output_final_state=True, group=group, transition=transition, **op_kwargs)
+    loss = (o * w_o[:, sl]).sum()
+    if rank == world - 1:  # the final state is replicated: read it once
+        loss = loss + (s * w_s).sum()
+    loss.backward()
+
+    errors: list[str] = []
+    _close(errors, "o", o, o_full[:, sl].detach())
+    _close(errors, "final_state", s, s_full.detach())
+    for n, leaf in local.items():
+        want = leaves[n].grad[:, sl] if n in sliced else leaves[n].grad
+        got = leaf.grad
+        if n == "initial_state" and rank != 0:
+            if got is not None and got.abs().max() != 0:
+                errors.append("d initial_state: must be zero/None off rank 0 (it is read on rank 0 only)")
+            continue
+        if n not in sliced and n != "initial_state":  # replicated: the group's gradients sum to the full one
+            got = got.clone() if got is not None else torch.zeros_like(leaf)
+            dist.all_reduce(got, group=group)
+        _close(errors, f"d {n}", got, want)
+    return errors
+
+
+def check_attention(group, seed: int) -> list[str]:
+    """LASP-2H (GQA: 4 query heads, 2 key/value heads) against causal attention on the whole sequence."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    gen = torch.Generator().manual_seed(seed)
+    T = T_LOCAL * world
+    full = {"q": torch.randn(B, T, 4, K, generator=gen, dtype=torch.float64),
+            "k": torch.randn(B, T, 2, K, generator=gen, dtype=torch.float64),
+            "v": torch.randn(B, T, 2, K, generator=gen, dtype=torch.float64)}
+    w = torch.randn(B, T, 4, K, generator=gen, dtype=torch.float64)
+    leaves = {n: t.clone().requires_grad_() for n, t in full.items()}
+    o_full = F.scaled_dot_product_attention(*(leaves[n].transpose(1, 2) for n in "qkv"), is_causal=True, enable_gqa=True)
+    o_full = o_full.transpose(1, 2)
+    (o_full * w).sum().backward()
+
+    sl = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
+    local = {n: t[:, sl].clone().requires_grad_() for n, t in full.items()}
+    o = lasp2h_attention(local["q"], local["k"], local["v"], group=group)
+    (o * w[:, sl]).sum().backward()
+    errors: list[str] = []
+    _close(errors, "o", o, o_full[:, sl].detach())
+    for n in "qkv":
+        _close(errors, f"d {n}", local[n].grad, leaves[n].grad[:, sl])
+    return errors
+
+
+def check_mesh_subgroups() -> list[str]:
+    """World 4 as dp=1, sp=2, ep=2: the sp groups are {0,1} and {2,3}, and LASP-2 runs inside each."""
+    from lmoec.runtime.mesh import build_mesh, sample_rank
+
+    mesh = build_mesh(ParallelSpec(sp=2, ep=2), seq_len=2 * T_LOCAL, experts=4, batch_size=2, device_type="cpu")
+    errors = []
+    if mesh.mesh_dim_names != ("dp", "sp", "ep") or tuple(mesh.shape) != (1, 2, 2):
+        errors.append(f"mesh dims {mesh.mesh_dim_names} shape {tuple(mesh.shape)}")
+    sp_group = mesh["sp"].get_group()
+    members = sorted(dist.get_process_group_ranks(sp_group))
+    rank = dist.get_rank()
+    if members != [rank % 2, rank % 2 + 2]:
+        errors.append(f"sp group of rank {rank} is {members}, want {[rank % 2, rank % 2 + 2]}")
+    if sample_rank(mesh) != (rank % 2, 2):
+        errors.append(f"sample_rank {sample_rank(mesh)}")
+    # the two sp groups see different samples (seeds) and must not mix
+    errors += [f"lasp2 in sp subgroup: {e}" for e in check_lsm("delta_scalar", "auto", "torch", sp_group, seed=100 + rank % 2)]
+    errors += [f"lasp2h in sp subgroup: {e}" for e in check_attention(sp_group, seed=200 + rank % 2)]
+    return errors
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results: dict[str, list[str]] = {}
+
+    def record(name, fn, *args):
+        try:
+            results[name] = fn(*args)
+        except Exception as e:  # a crash in one case must not hide the others
+            results[name] = [f"raised {type(e).__name__}: {e}"]
+
+    try:
+        for case, family, transition, backend in LSM_CASES:
+            record(case, check_lsm, family, transition, backend, dist.group.WORLD, 7)
+        record("attention", check_attention, dist.group.WORLD, 11)
+        if world == 4:
+            record("mesh_subgroups", check_mesh_subgroups)
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RESULTS: dict[int, dict[str, list[str]]] = {}
+
+
+def results_for(world: int, tmp_path_factory) -> dict[str, list[str]]:
+    """Run every case once in `world` spawned processes; {case: failures of all ranks}."""
+    if world not in _RESULTS:
+        out = tmp_path_factory.mktemp(f"lasp2_world{world}")
+        for family in FAMILIES:  # emit once here, so the workers only import the cached packages
+            emitted_op(family)
+        mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
+        merged: dict[str, list[str]] = {}
+        for rank in range(world):
+            for case, errs in json.loads(Path(out, f"rank{rank}.json").read_text()).items():
+                merged.setdefault(case, []).extend(f"rank {rank}: {e}" for e in errs)
+        _RESULTS[world] = merged
+    return _RESULTS[world]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", [c[0] for c in LSM_CASES])
+def test_lasp2_matches_single_process(world, case, tmp_path_factory):
+    res = results_for(world, tmp_path_factory)
+    assert case in res, f"case {case} did not run"
+    assert res[case] == [], "\n".join(res[case])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_lasp2h_attention_matches_causal_attention(world, tmp_path_factory):
+    res = results_for(world, tmp_path_factory)
+    assert res["attention"] == [], "\n".join(res["attention"])
+
+
+def test_lasp2_inside_mesh_sp_subgroups(tmp_path_factory):
+    res = results_for(4, tmp_path_factory)
+    assert res["mesh_subgroups"] == [], "\n".join(res["mesh_subgroups"])
+
+
+def test_lasp2_refuses_packed_sequences():
+    rec = FAMILIES["scalar"]
+    x = global_inputs(rec, 4, 0)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        lasp2_op(reference_op(rec), **x, cu_seqlens=torch.tensor([0, 4]))

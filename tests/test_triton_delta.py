@@ -1,0 +1,189 @@
+"""The emitted delta-rule Triton kernels against the float64 reference, on CPU under TRITON_INTERPRET=1.
+
+Triton reads TRITON_INTERPRET when it is imported, so the checks run in one subprocess
+(this file run as a script) with that variable set; each test below asserts one check's
+result. Shapes are tiny (T = 40, chunk 16, K = V = 16); bf16 and the large shapes run in
+bench/triton_delta_gpu.py on the GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHUNK = 16
+# fp32 kernels (the interpreter's fp32 dot is exact) against float64: max |err| / max |ref| per tensor
+TOL = 1e-5
+
+CASES = {
+    # name: (decay, varlen, k_scale): k_scale None = L2-normalized k, as the models do
+    "deltanet": ("none", False, None),
+    "deltanet_varlen": ("none", True, None),
+    "gated_scalar": ("scalar", False, None),
+    "gated_scalar_varlen": ("scalar", True, None),
+    "gated_constant": ("constant", False, None),
+    "gated_vector": ("vector", False, None),
+    "gated_vector_varlen": ("vector", True, None),
+    "gated_scalar_unnormalized_k": ("scalar", False, 0.3),
+    # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op)
+    "spec_gated_delta_vector": ("vector", True, None),
+}
+SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs", "lsm", "gated_delta_vector.lsm")
+
+
+def _build_from_spec():
+    """The op of specs/lsm/gated_delta_vector.lsm forced onto its emitted Triton kernels."""
+    import functools
+    import types
+
+    import lmoec
+
+    program = lmoec.compile_spec(SPEC)
+    lsm = program.ir.lsm()
+    assert f"{lsm.name}_triton.py" in program.files, "the mixed spec must get Triton kernels"
+    kernels = getattr(program.package, f"{lsm.name}_triton")
+    op = functools.partial(program.op(), backend="triton")
+    return types.SimpleNamespace(chunk=op, step=kernels.step), lsm.recurrence
+
+
+# ---- the checks (run in the subprocess) -------------------------------------
+
+
+def _build(decay: str):
+    """Compile a delta spec (no frontend) and import its emitted Triton module from a real file."""
+    import importlib.util
+    import tempfile
+
+    import sympy
+
+    from lmoec.backends import triton_delta
+    from lmoec.backends.context import lsm_context
+    from lmoec.ir.nodes import Decay, Delta, LSMSpec, SpecIR
+    from lmoec.program import compile_ir
+
+    x = sympy.Symbol("x")
+    # any beta / decay expression: the kernels see only the recurrence's shape (a constant decay reads only h)
+    g_expr = {"none": None, "constant": sympy.Symbol("h")}.get(decay, x)
+    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=g_expr), delta=Delta(beta=x), chunk_size=CHUNK)
+    program = compile_ir(SpecIR(source=f"test_{decay}.lsm", name=f"test_{decay}", lsms={"mem": lsm}))
+    ctx = lsm_context(program.ir, program.ir.lsm())
+    ok, reason = triton_delta.supports(ctx)
+    assert ok, reason
+    path = os.path.join(tempfile.mkdtemp(), f"mem_{decay}_triton.py")
+    with open(path, "w") as f:
+        f.write(triton_delta.emit(ctx, "# test build"))
+    spec = importlib.util.spec_from_file_location(f"mem_{decay}_triton", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, ctx.rec
+
+
+def _inputs(decay, varlen, k_scale, B=2, T=40, H=2, D=16):
+    import torch
+
+    if varlen:
+        B, cu = 1, torch.tensor([0, 13, 45, 57, 61], dtype=torch.int32)  # lengths 13, 32, 12, 4
+        T, N = 61, 4
+    else:
+        cu, N = None, B
+    q = torch.randn(B, T, H, D)
+    k = torch.randn(B, T, H, D)
+    k = k * k_scale if k_scale is not None else torch.nn.functional.normalize(k, dim=-1)
+    args = {"q": q, "k": k, "v": torch.randn(B, T, H, D)}
+    if decay == "scalar":
+        args["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H) + 2)
+    elif decay == "constant":
+        args["g"] = torch.nn.functional.logsigmoid(torch.randn(H) + 2)
+    elif decay == "vector":
+        args["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D) + 2)
+    args["beta"] = torch.sigmoid(torch.randn(B, T, H))
+    args["initial_state"] = torch.randn(N, H, D, D) * 0.5
+    return args, cu
+
+
+def _rel(x, ref):
+    import torch
+
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def check(name: str) -> dict:
+    """Forward, final state and every gradient of one case; then the decode step."""
+    import torch
+
+    from lmoec.backends.reference import recurrent_reference
+
+    decay, varlen, k_scale = CASES[name]
+    torch.manual_seed(hash(name) % 1000)
+    mod, rec = _build_from_spec() if name.startswith("spec_") else _build(decay)
+    args, cu = _inputs(decay, varlen, k_scale)
+    names = list(args)
+    ours = {n: t.clone().requires_grad_() for n, t in args.items()}
+    refs = {n: t.double().requires_grad_() for n, t in args.items()}
+    scale = 0.25
+    o, ht = mod.chunk(**ours, scale=scale, output_final_state=True, cu_seqlens=cu)
+    o_ref, ht_ref = recurrent_reference(rec, **refs, scale=scale, output_final_state=True, cu_seqlens=cu)
+    do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
+    ((o * do.float()).sum() + (ht * dht.float()).sum()).backward()
+    ((o_ref * do).sum() + (ht_ref * dht).sum()).backward()
+    errors = {"o": _rel(o, o_ref), "final_state": _rel(ht, ht_ref)}
+    errors.update({f"d{n}": _rel(ours[n].grad, refs[n].grad) for n in names})
+
+    # decode: one token from a given state equals the reference's first step
+    B, H, K = args["q"].shape[0], args["q"].shape[2], args["q"].shape[3]
+    state = torch.randn(B, H, K, args["v"].shape[-1]) * 0.5
+    tok = {n: (t[:, 0] if t.dim() > 1 and n != "initial_state" else t) for n, t in args.items() if n != "initial_state"}
+    if cu is None:
+        o1, s1 = mod.step(**tok, state=state, scale=scale)
+        ref_args = {n: t[:, :1].double() if t.dim() > 1 else t.double() for n, t in args.items() if n != "initial_state"}
+        o1_ref, s1_ref = recurrent_reference(rec, **ref_args, scale=scale, initial_state=state.double(), output_final_state=True)
+        errors["step_o"] = _rel(o1, o1_ref[:, 0])
+        errors["step_state"] = _rel(s1, s1_ref)
+    return errors
+
+
+# ---- the tests ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1", LMOEC_POISON="1")
+    proc = subprocess.run([sys.executable, __file__, *CASES], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_against_reference(results, name):
+    errors = results[name]
+    assert set(errors) >= {"o", "final_state", "dq", "dk", "dv", "dbeta", "dinitial_state"}
+    if CASES[name][0] != "none":
+        assert "dg" in errors
+    bad = {what: err for what, err in errors.items() if not err <= TOL}
+    assert not bad, f"{name}: relative errors above {TOL}: {bad}"
+
+
+def test_dplr_is_refused_with_a_reason():
+    import sympy
+
+    from lmoec.backends import triton as triton_backend
+    from lmoec.backends.context import lsm_context
+    from lmoec.ir.nodes import Decay, DPLRTerms, LSMSpec, SpecIR
+    from lmoec.program import compile_ir
+
+    x = sympy.Symbol("x")
+    lsm = LSMSpec(name="rwkv7", decay=Decay(kind="vector", expr=x), dplr=DPLRTerms(a=x, b=x))
+    program = compile_ir(SpecIR(source="rwkv7.lsm", name="rwkv7", lsms={"rwkv7": lsm}))
+    ok, reason = triton_backend.supports(lsm_context(program.ir, program.ir.lsm()))
+    assert not ok and "DPLR" in reason
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = {name: check(name) for name in sys.argv[1:]}
+    print(json.dumps(out))
