@@ -22,10 +22,13 @@ import torch.multiprocessing as mp
 import sympy
 import torch.nn.functional as F
 
+import lmoec
+
 from lmoec.backends.reference import recurrent_reference
 from lmoec.ir import expr as ex
 from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, ParallelSpec, Param, Recurrence, SpecIR
 from lmoec.passes import run_passes
+from lmoec.paths import SPECS
 from lmoec.program import Program
 from lmoec.runtime.contract import check_op_args
 from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
@@ -224,6 +227,69 @@ def check_mesh_subgroups() -> list[str]:
     return errors
 
 
+HYBRID_SPEC = """
+import "{lsm}"
+model sp_hybrid {{
+    vocab = 64
+    hidden = 32
+    layers = 3
+    heads = 2
+    pattern = "LNL"
+    lsm = gated_deltanet
+    attention {{ kv_heads = 1 }}
+    moe {{ experts = 4 top_k = 2 expert_ffn = 16 }}
+    max_seq_len = 64
+}}
+"""
+
+
+def model_programs(spec_dir: str) -> dict[str, Program]:
+    """Two tiny hybrid models: GLA (vector decay) LLLN from specs/models/tiny.lsm, and Gated DeltaNet
+    (delta + scalar decay, width-4 short convolutions) LNL with grouped-query attention."""
+    hybrid = Path(spec_dir, "sp_hybrid.lsm")
+    if not hybrid.exists():
+        hybrid.write_text(HYBRID_SPEC.format(lsm=SPECS / "lsm" / "gated_deltanet.lsm"))
+    return {"gla_llln": lmoec.compile_spec(SPECS / "models" / "tiny.lsm"), "gdn_lnl": lmoec.compile_spec(hybrid)}
+
+
+def check_model(program: Program, group, seed: int) -> list[str]:
+    """Loss, logits and every parameter gradient of a hybrid model under sp equal one process on the whole batch."""
+    from lmoec.runtime.parallelize import apply_sequence_parallel, average_gradients, shard_sequence
+
+    world = dist.get_world_size(group)
+    torch.manual_seed(seed)
+    model = program.model(hidden=32, vocab=64).double()
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (2, 4 * world), generator=gen)
+    targets = torch.randint(0, 64, (2, 4 * world), generator=gen)
+
+    def loss_of(logits, tgt):
+        return F.cross_entropy(logits.flatten(0, 1), tgt.flatten())
+
+    logits_full = model(ids)
+    loss_full = loss_of(logits_full, targets)
+    loss_full.backward()
+    grads_full = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    apply_sequence_parallel(model, group)
+    logits = model(shard_sequence(ids, group))
+    loss = loss_of(logits, shard_sequence(targets, group))
+    loss.backward()
+    average_gradients(model, group)
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss, group=group)
+    errors: list[str] = []
+    _close(errors, "logits", logits.detach(), shard_sequence(logits_full.detach(), group))
+    _close(errors, "loss", mean_loss / world, loss_full.detach())
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if sorted(got) != sorted(grads_full):
+        errors.append(f"parameters with gradients differ: {sorted(set(got) ^ set(grads_full))}")
+    for n in sorted(set(got) & set(grads_full)):
+        _close(errors, f"d {n}", got[n], grads_full[n])
+    return errors
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -239,6 +305,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for case, family, transition, backend in LSM_CASES:
             record(case, check_lsm, family, transition, backend, dist.group.WORLD, 7)
         record("attention", check_attention, dist.group.WORLD, 11)
+        for name, program in model_programs(out_dir).items():
+            record(f"model_{name}", check_model, program, dist.group.WORLD, 13)
         if world == 4:
             record("mesh_subgroups", check_mesh_subgroups)
     finally:
@@ -261,6 +329,8 @@ def results_for(world: int, tmp_path_factory) -> dict[str, list[str]]:
         out = tmp_path_factory.mktemp(f"lasp2_world{world}")
         for family in FAMILIES:  # emit once here, so the workers only import the cached packages
             emitted_op(family)
+        for program in model_programs(str(out)).values():
+            program.package
         mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
         merged: dict[str, list[str]] = {}
         for rank in range(world):
@@ -282,6 +352,13 @@ def test_lasp2_matches_single_process(world, case, tmp_path_factory):
 def test_lasp2h_attention_matches_causal_attention(world, tmp_path_factory):
     res = results_for(world, tmp_path_factory)
     assert res["attention"] == [], "\n".join(res["attention"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("model", ["gla_llln", "gdn_lnl"])
+def test_sequence_parallel_hybrid_model_matches_single_process(world, model, tmp_path_factory):
+    res = results_for(world, tmp_path_factory)
+    assert res[f"model_{model}"] == [], "\n".join(res[f"model_{model}"])
 
 
 def test_lasp2_inside_mesh_sp_subgroups(tmp_path_factory):
