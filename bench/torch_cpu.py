@@ -1,9 +1,11 @@
 """The torch chunkwise backend vs the token-by-token reference on CPU, for every family (issue 2's Numbers).
 
-Both run in the same process on the same fp32 inputs (B=1, T=4096, H=4, K=V=64 by default), forward only,
-fastest of a few runs; the torch path also forward+backward. Writes bench/results/torch_cpu.md.
+Both run in the same process, at the same thread count, on the same fp32 inputs (B=1, T=4096, H=4, K=V=64 by
+default), forward only, after a warm-up; each repeat times the two back to back and the table reports medians
+(the machine is shared: back-to-back ratios are steadier than either time). The torch path also
+forward+backward. Writes bench/results/torch_cpu.md.
 
-    python bench/torch_cpu.py [--T 4096] [--repeats 3] [--threads 2]
+    python bench/torch_cpu.py [--T 4096] [--repeats 5] [--threads 1 2]
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,16 +25,17 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import RECURRENCES, _program, random_inputs  # noqa: E402
 
 
-def timed(fn, repeats, warmup=True):
-    """Fastest of `repeats` calls (after one warm-up call): the machine is shared, the minimum is the least disturbed."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_ratio(fast, slow, repeats):
+    """(median fast s, median slow s, median of the per-repeat ratios slow / fast), timed back to back after a warm-up each."""
+    fast(), slow()
+    pairs = [(seconds(fast), seconds(slow)) for _ in range(repeats)]
+    return statistics.median(f for f, _ in pairs), statistics.median(s for _, s in pairs), statistics.median(s / f for f, s in pairs)
 
 
 def cpu_name() -> str:
@@ -49,7 +53,7 @@ def main():
     parser.add_argument("--T", type=int, default=4096)
     parser.add_argument("--H", type=int, default=4)
     parser.add_argument("--D", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "torch_cpu.md")
     args = parser.parse_args()
@@ -61,7 +65,8 @@ def main():
         f"- CPU: {cpu_name()} ({os.cpu_count()} cores, shared with other jobs)",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
         f"- shape: B={B}, T={T}, H={H}, K=V={D}, fp32 inputs, chunk 64, no autograd for the forward columns;",
-        f"  torch: fastest of {args.repeats} runs after a warm-up; reference: fastest of 2 runs",
+        f"  after a warm-up, {args.repeats} repeats each timing torch and the reference back to back: medians",
+        "  (speed-up: median of the per-repeat ratios)",
         "- command: `python bench/torch_cpu.py`",
     ]
     for threads in args.threads:
@@ -84,8 +89,7 @@ def measure(B, T, H, D, repeats):
             with torch.no_grad():
                 return op(**inputs, output_final_state=True, backend=backend)
 
-        t_torch = timed(lambda: run("torch"), repeats)
-        t_ref = timed(lambda: run("reference"), 2, warmup=False)  # a slow, steady loop: no warm-up
+        t_torch, t_ref, ratio = median_ratio(lambda: run("torch"), lambda: run("reference"), repeats)
         (o, _), (o_ref, _) = run("torch"), run("reference")
         err = ((o - o_ref).abs().max() / o_ref.abs().max()).item()
 
@@ -95,10 +99,11 @@ def measure(B, T, H, D, repeats):
             o, S = op(**leaves, output_final_state=True, backend="torch")
             (o.sum() + S.sum()).backward()
 
-        t_train = timed(fwd_bwd, repeats)
-        rows.append((family, rec.key, t_ref, t_torch, t_ref / t_torch, t_train, err))
+        fwd_bwd()
+        t_train = statistics.median(seconds(fwd_bwd) for _ in range(repeats))
+        rows.append((family, rec.key, t_ref, t_torch, ratio, t_train, err))
         print(f"{family:15s} reference {t_ref * 1e3:9.1f} ms  torch {t_torch * 1e3:7.1f} ms  "
-              f"x{t_ref / t_torch:6.1f}  torch fwd+bwd {t_train * 1e3:7.1f} ms  max rel err (fp32) {err:.1e}", flush=True)
+              f"x{ratio:6.1f}  torch fwd+bwd {t_train * 1e3:7.1f} ms  max rel err (fp32) {err:.1e}", flush=True)
 
     return rows
 

@@ -9,7 +9,6 @@ slice under sequence parallelism.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 import types

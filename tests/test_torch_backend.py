@@ -197,11 +197,11 @@ def test_argument_errors_name_the_argument(lsm_program):
 def test_emitted_code_has_only_the_needed_branches(lsm_program):
     """Specialization at generation time: no decay -> no decay code; no rank-one terms -> no solve."""
     additive = lsm_program(RECURRENCES["additive"], 16).files["lsm_torch.py"]
-    assert "exp(" not in additive and "solve_triangular" not in additive and "cum" not in additive
+    assert "exp(" not in additive and "_UnitLowerInverse" not in additive and "cum" not in additive
     vector = lsm_program(RECURRENCES["vector"], 16).files["lsm_torch.py"]
-    assert "SUB = 16" in vector and "solve_triangular" not in vector
+    assert "SUB = 16" in vector and "_UnitLowerInverse" not in vector
     delta = lsm_program(RECURRENCES["delta_scalar"], 16).files["lsm_torch.py"]
-    assert "solve_triangular" in delta and "SUB" not in delta
+    assert "_UnitLowerInverse" in delta and "SUB" not in delta
 
 
 @pytest.mark.parametrize("family", ["vector", "vector_bonus", "delta_vector", "dplr_vector"])
@@ -223,3 +223,40 @@ def test_vector_decay_log_space_path(lsm_program, family, monkeypatch):
     assert rel_err(o, o_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10
     for name in inputs:
         assert rel_err(leaves[name].grad, exact[name].grad) < 1e-9, name
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64, 128])
+def test_unit_lower_inverse_is_exact(lsm_program, chunk):
+    """The blocked inverse the rank-one families use, at chunk sizes with 0 to 3 merges of 16 x 16 blocks,
+    against LAPACK's inverse; only the strictly lower part of its input may count, and its gradient
+    (custom backward) against finite differences."""
+    inverse = lsm_program(RECURRENCES["delta"], chunk).package.lsm_torch._UnitLowerInverse.apply
+    torch.manual_seed(12)
+    scores = torch.randn(3, 2, chunk, chunk, dtype=torch.float64) * 0.3
+    strict = scores.tril(-1)
+    want = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + strict)
+    assert rel_err(inverse(scores), want) < 1e-12
+    assert rel_err(inverse(strict), want) < 1e-12
+    leaf = scores[:1, :1].clone().requires_grad_()
+    assert torch.autograd.gradcheck(inverse, (leaf,), eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("family", ["delta_vector", "dplr_scalar"])
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_rank_one_chunks_with_merged_inverse_blocks(lsm_program, family, chunk):
+    """Forward, states and gradients at chunks whose triangular inverse merges blocks (several chunks)."""
+    rec = RECURRENCES[family]
+    op = lsm_program(rec, chunk).op()
+    torch.manual_seed(13)
+    inputs = random_inputs(rec, B=1, T=2 * chunk + 7, H=2, K=8, V=4)
+
+    def run(backend):
+        leaves = {n: t.clone().requires_grad_() for n, t in inputs.items()}
+        o, S = op(**leaves, output_final_state=True, backend=backend)
+        (o.square().sum() + S.sum()).backward()
+        return o, S, {n: t.grad for n, t in leaves.items()}
+
+    (o, S, grads), (o_ref, S_ref, grads_ref) = run("torch"), run("reference")
+    assert rel_err(o, o_ref) < 1e-10 and rel_err(S, S_ref) < 1e-10
+    for name in inputs:
+        assert rel_err(grads[name], grads_ref[name]) < 1e-9, name

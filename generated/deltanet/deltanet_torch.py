@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64
+INVERSE_BLOCK = 16  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
 
 
 def chunk(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -53,9 +54,9 @@ def _pad_time(x, length, dim):
 
 
 def _split(x, chunks):
-    """[B, T, H, D] -> [B, H, chunks, CHUNK, D], contiguous: every matmul below then runs without a copy."""
+    """[B, T, H, D] -> [chunks, B * H, CHUNK, D], contiguous: one chunk's slice is a ready batch of matrices."""
     B, T, H, D = x.shape
-    return x.transpose(1, 2).reshape(B, H, chunks, CHUNK, D)
+    return x.reshape(B, chunks, CHUNK, H, D).permute(1, 0, 3, 2, 4).reshape(chunks, B * H, CHUNK, D)
 
 
 def _chunked(q, k, v, beta, scale, state):
@@ -64,31 +65,71 @@ def _chunked(q, k, v, beta, scale, state):
     V = v.shape[-1]
     chunks = T // CHUNK
     q, k, v, beta = (_split(x, chunks) for x in (q, k, v, beta))
-    if state is None:
-        state = q.new_zeros(B, H, K, V)
-    eye = torch.eye(CHUNK, dtype=q.dtype, device=q.device)
-    # a = -beta k and the value key beta k: the rank-one scores are minus the value scores, so with
-    # R[t, s] = (k_t . beta_s k_s) the reads w_t = k_t^T S_{t-1} solve (I + R) w = P0 S_0 + R v
+    state = q.new_zeros(B * H, K, V) if state is None else state.reshape(B * H, K, V)
+    # Everything chunk-parallel first (scores, the inverse of each chunk's triangular system); the loop over
+    # chunks then chains the states with a few [B * H]-batched matmuls per chunk and no other work.
+    q = q * scale  # every output term is linear in q
+    # a = -beta k, value key beta k. With R[t, s] = (k_t . beta_s k_s), s < t, the chunk's new
+    # values u_t = v_t - k_t^T S_{t-1} solve (I + R) u = v - P0 S_0 (P0 = the keys)
     v_key = beta * k
-    R = _pairs(k, v_key, strict=True)
-    rhs = torch.cat([k, R @ v], dim=-1)
-    solved = torch.linalg.solve_triangular(eye + R, rhs, upper=False, unitriangular=True)
-    read_state, read_values = solved.split([K, V], dim=-1)  # w = read_state @ S_0 + read_values
-    new_values = v - read_values  # what each token writes beyond what the chunk's own tokens predicted
+    inverse = _UnitLowerInverse.apply(_pairs(k, v_key, strict=True))  # (I + R)^-1
     qk = _pairs(q, v_key, strict=False)
-    q_in = q - qk @ read_state  # reads the chunk's initial state
-    o_intra = qk @ new_values
-    k_out = v_key
-    carry = torch.eye(K, dtype=q.dtype, device=q.device) - k_out.transpose(-1, -2) @ read_state
-    update = k_out.transpose(-1, -2) @ new_values  # M_n
+    k_in = k  # P0
+    k_out = v_key  # carried to the chunk's end
+    q_in = q  # reads the chunk's initial state
 
-    # unbind once: indexing chunk n in the loop would make autograd fill a full-size gradient per chunk
-    initial_states = []
-    for carry_n, update_n in zip(carry.unbind(2), update.unbind(2)):
-        initial_states.append(state)
-        state = carry_n @ state + update_n
-    o = (q_in @ torch.stack(initial_states, dim=2) + o_intra) * scale
-    return o.permute(0, 2, 3, 1, 4).reshape(B, T, H, V), state
+    outputs = []
+    for inverse_n, k_in_n, v_n, q_in_n, qk_n, k_out_n in zip(*(x.unbind(0) for x in (inverse, k_in, v, q_in, qk, k_out))):
+        new_values = inverse_n @ torch.baddbmm(v_n, k_in_n, state, alpha=-1)
+        outputs.append(torch.baddbmm(qk_n @ new_values, q_in_n, state))
+        state = torch.baddbmm(state, k_out_n.transpose(-1, -2), new_values)
+    o = torch.stack(outputs)
+    o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
+    return o, state.view(B, H, K, V)
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """(I + N)^-1 of strictly lower triangular N [..., C, C], every chunk at once.
+
+    LAPACK's batched triangular solve runs one small system after another; this is a blocked forward
+    substitution of batched matmuls (rows of INVERSE_BLOCK x INVERSE_BLOCK diagonal blocks, then pairs of
+    blocks merged: [[A, 0], [M, D]]^-1 = [[A^-1, 0], [-D^-1 M A^-1, D^-1]]). Backward: dN = -tril(T^T dT T^T, -1).
+    """
+
+    @staticmethod
+    def forward(ctx, strict):
+        inverse = _unit_lower_inverse(strict)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        t = inverse.transpose(-1, -2)
+        return -(t @ grad @ t).tril(-1)
+
+
+def _unit_lower_inverse(strict):
+    size = strict.shape[-1]
+    while size > INVERSE_BLOCK and size % 2 == 0:
+        size //= 2
+    inverse = torch.zeros_like(strict)
+    inverse.diagonal(dim1=-2, dim2=-1).fill_(1)
+    n, t = (_diagonal_blocks(x, size) for x in (strict, inverse))
+    for i in range(1, size):
+        t[..., i, :i] = -(n[..., i : i + 1, :i] @ t[..., :i, :i]).squeeze(-2)
+    while size < strict.shape[-1]:
+        n, t = (_diagonal_blocks(x, 2 * size) for x in (strict, inverse))
+        t[..., size:, :size] = -(t[..., size:, size:] @ (n[..., size:, :size] @ t[..., :size, :size]))
+        size *= 2
+    return inverse
+
+
+def _diagonal_blocks(x, size):
+    """The diagonal size x size blocks of x [..., C, C] as a view [..., C // size, size, size]."""
+    blocks = x.shape[-1] // size
+    grid = x.unflatten(-1, (blocks, size)).unflatten(-3, (blocks, size))  # [..., row block, row, col block, col]
+    return grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
 def _pairs(x, y, strict):

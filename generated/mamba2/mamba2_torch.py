@@ -51,9 +51,9 @@ def _pad_time(x, length, dim):
 
 
 def _split(x, chunks):
-    """[B, T, H, D] -> [B, H, chunks, CHUNK, D], contiguous: every matmul below then runs without a copy."""
+    """[B, T, H, D] -> [chunks, B * H, CHUNK, D], contiguous: one chunk's slice is a ready batch of matrices."""
     B, T, H, D = x.shape
-    return x.transpose(1, 2).reshape(B, H, chunks, CHUNK, D)
+    return x.reshape(B, chunks, CHUNK, H, D).permute(1, 0, 3, 2, 4).reshape(chunks, B * H, CHUNK, D)
 
 
 def _chunked(q, k, v, g, scale, state):
@@ -62,24 +62,24 @@ def _chunked(q, k, v, g, scale, state):
     V = v.shape[-1]
     chunks = T // CHUNK
     q, k, v, g = (_split(x, chunks) for x in (q, k, v, g))
-    if state is None:
-        state = q.new_zeros(B, H, K, V)
-    cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [B, H, n, C, 1]
+    state = q.new_zeros(B * H, K, V) if state is None else state.reshape(B * H, K, V)
+    cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [chunks, B * H, C, 1]
     last = cum[..., -1:, :]  # the whole chunk's log decay
+    carry = last.exp().transpose(-1, -2)  # A_n = Diag(exp b_C): [chunks, B * H, 1, 1]
     scores = _pairs(q, cum, k, cum, strict=False)
     o_intra = scores @ v
     q_in = q * cum.exp()  # reads the chunk's initial state
     k_out = k * (last - cum).exp()  # carried to the chunk's end
-    update = k_out.transpose(-1, -2) @ v  # M_n [B, H, n, K, V]
-    carry = last.exp().transpose(-1, -2)  # A_n = Diag(exp b_C): [B, H, n, 1, 1]
+    update = k_out.transpose(-1, -2) @ v  # M_n [chunks, B * H, K, V]
 
     # unbind once: indexing chunk n in the loop would make autograd fill a full-size gradient per chunk
     initial_states = []
-    for carry_n, update_n in zip(carry.unbind(2), update.unbind(2)):
+    for carry_n, update_n in zip(carry.unbind(0), update.unbind(0)):
         initial_states.append(state)
         state = carry_n * state + update_n
-    o = (q_in @ torch.stack(initial_states, dim=2) + o_intra) * scale
-    return o.permute(0, 2, 3, 1, 4).reshape(B, T, H, V), state
+    o = (q_in @ torch.stack(initial_states) + o_intra) * scale
+    o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
+    return o, state.view(B, H, K, V)
 
 
 def _pairs(x, lx, y, ly, strict):

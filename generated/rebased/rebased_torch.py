@@ -48,9 +48,9 @@ def _pad_time(x, length, dim):
 
 
 def _split(x, chunks):
-    """[B, T, H, D] -> [B, H, chunks, CHUNK, D], contiguous: every matmul below then runs without a copy."""
+    """[B, T, H, D] -> [chunks, B * H, CHUNK, D], contiguous: one chunk's slice is a ready batch of matrices."""
     B, T, H, D = x.shape
-    return x.transpose(1, 2).reshape(B, H, chunks, CHUNK, D)
+    return x.reshape(B, chunks, CHUNK, H, D).permute(1, 0, 3, 2, 4).reshape(chunks, B * H, CHUNK, D)
 
 
 def _chunked(q, k, v, scale, state):
@@ -59,21 +59,21 @@ def _chunked(q, k, v, scale, state):
     V = v.shape[-1]
     chunks = T // CHUNK
     q, k, v = (_split(x, chunks) for x in (q, k, v))
-    if state is None:
-        state = q.new_zeros(B, H, K, V)
+    state = q.new_zeros(B * H, K, V) if state is None else state.reshape(B * H, K, V)
     scores = _pairs(q, k, strict=False)
     o_intra = scores @ v
     q_in = q  # reads the chunk's initial state
     k_out = k  # carried to the chunk's end
-    update = k_out.transpose(-1, -2) @ v  # M_n [B, H, n, K, V]
+    update = k_out.transpose(-1, -2) @ v  # M_n [chunks, B * H, K, V]
 
     # unbind once: indexing chunk n in the loop would make autograd fill a full-size gradient per chunk
     initial_states = []
-    for update_n in update.unbind(2):
+    for update_n in update.unbind(0):
         initial_states.append(state)
         state = state + update_n
-    o = (q_in @ torch.stack(initial_states, dim=2) + o_intra) * scale
-    return o.permute(0, 2, 3, 1, 4).reshape(B, T, H, V), state
+    o = (q_in @ torch.stack(initial_states) + o_intra) * scale
+    o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
+    return o, state.view(B, H, K, V)
 
 
 def _pairs(x, y, strict):

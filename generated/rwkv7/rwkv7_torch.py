@@ -20,6 +20,7 @@ import torch.nn.functional as F
 CHUNK = 64
 SUB = 16  # strong vector decay: diagonal blocks of SUB x SUB token pairs are summed in log space
 FACTORED_SPAN = 0.4  # chunk decays up to this fraction of log(max float) take the one-matmul path
+INVERSE_BLOCK = 16  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
 
 
 def chunk(q, k, v, g, a, b, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -58,9 +59,9 @@ def _pad_time(x, length, dim):
 
 
 def _split(x, chunks):
-    """[B, T, H, D] -> [B, H, chunks, CHUNK, D], contiguous: every matmul below then runs without a copy."""
+    """[B, T, H, D] -> [chunks, B * H, CHUNK, D], contiguous: one chunk's slice is a ready batch of matrices."""
     B, T, H, D = x.shape
-    return x.transpose(1, 2).reshape(B, H, chunks, CHUNK, D)
+    return x.reshape(B, chunks, CHUNK, H, D).permute(1, 0, 3, 2, 4).reshape(chunks, B * H, CHUNK, D)
 
 
 def _chunked(q, k, v, g, a, b, scale, state):
@@ -69,34 +70,82 @@ def _chunked(q, k, v, g, a, b, scale, state):
     V = v.shape[-1]
     chunks = T // CHUNK
     q, k, v, g, a, b = (_split(x, chunks) for x in (q, k, v, g, a, b))
-    if state is None:
-        state = q.new_zeros(B, H, K, V)
-    cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [B, H, n, C, K]
+    state = q.new_zeros(B * H, K, V) if state is None else state.reshape(B * H, K, V)
+    cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [chunks, B * H, C, K]
     last = cum[..., -1:, :]  # the whole chunk's log decay
-    eye = torch.eye(CHUNK, dtype=q.dtype, device=q.device)
-    v_key = k  # the key of the value term k_t v_t^T
+    carry = last.exp().transpose(-1, -2)  # A_n = Diag(exp b_C): [chunks, B * H, K, 1]
+    # Everything chunk-parallel first (scores, the inverse of each chunk's triangular system); the loop over
+    # chunks then chains the states with a few [B * H]-batched matmuls per chunk and no other work.
+    q = q * scale  # every output term is linear in q
     before = F.pad(cum[..., :-1, :], (0, 0, 1, 0))  # b_t reads S_{t-1}: exclusive cumsum (not cum - g, which rounds)
-    # w_t = b_t^T S_{t-1} for the chunk's rows: (I - L) w = P0 S_0 + R v, L strictly lower triangular
-    keys = torch.stack([a, v_key])  # both key sets share their decays: one _pairs call scores both
+    # The reads w_t = b_t^T S_{t-1} of a chunk solve (I - L) w = P0 S_0 + R v, L[t, s] = b_t . a_s and
+    # R[t, s] = b_t . k_s (decayed from s to t) for s < t, P0 = the b_t decayed to t - 1.
+    keys = torch.stack([a, k])  # both key sets share their decays: one _pairs call scores both
     L, R = _pairs(b, before, keys, cum, strict=True).unbind(0)
-    rhs = torch.cat([b * before.exp(), R @ v], dim=-1)
-    solved = torch.linalg.solve_triangular(eye - L, rhs, upper=False, unitriangular=True)
-    read_state, read_values = solved.split([K, V], dim=-1)  # w = read_state @ S_0 + read_values
+    inverse = _UnitLowerInverse.apply(-L)  # (I - L)^-1
+    values_read = R @ v
+    b_in = b * before.exp()  # P0
     qa, qk = _pairs(q, cum, keys, cum, strict=False).unbind(0)
-    q_in = q * cum.exp() + qa @ read_state  # reads the chunk's initial state
-    o_intra = qa @ read_values + qk @ v
-    a_out = a * (last - cum).exp()
-    k_out = v_key * (last - cum).exp()
-    carry = torch.diag_embed(last.exp().squeeze(-2).expand(B, H, chunks, K)) + a_out.transpose(-1, -2) @ read_state
-    update = a_out.transpose(-1, -2) @ read_values + k_out.transpose(-1, -2) @ v  # M_n
+    o_values = qk @ v  # the outputs' k v^T terms from inside the chunk
+    a_out = a * (last - cum).exp()  # carried to the chunk's end
+    k_out = k * (last - cum).exp()
+    update = k_out.transpose(-1, -2) @ v  # the chunk's k v^T terms at its end
+    q_in = q * cum.exp()  # reads the chunk's initial state
 
-    # unbind once: indexing chunk n in the loop would make autograd fill a full-size gradient per chunk
-    initial_states = []
-    for carry_n, update_n in zip(carry.unbind(2), update.unbind(2)):
-        initial_states.append(state)
-        state = carry_n @ state + update_n
-    o = (q_in @ torch.stack(initial_states, dim=2) + o_intra) * scale
-    return o.permute(0, 2, 3, 1, 4).reshape(B, T, H, V), state
+    outputs = []
+    for inverse_n, b_in_n, values_read_n, q_in_n, qa_n, o_values_n, a_out_n, update_n, carry_n in zip(
+        *(x.unbind(0) for x in (inverse, b_in, values_read, q_in, qa, o_values, a_out, update, carry))
+    ):
+        reads = inverse_n @ torch.baddbmm(values_read_n, b_in_n, state)  # w
+        outputs.append(torch.baddbmm(torch.baddbmm(o_values_n, qa_n, reads), q_in_n, state))
+        state = torch.baddbmm(carry_n * state + update_n, a_out_n.transpose(-1, -2), reads)
+    o = torch.stack(outputs)
+    o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
+    return o, state.view(B, H, K, V)
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    """(I + N)^-1 of strictly lower triangular N [..., C, C], every chunk at once.
+
+    LAPACK's batched triangular solve runs one small system after another; this is a blocked forward
+    substitution of batched matmuls (rows of INVERSE_BLOCK x INVERSE_BLOCK diagonal blocks, then pairs of
+    blocks merged: [[A, 0], [M, D]]^-1 = [[A^-1, 0], [-D^-1 M A^-1, D^-1]]). Backward: dN = -tril(T^T dT T^T, -1).
+    """
+
+    @staticmethod
+    def forward(ctx, strict):
+        inverse = _unit_lower_inverse(strict)
+        ctx.save_for_backward(inverse)
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        t = inverse.transpose(-1, -2)
+        return -(t @ grad @ t).tril(-1)
+
+
+def _unit_lower_inverse(strict):
+    size = strict.shape[-1]
+    while size > INVERSE_BLOCK and size % 2 == 0:
+        size //= 2
+    inverse = torch.zeros_like(strict)
+    inverse.diagonal(dim1=-2, dim2=-1).fill_(1)
+    n, t = (_diagonal_blocks(x, size) for x in (strict, inverse))
+    for i in range(1, size):
+        t[..., i, :i] = -(n[..., i : i + 1, :i] @ t[..., :i, :i]).squeeze(-2)
+    while size < strict.shape[-1]:
+        n, t = (_diagonal_blocks(x, 2 * size) for x in (strict, inverse))
+        t[..., size:, :size] = -(t[..., size:, size:] @ (n[..., size:, :size] @ t[..., :size, :size]))
+        size *= 2
+    return inverse
+
+
+def _diagonal_blocks(x, size):
+    """The diagonal size x size blocks of x [..., C, C] as a view [..., C // size, size, size]."""
+    blocks = x.shape[-1] // size
+    grid = x.unflatten(-1, (blocks, size)).unflatten(-3, (blocks, size))  # [..., row block, row, col block, col]
+    return grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
 def _pairs(x, lx, y, ly, strict):

@@ -19,6 +19,7 @@ COMMANDS = [
     "generate",
     "variants",
     "sweep",
+    "bench",
 ]
 
 

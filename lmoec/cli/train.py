@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import fields, replace
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SpecError
+from ..ir.nodes import ParallelSpec
 from ..runtime.checkpoint import CheckpointError
 from ..runtime.checkpoint import load as load_checkpoint
 from ..runtime.data import DataError
@@ -26,6 +28,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Train the model of a .lsm spec or of a compiled package directory. With no --data, the Python "
         "standard library's own sources, byte-level tokenized. Writes checkpoint.pt, log.jsonl and loss.png to --out.",
     )
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of `lmoec train`, shared with `python -m lmoec.train` (the torchrun entry)."""
     p.add_argument("target", metavar="SPEC_OR_PACKAGE", help="a .lsm model spec, or a package directory `lmoec compile` wrote")
     p.add_argument("--data", help="a text file, or a directory (every text file under it); default: the Python stdlib sources")
     p.add_argument("--steps", type=int, help=f"optimizer steps (default {_DEFAULTS.steps}); with --resume, may extend the run")
@@ -42,7 +50,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
-    return p
+    p.add_argument("--dp", type=int, default=1, help="data-parallel degree (default: what is left of the world size after sp * ep)")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree: LASP-2 / LASP-2H over contiguous slices of T")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree: the experts are split over this many ranks")
 
 
 def load_target(target: str) -> tuple[str, dict[str, str]]:
@@ -64,9 +74,21 @@ def load_target(target: str) -> tuple[str, dict[str, str]]:
     return program.ir.name, program.files
 
 
+def distributed_run(args) -> bool:
+    """Under torchrun (WORLD_SIZE set), or asked for a parallel layout; without torchrun that is an error."""
+    asked = any(getattr(args, d, 1) != 1 for d in ("dp", "sp", "ep"))
+    if "WORLD_SIZE" in os.environ:
+        return True
+    if asked:
+        raise RunError("--dp / --sp / --ep need several processes: launch with "
+                       "`torchrun --nproc-per-node N -m lmoec.train SPEC --sp 2 ...`")
+    return False
+
+
 def run(args) -> int:
     def fail(message: str) -> int:
-        print(f"lmoec train: error: {message}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank fails alike: say it once
+            print(f"lmoec train: error: {message}", file=sys.stderr)
         return 2
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
@@ -77,7 +99,16 @@ def run(args) -> int:
         cfg = replace(saved_config(load_checkpoint(out)), **given) if args.resume else TrainConfig(**given)
         torch.set_flush_denormal(True)  # on CPU, decays underflowing to denormals cost up to 1.5x per step
         started = time.perf_counter()
-        result = train(files, name, cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
+        if distributed_run(args):
+            from ..runtime.distributed import train_distributed
+
+            parallel = ParallelSpec(dp=args.dp, sp=args.sp, ep=args.ep)
+            result = train_distributed(files, name, cfg, out, parallel, resume=args.resume, device=args.device,
+                                       progress=not args.no_progress)
+            if int(os.environ.get("RANK", 0)) != 0:  # rank 0 reports for the run
+                return 0
+        else:
+            result = train(files, name, cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
     except SpecError as e:
         return fail(f"{e.loc}: {e.message}" if e.loc else e.message)
     except (FileNotFoundError, DataError, CheckpointError, RunError) as e:

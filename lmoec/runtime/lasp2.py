@@ -201,6 +201,8 @@ def lasp2_op(
             A = torch.zeros(B, H, K, K, device=q.device, dtype=state_dtype)
     else:
         A, basis = _diagonal_map(kind, q, g, T, scale, rec.bonus, state_dtype)
+        if rank == 0:  # rank 0 needs no correction: free the [B, T, H, K] basis now
+            basis = None
 
     # One all_gather of (A_r, M_r). A constant decay's A is known everywhere; the identity is not sent.
     sent_A = kind in ("scalar", "vector", "matrix")

@@ -91,7 +91,7 @@ def _parallelize_short_conv(conv: nn.Module, group) -> None:
     halo_len = conv.kernel - 1
 
     def forward(x, state=None):
-        if False:
+        if state is None and halo_len > 0:
             if x.shape[1] < halo_len:
                 raise ValueError(f"sequence parallel: a rank's slice ({x.shape[1]} tokens) is shorter than the short conv's reach {halo_len}")
             tie, halos = _gather(x[:, x.shape[1] - halo_len:], group)
@@ -113,7 +113,7 @@ def _parallelize_attention(attn: Attention, group) -> None:
             raise ValueError("sequence parallel: attention runs without a KV cache (training); decode on one rank")
         # an empty cache whose next position is this rank's offset: RoPE then sees absolute positions
         empty = x.new_zeros(x.shape[0], attn.kv_heads, 0, attn.head_dim)
-        return local_forward(x, past=KVCache(empty, empty, 0))
+        return local_forward(x, past=KVCache(empty, empty, rank * x.shape[1]))
 
     def attend(q, k, v, start):  # [B, H, T, D] in and out
         return lasp2h_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group=group).transpose(1, 2)

@@ -95,9 +95,10 @@ def autocast_for(device: torch.device):
 def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, total loss with the MoE aux losses the model collected)."""
     logits = model(inputs)
-    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least; a float64 model stays float64
+    ce = F.cross_entropy(logits.to(dtype).flatten(0, 1), targets.flatten())
     aux = getattr(model, "aux_loss", None)
-    return ce, ce if aux is None else ce + aux.float()
+    return ce, ce if aux is None else ce + aux.to(dtype)
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
