@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from lmoec import compile_spec
 from lmoec.program import compile_ir
+from lmoec.runtime.distributed import shutdown_process_group
 from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
 from lmoec.runtime.parallelize import apply_sequence_parallel, shard_sequence
 
@@ -283,7 +284,7 @@ def main() -> None:
         with open(args.out, "w") as f:
             f.write(text)
         print(text)
-    dist.destroy_process_group()
+    shutdown_process_group()
 
 
 if __name__ == "__main__":

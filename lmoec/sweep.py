@@ -12,7 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,7 +34,7 @@ class SweepConfig:
     task: str = "mqar"
     steps: int = 300
     batch: int = 32
-    lr: float = 3e-3
+    lrs: tuple[float, ...] = (3e-3,)  # each variant trains at each; the table keeps its best (Zoology's protocol)
     seed: int = 0
     mqar: MQARConfig = MQARConfig()
     seq_len: int = 128  # corpus task
@@ -41,14 +44,14 @@ class SweepConfig:
     model_overrides: Optional[dict] = None  # e.g. smaller sizes in tests
 
 
-def _mqar_run(program, cfg: SweepConfig) -> dict:
+def _mqar_run(program, cfg: SweepConfig, lr: float) -> dict:
     """Train on fresh MQAR batches; report recall accuracy on fixed held-out batches."""
     torch.manual_seed(cfg.seed)
     dev = pick_device(cfg.device)
     model = program.model(**(cfg.model_overrides or {})).to(dev).train()
     if model.config["vocab"] < cfg.mqar.vocab:
         raise ValueError(f"{model.config['name']}: vocab {model.config['vocab']} < MQAR vocab {cfg.mqar.vocab}")
-    sched = TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 10), seed=cfg.seed)
+    sched = TrainConfig(steps=cfg.steps, lr=lr, warmup=max(1, cfg.steps // 10), seed=cfg.seed)
     optimizer = make_optimizer(model, sched)
     train_gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
@@ -85,8 +88,8 @@ def _mqar_run(program, cfg: SweepConfig) -> dict:
     }
 
 
-def _corpus_run(program, cfg: SweepConfig, out: Path) -> dict:
-    tc = TrainConfig(steps=cfg.steps, seq_len=cfg.seq_len, batch=cfg.batch, lr=cfg.lr, seed=cfg.seed, data=cfg.data,
+def _corpus_run(program, cfg: SweepConfig, out: Path, lr: float) -> dict:
+    tc = TrainConfig(steps=cfg.steps, seq_len=cfg.seq_len, batch=cfg.batch, lr=lr, seed=cfg.seed, data=cfg.data,
                      eval_every=cfg.steps, save_every=cfg.steps, warmup=max(1, cfg.steps // 10), eval_batches=cfg.eval_batches)
     t0 = time.perf_counter()
     result = train(program.files, program.ir.name, tc, out, model_config=_config(program, cfg), device=cfg.device,
@@ -106,28 +109,61 @@ def _config(program, cfg: SweepConfig) -> Optional[dict]:
     return {**program.package.model.CONFIG, **cfg.model_overrides}
 
 
-def run_sweep(manifest_path: Path, cfg: SweepConfig, out: Path, say: Callable[[str], None] = print) -> list[dict]:
-    """Train each variant; write results.csv, results.md, results.png and results.json into `out`."""
+def run_sweep(manifest_path: Path, cfg: SweepConfig, out: Path, say: Callable[[str], None] = print, jobs: int = 1) -> list[dict]:
+    """Train each variant at each learning rate; write results.csv, results.md, results.png and results.json into `out`.
+
+    One row per variant: its best run over cfg.lrs (every run is kept under "runs" in results.json), since
+    recurrences differ in the learning rate they need and a single one would rank them by that. jobs > 1
+    trains that many runs at once in worker processes, each with an equal share of the CPU threads: small
+    models use few threads well, so on a CPU this finishes a sweep sooner.
+    """
     if cfg.task not in ("mqar", "corpus"):
         raise ValueError(f"unknown task {cfg.task!r} (mqar or corpus)")
+    if jobs < 1 or not cfg.lrs or min(cfg.lrs) <= 0:
+        raise ValueError(f"jobs and learning rates must be positive, got jobs={jobs}, lrs={list(cfg.lrs)}")
     folder, manifest = load_manifest(manifest_path)
-    if not manifest["variants"]:
+    variants = manifest["variants"]
+    if not variants:
         raise ValueError(f"{manifest_path}: the manifest lists no variants")
     out = Path(out)
+    tasks = [(i, lr) for i in range(len(variants)) for lr in cfg.lrs]
+    runs: dict[tuple[int, float], dict] = {}
+
+    def report(task: tuple[int, float], run: dict) -> None:
+        runs[task] = run
+        say(f"[{len(runs)}/{len(tasks)}] {run['name']} ({run['family']}, {run['pattern']}), lr {run['lr']:g}: "
+            f"{run['metric']} = {run['value']:.4f}  (train loss {run['final_train_loss']:.3f}, {run['seconds']:.0f} s)")
+
+    if jobs == 1:
+        for i, lr in tasks:
+            report((i, lr), _run_variant(folder, variants[i], cfg, out, lr, threads=None))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_run_variant, folder, variants[i], cfg, out, lr, threads): (i, lr) for i, lr in tasks}
+            for future in as_completed(futures):
+                report(futures[future], future.result())
     rows = []
-    for i, v in enumerate(manifest["variants"], 1):
-        program = compile_spec(folder / v["spec"])
-        say(f"[{i}/{len(manifest['variants'])}] {v['name']} ({v['family']}, {v['pattern']})")
-        if cfg.task == "mqar":
-            res = _mqar_run(program, cfg)
-        else:
-            res = _corpus_run(program, cfg, out / "runs" / v["name"])
-        model_params = v["params_total"] if not cfg.model_overrides else None
-        rows.append({"name": v["name"], **{f"vary:{a}": x for a, x in v["point"].items()}, "family": v["family"],
-                     "pattern": v["pattern"], "params_total": model_params, **res})
-        say(f"    {res['metric']} = {res['value']:.4f}  (train loss {res['final_train_loss']:.3f}, {res['seconds']:.0f} s)")
+    for i in range(len(variants)):
+        tries = [runs[i, lr] for lr in cfg.lrs]
+        best = (max if tries[0]["metric"] == "recall_accuracy" else min)(tries, key=lambda r: r["value"])
+        rows.append({**best, "runs": [{k: r[k] for k in ("lr", "value", "final_train_loss", "seconds")} for r in tries]})
     write_results(rows, cfg, out)
     return rows
+
+
+def _run_variant(folder: Path, variant: dict, cfg: SweepConfig, out: Path, lr: float, threads: Optional[int]) -> dict:
+    """One run: the variant's point in the grid and what training it at `lr` gave."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    program = compile_spec(folder / variant["spec"])
+    if cfg.task == "mqar":
+        res = _mqar_run(program, cfg, lr)
+    else:
+        res = _corpus_run(program, cfg, out / "runs" / f"{variant['name']}__lr{lr:g}", lr)
+    params = variant["params_total"] if not cfg.model_overrides else None
+    return {"name": variant["name"], **{f"vary:{a}": x for a, x in variant["point"].items()}, "family": variant["family"],
+            "pattern": variant["pattern"], "params_total": params, "lr": lr, **res}
 
 
 def write_results(rows: list[dict], cfg: SweepConfig, out: Path) -> None:
@@ -137,7 +173,7 @@ def write_results(rows: list[dict], cfg: SweepConfig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
 
-    columns = [c for c in rows[0] if c != "curve"]
+    columns = [c for c in rows[0] if c not in ("curve", "runs")]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -146,13 +182,14 @@ def write_results(rows: list[dict], cfg: SweepConfig, out: Path) -> None:
     better = max if metric == "recall_accuracy" else min
     best = better(rows, key=lambda r: r["value"])
     setting = (f"task {cfg.task}" + (f" (seq_len {cfg.mqar.seq_len}, {cfg.mqar.num_pairs} pairs, vocab {cfg.mqar.vocab})" if cfg.task == "mqar" else "")
-               + f", {cfg.steps} steps, batch {cfg.batch}, lr {cfg.lr}, seed {cfg.seed}")
-    md = [f"# Sweep: {metric}", "", setting, "", "| variant | family | pattern | params | " + metric + " | final train loss | seconds |",
-          "|---|---|---|---|---|---|---|"]
+               + f", {cfg.steps} steps, batch {cfg.batch}, lr " + (f"{cfg.lrs[0]:g}" if len(cfg.lrs) == 1 else
+               "best of " + "/".join(f"{lr:g}" for lr in cfg.lrs)) + f", seed {cfg.seed}")
+    md = [f"# Sweep: {metric}", "", setting, "", "| variant | family | pattern | params | " + metric + " | lr | final train loss | seconds |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         params = f"{r['params_total'] / 1e6:.2f}M" if r["params_total"] else "-"
         mark = " **(best)**" if r is best else ""
-        md.append(f"| {r['name']}{mark} | {r['family']} | {r['pattern']} | {params} | {r['value']:.4f} | {r['final_train_loss']:.3f} | {r['seconds']:.0f} |")
+        md.append(f"| {r['name']}{mark} | {r['family']} | {r['pattern']} | {params} | {r['value']:.4f} | {r['lr']:g} | {r['final_train_loss']:.3f} | {r['seconds']:.0f} |")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [r["name"].split("__", 1)[-1] for r in rows]
     left.barh(labels, [r["value"] for r in rows], color="tab:blue")

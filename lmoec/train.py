@@ -10,9 +10,8 @@ import argparse
 import sys
 from typing import Optional
 
-import torch.distributed as dist
-
 from .cli import train as train_cli
+from .runtime.distributed import shutdown_process_group
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -21,8 +20,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return train_cli.run(parser.parse_args(argv))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_process_group()
 
 
 if __name__ == "__main__":

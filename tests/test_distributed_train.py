@@ -29,7 +29,8 @@ import lmoec
 from lmoec.ir.nodes import ParallelSpec
 from lmoec.paths import SPECS
 from lmoec.runtime import checkpoint as ckpt
-from lmoec.runtime.distributed import build_layout, clip_grad_norm, forward_backward, parallelize, train_distributed
+from lmoec.runtime.distributed import (build_layout, clip_grad_norm, forward_backward, parallelize, shutdown_process_group,
+                                       train_distributed)
 from lmoec.runtime.train import TrainConfig, train
 
 # pure: Gated DeltaNet (delta + scalar decay, width-4 short convolutions) in both layers;
@@ -177,7 +178,7 @@ def _worker(rank: int, world: int, port: int, root: str, data: str) -> None:
             record("resume", check_resume, paths["hybrid"], Path(root), data)
     finally:
         Path(root, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lmoec.runtime.distributed import shutdown_process_group
 from lmoec.runtime.expert_parallel import shard_experts
 from lmoec.runtime.moe import MoE
 
@@ -63,7 +64,7 @@ def _worker(rank: int, world: int, port: int, config: str, results_dir: str) -> 
         out = _run(moe, x[part], grad_y[part])
         torch.save(out, os.path.join(results_dir, f"{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -29,6 +29,7 @@ from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, ParallelSpec, Param
 from lmoec.passes import run_passes
 from lmoec.paths import SPECS
 from lmoec.program import Program
+from lmoec.runtime.distributed import shutdown_process_group
 from lmoec.runtime.contract import check_op_args
 from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
 
@@ -310,7 +311,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             record("mesh_subgroups", check_mesh_subgroups)
     finally:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        dist.destroy_process_group()
+        shutdown_process_group()
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ import lmoec
 from lmoec.backends import modules
 from lmoec.backends.printer import Slot, print_torch, projections_of
 from lmoec.ir import expr as ex
-from lmoec.ir.nodes import DenseFFNSpec, Decay, Delta, DPLRTerms, LSMSpec, ModelSpec, Param, SpecIR
+from lmoec.ir.nodes import DenseFFNSpec, Decay, Delta, LSMSpec, ModelSpec, Param, SpecIR
 from lmoec.passes.classify import classify
 from lmoec.paths import SPECS
 from lmoec.program import compile_ir

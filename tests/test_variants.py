@@ -3,7 +3,6 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -65,10 +64,15 @@ def test_malformed_axes_are_errors(bad):
         parse_axes([bad])
 
 
-def test_two_variant_sweep_end_to_end(base, tmp_path):
+@pytest.mark.parametrize("jobs, lrs", [(1, (3e-3,)), (2, (1e-3, 1e-2))])
+def test_two_variant_sweep_end_to_end(base, tmp_path, jobs, lrs):
     written, _ = make_variants(base, parse_axes(["lsm=bla,deltanet"]), tmp_path / "v")
-    cfg = SweepConfig(task="mqar", steps=3, batch=4, mqar=MQARConfig(seq_len=32, num_pairs=4, vocab=64), eval_batches=2, device="cpu")
-    rows = run_sweep(tmp_path / "v" / "manifest.json", cfg, tmp_path / "out", say=lambda _: None)
+    cfg = SweepConfig(task="mqar", steps=3, batch=4, lrs=lrs, mqar=MQARConfig(seq_len=32, num_pairs=4, vocab=64),
+                      eval_batches=2, device="cpu")
+    rows = run_sweep(tmp_path / "v" / "manifest.json", cfg, tmp_path / "out", say=lambda _: None, jobs=jobs)
+    for r in rows:  # every learning rate ran; the row is the best of them
+        assert [run["lr"] for run in r["runs"]] == list(lrs)
+        assert r["value"] == max(run["value"] for run in r["runs"]) and r["lr"] in lrs
     assert [r["family"] for r in rows] == ["additive", "delta"]
     assert all(0.0 <= r["value"] <= 1.0 and len(r["curve"]) == 3 for r in rows)
     table = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))

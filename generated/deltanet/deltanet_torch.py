@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64
-INVERSE_BLOCK = 16  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
+INVERSE_BLOCK = 8  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
 
 
 def chunk(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -66,24 +66,25 @@ def _chunked(q, k, v, beta, scale, state):
     chunks = T // CHUNK
     q, k, v, beta = (_split(x, chunks) for x in (q, k, v, beta))
     state = q.new_zeros(B * H, K, V) if state is None else state.reshape(B * H, K, V)
-    # Everything chunk-parallel first (scores, the inverse of each chunk's triangular system); the loop over
-    # chunks then chains the states with a few [B * H]-batched matmuls per chunk and no other work.
+    # Everything chunk-parallel first: the scores and each chunk's triangular system, solved once for a value
+    # part U and a state part W, so that a chunk's reads of its initial state S_n are U + W S_n. The loop over
+    # chunks then only chains the states: two [B * H]-batched matmuls per chunk.
     q = q * scale  # every output term is linear in q
     # a = -beta k, value key beta k. With R[t, s] = (k_t . beta_s k_s), s < t, the chunk's new
-    # values u_t = v_t - k_t^T S_{t-1} solve (I + R) u = v - P0 S_0 (P0 = the keys)
+    # values u_t = v_t - k_t^T S_{t-1} solve (I + R) u = v - P0 S_n (P0 = the keys): u = U - W S_n
     v_key = beta * k
-    inverse = _UnitLowerInverse.apply(_pairs(k, v_key, strict=True))  # (I + R)^-1
-    qk = _pairs(q, v_key, strict=False)
-    k_in = k  # P0
+    [R] = _pairs(k, (v_key,), strict=True)
+    inverse = _UnitLowerInverse.apply(R)  # (I + R)^-1
+    solved_values, solved_state = (inverse @ torch.cat([v, k], -1)).split([V, K], -1)  # U, W
+    [qk] = _pairs(q, (v_key,), strict=False)
     k_out = v_key  # carried to the chunk's end
-    q_in = q  # reads the chunk's initial state
 
-    outputs = []
-    for inverse_n, k_in_n, v_n, q_in_n, qk_n, k_out_n in zip(*(x.unbind(0) for x in (inverse, k_in, v, q_in, qk, k_out))):
-        new_values = inverse_n @ torch.baddbmm(v_n, k_in_n, state, alpha=-1)
-        outputs.append(torch.baddbmm(qk_n @ new_values, q_in_n, state))
-        state = torch.baddbmm(state, k_out_n.transpose(-1, -2), new_values)
-    o = torch.stack(outputs)
+    initial_states, new_values = [], []
+    for solved_values_n, solved_state_n, k_out_n in zip(*(x.unbind(0) for x in (solved_values, solved_state, k_out))):
+        initial_states.append(state)
+        new_values.append(torch.baddbmm(solved_values_n, solved_state_n, state, alpha=-1))
+        state = torch.baddbmm(state, k_out_n.transpose(-1, -2), new_values[-1])
+    o = qk @ torch.stack(new_values) + q @ torch.stack(initial_states)
     o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
     return o, state.view(B, H, K, V)
 
@@ -132,9 +133,9 @@ def _diagonal_blocks(x, size):
     return grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
-def _pairs(x, y, strict):
-    """Causal scores sum_k x_tk y_sk inside each chunk, for s <= t (s < t when strict)."""
-    return (x @ y.transpose(-1, -2)).tril(-1 if strict else 0)
+def _pairs(x, keys, strict):
+    """For each key set y: causal scores sum_k x_tk y_sk inside each chunk, for s <= t (s < t when strict)."""
+    return [(x @ y.transpose(-1, -2)).tril(-1 if strict else 0) for y in keys]
 
 
 def step(q, k, v, beta, state, scale=None):

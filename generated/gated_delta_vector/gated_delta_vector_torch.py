@@ -22,7 +22,7 @@ import torch.nn.functional as F
 CHUNK = 64
 SUB = 16  # strong vector decay: diagonal blocks of SUB x SUB token pairs are summed in log space
 FACTORED_SPAN = 0.4  # chunk decays up to this fraction of log(max float) take the one-matmul path
-INVERSE_BLOCK = 16  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
+INVERSE_BLOCK = 8  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
 
 
 def chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -76,24 +76,26 @@ def _chunked(q, k, v, g, beta, scale, state):
     cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [chunks, B * H, C, K]
     last = cum[..., -1:, :]  # the whole chunk's log decay
     carry = last.exp().transpose(-1, -2)  # A_n = Diag(exp b_C): [chunks, B * H, K, 1]
-    # Everything chunk-parallel first (scores, the inverse of each chunk's triangular system); the loop over
-    # chunks then chains the states with a few [B * H]-batched matmuls per chunk and no other work.
+    # Everything chunk-parallel first: the scores and each chunk's triangular system, solved once for a value
+    # part U and a state part W, so that a chunk's reads of its initial state S_n are U + W S_n. The loop over
+    # chunks then only chains the states: two [B * H]-batched matmuls per chunk.
     q = q * scale  # every output term is linear in q
+    to_end = (last - cum).exp()  # decay from each token to the chunk's end
     # a = -beta k, value key beta k. With R[t, s] = (k_t . beta_s k_s) exp(cum_t - cum_s), s < t, the chunk's new
-    # values u_t = v_t - k_t^T D_t S_{t-1} solve (I + R) u = v - P0 S_0 (P0 = the keys decayed to t)
+    # values u_t = v_t - k_t^T D_t S_{t-1} solve (I + R) u = v - P0 S_n (P0 = the keys decayed to t): u = U - W S_n
     v_key = beta * k
-    inverse = _UnitLowerInverse.apply(_pairs(k, cum, v_key, cum, strict=True))  # (I + R)^-1
-    qk = _pairs(q, cum, v_key, cum, strict=False)
-    k_in = k * cum.exp()  # P0
-    k_out = v_key * (last - cum).exp()  # carried to the chunk's end
-    q_in = q * cum.exp()  # reads the chunk's initial state
+    [R] = _pairs(k, cum, (v_key,), cum, strict=True)
+    inverse = _UnitLowerInverse.apply(R)  # (I + R)^-1
+    solved_values, solved_state = (inverse @ torch.cat([v, k * cum.exp()], -1)).split([V, K], -1)  # U, W
+    [qk] = _pairs(q, cum, (v_key,), cum, strict=False)
+    k_out = v_key * to_end  # carried to the chunk's end
 
-    outputs = []
-    for inverse_n, k_in_n, v_n, q_in_n, qk_n, k_out_n, carry_n in zip(*(x.unbind(0) for x in (inverse, k_in, v, q_in, qk, k_out, carry))):
-        new_values = inverse_n @ torch.baddbmm(v_n, k_in_n, state, alpha=-1)
-        outputs.append(torch.baddbmm(qk_n @ new_values, q_in_n, state))
-        state = torch.baddbmm(carry_n * state, k_out_n.transpose(-1, -2), new_values)
-    o = torch.stack(outputs)
+    initial_states, new_values = [], []
+    for solved_values_n, solved_state_n, k_out_n, carry_n in zip(*(x.unbind(0) for x in (solved_values, solved_state, k_out, carry))):
+        initial_states.append(state)
+        new_values.append(torch.baddbmm(solved_values_n, solved_state_n, state, alpha=-1))
+        state = torch.baddbmm(carry_n * state, k_out_n.transpose(-1, -2), new_values[-1])
+    o = qk @ torch.stack(new_values) + q * cum.exp() @ torch.stack(initial_states)
     o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
     return o, state.view(B, H, K, V)
 
@@ -142,34 +144,37 @@ def _diagonal_blocks(x, size):
     return grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
-def _pairs(x, lx, y, ly, strict):
-    """sum_k x_tk y_sk exp(lx_tk - ly_sk) for s <= t (s < t when strict), never overflowing.
+def _pairs(x, lx, keys, ly, strict):
+    """For each key set y (all sharing ly): sum_k x_tk y_sk exp(lx_tk - ly_sk) for s <= t (s < t when strict), never overflowing.
 
-    y may carry extra leading dims (key sets sharing ly). Needs 0 >= lx_t >= ly_t and lx_t <= ly_s for
-    every counted pair (cumulative log decays only fall). When no chunk decays by more than
-    FACTORED_SPAN * log(max float), exp factors as exp(lx_t) * exp(-ly_s), each far from overflow: one
-    matmul. Otherwise (strong decays) the exact path: diagonal SUB x SUB
-    blocks are summed in log space; key block j meets the later rows through the reference point
-    r_j = ly at j's last token: x_t exp(lx_t - r_j) . y_s exp(r_j - ly_s), both exponents <= 0.
+    Needs 0 >= lx_t >= ly_t and lx_t <= ly_s for every counted pair (cumulative log decays only fall). When
+    no chunk decays by more than FACTORED_SPAN * log(max float), exp factors as exp(lx_t) * exp(-ly_s), each
+    far from overflow: one matmul. Otherwise (strong decays) the exact path: diagonal SUB x SUB blocks are
+    summed in log space; key block j meets the later rows through the reference point r_j = ly at j's last
+    token: x_t exp(lx_t - r_j) . y_s exp(r_j - ly_s), both exponents <= 0.
     """
     if -ly.detach().min().item() <= FACTORED_SPAN * math.log(torch.finfo(ly.dtype).max):
-        return ((x * lx.exp()) @ (y * (-ly).exp()).transpose(-1, -2)).tril(-1 if strict else 0)
+        x_in, y_out = x * lx.exp(), (-ly).exp()
+        return [(x_in @ (y * y_out).transpose(-1, -2)).tril(-1 if strict else 0) for y in keys]
     blocks = CHUNK // SUB
-    xs, lxs, ys, lys = (t.unflatten(-2, (blocks, SUB)) for t in (x, lx, y, ly))  # [..., blocks, SUB, K]
+    xs, lxs, lys = (t.unflatten(-2, (blocks, SUB)) for t in (x, lx, ly))  # [..., blocks, SUB, K]
     causal = torch.ones(SUB, SUB, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)[..., None]
-    gap = (lxs[..., :, None, :] - lys[..., None, :, :]).masked_fill(~causal, float("-inf"))
-    diagonal = (xs[..., :, None, :] * ys[..., None, :, :] * gap.exp()).sum(-1)  # [..., blocks, SUB, SUB]
+    decay = (lxs[..., :, None, :] - lys[..., None, :, :]).masked_fill(~causal, float("-inf")).exp()
     eye = torch.eye(blocks, dtype=x.dtype, device=x.device)
-    diagonal = (diagonal[..., :, :, None, :] * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)
-
     ref = lys[..., -1:, :]  # [..., blocks, 1, K]
-    y_ref = ys * (ref - lys).exp()
     # rows at or before block j get clamped exponents; they are dropped below
     x_ref = x[..., None, :, :] * (lx[..., None, :, :] - ref).clamp_max(0).exp()  # [..., blocks, CHUNK, K]
-    cross = (x_ref @ y_ref.transpose(-1, -2)).movedim(-3, -2).flatten(-2, -1)  # [..., CHUNK, CHUNK]
+    y_ref = (ref - lys).exp()
     block = torch.arange(CHUNK, device=x.device) // SUB
     later = block[:, None] > block[None, :]
-    return torch.where(later, cross, diagonal)
+    scores = []
+    for y in keys:
+        ys = y.unflatten(-2, (blocks, SUB))
+        diagonal = (xs[..., :, None, :] * ys[..., None, :, :] * decay).sum(-1)  # [..., blocks, SUB, SUB]
+        diagonal = (diagonal[..., :, :, None, :] * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)
+        cross = (x_ref @ (ys * y_ref).transpose(-1, -2)).movedim(-3, -2).flatten(-2, -1)  # [..., CHUNK, CHUNK]
+        scores.append(torch.where(later, cross, diagonal))
+    return scores
 
 
 def step(q, k, v, g, beta, state, scale=None):

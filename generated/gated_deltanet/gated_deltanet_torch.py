@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 CHUNK = 64
-INVERSE_BLOCK = 16  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
+INVERSE_BLOCK = 8  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
 
 
 def chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -72,24 +72,26 @@ def _chunked(q, k, v, g, beta, scale, state):
     cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [chunks, B * H, C, 1]
     last = cum[..., -1:, :]  # the whole chunk's log decay
     carry = last.exp().transpose(-1, -2)  # A_n = Diag(exp b_C): [chunks, B * H, 1, 1]
-    # Everything chunk-parallel first (scores, the inverse of each chunk's triangular system); the loop over
-    # chunks then chains the states with a few [B * H]-batched matmuls per chunk and no other work.
+    # Everything chunk-parallel first: the scores and each chunk's triangular system, solved once for a value
+    # part U and a state part W, so that a chunk's reads of its initial state S_n are U + W S_n. The loop over
+    # chunks then only chains the states: two [B * H]-batched matmuls per chunk.
     q = q * scale  # every output term is linear in q
+    to_end = (last - cum).exp()  # decay from each token to the chunk's end
     # a = -beta k, value key beta k. With R[t, s] = (k_t . beta_s k_s) exp(cum_t - cum_s), s < t, the chunk's new
-    # values u_t = v_t - k_t^T D_t S_{t-1} solve (I + R) u = v - P0 S_0 (P0 = the keys decayed to t)
+    # values u_t = v_t - k_t^T D_t S_{t-1} solve (I + R) u = v - P0 S_n (P0 = the keys decayed to t): u = U - W S_n
     v_key = beta * k
-    inverse = _UnitLowerInverse.apply(_pairs(k, cum, v_key, cum, strict=True))  # (I + R)^-1
-    qk = _pairs(q, cum, v_key, cum, strict=False)
-    k_in = k * cum.exp()  # P0
-    k_out = v_key * (last - cum).exp()  # carried to the chunk's end
-    q_in = q * cum.exp()  # reads the chunk's initial state
+    [R] = _pairs(k, cum, (v_key,), cum, strict=True)
+    inverse = _UnitLowerInverse.apply(R)  # (I + R)^-1
+    solved_values, solved_state = (inverse @ torch.cat([v, k * cum.exp()], -1)).split([V, K], -1)  # U, W
+    [qk] = _pairs(q, cum, (v_key,), cum, strict=False)
+    k_out = v_key * to_end  # carried to the chunk's end
 
-    outputs = []
-    for inverse_n, k_in_n, v_n, q_in_n, qk_n, k_out_n, carry_n in zip(*(x.unbind(0) for x in (inverse, k_in, v, q_in, qk, k_out, carry))):
-        new_values = inverse_n @ torch.baddbmm(v_n, k_in_n, state, alpha=-1)
-        outputs.append(torch.baddbmm(qk_n @ new_values, q_in_n, state))
-        state = torch.baddbmm(carry_n * state, k_out_n.transpose(-1, -2), new_values)
-    o = torch.stack(outputs)
+    initial_states, new_values = [], []
+    for solved_values_n, solved_state_n, k_out_n, carry_n in zip(*(x.unbind(0) for x in (solved_values, solved_state, k_out, carry))):
+        initial_states.append(state)
+        new_values.append(torch.baddbmm(solved_values_n, solved_state_n, state, alpha=-1))
+        state = torch.baddbmm(carry_n * state, k_out_n.transpose(-1, -2), new_values[-1])
+    o = qk @ torch.stack(new_values) + q * cum.exp() @ torch.stack(initial_states)
     o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
     return o, state.view(B, H, K, V)
 
@@ -138,11 +140,11 @@ def _diagonal_blocks(x, size):
     return grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
-def _pairs(x, lx, y, ly, strict):
-    """sum_k x_tk y_sk exp(lx_t - ly_s) for s <= t (s < t when strict); masked before exp, so never overflows."""
+def _pairs(x, lx, keys, ly, strict):
+    """For each key set y: sum_k x_tk y_sk exp(lx_t - ly_s) for s <= t (s < t when strict); masked before exp, so never overflows."""
     causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-    gap = (lx - ly.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
-    return (x @ y.transpose(-1, -2)) * gap.exp()
+    decay = (lx - ly.transpose(-1, -2)).masked_fill(~causal, float("-inf")).exp()
+    return [(x @ y.transpose(-1, -2)) * decay for y in keys]
 
 
 def step(q, k, v, g, beta, state, scale=None):

@@ -70,7 +70,7 @@ def _chunked(q, k, v, g, scale, state):
     cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [chunks, B * H, C, K]
     last = cum[..., -1:, :]  # the whole chunk's log decay
     carry = last.exp().transpose(-1, -2)  # A_n = Diag(exp b_C): [chunks, B * H, K, 1]
-    scores = _pairs(q, cum, k, cum, strict=False)
+    [scores] = _pairs(q, cum, (k,), cum, strict=False)
     o_intra = scores @ v
     q_in = q * cum.exp()  # reads the chunk's initial state
     k_out = k * (last - cum).exp()  # carried to the chunk's end
@@ -86,34 +86,37 @@ def _chunked(q, k, v, g, scale, state):
     return o, state.view(B, H, K, V)
 
 
-def _pairs(x, lx, y, ly, strict):
-    """sum_k x_tk y_sk exp(lx_tk - ly_sk) for s <= t (s < t when strict), never overflowing.
+def _pairs(x, lx, keys, ly, strict):
+    """For each key set y (all sharing ly): sum_k x_tk y_sk exp(lx_tk - ly_sk) for s <= t (s < t when strict), never overflowing.
 
-    y may carry extra leading dims (key sets sharing ly). Needs 0 >= lx_t >= ly_t and lx_t <= ly_s for
-    every counted pair (cumulative log decays only fall). When no chunk decays by more than
-    FACTORED_SPAN * log(max float), exp factors as exp(lx_t) * exp(-ly_s), each far from overflow: one
-    matmul. Otherwise (strong decays) the exact path: diagonal SUB x SUB
-    blocks are summed in log space; key block j meets the later rows through the reference point
-    r_j = ly at j's last token: x_t exp(lx_t - r_j) . y_s exp(r_j - ly_s), both exponents <= 0.
+    Needs 0 >= lx_t >= ly_t and lx_t <= ly_s for every counted pair (cumulative log decays only fall). When
+    no chunk decays by more than FACTORED_SPAN * log(max float), exp factors as exp(lx_t) * exp(-ly_s), each
+    far from overflow: one matmul. Otherwise (strong decays) the exact path: diagonal SUB x SUB blocks are
+    summed in log space; key block j meets the later rows through the reference point r_j = ly at j's last
+    token: x_t exp(lx_t - r_j) . y_s exp(r_j - ly_s), both exponents <= 0.
     """
     if -ly.detach().min().item() <= FACTORED_SPAN * math.log(torch.finfo(ly.dtype).max):
-        return ((x * lx.exp()) @ (y * (-ly).exp()).transpose(-1, -2)).tril(-1 if strict else 0)
+        x_in, y_out = x * lx.exp(), (-ly).exp()
+        return [(x_in @ (y * y_out).transpose(-1, -2)).tril(-1 if strict else 0) for y in keys]
     blocks = CHUNK // SUB
-    xs, lxs, ys, lys = (t.unflatten(-2, (blocks, SUB)) for t in (x, lx, y, ly))  # [..., blocks, SUB, K]
+    xs, lxs, lys = (t.unflatten(-2, (blocks, SUB)) for t in (x, lx, ly))  # [..., blocks, SUB, K]
     causal = torch.ones(SUB, SUB, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)[..., None]
-    gap = (lxs[..., :, None, :] - lys[..., None, :, :]).masked_fill(~causal, float("-inf"))
-    diagonal = (xs[..., :, None, :] * ys[..., None, :, :] * gap.exp()).sum(-1)  # [..., blocks, SUB, SUB]
+    decay = (lxs[..., :, None, :] - lys[..., None, :, :]).masked_fill(~causal, float("-inf")).exp()
     eye = torch.eye(blocks, dtype=x.dtype, device=x.device)
-    diagonal = (diagonal[..., :, :, None, :] * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)
-
     ref = lys[..., -1:, :]  # [..., blocks, 1, K]
-    y_ref = ys * (ref - lys).exp()
     # rows at or before block j get clamped exponents; they are dropped below
     x_ref = x[..., None, :, :] * (lx[..., None, :, :] - ref).clamp_max(0).exp()  # [..., blocks, CHUNK, K]
-    cross = (x_ref @ y_ref.transpose(-1, -2)).movedim(-3, -2).flatten(-2, -1)  # [..., CHUNK, CHUNK]
+    y_ref = (ref - lys).exp()
     block = torch.arange(CHUNK, device=x.device) // SUB
     later = block[:, None] > block[None, :]
-    return torch.where(later, cross, diagonal)
+    scores = []
+    for y in keys:
+        ys = y.unflatten(-2, (blocks, SUB))
+        diagonal = (xs[..., :, None, :] * ys[..., None, :, :] * decay).sum(-1)  # [..., blocks, SUB, SUB]
+        diagonal = (diagonal[..., :, :, None, :] * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)
+        cross = (x_ref @ (ys * y_ref).transpose(-1, -2)).movedim(-3, -2).flatten(-2, -1)  # [..., CHUNK, CHUNK]
+        scores.append(torch.where(later, cross, diagonal))
+    return scores
 
 
 def step(q, k, v, g, state, scale=None):

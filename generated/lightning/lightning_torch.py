@@ -68,7 +68,7 @@ def _chunked(q, k, v, g, scale, state):
     cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [chunks, B * H, C, 1]
     last = cum[..., -1:, :]  # the whole chunk's log decay
     carry = last.exp().transpose(-1, -2)  # A_n = Diag(exp b_C): [chunks, B * H, 1, 1]
-    scores = _pairs(q, cum, k, cum, strict=False)
+    [scores] = _pairs(q, cum, (k,), cum, strict=False)
     o_intra = scores @ v
     q_in = q * cum.exp()  # reads the chunk's initial state
     k_out = k * (last - cum).exp()  # carried to the chunk's end
@@ -84,11 +84,11 @@ def _chunked(q, k, v, g, scale, state):
     return o, state.view(B, H, K, V)
 
 
-def _pairs(x, lx, y, ly, strict):
-    """sum_k x_tk y_sk exp(lx_t - ly_s) for s <= t (s < t when strict); masked before exp, so never overflows."""
+def _pairs(x, lx, keys, ly, strict):
+    """For each key set y: sum_k x_tk y_sk exp(lx_t - ly_s) for s <= t (s < t when strict); masked before exp, so never overflows."""
     causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-    gap = (lx - ly.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
-    return (x @ y.transpose(-1, -2)) * gap.exp()
+    decay = (lx - ly.transpose(-1, -2)).masked_fill(~causal, float("-inf")).exp()
+    return [(x @ y.transpose(-1, -2)) * decay for y in keys]
 
 
 def step(q, k, v, g, state, scale=None):

@@ -60,7 +60,7 @@ def _chunked(q, k, v, scale, state):
     chunks = T // CHUNK
     q, k, v = (_split(x, chunks) for x in (q, k, v))
     state = q.new_zeros(B * H, K, V) if state is None else state.reshape(B * H, K, V)
-    scores = _pairs(q, k, strict=False)
+    [scores] = _pairs(q, (k,), strict=False)
     o_intra = scores @ v
     q_in = q  # reads the chunk's initial state
     k_out = k  # carried to the chunk's end
@@ -76,9 +76,9 @@ def _chunked(q, k, v, scale, state):
     return o, state.view(B, H, K, V)
 
 
-def _pairs(x, y, strict):
-    """Causal scores sum_k x_tk y_sk inside each chunk, for s <= t (s < t when strict)."""
-    return (x @ y.transpose(-1, -2)).tril(-1 if strict else 0)
+def _pairs(x, keys, strict):
+    """For each key set y: causal scores sum_k x_tk y_sk inside each chunk, for s <= t (s < t when strict)."""
+    return [(x @ y.transpose(-1, -2)).tril(-1 if strict else 0) for y in keys]
 
 
 def step(q, k, v, state, scale=None):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 CHUNK = 64
 SUB = 16  # strong vector decay: diagonal blocks of SUB x SUB token pairs are summed in log space
 FACTORED_SPAN = 0.4  # chunk decays up to this fraction of log(max float) take the one-matmul path
-INVERSE_BLOCK = 16  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
+INVERSE_BLOCK = 8  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
 
 
 def chunk(q, k, v, g, a, b, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -74,32 +74,29 @@ def _chunked(q, k, v, g, a, b, scale, state):
     cum = g.cumsum(-2)  # inclusive in-chunk cumulative log decay: [chunks, B * H, C, K]
     last = cum[..., -1:, :]  # the whole chunk's log decay
     carry = last.exp().transpose(-1, -2)  # A_n = Diag(exp b_C): [chunks, B * H, K, 1]
-    # Everything chunk-parallel first (scores, the inverse of each chunk's triangular system); the loop over
-    # chunks then chains the states with a few [B * H]-batched matmuls per chunk and no other work.
+    # Everything chunk-parallel first: the scores and each chunk's triangular system, solved once for a value
+    # part U and a state part W, so that a chunk's reads of its initial state S_n are U + W S_n. The loop over
+    # chunks then only chains the states: two [B * H]-batched matmuls per chunk.
     q = q * scale  # every output term is linear in q
+    to_end = (last - cum).exp()  # decay from each token to the chunk's end
     before = F.pad(cum[..., :-1, :], (0, 0, 1, 0))  # b_t reads S_{t-1}: exclusive cumsum (not cum - g, which rounds)
-    # The reads w_t = b_t^T S_{t-1} of a chunk solve (I - L) w = P0 S_0 + R v, L[t, s] = b_t . a_s and
-    # R[t, s] = b_t . k_s (decayed from s to t) for s < t, P0 = the b_t decayed to t - 1.
-    keys = torch.stack([a, k])  # both key sets share their decays: one _pairs call scores both
-    L, R = _pairs(b, before, keys, cum, strict=True).unbind(0)
+    # The reads w_t = b_t^T S_{t-1} of a chunk solve (I - L) w = P0 S_n + R v, L[t, s] = b_t . a_s and
+    # R[t, s] = b_t . k_s (decayed from s to t) for s < t, P0 = the b_t decayed to t - 1: w = U + W S_n
+    L, R = _pairs(b, before, (a, k), cum, strict=True)
     inverse = _UnitLowerInverse.apply(-L)  # (I - L)^-1
-    values_read = R @ v
-    b_in = b * before.exp()  # P0
-    qa, qk = _pairs(q, cum, keys, cum, strict=False).unbind(0)
-    o_values = qk @ v  # the outputs' k v^T terms from inside the chunk
-    a_out = a * (last - cum).exp()  # carried to the chunk's end
-    k_out = k * (last - cum).exp()
-    update = k_out.transpose(-1, -2) @ v  # the chunk's k v^T terms at its end
-    q_in = q * cum.exp()  # reads the chunk's initial state
+    solved_values, solved_state = (inverse @ torch.cat([R @ v, b * before.exp()], -1)).split([V, K], -1)  # U, W
+    qa, qk = _pairs(q, cum, (a, k), cum, strict=False)
+    a_out = a * to_end  # carried to the chunk's end
+    update = (k * to_end).transpose(-1, -2) @ v  # the chunk's k v^T terms at its end
 
-    outputs = []
-    for inverse_n, b_in_n, values_read_n, q_in_n, qa_n, o_values_n, a_out_n, update_n, carry_n in zip(
-        *(x.unbind(0) for x in (inverse, b_in, values_read, q_in, qa, o_values, a_out, update, carry))
+    initial_states, reads = [], []
+    for solved_values_n, solved_state_n, a_out_n, update_n, carry_n in zip(
+        *(x.unbind(0) for x in (solved_values, solved_state, a_out, update, carry))
     ):
-        reads = inverse_n @ torch.baddbmm(values_read_n, b_in_n, state)  # w
-        outputs.append(torch.baddbmm(torch.baddbmm(o_values_n, qa_n, reads), q_in_n, state))
-        state = torch.baddbmm(carry_n * state + update_n, a_out_n.transpose(-1, -2), reads)
-    o = torch.stack(outputs)
+        initial_states.append(state)
+        reads.append(torch.baddbmm(solved_values_n, solved_state_n, state))
+        state = torch.baddbmm(carry_n * state + update_n, a_out_n.transpose(-1, -2), reads[-1])
+    o = qk @ v + qa @ torch.stack(reads) + q * cum.exp() @ torch.stack(initial_states)
     o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
     return o, state.view(B, H, K, V)
 
@@ -148,34 +145,37 @@ def _diagonal_blocks(x, size):
     return grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
-def _pairs(x, lx, y, ly, strict):
-    """sum_k x_tk y_sk exp(lx_tk - ly_sk) for s <= t (s < t when strict), never overflowing.
+def _pairs(x, lx, keys, ly, strict):
+    """For each key set y (all sharing ly): sum_k x_tk y_sk exp(lx_tk - ly_sk) for s <= t (s < t when strict), never overflowing.
 
-    y may carry extra leading dims (key sets sharing ly). Needs 0 >= lx_t >= ly_t and lx_t <= ly_s for
-    every counted pair (cumulative log decays only fall). When no chunk decays by more than
-    FACTORED_SPAN * log(max float), exp factors as exp(lx_t) * exp(-ly_s), each far from overflow: one
-    matmul. Otherwise (strong decays) the exact path: diagonal SUB x SUB
-    blocks are summed in log space; key block j meets the later rows through the reference point
-    r_j = ly at j's last token: x_t exp(lx_t - r_j) . y_s exp(r_j - ly_s), both exponents <= 0.
+    Needs 0 >= lx_t >= ly_t and lx_t <= ly_s for every counted pair (cumulative log decays only fall). When
+    no chunk decays by more than FACTORED_SPAN * log(max float), exp factors as exp(lx_t) * exp(-ly_s), each
+    far from overflow: one matmul. Otherwise (strong decays) the exact path: diagonal SUB x SUB blocks are
+    summed in log space; key block j meets the later rows through the reference point r_j = ly at j's last
+    token: x_t exp(lx_t - r_j) . y_s exp(r_j - ly_s), both exponents <= 0.
     """
     if -ly.detach().min().item() <= FACTORED_SPAN * math.log(torch.finfo(ly.dtype).max):
-        return ((x * lx.exp()) @ (y * (-ly).exp()).transpose(-1, -2)).tril(-1 if strict else 0)
+        x_in, y_out = x * lx.exp(), (-ly).exp()
+        return [(x_in @ (y * y_out).transpose(-1, -2)).tril(-1 if strict else 0) for y in keys]
     blocks = CHUNK // SUB
-    xs, lxs, ys, lys = (t.unflatten(-2, (blocks, SUB)) for t in (x, lx, y, ly))  # [..., blocks, SUB, K]
+    xs, lxs, lys = (t.unflatten(-2, (blocks, SUB)) for t in (x, lx, ly))  # [..., blocks, SUB, K]
     causal = torch.ones(SUB, SUB, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)[..., None]
-    gap = (lxs[..., :, None, :] - lys[..., None, :, :]).masked_fill(~causal, float("-inf"))
-    diagonal = (xs[..., :, None, :] * ys[..., None, :, :] * gap.exp()).sum(-1)  # [..., blocks, SUB, SUB]
+    decay = (lxs[..., :, None, :] - lys[..., None, :, :]).masked_fill(~causal, float("-inf")).exp()
     eye = torch.eye(blocks, dtype=x.dtype, device=x.device)
-    diagonal = (diagonal[..., :, :, None, :] * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)
-
     ref = lys[..., -1:, :]  # [..., blocks, 1, K]
-    y_ref = ys * (ref - lys).exp()
     # rows at or before block j get clamped exponents; they are dropped below
     x_ref = x[..., None, :, :] * (lx[..., None, :, :] - ref).clamp_max(0).exp()  # [..., blocks, CHUNK, K]
-    cross = (x_ref @ y_ref.transpose(-1, -2)).movedim(-3, -2).flatten(-2, -1)  # [..., CHUNK, CHUNK]
+    y_ref = (ref - lys).exp()
     block = torch.arange(CHUNK, device=x.device) // SUB
     later = block[:, None] > block[None, :]
-    return torch.where(later, cross, diagonal)
+    scores = []
+    for y in keys:
+        ys = y.unflatten(-2, (blocks, SUB))
+        diagonal = (xs[..., :, None, :] * ys[..., None, :, :] * decay).sum(-1)  # [..., blocks, SUB, SUB]
+        diagonal = (diagonal[..., :, :, None, :] * eye[:, None, :, None]).flatten(-4, -3).flatten(-2, -1)
+        cross = (x_ref @ (ys * y_ref).transpose(-1, -2)).movedim(-3, -2).flatten(-2, -1)  # [..., CHUNK, CHUNK]
+        scores.append(torch.where(later, cross, diagonal))
+    return scores
 
 
 def step(q, k, v, g, a, b, state, scale=None):

@@ -14,7 +14,7 @@ import jinja2
 from .. import __version__
 from ..ir.nodes import SpecIR
 from ..paths import TEMPLATES
-from .context import LSMContext, lsm_context
+from .context import lsm_context
 from .model_emit import emit_model
 from .moe_emit import emit_moe
 from .modules import emit_layers

@@ -30,7 +30,6 @@ from ..ir.nodes import (
     MoESpec,
     ParallelSpec,
     Param,
-    SourceLoc,
     SpecIR,
 )
 from ..passes.validate import Locs, validate

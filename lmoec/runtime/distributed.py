@@ -41,6 +41,7 @@ don't fit one rank.
 from __future__ import annotations
 
 import json
+import gc
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -313,6 +314,18 @@ def init_process_group(device: str = "auto") -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return dev
+
+
+def shutdown_process_group() -> None:
+    """destroy_process_group, after collecting garbage first.
+
+    Parallelized modules hold their process group in reference cycles (closures that replaced their
+    forward). Left to interpreter shutdown, the group's destructor runs after gloo's worker threads have
+    lost their interpreter and the process aborts ("terminate called without an active exception").
+    """
+    gc.collect()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def train_distributed(
