@@ -80,6 +80,7 @@ def _chunked(q, k, v, g, beta, scale, state):
     # part U and a state part W, so that a chunk's reads of its initial state S_n are U + W S_n. The loop over
     # chunks then only chains the states: two [B * H]-batched matmuls per chunk.
     q = q * scale  # every output term is linear in q
+    q_in = q * cum.exp()  # reads the chunk's initial state
     to_end = (last - cum).exp()  # decay from each token to the chunk's end
     # a = -beta k, value key beta k. With R[t, s] = (k_t . beta_s k_s) exp(cum_t - cum_s), s < t, the chunk's new
     # values u_t = v_t - k_t^T D_t S_{t-1} solve (I + R) u = v - P0 S_n (P0 = the keys decayed to t): u = U - W S_n
@@ -95,7 +96,7 @@ def _chunked(q, k, v, g, beta, scale, state):
         initial_states.append(state)
         new_values.append(torch.baddbmm(solved_values_n, solved_state_n, state, alpha=-1))
         state = torch.baddbmm(carry_n * state, k_out_n.transpose(-1, -2), new_values[-1])
-    o = qk @ torch.stack(new_values) + q * cum.exp() @ torch.stack(initial_states)
+    o = qk @ torch.stack(new_values) + q_in @ torch.stack(initial_states)
     o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
     return o, state.view(B, H, K, V)
 

@@ -78,6 +78,7 @@ def _chunked(q, k, v, g, a, b, scale, state):
     # part U and a state part W, so that a chunk's reads of its initial state S_n are U + W S_n. The loop over
     # chunks then only chains the states: two [B * H]-batched matmuls per chunk.
     q = q * scale  # every output term is linear in q
+    q_in = q * cum.exp()  # reads the chunk's initial state
     to_end = (last - cum).exp()  # decay from each token to the chunk's end
     before = F.pad(cum[..., :-1, :], (0, 0, 1, 0))  # b_t reads S_{t-1}: exclusive cumsum (not cum - g, which rounds)
     # The reads w_t = b_t^T S_{t-1} of a chunk solve (I - L) w = P0 S_n + R v, L[t, s] = b_t . a_s and
@@ -96,7 +97,7 @@ def _chunked(q, k, v, g, a, b, scale, state):
         initial_states.append(state)
         reads.append(torch.baddbmm(solved_values_n, solved_state_n, state))
         state = torch.baddbmm(carry_n * state + update_n, a_out_n.transpose(-1, -2), reads[-1])
-    o = qk @ v + qa @ torch.stack(reads) + q * cum.exp() @ torch.stack(initial_states)
+    o = qk @ v + qa @ torch.stack(reads) + q_in @ torch.stack(initial_states)
     o = o.view(chunks, B, H, CHUNK, V).permute(1, 0, 3, 2, 4).reshape(B, T, H, V)
     return o, state.view(B, H, K, V)
 
