@@ -13,25 +13,21 @@ uninterrupted run (bit-exact) and against the single-process trainer.
 from __future__ import annotations
 
 import json
-import socket
 import textwrap
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import lmoec
 from lmoec.ir.nodes import ParallelSpec
 from lmoec.paths import SPECS
 from lmoec.runtime import checkpoint as ckpt
-from lmoec.runtime.distributed import (build_layout, clip_grad_norm, forward_backward, parallelize, shutdown_process_group,
-                                       train_distributed)
+from lmoec.runtime.distributed import build_layout, clip_grad_norm, forward_backward, parallelize, train_distributed
 from lmoec.runtime.train import TrainConfig, train
+from ranks import recording_rank, run_ranks
 
 # pure: Gated DeltaNet (delta + scalar decay, width-4 short convolutions) in both layers;
 # hybrid: GLA (vector decay) then grouped-query softmax attention. Both MoE with a shared expert.
@@ -155,18 +151,7 @@ def check_resume(program_path: Path, root: Path, data: str) -> list[str]:
 
 
 def _worker(rank: int, world: int, port: int, root: str, data: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=120))  # a stuck collective fails instead of hanging
-    results: dict[str, list[str]] = {}
-
-    def record(name, fn, *args):
-        try:
-            results[name] = fn(*args)
-        except Exception as e:  # a crash in one case must not hide the others
-            results[name] = [f"raised {type(e).__name__}: {e}"]
-
-    try:
+    with recording_rank(rank, world, port, root) as record:
         paths = {name: Path(root, f"dist_{name}.lsm") for name in SPECS_TEXT}
         programs = {name: lmoec.compile_spec(path) for name, path in paths.items()}
         for layout, spec in LAYOUTS[world].items():
@@ -176,15 +161,6 @@ def _worker(rank: int, world: int, port: int, root: str, data: str) -> None:
             record("impossible_layouts", check_impossible_layouts)
         if world == 4:
             record("resume", check_resume, paths["hybrid"], Path(root), data)
-    finally:
-        Path(root, f"rank{rank}.json").write_text(json.dumps(results))
-        shutdown_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _RESULTS: dict[int, tuple[Path, dict[str, list[str]]]] = {}
@@ -203,12 +179,7 @@ def results_for(world: int, tmp_path_factory) -> tuple[Path, dict[str, list[str]
         root = tmp_path_factory.mktemp(f"dist_train_world{world}")
         for path in write_specs(root).values():
             lmoec.compile_spec(path).package  # emit once here, so the workers only import the cached packages
-        mp.spawn(_worker, args=(world, _free_port(), str(root), corpus(root)), nprocs=world, join=True)
-        merged: dict[str, list[str]] = {}
-        for rank in range(world):
-            for case, errs in json.loads(Path(root, f"rank{rank}.json").read_text()).items():
-                merged.setdefault(case, []).extend(f"rank {rank}: {e}" for e in errs)
-        _RESULTS[world] = (root, merged)
+        _RESULTS[world] = (root, run_ranks(_worker, world, root, corpus(root)))
     return _RESULTS[world]
 
 

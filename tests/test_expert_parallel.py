@@ -7,7 +7,6 @@ aux loss averaged over ranks (the value a data-parallel mean of the losses sees)
 """
 import os
 from datetime import timedelta
-import socket
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 from lmoec.runtime.distributed import shutdown_process_group
 from lmoec.runtime.expert_parallel import shard_experts
 from lmoec.runtime.moe import MoE
+from ranks import free_port
 
 HIDDEN, FFN, EXPERTS, TOKENS = 8, 6, 8, 24
 
@@ -24,12 +24,6 @@ CONFIGS = {
     "softmax_shared": dict(top_k=2, shared_experts=1),
     "sigmoid_bias_capacity": dict(top_k=3, score="sigmoid", bias_balancing=True, capacity_factor=0.5),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make(config: str) -> tuple[MoE, torch.Tensor, torch.Tensor]:
@@ -70,7 +64,7 @@ def _worker(rank: int, world: int, port: int, config: str, results_dir: str) -> 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("config", sorted(CONFIGS))
 def test_expert_parallel_matches_single_process(world, config, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), config, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, free_port(), config, str(tmp_path)), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
     moe, x, grad_y = _make(config)
     single = _run(moe, x, grad_y)

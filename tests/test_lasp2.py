@@ -8,8 +8,6 @@ slice under sequence parallelism.
 """
 from __future__ import annotations
 
-import json
-import socket
 import sys
 import types
 from pathlib import Path
@@ -17,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import sympy
 import torch.nn.functional as F
 
@@ -29,7 +26,7 @@ from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, ParallelSpec, Param
 from lmoec.passes import run_passes
 from lmoec.paths import SPECS
 from lmoec.program import Program
-from lmoec.runtime.distributed import shutdown_process_group
+from ranks import recording_rank, run_ranks
 from lmoec.runtime.contract import check_op_args
 from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
 
@@ -291,17 +288,7 @@ def check_model(program: Program, group, seed: int) -> list[str]:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    results: dict[str, list[str]] = {}
-
-    def record(name, fn, *args):
-        try:
-            results[name] = fn(*args)
-        except Exception as e:  # a crash in one case must not hide the others
-            results[name] = [f"raised {type(e).__name__}: {e}"]
-
-    try:
+    with recording_rank(rank, world, port, out_dir) as record:
         for case, family, transition, backend in LSM_CASES:
             record(case, check_lsm, family, transition, backend, dist.group.WORLD, 7)
         record("attention", check_attention, dist.group.WORLD, 11)
@@ -309,15 +296,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             record(f"model_{name}", check_model, program, dist.group.WORLD, 13)
         if world == 4:
             record("mesh_subgroups", check_mesh_subgroups)
-    finally:
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-        shutdown_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _RESULTS: dict[int, dict[str, list[str]]] = {}
@@ -331,12 +309,7 @@ def results_for(world: int, tmp_path_factory) -> dict[str, list[str]]:
             emitted_op(family)
         for program in model_programs(str(out)).values():
             program.package
-        mp.spawn(_worker, args=(world, _free_port(), str(out)), nprocs=world, join=True)
-        merged: dict[str, list[str]] = {}
-        for rank in range(world):
-            for case, errs in json.loads(Path(out, f"rank{rank}.json").read_text()).items():
-                merged.setdefault(case, []).extend(f"rank {rank}: {e}" for e in errs)
-        _RESULTS[world] = merged
+        _RESULTS[world] = run_ranks(_worker, world, out)
     return _RESULTS[world]
 
 
