@@ -191,7 +191,8 @@ def write_results(rows: list[dict], cfg: SweepConfig, out: Path) -> None:
         mark = " **(best)**" if r is best else ""
         md.append(f"| {r['name']}{mark} | {r['family']} | {r['pattern']} | {params} | {r['value']:.4f} | {r['lr']:g} | {r['final_train_loss']:.3f} | {r['seconds']:.0f} |")
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [r["name"].split("__", 1)[-1] for r in rows]
+    labels = [r["name"].split("__", 1)[-1] + (f" ({r['params_total'] / 1e6:.2f}M)" if r["params_total"] else "")
+              for r in rows]  # the grid point and the parameter count
     left.barh(labels, [r["value"] for r in rows], color="tab:blue")
     left.set_xlabel(metric.replace("_", " "))
     left.invert_yaxis()
