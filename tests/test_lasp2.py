@@ -26,20 +26,14 @@ from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, ParallelSpec, Param
 from lmoec.passes import run_passes
 from lmoec.paths import SPECS
 from lmoec.program import Program
+from conftest import RECURRENCES
 from ranks import recording_rank, run_ranks
 from lmoec.runtime.contract import check_op_args
 from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
 
-FAMILIES = {
-    "additive": Recurrence(),
-    "constant": Recurrence(decay="constant"),
-    "scalar": Recurrence(decay="scalar"),
-    "vector": Recurrence(decay="vector"),
-    "vector_bonus": Recurrence(decay="vector", bonus=True),
-    "delta": Recurrence(delta=True),
-    "delta_scalar": Recurrence(decay="scalar", delta=True),
-    "dplr": Recurrence(decay="vector", dplr=True),
-}
+# one family per kind of transition the all-gather carries (RWKV7's DPLR with its vector decay)
+FAMILIES = {name: RECURRENCES[name] for name in ("additive", "constant", "scalar", "vector", "vector_bonus", "delta", "delta_scalar")}
+FAMILIES["dplr"] = RECURRENCES["dplr_vector"]
 # (case, family, transition, backend): every family on the float64 oracle and on the emitted torch
 # chunkwise op; the generic K x K route forced on a diagonal family too
 LSM_CASES = [
