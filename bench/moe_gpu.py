@@ -1,13 +1,14 @@
 """MoE layer throughput on one GPU, at A0.3B-2B's MoE layer (hidden 1024, expert FFN 896, 64 experts,
 top-8, 16K tokens, bf16), forward and forward+backward, all peers in one process:
 
-    lmoec MoE            lmoec.runtime.moe.MoE: router, sort, grouped GEMMs, SwiGLU, combine
+    lmoec MoE            lmoec.runtime.moe.MoE: router, sort, grouped GEMMs, fused Triton SwiGLU
+                         (with the combine weights), combine
     lmoec MoE, loop      the same layer with a matmul per expert segment instead of grouped GEMMs
     per-expert loop      a Mixtral-style layer: per expert, torch.where its tokens, 3 matmuls, index_add
     grouped GEMMs alone  the layer's three grouped GEMMs (fwd; + their 6 backward GEMMs) on rows
                          already grouped by expert, with the same counts: the lower bound
-    candidates           fused gate/up grouped GEMM (one [E, hidden, 2*ffn] weight), Triton SwiGLU
-                         forward/backward kernels in place of eager silu * up
+    candidate            fused gate/up grouped GEMM (one [E, hidden, 2*ffn] weight), not taken by the layer:
+                         see lmoec.runtime.moe.swiglu_experts
 
 Also: a correctness check of the GPU grouped path against a float64 CPU run of the same layer, and
 a profile of one forward+backward. Writes markdown to --out (default $OUT/moe.md).
@@ -29,7 +30,6 @@ from lmoec.runtime.moe import MoE
 
 try:
     import triton
-    import triton.language as tl
 except ImportError:  # the smoke run on CPU does not need Triton
     triton = None
 
@@ -67,58 +67,6 @@ def loop_peer(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         out = (F.silu(rows @ moe.w_gate[e]) * (rows @ moe.w_up[e])) @ moe.w_down[e]
         y.index_add_(0, tok, out * weights[tok, slot, None].to(out.dtype))
     return y.view(x.shape)
-
-
-if triton is not None:
-
-    @triton.jit
-    def _swiglu_fwd(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
-        tl.store(h_ptr + offs, (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _swiglu_bwd(g_ptr, u_ptr, dh_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask).to(tl.float32)
-        dh = tl.load(dh_ptr + offs, mask=mask).to(tl.float32)
-        s = tl.sigmoid(g)
-        tl.store(du_ptr + offs, (dh * g * s).to(du_ptr.dtype.element_ty), mask=mask)
-        tl.store(dg_ptr + offs, (dh * u * s * (1 + g * (1 - s))).to(dg_ptr.dtype.element_ty), mask=mask)
-
-
-class TritonSwiGLU(torch.autograd.Function):
-    """silu(g) * u in one pass; the backward recomputes silu from g instead of saving it."""
-
-    BLOCK = 4096
-
-    @staticmethod
-    def forward(ctx, g, u):
-        g, u = g.contiguous(), u.contiguous()
-        h = torch.empty_like(g)
-        n = g.numel()
-        _swiglu_fwd[(triton.cdiv(n, TritonSwiGLU.BLOCK),)](g, u, h, n, BLOCK=TritonSwiGLU.BLOCK, num_warps=8)
-        ctx.save_for_backward(g, u)
-        return h
-
-    @staticmethod
-    def backward(ctx, dh):
-        g, u = ctx.saved_tensors
-        dg, du = torch.empty_like(g), torch.empty_like(u)
-        n = g.numel()
-        _swiglu_bwd[(triton.cdiv(n, TritonSwiGLU.BLOCK),)](g, u, dh.contiguous(), dg, du, n, BLOCK=TritonSwiGLU.BLOCK, num_warps=8)
-        return dg, du
-
-
-class MoETritonSwiGLU(MoE):
-    def _experts(self, rows, counts):
-        gate = moe_mod.grouped_matmul(rows, self.w_gate, counts, self.grouped_backend)
-        up = moe_mod.grouped_matmul(rows, self.w_up, counts, self.grouped_backend)
-        return moe_mod.grouped_matmul(TritonSwiGLU.apply(gate, up), self.w_down, counts, self.grouped_backend)
 
 
 def check_correctness(device, dtype, backend) -> list[str]:
@@ -194,10 +142,6 @@ def main() -> None:
     moe_loop.load_state_dict(moe.state_dict())
     variants["lmoec MoE, loop over segments"] = (moe_loop, None)
     variants["per-expert loop (Mixtral-style)"] = (moe, loop_peer)
-    if triton is not None and device.type == "cuda":
-        moe_tr = MoETritonSwiGLU(h, experts=e, top_k=k, expert_ffn=f, grouped_backend=backend, device=device, dtype=dtype)
-        moe_tr.load_state_dict(moe.state_dict())
-        variants["candidate: lmoec MoE + Triton SwiGLU"] = (moe_tr, None)
     for name, (layer, fn) in variants.items():
         rows_m[name] = (timed(fwd(layer, fn), device, iters=args.iters), timed(fwd_bwd(layer, fn), device, iters=args.iters))
 

@@ -104,6 +104,35 @@ def rel(x, ref):
     return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item()
 
 
+def fla_row(decay, args, h0, scale, do, dht, refs):
+    """fla's error under the same check (what bf16 kernels of the same structure reach), for the record."""
+    try:
+        if decay == "none":
+            from fla.ops.delta_rule import chunk_delta_rule as op
+        elif decay == "scalar":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as op
+        else:
+            return
+    except Exception:  # noqa: BLE001 - no fla on this machine
+        return
+    xs = {n: t.clone().requires_grad_() for n, t in args.items()}
+    x0 = h0.clone().requires_grad_()
+    try:
+        o, ht = op(**xs, scale=scale, initial_state=x0, output_final_state=True)
+    except Exception as e:  # noqa: BLE001
+        say(f"| fla {op.__name__} | forward failed: {type(e).__name__} | | | |")
+        return
+    found = [("o", o), ("final_state", ht)]
+    try:
+        ((o.float() * do).sum() + (ht * dht).sum()).backward()
+        found += [(f"d{n}", x.grad) for n, x in xs.items()] + [("dinitial_state", x0.grad)]
+    except Exception as e:  # noqa: BLE001 - fla refuses its gated backward on Hopper with Triton < 3.7.1
+        say(f"| fla {op.__name__} | backward refused: {type(e).__name__} | | | |")
+    for name, x in found:
+        mx, nr = rel(x, refs[name])
+        say(f"| fla {op.__name__} (peer, same inputs) | {name} | {mx:.2e} | {nr:.2e} | |")
+
+
 def check_correctness():
     say("## Correctness: B=4, T=8192, H=16, K=V=128, bf16 kernels vs float32 token-by-token recurrence")
     say()
@@ -135,6 +164,7 @@ def check_correctness():
             within = nr <= tol
             ok_all &= within
             say(f"| delta {decay} | {name} | {mx:.2e} | {nr:.2e} | {'yes' if within else 'NO'} |")
+        fla_row(decay, args, h0, scale, do, dht, {n: r for n, _, r in pairs})
         # decode step token by token equals the chunked forward (64 tokens, B=2)
         small = {n: t[:2, :64].contiguous() for n, t in args.items()}
         o_c, _ = mod.chunk(**small, scale=scale, initial_state=h0[:2].contiguous())

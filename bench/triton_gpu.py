@@ -38,10 +38,12 @@ from lmoec.runtime.loader import load_package  # noqa: E402
 
 INSTANCES = ["additive", "constant", "scalar", "vector", "vector_bonus"]
 LOG = []
+START = time.time()
+FLA_CHECK = False  # --fla-check: run fla's chunk_gla through the vector check too (its autotuning takes minutes)
 
 
 def log(*args):
-    line = " ".join(str(a) for a in args)
+    line = f"[{time.time() - START:5.0f} s] " + " ".join(str(a) for a in args)
     print(line, flush=True)
     LOG.append(line)
 
@@ -131,6 +133,17 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def fla_peer(instance):
+    """fla's op for an instance whose backward runs on Hopper with Triton 3.6 (chunk_gla), else None."""
+    if instance != "vector" or not FLA_CHECK:
+        return None
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception:  # noqa: BLE001
+        return None
+    return chunk_gla
+
+
 def check_instance(instance, mod, rec, B=4, T=8192, H=16, K=128, V=128):
     """bf16 kernels vs the float32 torch computation at the full shape; returns failures."""
     fails = []
@@ -157,6 +170,18 @@ def check_instance(instance, mod, rec, B=4, T=8192, H=16, K=128, V=128):
         if not e <= tol:
             fails.append(f"{instance} {n} rel err {e:.2e} > {tol:g}")
     log(f"check {instance:13s} B={B} T={T} bf16 vs fp32 torch: " + " ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+    fla_op = fla_peer(instance)
+    if fla_op is not None:  # the peer's error under the same check: what bf16 kernels of this structure reach
+        try:
+            xs = [x.clone().requires_grad_(True) for x in leaves]
+            o, ht = fla_op(xs[0], xs[1], xs[2], g=xs[3], scale=scale, initial_state=xs[-1], output_final_state=True)
+            pgrads = torch.autograd.grad((o.float() * do.float()).sum() + (ht * dht).sum(), xs)
+            perrs = {"o": rel(o, ro), "ht": rel(ht, rht)}
+            perrs.update({f"d{n}": rel(a, b) for n, a, b in zip(names, pgrads, rgrads)})
+            log(f"check {instance:13s} B={B} T={T} fla {fla_op.__name__} bf16 vs the same fp32 torch: "
+                + " ".join(f"{n} {e:.1e}" for n, e in perrs.items()))
+        except Exception as e:  # noqa: BLE001 - a peer that refuses is reported, not fatal
+            log(f"check {instance:13s} fla {fla_op.__name__} did not run: {type(e).__name__}: {str(e)[:200]}")
 
     # bf16 slice vs float64 token-by-token reference (chunk boundary not aligned: T=200)
     q, k, v, args, h0 = inputs(instance, 1, 200, 2, K, V, torch.bfloat16)
@@ -205,8 +230,10 @@ def check_instance(instance, mod, rec, B=4, T=8192, H=16, K=128, V=128):
         outs.append(ot)
     e_o, e_s = rel(torch.stack(outs, 1), o), rel(S, ht)
     log(f"check {instance:13s} step x{Td} vs chunk: o {e_o:.1e} state {e_s:.1e}")
-    if not (e_o <= 5e-3 and e_s <= 1e-3):
-        fails.append(f"{instance} step vs chunk o {e_o:.2e} state {e_s:.2e}")
+    # both sides are outputs of bf16 inputs: the output bound applies (the step is fp32 throughout, the
+    # chunk path rounds its tensor-core operands to bf16); o is stored in bf16, so its rounding counts twice
+    if not (e_o <= max(5e-3, tol_o) and e_s <= tol_o):
+        fails.append(f"{instance} step vs chunk o {e_o:.2e} state {e_s:.2e} (bound {tol_o:.1e})")
     return fails
 
 
@@ -245,10 +272,12 @@ def bench_case(label, fwd, leaves):
     except Exception as e:  # noqa: BLE001
         res["fwdbwd"] = res["mem"] = "n/a"
         log(f"{label} fwd+bwd failed: {type(e).__name__}: {str(e)[:300]}")
+    log(f"bench {label}: fwd {fmt(res['fwd'])} ms, fwd+bwd {fmt(res['fwdbwd'])} ms, peak {fmt(res.get('mem', ''), 0)} MiB")
     return res
 
 
-def run_bench(mods, Ts=(2048, 8192, 32768), H=16, D=128):
+def run_bench(mods, Ts=(2048, 8192, 32768), H=16, D=128, on_rows=lambda rows, fla_version: None, only=()):
+    """Every instance and peer at each T; on_rows(rows so far, fla version) after each T."""
     try:
         from fla.ops.gla import chunk_gla
         from fla.ops.simple_gla import chunk_simple_gla
@@ -263,7 +292,7 @@ def run_bench(mods, Ts=(2048, 8192, 32768), H=16, D=128):
     for T in Ts:
         B = 32768 // T
         scale = D ** -0.5
-        for instance in INSTANCES:
+        for instance in [i for i in INSTANCES if not only or i in only]:
             q, k, v, args, _ = inputs(instance, B, T, H, D, D, torch.bfloat16, with_h0=False)
             leaves = [x.requires_grad_(True) for x in (q, k, v, *args.values()) if x.is_floating_point()]
             mod = mods[instance]
@@ -276,11 +305,24 @@ def run_bench(mods, Ts=(2048, 8192, 32768), H=16, D=128):
                 r = bench_case(f"fla chunk_gla T={T}", lambda: chunk_gla(q, k, v, g=args["g"], scale=scale)[0], leaves)
                 rows.append((T, "fla chunk_gla", r))
             del q, k, v, args, leaves
+        if not only or "vector" in only:
+            # GLA's gates without the /16 normalizer: a chunk's decay spans ~2^100, past the chunk-start
+            # factoring's range for most chunks, so this row times the sub-chunk fallback kernels
+            q, k, v, args, _ = inputs("vector", B, T, H, D, D, torch.bfloat16, with_h0=False)
+            args["g"] = args["g"] * 16
+            leaves = [x.requires_grad_(True) for x in (q, k, v, args["g"])]
+            r = bench_case(f"lmoec vector strong T={T}", lambda: mods["vector"].chunk(q, k, v, args["g"], scale=scale)[0], leaves)
+            rows.append((T, "lmoec vector, strong decay (fallback)", r))
+            if chunk_gla is not None:
+                r = bench_case(f"fla chunk_gla strong T={T}", lambda: chunk_gla(q, k, v, g=args["g"], scale=scale)[0], leaves)
+                rows.append((T, "fla chunk_gla, strong decay", r))
+            del q, k, v, args, leaves
         qs = [torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
         r = bench_case(f"sdpa T={T}", lambda: F.scaled_dot_product_attention(*qs, is_causal=True), qs)
         rows.append((T, "SDPA causal (flash)", r))
         del qs
         torch.cuda.empty_cache()
+        on_rows(rows, fla_version)
     return rows, fla_version
 
 
@@ -290,7 +332,8 @@ def fmt(x, nd=3):
 
 def table(rows, fla_version):
     by = {(T, name): r for T, name, r in rows}
-    peer = {"lmoec scalar": "fla chunk_simple_gla", "lmoec vector": "fla chunk_gla", "lmoec constant": "fla chunk_simple_gla"}
+    peer = {"lmoec scalar": "fla chunk_simple_gla", "lmoec vector": "fla chunk_gla", "lmoec constant": "fla chunk_simple_gla",
+            "lmoec vector, strong decay (fallback)": "fla chunk_gla, strong decay"}
     lines = [
         "| T | B | op | fwd ms | fwd+bwd ms | peak MiB (fwd+bwd) | fwd ratio vs fla | fwd+bwd ratio vs fla | fwd+bwd speedup vs SDPA |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -352,12 +395,15 @@ def sweep(mods, T=8192, H=16, D=128):
                     log(f"sweep {instance} {kern} {var}: error {type(e).__name__}: {str(e)[:200]}")
             mod.CONFIG.clear()
             mod.CONFIG.update({k_: dict(v_) for k_, v_ in saved.items()})
+        # the sequential state walk matters most at long T (few programs, many chunks)
+        q, k, v, args, _ = inputs(instance, 1, 32768, H, D, D, torch.bfloat16, with_h0=False)
         for var in (dict(BK=64, BV=64, num_warps=4, num_stages=2), dict(BK=64, BV=32, num_warps=4, num_stages=2),
-                    dict(BK=128, BV=64, num_warps=8, num_stages=2), dict(BK=32, BV=64, num_warps=2, num_stages=2)):
+                    dict(BK=32, BV=32, num_warps=2, num_stages=3), dict(BK=64, BV=32, num_warps=2, num_stages=3),
+                    dict(BK=128, BV=32, num_warps=4, num_stages=2), dict(BK=32, BV=64, num_warps=2, num_stages=2)):
             mod.CONFIG["state"] = dict(var)
             try:
                 ms = do_bench(lambda: mod.chunk(q, k, v, *args.values()), warmup=20, rep=100, return_mode="median")
-                log(f"sweep {instance} state {var}: fwd {ms:.3f} ms")
+                log(f"sweep {instance} state T=32768 {var}: fwd {ms:.3f} ms")
             except Exception as e:  # noqa: BLE001
                 log(f"sweep {instance} state {var}: error {type(e).__name__}: {str(e)[:200]}")
         mod.CONFIG.clear()
@@ -370,8 +416,15 @@ def main():
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--only", default="")
+    ap.add_argument("--only", default="", help="comma-separated instances to check (default: all)")
+    ap.add_argument("--bench-T", default="2048,8192,32768", help="comma-separated sequence lengths to time")
+    ap.add_argument("--bench-only", default="", help="comma-separated instances to time (default: all)")
+    ap.add_argument("--check-first", action="store_true",
+                    help="check before timing (fla's autotuning then happens once, in the check of 'vector')")
+    ap.add_argument("--fla-check", action="store_true", help="also put fla's chunk_gla through the vector check")
     opts = ap.parse_args()
+    global FLA_CHECK
+    FLA_CHECK = opts.fla_check
     os.makedirs(opts.out, exist_ok=True)
     torch.manual_seed(0)
     log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
@@ -380,6 +433,20 @@ def main():
     for inst in INSTANCES:
         mods[inst], recs[inst] = build(inst)
     fails = []
+    out_md = os.path.join(opts.out, "triton.md")
+
+    def write_table(rows, fla_version, check_line="not run yet"):
+        with open(out_md, "w") as f:
+            f.write(table(rows, fla_version) + "\nCheck: " + check_line + "\n")
+
+    bench_rows = None
+
+    def bench():  # the table is written after each T, so a cut run keeps what it measured
+        Ts = tuple(int(t) for t in opts.bench_T.split(","))
+        return run_bench(mods, Ts=Ts, on_rows=write_table, only=[i for i in opts.bench_only.split(",") if i])
+
+    if not opts.skip_bench and not opts.check_first:
+        bench_rows = bench()
     if not opts.skip_check:
         for inst in INSTANCES:
             if opts.only and inst not in opts.only.split(","):
@@ -392,13 +459,12 @@ def main():
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.cuda.empty_cache()
         log(f"check done in {time.time() - t0:.0f} s: " + ("ALL PASS" if not fails else "FAILURES:\n" + "\n".join(fails)))
-    if not opts.skip_bench:
-        rows, fla_version = run_bench(mods)
-        md = table(rows, fla_version)
-        md += "\nCheck: " + ("all instances passed (see triton_log.txt)" if not fails and not opts.skip_check else "; ".join(fails) or "skipped") + "\n"
-        with open(os.path.join(opts.out, "triton.md"), "w") as f:
-            f.write(md)
-        print(md)
+    if not opts.skip_bench and opts.check_first:
+        bench_rows = bench()
+    if bench_rows is not None:
+        check_line = "skipped" if opts.skip_check else "; ".join(fails) or "all checked instances passed (see triton_log.txt)"
+        write_table(*bench_rows, check_line=check_line)
+        print(open(out_md).read())
     if opts.sweep:
         sweep(mods)
     with open(os.path.join(opts.out, "triton_log.txt"), "w") as f:

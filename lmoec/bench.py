@@ -270,14 +270,19 @@ def bench_training(name: str, program: Program, device: torch.device, shapes, wa
 def long_cache(cache, context: int):
     """The cache of a short prefill with every KV cache stretched to `context` random positions.
 
-    The cost of a decode step does not depend on the cached values, only on their number.
+    The cost of a decode step does not depend on the cached values, only on their number. Each KV cache is
+    allocated once at its capacity: the context and one slot for the token decoded after it (a step writes
+    it in place), or a full ring of `window` slots for a sliding-window layer.
     """
     out = []
     for layer in cache:
         if isinstance(layer, KVCache):
             B, H, _, D = layer.k.shape
-            out.append(KVCache(torch.randn(B, H, context, D, dtype=layer.k.dtype, device=layer.k.device),
-                               torch.randn(B, H, context, D, dtype=layer.v.dtype, device=layer.v.device), context))
+            window = layer.window
+            capacity, length = (context + 1, context) if window is None else (window, min(context, window))
+            out.append(KVCache(torch.randn(B, H, capacity, D, dtype=layer.k.dtype, device=layer.k.device),
+                               torch.randn(B, H, capacity, D, dtype=layer.v.dtype, device=layer.v.device),
+                               context, length, window=window))
         else:
             out.append(layer)  # LSM state: the same size at any context
     return out

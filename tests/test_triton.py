@@ -57,8 +57,11 @@ CHILD = textwrap.dedent(
         elif kind == "scalar":
             args["g"] = F.logsigmoid(torch.randn(B, T, H)) * (30 if strong else 1)
         elif kind == "vector":
-            # strong: ~-30 per token, so exp(-b) over one chunk would be ~e^480 (overflows fp32)
-            args["g"] = F.logsigmoid(torch.randn(B, T, H, K)) * (30 if strong else 1)
+            # strong: ~-30 per token, so exp(-b) over one chunk would be ~e^480 (overflows fp32);
+            # "one": a single strong token, so one chunk takes the sub-chunk kernels and the others do not
+            args["g"] = F.logsigmoid(torch.randn(B, T, H, K)) * (30 if strong is True else 1)
+            if strong == "one":
+                args["g"][:, T // 2] *= 200
         if instance == "vector_bonus":
             args["u"] = torch.randn(H, K)
         return [x.to(dtype) for x in (q, k, v)], {n: x.to(dtype) for n, x in args.items()}
@@ -112,6 +115,8 @@ CHILD = textwrap.dedent(
     }
     if kind in ("scalar", "vector"):
         out["strong decay fp32"] = case(1, 48, 1, 16, 16, torch.float32, strong=True)
+    if kind == "vector":
+        out["strong decay at one token fp32"] = case(2, 48, 2, 16, 16, torch.float32, strong="one")
     print("RESULT " + json.dumps(out))
     '''
 )
@@ -142,6 +147,8 @@ def test_family_matches_reference(instance):
     assert expected <= set(results)
     if instance in ("scalar", "vector"):
         assert "strong decay fp32" in results
+    if instance.startswith("vector"):
+        assert "strong decay at one token fp32" in results
     n_grads = 3 + (instance != "additive") + (instance == "vector_bonus") + 1
     assert len(results["fp32 T=40 (not a multiple of 16), initial state"]) == 2 + n_grads
     bad = []

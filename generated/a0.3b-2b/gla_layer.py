@@ -79,6 +79,9 @@ class Layer(nn.Module):
         k = k.unflatten(-1, (self.heads, self.key_proj_dim))
         v = v.unflatten(-1, (self.heads, self.head_v))
         g = F.logsigmoid(self.W_gk2(self.W_gk(x)).unflatten(-1, (self.heads, self.head_k)))/16  # log decay [B, T, H, K]
+        # one dtype for the op: under autocast v leaves its linear in the autocast dtype, while feature maps and
+        # gates may leave float32 (CUDA autocast runs rsqrt, sum and exp in float32; fp32 params promote)
+        q, k = q.to(v.dtype), k.to(v.dtype)
 
         state = past.get("state")
         if state is not None and length == 1 and backend != "reference":  # decoding; "reference" keeps the oracle

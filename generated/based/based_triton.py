@@ -143,7 +143,7 @@ def grad_qk_kernel(
     q, k, v, do, h, dh, dq, dk, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dq, dk of one chunk (and its tokens' q.dq - k.dk, summed by dg_reverse_cumsum into dg)."""
+    """dq, dk of one chunk (and its tokens' q.dq - k.dk, summed by dg_chunk into dg)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
     rows = t0 + tl.arange(0, C)
@@ -211,7 +211,7 @@ POISON = False  # tests set True: fresh outputs start as NaN, so an element no k
 
 def _new(shape, dtype, device):
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -6,7 +6,7 @@ Chunkwise form (DESIGN.md): per chunk of 64 tokens, with b = in-chunk cumulative
     output: o_t = scale * ((q_t * exp(b_t)) S + sum_{s<=t} ((q_t * exp(b_t - b_s)) . k_s) v_s)
 Kernels: state_fwd (chunk-entry states, sequential over chunks), output_fwd (chunk-parallel),
 state_bwd (gradients of chunk-exit states, reverse), grad_v, grad_qk (chunk-parallel),
-dg_reverse_cumsum (dg_t = sum over tokens tau >= t of q.dq - k.dk), and step (one decode token).
+dg_chunk (dg_t = sum over tokens tau >= t of q.dq - k.dk: within the chunk, then exactly from the states), and step (one decode token).
 The backward recomputes the chunk states instead of keeping them from the forward.
 Decay is kept in log space, pre-scaled by 1/ln 2 so kernels use exp2; every exponent is <= 0 where it is
 evaluated (differences b_t - b_s for s <= t, or masked to -inf), so strong decay underflows, never overflows.
@@ -159,7 +159,7 @@ def grad_qk_kernel(
     q, k, v, do, g, dg, h, dh, dq, dk, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dq, dk of one chunk (and its tokens' q.dq - k.dk, summed by dg_reverse_cumsum into dg)."""
+    """dq, dk of one chunk (and its tokens' q.dq - k.dk, summed by dg_chunk into dg)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
     rows = t0 + tl.arange(0, C)
@@ -198,28 +198,43 @@ def grad_qk_kernel(
 
 
 @triton.jit
-def dg_reverse_cumsum_kernel(
-    da, dfinal, seq_info,
-    H: tl.constexpr, GK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, HAS_FINAL: tl.constexpr,
+def dg_chunk_kernel(
+    da, h, dh, dfinal, seq_info, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GK: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, HAS_FINAL: tl.constexpr,
 ):
-    """In place: dg_t = sum over tau >= t in its sequence of da_tau (+ the final state's share)."""
+    """In place: dg_t = sum over tau >= t in t's chunk of da_tau, plus the chunk's exit term
+    R = d(loss)/d(log decay of every token after the chunk) = sum_v S_exit * dS_exit, read from the stored
+    states. Summing da over the rest of the sequence instead would carry every token's rounding error
+    into every earlier dg (8K tokens of bf16-operand products); R is exact up to the states' own rounding."""
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = tl.load(seq_info + i_n * 3), tl.load(seq_info + i_n * 3 + 1)
+    bos, eos, c0 = tl.load(seq_info + i_n * 3), tl.load(seq_info + i_n * 3 + 1), tl.load(seq_info + i_n * 3 + 2)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < GK
-    acc = tl.zeros([BK], dtype=tl.float32)
-    if HAS_FINAL:
-        acc += tl.load(dfinal + i_nh.to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
+    o_v = tl.arange(0, BV)
     n_chunks = tl.cdiv(eos - bos, C)
-    for j in range(n_chunks):
-        rows = bos + (n_chunks - 1 - j) * C + tl.arange(0, C)
+    for c in range(n_chunks):
+        R = tl.zeros([BK], dtype=tl.float32)
+        if c == n_chunks - 1:
+            if HAS_FINAL:
+                R += tl.load(dfinal + i_nh.to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
+        else:
+            h_exit = h + ((c0 + c + 1).to(tl.int64) * H + i_h) * K * V  # the next chunk's entry state
+            dh_exit = dh + ((c0 + c).to(tl.int64) * H + i_h) * K * V
+            total = 0.0
+            for k0 in range(0, K, BS):  # one decay per head: the exit term sums over every key channel
+                o_s = k0 + tl.arange(0, BS)
+                m_sv = (o_s[:, None] < K) & (o_v[None, :] < V)
+                b_h = tl.load(h_exit + o_s[:, None] * V + o_v[None, :], mask=m_sv, other=0.0).to(tl.float32)
+                b_dh = tl.load(dh_exit + o_s[:, None] * V + o_v[None, :], mask=m_sv, other=0.0).to(tl.float32)
+                total += tl.sum(tl.sum(b_h * b_dh, 1), 0)
+            R += total
+        rows = bos + c * C + tl.arange(0, C)
         ptr = da + (rows.to(tl.int64) * H + i_h)[:, None] * GK + o_k[None, :]
         m = (rows < eos)[:, None] & m_k[None, :]
         x = tl.load(ptr, mask=m, other=0.0)
-        total = tl.sum(x, 0)
-        tl.store(ptr, total[None, :] - tl.cumsum(x, 0) + x + acc[None, :], mask=m)
-        acc += total
+        tl.store(ptr, tl.sum(x, 0)[None, :] - tl.cumsum(x, 0) + x + R[None, :], mask=m)
 
 
 @triton.jit
@@ -257,7 +272,7 @@ POISON = False  # tests set True: fresh outputs start as NaN, so an element no k
 
 def _new(shape, dtype, device):
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -374,9 +389,10 @@ class ChunkFunction(torch.autograd.Function):
         has_final = dht is not None and ht is not None
         dfinal = (ht * dht).sum(-1).sum(-1).contiguous() if has_final else None
         GK = g.shape[-1] if g.dim() == 4 else 1
-        BKg = max(16, min(_pow2(GK), 64))
-        dg_reverse_cumsum_kernel[(triton.cdiv(GK, BKg), N * H)](
-            da, dfinal, seq_info, H=H, GK=GK, C=CHUNK, BK=BKg, HAS_FINAL=has_final,
+        BKg = max(16, min(_pow2(GK), 32))
+        dg_chunk_kernel[(triton.cdiv(GK, BKg), N * H)](
+            da, h, dh, dfinal, seq_info, scale,
+            H=H, K=K, V=V, GK=GK, C=CHUNK, BK=BKg, BS=min(_pow2(K), 32), BV=_pow2(V), HAS_FINAL=has_final,
         )
         dg = da.view(B, T, *g.shape[2:]).to(g.dtype)
         back = lambda x: x.view(B, T, H, x.shape[-1])

@@ -100,6 +100,10 @@ class Layer(nn.Module):
         g = -0.606531*torch.sigmoid(self.w_0 + self.W_w2(torch.tanh(self.W_w1(x))).unflatten(-1, (self.heads, self.head_k)))  # log decay [B, T, H, K]
         a = -l2norm(k*self.k_k)*torch.sigmoid(self.a_0 + self.W_a2(self.W_a1(x)).unflatten(-1, (self.heads, self.head_k)))  # [B, T, H, K]
         b = l2norm(k*self.k_k)  # [B, T, H, K]
+        # one dtype for the op: under autocast v leaves its linear in the autocast dtype, while feature maps and
+        # gates may leave float32 (CUDA autocast runs rsqrt, sum and exp in float32; fp32 params promote)
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        a, b = a.to(v.dtype), b.to(v.dtype)
 
         state = past.get("state")
         if state is not None and length == 1 and backend != "reference":  # decoding; "reference" keeps the oracle

@@ -6,12 +6,16 @@ Chunkwise form (DESIGN.md): per chunk of 64 tokens, with b = in-chunk cumulative
     output: o_t = scale * ((q_t * exp(b_t)) S + sum_{s<=t} ((q_t * exp(b_t - b_s)) . k_s) v_s)
 Kernels: state_fwd (chunk-entry states, sequential over chunks), output_fwd (chunk-parallel),
 state_bwd (gradients of chunk-exit states, reverse), grad_v, grad_qk (chunk-parallel),
-dg_reverse_cumsum (dg_t = sum over tokens tau >= t of q.dq - k.dk), and step (one decode token).
+dg_chunk (dg_t = sum over tokens tau >= t of q.dq - k.dk: within the chunk, then exactly from the states), and step (one decode token).
 The backward recomputes the chunk states instead of keeping them from the forward.
 Decay is kept in log space, pre-scaled by 1/ln 2 so kernels use exp2; every exponent is <= 0 where it is
 evaluated (differences b_t - b_s for s <= t, or masked to -inf), so strong decay underflows, never overflows.
-Vector decay: a pair (t, s) in different 16-row sub-chunks factors through a reference point between
-them (the cumulative decay at the sub-chunk border); pairs inside one sub-chunk are computed elementwise.
+Vector decay: exp(b_t - b_s) = exp(b_t) * exp(-b_s) through the chunk start, so every intra-chunk product runs
+on the matrix units like the scalar case. That factoring is exact while both factors stay far from the ends of
+the floating-point range: a chunk whose |b| exceeds 2^SPAN anywhere (SPAN per input dtype, see _SPAN) is marked
+slow by output_fwd_kernel and taken by the *_subchunk kernels instead, where a pair (t, s) in different
+16-row sub-chunks factors through the sub-chunk border (both factors <= 1) and pairs inside one
+sub-chunk are computed elementwise. Typical gates (GLA's logsigmoid / 16) never reach the fallback.
 Sequences are packed: [B, T] is the varlen batch with cu_seqlens = [0, T, 2T, ...].
 """
 import torch
@@ -66,13 +70,51 @@ def state_fwd_kernel(
 
 @triton.jit
 def output_fwd_kernel(
-    q, k, v, g, h, o, chunk_info, scale,
+    q, k, v, g, h, o, slow, chunk_info, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    SPAN: tl.constexpr,
+):
+    """One (chunk, head, V block) through the chunk-start reference point: o = qd h + causal(qd kd^T) v
+    with qd = q * exp(b), kd = k * exp(-b). Records in `slow` whether the chunk's decay spans more than
+    2^SPAN, and leaves such a chunk to output_fwd_subchunk_kernel."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    rows = t0 + tl.arange(0, C)
+    m_t = rows < t1
+    tok = rows.to(tl.int64) * H + i_h
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32) * LOG2E
+    b_b = tl.cumsum(b_g, 0)
+    is_slow = tl.max(tl.max(tl.abs(b_b), 1), 0) > SPAN
+    tl.store(slow + i_c * H + i_h, is_slow.to(tl.int32))
+    if is_slow:
+        return
+    b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
+    b_h = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                  mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.0)
+    b_qd = (b_q * tl.exp2(b_b)).to(b_v.dtype)
+    keep = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    b_kd = (b_k * tl.exp2(-b_b)).to(b_v.dtype)
+    b_A = tl.where(keep, tl.dot(b_qd, tl.trans(b_kd)), 0.0)
+    b_o = tl.dot(b_qd, b_h) + tl.dot(b_A.to(b_v.dtype), b_v)
+    tl.store(o + tok[:, None] * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & (o_v[None, :] < V))
+
+
+@triton.jit
+def output_fwd_subchunk_kernel(
+    q, k, v, g, h, o, slow, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """One (chunk, head, V block), S query rows at a time: inter-chunk term, earlier sub-chunks through
-    a reference point, the own sub-chunk elementwise."""
+    """The chunks output_fwd_kernel marked slow, S query rows at a time: inter-chunk term, earlier
+    sub-chunks through a reference point, the own sub-chunk elementwise."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if tl.load(slow + i_c * H + i_h) == 0:
+        return
     t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -157,12 +199,46 @@ def state_bwd_kernel(
 
 @triton.jit
 def grad_v_kernel(
-    q, k, do, g, dh, dv, chunk_info, scale,
+    q, k, do, g, dh, dv, slow, chunk_info, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dv_s = scale * sum_{t after s} A_ts do_t + (k_s decayed to the chunk end) . dh through the chunk-start
+    reference point (A^T = kd qd^T), for the chunks the forward did not mark slow."""
+    i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if tl.load(slow + i_c * H + i_h) != 0:
+        return
+    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    rows = t0 + tl.arange(0, C)
+    m_t = rows < t1
+    tok = rows.to(tl.int64) * H + i_h
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32) * LOG2E
+    b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
+    b_dh = tl.load(dh + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                   mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.0)
+    b_b = tl.cumsum(b_g, 0)
+    b_qd = (b_q * tl.exp2(b_b)).to(b_do.dtype)
+    keep_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]  # rows s, columns t >= s
+    b_At = tl.where(keep_t, tl.dot((b_k * tl.exp2(-b_b)).to(b_do.dtype), tl.trans(b_qd)), 0.0)
+    b_kl = (b_k * tl.exp2(tl.sum(b_g, 0)[None, :] - b_b)).to(b_do.dtype)
+    b_dv = tl.dot((b_At * scale).to(b_do.dtype), b_do) + tl.dot(b_kl, b_dh.to(b_do.dtype))
+    tl.store(dv + tok[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & (o_v[None, :] < V))
+
+
+@triton.jit
+def grad_v_subchunk_kernel(
+    q, k, do, g, dh, dv, slow, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dv_s = scale * sum_{t after s} A_ts do_t + (k_s decayed to the chunk end) . dh, S key rows at a time."""
+    """dv of the chunks marked slow, S key rows at a time."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if tl.load(slow + i_c * H + i_h) == 0:
+        return
     t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -211,13 +287,61 @@ def grad_v_kernel(
 
 @triton.jit
 def grad_qk_kernel(
-    q, k, v, do, g, dg, h, dh, dq, dk, chunk_info, scale,
+    q, k, v, do, g, dg, h, dh, dq, dk, slow, chunk_info, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dq, dk of one chunk through the chunk-start reference point (chunks not marked slow); q.dq and
+    -k.dk go into dg at the log-decay slot they depend on (dg_chunk sums over later tokens)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if tl.load(slow + i_c * H + i_h) != 0:
+        return
+    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    rows = t0 + tl.arange(0, C)
+    m_t = rows < t1
+    tok = rows.to(tl.int64) * H + i_h
+    o_k = tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32) * LOG2E
+    b_b = tl.cumsum(b_g, 0)
+    keep = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]
+    hc = (i_c.to(tl.int64) * H + i_h) * K * V
+    b_dA = tl.zeros([C, C], dtype=tl.float32)
+    dq_inter = tl.zeros([C, BK], dtype=tl.float32)
+    dk_inter = tl.zeros([C, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_h = tl.load(h + hc + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        b_dh = tl.load(dh + hc + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        b_dA += tl.dot(b_do, tl.trans(b_v))
+        dq_inter += tl.dot(b_do, tl.trans(b_h))
+        dk_inter += tl.dot(b_v, tl.trans(b_dh))
+    b_dA = tl.where(keep, b_dA * scale, 0.0).to(b_q.dtype)
+    b_qd = (b_q * tl.exp2(b_b)).to(b_q.dtype)
+    b_kd = (b_k * tl.exp2(-b_b)).to(b_k.dtype)
+    b_dq = (tl.dot(b_dA, b_kd) + dq_inter * scale) * tl.exp2(b_b)
+    b_dk = tl.dot(tl.trans(b_dA), b_qd) * tl.exp2(-b_b) + dk_inter * tl.exp2(tl.sum(b_g, 0)[None, :] - b_b)
+    q32, k32 = b_q.to(tl.float32), b_k.to(tl.float32)
+    tl.store(dg + tok[:, None] * K + o_k[None, :], b_dq * q32 - b_dk * k32, mask=m_tk)
+    tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+
+
+@triton.jit
+def grad_qk_subchunk_kernel(
+    q, k, v, do, g, dg, h, dh, dq, dk, slow, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dq (query sub-chunks) then dk (key sub-chunks) of one chunk; q.dq and -k.dk are added into dg
-    at the log-decay slot they depend on (dg_reverse_cumsum then sums them over later tokens)."""
+    """dq (query sub-chunks) then dk (key sub-chunks) of a chunk marked slow; dg as in grad_qk_kernel."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if tl.load(slow + i_c * H + i_h) == 0:
+        return
     t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
@@ -312,28 +436,39 @@ def grad_qk_kernel(
 
 
 @triton.jit
-def dg_reverse_cumsum_kernel(
-    da, dfinal, seq_info,
-    H: tl.constexpr, GK: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, HAS_FINAL: tl.constexpr,
+def dg_chunk_kernel(
+    da, h, dh, dfinal, seq_info, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GK: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, HAS_FINAL: tl.constexpr,
 ):
-    """In place: dg_t = sum over tau >= t in its sequence of da_tau (+ the final state's share)."""
+    """In place: dg_t = sum over tau >= t in t's chunk of da_tau, plus the chunk's exit term
+    R = d(loss)/d(log decay of every token after the chunk) = sum_v S_exit * dS_exit, read from the stored
+    states. Summing da over the rest of the sequence instead would carry every token's rounding error
+    into every earlier dg (8K tokens of bf16-operand products); R is exact up to the states' own rounding."""
     i_k, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = tl.load(seq_info + i_n * 3), tl.load(seq_info + i_n * 3 + 1)
+    bos, eos, c0 = tl.load(seq_info + i_n * 3), tl.load(seq_info + i_n * 3 + 1), tl.load(seq_info + i_n * 3 + 2)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < GK
-    acc = tl.zeros([BK], dtype=tl.float32)
-    if HAS_FINAL:
-        acc += tl.load(dfinal + i_nh.to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
+    o_v = tl.arange(0, BV)
     n_chunks = tl.cdiv(eos - bos, C)
-    for j in range(n_chunks):
-        rows = bos + (n_chunks - 1 - j) * C + tl.arange(0, C)
+    for c in range(n_chunks):
+        R = tl.zeros([BK], dtype=tl.float32)
+        if c == n_chunks - 1:
+            if HAS_FINAL:
+                R += tl.load(dfinal + i_nh.to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
+        else:
+            h_exit = h + ((c0 + c + 1).to(tl.int64) * H + i_h) * K * V  # the next chunk's entry state
+            dh_exit = dh + ((c0 + c).to(tl.int64) * H + i_h) * K * V
+            m_kv = m_k[:, None] & (o_v[None, :] < V)
+            b_h = tl.load(h_exit + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            b_dh = tl.load(dh_exit + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+            R += tl.sum(b_h * b_dh, 1)
+        rows = bos + c * C + tl.arange(0, C)
         ptr = da + (rows.to(tl.int64) * H + i_h)[:, None] * GK + o_k[None, :]
         m = (rows < eos)[:, None] & m_k[None, :]
         x = tl.load(ptr, mask=m, other=0.0)
-        total = tl.sum(x, 0)
-        tl.store(ptr, total[None, :] - tl.cumsum(x, 0) + x + acc[None, :], mask=m)
-        acc += total
+        tl.store(ptr, tl.sum(x, 0)[None, :] - tl.cumsum(x, 0) + x + R[None, :], mask=m)
 
 
 @triton.jit
@@ -365,13 +500,19 @@ CONFIG = {
     "output": dict(BV=64, num_warps=4, num_stages=2),
     "grad_v": dict(BV=64, num_warps=4, num_stages=2),
     "grad_qk": dict(BV=64, num_warps=4, num_stages=2),
+    "output_subchunk": dict(BV=64, num_warps=4, num_stages=2),
+    "grad_v_subchunk": dict(BV=64, num_warps=4, num_stages=2),
+    "grad_qk_subchunk": dict(BV=64, num_warps=4, num_stages=2),
 }
+# log2 of the largest factor exp(|b|) the chunk-start factoring may form, per input dtype: bf16 and fp32 reach
+# 2^127, so q * exp(b) >= 2^-96 |q| and k * exp(-b) <= 2^96 |k| keep 2^31 of headroom; fp16 ends at 2^15.
+_SPAN = {torch.bfloat16: 96, torch.float32: 96, torch.float16: 8}
 POISON = False  # tests set True: fresh outputs start as NaN, so an element no kernel writes fails
 
 
 def _new(shape, dtype, device):
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -437,19 +578,22 @@ class ChunkFunction(torch.autograd.Function):
             initial_state = initial_state.float().contiguous()
         h, ht = _states(k, v, g, initial_state, seq_info, n_chunks, output_final_state)
         o = _new((1, B * T, H, V), q.dtype, q.device)
-        cfg = dict(CONFIG["output"])
-        BV = _blocks(V, cfg.pop("BV"))
-        output_fwd_kernel[(n_chunks, H, triton.cdiv(V, BV))](
-            q, k, v, g, h, o, chunk_info, scale,
-            H=H, K=K, V=V, C=CHUNK, S=SUB, BK=_pow2(K), BV=BV, **cfg,
-        )
-        ctx.save_for_backward(q, k, v, g, initial_state, ht)
+        slow = _new((n_chunks, H), torch.int32, q.device)  # 1: the chunk needs the sub-chunk kernels
+        for name, kernel, sub in (("output", output_fwd_kernel, {}), ("output_subchunk", output_fwd_subchunk_kernel, dict(S=SUB))):
+            cfg = dict(CONFIG[name])
+            BV = _blocks(V, cfg.pop("BV"))
+            if name == "output":
+                cfg["SPAN"] = _SPAN[q.dtype]
+            kernel[(n_chunks, H, triton.cdiv(V, BV))](
+                q, k, v, g, h, o, slow, chunk_info, scale, H=H, K=K, V=V, C=CHUNK, BK=_pow2(K), BV=BV, **sub, **cfg,
+            )
+        ctx.save_for_backward(q, k, v, g, initial_state, ht, slow)
         ctx.shape, ctx.scale, ctx.bounds = (B, T), scale, bounds
         return o.view(B, T, H, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, initial_state, ht = ctx.saved_tensors
+        q, k, v, g, initial_state, ht, slow = ctx.saved_tensors
         (B, T), scale = ctx.shape, ctx.scale
         _, NT, H, K = q.shape
         V = v.shape[-1]
@@ -469,28 +613,30 @@ class ChunkFunction(torch.autograd.Function):
         )
 
         dv = _new(v.shape, v.dtype, v.device)
-        cfg = dict(CONFIG["grad_v"])
-        BV = _blocks(V, cfg.pop("BV"))
-        grad_v_kernel[(n_chunks, H, triton.cdiv(V, BV))](
-            q, k, do, g, dh, dv, chunk_info, scale,
-            H=H, K=K, V=V, C=CHUNK, S=SUB, BK=_pow2(K), BV=BV, **cfg,
-        )
+        for name, kernel, sub in (("grad_v", grad_v_kernel, {}), ("grad_v_subchunk", grad_v_subchunk_kernel, dict(S=SUB))):
+            cfg = dict(CONFIG[name])
+            BV = _blocks(V, cfg.pop("BV"))
+            kernel[(n_chunks, H, triton.cdiv(V, BV))](
+                q, k, do, g, dh, dv, slow, chunk_info, scale, H=H, K=K, V=V, C=CHUNK, BK=_pow2(K), BV=BV, **sub, **cfg,
+            )
 
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device)
         da = torch.zeros(g.shape, dtype=torch.float32, device=q.device)  # accumulated with atomics
-        cfg = dict(CONFIG["grad_qk"])
-        BV = _blocks(V, cfg.pop("BV"))
-        grad_qk_kernel[(n_chunks, H)](
-            q, k, v, do, g, da, h, dh, dq, dk, chunk_info, scale,
-            H=H, K=K, V=V, C=CHUNK, S=SUB, BK=_pow2(K), BV=BV, **cfg,
-        )
+        for name, kernel, sub in (("grad_qk", grad_qk_kernel, {}), ("grad_qk_subchunk", grad_qk_subchunk_kernel, dict(S=SUB))):
+            cfg = dict(CONFIG[name])
+            BV = _blocks(V, cfg.pop("BV"))
+            kernel[(n_chunks, H)](
+                q, k, v, do, g, da, h, dh, dq, dk, slow, chunk_info, scale,
+                H=H, K=K, V=V, C=CHUNK, BK=_pow2(K), BV=BV, **sub, **cfg,
+            )
         # the final state's share of dg: d(loss)/d(cumulative decay at a sequence's last token)
         has_final = dht is not None and ht is not None
         dfinal = (ht * dht).sum(-1).contiguous() if has_final else None
         GK = g.shape[-1] if g.dim() == 4 else 1
-        BKg = max(16, min(_pow2(GK), 64))
-        dg_reverse_cumsum_kernel[(triton.cdiv(GK, BKg), N * H)](
-            da, dfinal, seq_info, H=H, GK=GK, C=CHUNK, BK=BKg, HAS_FINAL=has_final,
+        BKg = max(16, min(_pow2(GK), 32))
+        dg_chunk_kernel[(triton.cdiv(GK, BKg), N * H)](
+            da, h, dh, dfinal, seq_info, scale,
+            H=H, K=K, V=V, GK=GK, C=CHUNK, BK=BKg, BS=min(_pow2(K), 32), BV=_pow2(V), HAS_FINAL=has_final,
         )
         dg = da.view(B, T, *g.shape[2:]).to(g.dtype)
         back = lambda x: x.view(B, T, H, x.shape[-1])

@@ -41,7 +41,7 @@ def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: 
         ("grad_qk", 2 * inter + intra_v + 2 * intra_qk, 4 * qk + 2 * vv + g_bytes + 2 * states + (g_bytes if decay != "none" else 0)),
     ]
     if decay != "none":
-        costs.append(("dg_reverse_cumsum", 0, 2 * g_bytes))
+        costs.append(("dg_chunk", 2 * N * H * K * V / C, 2 * g_bytes + 2 * states))  # exit term: h . dh per chunk
     return costs
 
 

@@ -30,13 +30,80 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values seen so far, [B, H_kv, T, D], and the absolute position of the next token.
+    """Keys and values seen so far and the absolute position of the next token.
 
-    With a sliding window only the last `window` keys are kept, so memory stays bounded.
+    `k`, `v` are preallocated storage [B, H_kv, capacity, D]; decoding writes each new key and value in
+    place, so a step copies nothing of the context and peak memory stays at the cache's own size. The
+    positions held are the `length` ones before `next_pos`:
+
+    - without a window, the prefix `k[:, :, :length]` (`keys` / `values`); when a step does not fit, the
+      storage grows geometrically (reserve the capacity up front, `KVCache.reserve(n)`, to never grow);
+    - with a sliding `window`, a ring of `window` slots, position p in slot p % window, so memory stays
+      bounded and a step overwrites the one key that just left the window.
+
+    The cache a step returns shares storage with the one passed in (a step consumes its `past`); the old
+    object still reads its own positions without a window, but not after a ring slot was overwritten.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, next_pos: int):
+    def __init__(self, k: Optional[torch.Tensor], v: Optional[torch.Tensor], next_pos: int,
+                 length: Optional[int] = None, window: Optional[int] = None, reserved: int = 0):
         self.k, self.v, self.next_pos = k, v, next_pos
+        self.length = (0 if k is None else k.shape[2]) if length is None else length
+        self.window, self.reserved = window, reserved
+        if k is not None and not 0 <= self.length <= k.shape[2]:
+            raise ValueError(f"KVCache: length {self.length} outside the storage's capacity {k.shape[2]}")
+
+    @classmethod
+    def reserve(cls, capacity: int, next_pos: int = 0) -> "KVCache":
+        """An empty cache that allocates room for `capacity` positions at its first write (dtype and shape
+        then come from the keys written). A sliding-window layer keeps its ring of `window` slots instead."""
+        return cls(None, None, next_pos, length=0, reserved=capacity)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """Storage slots of absolute positions held in this cache."""
+        if self.window is not None:
+            return positions % self.window
+        return positions - (self.next_pos - self.length)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The held keys [B, H_kv, length, D] in position order (a view without a window, a copy of <= window with)."""
+        return self._ordered(self.k)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._ordered(self.v)
+
+    def _ordered(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        if self.window is None:
+            return t[:, :, : self.length]
+        positions = torch.arange(self.next_pos - self.length, self.next_pos, device=t.device)
+        return t[:, :, self.slots(positions)]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """This cache plus k, v [B, H_kv, T, D] at positions next_pos.. (no window): written in place into
+        the storage, which is allocated or grown (geometrically) only when they do not fit."""
+        if self.window is not None:
+            raise ValueError("KVCache.append: a sliding-window cache is written by its layer's ring steps")
+        n, T = self.length, k.shape[2]
+        K, V = self.k, self.v
+        if K is None or n + T > K.shape[2]:
+            old = 0 if K is None else K.shape[2]
+            grown = old + max(old // 2, 64) if old else 0  # 1.5x: amortized O(1) copies per token
+            capacity = max(n + T, self.reserved, grown)
+            B, H, _, D = k.shape
+            K, V = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, v.shape[-1])
+            if n:
+                K[:, :, :n], V[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n]
+        K[:, :, n : n + T] = k
+        V[:, :, n : n + T] = v
+        return KVCache(K, V, self.next_pos + T, n + T, reserved=self.reserved)
 
 
 class Attention(nn.Module):
@@ -60,7 +127,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, past: Optional[KVCache] = None, use_cache: bool = False):
-        """x [B, T, hidden] -> y [B, T, hidden], or (y, KVCache) with use_cache."""
+        """x [B, T, hidden] -> y [B, T, hidden], or (y, KVCache) with use_cache.
+
+        With use_cache the new keys and values are written into `past`'s storage (see KVCache), and the
+        returned cache shares it; without, `past` is only read.
+        """
         B, T, _ = x.shape
         start = past.next_pos if past is not None else 0
         positions = torch.arange(start, start + T, device=x.device)
@@ -71,22 +142,72 @@ class Attention(nn.Module):
         k = apply_rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, T, D]
-        if past is not None:
-            k = torch.cat((past.k.to(k.dtype), k), dim=2)
-            v = torch.cat((past.v.to(v.dtype), v), dim=2)
-        o = self._attend(q, k, v, start)
+        n = past.length if past is not None else 0
+        cache = None
+        if self.window is not None and use_cache and n and T == 1:
+            o, cache = self._ring_step(q, k, v, past)
+        elif self.window is None and use_cache:
+            cache = (past if past is not None else KVCache.reserve(0)).append(k, v)
+            o = self._attend(q, *self._as(q, cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]), start)
+        else:  # no cache to write, or a window's prefill: the held keys (<= window of them) then these
+            if n:
+                pk, pv = self._as(k, past.keys, past.values)
+                keys, values = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
+            else:
+                keys, values = k, v
+            o = self._attend(q, keys, values, start)
+            if use_cache:  # window: keep the last `window` positions in the ring
+                cache = self._ring_write(past, keys, values, start + T)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
-        if not use_cache:
-            return y
-        if self.window is not None:
-            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
-        return y, KVCache(k, v, start + T)
+        return (y, cache) if use_cache else y
+
+    @staticmethod
+    def _as(like: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v in `like`'s dtype (a cache filled in another dtype, e.g. before autocast, is cast once per use)."""
+        return k.to(like.dtype), v.to(like.dtype)
+
+    def _ring_write(self, past: Optional[KVCache], keys: torch.Tensor, values: torch.Tensor, next_pos: int) -> KVCache:
+        """The window cache holding the last `window` of keys / values [B, H_kv, S, D] (positions ..next_pos - 1),
+        in past's ring storage when it has one, else in a new ring of `window` slots."""
+        w, S = self.window, keys.shape[2]
+        keep = min(S, w)
+        if past is not None and past.k is not None and past.window == w and past.k.shape[:2] == keys.shape[:2]:
+            K, V = past.k, past.v
+        else:
+            B, H, _, D = keys.shape
+            # zeros: slots not written yet are masked out, but an uninitialized NaN would still leak (0 * NaN)
+            K, V = keys.new_zeros(B, H, w, D), values.new_zeros(B, H, w, values.shape[-1])
+        slots = torch.arange(next_pos - keep, next_pos, device=keys.device) % w
+        K[:, :, slots] = keys[:, :, S - keep :]
+        V[:, :, slots] = values[:, :, S - keep :]
+        return KVCache(K, V, next_pos, keep, window=w)
+
+    def _ring_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KVCache):
+        """One token with a sliding window: its key overwrites the slot of the one key that leaves the window,
+        then it attends to the ring in place (slot order does not matter once RoPE is applied)."""
+        w, pos = self.window, past.next_pos
+        if past.window != w or past.k is None:  # a cache from elsewhere: reorder it into a ring once
+            past = self._ring_write(None, *self._as(k, past.keys, past.values), pos)
+        K, V = past.k, past.v
+        K[:, :, pos % w] = k[:, :, 0]
+        V[:, :, pos % w] = v[:, :, 0]
+        cache = KVCache(K, V, pos + 1, min(past.length + 1, w), window=w)
+        mask = None
+        if cache.length < w:  # a ring not yet full: only the slots written so far
+            slot = torch.arange(w, device=q.device)
+            held = pos - (pos - slot) % w  # the latest position <= pos in each slot
+            mask = (held > pos - cache.length)[None, :]
+        keys, values = self._as(q, K, V)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return o, cache
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         T, S = q.shape[2], k.shape[2]
         gqa = self.heads != self.kv_heads
         if S == T and self.window is None:  # no cache: the fused causal kernels apply
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if T == 1 and self.window is None:  # one query after the whole context: every key is visible
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         # queries sit at absolute positions start..start+T-1, keys at start+T-S..start+T-1
         q_pos = torch.arange(start, start + T, device=q.device)[:, None]
         k_pos = torch.arange(start + T - S, start + T, device=q.device)[None, :]

@@ -50,7 +50,12 @@ def check_op_args(
         fail(f"v must be [B, T, H, V] = [{B}, {T}, {H}, V], got {_shape(v)}")
     V = v.shape[-1]
     if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
-        fail(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        # no silent cast here: the caller picks the compute dtype (the emitted layers cast q and k to v's)
+        hint = ""
+        if q.dtype.is_floating_point and torch.is_autocast_enabled(q.device.type):
+            hint = (" (autocast is on: a feature map or gate that ran in float32 must be cast back to the"
+                    " autocast dtype before the op)")
+        fail(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}{hint}")
 
     def expect(arg: str, t: Optional[torch.Tensor], wanted: bool, why: str, shapes: list[tuple]) -> None:
         if t is None:

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from . import checkpoint as ckpt
+from .attention import Attention, KVCache
 from .data import encode
 from .loader import load_package
 
@@ -50,20 +51,34 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def reserve_cache(model, capacity: int) -> Optional[list]:
+    """A cache to pass to the prefill: an empty KVCache with room for `capacity` positions for every attention
+    layer (None for the others), so that decoding writes in place and never regrows; None for a model whose
+    layers are not `model.blocks[i].mixer`."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not all(hasattr(b, "mixer") for b in blocks):
+        return None
+    return [KVCache.reserve(capacity) if isinstance(b.mixer, Attention) else None for b in blocks]
+
+
 @torch.no_grad()
 def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0) -> Iterator[torch.Tensor]:
     """Yield next-token ids [B], one per step: prefill the prompt [B, T] at once, then decode step by step."""
     generator = torch.Generator().manual_seed(seed)
-    logits, cache = model(prompt_ids, use_cache=True)
-    for _ in range(max_new_tokens):
+    # KV caches take the whole sequence's room once, at the prefill (the last token is sampled, never fed)
+    reserved = reserve_cache(model, prompt_ids.shape[1] + max(max_new_tokens - 1, 0))
+    logits, cache = model(prompt_ids, cache=reserved, use_cache=True)
+    for step in range(max_new_tokens):
         token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         yield token
-        logits, cache = model(token[:, None], cache=cache, use_cache=True)
+        if step + 1 < max_new_tokens:  # the last token needs no forward of its own
+            logits, cache = model(token[:, None], cache=cache, use_cache=True)
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes held by a decoding cache (recurrent states and KV caches, however nested)."""
+    """Bytes held by a decoding cache (recurrent states and KV caches, however nested; a KV cache counts its
+    whole preallocated storage, not only the positions filled so far)."""
     if isinstance(cache, torch.Tensor):
         return cache.numel() * cache.element_size()
     if isinstance(cache, (list, tuple)):
@@ -91,4 +106,4 @@ def generate_text(model, prompt: str, max_new_tokens: int = 200, temperature: fl
         yield tail
 
 
-__all__ = ["load_model", "sample_next", "generate_ids", "generate_text", "cache_nbytes"]
+__all__ = ["load_model", "sample_next", "generate_ids", "generate_text", "cache_nbytes", "reserve_cache"]

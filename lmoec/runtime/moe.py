@@ -4,12 +4,16 @@ For N tokens routed to k experts each there are N*k (token, expert) *slots*:
 
     route     logits = x W_r^T in fp32 -> scores -> k experts per token and their combine weights
     dispatch  the slots' tokens gathered in expert order (a stable sort: by position within an expert)
-    experts   grouped GEMMs over the contiguous per-expert segments: (silu(x Wg) * (x Wu)) Wd
-    combine   every slot's output gathered back to slot order, then a weighted sum over the k slots
+    experts   grouped GEMMs over the contiguous per-expert segments: (w * silu(x Wg) * (x Wu)) Wd,
+              the slot's combine weight w applied inside the SwiGLU (one fused kernel on CUDA)
+    combine   every slot's (already weighted) output gathered back to slot order, summed over the k slots
 
 Expert parallel (lmoec.runtime.expert_parallel) only replaces `dispatch`/`experts` by an all_to_all
-round trip; routing, losses and the combine stay on the token's rank, so the model code never knows
-about ranks.
+round trip; routing, losses and the combine (there a batched weighted sum) stay on the token's
+rank, so the model code never knows about ranks.
+
+Nothing here waits for the GPU in the dropless case: counts come from an index_add (bincount
+reads its max back to the host) and grouped GEMMs take their offsets as a device tensor.
 """
 from __future__ import annotations
 
@@ -20,11 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the eager SwiGLU below serves every device then
+    triton = None
+
 # torch >= 2.9 exposes grouped_mm publicly; older releases (2.8) only as torch._grouped_mm.
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 GroupedBackend = Literal["auto", "grouped", "loop"]
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# experts_fn(rows, counts, row_weight or None) -> outputs, one row per input row
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
 
 def grouped_mm_available() -> bool:
@@ -50,18 +61,117 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
     return torch.cat([seg @ weight[e] for e, seg in enumerate(segments)])
 
 
-def swiglu_experts(rows, counts, w_gate, w_up, w_down, backend: GroupedBackend = "auto") -> torch.Tensor:
-    """Expert i: (silu(x @ w_gate[i]) * (x @ w_up[i])) @ w_down[i], on rows grouped by expert.
+# ---- SwiGLU: one Triton kernel each way on CUDA -------------------------------------------
+#
+# Eager `silu(g) * u * w` is three passes over [M, ffn] forward and five backward, and autograd
+# keeps silu(g) as well; the kernels read g, u (and dh) once, compute in fp32, recompute silu in
+# the backward and sum the combine weight's gradient per row on the way.
+
+_SWIGLU_BLOCK_M, _SWIGLU_BLOCK_N = 8, 128
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(g_ptr, u_ptr, w_ptr, h_ptr, rows, cols, HAS_WEIGHT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (r < rows)[:, None] & (c < cols)[None, :]
+        offs = r.to(tl.int64)[:, None] * cols + c[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = g * tl.sigmoid(g) * u
+        if HAS_WEIGHT:
+            h = h * tl.load(w_ptr + r, mask=r < rows, other=0.0).to(tl.float32)[:, None]
+        tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(g_ptr, u_ptr, w_ptr, dh_ptr, dg_ptr, du_ptr, dw_ptr, rows, cols, HAS_WEIGHT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = r < rows
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + r, mask=row_ok, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start in range(0, cols, BLOCK_N):
+            c = start + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (c < cols)[None, :]
+            offs = r.to(tl.int64)[:, None] * cols + c[None, :]
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            s = tl.sigmoid(g)
+            silu = g * s
+            if HAS_WEIGHT:
+                dw += tl.sum(dh * silu * u, axis=1)
+                dh = dh * w[:, None]
+            tl.store(du_ptr + offs, (dh * silu).to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(dg_ptr + offs, (dh * u * s * (1 + g * (1 - s))).to(dg_ptr.dtype.element_ty), mask=mask)
+        if HAS_WEIGHT:
+            tl.store(dw_ptr + r, dw.to(dw_ptr.dtype.element_ty), mask=row_ok)
+
+
+class _FusedSwiGLU(torch.autograd.Function):
+    """h = silu(gate) * up * weight[:, None] (weight [M] or None) by the Triton kernels above."""
+
+    @staticmethod
+    def forward(ctx, gate, up, weight):
+        gate, up = gate.contiguous(), up.contiguous()
+        weight = None if weight is None else weight.contiguous()
+        ctx.save_for_backward(gate, up, weight)
+        h = torch.empty_like(gate)
+        rows, cols = gate.shape
+        grid = (triton.cdiv(rows, _SWIGLU_BLOCK_M), triton.cdiv(cols, _SWIGLU_BLOCK_N))
+        _swiglu_fwd_kernel[grid](gate, up, gate if weight is None else weight, h, rows, cols, HAS_WEIGHT=weight is not None,
+                                 BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N)
+        return h
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up, weight = ctx.saved_tensors
+        dgate, dup = torch.empty_like(gate), torch.empty_like(up)
+        dweight = None if weight is None else torch.empty_like(weight)
+        rows, cols = gate.shape
+        _swiglu_bwd_kernel[(triton.cdiv(rows, _SWIGLU_BLOCK_M),)](
+            gate, up, gate if weight is None else weight, dh.contiguous(), dgate, dup, gate if dweight is None else dweight,
+            rows, cols, HAS_WEIGHT=weight is not None, BLOCK_M=_SWIGLU_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N)
+        return dgate, dup, dweight
+
+
+def fused_swiglu_applies(gate: torch.Tensor) -> bool:
+    """Whether `swiglu` runs the Triton kernels: on CUDA, for the dtypes they compute in fp32."""
+    return triton is not None and gate.is_cuda and gate.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(gate) * up [M, ffn], each row scaled by row_weight [M] when given."""
+    if gate.shape[0] > 0 and fused_swiglu_applies(gate):
+        return _FusedSwiGLU.apply(gate, up, row_weight)
+    h = F.silu(gate) * up
+    return h if row_weight is None else (h * row_weight.unsqueeze(1)).to(h.dtype)
+
+
+def swiglu_experts(rows, counts, w_gate, w_up, w_down, backend: GroupedBackend = "auto", row_weight=None) -> torch.Tensor:
+    """Expert i: (silu(x @ w_gate[i]) * (x @ w_up[i])) @ w_down[i], on rows grouped by expert,
+    each row's SwiGLU output scaled by row_weight [M] when given.
 
     Under CUDA autocast, operands are cast to the autocast dtype here, as autocast does for
     matmuls (it does not know grouped_mm), so fp32 master weights still take the grouped kernel.
+    The row weights stay as they are: the fused SwiGLU multiplies in fp32.
+
+    Gate and up stay two grouped GEMMs: one over torch.cat([w_gate, w_up], -1) would cost a
+    copy of both weights every forward (and of their gradients in the backward) for about the
+    time it saves, and makes the forward GEMMs slower at A0.3B-2B's shape (bench/moe_gpu.py).
     """
     if rows.is_cuda and torch.is_autocast_enabled("cuda"):
         dtype = torch.get_autocast_dtype("cuda")
         rows, w_gate, w_up, w_down = (t.to(dtype) for t in (rows, w_gate, w_up, w_down))
     gate = grouped_matmul(rows, w_gate, counts, backend)
     up = grouped_matmul(rows, w_up, counts, backend)
-    return grouped_matmul(F.silu(gate) * up, w_down, counts, backend)
+    return grouped_matmul(swiglu(gate, up, row_weight), w_down, counts, backend)
+
+
+# ---- dispatch and combine -------------------------------------------------------------------
 
 
 def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
@@ -70,11 +180,23 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
     return inverse
 
 
+def count_per_expert(row_expert: torch.Tensor, experts: int) -> torch.Tensor:
+    """bincount(row_expert, minlength=experts) without its host sync (it reads the max back)."""
+    return torch.zeros(experts, dtype=torch.long, device=row_expert.device).index_add_(0, row_expert, torch.ones_like(row_expert))
+
+
 def capacity_of(capacity_factor: Optional[float], slots: int, experts: int) -> Optional[int]:
     """Switch-style capacity: ceil(factor * slots / experts) slots per expert; None is dropless."""
     if capacity_factor is None:
         return None
     return math.ceil(capacity_factor * slots / experts)
+
+
+def _take_sum(t: torch.Tensor, index: torch.Tensor, repeats: int) -> torch.Tensor:
+    """t's rows in the order `index`, every `repeats` consecutive ones summed. One reduction in
+    t's dtype: torch accumulates bf16/fp16 sums in fp32, with no fp32 copy of the rows."""
+    t = t.index_select(0, index)
+    return t if repeats == 1 else t.view(-1, repeats, *t.shape[1:]).sum(1)
 
 
 class _GatherRows(torch.autograd.Function):
@@ -94,13 +216,32 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inverse,) = ctx.saved_tensors
-        grad_slots = grad.index_select(0, inverse).view(-1, ctx.repeats, grad.shape[1])
-        summed = grad_slots.sum(1, dtype=torch.promote_types(grad.dtype, torch.float32))
-        return summed.to(grad.dtype), None, None, None
+        return _take_sum(grad, inverse, ctx.repeats), None, None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """The transpose of _GatherRows: rows back in slot order by `inverse`, every `repeats` summed.
+
+    Its backward is a plain gather: each row's gradient is its source row's, read by `index`.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, inverse, index, repeats):
+        ctx.save_for_backward(index)
+        return _take_sum(rows, inverse, repeats)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None, None
 
 
 def gather_rows(source: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, repeats: int = 1) -> torch.Tensor:
     return _GatherRows.apply(source, index, inverse, repeats)
+
+
+def sum_rows(rows: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor, repeats: int = 1) -> torch.Tensor:
+    return _SumRows.apply(rows, inverse, index, repeats)
 
 
 def run_grouped(
@@ -110,30 +251,41 @@ def run_grouped(
     experts: int,
     capacity: Optional[int],
     experts_fn: ExpertsFn,
+    row_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Run rows through their experts, grouped by expert; the result is in the rows' order.
+    """Run rows through their experts, grouped by expert.
 
     Row m is source[m // repeats] (repeats = top_k for a token's slots), for expert row_expert[m].
     Rows are sorted by expert with a stable sort, so an expert sees its rows in their given order,
     and with a capacity it keeps the first `capacity` of them: dropped rows come back as zeros
-    (deterministic: by position).
+    (deterministic: by position). Without `row_weight` the result is [M, hidden] in the rows'
+    order. With row_weight [M] (the combine weights) the experts scale each row by its weight and
+    each source row gets the sum of its `repeats` rows, [M / repeats, hidden]: the combine is then
+    the way back to slot order, with no weighted pass of its own.
     """
     order = torch.argsort(row_expert, stable=True)
     inverse = inverse_permutation(order)
-    counts = torch.bincount(row_expert, minlength=experts)
+    counts = count_per_expert(row_expert, experts)
+    source_row = order // repeats
     if capacity is None:
-        out_sorted = experts_fn(gather_rows(source, order // repeats, inverse, repeats), counts)
-        return gather_rows(out_sorted, inverse, order)
+        weight = None if row_weight is None else gather_rows(row_weight, order, inverse)
+        out_sorted = experts_fn(gather_rows(source, source_row, inverse, repeats), counts, weight)
+        if row_weight is None:
+            return gather_rows(out_sorted, inverse, order)
+        return sum_rows(out_sorted, inverse, source_row, repeats)
     sorted_expert = row_expert.index_select(0, order)
     group_start = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.arange(order.numel(), device=order.device) - group_start.index_select(0, sorted_expert)
     kept = (rank_in_expert < capacity).nonzero().squeeze(1)
-    out_kept = experts_fn(source.index_select(0, order.index_select(0, kept) // repeats), counts.clamp(max=capacity))
+    kept_rows = order.index_select(0, kept)
+    weight = None if row_weight is None else row_weight.index_select(0, kept_rows)
+    out_kept = experts_fn(source.index_select(0, kept_rows // repeats), counts.clamp(max=capacity), weight)
     # every sorted row reads its kept output, or the zero row appended at the end
     read = torch.full_like(order, kept.numel())
     read[kept] = torch.arange(kept.numel(), device=order.device)
     out_padded = torch.cat([out_kept, out_kept.new_zeros(1, out_kept.shape[1])])
-    return out_padded.index_select(0, read.index_select(0, inverse))
+    out = out_padded.index_select(0, read.index_select(0, inverse))
+    return out if row_weight is None else out.view(-1, repeats, out.shape[1]).sum(1)
 
 
 class Router(nn.Module):
@@ -257,8 +409,8 @@ class MoE(nn.Module):
 
     # ---- forward ------------------------------------------------------------------
 
-    def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return swiglu_experts(rows, counts, self.w_gate, self.w_up, self.w_down, self.grouped_backend)
+    def _experts(self, rows: torch.Tensor, counts: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return swiglu_experts(rows, counts, self.w_gate, self.w_up, self.w_down, self.grouped_backend, row_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -267,18 +419,19 @@ class MoE(nn.Module):
         logits = self.router(tokens)
         chosen, weights, probs = self.route(logits)
         slot_expert = chosen.reshape(-1)
-        counts = torch.bincount(slot_expert, minlength=e)
+        counts = count_per_expert(slot_expert, e)
         ep = self.expert_parallel
         if ep is None:
             global_counts = counts
             capacity = capacity_of(self.capacity_factor, n * k, e)
-            slot_out = run_grouped(tokens, k, slot_expert, e, capacity, self._experts)
+            # the experts apply the combine weights and their rows come back summed per token
+            y = run_grouped(tokens, k, slot_expert, e, capacity, self._experts, weights.reshape(-1))
         else:
             counts_by_rank = ep.exchange_counts(counts)
             global_counts = counts_by_rank.sum(0)
             capacity = capacity_of(self.capacity_factor, int(global_counts.sum()), e)
             slot_out = ep.dispatch_combine(tokens, slot_expert, k, counts_by_rank, capacity, self._experts)
-        y = torch.bmm(weights.to(tokens.dtype).unsqueeze(1), slot_out.view(n, k, self.hidden)).squeeze(1)
+            y = torch.bmm(weights.to(tokens.dtype).unsqueeze(1), slot_out.view(n, k, self.hidden)).squeeze(1)
         if self.shared is not None:
             y = y + self.shared(tokens)
         self._record(logits, probs, global_counts)
