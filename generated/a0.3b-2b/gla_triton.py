@@ -543,6 +543,15 @@ def _blocks(n, cap):
     return min(_pow2(n), cap)
 
 
+def _launch_with_fallback(name, kernel, subchunk_kernel, grid, args, fast_only=None, **meta):
+    """The whole-chunk kernel over every chunk, then its sub-chunk fallback, which acts only on the chunks
+    the forward marked slow (each launch with its own CONFIG entry; grid(BV) -> launch grid)."""
+    for key, launch, extra in ((name, kernel, fast_only or {}), (name + "_subchunk", subchunk_kernel, dict(S=SUB))):
+        cfg = dict(CONFIG[key])
+        BV = _blocks(meta["V"], cfg.pop("BV"))
+        launch[grid(BV)](*args, BV=BV, **meta, **extra, **cfg)
+
+
 def _states(k, v, g, initial_state, seq_info, n_chunks, store_final):
     """Chunk-entry states h [NC, H, K, V] (in the inputs' dtype) and the final state (fp32) if asked."""
     _, NT, H, K = k.shape
@@ -579,14 +588,11 @@ class ChunkFunction(torch.autograd.Function):
         h, ht = _states(k, v, g, initial_state, seq_info, n_chunks, output_final_state)
         o = _new((1, B * T, H, V), q.dtype, q.device)
         slow = _new((n_chunks, H), torch.int32, q.device)  # 1: the chunk needs the sub-chunk kernels
-        for name, kernel, sub in (("output", output_fwd_kernel, {}), ("output_subchunk", output_fwd_subchunk_kernel, dict(S=SUB))):
-            cfg = dict(CONFIG[name])
-            BV = _blocks(V, cfg.pop("BV"))
-            if name == "output":
-                cfg["SPAN"] = _SPAN[q.dtype]
-            kernel[(n_chunks, H, triton.cdiv(V, BV))](
-                q, k, v, g, h, o, slow, chunk_info, scale, H=H, K=K, V=V, C=CHUNK, BK=_pow2(K), BV=BV, **sub, **cfg,
-            )
+        _launch_with_fallback(
+            "output", output_fwd_kernel, output_fwd_subchunk_kernel, lambda BV: (n_chunks, H, triton.cdiv(V, BV)),
+            (q, k, v, g, h, o, slow, chunk_info, scale), fast_only=dict(SPAN=_SPAN[q.dtype]),
+            H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+        )
         ctx.save_for_backward(q, k, v, g, initial_state, ht, slow)
         ctx.shape, ctx.scale, ctx.bounds = (B, T), scale, bounds
         return o.view(B, T, H, V), ht
@@ -613,22 +619,17 @@ class ChunkFunction(torch.autograd.Function):
         )
 
         dv = _new(v.shape, v.dtype, v.device)
-        for name, kernel, sub in (("grad_v", grad_v_kernel, {}), ("grad_v_subchunk", grad_v_subchunk_kernel, dict(S=SUB))):
-            cfg = dict(CONFIG[name])
-            BV = _blocks(V, cfg.pop("BV"))
-            kernel[(n_chunks, H, triton.cdiv(V, BV))](
-                q, k, do, g, dh, dv, slow, chunk_info, scale, H=H, K=K, V=V, C=CHUNK, BK=_pow2(K), BV=BV, **sub, **cfg,
-            )
+        _launch_with_fallback(
+            "grad_v", grad_v_kernel, grad_v_subchunk_kernel, lambda BV: (n_chunks, H, triton.cdiv(V, BV)),
+            (q, k, do, g, dh, dv, slow, chunk_info, scale), H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+        )
 
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device)
         da = torch.zeros(g.shape, dtype=torch.float32, device=q.device)  # accumulated with atomics
-        for name, kernel, sub in (("grad_qk", grad_qk_kernel, {}), ("grad_qk_subchunk", grad_qk_subchunk_kernel, dict(S=SUB))):
-            cfg = dict(CONFIG[name])
-            BV = _blocks(V, cfg.pop("BV"))
-            kernel[(n_chunks, H)](
-                q, k, v, do, g, da, h, dh, dq, dk, slow, chunk_info, scale,
-                H=H, K=K, V=V, C=CHUNK, BK=_pow2(K), BV=BV, **sub, **cfg,
-            )
+        _launch_with_fallback(
+            "grad_qk", grad_qk_kernel, grad_qk_subchunk_kernel, lambda BV: (n_chunks, H),
+            (q, k, v, do, g, da, h, dh, dq, dk, slow, chunk_info, scale), H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+        )
         # the final state's share of dg: d(loss)/d(cumulative decay at a sequence's last token)
         has_final = dht is not None and ht is not None
         dfinal = (ht * dht).sum(-1).contiguous() if has_final else None
