@@ -220,6 +220,12 @@ def is_oom(err: Exception) -> bool:
     return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def first_line(err: Exception) -> str:
+    """The first line of an error's message: for CUDA out of memory, how much it tried to allocate and what was free."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def backend_note(program: Program, device: torch.device) -> str:
     lsm = program.ir.model.lsm
     if lsm is None or "L" not in program.ir.model.pattern:
@@ -261,7 +267,7 @@ def bench_training(name: str, program: Program, device: torch.device, shapes, wa
                 raise
             optimizer.zero_grad(set_to_none=True)
             row = dict(model=name, seq=seq, batch=batch, tok_s=None, peak_gib=None, backend=note)
-            say(f"train  {name:22s} seq {seq:6d} x {batch:3d}: out of memory")
+            say(f"train  {name:22s} seq {seq:6d} x {batch:3d}: out of memory ({first_line(err)})")
         rows.append(row)
     del model, optimizer
     reset_peak(device)
@@ -312,7 +318,7 @@ def bench_decoding(name: str, program: Program, device: torch.device, contexts, 
             if not is_oom(err):
                 raise
             row = dict(model=name, context=context, batch=batch, ms=None, cache_bytes=None, peak_gib=None)
-            say(f"decode {name:22s} context {context:7d}: out of memory")
+            say(f"decode {name:22s} context {context:7d}: out of memory ({first_line(err)})")
         rows.append(row)
         del cache
     del model
@@ -578,8 +584,7 @@ def _run(cfg: BenchConfig, say: Callable[[str], None], device: torch.device, siz
         try:
             fn()
         except Exception as err:  # noqa: BLE001
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            log(f"{what} {name}: FAILED: {type(err).__name__}: {first}")
+            log(f"{what} {name}: FAILED: {type(err).__name__}: {first_line(err)}")
 
     kernel_programs: dict[str, Program] = {}
     if "kernels" in cfg.what:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmoec.runtime.recompute import autocast_input, recompute
+
 from .gla_ops import op, step
 
 
@@ -64,6 +66,10 @@ class Layer(nn.Module):
         nn.init.normal_(self.o_proj.weight, std=0.02 / math.sqrt(2 * (self.layers or 1)))
         self.o_norm.reset_parameters()
 
+    def norm_gate(self, o, gate, *norm_params):
+        """o_norm(o) * gate, the norm's parameters passed in: recompute() redoes this in the backward."""
+        return F.rms_norm(o, self.o_norm.normalized_shape, *norm_params, self.o_norm.eps) * gate
+
     def forward(self, x, past=None, use_cache=False, backend="auto"):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"gla layer: x must be [B, T, hidden={self.hidden}], got {getattr(x, 'shape', type(x).__name__)}")
@@ -72,6 +78,7 @@ class Layer(nn.Module):
         length = x.shape[1]
         past = past or {}
         cache = {}
+        x = autocast_input(x)  # x only feeds linears: one autocast copy of it instead of one per projection
 
         q, v = self.q_proj(x), self.v_proj(x)
         k = self.k_proj(x)
@@ -90,8 +97,7 @@ class Layer(nn.Module):
         else:
             o, state = op(q, k, v, g=g, scale=self.scale, initial_state=state,
                           output_final_state=use_cache, backend=backend)
-        o = self.o_norm(o)
-        o = o * F.silu(self.W_og(x).unflatten(-1, (self.heads, self.head_v)))
+        o = recompute(self.norm_gate, o, F.silu(self.W_og(x).unflatten(-1, (self.heads, self.head_v))), *self.o_norm.parameters())  # keeps o and the gate only
         y = self.o_proj(o.flatten(-2))
         if use_cache:
             return y, {"state": state, **cache}

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmoec.runtime.recompute import autocast_input
+
 from .bla_ops import op, step
 
 
@@ -69,6 +71,7 @@ class Layer(nn.Module):
         length = x.shape[1]
         past = past or {}
         cache = {}
+        x = autocast_input(x)  # x only feeds linears: one autocast copy of it instead of one per projection
 
         q, v = self.q_proj(x), self.v_proj(x)
         k = self.k_proj(x)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmoec.runtime.recompute import autocast_input, recompute
+
 from .gated_delta_vector_ops import op, step
 
 
@@ -32,20 +34,29 @@ def l2norm(x, eps=1e-6):
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution over time, then SiLU; its state is the last kernel - 1 inputs."""
+    """Causal depthwise convolution over time, then SiLU (then `features`, if given); its state is the last kernel - 1 inputs."""
 
     def __init__(self, channels, kernel):
         super().__init__()
         self.kernel = kernel
         self.conv = nn.Conv1d(channels, channels, kernel, groups=channels, bias=False)
 
-    def forward(self, x, state=None):
-        """x [B, T, C], state [B, kernel - 1, C] (None: zeros) -> (y [B, T, C], new state)."""
+    def forward(self, x, state=None, features=None):
+        """x [B, T, C], state [B, kernel - 1, C] (None: zeros) -> (y, new state), y = features(silu(conv(x))), contiguous.
+
+        Only the conv's input is kept for the backward: conv, SiLU and features run again there (recompute),
+        instead of keeping each of their outputs.
+        """
         if state is None:
             state = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
         window = torch.cat([state.to(x.dtype), x], dim=1)
-        y = self.conv(window.transpose(1, 2)).transpose(1, 2)
-        return F.silu(y), window[:, window.shape[1] - (self.kernel - 1):]
+        y = recompute(lambda w, weight: self.chain(w, weight, features), window, self.conv.weight)
+        return y, window[:, window.shape[1] - (self.kernel - 1):]
+
+    @staticmethod
+    def chain(window, weight, features):
+        y = F.silu(F.conv1d(window.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2))
+        return (y if features is None else features(y)).contiguous()
 
 
 class Layer(nn.Module):
@@ -96,6 +107,24 @@ class Layer(nn.Module):
             conv.conv.reset_parameters()
         self.o_norm.reset_parameters()
 
+    def q_features(self, q):
+        """q [B, T, H * key_proj_dim] out of its short conv -> the op's q [B, T, H, K] in the conv's dtype (v's)."""
+        dtype = q.dtype
+        q = q.unflatten(-1, (self.heads, self.key_proj_dim))
+        q = l2norm(q)
+        return q.to(dtype)
+
+    def k_features(self, k):
+        """k [B, T, H * key_proj_dim] out of its short conv -> the op's k [B, T, H, K] in the conv's dtype (v's)."""
+        dtype = k.dtype
+        k = k.unflatten(-1, (self.heads, self.key_proj_dim))
+        k = l2norm(k)
+        return k.to(dtype)
+
+    def norm_gate(self, o, gate, *norm_params):
+        """o_norm(o) * gate, the norm's parameters passed in: recompute() redoes this in the backward."""
+        return F.rms_norm(o, self.o_norm.normalized_shape, *norm_params, self.o_norm.eps) * gate
+
     def forward(self, x, past=None, use_cache=False, backend="auto"):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"gated_delta_vector layer: x must be [B, T, hidden={self.hidden}], got {getattr(x, 'shape', type(x).__name__)}")
@@ -104,17 +133,14 @@ class Layer(nn.Module):
         length = x.shape[1]
         past = past or {}
         cache = {}
+        x = autocast_input(x)  # x only feeds linears: one autocast copy of it instead of one per projection
 
         q, v = self.q_proj(x), self.v_proj(x)
         k = self.k_proj(x)
-        q, cache["conv_q"] = self.q_conv(q, past.get("conv_q"))
-        k, cache["conv_k"] = self.k_conv(k, past.get("conv_k"))
+        q, cache["conv_q"] = self.q_conv(q, past.get("conv_q"), self.q_features)
+        k, cache["conv_k"] = self.k_conv(k, past.get("conv_k"), self.k_features)
         v, cache["conv_v"] = self.v_conv(v, past.get("conv_v"))
-        q = q.unflatten(-1, (self.heads, self.key_proj_dim))
-        k = k.unflatten(-1, (self.heads, self.key_proj_dim))
         v = v.unflatten(-1, (self.heads, self.head_v))
-        q = l2norm(q)
-        k = l2norm(k)
         g = F.logsigmoid(self.W_gk2(self.W_gk(x)).unflatten(-1, (self.heads, self.head_k)))/16  # log decay [B, T, H, K]
         beta = torch.sigmoid(self.W_b(x))  # [B, T, H]
         # one dtype for the op: under autocast v leaves its linear in the autocast dtype, while feature maps and
@@ -128,8 +154,7 @@ class Layer(nn.Module):
         else:
             o, state = op(q, k, v, g=g, beta=beta, scale=self.scale, initial_state=state,
                           output_final_state=use_cache, backend=backend)
-        o = self.o_norm(o)
-        o = o * F.silu(self.W_g(x).unflatten(-1, (self.heads, self.head_v)))
+        o = recompute(self.norm_gate, o, F.silu(self.W_g(x).unflatten(-1, (self.heads, self.head_v))), *self.o_norm.parameters())  # keeps o and the gate only
         y = self.o_proj(o.flatten(-2))
         if use_cache:
             return y, {"state": state, **cache}

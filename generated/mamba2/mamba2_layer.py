@@ -23,24 +23,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmoec.runtime.recompute import autocast_input, recompute
+
 from .mamba2_ops import op, step
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution over time, then SiLU; its state is the last kernel - 1 inputs."""
+    """Causal depthwise convolution over time, then SiLU (then `features`, if given); its state is the last kernel - 1 inputs."""
 
     def __init__(self, channels, kernel):
         super().__init__()
         self.kernel = kernel
         self.conv = nn.Conv1d(channels, channels, kernel, groups=channels, bias=False)
 
-    def forward(self, x, state=None):
-        """x [B, T, C], state [B, kernel - 1, C] (None: zeros) -> (y [B, T, C], new state)."""
+    def forward(self, x, state=None, features=None):
+        """x [B, T, C], state [B, kernel - 1, C] (None: zeros) -> (y, new state), y = features(silu(conv(x))), contiguous.
+
+        Only the conv's input is kept for the backward: conv, SiLU and features run again there (recompute),
+        instead of keeping each of their outputs.
+        """
         if state is None:
             state = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
         window = torch.cat([state.to(x.dtype), x], dim=1)
-        y = self.conv(window.transpose(1, 2)).transpose(1, 2)
-        return F.silu(y), window[:, window.shape[1] - (self.kernel - 1):]
+        y = recompute(lambda w, weight: self.chain(w, weight, features), window, self.conv.weight)
+        return y, window[:, window.shape[1] - (self.kernel - 1):]
+
+    @staticmethod
+    def chain(window, weight, features):
+        y = F.silu(F.conv1d(window.transpose(1, 2), weight, groups=weight.shape[0]).transpose(1, 2))
+        return (y if features is None else features(y)).contiguous()
 
 
 class Layer(nn.Module):
@@ -96,6 +107,10 @@ class Layer(nn.Module):
         h = torch.arange(self.heads, dtype=torch.float64).view(-1)
         self.dt_bias.copy_(torch.broadcast_to(torch.as_tensor(torch.log(torch.exp(0.001*100**(h/self.heads)) - 1), dtype=torch.float64), self.dt_bias.shape))
 
+    def norm_gate(self, o, gate, *norm_params):
+        """o_norm(o) * gate, the norm's parameters passed in: recompute() redoes this in the backward."""
+        return F.rms_norm(o, self.o_norm.normalized_shape, *norm_params, self.o_norm.eps) * gate
+
     def forward(self, x, past=None, use_cache=False, backend="auto"):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"mamba2 layer: x must be [B, T, hidden={self.hidden}], got {getattr(x, 'shape', type(x).__name__)}")
@@ -104,6 +119,7 @@ class Layer(nn.Module):
         length = x.shape[1]
         past = past or {}
         cache = {}
+        x = autocast_input(x)  # x only feeds linears: one autocast copy of it instead of one per projection
 
         q, v = self.q_proj(x), self.v_proj(x)
         k = self.k_proj(x)
@@ -125,8 +141,7 @@ class Layer(nn.Module):
         else:
             o, state = op(q, k, v, g=g, scale=self.scale, initial_state=state,
                           output_final_state=use_cache, backend=backend)
-        o = self.o_norm(o)
-        o = o * F.silu(self.W_z(x).unflatten(-1, (self.heads, self.head_v)))
+        o = recompute(self.norm_gate, o, F.silu(self.W_z(x).unflatten(-1, (self.heads, self.head_v))), *self.o_norm.parameters())  # keeps o and the gate only
         y = self.o_proj(o.flatten(-2))
         if use_cache:
             return y, {"state": state, **cache}

@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from lmoec.runtime.recompute import autocast_input
+
 from .rebased_ops import op, step
 
 
@@ -81,6 +83,7 @@ class Layer(nn.Module):
         length = x.shape[1]
         past = past or {}
         cache = {}
+        x = autocast_input(x)  # x only feeds linears: one autocast copy of it instead of one per projection
 
         q, v = self.q_proj(x), self.v_proj(x)
         k = self.k_proj(x)

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmoec.runtime.recompute import recompute
+
 from .retnet_ops import op, step
 
 
@@ -67,6 +69,10 @@ class Layer(nn.Module):
         h = torch.arange(self.heads, device=device, dtype=torch.float64)
         return torch.broadcast_to(torch.as_tensor(torch.log(1 - 2**(-h - 5)), dtype=torch.float64), (self.heads,)).to(dtype)
 
+    def norm_gate(self, o, gate, *norm_params):
+        """o_norm(o) * gate, the norm's parameters passed in: recompute() redoes this in the backward."""
+        return F.group_norm(o.reshape(-1, self.heads * self.head_v), self.heads, *norm_params, self.o_norm.eps).view_as(o) * gate
+
     def forward(self, x, past=None, use_cache=False, backend="auto"):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"retnet layer: x must be [B, T, hidden={self.hidden}], got {getattr(x, 'shape', type(x).__name__)}")
@@ -93,8 +99,7 @@ class Layer(nn.Module):
         else:
             o, state = op(q, k, v, g=g, scale=self.scale, initial_state=state,
                           output_final_state=use_cache, backend=backend)
-        o = self.o_norm(o.reshape(-1, self.heads * self.head_v)).view_as(o)
-        o = o * F.silu(self.W_g(x).unflatten(-1, (self.heads, self.head_v)))
+        o = recompute(self.norm_gate, o, F.silu(self.W_g(x).unflatten(-1, (self.heads, self.head_v))), *self.o_norm.parameters())  # keeps o and the gate only
         y = self.o_proj(o.flatten(-2))
         if use_cache:
             return y, {"state": state, **cache}

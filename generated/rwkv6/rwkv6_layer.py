@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmoec.runtime.recompute import autocast_input, recompute
+
 from .rwkv6_ops import op, step
 
 
@@ -74,6 +76,10 @@ class Layer(nn.Module):
         i = torch.arange(self.head_k, dtype=torch.float64).view(1, -1)
         self.u.copy_(torch.broadcast_to(torch.as_tensor(0.5 - 0.5*i/self.head_k, dtype=torch.float64), self.u.shape))
 
+    def norm_gate(self, o, gate, *norm_params):
+        """o_norm(o) * gate, the norm's parameters passed in: recompute() redoes this in the backward."""
+        return F.group_norm(o.reshape(-1, self.heads * self.head_v), self.heads, *norm_params, self.o_norm.eps).view_as(o) * gate
+
     def forward(self, x, past=None, use_cache=False, backend="auto"):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"rwkv6 layer: x must be [B, T, hidden={self.hidden}], got {getattr(x, 'shape', type(x).__name__)}")
@@ -82,6 +88,7 @@ class Layer(nn.Module):
         length = x.shape[1]
         past = past or {}
         cache = {}
+        x = autocast_input(x)  # x only feeds linears: one autocast copy of it instead of one per projection
 
         q, v = self.q_proj(x), self.v_proj(x)
         k = self.k_proj(x)
@@ -100,8 +107,7 @@ class Layer(nn.Module):
         else:
             o, state = op(q, k, v, g=g, u=self.u, scale=self.scale, initial_state=state,
                           output_final_state=use_cache, backend=backend)
-        o = self.o_norm(o.reshape(-1, self.heads * self.head_v)).view_as(o)
-        o = o * F.silu(self.W_g(x).unflatten(-1, (self.heads, self.head_v)))
+        o = recompute(self.norm_gate, o, F.silu(self.W_g(x).unflatten(-1, (self.heads, self.head_v))), *self.o_norm.parameters())  # keeps o and the gate only
         y = self.o_proj(o.flatten(-2))
         if use_cache:
             return y, {"state": state, **cache}

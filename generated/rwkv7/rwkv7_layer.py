@@ -20,7 +20,10 @@ chunkwise op starting from that state.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from lmoec.runtime.recompute import autocast_input, recompute
 
 from .rwkv7_ops import op, step
 
@@ -83,6 +86,10 @@ class Layer(nn.Module):
         self.k_k.copy_(torch.broadcast_to(torch.as_tensor(0.85, dtype=torch.float64), self.k_k.shape))
         self.a_0.copy_(torch.broadcast_to(torch.as_tensor(0, dtype=torch.float64), self.a_0.shape))
 
+    def norm_gate(self, o, gate, *norm_params):
+        """o_norm(o) * gate, the norm's parameters passed in: recompute() redoes this in the backward."""
+        return F.group_norm(o.reshape(-1, self.heads * self.head_v), self.heads, *norm_params, self.o_norm.eps).view_as(o) * gate
+
     def forward(self, x, past=None, use_cache=False, backend="auto"):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"rwkv7 layer: x must be [B, T, hidden={self.hidden}], got {getattr(x, 'shape', type(x).__name__)}")
@@ -91,6 +98,7 @@ class Layer(nn.Module):
         length = x.shape[1]
         past = past or {}
         cache = {}
+        x = autocast_input(x)  # x only feeds linears: one autocast copy of it instead of one per projection
 
         q, v = self.q_proj(x), self.v_proj(x)
         k = self.k_proj(x)
@@ -112,8 +120,7 @@ class Layer(nn.Module):
         else:
             o, state = op(q, k, v, g=g, a=a, b=b, scale=self.scale, initial_state=state,
                           output_final_state=use_cache, backend=backend)
-        o = self.o_norm(o.reshape(-1, self.heads * self.head_v)).view_as(o)
-        o = o * self.W_g2(torch.sigmoid(self.W_g1(x))).unflatten(-1, (self.heads, self.head_v))
+        o = recompute(self.norm_gate, o, self.W_g2(torch.sigmoid(self.W_g1(x))).unflatten(-1, (self.heads, self.head_v)), *self.o_norm.parameters())  # keeps o and the gate only
         y = self.o_proj(o.flatten(-2))
         if use_cache:
             return y, {"state": state, **cache}

@@ -119,6 +119,15 @@ class CausalLM(nn.Module):
                     nn.init.normal_(param, std=out_std)
 
     def forward(self, input_ids, cache=None, use_cache=False):
+        x, new_cache = self.hidden_states(input_ids, cache, use_cache)
+        logits = self.head(x)
+        return (logits, new_cache) if use_cache else logits
+
+    def hidden_states(self, input_ids, cache=None, use_cache=False):
+        """(the final norm's output [B, T, hidden] that the LM head reads, the new cache or None).
+
+        lmoec.runtime.train.lm_loss starts from here, so that the [B, T, vocab] logits never exist at once.
+        """
         x = self.embed(input_ids)
         new_cache = [] if use_cache else None
         aux = []
@@ -128,8 +137,7 @@ class CausalLM(nn.Module):
                 new_cache.append(layer_cache)
             aux.append(block.ffn.balancing_loss())
         self.aux_loss = torch.stack(aux).sum()
-        logits = self.head(self.norm(x))
-        return (logits, new_cache) if use_cache else logits
+        return self.norm(x), new_cache
 
     def num_params(self, active=False, embeddings=True):
         """Parameters, counted once when tied. active=True counts only the experts a token uses;

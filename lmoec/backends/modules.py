@@ -85,6 +85,10 @@ class LayerContext(BaseModel):
     gate_code: Optional[str]
     scale_code: str
     helpers: list[str]  # names of module-level helpers the code uses (l2norm, taylor2, rebased)
+    conv_features: list[str]  # sides (q, k) whose feature maps run inside their short conv's recompute
+    norm_gate: bool  # output norm and gate run as one recompute
+    cast_x_once: bool  # x feeds only linears: cast it to the autocast dtype once
+    recompute_imports: list[str]  # names the layer imports from lmoec.runtime.recompute
     uses_functional: bool  # whether the code calls torch.nn.functional (imported as F only then)
 
 
@@ -118,6 +122,12 @@ def _feature_steps(side: str, maps: list[str], short_conv: int) -> tuple[list[Fe
             raise ValueError(f"unknown feature map {kind!r}")
         steps.append(FeatureStep(kind=kind, code=code, dim_after=dim))
     return steps, rebased_dim, helpers
+
+
+def _x_only_projected(expr: sympy.Basic) -> bool:
+    """Whether every x in the expression is the input of a projection (x @ W)."""
+    outside = expr.replace(lambda e: isinstance(e, sympy.Function) and e.func == ex.Linear, lambda e: sympy.Integer(1))
+    return "x" not in {s.name for s in outside.free_symbols}
 
 
 def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
@@ -237,6 +247,12 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         helpers.add("l2norm")
 
     h_in_forward = any("h" in ex.free_names(e) for e in forward_exprs)
+    conv_features = [side for side, steps, rebased in (("q", feature_q, rebased_q), ("k", feature_k, rebased_k))
+                     if lsm.short_conv and steps and rebased is None and not (side == "k" and lsm.tie_k_to_decay)]
+    norm_gate = lsm.output_norm != "none" and gate_code is not None
+    # x.dtype also types h and a constant decay: the one cast would change those under autocast
+    cast_x_once = not h_in_forward and rec.decay != "constant" and all(_x_only_projected(e) for e in forward_exprs)
+    recompute_imports = [name for name, used in (("autocast_input", cast_x_once), ("recompute", lsm.short_conv or norm_gate)) if used]
     return LayerContext(
         header=header,
         name=lsm.name,
@@ -266,7 +282,11 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         gate_code=gate_code,
         scale_code=scale_code,
         helpers=sorted(helpers),
-        uses_functional=bool(lsm.short_conv) or any(
+        conv_features=conv_features,
+        norm_gate=norm_gate,
+        cast_x_once=cast_x_once,
+        recompute_imports=recompute_imports,
+        uses_functional=bool(lsm.short_conv) or norm_gate or any(
             "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, *(f.code for f in feature_q + feature_k)) if code
         ),
     )

@@ -52,13 +52,24 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
     the segments costs nothing extra. Both give the same result; tests check the grouped path on
     CPU in float32.
     """
-    if backend == "auto":
-        backend = "grouped" if rows.is_cuda and rows.dtype == torch.bfloat16 and _GROUPED_MM is not None else "loop"
-    if backend == "grouped" and rows.shape[0] > 0:
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-        return _GROUPED_MM(rows, weight, offs=offsets)
+    if _resolve(backend, rows) == "grouped" and rows.shape[0] > 0:
+        return _GROUPED_MM(rows, weight, offs=torch.cumsum(counts, 0, dtype=torch.int32))
     segments = torch.split(rows, counts.tolist())
     return torch.cat([seg @ weight[e] for e, seg in enumerate(segments)])
+
+
+def grouped_weight_grad(rows: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor, backend: GroupedBackend = "auto") -> torch.Tensor:
+    """The gradient of grouped_matmul's weight: rows [M, K], grad [M, N] -> [E, K, N], expert e's rows^T grad."""
+    if _resolve(backend, rows) == "grouped" and rows.shape[0] > 0:
+        return _GROUPED_MM(rows.t(), grad, offs=torch.cumsum(counts, 0, dtype=torch.int32))
+    pairs = zip(torch.split(rows, counts.tolist()), torch.split(grad, counts.tolist()))
+    return torch.stack([seg.t() @ g for seg, g in pairs])
+
+
+def _resolve(backend: GroupedBackend, rows: torch.Tensor) -> str:
+    if backend == "auto":
+        return "grouped" if rows.is_cuda and rows.dtype == torch.bfloat16 and _GROUPED_MM is not None else "loop"
+    return backend
 
 
 # ---- SwiGLU: one Triton kernel each way on CUDA -------------------------------------------
@@ -151,11 +162,47 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, row_weight: Optional[torch.Tens
     return h if row_weight is None else (h * row_weight.unsqueeze(1)).to(h.dtype)
 
 
+class _SwiGLUExperts(torch.autograd.Function):
+    """The expert MLPs of swiglu_experts, keeping rows, gate, up and the row weights for the backward.
+
+    Autograd over the plain composition also keeps the SwiGLU output [M, ffn] (for the down projection's
+    weight gradient) and the autocast copies of the three expert weights (a whole layer's experts in bf16,
+    at any token count); the backward here makes both again, one elementwise pass and three casts, and runs
+    the same products autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, w_gate, w_up, w_down, row_weight, counts, backend, dtype):
+        ctx.backend, ctx.dtype = backend, dtype
+        cast = lambda w: w if dtype is None else w.to(dtype)
+        gate = grouped_matmul(rows, cast(w_gate), counts, backend)
+        up = grouped_matmul(rows, cast(w_up), counts, backend)
+        ctx.save_for_backward(rows, gate, up, row_weight, w_gate, w_up, w_down, counts)
+        return grouped_matmul(swiglu(gate, up, row_weight), cast(w_down), counts, backend)
+
+    @staticmethod
+    def backward(ctx, dout):
+        rows, gate, up, row_weight, w_gate, w_up, w_down, counts = ctx.saved_tensors
+        backend, cast = ctx.backend, (lambda w: w if ctx.dtype is None else w.to(ctx.dtype))
+        wg, wu, wd = cast(w_gate), cast(w_up), cast(w_down)
+        with torch.enable_grad():
+            leaves = [t if t is None else t.detach().requires_grad_() for t in (gate, up, row_weight)]
+            h = swiglu(*leaves)
+        dh = grouped_matmul(dout, wd.transpose(-2, -1), counts, backend)
+        dw_down = grouped_weight_grad(h.detach(), dout, counts, backend)
+        dgate, dup, *drw = torch.autograd.grad(h, [t for t in leaves if t is not None], dh)
+        drows = grouped_matmul(dgate, wg.transpose(-2, -1), counts, backend) + grouped_matmul(dup, wu.transpose(-2, -1), counts, backend)
+        dw_gate = grouped_weight_grad(rows, dgate, counts, backend)
+        dw_up = grouped_weight_grad(rows, dup, counts, backend)
+        return (drows, dw_gate.to(w_gate.dtype), dw_up.to(w_up.dtype), dw_down.to(w_down.dtype),
+                drw[0] if drw else None, None, None, None)
+
+
 def swiglu_experts(rows, counts, w_gate, w_up, w_down, backend: GroupedBackend = "auto", row_weight=None) -> torch.Tensor:
     """Expert i: (silu(x @ w_gate[i]) * (x @ w_up[i])) @ w_down[i], on rows grouped by expert,
     each row's SwiGLU output scaled by row_weight [M] when given.
 
-    Under CUDA autocast, operands are cast to the autocast dtype here, as autocast does for
+    Under autocast, operands are cast to the autocast dtype here, as autocast does for
     matmuls (it does not know grouped_mm), so fp32 master weights still take the grouped kernel.
     The row weights stay as they are: the fused SwiGLU multiplies in fp32.
 
@@ -163,12 +210,11 @@ def swiglu_experts(rows, counts, w_gate, w_up, w_down, backend: GroupedBackend =
     copy of both weights every forward (and of their gradients in the backward) for about the
     time it saves, and makes the forward GEMMs slower at A0.3B-2B's shape (bench/moe_gpu.py).
     """
-    if rows.is_cuda and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")
-        rows, w_gate, w_up, w_down = (t.to(dtype) for t in (rows, w_gate, w_up, w_down))
-    gate = grouped_matmul(rows, w_gate, counts, backend)
-    up = grouped_matmul(rows, w_up, counts, backend)
-    return grouped_matmul(swiglu(gate, up, row_weight), w_down, counts, backend)
+    device = rows.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if dtype is not None:
+        rows = rows.to(dtype)
+    return _SwiGLUExperts.apply(rows, w_gate, w_up, w_down, row_weight, counts, backend, dtype)
 
 
 # ---- dispatch and combine -------------------------------------------------------------------

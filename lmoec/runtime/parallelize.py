@@ -90,13 +90,13 @@ def _parallelize_short_conv(conv: nn.Module, group) -> None:
     local_forward = conv.forward
     halo_len = conv.kernel - 1
 
-    def forward(x, state=None):
+    def forward(x, state=None, features=None):
         if state is None and halo_len > 0:
             if x.shape[1] < halo_len:
                 raise ValueError(f"sequence parallel: a rank's slice ({x.shape[1]} tokens) is shorter than the short conv's reach {halo_len}")
             tie, halos = _gather(x[:, x.shape[1] - halo_len:], group)
             state = (halos[rank - 1] if rank > 0 else torch.zeros_like(halos[0])) + tie
-        return local_forward(x, state)
+        return local_forward(x, state, features)
 
     conv.forward = forward
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from .data import BYTE_VOCAB, DataError, TokenData, load_tokens, sample_batch
 from .loader import load_package
+from .recompute import linear_cross_entropy
 
 
 @dataclass
@@ -93,12 +94,19 @@ def autocast_for(device: torch.device):
 
 
 def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cross-entropy, total loss with the MoE aux losses the model collected)."""
-    logits = model(inputs)
-    dtype = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least; a float64 model stays float64
-    ce = F.cross_entropy(logits.to(dtype).flatten(0, 1), targets.flatten())
+    """(cross-entropy, total loss with the MoE aux losses the model collected).
+
+    An emitted model hands over its last hidden states, and the LM head and the loss run a chunk of tokens
+    at a time (linear_cross_entropy): [tokens, vocab] float32 logits and their gradient are never whole.
+    """
+    if hasattr(model, "hidden_states"):
+        hidden, _ = model.hidden_states(inputs)
+        ce = linear_cross_entropy(hidden.flatten(0, 1), model.head.weight, targets.flatten())
+    else:
+        logits = model(inputs)
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), targets.flatten())
     aux = getattr(model, "aux_loss", None)
-    return ce, ce if aux is None else ce + aux.to(dtype)
+    return ce, ce if aux is None else ce + aux.to(ce.dtype)
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
