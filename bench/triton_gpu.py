@@ -363,49 +363,84 @@ def table(rows, fla_version):
     return "\n".join(head + lines) + "\n"
 
 
-def sweep(mods, T=8192, H=16, D=128):
-    """Launch settings of the chunk-parallel kernels, at one shape, for the scalar and vector paths."""
-    B = 32768 // T
-    variants = [
+def sweep(mods, H=16, D=128):
+    """Launch settings at B*T = 32K: the chunk-parallel kernels at T = 8K; the sequential state walks (forward
+    and backward share CONFIG["state"]) at T = 2K (many programs) and T = 32K (B = 1: few programs, many chunks)."""
+    chunk_variants = [
         dict(num_warps=4, num_stages=2, BV=64),
         dict(num_warps=8, num_stages=2, BV=64),
         dict(num_warps=4, num_stages=1, BV=128),
         dict(num_warps=8, num_stages=1, BV=128),
         dict(num_warps=4, num_stages=3, BV=32),
     ]
+    state_variants = [
+        dict(BK=64, BV=64, num_warps=4, num_stages=2), dict(BK=64, BV=32, num_warps=4, num_stages=2),
+        dict(BK=32, BV=64, num_warps=4, num_stages=2), dict(BK=32, BV=32, num_warps=2, num_stages=2),
+        dict(BK=32, BV=32, num_warps=4, num_stages=3), dict(BK=128, BV=32, num_warps=4, num_stages=2),
+    ]
+
+    def fwd_and_fwdbwd(instance, mod, T):
+        q, k, v, args, _ = inputs(instance, 32768 // T, T, H, D, D, torch.bfloat16, with_h0=False)
+        xs = [x.requires_grad_(True) for x in (q, k, v, *args.values()) if x.is_floating_point()]
+        with torch.no_grad():
+            f = do_bench(lambda: mod.chunk(q, k, v, *args.values()), warmup=20, rep=100, return_mode="median")
+        do = torch.randn_like(v)
+        fb = do_bench(lambda: mod.chunk(q, k, v, *args.values())[0].backward(do), warmup=20, rep=100,
+                      grad_to_none=xs, return_mode="median")
+        return f, fb
+
     for instance in ("scalar", "vector"):
         mod = mods[instance]
-        q, k, v, args, _ = inputs(instance, B, T, H, D, D, torch.bfloat16, with_h0=False)
         saved = {k_: dict(v_) for k_, v_ in mod.CONFIG.items()}
         for kern in ("output", "grad_v", "grad_qk"):
-            for var in variants:
+            for var in chunk_variants:
                 mod.CONFIG[kern] = dict(var)
                 try:
-                    if kern == "output":
-                        ms = do_bench(lambda: mod.chunk(q, k, v, *args.values()), warmup=20, rep=100, return_mode="median")
-                    else:
-                        xs = [x.clone().requires_grad_(True) for x in (q, k, v, *args.values())]
-                        o = mod.chunk(*xs)[0]
-                        do = torch.randn_like(o)
-                        ms = do_bench(lambda: mod.chunk(*xs)[0].backward(do), warmup=20, rep=100, grad_to_none=xs, return_mode="median")
-                    log(f"sweep {instance} {kern} {var}: {ms:.3f} ms")
+                    f, fb = fwd_and_fwdbwd(instance, mod, 8192)
+                    log(f"sweep {instance} {kern} T=8192 {var}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms")
                 except Exception as e:  # noqa: BLE001
                     log(f"sweep {instance} {kern} {var}: error {type(e).__name__}: {str(e)[:200]}")
-            mod.CONFIG.clear()
-            mod.CONFIG.update({k_: dict(v_) for k_, v_ in saved.items()})
-        # the sequential state walk matters most at long T (few programs, many chunks)
-        q, k, v, args, _ = inputs(instance, 1, 32768, H, D, D, torch.bfloat16, with_h0=False)
-        for var in (dict(BK=64, BV=64, num_warps=4, num_stages=2), dict(BK=64, BV=32, num_warps=4, num_stages=2),
-                    dict(BK=32, BV=32, num_warps=2, num_stages=3), dict(BK=64, BV=32, num_warps=2, num_stages=3),
-                    dict(BK=128, BV=32, num_warps=4, num_stages=2), dict(BK=32, BV=64, num_warps=2, num_stages=2)):
-            mod.CONFIG["state"] = dict(var)
-            try:
-                ms = do_bench(lambda: mod.chunk(q, k, v, *args.values()), warmup=20, rep=100, return_mode="median")
-                log(f"sweep {instance} state T=32768 {var}: fwd {ms:.3f} ms")
-            except Exception as e:  # noqa: BLE001
-                log(f"sweep {instance} state {var}: error {type(e).__name__}: {str(e)[:200]}")
-        mod.CONFIG.clear()
-        mod.CONFIG.update(saved)
+            mod.CONFIG[kern] = dict(saved[kern])
+        for T in (2048, 32768):
+            for var in state_variants:
+                mod.CONFIG["state"] = dict(var)
+                try:
+                    f, fb = fwd_and_fwdbwd(instance, mod, T)
+                    log(f"sweep {instance} state T={T} {var}: fwd {f:.3f} ms, fwd+bwd {fb:.3f} ms")
+                except Exception as e:  # noqa: BLE001
+                    log(f"sweep {instance} state T={T} {var}: error {type(e).__name__}: {str(e)[:200]}")
+            mod.CONFIG["state"] = dict(saved["state"])
+
+
+def profile(mods, H=16, D=128):
+    """GPU time per kernel of one forward+backward (torch.profiler), lmoec scalar / vector and fla chunk_gla."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception:  # noqa: BLE001
+        chunk_gla = None
+    for T in (2048, 32768):
+        for label in ("scalar", "vector", "fla chunk_gla"):
+            instance = "vector" if label == "fla chunk_gla" else label
+            if label == "fla chunk_gla" and chunk_gla is None:
+                continue
+            q, k, v, args, _ = inputs(instance, 32768 // T, T, H, D, D, torch.bfloat16, with_h0=False)
+            xs = [x.requires_grad_(True) for x in (q, k, v, *args.values()) if x.is_floating_point()]
+            fn = ((lambda: chunk_gla(q, k, v, g=args["g"], scale=D ** -0.5)[0]) if label == "fla chunk_gla"
+                  else (lambda: mods[instance].chunk(q, k, v, *args.values())[0]))
+            do = torch.randn_like(v)
+            for _ in range(3):
+                fn().backward(do)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    fn().backward(do)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=48)
+            log(f"profile {label} T={T} (5 x fwd+bwd):\n{table}")
+            del q, k, v, args, xs
 
 
 def main():
@@ -413,7 +448,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time alternative launch settings (CONFIG)")
+    ap.add_argument("--profile", action="store_true", help="GPU time per kernel of one forward+backward")
     ap.add_argument("--only", default="", help="comma-separated instances to check (default: all)")
     ap.add_argument("--bench-T", default="2048,8192,32768", help="comma-separated sequence lengths to time")
     ap.add_argument("--bench-only", default="", help="comma-separated instances to time (default: all)")
@@ -465,6 +501,8 @@ def main():
         print(open(out_md).read())
     if opts.sweep:
         sweep(mods)
+    if opts.profile:
+        profile(mods)
     with open(os.path.join(opts.out, "triton_log.txt"), "w") as f:
         f.write("\n".join(LOG) + "\n")
     return 1 if fails else 0

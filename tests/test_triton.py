@@ -72,7 +72,7 @@ CHILD = textwrap.dedent(
             return float("inf")
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    def case(B, T, H, K, V, dtype, lens=None, h0=True, strong=False):
+    def case(B, T, H, K, V, dtype, lens=None, h0=True, strong=False, state_sum=False):
         (q, k, v), args = make(B, T, H, K, V, dtype, strong)
         n_seq = B if lens is None else len(lens)
         cu = None if lens is None else torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
@@ -84,7 +84,10 @@ CHILD = textwrap.dedent(
         o, ht = mod.chunk(xa["q"], xa["k"], xa["v"], *[xa[n] for n in args], initial_state=xa.get("h0"),
                           output_final_state=True, cu_seqlens=cu)
         do, dht = torch.randn_like(o), torch.randn_like(ht)
-        grads = torch.autograd.grad((o.float() * do.float()).sum() + (ht * dht).sum(), xs)
+        if state_sum:  # the loss reads ht.sum(): its gradient arrives expanded, with stride 0
+            dht = torch.ones_like(ht)
+        state_term = ht.sum() if state_sum else (ht * dht).sum()
+        grads = torch.autograd.grad((o.float() * do.float()).sum() + state_term, xs)
         ys = [x.double().requires_grad_(True) for x in leaves]
         ya = dict(zip(names, ys))
         ro, rht = recurrent_reference(rec, ya["q"], ya["k"], ya["v"], g=ya.get("g"), u=ya.get("u"),
@@ -111,6 +114,7 @@ CHILD = textwrap.dedent(
         "fp32 no initial state, K=16 V=32": case(1, 33, 1, 16, 32, torch.float32, h0=False),
         "fp32 varlen [7, 16, 1, 21]": case(1, 45, 2, 16, 16, torch.float32, lens=[7, 16, 1, 21]),
         "fp16 T=40": case(1, 40, 2, 16, 16, torch.float16),
+        "fp32 loss on ht.sum() (expanded gradient)": case(1, 20, 2, 16, 16, torch.float32, state_sum=True),
         "step fp32": step_case(torch.float32),
     }
     if kind in ("scalar", "vector"):
@@ -143,7 +147,7 @@ def test_family_matches_reference(instance):
     """Outputs, final state and every gradient (q, k, v, g, u, initial state) vs float64."""
     results = run_child(instance)
     expected = {"fp32 T=40 (not a multiple of 16), initial state", "fp32 no initial state, K=16 V=32",
-                "fp32 varlen [7, 16, 1, 21]", "fp16 T=40", "step fp32"}
+                "fp32 varlen [7, 16, 1, 21]", "fp16 T=40", "step fp32", "fp32 loss on ht.sum() (expanded gradient)"}
     assert expected <= set(results)
     if instance in ("scalar", "vector"):
         assert "strong decay fp32" in results

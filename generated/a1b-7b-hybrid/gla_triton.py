@@ -7,7 +7,8 @@ Chunkwise form (DESIGN.md): per chunk of 64 tokens, with b = in-chunk cumulative
 Kernels: state_fwd (chunk-entry states, sequential over chunks), output_fwd (chunk-parallel),
 state_bwd (gradients of chunk-exit states, reverse), grad_v, grad_qk (chunk-parallel),
 dg_chunk (dg_t = sum over tokens tau >= t of q.dq - k.dk: within the chunk, then exactly from the states), and step (one decode token).
-The backward recomputes the chunk states instead of keeping them from the forward.
+The backward reads the chunk-entry states the forward stored (bf16 for bf16 inputs: K*V/C elements per token
+and head) instead of walking the sequence again: at long T that walk is sequential and costs more than the memory.
 Decay is kept in log space, pre-scaled by 1/ln 2 so kernels use exp2; every exponent is <= 0 where it is
 evaluated (differences b_t - b_s for s <= t, or masked to -inf), so strong decay underflows, never overflows.
 Vector decay: exp(b_t - b_s) = exp(b_t) * exp(-b_s) through the chunk start, so every intra-chunk product runs
@@ -32,6 +33,18 @@ def _pow2(n):
 
 
 # ---- forward ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_split(a, b):
+    """a @ b for an fp32 `a` and a `b` in the inputs' dtype, with `a` split into its rounding to that dtype plus
+    the remainder: two tensor-core products keep ~16 significant bits of `a` instead of bf16's 8. Used where a
+    product feeds a carried state (the sequential walks), whose rounding would otherwise reach every later chunk."""
+    a_hi = a.to(b.dtype)
+    acc = tl.dot(a_hi, b)
+    if b.dtype != tl.float32:
+        acc += tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b)
+    return acc
 
 
 @triton.jit
@@ -62,8 +75,8 @@ def state_fwd_kernel(
         b_b = tl.cumsum(b_g, 0)
         b_last = tl.sum(b_g, 0)
         S *= tl.exp2(b_last)[:, None]
-        b_k = (b_k * tl.exp2(b_last[None, :] - b_b)).to(b_v.dtype)
-        S += tl.dot(tl.trans(b_k), b_v)
+        b_k = b_k * tl.exp2(b_last[None, :] - b_b)
+        S += _dot_split(tl.trans(b_k), b_v)
     if STORE_FINAL:
         tl.store(ht + i_nh.to(tl.int64) * K * V + kv_off, S, mask=m_kv)
 
@@ -78,7 +91,7 @@ def output_fwd_kernel(
     with qd = q * exp(b), kd = k * exp(-b). Records in `slow` whether the chunk's decay spans more than
     2^SPAN, and leaves such a chunk to output_fwd_subchunk_kernel."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     rows = t0 + tl.arange(0, C)
     m_t = rows < t1
     tok = rows.to(tl.int64) * H + i_h
@@ -115,7 +128,7 @@ def output_fwd_subchunk_kernel(
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if tl.load(slow + i_c * H + i_h) == 0:
         return
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
@@ -191,8 +204,8 @@ def state_bwd_kernel(
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
         b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0).to(tl.float32) * LOG2E
         dS *= tl.exp2(tl.sum(b_g, 0))[:, None]
-        b_q = (b_q * tl.exp2(tl.cumsum(b_g, 0)) * scale).to(b_do.dtype)
-        dS += tl.dot(tl.trans(b_q), b_do)
+        b_q = b_q * tl.exp2(tl.cumsum(b_g, 0)) * scale
+        dS += _dot_split(tl.trans(b_q), b_do)
     if STORE_INITIAL_GRAD:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv_off, dS, mask=m_kv)
 
@@ -207,7 +220,7 @@ def grad_v_kernel(
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if tl.load(slow + i_c * H + i_h) != 0:
         return
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     rows = t0 + tl.arange(0, C)
     m_t = rows < t1
     tok = rows.to(tl.int64) * H + i_h
@@ -239,7 +252,7 @@ def grad_v_subchunk_kernel(
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if tl.load(slow + i_c * H + i_h) == 0:
         return
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k = o_k < K
@@ -295,7 +308,7 @@ def grad_qk_kernel(
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     if tl.load(slow + i_c * H + i_h) != 0:
         return
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     rows = t0 + tl.arange(0, C)
     m_t = rows < t1
     tok = rows.to(tl.int64) * H + i_h
@@ -342,7 +355,7 @@ def grad_qk_subchunk_kernel(
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     if tl.load(slow + i_c * H + i_h) == 0:
         return
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     cols = tl.arange(0, C)
@@ -437,38 +450,37 @@ def grad_qk_subchunk_kernel(
 
 @triton.jit
 def dg_chunk_kernel(
-    da, h, dh, dfinal, seq_info, scale,
+    da, h, dh, dfinal, seq_info, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GK: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, HAS_FINAL: tl.constexpr,
 ):
-    """In place: dg_t = sum over tau >= t in t's chunk of da_tau, plus the chunk's exit term
-    R = d(loss)/d(log decay of every token after the chunk) = sum_v S_exit * dS_exit, read from the stored
-    states. Summing da over the rest of the sequence instead would carry every token's rounding error
-    into every earlier dg (8K tokens of bf16-operand products); R is exact up to the states' own rounding."""
-    i_k, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, c0 = tl.load(seq_info + i_n * 3), tl.load(seq_info + i_n * 3 + 1), tl.load(seq_info + i_n * 3 + 2)
+    """One (chunk, head, decay block), in place: dg_t = sum over tau >= t in t's chunk of da_tau, plus the
+    chunk's exit term R = d(loss)/d(log decay of every token after the chunk) = sum_v S_exit * dS_exit, read
+    from the stored states. Summing da over the rest of the sequence instead would carry every token's
+    rounding error into every earlier dg (8K tokens of bf16-operand products); R is exact up to the states'
+    own rounding, and it makes chunks independent, so this kernel is chunk-parallel like the others."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
+    i_n = tl.load(chunk_info + i_c * 4 + 3)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < GK
     o_v = tl.arange(0, BV)
-    n_chunks = tl.cdiv(eos - bos, C)
-    for c in range(n_chunks):
-        R = tl.zeros([BK], dtype=tl.float32)
-        if c == n_chunks - 1:
-            if HAS_FINAL:
-                R += tl.load(dfinal + i_nh.to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
-        else:
-            h_exit = h + ((c0 + c + 1).to(tl.int64) * H + i_h) * K * V  # the next chunk's entry state
-            dh_exit = dh + ((c0 + c).to(tl.int64) * H + i_h) * K * V
-            m_kv = m_k[:, None] & (o_v[None, :] < V)
-            b_h = tl.load(h_exit + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
-            b_dh = tl.load(dh_exit + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
-            R += tl.sum(b_h * b_dh, 1)
-        rows = bos + c * C + tl.arange(0, C)
-        ptr = da + (rows.to(tl.int64) * H + i_h)[:, None] * GK + o_k[None, :]
-        m = (rows < eos)[:, None] & m_k[None, :]
-        x = tl.load(ptr, mask=m, other=0.0)
-        tl.store(ptr, tl.sum(x, 0)[None, :] - tl.cumsum(x, 0) + x + R[None, :], mask=m)
+    R = tl.zeros([BK], dtype=tl.float32)
+    if t1 == tl.load(seq_info + i_n * 3 + 1):  # the sequence's last chunk: its exit state is the final state
+        if HAS_FINAL:
+            R += tl.load(dfinal + (i_n * H + i_h).to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
+    else:
+        h_exit = h + ((i_c + 1).to(tl.int64) * H + i_h) * K * V  # the next chunk's entry state
+        dh_exit = dh + (i_c.to(tl.int64) * H + i_h) * K * V
+        m_kv = m_k[:, None] & (o_v[None, :] < V)
+        b_h = tl.load(h_exit + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        b_dh = tl.load(dh_exit + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+        R += tl.sum(b_h * b_dh, 1)
+    rows = t0 + tl.arange(0, C)
+    ptr = da + (rows.to(tl.int64) * H + i_h)[:, None] * GK + o_k[None, :]
+    m = (rows < t1)[:, None] & m_k[None, :]
+    x = tl.load(ptr, mask=m, other=0.0)
+    tl.store(ptr, tl.sum(x, 0)[None, :] - tl.cumsum(x, 0) + x + R[None, :], mask=m)
 
 
 @triton.jit
@@ -520,17 +532,18 @@ _LAYOUTS = {}
 
 
 def _layout(bounds, device):
-    """(seq_info [N, 3] = (bos, eos, first chunk), chunk_info [NC, 3] = (start, end, bos)) of packed sequences."""
+    """(seq_info [N, 3] = (bos, eos, first chunk), chunk_info [NC, 4] = (start, end, bos, sequence)) of packed
+    sequences."""
     key = (tuple(bounds), str(device))
     if key not in _LAYOUTS:
         seq, chunks = [], []
-        for bos, eos in zip(bounds, bounds[1:]):
+        for n, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
             seq.append((bos, eos, len(chunks)))
-            chunks += [(t, min(t + CHUNK, eos), bos) for t in range(bos, eos, CHUNK)]
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).reshape(-1, 3).to(device)
+            chunks += [(t, min(t + CHUNK, eos), bos, n) for t in range(bos, eos, CHUNK)]
+        as_tensor = lambda x, width: torch.tensor(x, dtype=torch.int32).reshape(-1, width).to(device)
         if len(_LAYOUTS) > 64:
             _LAYOUTS.clear()
-        _LAYOUTS[key] = (as_tensor(seq), as_tensor(chunks))
+        _LAYOUTS[key] = (as_tensor(seq, 3), as_tensor(chunks, 4))
     return _LAYOUTS[key]
 
 
@@ -593,20 +606,20 @@ class ChunkFunction(torch.autograd.Function):
             (q, k, v, g, h, o, slow, chunk_info, scale), fast_only=dict(SPAN=_SPAN[q.dtype]),
             H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
         )
-        ctx.save_for_backward(q, k, v, g, initial_state, ht, slow)
+        ctx.save_for_backward(q, k, v, g, h, initial_state, ht, slow)
         ctx.shape, ctx.scale, ctx.bounds = (B, T), scale, bounds
         return o.view(B, T, H, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, initial_state, ht, slow = ctx.saved_tensors
+        dht = dht.contiguous() if dht is not None else None  # an expanded gradient (loss ht.sum()) has stride 0
+        q, k, v, g, h, initial_state, ht, slow = ctx.saved_tensors
         (B, T), scale = ctx.shape, ctx.scale
         _, NT, H, K = q.shape
         V = v.shape[-1]
         seq_info, chunk_info = _layout(ctx.bounds, q.device)
         n_chunks, N = chunk_info.shape[0], seq_info.shape[0]
         do = do.reshape(1, NT, H, V).contiguous()
-        h, _ = _states(k, v, g, initial_state, seq_info, n_chunks, False)
 
         cfg = dict(CONFIG["state"])
         BK, BV = _blocks(K, cfg.pop("BK")), _blocks(V, cfg.pop("BV"))
@@ -635,8 +648,8 @@ class ChunkFunction(torch.autograd.Function):
         dfinal = (ht * dht).sum(-1).contiguous() if has_final else None
         GK = g.shape[-1] if g.dim() == 4 else 1
         BKg = max(16, min(_pow2(GK), 32))
-        dg_chunk_kernel[(triton.cdiv(GK, BKg), N * H)](
-            da, h, dh, dfinal, seq_info, scale,
+        dg_chunk_kernel[(n_chunks, H, triton.cdiv(GK, BKg))](
+            da, h, dh, dfinal, seq_info, chunk_info, scale,
             H=H, K=K, V=V, GK=GK, C=CHUNK, BK=BKg, BS=min(_pow2(K), 32), BV=_pow2(V), HAS_FINAL=has_final,
         )
         dg = da.view(B, T, *g.shape[2:]).to(g.dtype)

@@ -344,6 +344,7 @@ class _ChunkFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
+        dht = dht.contiguous() if dht is not None else None  # an expanded gradient (loss ht.sum()) has stride 0
         q, k, v, g, beta, initial_state, w, h, v_new, cu, chunk_indices, chunk_offsets = ctx.saved_tensors
         B, T, H, K = q.shape
         V = v.shape[-1]

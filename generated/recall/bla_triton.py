@@ -6,7 +6,8 @@ Chunkwise form (DESIGN.md): per chunk of 64 tokens, with b = in-chunk cumulative
     output: o_t = scale * ((q_t * exp(b_t)) S + sum_{s<=t} ((q_t * exp(b_t - b_s)) . k_s) v_s)
 Kernels: state_fwd (chunk-entry states, sequential over chunks), output_fwd (chunk-parallel),
 state_bwd (gradients of chunk-exit states, reverse), grad_v, grad_qk (chunk-parallel), and step (one decode token).
-The backward recomputes the chunk states instead of keeping them from the forward.
+The backward reads the chunk-entry states the forward stored (bf16 for bf16 inputs: K*V/C elements per token
+and head) instead of walking the sequence again: at long T that walk is sequential and costs more than the memory.
 Sequences are packed: [B, T] is the varlen batch with cu_seqlens = [0, T, 2T, ...].
 """
 import torch
@@ -21,6 +22,18 @@ def _pow2(n):
 
 
 # ---- forward ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot_split(a, b):
+    """a @ b for an fp32 `a` and a `b` in the inputs' dtype, with `a` split into its rounding to that dtype plus
+    the remainder: two tensor-core products keep ~16 significant bits of `a` instead of bf16's 8. Used where a
+    product feeds a carried state (the sequential walks), whose rounding would otherwise reach every later chunk."""
+    a_hi = a.to(b.dtype)
+    acc = tl.dot(a_hi, b)
+    if b.dtype != tl.float32:
+        acc += tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b)
+    return acc
 
 
 @triton.jit
@@ -59,7 +72,7 @@ def output_fwd_kernel(
 ):
     """One (chunk, head, V block): o = (q decayed) h + causal (q k^T decayed) v, all within the chunk."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     rows = t0 + tl.arange(0, C)
     m_t = rows < t1
     tok = rows.to(tl.int64) * H + i_h
@@ -107,8 +120,8 @@ def state_bwd_kernel(
         tok = rows.to(tl.int64) * H + i_h
         b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
-        b_q = (b_q * scale).to(b_do.dtype)
-        dS += tl.dot(tl.trans(b_q), b_do)
+        b_q = b_q.to(tl.float32) * scale
+        dS += _dot_split(tl.trans(b_q), b_do)
     if STORE_INITIAL_GRAD:
         tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv_off, dS, mask=m_kv)
 
@@ -120,7 +133,7 @@ def grad_v_kernel(
 ):
     """dv_s = scale * sum_{t>=s} A_ts do_t + (k_s decayed to the chunk end) . dh."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     rows = t0 + tl.arange(0, C)
     m_t = rows < t1
     tok = rows.to(tl.int64) * H + i_h
@@ -145,7 +158,7 @@ def grad_qk_kernel(
 ):
     """dq, dk of one chunk (and its tokens' q.dq - k.dk, summed by dg_chunk into dg)."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
-    t0, t1 = tl.load(chunk_info + i_c * 3), tl.load(chunk_info + i_c * 3 + 1)
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     rows = t0 + tl.arange(0, C)
     m_t = rows < t1
     tok = rows.to(tl.int64) * H + i_h
@@ -219,17 +232,18 @@ _LAYOUTS = {}
 
 
 def _layout(bounds, device):
-    """(seq_info [N, 3] = (bos, eos, first chunk), chunk_info [NC, 3] = (start, end, bos)) of packed sequences."""
+    """(seq_info [N, 3] = (bos, eos, first chunk), chunk_info [NC, 4] = (start, end, bos, sequence)) of packed
+    sequences."""
     key = (tuple(bounds), str(device))
     if key not in _LAYOUTS:
         seq, chunks = [], []
-        for bos, eos in zip(bounds, bounds[1:]):
+        for n, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
             seq.append((bos, eos, len(chunks)))
-            chunks += [(t, min(t + CHUNK, eos), bos) for t in range(bos, eos, CHUNK)]
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).reshape(-1, 3).to(device)
+            chunks += [(t, min(t + CHUNK, eos), bos, n) for t in range(bos, eos, CHUNK)]
+        as_tensor = lambda x, width: torch.tensor(x, dtype=torch.int32).reshape(-1, width).to(device)
         if len(_LAYOUTS) > 64:
             _LAYOUTS.clear()
-        _LAYOUTS[key] = (as_tensor(seq), as_tensor(chunks))
+        _LAYOUTS[key] = (as_tensor(seq, 3), as_tensor(chunks, 4))
     return _LAYOUTS[key]
 
 
@@ -282,20 +296,20 @@ class ChunkFunction(torch.autograd.Function):
             q, k, v, h, o, chunk_info, scale,
             H=H, K=K, V=V, C=CHUNK, BK=_pow2(K), BV=BV, **cfg,
         )
-        ctx.save_for_backward(q, k, v, initial_state, ht)
+        ctx.save_for_backward(q, k, v, h, initial_state, ht)
         ctx.shape, ctx.scale, ctx.bounds = (B, T), scale, bounds
         return o.view(B, T, H, V), ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, initial_state, ht = ctx.saved_tensors
+        dht = dht.contiguous() if dht is not None else None  # an expanded gradient (loss ht.sum()) has stride 0
+        q, k, v, h, initial_state, ht = ctx.saved_tensors
         (B, T), scale = ctx.shape, ctx.scale
         _, NT, H, K = q.shape
         V = v.shape[-1]
         seq_info, chunk_info = _layout(ctx.bounds, q.device)
         n_chunks, N = chunk_info.shape[0], seq_info.shape[0]
         do = do.reshape(1, NT, H, V).contiguous()
-        h, _ = _states(k, v, initial_state, seq_info, n_chunks, False)
 
         cfg = dict(CONFIG["state"])
         BK, BV = _blocks(K, cfg.pop("BK")), _blocks(V, cfg.pop("BV"))
