@@ -6,3 +6,4 @@ LSMs: rwkv7 (dplr_vector).
 from . import rwkv7_layer  # noqa: F401
 from . import rwkv7_ops  # noqa: F401
 from . import rwkv7_torch  # noqa: F401
+from . import rwkv7_triton  # noqa: F401

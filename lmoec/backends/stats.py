@@ -1,7 +1,7 @@
-"""FLOPs and bytes of each emitted decay-family kernel, and the floor time they imply on a GPU.
+"""FLOPs and bytes of each emitted kernel, and the floor time they imply on a GPU.
 
 Counts follow the chunkwise form (DESIGN.md) the kernels compute, from the IR's recurrence and the
-chunk size: matrix products count 2 flops per multiply-add; bytes are the least each kernel must move
+chunk size (the DPLR family, RWKV7, has kernels of its own: templates/triton/dplr.py.j2): matrix products count 2 flops per multiply-add; bytes are the least each kernel must move
 (each input read once, each output written once), with q/k/v/o and chunk states in 2-byte (bf16) and
 gates, gradients of gates and the states crossing calls in fp32. The floor of a kernel is the larger of
 flops / peak and bytes / bandwidth: no implementation of that kernel runs much faster.
@@ -32,6 +32,8 @@ def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: 
     intra_qk = 2 * N * H * C * K  # (C x K) @ (K x C) per chunk
     intra_v = 2 * N * H * C * V  # (C x C) @ (C x V) per chunk
     ends = B * H * K * V * 4  # initial / final state fp32
+    if ctx.rec.dplr:
+        return _dplr_costs(N, H, C, inter, intra_qk, intra_v, qk, vv, N * H * K * 4, states, ends)
     costs = [
         ("state_fwd", inter, qk + vv + g_bytes + states + ends),
         ("output_fwd", inter + intra_qk + intra_v, 2 * qk + 2 * vv + g_bytes + states),
@@ -43,6 +45,25 @@ def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: 
     if decay != "none":
         costs.append(("dg_chunk", 2 * N * H * K * V / C, 2 * g_bytes + 2 * states))  # exit term: h . dh per chunk
     return costs
+
+
+def _dplr_costs(N, H, C, inter, intra_qk, intra_v, qk, vv, g_bytes, states, ends) -> list[tuple[str, float, float]]:
+    """The four DPLR kernels (the backward reads the chunk states and reads r the forward saved).
+
+    The triangular solve (I - L)^-1 is a forward substitution, 2 C^2 flops per token, outside the matrix units;
+    its backward dL = Tm^T dTm Tm^T is two C x C x C products per chunk.
+    """
+    solve = 2 * N * H * C * C
+    return [
+        ("ut_fwd", 3 * intra_qk + 2 * intra_v + solve, 4 * qk + 2 * vv + g_bytes),
+        ("chunk_fwd", 4 * inter + 2 * intra_qk + 2 * intra_v, 4 * qk + 4 * vv + g_bytes + states + ends),
+        ("bwd_dstate", 3 * inter + intra_qk + intra_v, 3 * qk + 2 * vv + g_bytes + states + ends),
+        ("bwd_intra", 5 * inter + 14 * intra_qk + 8 * intra_v + 3 * solve,
+         8 * qk + 5 * vv + 2 * g_bytes + 2 * states),
+    ]
+
+
+_FORWARD = ("state_fwd", "output_fwd", "ut_fwd", "chunk_fwd")
 
 
 def kernel_stats(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, gpu: str = "h100") -> str:
@@ -60,7 +81,7 @@ def kernel_stats(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, gpu: s
     for name, flops, nbytes in kernel_costs(ctx, B, T, H, K, V):
         t_f, t_b = flops / flops_peak, nbytes / bw
         floor = max(t_f, t_b)
-        total["fwd" if name in ("state_fwd", "output_fwd") else "bwd"] += floor
+        total["fwd" if name in _FORWARD else "bwd"] += floor
         lines.append(f"| {name} | {flops / 1e9:.1f} | {nbytes / 1e6:.0f} | {floor * 1e3:.3f} | {'compute' if t_f > t_b else 'memory'} |")
     lines.append(f"| forward total | | | {total['fwd'] * 1e3:.3f} | |")
     lines.append(f"| forward + backward total | | | {(total['fwd'] + total['bwd']) * 1e3:.3f} | |")

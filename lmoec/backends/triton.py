@@ -1,6 +1,6 @@
 """The Triton backend: which recurrences it emits kernels for, and their emission.
 
-Delta and DPLR recurrences are emitted by `triton_delta`; the decay families
+Delta recurrences are emitted by `triton_delta`, DPLR (RWKV7) by `triton_dplr`; the decay families
 (additive, constant, scalar, vector, with RWKV6's bonus) here, from
 templates/triton/chunk.py.j2. Constant decay runs the scalar-decay kernels on
 g broadcast per token: one kernel set less to keep right, and the broadcast is
@@ -9,7 +9,7 @@ H floats per token.
 from __future__ import annotations
 
 from ..ir.nodes import Family
-from . import triton_delta
+from . import triton_delta, triton_dplr
 from .context import LSMContext
 
 SUB_CHUNK = 16  # rows of the vector-decay sub-chunks (and the smallest tl.dot tile)
@@ -19,7 +19,9 @@ _KERNEL_DECAY = {"none": "none", "constant": "scalar", "scalar": "scalar", "vect
 
 def supports(ctx: LSMContext) -> tuple[bool, str]:
     """(ok, reason): whether Triton kernels are emitted for this recurrence, and why not."""
-    if ctx.rec.family in (Family.delta, Family.dplr):
+    if ctx.rec.family == Family.dplr:
+        return triton_dplr.supports(ctx)
+    if ctx.rec.family == Family.delta:
         return triton_delta.supports(ctx)
     if ctx.rec.bonus and ctx.rec.decay != "vector":
         return False, f"the bonus term u is emitted for vector decay (RWKV6) only, not for {ctx.rec.key}"
@@ -31,7 +33,9 @@ def supports(ctx: LSMContext) -> tuple[bool, str]:
 
 def emit(ctx: LSMContext, header: str) -> str:
     """The source of `<lsm>_triton.py`: kernels plus `chunk(...)` (autograd) and `step(...)`."""
-    if ctx.rec.family in (Family.delta, Family.dplr):
+    if ctx.rec.family == Family.dplr:
+        return triton_dplr.emit(ctx, header)
+    if ctx.rec.family == Family.delta:
         return triton_delta.emit(ctx, header)
     ok, reason = supports(ctx)
     if not ok:

@@ -2,7 +2,7 @@
 
 One template covers DeltaNet (no decay), Gated DeltaNet (scalar or constant decay) and the delta
 rule with a vector decay; the template branches on the decay at generation time, so each emitted
-file holds only its spec's kernels. DPLR (RWKV7) has no emitted kernels yet: `supports` says so.
+file holds only its spec's kernels. DPLR (RWKV7) is emitted by `triton_dplr`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def supports(ctx: LSMContext) -> tuple[bool, str]:
     """(ok, reason): whether Triton kernels are emitted for this recurrence, and why not."""
     rec = ctx.rec
     if rec.dplr:
-        return False, "no Triton kernels are emitted yet for the DPLR recurrence (RWKV7): use the torch backend"
+        return False, "DPLR recurrences are emitted by lmoec.backends.triton_dplr"
     if not rec.delta:
         return False, f"the {rec.key} recurrence is no delta rule"
     if rec.bonus:

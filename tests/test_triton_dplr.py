@@ -1,0 +1,245 @@
+"""The emitted DPLR (RWKV7) Triton kernels against the float64 reference, on CPU under TRITON_INTERPRET=1.
+
+Triton reads TRITON_INTERPRET when it is imported, so the checks run in one subprocess (this file
+run as a script) with that variable set, and LMOEC_POISON=1 so that every output starts as NaN and
+an element no kernel writes fails. Each test below asserts one check's result. Inputs are RWKV7's:
+a = -alpha kk, b = kk with kk L2-normalized, alpha in (0, 1), log decay in [-0.6065, 0). Shapes are
+tiny (chunk 16, K = V = 16, T = 40: not a multiple of the chunk).
+
+Precision: the interpreter's fp32 tl.dot is exact, so fp32 is held to TOL (the reference is float64).
+It can't run bf16 (a bf16 tl.dot multiplies raw bit patterns): bench/triton_dplr_gpu.py checks bf16
+on the GPU. fp16 inputs run in fp32 inside (fp16 can't hold the decayed factors); what is left of
+their error is the rounding of inputs and outputs to fp16 (2^-11 relative), hence TOL_FP16.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHUNK = 16
+TOL = 1e-5  # fp32 against float64: max |err| / max |ref| per tensor
+TOL_FP16 = 5e-3  # fp16 outputs and gradients, against float64 on the fp16-rounded inputs
+
+CASES = {
+    # name: (decay, varlen, dtype)
+    "vector": ("vector", False, "float32"),
+    "vector_varlen": ("vector", True, "float32"),
+    "scalar": ("scalar", False, "float32"),
+    "vector_fp16": ("vector", False, "float16"),
+    # V = 32 in V blocks of 16: the sequential kernels run two programs per head, the gradient kernel loops twice
+    "vector_vblocks": ("vector", False, "float32"),
+    # specs/lsm/rwkv7.lsm through the whole pipeline (frontend, passes, emitted package, op), chunk 64
+    "spec_rwkv7": ("vector", True, "float32"),
+}
+SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs", "lsm", "rwkv7.lsm")
+
+
+# ---- the checks (run in the subprocess) -------------------------------------
+
+
+def _build_from_spec():
+    """The op of specs/lsm/rwkv7.lsm forced onto its emitted Triton kernels."""
+    import functools
+    import types
+
+    import lmoec
+
+    program = lmoec.compile_spec(SPEC)
+    lsm = program.ir.lsm()
+    assert f"{lsm.name}_triton.py" in program.files, "rwkv7 must get Triton kernels"
+    kernels = getattr(program.package, f"{lsm.name}_triton")
+    op = functools.partial(program.op(), backend="triton")
+    return types.SimpleNamespace(chunk=op, step=kernels.step), lsm.recurrence
+
+
+def _build(decay: str):
+    """Compile a DPLR spec (no frontend) and import its emitted Triton module from a real file."""
+    import importlib.util
+    import tempfile
+
+    import sympy
+
+    from lmoec.backends import triton as triton_backend
+    from lmoec.backends.context import lsm_context
+    from lmoec.ir.nodes import Decay, DPLRTerms, LSMSpec, SpecIR
+    from lmoec.program import compile_ir
+
+    x = sympy.Symbol("x")
+    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=x), dplr=DPLRTerms(a=x, b=x), chunk_size=CHUNK)
+    program = compile_ir(SpecIR(source=f"test_{decay}.lsm", name=f"test_{decay}", lsms={"mem": lsm}))
+    ctx = lsm_context(program.ir, program.ir.lsm())
+    ok, reason = triton_backend.supports(ctx)
+    assert ok, reason
+    path = os.path.join(tempfile.mkdtemp(), f"mem_dplr_{decay}_triton.py")
+    with open(path, "w") as f:
+        f.write(triton_backend.emit(ctx, "# test build"))
+    spec = importlib.util.spec_from_file_location(f"mem_dplr_{decay}_triton", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, ctx.rec
+
+
+def _inputs(decay, varlen, B=2, T=40, H=2, D=16, V=16):
+    """RWKV7-like inputs: a = -alpha kk, b = kk (|kk| = 1), log decay in [-0.6065, 0)."""
+    import torch
+
+    if varlen:
+        B, cu = 1, torch.tensor([0, 13, 45, 57, 61], dtype=torch.int32)  # lengths 13, 32, 12, 4
+        T, N = 61, 4
+    else:
+        cu, N = None, B
+    kk = torch.nn.functional.normalize(torch.randn(B, T, H, D), dim=-1)
+    alpha = torch.sigmoid(torch.randn(B, T, H, 1))
+    w = -0.6065 * torch.rand(B, T, H, D if decay == "vector" else 1).clamp_min(1e-3)
+    args = {
+        "q": torch.randn(B, T, H, D),
+        "k": torch.randn(B, T, H, D) * 0.5,
+        "v": torch.randn(B, T, H, V),
+        "g": w if decay == "vector" else w[..., 0],
+        "a": -alpha * kk,
+        "b": kk,
+        "initial_state": torch.randn(N, H, D, V) * 0.5,
+    }
+    return args, cu
+
+
+def _rel(x, ref):
+    import torch
+
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def check(name: str) -> dict:
+    """Forward, final state and every gradient of one case; the decode step; step by step == chunked."""
+    import torch
+
+    from lmoec.backends.reference import recurrent_reference
+
+    decay, varlen, dtype = CASES[name]
+    dtype = getattr(torch, dtype)
+    torch.manual_seed(sum(map(ord, name)))
+    mod, rec = _build_from_spec() if name.startswith("spec_") else _build(decay)
+    if name == "vector_vblocks":
+        mod.CONFIG.update(BV=16, BV_intra=16)
+    args, cu = _inputs(decay, varlen, V=32 if name == "vector_vblocks" else 16)
+    args = {n: t.to(dtype) if n != "initial_state" else t for n, t in args.items()}
+    ours = {n: t.clone().requires_grad_() for n, t in args.items()}
+    refs = {n: t.double().requires_grad_() for n, t in args.items()}
+    scale = 0.25
+    o, ht = mod.chunk(**ours, scale=scale, output_final_state=True, cu_seqlens=cu)
+    o_ref, ht_ref = recurrent_reference(rec, **refs, scale=scale, output_final_state=True, cu_seqlens=cu)
+    assert o.dtype == dtype and ht.dtype == torch.float32
+    do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
+    ((o.float() * do.float()).sum() + (ht * dht.float()).sum()).backward()
+    ((o_ref * do).sum() + (ht_ref * dht).sum()).backward()
+    errors = {"o": _rel(o, o_ref), "final_state": _rel(ht, ht_ref)}
+    errors.update({f"d{n}": _rel(ours[n].grad, refs[n].grad) for n in args})
+    if cu is not None:
+        return errors
+
+    # decode: one token from a given state equals the reference's first step
+    state = torch.randn(*ht.shape) * 0.5
+    first = {n: t[:, 0] for n, t in args.items() if n != "initial_state"}
+    o1, s1 = mod.step(**first, state=state, scale=scale)
+    o1_ref, s1_ref = recurrent_reference(rec, **{n: t[:, :1].double() for n, t in args.items() if n != "initial_state"},
+                                         scale=scale, initial_state=state.double(), output_final_state=True)
+    errors["step_o"] = _rel(o1, o1_ref[:, 0])
+    errors["step_state"] = _rel(s1, s1_ref)
+    # and token by token through a whole sequence, against the chunked forward
+    with torch.no_grad():
+        o_chunk, s_chunk = mod.chunk(**args, scale=scale, output_final_state=True)
+        s, outs = args["initial_state"], []
+        for t in range(args["q"].shape[1]):
+            o_t, s = mod.step(**{n: x[:, t] for n, x in args.items() if n != "initial_state"}, state=s, scale=scale)
+            outs.append(o_t)
+    errors["steps_vs_chunk_o"] = _rel(torch.stack(outs, 1), o_chunk.double())
+    errors["steps_vs_chunk_state"] = _rel(s, s_chunk.double())
+    return errors
+
+
+def check_varlen_vs_separate() -> dict:
+    """Packed sequences (cu_seqlens) give exactly what separate calls give, gradients included."""
+    import torch
+
+    torch.manual_seed(7)
+    mod, _ = _build("vector")
+    args, cu = _inputs("vector", True)
+    packed = {n: t.clone().requires_grad_() for n, t in args.items()}
+    o, ht = mod.chunk(**packed, scale=0.25, output_final_state=True, cu_seqlens=cu)
+    do = torch.randn_like(o)
+    ((o * do).sum() + ht.sum()).backward()
+    errors = {}
+    bounds = cu.tolist()
+    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        one = {name: (t[n : n + 1] if name == "initial_state" else t[:, s:e]).detach().clone().requires_grad_()
+               for name, t in args.items()}
+        o1, h1 = mod.chunk(**one, scale=0.25, output_final_state=True)
+        ((o1 * do[:, s:e]).sum() + h1.sum()).backward()
+        errors[f"seq{n}_o"] = _rel(o[:, s:e], o1.double())
+        errors[f"seq{n}_final_state"] = _rel(ht[n : n + 1], h1.double())
+        for name, t in one.items():
+            got = packed[name].grad[n : n + 1] if name == "initial_state" else packed[name].grad[:, s:e]
+            errors[f"seq{n}_d{name}"] = _rel(got, t.grad.double())
+    return errors
+
+
+# ---- the tests ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1", LMOEC_POISON="1")
+    proc = subprocess.run([sys.executable, __file__, *CASES, "varlen_vs_separate"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_against_reference(results, name):
+    errors = results[name]
+    assert set(errors) >= {"o", "final_state", "dq", "dk", "dv", "dg", "da", "db", "dinitial_state"}
+    if not CASES[name][1]:
+        assert {"step_o", "step_state", "steps_vs_chunk_o", "steps_vs_chunk_state"} <= set(errors)
+    tol = TOL_FP16 if CASES[name][2] == "float16" else TOL
+    bad = {what: err for what, err in errors.items() if not err <= tol}  # NaN / inf fail too
+    assert not bad, f"{name}: relative errors above {tol}: {bad}"
+
+
+def test_varlen_equals_separate_calls(results):
+    errors = results["varlen_vs_separate"]
+    assert len(errors) == 4 * 9
+    bad = {what: err for what, err in errors.items() if not err <= TOL}
+    assert not bad, f"relative errors above {TOL}: {bad}"
+
+
+def test_supports_and_dispatch():
+    """RWKV7 gets Triton kernels and its op prefers them on CUDA; DPLR without decay is refused with a reason."""
+    import sympy
+
+    import lmoec
+    from lmoec.backends import triton as triton_backend
+    from lmoec.backends.context import lsm_context
+    from lmoec.ir.nodes import DPLRTerms, LSMSpec, SpecIR
+    from lmoec.program import compile_ir
+
+    program = lmoec.compile_spec(SPEC)
+    assert "rwkv7_triton.py" in program.files
+    assert "triton" in program.package.rwkv7_ops.BACKENDS
+    x = sympy.Symbol("x")
+    lsm = LSMSpec(name="plain", dplr=DPLRTerms(a=x, b=x))
+    plain = compile_ir(SpecIR(source="plain.lsm", name="plain", lsms={"plain": lsm}))
+    ok, reason = triton_backend.supports(lsm_context(plain.ir, plain.ir.lsm()))
+    assert not ok and "DPLR" in reason and "decay" in reason
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = {name: (check_varlen_vs_separate() if name == "varlen_vs_separate" else check(name)) for name in sys.argv[1:]}
+    print(json.dumps(out))
