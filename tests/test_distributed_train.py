@@ -1,4 +1,4 @@
-"""Distributed training (gloo, 2 and 4 CPU processes) equals one process on the same global batch.
+"""Distributed training (gloo, 2, 4 and 8 CPU processes) equals one process on the same global batch.
 
 One spawned run per world size checks every case (spawn is slow); each rank writes its failures to
 a JSON file and the tests below read them, one test per case. Gradient cases are float64: every
@@ -45,14 +45,18 @@ model dist_{name} {{
     pattern = "{pattern}"
     lsm = {lsm}
     attention {{ kv_heads = 1 }}
-    moe {{ experts = 4 top_k = 2 expert_ffn = 8 shared_experts = 1 }}
+    moe {{ experts = 8 top_k = 2 expert_ffn = 8 shared_experts = 1 }}
     max_seq_len = 64
 }}
 """
-BATCH, SEQ, MAX_NORM = 4, 8, 0.5  # MAX_NORM below the gradient norm: clipping is exercised
+BATCH, SEQ, MAX_NORM = 8, 32, 0.5  # BATCH: one sample a rank under ep8 (ep ranks hold different samples); SEQ: 4 tokens
+# a rank under sp8 (the short conv reaches 3 back); MAX_NORM below the gradient norm: clipping is exercised
 LAYOUTS = {
     2: {"sp2": ParallelSpec(sp=2), "ep2": ParallelSpec(ep=2), "dp2": ParallelSpec(dp=2)},
     4: {"dp2_sp2": ParallelSpec(dp=2, sp=2), "sp2_ep2": ParallelSpec(sp=2, ep=2), "dp2_ep2": ParallelSpec(dp=2, ep=2)},
+    # one expert a rank under ep8; all three dimensions at once under dp2_sp2_ep2
+    8: {"sp8": ParallelSpec(sp=8), "ep8": ParallelSpec(ep=8), "sp4_ep2": ParallelSpec(sp=4, ep=2),
+        "dp2_sp2_ep2": ParallelSpec(dp=2, sp=2, ep=2)},
 }
 GRAD_CASES = [(world, layout, model) for world in LAYOUTS for layout in LAYOUTS[world] for model in SPECS_TEXT]
 RESUME = dict(steps=4, seq_len=8, batch=4, warmup=2, eval_every=2, eval_batches=1, save_every=2)
@@ -95,7 +99,7 @@ def check_gradients(program, spec: ParallelSpec, seed: int) -> list[str]:
 
     torch.manual_seed(seed)
     model = program.model().double()
-    layout = build_layout(spec, SEQ, BATCH, experts=4, device_type="cpu")
+    layout = build_layout(spec, SEQ, BATCH, experts=8, device_type="cpu")
     expert_params = parallelize(model, layout)
     ce, loss = forward_backward(model, inputs, targets, layout, expert_params, torch.device("cpu"))
     norm = clip_grad_norm(model, MAX_NORM, layout, expert_params)
@@ -119,7 +123,7 @@ def check_impossible_layouts() -> list[str]:
     for spec, seq, message in [(ParallelSpec(sp=2), 7, "does not divide the sequence length 7"),
                                (ParallelSpec(sp=3), 8, "does not divide the world size")]:
         try:
-            build_layout(spec, seq, BATCH, experts=4, device_type="cpu")
+            build_layout(spec, seq, BATCH, experts=8, device_type="cpu")
             errors.append(f"{spec}: no error")
         except ValueError as e:
             if message not in str(e):
