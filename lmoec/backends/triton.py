@@ -19,27 +19,27 @@ _KERNEL_DECAY = {"none": "none", "constant": "scalar", "scalar": "scalar", "vect
 
 def supports(ctx: LSMContext) -> tuple[bool, str]:
     """(ok, reason): whether Triton kernels are emitted for this recurrence, and why not."""
+    C = ctx.chunk_size
+    if C < SUB_CHUNK or C & (C - 1):  # every family's chunk is tiled by tl.dot blocks of >= 16
+        return False, f"chunk size {C} must be a power of two >= {SUB_CHUNK} for the Triton kernels"
     if ctx.rec.family == Family.dplr:
         return triton_dplr.supports(ctx)
     if ctx.rec.family == Family.delta:
         return triton_delta.supports(ctx)
     if ctx.rec.bonus and ctx.rec.decay != "vector":
         return False, f"the bonus term u is emitted for vector decay (RWKV6) only, not for {ctx.rec.key}"
-    C = ctx.chunk_size
-    if C < SUB_CHUNK or C & (C - 1):
-        return False, f"chunk size {C} must be a power of two >= {SUB_CHUNK} for the Triton kernels"
     return True, ""
 
 
 def emit(ctx: LSMContext, header: str) -> str:
     """The source of `<lsm>_triton.py`: kernels plus `chunk(...)` (autograd) and `step(...)`."""
+    ok, reason = supports(ctx)
+    if not ok:
+        raise ValueError(reason)
     if ctx.rec.family == Family.dplr:
         return triton_dplr.emit(ctx, header)
     if ctx.rec.family == Family.delta:
         return triton_delta.emit(ctx, header)
-    ok, reason = supports(ctx)
-    if not ok:
-        raise ValueError(reason)
     from .emit import render
 
     return render(

@@ -11,7 +11,8 @@ from .emit import render
 
 
 def supports(ctx: LSMContext) -> tuple[bool, str]:
-    """(ok, reason): whether Triton kernels are emitted for this recurrence, and why not."""
+    """(ok, reason): whether this module emits kernels for the recurrence, and why not (the chunk size is
+    checked for every family by lmoec.backends.triton.supports)."""
     rec = ctx.rec
     if rec.dplr:
         return False, "DPLR recurrences are emitted by lmoec.backends.triton_dplr"
@@ -19,8 +20,6 @@ def supports(ctx: LSMContext) -> tuple[bool, str]:
         return False, f"the {rec.key} recurrence is no delta rule"
     if rec.bonus:
         return False, "the delta rule with a bonus term u has no Triton kernels"
-    if ctx.chunk_size < 16 or ctx.chunk_size & (ctx.chunk_size - 1):
-        return False, f"chunk size {ctx.chunk_size} must be a power of two >= 16 for the Triton kernels"
     return True, ""
 
 

@@ -11,14 +11,13 @@ from .emit import render
 
 
 def supports(ctx: LSMContext) -> tuple[bool, str]:
-    """(ok, reason): whether Triton kernels are emitted for this recurrence, and why not."""
+    """(ok, reason): whether this module emits kernels for the recurrence, and why not (the chunk size is
+    checked for every family by lmoec.backends.triton.supports)."""
     rec = ctx.rec
     if not rec.dplr:
         return False, f"the {rec.key} recurrence is no DPLR recurrence"
     if rec.decay == "none":
         return False, "the DPLR recurrence without decay has no Triton kernels: use the torch backend"
-    if ctx.chunk_size < 16 or ctx.chunk_size & (ctx.chunk_size - 1):
-        return False, f"chunk size {ctx.chunk_size} must be a power of two >= 16 for the Triton kernels"
     return True, ""
 
 
