@@ -16,7 +16,6 @@ import importlib.util
 import os
 import sys
 import tempfile
-import time
 import traceback
 
 import sympy
@@ -34,7 +33,6 @@ from lmoec.program import compile_ir  # noqa: E402
 
 DEV = "cuda"
 LINES: list[str] = []
-START = time.time()
 
 
 def say(line=""):
@@ -215,8 +213,8 @@ def tune(mod, decay):
     do = torch.randn(4, 8192, 16, 128, device=DEV, dtype=torch.bfloat16)
     best = None
     base = dict(mod.CONFIG)
-    for bv, wi in ((64, 8), (32, 8), (64, 4), (32, 4)):
-        cfg = dict(base, BV=bv, warps_intra=wi)
+    for bv, wd, ww in ((64, 4, 8), (32, 4, 8), (64, 8, 8), (64, 4, 4), (32, 8, 4)):
+        cfg = dict(base, BV=bv, warps_dqk=wd, warps_wy_bwd=ww)
         mod.CONFIG.update(cfg)
         try:
             _, t, _ = bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
@@ -295,7 +293,7 @@ def run_benchmarks():
         row("SDPA causal", "sdpa", bench(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True), [q, kk, vv],
                                          torch.randn_like(q)))
         del q, kk, vv
-        if chunk_dplr_delta_rule is not None and time.time() - START < 330:
+        if chunk_dplr_delta_rule is not None and "dplr" in sys.argv[1:]:
             try:
                 args = inputs("vector", B, T)
                 a = (-F.normalize(torch.randn_like(args["q"]), dim=-1)).requires_grad_()
@@ -312,6 +310,59 @@ def run_benchmarks():
     say("vector-decay delta kernels respectively (lmoec emits no DPLR kernels yet).")
 
 
+def profile():
+    """Per-kernel CUDA time of one fwd+bwd (lmoec vs fla chunk_delta_rule / gated forward), to see where time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # noqa: BLE001 - no fla on this machine
+        chunk_delta_rule = chunk_gated_delta_rule = None
+    say("## Profile: CUDA time per kernel, mean of 5 calls, B*T = 32K, H=16, K=V=128, bf16")
+    say()
+    for T in (8192, 32768):
+        B = 32768 // T
+        for decay in ("none", "scalar"):
+            mod = build(decay)[0]
+            args = inputs(decay, B, T)
+            ins = {n: t.clone().requires_grad_() for n, t in args.items()}
+            do = torch.randn(B, T, 16, 128, device=DEV, dtype=torch.bfloat16)
+            cands = [(f"lmoec delta {decay}", lambda: mod.chunk(**ins)[0], True)]
+            if decay == "none" and chunk_delta_rule is not None:
+                cands.append(("fla chunk_delta_rule", lambda: chunk_delta_rule(ins["q"], ins["k"], ins["v"], ins["beta"])[0], True))
+            if decay == "scalar" and chunk_gated_delta_rule is not None:
+                cands.append(("fla chunk_gated_delta_rule (fwd only)",
+                              lambda: chunk_gated_delta_rule(ins["q"], ins["k"], ins["v"], ins["g"], ins["beta"])[0], False))
+            for name, fn, backward in cands:
+                def once():
+                    out = fn()
+                    if backward:
+                        out.backward(do)
+                    for t in ins.values():
+                        t.grad = None
+                for _ in range(3):
+                    once()
+                torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        once()
+                    torch.cuda.synchronize()
+                events = [e for e in prof.key_averages() if e.device_time_total > 0]
+                events.sort(key=lambda e: -e.device_time_total)
+                total = sum(e.device_time_total for e in events) / 5
+                say(f"### T={T} {name}: {total / 1000:.3f} ms of kernels per call")
+                say()
+                say("| kernel | us per call | calls |")
+                say("|---|---|---|")
+                for e in events[:12]:
+                    say(f"| {e.key[:70]} | {e.device_time_total / 5:.1f} | {e.count // 5} |")
+                say()
+            del ins, args
+            torch.cuda.empty_cache()
+
+
 def main():
     props = torch.cuda.get_device_properties(0)
     say("# lmoec delta-rule Triton kernels on the GPU")
@@ -319,7 +370,7 @@ def main():
     say(f"GPU: {props.name}; torch {torch.__version__}; Triton {triton.__version__}; date {datetime.date.today()}")
     say()
     parts = sys.argv[1:] or ["check", "bench"]
-    for part, fn in (("check", check_correctness), ("bench", run_benchmarks)):
+    for part, fn in (("check", check_correctness), ("bench", run_benchmarks), ("profile", profile)):
         if part in parts:
             try:
                 fn()

@@ -7,12 +7,20 @@
 2. Speed side by side in one process: lmoec vs fla 0.6.0 (fla.ops.rwkv7.chunk_rwkv7, by default and with
    lower_bound = -0.606531, which lets fla use chunk 64) vs SDPA causal, B*T = 32K, T in {2K, 8K, 32K},
    H=16, K=V=128, bf16, forward and forward+backward, peak memory.
+3. --profile: CUDA time per kernel (torch.profiler) of one forward+backward of lmoec and of fla at B=4, T=8K.
 
 Inputs are RWKV7's: a = -alpha kk, b = kk (kk L2-normalized, alpha in (0, 1)), log decay in [-0.6065, 0).
 fla writes the same recurrence with the roles of a and b swapped (its `a` is the read vector, its `b` the
 removal): lmoec's (a, b) go to fla as (b, a).
 
-    python bench/triton_dplr_gpu.py [--skip-bench] [--skip-check] [--skip-fla] [--bench-T 2048,8192,32768] [--tune] [--out DIR]
+    python bench/triton_dplr_gpu.py [--skip-bench] [--skip-check] [--skip-fla] [--bench-T 2048,8192,32768] [--tune]
+                                    [--profile] [--bg-warm] [--out DIR]
+    python bench/triton_dplr_gpu.py --warm
+
+fla compiles its DPLR kernels for minutes on first use. `--warm` only runs fla's op (forward + backward, both
+variants) at the benchmark's shapes, untimed, filling Triton's on-disk cache; `--bg-warm` starts that in a
+child process at once and waits for it to end before the first timing, so it overlaps the (untimed) check.
+One call for everything: `python bench/triton_dplr_gpu.py --bg-warm --profile`.
 
 Writes DIR/triton_dplr.md (default $OUT, else .), rewritten after every line so a run stopped at its time
 limit still leaves its tables; logs timestamped lines to stderr.
@@ -23,6 +31,7 @@ import argparse
 import datetime
 import importlib.util
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -247,20 +256,94 @@ def bench(fn, grad_of=None, do=None):
 
 
 def tune(mod):
-    """Pick the launch settings with the best fwd+bwd time at B=4, T=8K."""
+    """Greedy search of the launch settings by fwd+bwd time at B=4, T=8K: each change is kept if it helps."""
     args = inputs(4, 8192)
     ins = {n: t.clone().requires_grad_() for n, t in args.items()}
     do = torch.randn(4, 8192, 16, 128, device=DEV, dtype=torch.bfloat16)
-    base, best = dict(mod.CONFIG), None
-    for bv, bvi, wi in ((64, 32, 8), (64, 64, 8), (32, 32, 4), (64, 32, 4), (128, 32, 8)):
-        cfg = dict(base, BV=bv, BV_intra=bvi, warps_intra=wi)
-        mod.CONFIG.update(cfg)
+    changes = ({"seq_programs": 256}, {"seq_programs": 512}, {"BV": 128, "seq_programs": 0}, {"BV_chunk": 32},
+               {"BV_chunk": 128}, {"warps_chunk": 8}, {"warps_dv": 4}, {"BV_dv": 64}, {"BV_dqk": 64}, {"BK_dqk": 64},
+               {"BK_dqk": 128}, {"warps_dqk": 4}, {"warps_ut": 4}, {"warps_seq": 8}, {"stages": 3})
+    say("| launch settings tried (fwd+bwd, B=4, T=8K) | ms |")
+    say("|---|---|")
+    current = dict(mod.CONFIG)
+    _, best, _ = bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
+    say(f"| defaults {current} | {fmt(best)} |")
+    for change in changes:
+        mod.CONFIG.update(dict(current, **change))
         _, t, _ = bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
-        log(f"tune: {cfg} -> {t}")
-        if isinstance(t, float) and (best is None or t < best[0]):
-            best = (t, cfg)
-    mod.CONFIG.update(best[1] if best else base)
-    return best
+        say(f"| {change} | {fmt(t)} |")
+        if isinstance(t, float) and (not isinstance(best, float) or t < best):
+            best, current = t, dict(mod.CONFIG)
+    mod.CONFIG.update(current)
+    say()
+    return best, current
+
+
+def warm_fla(Ts):
+    """fla's op forward + backward at the benchmark's shapes, both variants, untimed: only fills the compile cache."""
+    op = fla_rwkv7()
+    if op is None:
+        return
+    for T in Ts:
+        B = max(1, 32768 // T)
+        ins = {n: t.requires_grad_() for n, t in inputs(B, T).items()}
+        for bound in (None, LOG_W_MIN):
+            log(f"warm: fla T={T} lower_bound={bound}")
+            try:
+                fla_call(op, dict(ins, scale=128 ** -0.5), lower_bound=bound)[0].sum().backward()
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - the benchmark reports refusals itself
+                log(f"warm: fla T={T} lower_bound={bound}: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+        del ins
+        torch.cuda.empty_cache()
+
+
+def profile(mod):
+    """CUDA time per kernel of one forward+backward at B=4, T=8K, H=16, K=V=128 bf16: lmoec, then fla."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    say("## CUDA time per kernel, one forward+backward, B=4, T=8192, H=16, K=V=128, bf16 (torch.profiler)")
+    say()
+    args = inputs(4, 8192)
+    ins = {n: t.clone().requires_grad_() for n, t in args.items()}
+    do = torch.randn(4, 8192, 16, 128, device=DEV, dtype=torch.bfloat16)
+    op = fla_rwkv7()
+    runs = [("lmoec", lambda: mod.chunk(**ins, scale=128 ** -0.5)[0])]
+    if op is not None:
+        runs.append(("fla chunk_rwkv7", lambda: fla_call(op, dict(ins, scale=128 ** -0.5))[0]))
+    for name, fn in runs:
+        try:
+            for _ in range(2):  # compile, autotune and warm up outside the profile
+                torch.autograd.backward(fn(), do)
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                torch.autograd.backward(fn(), do)
+                torch.cuda.synchronize()
+        except Exception as e:  # noqa: BLE001
+            say(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            say()
+            continue
+        events = [e for e in prof.key_averages() if _device_us(e) > 0]
+        events.sort(key=_device_us, reverse=True)
+        total = sum(_device_us(e) for e in events)
+        say(f"{name}: {total / 1000:.3f} ms of kernels in all")
+        say()
+        say("| kernel | calls | ms | share |")
+        say("|---|---|---|---|")
+        for e in events[:25]:
+            say(f"| {e.key[:90]} | {e.count} | {_device_us(e) / 1000:.3f} | {_device_us(e) / total:.1%} |")
+        say()
+        for t in ins.values():
+            t.grad = None
+
+
+def _device_us(event):
+    """Self CUDA time of a profiler row in us (the attribute's name changed across torch versions)."""
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, attr):
+            return getattr(event, attr)
+    return 0.0
 
 
 def fmt(x):
@@ -330,10 +413,22 @@ def main(argv=None):
     ap.add_argument("--skip-fla", action="store_true", help="leave fla out (its first calls compile and autotune for minutes)")
     ap.add_argument("--chunk", type=int, default=64, help="chunk size of the emitted kernels (default %(default)s)")
     ap.add_argument("--tune", action="store_true", help="first pick the fastest launch settings at T=8K")
+    ap.add_argument("--profile", action="store_true", help="last, CUDA time per kernel of lmoec and fla at T=8K")
+    ap.add_argument("--warm", action="store_true", help="only compile fla's op at the benchmark's shapes, untimed")
+    ap.add_argument("--bg-warm", action="store_true", help="run --warm in a child process during the check")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for triton_dplr.md (default $OUT, else .)")
     opts = ap.parse_args(argv)
     OPTS.__dict__.update(vars(opts))
+    Ts = [int(t) for t in opts.bench_T.split(",")]
+    if opts.warm:
+        warm_fla(Ts)
+        log("warm: done")
+        return
     os.makedirs(opts.out, exist_ok=True)
+    warmer = None
+    if opts.bg_warm and not opts.skip_fla:
+        warmer = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--warm", "--bench-T", opts.bench_T])
+        log(f"fla warm-up started in process {warmer.pid}")
     import triton
 
     props = torch.cuda.get_device_properties(0)
@@ -344,8 +439,17 @@ def main(argv=None):
     mod, rec = build(opts.chunk)
     say(f"Kernels emitted at chunk size {opts.chunk}.")
     say()
+
+    def wait_warm():
+        if warmer.poll() is None:
+            log("waiting for the fla warm-up to end before timing")
+            warmer.wait()
+        log(f"fla warm-up ended, exit status {warmer.returncode}")
+
     for enabled, fn in ((not opts.skip_check, lambda: check_correctness(mod, rec)),
-                        (not opts.skip_bench, lambda: run_benchmarks(mod, [int(t) for t in opts.bench_T.split(",")]))):
+                        (warmer is not None, wait_warm),
+                        (not opts.skip_bench, lambda: run_benchmarks(mod, Ts)),
+                        (opts.profile, lambda: profile(mod))):
         if enabled:
             try:
                 fn()

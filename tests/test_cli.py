@@ -81,6 +81,26 @@ def test_inspect_stats(tmp_path):
         assert "kernel stats of gla" in r.stdout
 
 
+@pytest.mark.parametrize("name", ["bla", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet", "gated_delta_vector", "rwkv7"])
+def test_stats_rows_are_the_emitted_kernels(name):
+    """--stats has one row per kernel chunk() launches, by its name (a sub-chunk kernel counts as the kernel it
+    stands in for; the decode step is not counted)."""
+    import re
+
+    import lmoec
+    from lmoec.backends.context import lsm_context
+    from lmoec.backends.stats import kernel_costs
+
+    program = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm")
+    lsm = program.ir.lsm()
+    source = program.files[f"{lsm.name}_triton.py"]
+    emitted = {m.strip("_").removesuffix("_subchunk") for m in re.findall(r"^def (\w+)_kernel\(", source, re.M)} - {"step"}
+    costs = kernel_costs(lsm_context(program.ir, lsm), 2, 1000, 4, 64, 64)
+    assert {row[0] for row in costs} == emitted
+    assert all(flops > 0 and nbytes > 0 for _, _, flops, nbytes in costs)
+    assert {forward for _, forward, _, _ in costs} == {True, False}
+
+
 def test_check(tmp_path):
     r = lmoec("check", TINY, SPECS / "lsm" / "rwkv7.lsm", BAD, cwd=tmp_path)
     assert r.returncode == 2, "the bad spec fails the command"
@@ -113,3 +133,18 @@ def test_inspect_every_spec(spec, capsys):
     assert ("total" in out) if "models" in spec.parts else ("no model block" in out)
     assert main(["inspect", str(spec), "--plan"]) == 0
     assert "do not depend on T: confirmed" in capsys.readouterr().out
+
+
+def test_package_cache_entry_is_never_replaced(tmp_path, monkeypatch):
+    """Parallel sweep runs load the same new package at once. A process that found the cache empty and writes
+    second must leave the first writer's entry in place (another process may be importing from it)."""
+    from lmoec.runtime import loader
+
+    monkeypatch.setenv("LMOEC_CACHE", str(tmp_path))
+    files = {"__init__.py": "VALUE = 42\n"}
+    assert loader.load_package("race", files).VALUE == 42
+    (entry,) = tmp_path.iterdir()
+    inode = entry.stat().st_ino
+    loader._write_once(files, entry)  # the late writer
+    assert entry.stat().st_ino == inode
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # its copy dropped, nothing left behind

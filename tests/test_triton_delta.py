@@ -2,8 +2,10 @@
 
 Triton reads TRITON_INTERPRET when it is imported, so the checks run in one subprocess
 (this file run as a script) with that variable set; each test below asserts one check's
-result. Shapes are tiny (T = 40, chunk 16, K = V = 16); bf16 and the large shapes run in
-bench/triton_delta_gpu.py on the GPU.
+result. Shapes are tiny (T <= 100, K = V = 16) at chunk sizes 16, 32 and 64 (one, two and four tiles of
+the UT transform's block inverse); bf16 and the large shapes run in bench/triton_delta_gpu.py on the GPU.
+The interpreter accepts code the GPU compiler rejects: test_kernels_compile_for_hopper compiles every kernel
+for sm_90 (Triton's own compiler and ptxas, no GPU needed) at the benchmark's shapes.
 """
 from __future__ import annotations
 
@@ -11,25 +13,44 @@ import json
 import os
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 
-CHUNK = 16
 # fp32 kernels (the interpreter's fp32 dot is exact) against float64: max |err| / max |ref| per tensor
 TOL = 1e-5
 
+
+
+class Case(NamedTuple):
+    decay: str
+    varlen: bool
+    k_scale: float | None  # None: L2-normalized k, as the models do
+    chunk: int
+    T: int | None  # None with varlen: the packed lengths in _inputs
+    D: int = 16
+    config: dict | None = None  # launch settings other than the defaults (blocks smaller than the head dims)
+
+
+# blocks smaller than K = V = 32: the backward's K split, every V loop over two blocks
+SPLIT = {"BV": 16, "BV_o": 16, "BK_dqk": 16, "BV_dqk": 16, "BV_wy": 16}
 CASES = {
-    # name: (decay, varlen, k_scale): k_scale None = L2-normalized k, as the models do
-    "deltanet": ("none", False, None),
-    "deltanet_varlen": ("none", True, None),
-    "gated_scalar": ("scalar", False, None),
-    "gated_scalar_varlen": ("scalar", True, None),
-    "gated_constant": ("constant", False, None),
-    "gated_vector": ("vector", False, None),
-    "gated_vector_varlen": ("vector", True, None),
-    "gated_scalar_unnormalized_k": ("scalar", False, 0.3),
-    # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op)
-    "spec_gated_delta_vector": ("vector", True, None),
+    "deltanet": Case("none", False, None, 16, 40),
+    "deltanet_chunk64": Case("none", False, None, 64, 100),
+    "deltanet_varlen": Case("none", True, None, 32, None),
+    "deltanet_blocks": Case("none", False, None, 32, 40, D=32, config=SPLIT),
+    "gated_scalar": Case("scalar", False, None, 32, 40),
+    "gated_scalar_chunk64": Case("scalar", False, None, 64, 100),
+    "gated_scalar_varlen": Case("scalar", True, None, 16, None),
+    "gated_scalar_blocks": Case("scalar", True, None, 32, None, D=32, config=SPLIT),
+    "gated_constant": Case("constant", False, None, 16, 40),
+    "gated_vector": Case("vector", False, None, 32, 40),
+    "gated_vector_chunk64": Case("vector", False, None, 64, 100),
+    "gated_vector_varlen": Case("vector", True, None, 16, None),
+    "gated_vector_blocks": Case("vector", False, None, 32, 40, D=32, config=SPLIT),
+    "gated_scalar_unnormalized_k": Case("scalar", False, 0.3, 32, 40),
+    # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op; its chunk is 64)
+    "spec_gated_delta_vector": Case("vector", True, None, 64, None),
 }
 SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs", "lsm", "gated_delta_vector.lsm")
 
@@ -46,13 +67,13 @@ def _build_from_spec():
     assert f"{lsm.name}_triton.py" in program.files, "the mixed spec must get Triton kernels"
     kernels = getattr(program.package, f"{lsm.name}_triton")
     op = functools.partial(program.op(), backend="triton")
-    return types.SimpleNamespace(chunk=op, step=kernels.step), lsm.recurrence
+    return types.SimpleNamespace(chunk=op, step=kernels.step, CHUNK=kernels.CHUNK), lsm.recurrence
 
 
 # ---- the checks (run in the subprocess) -------------------------------------
 
 
-def _build(decay: str):
+def _build(decay: str, chunk: int):
     """Compile a delta spec (no frontend) and import its emitted Triton module from a real file."""
     import importlib.util
     import tempfile
@@ -67,7 +88,7 @@ def _build(decay: str):
     x = sympy.Symbol("x")
     # any beta / decay expression: the kernels see only the recurrence's shape (a constant decay reads only h)
     g_expr = {"none": None, "constant": sympy.Symbol("h")}.get(decay, x)
-    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=g_expr), delta=Delta(beta=x), chunk_size=CHUNK)
+    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=g_expr), delta=Delta(beta=x), chunk_size=chunk)
     program = compile_ir(SpecIR(source=f"test_{decay}.lsm", name=f"test_{decay}", lsms={"mem": lsm}))
     ctx = lsm_context(program.ir, program.ir.lsm())
     ok, reason = triton_delta.supports(ctx)
@@ -81,12 +102,12 @@ def _build(decay: str):
     return module, ctx.rec
 
 
-def _inputs(decay, varlen, k_scale, B=2, T=40, H=2, D=16):
+def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16):
     import torch
 
     if varlen:
-        B, cu = 1, torch.tensor([0, 13, 45, 57, 61], dtype=torch.int32)  # lengths 13, 32, 12, 4
-        T, N = 61, 4
+        B, cu = 1, torch.tensor([0, 13, 63, 75, 79], dtype=torch.int32)  # lengths 13, 50, 12, 4
+        T, N = 79, 4
     else:
         cu, N = None, B
     q = torch.randn(B, T, H, D)
@@ -118,10 +139,14 @@ def check(name: str) -> dict:
 
     from lmoec.backends.reference import recurrent_reference
 
-    decay, varlen, k_scale = CASES[name]
-    torch.manual_seed(hash(name) % 1000)
-    mod, rec = _build_from_spec() if name.startswith("spec_") else _build(decay)
-    args, cu = _inputs(decay, varlen, k_scale)
+    case = CASES[name]
+    decay = case.decay
+    torch.manual_seed(sum(map(ord, name)))
+    mod, rec = _build_from_spec() if name.startswith("spec_") else _build(decay, case.chunk)
+    assert mod.CHUNK == case.chunk
+    if case.config:
+        mod.CONFIG.update(case.config)
+    args, cu = _inputs(decay, case.varlen, case.k_scale, case.T, D=case.D)
     names = list(args)
     ours = {n: t.clone().requires_grad_() for n, t in args.items()}
     refs = {n: t.double().requires_grad_() for n, t in args.items()}
@@ -154,6 +179,37 @@ def check(name: str) -> dict:
     return errors
 
 
+def compile_for_hopper() -> dict:
+    """Every kernel of the three decays at the GPU benchmark's shapes (chunk 64, K = V = 128, bf16, the default
+    launch settings) compiled for sm_90 with no GPU: {kernel: shared memory bytes}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fp32 = {"g", "gc", "tm", "h0", "ht", "dht", "dh0", "dk_part", "dw", "dg_part", "dg", "dbeta", "state", "new_state"}
+    ints = {"cu_seqlens", "chunk_indices", "chunk_offsets"}
+    shared = {}
+    for decay in ("none", "scalar", "vector"):
+        mod, _ = _build(decay, 64)
+        cfg, K, V = mod.CONFIG, 128, 128
+        base = {"K": K, "V": V, "BT": 64}
+        launches = [(mod._wy_fwd_kernel, dict(base, BS=mod.BLOCK), "warps_wy"),
+                    (mod._chunk_state_kernel, dict(base, BV=cfg["BV"], USE_H0=True, STORE_HT=True), "warps_fwd"),
+                    (mod._chunk_output_kernel, dict(base, BV=cfg["BV_o"]), "warps_o"),
+                    (mod._chunk_bwd_dstate_kernel, dict(base, BV=cfg["BV"], USE_DHT=True, USE_H0=True), "warps_dstate"),
+                    (mod._bwd_dqk_kernel, dict(base, BK=cfg["BK_dqk"], BV=cfg["BV_dqk"]), "warps_dqk"),
+                    (mod._bwd_wy_kernel, dict(base, BV=cfg["BV_wy"], **({"NK": K // cfg["BK_dqk"]} if decay == "scalar" else {})),
+                     "warps_wy_bwd"),
+                    (mod._step_kernel, {"K": K, "V": V, "BV": cfg["BV"]}, None)]
+        for fn, consts, warps in launches:
+            types = {n: "constexpr" if n in consts else "*fp32" if n in fp32 else "*i32" if n in ints
+                     else "i32" if n == "H" else "fp32" if n == "scale" else "*bf16" for n in fn.arg_names}
+            options = {"num_warps": cfg[warps], "num_stages": cfg["stages"]} if warps else {}
+            kernel = triton.compile(ASTSource(fn, types, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=options)
+            shared[f"{decay} {fn.__name__}"] = kernel.metadata.shared
+    return shared
+
+
 # ---- the tests ---------------------------------------------------------------
 
 
@@ -169,10 +225,22 @@ def results():
 def test_against_reference(results, name):
     errors = results[name]
     assert set(errors) >= {"o", "final_state", "dq", "dk", "dv", "dbeta", "dinitial_state"}
-    if CASES[name][0] != "none":
+    if CASES[name].decay != "none":
         assert "dg" in errors
     bad = {what: err for what, err in errors.items() if not err <= TOL}
     assert not bad, f"{name}: relative errors above {TOL}: {bad}"
+
+
+def test_kernels_compile_for_hopper():
+    """The GPU compiler takes every kernel (the interpreter accepts more) within an H100's shared memory."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90")
+    env = {n: x for n, x in os.environ.items() if n != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, "compile_for_hopper"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    shared = json.loads(proc.stdout.strip().splitlines()[-1])["compile_for_hopper"]
+    assert len(shared) == 21
+    too_big = {kernel: n for kernel, n in shared.items() if n > 227 * 1024}
+    assert not too_big, f"shared memory beyond an H100's 227 KB per block: {too_big}"
 
 
 def test_dplr_goes_to_its_own_kernels():
@@ -196,5 +264,5 @@ def test_dplr_goes_to_its_own_kernels():
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = {name: check(name) for name in sys.argv[1:]}
+    out = {name: compile_for_hopper() if name == "compile_for_hopper" else check(name) for name in sys.argv[1:]}
     print(json.dumps(out))

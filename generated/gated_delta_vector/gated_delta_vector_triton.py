@@ -14,7 +14,7 @@ cumulative log decay inside one chunk must stay above about -80 (fp32 exp range)
 64 allows an average log decay of -1.2 per token.
 Stability: the recurrence is a contraction only while beta * |k|^2 <= 2 (models L2-normalize k);
 beyond it the state itself grows exponentially, and so does the reference.
-Backward recomputes the UT transform and reads the chunk-start states saved by the forward.
+The backward reads Tm and the chunk-start states saved by the forward.
 """
 import os
 
@@ -23,13 +23,15 @@ import triton
 import triton.language as tl
 
 CHUNK = 64
+BLOCK = 16  # rows of the UT transform's tiles
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
-# Launch settings (V block of the sequential kernels and of the backward's V loop, warps per kernel);
+# Launch settings (V block of the sequential kernels, K / V blocks of the backward's kernels, warps per kernel);
 # bench/triton_delta_gpu.py measures alternatives on the GPU.
-CONFIG = {"BV": 64, "BV_intra": 64, "warps_wy": 4, "warps_fwd": 4, "warps_dstate": 4, "warps_intra": 8, "stages": 2}
+CONFIG = {"BV": 64, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "warps_wy": 4, "warps_fwd": 4, "warps_o": 8,
+          "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 8, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -39,54 +41,183 @@ def _new(shape, dtype, device):
 
 
 
-
-
 @triton.jit
-def _wy_fwd_kernel(k, v, beta, g, w, u, cu_seqlens, chunk_indices, H,
-                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
-    """Per chunk: the UT transform, w = Tm (beta Gam k) and u = Tm (beta v)."""
+def _wy_fwd_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
+                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
+    """Per chunk: Tm = (I + A)^-1, w = Tm (beta Gam k) and u = Tm (beta v); Tm is kept for the backward,
+    and G (gc) for every later kernel.
+
+    Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
+    all tiles at once), then each tile below the diagonal from the ones above it by matmuls,
+    T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products.
+    """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
     i_c = tl.load(chunk_indices + i_t * 2 + 1)
     bos = tl.load(cu_seqlens + i_n)
     eos = tl.load(cu_seqlens + i_n + 1)
-    o_t = tl.arange(0, BT)
-    valid = i_c * BT + o_t < eos - bos
-    tok = bos + i_c * BT + o_t
+    o_s = tl.arange(0, BS)
     o_k = tl.arange(0, K)
     o_v = tl.arange(0, V)
-    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
-    b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None], other=0.0)
-    b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    b_G = tl.cumsum(tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32), 0)
-    b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
-
-    # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j); Tm = (I + A)^-1 by forward substitution in fp32
-    strict = o_t[:, None] > o_t[None, :]
-    b_kG = b_k.to(tl.float32) * tl.exp(b_G)
-    b_kI = b_k.to(tl.float32) * tl.exp(-b_G)
-    b_KK = tl.where(strict, tl.dot(b_kG.to(b_k.dtype), tl.trans(b_kI.to(b_k.dtype))), 0.0)
-    b_A = b_KK * b_beta[:, None]
-    b_Tm = -b_A
-    for i in range(1, BT):
-        row = tl.sum(tl.where((o_t == i)[:, None], b_Tm, 0.0), 0)
-        row = row + tl.sum(row[:, None] * b_Tm, 0) * (o_t < i)
-        b_Tm = tl.where((o_t == i)[:, None], row, b_Tm)
-    b_Tm = b_Tm + (o_t[:, None] == o_t[None, :])
-    b_x = b_kG * b_beta[:, None]
-    b_w = tl.dot(b_Tm.to(b_k.dtype), b_x.to(b_k.dtype))
-    b_u = tl.dot(b_Tm.to(b_k.dtype), (b_v.to(tl.float32) * b_beta[:, None]).to(b_k.dtype))
-    tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid[:, None])
-    tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid[:, None])
+    strict = o_s[:, None] > o_s[None, :]
+    tok0 = bos + i_c * BT + 0 * BS + o_s
+    valid0 = i_c * BT + 0 * BS + o_s < eos - bos
+    b_k0 = tl.load(k + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None], other=0.0)
+    b_beta0 = tl.load(beta + tok0 * H + i_h, mask=valid0, other=0.0).to(tl.float32)
+    b_G0 = tl.cumsum(tl.load(g + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None], other=0.0).to(tl.float32), 0)
+    b_Gend0 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G0, 0.0), 0)
+    tl.store(gc + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_G0, mask=valid0[:, None])
+    # k_j / Gam_j relative to the decay before tile j: exp() stays within one tile's decay
+    b_kI0 = (b_k0.to(tl.float32) * tl.exp(- b_G0)).to(b_k0.dtype)
+    tok1 = bos + i_c * BT + 1 * BS + o_s
+    valid1 = i_c * BT + 1 * BS + o_s < eos - bos
+    b_k1 = tl.load(k + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None], other=0.0)
+    b_beta1 = tl.load(beta + tok1 * H + i_h, mask=valid1, other=0.0).to(tl.float32)
+    b_G1 = tl.cumsum(tl.load(g + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None], other=0.0).to(tl.float32), 0) + b_Gend0[None, :]
+    b_Gend1 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G1, 0.0), 0)
+    tl.store(gc + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_G1, mask=valid1[:, None])
+    # k_j / Gam_j relative to the decay before tile j: exp() stays within one tile's decay
+    b_kI1 = (b_k1.to(tl.float32) * tl.exp(b_Gend0[None, :] - b_G1)).to(b_k1.dtype)
+    tok2 = bos + i_c * BT + 2 * BS + o_s
+    valid2 = i_c * BT + 2 * BS + o_s < eos - bos
+    b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None], other=0.0)
+    b_beta2 = tl.load(beta + tok2 * H + i_h, mask=valid2, other=0.0).to(tl.float32)
+    b_G2 = tl.cumsum(tl.load(g + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None], other=0.0).to(tl.float32), 0) + b_Gend1[None, :]
+    b_Gend2 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G2, 0.0), 0)
+    tl.store(gc + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_G2, mask=valid2[:, None])
+    # k_j / Gam_j relative to the decay before tile j: exp() stays within one tile's decay
+    b_kI2 = (b_k2.to(tl.float32) * tl.exp(b_Gend1[None, :] - b_G2)).to(b_k2.dtype)
+    tok3 = bos + i_c * BT + 3 * BS + o_s
+    valid3 = i_c * BT + 3 * BS + o_s < eos - bos
+    b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None], other=0.0)
+    b_beta3 = tl.load(beta + tok3 * H + i_h, mask=valid3, other=0.0).to(tl.float32)
+    b_G3 = tl.cumsum(tl.load(g + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None], other=0.0).to(tl.float32), 0) + b_Gend2[None, :]
+    b_Gend3 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G3, 0.0), 0)
+    tl.store(gc + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_G3, mask=valid3[:, None])
+    # k_j / Gam_j relative to the decay before tile j: exp() stays within one tile's decay
+    b_kI3 = (b_k3.to(tl.float32) * tl.exp(b_Gend2[None, :] - b_G3)).to(b_k3.dtype)
+    b_kG = (b_k0.to(tl.float32) * tl.exp(b_G0)).to(b_k0.dtype)
+    b_A00 = tl.where(strict, tl.dot(b_kG, tl.trans(b_kI0)), 0.0) * b_beta0[:, None]
+    b_kG = (b_k1.to(tl.float32) * tl.exp(b_G1)).to(b_k1.dtype)
+    b_A10 = tl.dot(b_kG, tl.trans(b_kI0)) * b_beta1[:, None]
+    b_kG = (b_k1.to(tl.float32) * tl.exp(b_G1 - b_Gend0[None, :])).to(b_k1.dtype)
+    b_A11 = tl.where(strict, tl.dot(b_kG, tl.trans(b_kI1)), 0.0) * b_beta1[:, None]
+    b_kG = (b_k2.to(tl.float32) * tl.exp(b_G2)).to(b_k2.dtype)
+    b_A20 = tl.dot(b_kG, tl.trans(b_kI0)) * b_beta2[:, None]
+    b_kG = (b_k2.to(tl.float32) * tl.exp(b_G2 - b_Gend0[None, :])).to(b_k2.dtype)
+    b_A21 = tl.dot(b_kG, tl.trans(b_kI1)) * b_beta2[:, None]
+    b_kG = (b_k2.to(tl.float32) * tl.exp(b_G2 - b_Gend1[None, :])).to(b_k2.dtype)
+    b_A22 = tl.where(strict, tl.dot(b_kG, tl.trans(b_kI2)), 0.0) * b_beta2[:, None]
+    b_kG = (b_k3.to(tl.float32) * tl.exp(b_G3)).to(b_k3.dtype)
+    b_A30 = tl.dot(b_kG, tl.trans(b_kI0)) * b_beta3[:, None]
+    b_kG = (b_k3.to(tl.float32) * tl.exp(b_G3 - b_Gend0[None, :])).to(b_k3.dtype)
+    b_A31 = tl.dot(b_kG, tl.trans(b_kI1)) * b_beta3[:, None]
+    b_kG = (b_k3.to(tl.float32) * tl.exp(b_G3 - b_Gend1[None, :])).to(b_k3.dtype)
+    b_A32 = tl.dot(b_kG, tl.trans(b_kI2)) * b_beta3[:, None]
+    b_kG = (b_k3.to(tl.float32) * tl.exp(b_G3 - b_Gend2[None, :])).to(b_k3.dtype)
+    b_A33 = tl.where(strict, tl.dot(b_kG, tl.trans(b_kI3)), 0.0) * b_beta3[:, None]
+    # diagonal tiles: row r of (T - I) is -A_r - sum_{m < r} A_rm (T - I)_m
+    b_T00 = -b_A00
+    b_T11 = -b_A11
+    b_T22 = -b_A22
+    b_T33 = -b_A33
+    for r in range(1, BS):
+        sel = (o_s == r)[:, None]
+        row = tl.sum(tl.where(sel, b_T00, 0.0), 0)
+        row = row + tl.sum(row[:, None] * b_T00, 0) * (o_s < r)
+        b_T00 = tl.where(sel, row[None, :], b_T00)
+        row = tl.sum(tl.where(sel, b_T11, 0.0), 0)
+        row = row + tl.sum(row[:, None] * b_T11, 0) * (o_s < r)
+        b_T11 = tl.where(sel, row[None, :], b_T11)
+        row = tl.sum(tl.where(sel, b_T22, 0.0), 0)
+        row = row + tl.sum(row[:, None] * b_T22, 0) * (o_s < r)
+        b_T22 = tl.where(sel, row[None, :], b_T22)
+        row = tl.sum(tl.where(sel, b_T33, 0.0), 0)
+        row = row + tl.sum(row[:, None] * b_T33, 0) * (o_s < r)
+        b_T33 = tl.where(sel, row[None, :], b_T33)
+    b_T00 += tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)
+    b_T11 += tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)
+    b_T22 += tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)
+    b_T33 += tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)
+    b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision="ieee"), input_precision="ieee")
+    b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision="ieee"), input_precision="ieee")
+    b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision="ieee"), input_precision="ieee")
+    b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision="ieee") + tl.dot(b_A21, b_T10, input_precision="ieee"), input_precision="ieee")
+    b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision="ieee") + tl.dot(b_A32, b_T21, input_precision="ieee"), input_precision="ieee")
+    b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision="ieee") + tl.dot(b_A31, b_T10, input_precision="ieee") + tl.dot(b_A32, b_T20, input_precision="ieee"), input_precision="ieee")
+    b_x0 = (b_k0.to(tl.float32) * tl.exp(b_G0) * b_beta0[:, None]).to(b_k0.dtype)
+    b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None], other=0.0).to(tl.float32)
+              * b_beta0[:, None]).to(b_k0.dtype)
+    b_x1 = (b_k1.to(tl.float32) * tl.exp(b_G1) * b_beta1[:, None]).to(b_k1.dtype)
+    b_bv1 = (tl.load(v + (tok1[:, None] * H + i_h) * V + o_v[None, :], mask=valid1[:, None], other=0.0).to(tl.float32)
+              * b_beta1[:, None]).to(b_k1.dtype)
+    b_x2 = (b_k2.to(tl.float32) * tl.exp(b_G2) * b_beta2[:, None]).to(b_k2.dtype)
+    b_bv2 = (tl.load(v + (tok2[:, None] * H + i_h) * V + o_v[None, :], mask=valid2[:, None], other=0.0).to(tl.float32)
+              * b_beta2[:, None]).to(b_k2.dtype)
+    b_x3 = (b_k3.to(tl.float32) * tl.exp(b_G3) * b_beta3[:, None]).to(b_k3.dtype)
+    b_bv3 = (tl.load(v + (tok3[:, None] * H + i_h) * V + o_v[None, :], mask=valid3[:, None], other=0.0).to(tl.float32)
+              * b_beta3[:, None]).to(b_k3.dtype)
+    b_w = tl.zeros([BS, K], dtype=tl.float32)
+    b_u = tl.zeros([BS, V], dtype=tl.float32)
+    b_w = tl.dot(b_T00.to(b_x0.dtype), b_x0, b_w)
+    b_u = tl.dot(b_T00.to(b_bv0.dtype), b_bv0, b_u)
+    tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None])
+    tl.store(u + (tok0[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00, mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
+    b_w = tl.zeros([BS, K], dtype=tl.float32)
+    b_u = tl.zeros([BS, V], dtype=tl.float32)
+    b_w = tl.dot(b_T10.to(b_x0.dtype), b_x0, b_w)
+    b_u = tl.dot(b_T10.to(b_bv0.dtype), b_bv0, b_u)
+    b_w = tl.dot(b_T11.to(b_x1.dtype), b_x1, b_w)
+    b_u = tl.dot(b_T11.to(b_bv1.dtype), b_bv1, b_u)
+    tl.store(w + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid1[:, None])
+    tl.store(u + (tok1[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10, mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11, mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid1[:, None])
+    b_w = tl.zeros([BS, K], dtype=tl.float32)
+    b_u = tl.zeros([BS, V], dtype=tl.float32)
+    b_w = tl.dot(b_T20.to(b_x0.dtype), b_x0, b_w)
+    b_u = tl.dot(b_T20.to(b_bv0.dtype), b_bv0, b_u)
+    b_w = tl.dot(b_T21.to(b_x1.dtype), b_x1, b_w)
+    b_u = tl.dot(b_T21.to(b_bv1.dtype), b_bv1, b_u)
+    b_w = tl.dot(b_T22.to(b_x2.dtype), b_x2, b_w)
+    b_u = tl.dot(b_T22.to(b_bv2.dtype), b_bv2, b_u)
+    tl.store(w + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid2[:, None])
+    tl.store(u + (tok2[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid2[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20, mask=valid2[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21, mask=valid2[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22, mask=valid2[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid2[:, None])
+    b_w = tl.zeros([BS, K], dtype=tl.float32)
+    b_u = tl.zeros([BS, V], dtype=tl.float32)
+    b_w = tl.dot(b_T30.to(b_x0.dtype), b_x0, b_w)
+    b_u = tl.dot(b_T30.to(b_bv0.dtype), b_bv0, b_u)
+    b_w = tl.dot(b_T31.to(b_x1.dtype), b_x1, b_w)
+    b_u = tl.dot(b_T31.to(b_bv1.dtype), b_bv1, b_u)
+    b_w = tl.dot(b_T32.to(b_x2.dtype), b_x2, b_w)
+    b_u = tl.dot(b_T32.to(b_bv2.dtype), b_bv2, b_u)
+    b_w = tl.dot(b_T33.to(b_x3.dtype), b_x3, b_w)
+    b_u = tl.dot(b_T33.to(b_bv3.dtype), b_bv3, b_u)
+    tl.store(w + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid3[:, None])
+    tl.store(u + (tok3[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid3[:, None])
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30, mask=valid3[:, None])
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31, mask=valid3[:, None])
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32, mask=valid3[:, None])
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33, mask=valid3[:, None])
 
 
 @triton.jit
-def _chunk_fwd_kernel(q, k, g, w, u, o, h, v_new, h0, ht, cu_seqlens, chunk_offsets, scale, H,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                      USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr):
-    """Per (sequence, head, V block), chunk after chunk: v' = u - w S, the output, the next state.
+def _chunk_state_kernel(k, gc, w, u, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
+                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    """Per (sequence, head, V block), chunk after chunk: the chunk-start state S, v' = u - w S, the next state.
 
-    SAVE keeps the chunk-start states and v' for the backward.
+    The only sequential kernel of the forward: two products per chunk; the output is _chunk_output_kernel's.
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -101,35 +232,58 @@ def _chunk_fwd_kernel(q, k, g, w, u, o, h, v_new, h0, ht, cu_seqlens, chunk_offs
     b_S = tl.zeros([K, BV], dtype=tl.float32)
     if USE_H0:
         b_S += tl.load(h0 + p_state)
-    causal = o_t[:, None] >= o_t[None, :]
     for i_c in range(0, NT):
         valid = i_c * BT + o_t < eos - bos
         tok = bos + i_c * BT + o_t
-        if SAVE:
-            tl.store(h + ((boh + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_S.to(h.dtype.element_ty))
-        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+        tl.store(h + ((boh + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_S.to(h.dtype.element_ty))
         b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
         b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-        b_u = tl.load(u + p_v, mask=valid[:, None], other=0.0).to(tl.float32)
-        b_vn = b_u - tl.dot(b_w, b_S.to(b_w.dtype))
-        if SAVE:
-            tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=valid[:, None])
-        b_G = tl.cumsum(tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32), 0)
-        b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
-        b_qS = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
-        b_M = tl.where(causal, tl.dot(b_qS, tl.trans((b_k.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype))), 0.0)
-        b_kS = (b_k.to(tl.float32) * tl.exp(b_Glast[None, :] - b_G)).to(b_k.dtype)
-        b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
-        tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None])
+        b_vn = tl.load(u + p_v, mask=valid[:, None], other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
+        tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=valid[:, None])
+        last = bos + i_c * BT + tl.minimum(eos - bos - i_c * BT, BT) - 1  # the chunk's last token: G there is its whole decay
+        b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+        b_Glast = tl.load(gc + (last * H + i_h) * K + o_k)
+        b_k = (b_k.to(tl.float32) * tl.exp(b_Glast[None, :] - b_G)).to(b_w.dtype)
         b_S = b_S * tl.exp(b_Glast)[:, None]
-        b_S += tl.dot(tl.trans(b_kS), b_vn.to(b_k.dtype))
+        b_S += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype))
     if STORE_HT:
         tl.store(ht + p_state, b_S)
 
 
 @triton.jit
-def _chunk_bwd_dstate_kernel(q, k, g, w, do, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale, H,
+def _chunk_output_kernel(q, k, gc, h, v_new, o, cu_seqlens, chunk_indices, scale, H,
+                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per (V block, chunk): o = scale (Gam * q S + tril(q k^T Gam_i / Gam_j) v') from the stored chunk-start state."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    o_t = tl.arange(0, BT)
+    valid = i_c * BT + o_t < eos - bos
+    tok = bos + i_c * BT + o_t
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+    b_S = tl.load(h + (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :])
+    p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
+    b_vn = tl.load(v_new + p_v, mask=valid[:, None], other=0.0)
+    causal = o_t[:, None] >= o_t[None, :]
+    # gc: the in-chunk cumulative log decay written by _wy_fwd_kernel; the chunk's whole decay sits at its last token
+    last = tl.minimum(eos - bos - i_c * BT, BT) - 1
+    b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+    b_Glast = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), 0)
+
+    b_qS = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
+    b_M = tl.where(causal, tl.dot(b_qS, tl.trans((b_k.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype))), 0.0)
+    b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
+    tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _chunk_bwd_dstate_kernel(q, k, gc, w, do, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale, H,
                              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                              USE_DHT: tl.constexpr, USE_H0: tl.constexpr):
     """Per (sequence, head, V block), chunk after chunk backwards: dS at each chunk end, and dv'."""
@@ -157,8 +311,9 @@ def _chunk_bwd_dstate_kernel(q, k, g, w, do, dh, dv_new, dht, dh0, cu_seqlens, c
         b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         b_do = tl.load(do + p_v, mask=valid[:, None], other=0.0)
-        b_G = tl.cumsum(tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32), 0)
-        b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
+        last = bos + i_c * BT + tl.minimum(eos - bos - i_c * BT, BT) - 1
+        b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+        b_Glast = tl.load(gc + (last * H + i_h) * K + o_k)
         b_qS = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
         b_Mt = tl.where(anticausal, tl.dot((b_k.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype), tl.trans(b_qS)), 0.0)
         b_kS = (b_k.to(tl.float32) * tl.exp(b_Glast[None, :] - b_G)).to(b_k.dtype)
@@ -171,9 +326,76 @@ def _chunk_bwd_dstate_kernel(q, k, g, w, do, dh, dv_new, dht, dh0, cu_seqlens, c
 
 
 @triton.jit
-def _chunk_bwd_intra_kernel(q, k, v, beta, g, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg,                             cu_seqlens, chunk_indices, scale, H,
-                            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """Per chunk: every input gradient, from the chunk-start state S, its gradient dS at the chunk end, v' and dv'."""
+def _bwd_dqk_kernel(q, k, gc, h, dh, v_new, dv_new, do, dq, dk_part, dw, dg_part, cu_seqlens, chunk_indices, scale, H,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Per (K block, chunk): the gradients that flow through the states and the in-chunk scores.
+
+    From the chunk-start state S, its gradient dS at the chunk end, v' and dv': dq (final), dw, and
+    dk / dG except their UT-transform terms (added by _bwd_wy_kernel).
+    """
+    i_kb, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    o_t = tl.arange(0, BT)
+    valid = i_c * BT + o_t < eos - bos
+    tok = bos + i_c * BT + o_t
+    o_k = i_kb * BK + tl.arange(0, BK)
+    p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_k, mask=valid[:, None], other=0.0)
+    b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
+    # gc: the in-chunk cumulative log decay written by _wy_fwd_kernel; the chunk's whole decay sits at its last token
+    last = tl.minimum(eos - bos - i_c * BT, BT) - 1
+    b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+    b_Glast = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), 0)
+
+    b_dGlast = tl.zeros([BK], dtype=tl.float32)
+    b_dQ = tl.zeros([BT, BK], dtype=tl.float32)  # d(q seen by the state)
+    b_dW = tl.zeros([BT, BK], dtype=tl.float32)
+    b_dKS = tl.zeros([BT, BK], dtype=tl.float32)  # d(k written into the next state)
+    b_dM = tl.zeros([BT, BT], dtype=tl.float32)  # d(in-chunk scores), whole K
+    for i_v in range(0, V // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_state = (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_S = tl.load(h + p_state)
+        b_dS = tl.load(dh + p_state)
+        p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
+        b_vn = tl.load(v_new + p_v, mask=valid[:, None], other=0.0)
+        b_dvn = tl.load(dv_new + p_v, mask=valid[:, None], other=0.0)
+        b_do = tl.load(do + p_v, mask=valid[:, None], other=0.0)
+        b_dQ += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype))
+        b_dW -= tl.dot(b_dvn, tl.trans(b_S).to(b_dvn.dtype))
+        b_dKS += tl.dot(b_vn, tl.trans(b_dS).to(b_vn.dtype))
+        b_dM += tl.dot(b_do, tl.trans(b_vn).to(b_do.dtype))
+        b_dGlast += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), 1)
+    tl.store(dw + p_k, b_dW, mask=valid[:, None])
+    b_dQ *= scale
+    b_dM *= scale
+    causal = o_t[:, None] >= o_t[None, :]
+    b_qG = b_q.to(tl.float32) * tl.exp(b_G)
+    b_kI = b_k.to(tl.float32) * tl.exp(-b_G)
+    b_kE = tl.exp(b_Glast[None, :] - b_G)
+    b_kS = b_k.to(tl.float32) * b_kE
+    b_dMc = tl.where(causal, b_dM, 0.0).to(b_k.dtype)
+    # M = (q Gam)_i . (k / Gam)_j
+    b_d_qG = b_dQ + tl.dot(b_dMc, b_kI.to(b_k.dtype))
+    b_d_kI = tl.dot(tl.trans(b_dMc), b_qG.to(b_k.dtype))
+    b_dq = b_d_qG * tl.exp(b_G)
+    b_dk = b_d_kI * tl.exp(-b_G) + b_dKS * b_kE
+    b_dG = b_d_qG * b_qG - b_d_kI * b_kI - b_dKS * b_kS
+    b_dGlast_all = tl.sum(b_dKS * b_kS, 0) + b_dGlast * tl.exp(b_Glast)
+    b_dG += tl.where((o_t == last)[:, None], b_dGlast_all[None, :], 0.0)
+    tl.store(dg_part + p_k, b_dG, mask=valid[:, None])
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=valid[:, None])
+    tl.store(dk_part + p_k, b_dk, mask=valid[:, None])
+
+
+@triton.jit
+def _bwd_wy_kernel(k, v, beta, gc, tm, dw, dv_new, dk_part, dg_part, dk, dv, dbeta, dg,
+                   cu_seqlens, chunk_indices, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per chunk: the UT transform's backward, from dw and du = dv' (w = Tm X, u = Tm (beta v), Tm = (I + A)^-1):
+    dv, dbeta, and dk / dg completed (dg: the reverse in-chunk sum of dG)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
     i_c = tl.load(chunk_indices + i_t * 2 + 1)
@@ -183,54 +405,34 @@ def _chunk_bwd_intra_kernel(q, k, v, beta, g, h, dh, v_new, dv_new, do, dq, dk, 
     valid = i_c * BT + o_t < eos - bos
     tok = bos + i_c * BT + o_t
     o_k = tl.arange(0, K)
-    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
-    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+    p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
     b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    b_G = tl.cumsum(tl.load(g + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0).to(tl.float32), 0)
-    b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
+    # gc: the in-chunk cumulative log decay written by _wy_fwd_kernel; the chunk's whole decay sits at its last token
+    last = tl.minimum(eos - bos - i_c * BT, BT) - 1
+    b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+    b_Glast = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), 0)
 
-    # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j); Tm = (I + A)^-1 by forward substitution in fp32
+    # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j) over the whole chunk (the backward's form)
     strict = o_t[:, None] > o_t[None, :]
     b_kG = b_k.to(tl.float32) * tl.exp(b_G)
     b_kI = b_k.to(tl.float32) * tl.exp(-b_G)
     b_KK = tl.where(strict, tl.dot(b_kG.to(b_k.dtype), tl.trans(b_kI.to(b_k.dtype))), 0.0)
     b_A = b_KK * b_beta[:, None]
-    b_Tm = -b_A
-    for i in range(1, BT):
-        row = tl.sum(tl.where((o_t == i)[:, None], b_Tm, 0.0), 0)
-        row = row + tl.sum(row[:, None] * b_Tm, 0) * (o_t < i)
-        b_Tm = tl.where((o_t == i)[:, None], row, b_Tm)
-    b_Tm = b_Tm + (o_t[:, None] == o_t[None, :])
-    b_dQ = tl.zeros([BT, K], dtype=tl.float32)  # d(q seen by the state)
-    b_dW = tl.zeros([BT, K], dtype=tl.float32)  # dw
-    b_dKS = tl.zeros([BT, K], dtype=tl.float32)  # d(k written into the next state)
-    b_dM = tl.zeros([BT, BT], dtype=tl.float32)  # d(intra-chunk scores)
+    b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
+    b_Tmt = tl.trans(b_Tm).to(b_k.dtype)
     b_dTm = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    b_dGlast = tl.zeros([K], dtype=tl.float32)
-    b_Tmt = tl.trans(b_Tm).to(b_k.dtype)
     for i_v in range(0, V // BV):
         o_v = i_v * BV + tl.arange(0, BV)
-        p_state = (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_S = tl.load(h + p_state)
-        b_dS = tl.load(dh + p_state)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         b_v = tl.load(v + p_v, mask=valid[:, None], other=0.0)
-        b_vn = tl.load(v_new + p_v, mask=valid[:, None], other=0.0)
         b_dvn = tl.load(dv_new + p_v, mask=valid[:, None], other=0.0)
-        b_do = tl.load(do + p_v, mask=valid[:, None], other=0.0)
-        b_dQ += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype))
-        b_dW -= tl.dot(b_dvn, tl.trans(b_S).to(b_dvn.dtype))
-        b_dKS += tl.dot(b_vn, tl.trans(b_dS).to(b_vn.dtype))
-        b_dM += tl.dot(b_do, tl.trans(b_vn).to(b_do.dtype))
-        b_dGlast += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), 1)
-        # u = Tm (beta v): du = dv'
         b_dTm += tl.dot(b_dvn, tl.trans((b_v.to(tl.float32) * b_beta[:, None]).to(b_dvn.dtype)))
         b_dY = tl.dot(b_Tmt, b_dvn.to(b_k.dtype))
         b_dbeta += tl.sum(b_dY * b_v.to(tl.float32), 1)
         tl.store(dv + p_v, (b_dY * b_beta[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
-    b_dQ *= scale
-    b_dM *= scale
+    b_dW = tl.load(dw + p_k, mask=valid[:, None], other=0.0)
     # w = Tm X with X = beta Gam k
     b_x = b_kG * b_beta[:, None]
     b_dTm += tl.dot(b_dW.to(b_k.dtype), tl.trans(b_x.to(b_k.dtype)))
@@ -238,26 +440,17 @@ def _chunk_bwd_intra_kernel(q, k, v, beta, g, h, dh, v_new, dv_new, do, dq, dk, 
     # Tm = (I + A)^-1: dA = -Tm^T dTm Tm^T, on the strictly lower part
     b_dA = -tl.dot(b_Tmt, tl.dot(b_dTm.to(b_k.dtype), b_Tmt).to(b_k.dtype))
     b_dA = tl.where(strict, b_dA, 0.0)
-    causal = o_t[:, None] >= o_t[None, :]
-    b_qG = b_q.to(tl.float32) * tl.exp(b_G)
-    b_kE = tl.exp(b_Glast[None, :] - b_G)
-    b_kS = b_k.to(tl.float32) * b_kE
-    b_dMc = tl.where(causal, b_dM, 0.0).to(b_k.dtype)
+    b_dk = tl.load(dk_part + p_k, mask=valid[:, None], other=0.0)
     b_dAb = (b_dA * b_beta[:, None]).to(b_k.dtype)
-    # A = beta_i (k Gam)_i . (k / Gam)_j and M = (q Gam)_i . (k / Gam)_j
-    b_d_qG = b_dQ + tl.dot(b_dMc, b_kI.to(b_k.dtype))
+    # A = beta_i (k Gam)_i . (k / Gam)_j
     b_d_kG = tl.dot(b_dAb, b_kI.to(b_k.dtype)) + b_dX * b_beta[:, None]
-    b_d_kI = tl.dot(tl.trans(b_dAb), b_kG.to(b_k.dtype)) + tl.dot(tl.trans(b_dMc), b_qG.to(b_k.dtype))
+    b_d_kI = tl.dot(tl.trans(b_dAb), b_kG.to(b_k.dtype))
     b_dbeta += tl.sum(b_dA * b_KK, 1) + tl.sum(b_dX * b_kG, 1)
-    b_dq = b_d_qG * tl.exp(b_G)
-    b_dk = b_d_kG * tl.exp(b_G) + b_d_kI * tl.exp(-b_G) + b_dKS * b_kE
-    b_dG = b_d_qG * b_qG + b_d_kG * b_kG - b_d_kI * b_kI - b_dKS * b_kS
-    b_dGlast_all = tl.sum(b_dKS * b_kS, 0) + b_dGlast * tl.exp(b_Glast)
-    b_dG += tl.where((o_t == BT - 1)[:, None], b_dGlast_all[None, :], 0.0)
+    b_dk += b_d_kG * tl.exp(b_G) + b_d_kI * tl.exp(-b_G)
+    b_dG = tl.load(dg_part + p_k, mask=valid[:, None], other=0.0) + b_d_kG * b_kG - b_d_kI * b_kI
     b_dg = tl.dot(tl.where(o_t[:, None] <= o_t[None, :], 1.0, 0.0), b_dG, input_precision="ieee")
-    tl.store(dg + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dg.to(dg.dtype.element_ty), mask=valid[:, None])
-    tl.store(dq + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=valid[:, None])
-    tl.store(dk + (tok[:, None] * H + i_h) * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=valid[:, None])
+    tl.store(dg + p_k, b_dg.to(dg.dtype.element_ty), mask=valid[:, None])
+    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=valid[:, None])
     tl.store(dbeta + tok * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
 
 
@@ -311,40 +504,45 @@ def _check_dims(K, V):
             raise ValueError(f"gated_delta_vector (triton): head dim {name}={d} must be a power of two >= 16")
 
 
-def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, save):
+def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, cu, chunk_indices, chunk_offsets = _layout(q, cu_seqlens)
     NT = chunk_indices.shape[0]
     w = _new(k.shape, k.dtype, q.device)
     u = _new(v.shape, v.dtype, q.device)
-    _wy_fwd_kernel[(NT, H)](k, v, beta, g, w, u, cu, chunk_indices, H, K=K, V=V, BT=CHUNK,
+    tm = _new((B, T, H, CHUNK), torch.float32, q.device)
+    gc = _new(g.shape, torch.float32, q.device)
+    _wy_fwd_kernel[(NT, H)](k, v, beta, g, w, u, tm, gc, cu, chunk_indices, H, K=K, V=V, BT=CHUNK, BS=BLOCK,
                             num_warps=CONFIG["warps_wy"], num_stages=CONFIG["stages"])
     BV = _block_v(V)
-    o = _new(v.shape, v.dtype, q.device)
-    h = _new((NT, H, K, V), q.dtype, q.device) if save else None
-    v_new = _new(v.shape, v.dtype, q.device) if save else None
+    h = _new((NT, H, K, V), q.dtype, q.device)
+    v_new = _new(v.shape, v.dtype, q.device)
     final = _new((N, H, K, V), torch.float32, q.device) if output_final_state else None
-    _chunk_fwd_kernel[(V // BV, N * H)](
-        q, k, g, w, u, o, h, v_new, initial_state, final, cu, chunk_offsets, scale, H,
-        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state, SAVE=save,
+    _chunk_state_kernel[(V // BV, N * H)](
+        k, gc, w, u, h, v_new, initial_state, final, cu, chunk_offsets, H,
+        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
         num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
-    return o, final, (w, h, v_new, cu, chunk_indices, chunk_offsets, N)
+    o = _new(v.shape, v.dtype, q.device)
+    BV = _block_v(V, "BV_o")
+    _chunk_output_kernel[(V // BV, NT, H)](q, k, gc, h, v_new, o, cu, chunk_indices, scale, H, K=K, V=V, BT=CHUNK, BV=BV,
+                                           num_warps=CONFIG["warps_o"], num_stages=CONFIG["stages"])
+    return o, final, (w, tm, gc, h, v_new, cu, chunk_indices, chunk_offsets, N)
 
 
 class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-        o, final, saved = _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, save=True)
-        w, h, v_new, cu, chunk_indices, chunk_offsets, N = saved
-        ctx.save_for_backward(q, k, v, g, beta, initial_state, w, h, v_new, cu, chunk_indices, chunk_offsets)
+        o, final, saved = _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens)
+        w, tm, gc, h, v_new, cu, chunk_indices, chunk_offsets, N = saved
+        ctx.save_for_backward(q, k, v, beta, initial_state, w, tm, gc, h, v_new, cu, chunk_indices, chunk_offsets)
         ctx.scale, ctx.N = scale, N
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
         dht = dht.contiguous() if dht is not None else None  # an expanded gradient (loss ht.sum()) has stride 0
-        q, k, v, g, beta, initial_state, w, h, v_new, cu, chunk_indices, chunk_offsets = ctx.saved_tensors
+        q, k, v, beta, initial_state, w, tm, gc, h, v_new, cu, chunk_indices, chunk_offsets = ctx.saved_tensors
         B, T, H, K = q.shape
         V = v.shape[-1]
         NT, N, BV = chunk_indices.shape[0], ctx.N, _block_v(V)
@@ -353,16 +551,22 @@ class _ChunkFunction(torch.autograd.Function):
         dv_new = _new(v.shape, v.dtype, q.device)
         dh0 = _new(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
         _chunk_bwd_dstate_kernel[(V // BV, N * H)](
-            q, k, g, w, do, dh, dv_new, dht, dh0, cu, chunk_offsets, ctx.scale, H,
+            q, k, gc, w, do, dh, dv_new, dht, dh0, cu, chunk_offsets, ctx.scale, H,
             K=K, V=V, BT=CHUNK, BV=BV, USE_DHT=dht is not None, USE_H0=initial_state is not None,
             num_warps=CONFIG["warps_dstate"], num_stages=CONFIG["stages"])
+        BK = min(K, CONFIG["BK_dqk"])
         dq, dk, dv = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device)
+        dk_part, dw = _new(k.shape, torch.float32, q.device), _new(k.shape, torch.float32, q.device)
+        dg_part = _new(k.shape, torch.float32, q.device)
+        _bwd_dqk_kernel[(K // BK, NT, H)](
+            q, k, gc, h, dh, v_new, dv_new, do, dq, dk_part, dw, dg_part, cu, chunk_indices, ctx.scale, H,
+            K=K, V=V, BT=CHUNK, BK=BK, BV=_block_v(V, "BV_dqk"), num_warps=CONFIG["warps_dqk"], num_stages=CONFIG["stages"])
         dbeta = _new(beta.shape, torch.float32, q.device)
-        dg = _new(g.shape, torch.float32, q.device)
-        _chunk_bwd_intra_kernel[(NT, H)](
-            q, k, v, beta, g, h, dh, v_new, dv_new, do, dq, dk, dv, dbeta, dg, cu, chunk_indices, ctx.scale, H,
-            K=K, V=V, BT=CHUNK, BV=_block_v(V, "BV_intra"), num_warps=CONFIG["warps_intra"], num_stages=CONFIG["stages"])
-        return (dq, dk, dv, dg.to(g.dtype), dbeta.to(beta.dtype), None,
+        dg = _new(gc.shape, torch.float32, q.device)
+        _bwd_wy_kernel[(NT, H)](
+            k, v, beta, gc, tm, dw, dv_new, dk_part, dg_part, dk, dv, dbeta, dg, cu, chunk_indices, H,
+            K=K, V=V, BT=CHUNK, BV=_block_v(V, "BV_wy"), num_warps=CONFIG["warps_wy_bwd"], num_stages=CONFIG["stages"])
+        return (dq, dk, dv, dg, dbeta.to(beta.dtype), None,
                 None if dh0 is None else dh0.to(initial_state.dtype), None, None)
 
 

@@ -10,7 +10,8 @@ lower-triangular system, every other term is a matrix product:
   L = strictly lower (b_i Gam'_i) . (a_j / Gam_j),   R = strictly lower (b_i Gam'_i) . (k_j / Gam_j),   Tm = (I - L)^-1
   w = Tm (b Gam'),   u = Tm R v,   r = u + w S
   o = scale * (Gam q S + tril((q Gam) . (a / Gam)) r + tril((q Gam) . (k / Gam)) v)
-  S <- Gam_C * S + (a Gam_C / Gam)^T r + (k Gam_C / Gam)^T v
+  S <- Gam_C * S + (a Gam_C / Gam)^T r + (k Gam_C / Gam)^T v  =  Gam_C * S + P S + M, an affine map per chunk:
+  P = (a Gam_C / Gam)^T w,   M = (a Gam_C / Gam)^T u + (k Gam_C / Gam)^T v
 
 Range: the in-chunk ratios Gam_i / Gam_j are products of the factors exp(G_i) and exp(-G_j), so the
 cumulative log decay inside one chunk must stay above about -80 (the fp32 / bf16 exponent range):
@@ -19,7 +20,12 @@ chunk size 64 allows an average log decay of -1.25 per token. RWKV7 bounds its l
 inputs run in fp32.
 Stability: with a = -alpha kk, b = kk (|kk| = 1, 0 <= alpha <= 1) every transition is a contraction and
 I - L is well conditioned; arbitrary a, b can make the state, and the reference, grow exponentially.
-Backward recomputes the UT transform and reads the chunk-start states and the reads r saved by the forward.
+Kernels (grid): forward _ut_fwd_kernel (chunks x heads), _chunk_map_kernel ((chunks, K blocks) x heads),
+_fwd_state_kernel (V blocks x sequences x heads, chunk after chunk), _fwd_out_kernel (chunks x heads); backward
+_bwd_local_kernel (chunks x heads), _bwd_dstate_kernel (V blocks x sequences x heads, chunks backwards),
+_bwd_dv_kernel (chunks x heads), _bwd_dqk_kernel ((chunks, K blocks) x heads). Only the state recursions are
+sequential, one matrix product per chunk (P S forward, P^T dS backward); the backward reads what the forward
+saved (Tm, w, P, the chunk-start states, r, ...) instead of recomputing it.
 """
 import os
 
@@ -32,9 +38,12 @@ CHUNK = 64
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
-# Launch settings (V block of the sequential kernels and of the backward's V loop, warps per kernel);
-# bench/triton_dplr_gpu.py measures alternatives on the GPU.
-CONFIG = {"BV": 64, "BV_intra": 32, "warps_ut": 4, "warps_fwd": 4, "warps_dstate": 4, "warps_intra": 8, "stages": 2}
+# Launch settings: V block of the sequential kernels (BV, smaller below seq_programs programs), of the
+# chunk-parallel kernels' V loops (BV_chunk, BV_dv, BV_dqk), K block of the chunk-map and input-gradient
+# kernels' grids (BK_map, BK_dqk), warps per kernel or kind; bench/triton_dplr_gpu.py --tune measures
+# alternatives on the GPU.
+CONFIG = {"BV": 64, "seq_programs": 128, "BV_chunk": 64, "BV_dv": 32, "BV_dqk": 32, "BK_map": 64, "BK_dqk": 32,
+          "warps_ut": 8, "warps_seq": 8, "warps_chunk": 8, "warps_dv": 8, "warps_dqk": 8, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -44,9 +53,10 @@ def _new(shape, dtype, device):
 
 
 @triton.jit
-def _ut_fwd_kernel(k, v, g, a, b, w, u, cu_seqlens, chunk_indices, H,
-                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr):
-    """Per chunk: the UT transform, w = Tm (b Gam') and u = Tm R v (the reads r = u + w S)."""
+def _ut_fwd_kernel(k, v, g, a, b, w, u, tm, ae, ke, gc, cu_seqlens, chunk_indices, H,
+                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per chunk, everything that does not depend on the state: the UT transform Tm, w = Tm (b Gam'),
+    u = Tm R v, the factors a Gam_C / Gam and k Gam_C / Gam that write into the next state, and Gam_C's log."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
     i_c = tl.load(chunk_indices + i_t * 2 + 1)
@@ -57,138 +67,118 @@ def _ut_fwd_kernel(k, v, g, a, b, w, u, cu_seqlens, chunk_indices, H,
     tok = bos + i_c * BT + o_t
     o_k = tl.arange(0, K)
     p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
-    o_v = tl.arange(0, V)
     b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
     b_a = tl.load(a + p_k, mask=valid[:, None], other=0.0)
     b_b = tl.load(b + p_k, mask=valid[:, None], other=0.0)
-    b_v = tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None], other=0.0)
     # padded rows carry g = 0: the last row's G is the whole chunk's log decay
     b_g = tl.load(g + p_k, mask=valid[:, None], other=0.0).to(tl.float32)
     b_G = tl.cumsum(b_g, 0)
     b_Gx = b_G - b_g
     b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
-    # L, R = strictly lower (b Gam') . (a / Gam), (b Gam') . (k / Gam); Tm = (I - L)^-1 by forward substitution in fp32
+    # L, R = strictly lower (b Gam') . (a / Gam), (b Gam') . (k / Gam); Tm = (I - L)^-1 in fp32.
+    # I - L = (I - Ld)(I - X): Ld its 16 x 16 diagonal blocks, inverted all at once by 16 steps of forward
+    # substitution (Dinv), and X = Dinv Lo with Lo the strictly block-lower rest, so X^(C/16) = 0 and
+    # Tm = (I - X)^-1 Dinv = (I + X)(I + X^2)(I + X^4)... Dinv.
     strict = o_t[:, None] > o_t[None, :]
-    b_bB = b_b.to(tl.float32) * tl.exp(b_Gx)
-    b_aI = b_a.to(tl.float32) * tl.exp(-b_G)
-    b_kI = b_k.to(tl.float32) * tl.exp(-b_G)
-    b_L = tl.where(strict, tl.dot(b_bB.to(b_k.dtype), tl.trans(b_aI.to(b_k.dtype))), 0.0)
-    b_R = tl.where(strict, tl.dot(b_bB.to(b_k.dtype), tl.trans(b_kI.to(b_k.dtype))), 0.0)
-    b_Tm = b_L
-    for i in range(1, BT):
-        row = tl.sum(tl.where((o_t == i)[:, None], b_Tm, 0.0), 0)
-        row = row + tl.sum(row[:, None] * b_Tm, 0) * (o_t < i)
-        b_Tm = tl.where((o_t == i)[:, None], row, b_Tm)
-    b_Tm = b_Tm + (o_t[:, None] == o_t[None, :])
-    b_w = tl.dot(b_Tm.to(b_k.dtype), b_bB.to(b_k.dtype))
-    b_Rv = tl.dot(b_R.to(b_k.dtype), b_v.to(b_k.dtype))
-    b_u = tl.dot(b_Tm.to(b_k.dtype), b_Rv.to(b_k.dtype))
+    b_bB = (b_b.to(tl.float32) * tl.exp(b_Gx)).to(b_k.dtype)
+    b_aI = (b_a.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype)
+    b_kI = (b_k.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype)
+    b_L = tl.where(strict, tl.dot(b_bB, tl.trans(b_aI)), 0.0)
+    o_nb = tl.arange(0, BT // 16)
+    o_s = tl.arange(0, 16)
+    diag = o_nb[:, None, None, None] == o_nb[None, None, :, None]  # [block, row, block, col]
+    b_D = tl.sum(tl.where(diag, tl.reshape(b_L, [BT // 16, 16, BT // 16, 16]), 0.0), 2)
+    for i in range(1, 16):
+        row = tl.sum(tl.where((o_s == i)[None, :, None], b_D, 0.0), 1)
+        row = row + tl.sum(row[:, :, None] * b_D, 1) * (o_s < i)[None, :]
+        b_D = tl.where((o_s == i)[None, :, None], row[:, None, :], b_D)
+    eye = o_t[:, None] == o_t[None, :]
+    b_Dinv = tl.reshape(tl.where(diag, b_D[:, :, None, :], 0.0), [BT, BT]) + eye
+    b_Tm = b_Dinv
+    b_X = tl.dot(b_Dinv, tl.where(o_t[:, None] // 16 > o_t[None, :] // 16, b_L, 0.0), input_precision="tf32x3")
+    b_Tm += tl.dot(b_X, b_Tm, input_precision="tf32x3")  # (I + X^1) Tm
+    b_X = tl.dot(b_X, b_X, input_precision="tf32x3")
+    b_Tm += tl.dot(b_X, b_Tm, input_precision="tf32x3")  # (I + X^2) Tm
+    b_R = tl.where(strict, tl.dot(b_bB, tl.trans(b_kI)), 0.0)
+    b_w = tl.dot(b_Tm.to(b_k.dtype), b_bB)
+    b_E = tl.exp(b_Glast[None, :] - b_G)
     tl.store(w + p_k, b_w.to(w.dtype.element_ty), mask=valid[:, None])
-    tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid[:, None])
+    for i_v in range(0, V // BV):
+        p_v = (tok[:, None] * H + i_h) * V + i_v * BV + tl.arange(0, BV)[None, :]
+        b_Rv = tl.dot(b_R.to(b_k.dtype), tl.load(v + p_v, mask=valid[:, None], other=0.0).to(b_k.dtype))
+        tl.store(u + p_v, tl.dot(b_Tm.to(b_k.dtype), b_Rv.to(b_k.dtype)).to(u.dtype.element_ty), mask=valid[:, None])
+    tl.store(tm + ((i_t * H + i_h) * BT + o_t[:, None]) * BT + o_t[None, :], b_Tm.to(tm.dtype.element_ty))
+    tl.store(ae + p_k, (b_a.to(tl.float32) * b_E).to(ae.dtype.element_ty), mask=valid[:, None])
+    tl.store(ke + p_k, (b_k.to(tl.float32) * b_E).to(ke.dtype.element_ty), mask=valid[:, None])
+    tl.store(gc + (i_t * H + i_h) * K + o_k, b_Glast)
 
 
 @triton.jit
-def _chunk_fwd_kernel(q, k, v, g, a, w, u, o, h, r, h0, ht, cu_seqlens, chunk_offsets, scale, H,
-                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                      USE_H0: tl.constexpr, STORE_HT: tl.constexpr, SAVE: tl.constexpr):
-    """Per (sequence, head, V block), chunk after chunk: the reads r = u + w S, the output, the next state.
+def _chunk_map_kernel(w, u, v, ae, ke, p, m, cu_seqlens, chunk_indices, H,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Per (chunk, K block): the chunk's affine map S -> Gam_C * S + P S + M, with P = (a Gam_C / Gam)^T w and
+    M = (a Gam_C / Gam)^T u + (k Gam_C / Gam)^T v (as r = u + w S). The state recursions then make one
+    matrix product per chunk: P S forward, P^T dS backward."""
+    # the K blocks of one chunk run side by side: what they all read is still in L2
+    i_kt, i_h = tl.program_id(0), tl.program_id(1)
+    i_k, i_t = i_kt % (K // BK), i_kt // (K // BK)
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    o_t = tl.arange(0, BT)
+    valid = i_c * BT + o_t < eos - bos
+    tok = bos + i_c * BT + o_t
+    o_k = i_k * BK + tl.arange(0, BK)
+    p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    o_kk = tl.arange(0, K)
+    b_ae = tl.load(ae + p_k, mask=valid[:, None], other=0.0)
+    b_ke = tl.load(ke + p_k, mask=valid[:, None], other=0.0)
+    b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_kk[None, :], mask=valid[:, None], other=0.0)
+    b_P = tl.dot(tl.trans(b_ae), b_w)
+    tl.store(p + ((i_t * H + i_h) * K + o_k[:, None]) * K + o_kk[None, :], b_P.to(p.dtype.element_ty))
+    for i_v in range(0, V // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
+        b_u = tl.load(u + p_v, mask=valid[:, None], other=0.0)
+        b_v = tl.load(v + p_v, mask=valid[:, None], other=0.0)
+        b_M = tl.dot(tl.trans(b_ae), b_u.to(b_ae.dtype)) + tl.dot(tl.trans(b_ke), b_v.to(b_ke.dtype))
+        tl.store(m + ((i_t * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], b_M.to(m.dtype.element_ty))
 
-    SAVE keeps the chunk-start states and the reads r for the backward.
-    """
+
+@triton.jit
+def _fwd_state_kernel(p, m, gc, h, h0, ht, cu_seqlens, chunk_offsets, H,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                      USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
+    """Per (sequence, head, V block), chunk after chunk: stores the chunk-start state S, then
+    S <- Gam_C * S + P S + M (the maps of _chunk_map_kernel)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos = tl.load(cu_seqlens + i_n)
     eos = tl.load(cu_seqlens + i_n + 1)
     boh = tl.load(chunk_offsets + i_n)
     NT = tl.cdiv(eos - bos, BT)
-    o_t = tl.arange(0, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
     p_state = (i_nh * K + o_k[:, None]) * V + o_v[None, :]
     b_S = tl.zeros([K, BV], dtype=tl.float32)
     if USE_H0:
         b_S += tl.load(h0 + p_state)
-    causal = o_t[:, None] >= o_t[None, :]
     for i_c in range(0, NT):
-        valid = i_c * BT + o_t < eos - bos
-        tok = bos + i_c * BT + o_t
-        p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
-        p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-        if SAVE:
-            tl.store(h + ((boh + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_S.to(h.dtype.element_ty))
-        b_q = tl.load(q + p_k, mask=valid[:, None], other=0.0)
-        b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
-        b_a = tl.load(a + p_k, mask=valid[:, None], other=0.0)
-        b_w = tl.load(w + p_k, mask=valid[:, None], other=0.0)
-        b_v = tl.load(v + p_v, mask=valid[:, None], other=0.0)
-        b_r = tl.load(u + p_v, mask=valid[:, None], other=0.0).to(tl.float32) + tl.dot(b_w, b_S.to(b_w.dtype))
-        if SAVE:
-            tl.store(r + p_v, b_r.to(r.dtype.element_ty), mask=valid[:, None])
-        b_G = tl.cumsum(tl.load(g + p_k, mask=valid[:, None], other=0.0).to(tl.float32), 0)
-        b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
-        b_qG = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
-        b_QA = tl.where(causal, tl.dot(b_qG, tl.trans((b_a.to(tl.float32) * tl.exp(-b_G)).to(b_q.dtype))), 0.0)
-        b_QK = tl.where(causal, tl.dot(b_qG, tl.trans((b_k.to(tl.float32) * tl.exp(-b_G)).to(b_q.dtype))), 0.0)
-        b_o = (tl.dot(b_qG, b_S.to(b_q.dtype)) + tl.dot(b_QA.to(b_q.dtype), b_r.to(b_q.dtype))
-               + tl.dot(b_QK.to(b_q.dtype), b_v.to(b_q.dtype)))
-        tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None])
-        b_E = tl.exp(b_Glast[None, :] - b_G)
-        b_S = b_S * tl.exp(b_Glast)[:, None]
-        b_S += tl.dot(tl.trans((b_a.to(tl.float32) * b_E).to(b_q.dtype)), b_r.to(b_q.dtype))
-        b_S += tl.dot(tl.trans((b_k.to(tl.float32) * b_E).to(b_q.dtype)), b_v.to(b_q.dtype))
+        i_ch = (boh + i_c) * H + i_h
+        tl.store(h + i_ch * K * V + o_k[:, None] * V + o_v[None, :], b_S.to(h.dtype.element_ty))
+        b_P = tl.load(p + (i_ch * K + o_k[:, None]) * K + o_k[None, :])
+        b_M = tl.load(m + (i_ch * K + o_k[:, None]) * V + o_v[None, :])
+        b_S = b_S * tl.exp(tl.load(gc + i_ch * K + o_k))[:, None] + tl.dot(b_P, b_S.to(b_P.dtype)) + b_M
     if STORE_HT:
         tl.store(ht + p_state, b_S)
 
 
 @triton.jit
-def _chunk_bwd_dstate_kernel(q, g, a, w, do, dh, dr, dht, dh0, cu_seqlens, chunk_offsets, scale, H,
-                             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                             USE_DHT: tl.constexpr, USE_H0: tl.constexpr):
-    """Per (sequence, head, V block), chunk after chunk backwards: dS at each chunk end, and dr."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    boh = tl.load(chunk_offsets + i_n)
-    NT = tl.cdiv(eos - bos, BT)
-    o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, K)
-    o_v = i_v * BV + tl.arange(0, BV)
-    p_state = (i_nh * K + o_k[:, None]) * V + o_v[None, :]
-    b_dS = tl.zeros([K, BV], dtype=tl.float32)
-    if USE_DHT:
-        b_dS += tl.load(dht + p_state)
-    anticausal = o_t[:, None] <= o_t[None, :]
-    for i_r in range(0, NT):
-        i_c = NT - 1 - i_r
-        valid = i_c * BT + o_t < eos - bos
-        tok = bos + i_c * BT + o_t
-        p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
-        p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-        tl.store(dh + ((boh + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_dS.to(dh.dtype.element_ty))
-        b_q = tl.load(q + p_k, mask=valid[:, None], other=0.0)
-        b_a = tl.load(a + p_k, mask=valid[:, None], other=0.0)
-        b_w = tl.load(w + p_k, mask=valid[:, None], other=0.0)
-        b_do = tl.load(do + p_v, mask=valid[:, None], other=0.0)
-        b_G = tl.cumsum(tl.load(g + p_k, mask=valid[:, None], other=0.0).to(tl.float32), 0)
-        b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
-        b_qG = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
-        # QA^T[j, i] = (a_j / Gam_j) . (q_i Gam_i) for i >= j
-        b_QAt = tl.where(anticausal, tl.dot((b_a.to(tl.float32) * tl.exp(-b_G)).to(b_q.dtype), tl.trans(b_qG)), 0.0)
-        b_aE = (b_a.to(tl.float32) * tl.exp(b_Glast[None, :] - b_G)).to(b_q.dtype)
-        b_dr = tl.dot(b_QAt.to(b_do.dtype), b_do) * scale + tl.dot(b_aE, b_dS.to(b_q.dtype))
-        tl.store(dr + p_v, b_dr.to(dr.dtype.element_ty), mask=valid[:, None])
-        b_dS = b_dS * tl.exp(b_Glast)[:, None]
-        b_dS += tl.dot(tl.trans(b_qG), b_do.to(b_q.dtype)) * scale + tl.dot(tl.trans(b_w), b_dr.to(b_w.dtype))
-    if USE_H0:
-        tl.store(dh0 + p_state, b_dS)
-
-
-@triton.jit
-def _chunk_bwd_intra_kernel(q, k, v, g, a, b, h, dh, r, dr, do, dq, dk, dv, dg, da, db,
-                            cu_seqlens, chunk_indices, scale, H,
-                            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """Per chunk: every input gradient, from the chunk-start state S, its gradient dS at the chunk end, r and dr."""
+def _fwd_out_kernel(q, k, g, a, v, w, u, h, r, o, cu_seqlens, chunk_indices, scale, H,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per chunk: the reads r = u + w S (stored for the backward) and
+    o = scale * (Gam q S + tril((q Gam) . (a / Gam)) r + tril((q Gam) . (k / Gam)) v)."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
     i_c = tl.load(chunk_indices + i_t * 2 + 1)
@@ -202,41 +192,179 @@ def _chunk_bwd_intra_kernel(q, k, v, g, a, b, h, dh, r, dr, do, dq, dk, dv, dg, 
     b_q = tl.load(q + p_k, mask=valid[:, None], other=0.0)
     b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
     b_a = tl.load(a + p_k, mask=valid[:, None], other=0.0)
+    b_w = tl.load(w + p_k, mask=valid[:, None], other=0.0)
+    b_G = tl.cumsum(tl.load(g + p_k, mask=valid[:, None], other=0.0).to(tl.float32), 0)
+    causal = o_t[:, None] >= o_t[None, :]
+    b_qG = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
+    b_QA = tl.where(causal, tl.dot(b_qG, tl.trans((b_a.to(tl.float32) * tl.exp(-b_G)).to(b_q.dtype))), 0.0)
+    b_QK = tl.where(causal, tl.dot(b_qG, tl.trans((b_k.to(tl.float32) * tl.exp(-b_G)).to(b_q.dtype))), 0.0)
+    for i_v in range(0, V // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
+        b_S = tl.load(h + (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]).to(b_q.dtype)
+        b_r = tl.load(u + p_v, mask=valid[:, None], other=0.0).to(tl.float32) + tl.dot(b_w, b_S.to(b_w.dtype))
+        tl.store(r + p_v, b_r.to(r.dtype.element_ty), mask=valid[:, None])
+        b_v = tl.load(v + p_v, mask=valid[:, None], other=0.0)
+        b_o = (tl.dot(b_qG, b_S) + tl.dot(b_QA.to(b_q.dtype), b_r.to(b_q.dtype))
+               + tl.dot(b_QK.to(b_q.dtype), b_v.to(b_q.dtype)))
+        tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _bwd_local_kernel(q, g, a, w, v, r, do, drl, n, dqa, dqk, cu_seqlens, chunk_indices, scale, H,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per chunk, the backward's terms that don't depend on dS: the output's pull on the reads,
+    drl = scale * tril(QA)^T do, the affine term of the dS recursion, N = scale * (q Gam)^T do + w^T drl,
+    and the gradients of the scores QA and QK."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    o_t = tl.arange(0, BT)
+    valid = i_c * BT + o_t < eos - bos
+    tok = bos + i_c * BT + o_t
+    o_k = tl.arange(0, K)
+    p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_k, mask=valid[:, None], other=0.0)
+    b_a = tl.load(a + p_k, mask=valid[:, None], other=0.0)
+    b_w = tl.load(w + p_k, mask=valid[:, None], other=0.0)
+    b_G = tl.cumsum(tl.load(g + p_k, mask=valid[:, None], other=0.0).to(tl.float32), 0)
+    b_qG = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
+    causal = o_t[:, None] >= o_t[None, :]
+    # QA^T[j, i] = (a_j / Gam_j) . (q_i Gam_i) for i >= j
+    b_QAt = tl.where(o_t[:, None] <= o_t[None, :],
+                     tl.dot((b_a.to(tl.float32) * tl.exp(-b_G)).to(b_q.dtype), tl.trans(b_qG)), 0.0).to(b_q.dtype)
+    b_dQA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dQK = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(0, V // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
+        b_do = tl.load(do + p_v, mask=valid[:, None], other=0.0)
+        b_r = tl.load(r + p_v, mask=valid[:, None], other=0.0)
+        b_v = tl.load(v + p_v, mask=valid[:, None], other=0.0)
+        b_drl = tl.dot(b_QAt, b_do.to(b_q.dtype)) * scale
+        tl.store(drl + p_v, b_drl.to(drl.dtype.element_ty), mask=valid[:, None])
+        b_N = tl.dot(tl.trans(b_qG), b_do.to(b_q.dtype)) * scale + tl.dot(tl.trans(b_w), b_drl.to(b_w.dtype))
+        tl.store(n + (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_N.to(n.dtype.element_ty))
+        b_dQA += tl.dot(b_do, tl.trans(b_r).to(b_do.dtype))
+        b_dQK += tl.dot(b_do, tl.trans(b_v).to(b_do.dtype))
+    p_tt = ((i_t * H + i_h) * BT + o_t[:, None]) * BT + o_t[None, :]
+    tl.store(dqa + p_tt, tl.where(causal, b_dQA * scale, 0.0))
+    tl.store(dqk + p_tt, tl.where(causal, b_dQK * scale, 0.0))
+
+
+@triton.jit
+def _bwd_dstate_kernel(p, n, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, H,
+                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                       USE_DHT: tl.constexpr, USE_H0: tl.constexpr):
+    """Per (sequence, head, V block), chunk after chunk backwards: stores dS at each chunk end, then
+    dS <- Gam_C * dS + P^T dS + N (the transposed map, N from _bwd_local_kernel)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    boh = tl.load(chunk_offsets + i_n)
+    NT = tl.cdiv(eos - bos, BT)
+    o_k = tl.arange(0, K)
+    o_v = i_v * BV + tl.arange(0, BV)
+    p_state = (i_nh * K + o_k[:, None]) * V + o_v[None, :]
+    b_dS = tl.zeros([K, BV], dtype=tl.float32)
+    if USE_DHT:
+        b_dS += tl.load(dht + p_state)
+    for i_r in range(0, NT):
+        i_ch = (boh + NT - 1 - i_r) * H + i_h
+        p_h = i_ch * K * V + o_k[:, None] * V + o_v[None, :]
+        tl.store(dh + p_h, b_dS.to(dh.dtype.element_ty))
+        b_P = tl.load(p + (i_ch * K + o_k[:, None]) * K + o_k[None, :])
+        b_dS = (b_dS * tl.exp(tl.load(gc + i_ch * K + o_k))[:, None] + tl.dot(tl.trans(b_P), b_dS.to(b_P.dtype))
+                + tl.load(n + p_h))
+    if USE_H0:
+        tl.store(dh0 + p_state, b_dS)
+
+
+@triton.jit
+def _bwd_dv_kernel(q, k, g, b, v, tm, ae, ke, h, dh, drl, dr, do, dv, dl, drm, cu_seqlens, chunk_indices, scale, H,
+                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per chunk: dr = drl + (a Gam_C / Gam) dS (stored), dv, and the gradients of the UT transform's [C, C]
+    matrices L and R (summed over V, fp32), which leave _bwd_dqk_kernel nothing to sum over K."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    o_t = tl.arange(0, BT)
+    valid = i_c * BT + o_t < eos - bos
+    tok = bos + i_c * BT + o_t
+    o_k = tl.arange(0, K)
+    p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_k, mask=valid[:, None], other=0.0)
+    b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
     b_b = tl.load(b + p_k, mask=valid[:, None], other=0.0)
-    # padded rows carry g = 0: the last row's G is the whole chunk's log decay
     b_g = tl.load(g + p_k, mask=valid[:, None], other=0.0).to(tl.float32)
     b_G = tl.cumsum(b_g, 0)
     b_Gx = b_G - b_g
-    b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
-    # L, R = strictly lower (b Gam') . (a / Gam), (b Gam') . (k / Gam); Tm = (I - L)^-1 by forward substitution in fp32
-    strict = o_t[:, None] > o_t[None, :]
-    b_bB = b_b.to(tl.float32) * tl.exp(b_Gx)
-    b_aI = b_a.to(tl.float32) * tl.exp(-b_G)
-    b_kI = b_k.to(tl.float32) * tl.exp(-b_G)
-    b_L = tl.where(strict, tl.dot(b_bB.to(b_k.dtype), tl.trans(b_aI.to(b_k.dtype))), 0.0)
-    b_R = tl.where(strict, tl.dot(b_bB.to(b_k.dtype), tl.trans(b_kI.to(b_k.dtype))), 0.0)
-    b_Tm = b_L
-    for i in range(1, BT):
-        row = tl.sum(tl.where((o_t == i)[:, None], b_Tm, 0.0), 0)
-        row = row + tl.sum(row[:, None] * b_Tm, 0) * (o_t < i)
-        b_Tm = tl.where((o_t == i)[:, None], row, b_Tm)
-    b_Tm = b_Tm + (o_t[:, None] == o_t[None, :])
     causal = o_t[:, None] >= o_t[None, :]
-    b_qG = b_q.to(tl.float32) * tl.exp(b_G)
-    b_E = tl.exp(b_Glast[None, :] - b_G)
-    b_QK = tl.where(causal, tl.dot(b_qG.to(b_k.dtype), tl.trans(b_kI.to(b_k.dtype))), 0.0)
-    b_dqG = tl.zeros([BT, K], dtype=tl.float32)  # d(q Gam), from the state and the intra-chunk scores
-    b_dw = tl.zeros([BT, K], dtype=tl.float32)
-    b_daE = tl.zeros([BT, K], dtype=tl.float32)  # d(a Gam_C / Gam), the removal written into the next state
-    b_dkE = tl.zeros([BT, K], dtype=tl.float32)  # d(k Gam_C / Gam)
-    b_dQA = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dQK = tl.zeros([BT, BT], dtype=tl.float32)
+    strict = o_t[:, None] > o_t[None, :]
+    b_bB = (b_b.to(tl.float32) * tl.exp(b_Gx)).to(b_k.dtype)
+    b_kI = (b_k.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype)
+    b_QKt = tl.trans(tl.where(causal, tl.dot((b_q.to(tl.float32) * tl.exp(b_G)).to(b_k.dtype), tl.trans(b_kI)), 0.0))
+    b_QKt = b_QKt.to(b_k.dtype)
+    b_R = tl.where(strict, tl.dot(b_bB, tl.trans(b_kI)), 0.0).to(b_k.dtype)
+    p_tt = ((i_t * H + i_h) * BT + o_t[:, None]) * BT + o_t[None, :]
+    b_Tmt = tl.trans(tl.load(tm + p_tt)).to(b_k.dtype)
+    b_ae = tl.load(ae + p_k, mask=valid[:, None], other=0.0)
+    b_ke = tl.load(ke + p_k, mask=valid[:, None], other=0.0)
     b_dTm = tl.zeros([BT, BT], dtype=tl.float32)
     b_dR = tl.zeros([BT, BT], dtype=tl.float32)
-    b_dGlast = tl.zeros([K], dtype=tl.float32)  # from Gam_C * S
-    b_Tmt = tl.trans(b_Tm).to(b_k.dtype)
-    b_QKt = tl.trans(b_QK).to(b_k.dtype)
-    b_Rt = tl.trans(b_R).to(b_k.dtype)
+    for i_v in range(0, V // BV):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
+        p_state = (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_S = tl.load(h + p_state)
+        b_dS = tl.load(dh + p_state)
+        b_v = tl.load(v + p_v, mask=valid[:, None], other=0.0)
+        b_do = tl.load(do + p_v, mask=valid[:, None], other=0.0)
+        b_dr = tl.load(drl + p_v, mask=valid[:, None], other=0.0) + tl.dot(b_ae, b_dS.to(b_ae.dtype))
+        tl.store(dr + p_v, b_dr.to(dr.dtype.element_ty), mask=valid[:, None])
+        b_dr = b_dr.to(b_k.dtype)
+        # r = Tm Y with Y = R v + (b Gam') S (that is u + w S): dTm = dr Y^T, dY = Tm^T dr
+        b_Y = tl.dot(b_R, b_v.to(b_k.dtype)) + tl.dot(b_bB, b_S.to(b_k.dtype))
+        b_dTm += tl.dot(b_dr, tl.trans(b_Y).to(b_k.dtype))
+        b_dY = tl.dot(b_Tmt, b_dr)
+        b_dR += tl.dot(b_dY.to(b_k.dtype), tl.trans(b_v).to(b_k.dtype))
+        b_dv = (tl.dot(b_QKt, b_do.to(b_k.dtype)) * scale + tl.dot(b_ke, b_dS.to(b_ke.dtype))
+                + tl.dot(tl.trans(b_R), b_dY.to(b_k.dtype)))
+        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=valid[:, None])
+    # Tm = (I - L)^-1: dL = Tm^T dTm Tm^T, on the strictly lower part
+    tl.store(dl + p_tt, tl.where(strict, tl.dot(b_Tmt, tl.dot(b_dTm.to(b_k.dtype), b_Tmt).to(b_k.dtype)), 0.0))
+    tl.store(drm + p_tt, tl.where(strict, b_dR, 0.0))
+
+
+@triton.jit
+def _bwd_dqk_kernel(q, k, g, a, b, tm, h, dh, r, dr, do, v, dqa, dqk, dl, drm, dq, dk, dg, da, db,
+                    cu_seqlens, chunk_indices, scale, H,
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Per (chunk, K block): dq, dk, da, db, dg of its K columns, from the state S, its gradient dS at the
+    chunk end, r, dr and the [C, C] gradients of the other backward kernels (given those, every term is
+    column by column)."""
+    # the K blocks of one chunk run side by side: what they all read is still in L2
+    i_kt, i_h = tl.program_id(0), tl.program_id(1)
+    i_k, i_t = i_kt % (K // BK), i_kt // (K // BK)
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    o_t = tl.arange(0, BT)
+    valid = i_c * BT + o_t < eos - bos
+    tok = bos + i_c * BT + o_t
+    o_k = i_k * BK + tl.arange(0, BK)
+    p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    b_dqG = tl.zeros([BT, BK], dtype=tl.float32)  # d(q Gam)
+    b_dw = tl.zeros([BT, BK], dtype=tl.float32)
+    b_daE = tl.zeros([BT, BK], dtype=tl.float32)  # d(a Gam_C / Gam), the removal written into the next state
+    b_dkE = tl.zeros([BT, BK], dtype=tl.float32)  # d(k Gam_C / Gam)
+    b_dGlast = tl.zeros([BK], dtype=tl.float32)  # from Gam_C * S
     for i_v in range(0, V // BV):
         o_v = i_v * BV + tl.arange(0, BV)
         p_state = (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
@@ -251,50 +379,53 @@ def _chunk_bwd_intra_kernel(q, k, v, g, a, b, h, dh, r, dr, do, dq, dk, dv, dg, 
         b_dw += tl.dot(b_dr, tl.trans(b_S).to(b_dr.dtype))
         b_daE += tl.dot(b_r, tl.trans(b_dS).to(b_r.dtype))
         b_dkE += tl.dot(b_v, tl.trans(b_dS).to(b_v.dtype))
-        b_dQA += tl.dot(b_do, tl.trans(b_r).to(b_do.dtype))
-        b_dQK += tl.dot(b_do, tl.trans(b_v).to(b_do.dtype))
         b_dGlast += tl.sum(b_S.to(tl.float32) * b_dS.to(tl.float32), 1)
-        # u = Tm (R v): du = dr
-        b_Rv = tl.dot(b_R.to(b_k.dtype), b_v.to(b_k.dtype))
-        b_dTm += tl.dot(b_dr, tl.trans(b_Rv).to(b_dr.dtype))
-        b_dY = tl.dot(b_Tmt, b_dr.to(b_k.dtype))
-        b_dR += tl.dot(b_dY.to(b_k.dtype), tl.trans(b_v).to(b_k.dtype))
-        b_dv = (tl.dot(b_QKt, b_do.to(b_k.dtype)) * scale + tl.dot((b_k.to(tl.float32) * b_E).to(b_k.dtype), b_dS.to(b_k.dtype))
-                + tl.dot(b_Rt, b_dY.to(b_k.dtype)))
-        tl.store(dv + p_v, b_dv.to(dv.dtype.element_ty), mask=valid[:, None])
     b_dqG *= scale
-    b_dQA = tl.where(causal, b_dQA * scale, 0.0)
-    b_dQK = tl.where(causal, b_dQK * scale, 0.0)
-    b_dR = tl.where(strict, b_dR, 0.0)
-    # w = Tm (b Gam')
-    b_dTm += tl.dot(b_dw.to(b_k.dtype), tl.trans(b_bB.to(b_k.dtype)))
-    b_dbB = tl.dot(b_Tmt, b_dw.to(b_k.dtype))
-    # Tm = (I - L)^-1: dL = Tm^T dTm Tm^T, on the strictly lower part
-    b_dL = tl.where(strict, tl.dot(b_Tmt, tl.dot(b_dTm.to(b_k.dtype), b_Tmt).to(b_k.dtype)), 0.0)
-    # L = (b Gam') (a / Gam)^T, R = (b Gam') (k / Gam)^T, QA = (q Gam) (a / Gam)^T, QK = (q Gam) (k / Gam)^T
-    b_dqG += tl.dot(b_dQA.to(b_k.dtype), b_aI.to(b_k.dtype)) + tl.dot(b_dQK.to(b_k.dtype), b_kI.to(b_k.dtype))
-    b_dbB += tl.dot(b_dL.to(b_k.dtype), b_aI.to(b_k.dtype)) + tl.dot(b_dR.to(b_k.dtype), b_kI.to(b_k.dtype))
-    b_daI = (tl.dot(tl.trans(b_dL).to(b_k.dtype), b_bB.to(b_k.dtype))
-             + tl.dot(tl.trans(b_dQA).to(b_k.dtype), b_qG.to(b_k.dtype)))
-    b_dkI = (tl.dot(tl.trans(b_dR).to(b_k.dtype), b_bB.to(b_k.dtype))
-             + tl.dot(tl.trans(b_dQK).to(b_k.dtype), b_qG.to(b_k.dtype)))
-    b_aE = b_a.to(tl.float32) * b_E
-    b_kE = b_k.to(tl.float32) * b_E
-    b_dq = b_dqG * tl.exp(b_G)
-    b_db = b_dbB * tl.exp(b_Gx)
-    b_da = b_daI * tl.exp(-b_G) + b_daE * b_E
-    b_dk = b_dkI * tl.exp(-b_G) + b_dkE * b_E
-    # dg: the factors pull +G (q Gam), +G' (b Gam'), -G (a / Gam, k / Gam) and G_C - G (a, k carried to the end)
-    b_dGx = b_dbB * b_bB
-    b_dG = b_dqG * b_qG - b_daI * b_aI - b_dkI * b_kI - b_daE * b_aE - b_dkE * b_kE
-    b_dGlast_all = tl.sum(b_daE * b_aE + b_dkE * b_kE, 0) + b_dGlast * tl.exp(b_Glast)
-    b_dG += tl.where((o_t == BT - 1)[:, None], b_dGlast_all[None, :], 0.0)
+    b_q = tl.load(q + p_k, mask=valid[:, None], other=0.0)
+    b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
+    b_a = tl.load(a + p_k, mask=valid[:, None], other=0.0)
+    b_b = tl.load(b + p_k, mask=valid[:, None], other=0.0)
+    # padded rows carry g = 0: the last row's G is the whole chunk's log decay
+    b_g = tl.load(g + p_k, mask=valid[:, None], other=0.0).to(tl.float32)
+    b_G = tl.cumsum(b_g, 0)
+    b_Gx = b_G - b_g
+    b_Glast = tl.sum(tl.where((o_t == BT - 1)[:, None], b_G, 0.0), 0)
+    # the factors as the matrix units see them (rounded to the operands' dtype), for the dots and for dG alike
+    b_bB = (b_b.to(tl.float32) * tl.exp(b_Gx)).to(b_k.dtype)
+    b_aI = (b_a.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype)
+    b_kI = (b_k.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype)
+    b_qG = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_k.dtype)
+    b_E = tl.exp(b_Glast[None, :] - b_G)
+    p_tt = ((i_t * H + i_h) * BT + o_t[:, None]) * BT + o_t[None, :]
+    b_dQA = tl.load(dqa + p_tt).to(b_k.dtype)
+    b_dQK = tl.load(dqk + p_tt).to(b_k.dtype)
+    b_dL = tl.load(dl + p_tt).to(b_k.dtype)
+    b_dR = tl.load(drm + p_tt).to(b_k.dtype)
+    # Each gradient is finished, stored and folded into dG (the gradient of G, G' for b) before the next one.
+    # dg: the factors pull +G (q Gam), +G' (b Gam'), -G (a / Gam, k / Gam) and G_C - G (a, k carried to the end).
+    # Each in-chunk pair (i, j) enters twice, +G_i and -G_j, and for tokens past both the two cancel in the
+    # reverse cumsum below: they cancel exactly only if both use the same rounded factors as the dots.
+    # QA = (q Gam) (a / Gam)^T, QK = (q Gam) (k / Gam)^T
+    b_dqG += tl.dot(b_dQA, b_aI) + tl.dot(b_dQK, b_kI)
+    tl.store(dq + p_k, (b_dqG * tl.exp(b_G)).to(dq.dtype.element_ty), mask=valid[:, None])
+    b_dG = b_dqG * b_qG.to(tl.float32)
+    # w = Tm (b Gam'), L = (b Gam') (a / Gam)^T, R = (b Gam') (k / Gam)^T
+    b_Tmt = tl.trans(tl.load(tm + p_tt)).to(b_k.dtype)
+    b_dbB = tl.dot(b_Tmt, b_dw.to(b_k.dtype)) + tl.dot(b_dL, b_aI) + tl.dot(b_dR, b_kI)
+    tl.store(db + p_k, (b_dbB * tl.exp(b_Gx)).to(db.dtype.element_ty), mask=valid[:, None])
+    b_dGx = b_dbB * b_bB.to(tl.float32)
+    b_daI = tl.dot(tl.trans(b_dL), b_bB) + tl.dot(tl.trans(b_dQA), b_qG)
+    tl.store(da + p_k, (b_daI * tl.exp(-b_G) + b_daE * b_E).to(da.dtype.element_ty), mask=valid[:, None])
+    b_daE *= b_a.to(tl.float32) * b_E
+    b_dG -= b_daI * b_aI.to(tl.float32) + b_daE
+    b_dkI = tl.dot(tl.trans(b_dR), b_bB) + tl.dot(tl.trans(b_dQK), b_qG)
+    tl.store(dk + p_k, (b_dkI * tl.exp(-b_G) + b_dkE * b_E).to(dk.dtype.element_ty), mask=valid[:, None])
+    b_dkE *= b_k.to(tl.float32) * b_E
+    b_dG -= b_dkI * b_kI.to(tl.float32) + b_dkE
+    # G_C: the state's decay Gam_C * S and the removals and keys carried to the chunk end
+    b_dG += tl.where((o_t == BT - 1)[:, None], (tl.sum(b_daE + b_dkE, 0) + b_dGlast * tl.exp(b_Glast))[None, :], 0.0)
     # g_s enters G_t for t >= s and G'_t for t > s
     b_dg = tl.dot(tl.where(o_t[:, None] <= o_t[None, :], 1.0, 0.0), b_dG + b_dGx, input_precision="ieee") - b_dGx
-    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=valid[:, None])
-    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=valid[:, None])
-    tl.store(da + p_k, b_da.to(da.dtype.element_ty), mask=valid[:, None])
-    tl.store(db + p_k, b_db.to(db.dtype.element_ty), mask=valid[:, None])
     tl.store(dg + p_k, b_dg.to(dg.dtype.element_ty), mask=valid[:, None])
 
 
@@ -343,64 +474,92 @@ def _block_v(V, key="BV"):
     return min(V, CONFIG[key])
 
 
+def _block_v_seq(V, sequences_x_heads):
+    """V block of the state recursions: CONFIG["BV"], halved (down to 16) while fewer than
+    CONFIG["seq_programs"] programs would run; few long sequences would otherwise leave most of the GPU idle."""
+    BV = _block_v(V)
+    while BV > 16 and (V // BV) * sequences_x_heads < CONFIG["seq_programs"]:
+        BV //= 2
+    return BV
+
+
 def _check_dims(K, V):
     for name, d in (("K", K), ("V", V)):
         if d < 16 or d & (d - 1):
             raise ValueError(f"rwkv7 (triton): head dim {name}={d} must be a power of two >= 16")
 
 
-def _forward(q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seqlens, save):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+def _forward(q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seqlens):
+    H, K, V = q.shape[2], q.shape[3], v.shape[-1]
     N, cu, chunk_indices, chunk_offsets = _layout(q, cu_seqlens)
     NT = chunk_indices.shape[0]
-    w = _new(k.shape, k.dtype, q.device)
-    u = _new(v.shape, v.dtype, q.device)
-    _ut_fwd_kernel[(NT, H)](k, v, g, a, b, w, u, cu, chunk_indices, H, K=K, V=V, BT=CHUNK,
+    w, ae, ke = (_new(k.shape, k.dtype, q.device) for _ in range(3))
+    u, r, o = (_new(v.shape, v.dtype, q.device) for _ in range(3))
+    tm = _new((NT, H, CHUNK, CHUNK), k.dtype, q.device)
+    gc = _new((NT, H, K), torch.float32, q.device)
+    BK, BVc = min(K, CONFIG["BK_map"]), _block_v(V, "BV_chunk")
+    _ut_fwd_kernel[(NT, H)](k, v, g, a, b, w, u, tm, ae, ke, gc, cu, chunk_indices, H, K=K, V=V, BT=CHUNK, BV=BVc,
                             num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages"])
-    BV = _block_v(V)
-    o = _new(v.shape, v.dtype, q.device)
-    h = _new((NT, H, K, V), q.dtype, q.device) if save else None
-    r = _new(v.shape, v.dtype, q.device) if save else None
+    p, m = _new((NT, H, K, K), k.dtype, q.device), _new((NT, H, K, V), torch.float32, q.device)
+    _chunk_map_kernel[(K // BK * NT, H)](w, u, v, ae, ke, p, m, cu, chunk_indices, H, K=K, V=V, BT=CHUNK, BK=BK, BV=BVc,
+                                        num_warps=CONFIG["warps_chunk"], num_stages=CONFIG["stages"])
+    h = _new((NT, H, K, V), q.dtype, q.device)
     final = _new((N, H, K, V), torch.float32, q.device) if output_final_state else None
-    _chunk_fwd_kernel[(V // BV, N * H)](
-        q, k, v, g, a, w, u, o, h, r, initial_state, final, cu, chunk_offsets, scale, H,
-        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state, SAVE=save,
-        num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
-    return o, final, (w, h, r, cu, chunk_indices, chunk_offsets, N)
+    BV = _block_v_seq(V, N * H)
+    _fwd_state_kernel[(V // BV, N * H)](
+        p, m, gc, h, initial_state, final, cu, chunk_offsets, H,
+        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
+        num_warps=CONFIG["warps_seq"], num_stages=CONFIG["stages"])
+    del m
+    _fwd_out_kernel[(NT, H)](q, k, g, a, v, w, u, h, r, o, cu, chunk_indices, scale, H, K=K, V=V, BT=CHUNK, BV=BVc,
+                             num_warps=CONFIG["warps_chunk"], num_stages=CONFIG["stages"])
+    return o, final, (w, ae, ke, tm, gc, p, h, r, cu, chunk_indices, chunk_offsets, N)
 
 
 class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seqlens):
-        o, final, saved = _forward(q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seqlens, save=True)
-        w, h, r, cu, chunk_indices, chunk_offsets, N = saved
-        ctx.save_for_backward(q, k, v, g, a, b, initial_state, w, h, r, cu, chunk_indices, chunk_offsets)
-        ctx.scale, ctx.N = scale, N
+        o, final, saved = _forward(q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seqlens)
+        ctx.N = saved[-1]
+        ctx.save_for_backward(q, k, v, g, a, b, initial_state, *saved[:-1])
+        ctx.scale = scale
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, a, b, initial_state, w, h, r, cu, chunk_indices, chunk_offsets = ctx.saved_tensors
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        NT, N, BV = chunk_indices.shape[0], ctx.N, _block_v(V)
+        (q, k, v, g, a, b, initial_state, w, ae, ke, tm, gc, p, h, r,
+         cu, chunk_indices, chunk_offsets) = ctx.saved_tensors
+        H, K, V = q.shape[2], q.shape[3], v.shape[-1]
+        NT, N, BVc = chunk_indices.shape[0], ctx.N, _block_v(V, "BV_chunk")
+        BV = _block_v_seq(V, N * H)
         do = do.contiguous()
         if dht is not None:  # autograd may hand over an expanded (stride 0) gradient
             dht = dht.contiguous()
+        drl, n = _new(v.shape, torch.float32, q.device), _new(h.shape, torch.float32, q.device)
+        dqa, dqk, dl, drm = (_new(tm.shape, torch.float32, q.device) for _ in range(4))
+        _bwd_local_kernel[(NT, H)](q, g, a, w, v, r, do, drl, n, dqa, dqk, cu, chunk_indices, ctx.scale, H,
+                                   K=K, V=V, BT=CHUNK, BV=BVc,
+                                   num_warps=CONFIG["warps_chunk"], num_stages=CONFIG["stages"])
         dh = _new(h.shape, h.dtype, q.device)
-        dr = _new(v.shape, v.dtype, q.device)
         dh0 = _new(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
-        _chunk_bwd_dstate_kernel[(V // BV, N * H)](
-            q, g, a, w, do, dh, dr, dht, dh0, cu, chunk_offsets, ctx.scale, H,
+        _bwd_dstate_kernel[(V // BV, N * H)](
+            p, n, gc, dh, dht, dh0, cu, chunk_offsets, H,
             K=K, V=V, BT=CHUNK, BV=BV, USE_DHT=dht is not None, USE_H0=initial_state is not None,
-            num_warps=CONFIG["warps_dstate"], num_stages=CONFIG["stages"])
-        dq, dk, dv = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device)
+            num_warps=CONFIG["warps_seq"], num_stages=CONFIG["stages"])
+        del n
+        dr, dv = _new(v.shape, v.dtype, q.device), _new(v.shape, v.dtype, q.device)
+        _bwd_dv_kernel[(NT, H)](q, k, g, b, v, tm, ae, ke, h, dh, drl, dr, do, dv, dl, drm, cu, chunk_indices,
+                                ctx.scale, H, K=K, V=V, BT=CHUNK, BV=_block_v(V, "BV_dv"),
+                                num_warps=CONFIG["warps_dv"], num_stages=CONFIG["stages"])
+        del drl
+        dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, q.device)
         da, db = _new(a.shape, a.dtype, q.device), _new(b.shape, b.dtype, q.device)
         dg = _new(g.shape, torch.float32, q.device)
-        _chunk_bwd_intra_kernel[(NT, H)](
-            q, k, v, g, a, b, h, dh, r, dr, do, dq, dk, dv, dg, da, db, cu, chunk_indices, ctx.scale, H,
-            K=K, V=V, BT=CHUNK, BV=_block_v(V, "BV_intra"), num_warps=CONFIG["warps_intra"], num_stages=CONFIG["stages"])
+        BK = min(K, CONFIG["BK_dqk"])
+        _bwd_dqk_kernel[(K // BK * NT, H)](
+            q, k, g, a, b, tm, h, dh, r, dr, do, v, dqa, dqk, dl, drm, dq, dk, dg, da, db, cu, chunk_indices,
+            ctx.scale, H, K=K, V=V, BT=CHUNK, BK=BK, BV=_block_v(V, "BV_dqk"), num_warps=CONFIG["warps_dqk"],
+            num_stages=CONFIG["stages"])
         return (dq, dk, dv, dg, da, db, None,
                 None if dh0 is None else dh0.to(initial_state.dtype), None, None)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from .context import LSMContext
 from .emit import render
 
+BLOCK = 16  # rows of the UT transform's tiles (the smallest tl.dot tile); the chunk is a multiple of it
+
 
 def supports(ctx: LSMContext) -> tuple[bool, str]:
     """(ok, reason): whether this module emits kernels for the recurrence, and why not (the chunk size is
@@ -29,4 +31,4 @@ def emit(ctx: LSMContext, header: str) -> str:
     if not ok:
         raise ValueError(reason)
     decay = "scalar" if ctx.rec.decay == "constant" else ctx.rec.decay
-    return render("triton/delta.py.j2", ctx=ctx, header=header, decay=decay)
+    return render("triton/delta.py.j2", ctx=ctx, header=header, decay=decay, block=BLOCK)

@@ -3,6 +3,8 @@
 The chunkwise UT form of templates/triton/delta.py.j2 with its two rank-one vectors made independent:
 the removal a and the read b are inputs of their own, there is no beta, and the value key is k itself.
 The kernels take a vector log decay; a scalar or constant one is broadcast over K by the emitted wrappers.
+Everything but the state recursion runs chunk-parallel; the recursion applies each chunk's affine map
+S -> Gam_C * S + P S + M, one matrix product per chunk (the template's docstring has the kernels and grids).
 """
 from __future__ import annotations
 

@@ -38,6 +38,24 @@ def write_package(files: dict[str, str], target: Path) -> None:
         raise
 
 
+def _write_once(files: dict[str, str], target: Path) -> None:
+    """Write a content-addressed entry: the first writer's rename wins, later ones (same content) drop theirs.
+
+    Never replaces an entry, since another process (parallel sweep runs) may be importing from it.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        tmp.rename(target)
+    except OSError:
+        if not (target / "__init__.py").exists():
+            raise
+    finally:
+        _rmtree(tmp)
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 
@@ -51,7 +69,7 @@ def load_package(name: str, files: dict[str, str]) -> ModuleType:
         return sys.modules[module_name]
     where = cache_dir() / module_name
     if not (where / "__init__.py").exists():
-        write_package(files, where)
+        _write_once(files, where)
     spec = importlib.util.spec_from_file_location(module_name, where / "__init__.py", submodule_search_locations=[str(where)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
