@@ -6,7 +6,11 @@
 2. Speed side by side in one process: lmoec vs fla 0.6.0 (chunk_delta_rule, chunk_gated_delta_rule,
    chunk_dplr_delta_rule for the record) vs SDPA causal, B*T = 32K, T in {2K, 8K, 32K}, H=16,
    K=V=128, bf16, forward and forward+backward, peak memory.
+3. variants: the sequential forward's launch policies (CONFIG fuse_output, seq_programs) side by side.
+4. profile: CUDA time per kernel of one fwd+bwd, lmoec and fla, at T = 8K and 32K.
 
+    python bench/triton_delta_gpu.py [check] [bench] [variants] [profile] [tune] [dplr]
+(no argument: check and bench; tune first picks launch settings; dplr adds fla's DPLR op to bench's table.)
 Writes $OUT/triton_delta.md (or ./triton_delta.md) and prints it.
 """
 from __future__ import annotations
@@ -363,6 +367,46 @@ def profile():
             torch.cuda.empty_cache()
 
 
+def variants():
+    """The forward's launch policies side by side (fwd and fwd+bwd ms), with fla's ops in the same loop."""
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # noqa: BLE001 - no fla on this machine
+        chunk_delta_rule = chunk_gated_delta_rule = None
+    policies = {"committed": {}, "fused": {"fuse_output": True},
+                "few-programs BV": {"seq_programs": 128}, "both": {"fuse_output": True, "seq_programs": 128}}
+    say("## Launch policies of the sequential forward: B*T = 32K, H=16, K=V=128, bf16, median ms (fwd / fwd+bwd)")
+    say()
+    say("| T | spec | " + " | ".join(policies) + " | fla |")
+    say("|---|---|" + "---|" * (len(policies) + 1))
+    for T in (2048, 8192, 32768):
+        B = 32768 // T
+        for decay in ("none", "scalar"):
+            mod = build(decay)[0]
+            base = dict(mod.CONFIG)
+            args = inputs(decay, B, T)
+            ins = {n: t.clone().requires_grad_() for n, t in args.items()}
+            do = torch.randn(B, T, 16, 128, device=DEV, dtype=torch.bfloat16)
+            cells = []
+            for cfg in policies.values():
+                mod.CONFIG.update(base, **cfg)
+                f, fb, _ = bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
+                cells.append(f"{fmt(f)} / {fmt(fb)}")
+            mod.CONFIG.update(base)
+            peer = "n/a"
+            if decay == "none" and chunk_delta_rule is not None:
+                f, fb, _ = bench(lambda: chunk_delta_rule(ins["q"], ins["k"], ins["v"], ins["beta"])[0], list(ins.values()), do)
+                peer = f"{fmt(f)} / {fmt(fb)}"
+            elif decay == "scalar" and chunk_gated_delta_rule is not None:
+                f, _, _ = bench(lambda: chunk_gated_delta_rule(ins["q"], ins["k"], ins["v"], ins["g"], ins["beta"])[0])
+                peer = f"{fmt(f)} / n/a (refused on Hopper)"
+            say(f"| {T} | delta {decay} | " + " | ".join(cells) + f" | {peer} |")
+            del ins, args
+            torch.cuda.empty_cache()
+    say()
+
+
 def main():
     props = torch.cuda.get_device_properties(0)
     say("# lmoec delta-rule Triton kernels on the GPU")
@@ -370,7 +414,7 @@ def main():
     say(f"GPU: {props.name}; torch {torch.__version__}; Triton {triton.__version__}; date {datetime.date.today()}")
     say()
     parts = sys.argv[1:] or ["check", "bench"]
-    for part, fn in (("check", check_correctness), ("bench", run_benchmarks), ("profile", profile)):
+    for part, fn in (("check", check_correctness), ("bench", run_benchmarks), ("variants", variants), ("profile", profile)):
         if part in parts:
             try:
                 fn()

@@ -25,10 +25,12 @@ BLOCK = 16  # rows of the UT transform's tiles
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
-# Launch settings (V block of the sequential kernels, K / V blocks of the backward's kernels, warps per kernel);
-# bench/triton_delta_gpu.py measures alternatives on the GPU.
-CONFIG = {"BV": 64, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "warps_wy": 4, "warps_fwd": 4, "warps_o": 8,
-          "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 8, "stages": 2}
+# Launch settings: V block of the sequential kernels (BV, halved while fewer than seq_programs programs would
+# run), whether the sequential forward also computes the output when it runs at full BV (fuse_output), K / V
+# blocks of the other kernels, warps per kernel. bench/triton_delta_gpu.py measures alternatives on the GPU;
+# seq_programs = 0 and fuse_output = False are the settings its committed results ran with.
+CONFIG = {"BV": 64, "seq_programs": 0, "fuse_output": False, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64,
+          "warps_wy": 4, "warps_fwd": 4, "warps_o": 8, "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 8, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -178,12 +180,13 @@ def _wy_fwd_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
 
 
 @triton.jit
-def _chunk_state_kernel(k, w, u, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
+def _chunk_state_kernel(q, k, w, u, o, h, v_new, h0, ht, cu_seqlens, chunk_offsets, scale, H,
                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, FUSE_OUTPUT: tl.constexpr):
     """Per (sequence, head, V block), chunk after chunk: the chunk-start state S, v' = u - w S, the next state.
 
-    The only sequential kernel of the forward: two products per chunk; the output is _chunk_output_kernel's.
+    The only sequential kernel of the forward: two products per chunk. The output is _chunk_output_kernel's,
+    or with FUSE_OUTPUT computed here (three products more per chunk, one pass less over q, k and the states).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -198,6 +201,7 @@ def _chunk_state_kernel(k, w, u, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
     b_S = tl.zeros([K, BV], dtype=tl.float32)
     if USE_H0:
         b_S += tl.load(h0 + p_state)
+    causal = o_t[:, None] >= o_t[None, :]
     for i_c in range(0, NT):
         valid = i_c * BT + o_t < eos - bos
         tok = bos + i_c * BT + o_t
@@ -207,6 +211,13 @@ def _chunk_state_kernel(k, w, u, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         b_vn = tl.load(u + p_v, mask=valid[:, None], other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
         tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=valid[:, None])
+        if FUSE_OUTPUT:
+            b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+            # o = scale (q S + M v') with M = tril(q k^T)
+            b_M = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0)
+            b_qS = b_q
+            b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
+            tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None])
         b_S += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype))
     if STORE_HT:
         tl.store(ht + p_state, b_S)
@@ -233,6 +244,7 @@ def _chunk_output_kernel(q, k, h, v_new, o, cu_seqlens, chunk_indices, scale, H,
     b_vn = tl.load(v_new + p_v, mask=valid[:, None], other=0.0)
     causal = o_t[:, None] >= o_t[None, :]
 
+    # o = scale (q S + M v') with M = tril(q k^T)
     b_M = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0)
     b_qS = b_q
     b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
@@ -421,6 +433,15 @@ def _block_v(V, key="BV"):
     return min(V, CONFIG[key])
 
 
+def _sequential_block_v(V, sequences_x_heads):
+    """V block of the sequential kernels: CONFIG["BV"], halved (down to 16) while fewer than
+    CONFIG["seq_programs"] programs would run (long single sequences leave most SMs idle otherwise)."""
+    BV = _block_v(V)
+    while BV > 16 and sequences_x_heads * (V // BV) < CONFIG["seq_programs"]:
+        BV //= 2
+    return BV
+
+
 def _check_dims(K, V):
     for name, d in (("K", K), ("V", V)):
         if d < 16 or d & (d - 1):
@@ -437,18 +458,20 @@ def _forward(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     tm = _new((B, T, H, CHUNK), torch.float32, q.device)
     _wy_fwd_kernel[(NT, H)](k, v, beta, w, u, tm, cu, chunk_indices, H, K=K, V=V, BT=CHUNK, BS=BLOCK,
                             num_warps=CONFIG["warps_wy"], num_stages=CONFIG["stages"])
-    BV = _block_v(V)
+    BV = _sequential_block_v(V, N * H)
+    fuse = CONFIG["fuse_output"] and BV == _block_v(V)
     h = _new((NT, H, K, V), q.dtype, q.device)
     v_new = _new(v.shape, v.dtype, q.device)
+    o = _new(v.shape, v.dtype, q.device)
     final = _new((N, H, K, V), torch.float32, q.device) if output_final_state else None
     _chunk_state_kernel[(V // BV, N * H)](
-        k, w, u, h, v_new, initial_state, final, cu, chunk_offsets, H,
-        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
+        q, k, w, u, o, h, v_new, initial_state, final, cu, chunk_offsets, scale, H,
+        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state, FUSE_OUTPUT=fuse,
         num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
-    o = _new(v.shape, v.dtype, q.device)
-    BV = _block_v(V, "BV_o")
-    _chunk_output_kernel[(V // BV, NT, H)](q, k, h, v_new, o, cu, chunk_indices, scale, H, K=K, V=V, BT=CHUNK, BV=BV,
-                                           num_warps=CONFIG["warps_o"], num_stages=CONFIG["stages"])
+    if not fuse:
+        BV = _block_v(V, "BV_o")
+        _chunk_output_kernel[(V // BV, NT, H)](q, k, h, v_new, o, cu, chunk_indices, scale, H, K=K, V=V, BT=CHUNK,
+                                               BV=BV, num_warps=CONFIG["warps_o"], num_stages=CONFIG["stages"])
     return o, final, (w, tm, h, v_new, cu, chunk_indices, chunk_offsets, N)
 
 
@@ -467,7 +490,8 @@ class _ChunkFunction(torch.autograd.Function):
         q, k, v, beta, initial_state, w, tm, h, v_new, cu, chunk_indices, chunk_offsets = ctx.saved_tensors
         B, T, H, K = q.shape
         V = v.shape[-1]
-        NT, N, BV = chunk_indices.shape[0], ctx.N, _block_v(V)
+        NT, N = chunk_indices.shape[0], ctx.N
+        BV = _sequential_block_v(V, N * H)
         do = do.contiguous()
         dh = _new(h.shape, h.dtype, q.device)
         dv_new = _new(v.shape, v.dtype, q.device)
