@@ -41,8 +41,9 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # Launch settings: V block of the sequential kernels (BV, smaller below seq_programs programs), of the
 # chunk-parallel kernels' V loops (BV_chunk, BV_dv, BV_dqk), K block of the chunk-map and input-gradient
 # kernels' grids (BK_map, BK_dqk), warps per kernel or kind; bench/triton_dplr_gpu.py --tune measures
-# alternatives on the GPU.
-CONFIG = {"BV": 64, "seq_programs": 128, "BV_chunk": 64, "BV_dv": 32, "BV_dqk": 32, "BK_map": 64, "BK_dqk": 32,
+# alternatives on the GPU. seq_programs = 0 (the V block never shrinks) until a GPU has timed the smaller
+# blocks (bench/results/triton_dplr.md: only T = 2K ran, with 512 programs).
+CONFIG = {"BV": 64, "seq_programs": 0, "BV_chunk": 64, "BV_dv": 32, "BV_dqk": 32, "BK_map": 64, "BK_dqk": 32,
           "warps_ut": 8, "warps_seq": 8, "warps_chunk": 8, "warps_dv": 8, "warps_dqk": 8, "stages": 2}
 
 
