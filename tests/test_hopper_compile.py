@@ -1,0 +1,176 @@
+"""Every emitted Triton kernel compiles for sm_90 (H100), checked on a machine without a GPU.
+
+Triton's interpreter, which runs the kernels in the other tests, accepts code the GPU compiler rejects.
+Here each family's emitted module has its `@triton.jit` kernels swapped for recorders, its host code
+runs on CPU tensors at the benchmark's head dims (forward with initial and final state, backward, decode
+step), and each distinct launch (kernel, constexprs, warps, stages) is compiled by Triton's own compiler
+and ptxas for sm_90. Nothing is executed. The launch policies a benchmark may switch on (CONFIG) are
+exercised too, so every kernel instance the benchmarks can launch has compiled before a GPU sees it.
+
+Runs in a child process without TRITON_INTERPRET (the interpreter replaces the compiler when set).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SM90_SHARED_BYTES = 227 * 1024  # an H100's shared memory per block
+
+DELTA_POLICIES = [{}, {"fuse_output": True}, {"seq_programs": 8}, {"seq_programs": 16}]  # at B*H = 2: BV 64, 32, 16
+CASES = {  # spec: launch settings to exercise besides the defaults
+    "bla": [{}], "simple_gla": [{}], "gla": [{}], "rwkv6": [{}], "retnet": [{}],
+    "deltanet": DELTA_POLICIES, "gated_deltanet": DELTA_POLICIES, "gated_delta_vector": DELTA_POLICIES,
+    "rwkv7": [{}, {"seq_programs": 8}, {"seq_programs": 16}],
+}
+
+
+# ---- the child: record launches, compile them ------------------------------------
+
+
+class _Recorder:
+    """Stands in for a JITFunction: `kernel[grid](*args, **kwargs)` records the launch."""
+
+    def __init__(self, fn, launches: list):
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+
+
+def _record_launches(module, run) -> list:
+    from triton.runtime.jit import JITFunction
+
+    launches: list = []
+    kernels = {name: fn for name, fn in vars(module).items() if isinstance(fn, JITFunction)}
+    for name, fn in kernels.items():
+        setattr(module, name, _Recorder(fn, launches))
+    try:
+        run()
+    finally:
+        for name, fn in kernels.items():
+            setattr(module, name, fn)
+    return launches
+
+
+def _signature(fn, args, kwargs):
+    """(signature, constexprs, compile options) of one launch, as triton.compile takes them."""
+    import torch
+
+    pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+               torch.int64: "*i64"}
+    bound = {p.name: p.default for p in fn.params if p.has_default}
+    bound.update(zip(fn.arg_names, args))
+    bound.update({n: v for n, v in kwargs.items() if n in fn.arg_names})
+    options = {n: v for n, v in kwargs.items() if n not in fn.arg_names}
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        value = bound[p.name]
+        if p.is_constexpr or value is None:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[p.name] = pointer[value.dtype]
+        elif isinstance(value, bool):
+            signature[p.name] = "i1"
+        elif isinstance(value, int):
+            signature[p.name] = "i32"
+        else:
+            signature[p.name] = "fp32"
+    return signature, constexprs, options
+
+
+def _inputs(module, decay: str, B=1, T=128, H=2, K=128, V=128):
+    """(chunk inputs, step inputs, state shape) for the module's chunk(q, k, v, <recurrence args>, ...)."""
+    import torch
+
+    names = list(inspect.signature(module.chunk).parameters)
+    extra = names[3:names.index("scale")]
+    bf16 = dict(dtype=torch.bfloat16)
+    g_shape = {"vector": (K,), "scalar": (), "constant": None}[decay] if decay != "none" else None
+    seq = {"q": torch.randn(B, T, H, K, **bf16), "k": torch.randn(B, T, H, K, **bf16), "v": torch.randn(B, T, H, V, **bf16)}
+    for name in extra:
+        if name == "g":
+            seq["g"] = torch.randn(H) if g_shape is None else -torch.rand(B, T, H, *g_shape)
+        elif name == "beta":
+            seq["beta"] = torch.rand(B, T, H, **bf16)
+        elif name in ("a", "b"):
+            seq[name] = torch.randn(B, T, H, K, **bf16)
+        elif name == "u":
+            seq["u"] = torch.randn(H, K, **bf16)
+        else:
+            raise AssertionError(f"no input rule for chunk argument {name!r}")
+    token = {n: (t if n == "u" or (n == "g" and t.dim() == 1) else t[:, 0]) for n, t in seq.items()}
+    return seq, token, (B, H, K, V)
+
+
+def compile_spec_kernels(spec: str) -> dict:
+    """{"launched": kernel names launched, "defined": the module's kernels (jit functions named *_kernel; the
+    others are device helpers they call), "shared": {launch: bytes}}."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    import lmoec
+
+    program = lmoec.compile_spec(ROOT / "specs" / "lsm" / f"{spec}.lsm")
+    lsm = program.ir.lsm()
+    module = getattr(program.package, f"{lsm.name}_triton")
+    seq, token, state_shape = _inputs(module, lsm.recurrence.decay)
+
+    def run():
+        leaves = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in seq.items()}
+        h0 = torch.randn(state_shape).requires_grad_()
+        o, ht = module.chunk(**leaves, initial_state=h0, output_final_state=True)
+        (o.float().sum() + ht.sum()).backward()
+        module.step(**token, state=torch.randn(state_shape))
+
+    launches = []
+    defaults = dict(module.CONFIG)
+    for config in CASES[spec]:
+        module.CONFIG.update(defaults, **config)
+        launches += _record_launches(module, run)
+    module.CONFIG.update(defaults)
+    shared = {}
+    for fn, args, kwargs in launches:
+        signature, constexprs, options = _signature(fn, args, kwargs)
+        key = f"{fn.__name__} {sorted(constexprs.items(), key=str)} {sorted(options.items())}"
+        if key not in shared:
+            kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                                    options=options)
+            shared[key] = kernel.metadata.shared
+    return {"launched": sorted({fn.__name__ for fn, _, _ in launches}),
+            "defined": sorted(n for n, fn in vars(module).items() if isinstance(fn, JITFunction) and n.endswith("_kernel")),
+            "shared": shared}
+
+
+# ---- the tests --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90")
+    env = {n: x for n, x in os.environ.items() if n != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, *CASES], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", list(CASES))
+def test_every_kernel_compiles_for_hopper(compiled, spec):
+    result = compiled[spec]
+    assert result["launched"] == result["defined"], "a kernel of the module was never launched, so never compiled"
+    too_big = {launch: n for launch, n in result["shared"].items() if n > SM90_SHARED_BYTES}
+    assert not too_big, f"shared memory beyond an H100's 227 KB per block: {too_big}"
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps({spec: compile_spec_kernels(spec) for spec in sys.argv[1:]}))
