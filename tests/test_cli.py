@@ -145,6 +145,6 @@ def test_package_cache_entry_is_never_replaced(tmp_path, monkeypatch):
     assert loader.load_package("race", files).VALUE == 42
     (entry,) = tmp_path.iterdir()
     inode = entry.stat().st_ino
-    loader._write_once(files, entry)  # the late writer
+    loader.write_package(files, entry, replace=False)  # the late writer
     assert entry.stat().st_ino == inode
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # its copy dropped, nothing left behind

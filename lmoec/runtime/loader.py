@@ -19,38 +19,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMOEC_CACHE", Path.home() / ".cache" / "lmoec"))
 
 
-def write_package(files: dict[str, str], target: Path) -> None:
-    """Write all files into a fresh temp dir beside `target`, then rename: all or nothing."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            target.rename(old / target.name)
-            tmp.rename(target)
-            _rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        _rmtree(tmp)
-        raise
+def write_package(files: dict[str, str], target: Path, replace: bool = True) -> None:
+    """Write all files into a fresh temp dir beside `target`, then rename: all or nothing.
 
-
-def _write_once(files: dict[str, str], target: Path) -> None:
-    """Write a content-addressed entry: the first writer's rename wins, later ones (same content) drop theirs.
-
-    Never replaces an entry, since another process (parallel sweep runs) may be importing from it.
+    replace=False is for content-addressed entries: an existing one is kept and our copy dropped, since another
+    process (parallel sweep runs) may be importing from it; of two writers racing, the first rename wins.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         for name, text in files.items():
             (tmp / name).write_text(text)
-        tmp.rename(target)
+        if target.exists() and replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+            target.rename(old / target.name)
+            tmp.rename(target)
+            _rmtree(old)
+        elif not target.exists():
+            tmp.rename(target)
     except OSError:
-        if not (target / "__init__.py").exists():
+        if replace or not (target / "__init__.py").exists():
             raise
     finally:
         _rmtree(tmp)
@@ -69,7 +57,7 @@ def load_package(name: str, files: dict[str, str]) -> ModuleType:
         return sys.modules[module_name]
     where = cache_dir() / module_name
     if not (where / "__init__.py").exists():
-        _write_once(files, where)
+        write_package(files, where, replace=False)
     spec = importlib.util.spec_from_file_location(module_name, where / "__init__.py", submodule_search_locations=[str(where)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
