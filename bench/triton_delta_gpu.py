@@ -6,7 +6,7 @@
 2. Speed side by side in one process: lmoec vs fla 0.6.0 (chunk_delta_rule, chunk_gated_delta_rule,
    chunk_dplr_delta_rule for the record) vs SDPA causal, B*T = 32K, T in {2K, 8K, 32K}, H=16,
    K=V=128, bf16, forward and forward+backward, peak memory.
-3. variants: the sequential forward's launch policies (CONFIG fuse_output, seq_programs) side by side.
+3. variants: the sequential kernels' V block policy (CONFIG seq_programs) side by side.
 4. profile: CUDA time per kernel of one fwd+bwd, lmoec and fla, at T = 8K and 32K.
 
     python bench/triton_delta_gpu.py [check] [bench] [variants] [profile] [tune] [dplr]
@@ -29,6 +29,7 @@ import triton
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpu_bench import fmt, kernel_profile, ratio, rel, timed  # noqa: E402
 from lmoec.backends import triton_delta  # noqa: E402
 from lmoec.backends.context import lsm_context  # noqa: E402
 from lmoec.backends.reference import _step  # noqa: E402
@@ -97,13 +98,6 @@ def recurrent_fp32(rec, q, k, v, g=None, beta=None, initial_state=None, scale=No
         outs.append(o)
     return torch.cat(outs, 1), S
 
-
-def rel(x, ref):
-    x, ref = x.float(), ref.float()
-    if not torch.isfinite(x).all():
-        return float("inf"), float("inf")
-    err = x - ref
-    return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item()
 
 
 def fla_row(decay, args, h0, scale, do, dht, refs):
@@ -185,30 +179,6 @@ def check_correctness():
     say()
 
 
-def bench(fn, grad_of=None, do=None):
-    """(median ms fwd, median ms fwd+bwd, peak MB of fwd+bwd beyond the inputs)."""
-    fwd = triton.testing.do_bench(lambda: fn(), warmup=25, rep=100, return_mode="median")
-    if grad_of is None:
-        return fwd, None, None
-
-    def fwd_bwd():
-        out = fn()
-        torch.autograd.backward(out, do)
-        for t in grad_of:
-            t.grad = None
-
-    try:
-        both = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
-    except Exception as e:  # fla refuses its gated backward on Hopper with Triton < 3.7.1
-        return fwd, f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:80]})", None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd, both, peak
-
 
 def tune(mod, decay):
     """Pick the launch settings with the best fwd+bwd time at T=8K (B=4)."""
@@ -221,7 +191,7 @@ def tune(mod, decay):
         cfg = dict(base, BV=bv, warps_dqk=wd, warps_wy_bwd=ww)
         mod.CONFIG.update(cfg)
         try:
-            _, t, _ = bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
+            _, t, _ = timed(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
         except Exception as e:
             say(f"config {cfg} failed: {type(e).__name__}: {str(e)[:200]}")
             continue
@@ -231,14 +201,6 @@ def tune(mod, decay):
     return best
 
 
-def fmt(x):
-    return f"{x:.3f}" if isinstance(x, float) else (x if x is not None else "n/a")
-
-
-def ratio(peer, ours):
-    if isinstance(peer, float) and isinstance(ours, float):
-        return f"{peer / ours:.2f}x"
-    return "n/a"
 
 
 def run_benchmarks():
@@ -285,16 +247,16 @@ def run_benchmarks():
             args = inputs(decay, B, T)
             ins = {n: t.clone().requires_grad_() for n, t in args.items()}
             do = torch.randn(B, T, 16, 128, device=DEV, dtype=torch.bfloat16)
-            row(f"lmoec delta {decay}", decay, bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do))
+            row(f"lmoec delta {decay}", decay, timed(lambda: mod.chunk(**ins)[0], list(ins.values()), do))
             if decay == "none" and chunk_delta_rule is not None:
-                row("fla chunk_delta_rule", decay, bench(lambda: chunk_delta_rule(ins["q"], ins["k"], ins["v"], ins["beta"])[0], list(ins.values()), do))
+                row("fla chunk_delta_rule", decay, timed(lambda: chunk_delta_rule(ins["q"], ins["k"], ins["v"], ins["beta"])[0], list(ins.values()), do))
             if decay == "scalar" and chunk_gated_delta_rule is not None:
-                row("fla chunk_gated_delta_rule", decay, bench(
+                row("fla chunk_gated_delta_rule", decay, timed(
                     lambda: chunk_gated_delta_rule(ins["q"], ins["k"], ins["v"], ins["g"], ins["beta"])[0], list(ins.values()), do))
             del ins, args
         q = torch.randn(B, 16, T, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
         kk, vv = torch.randn_like(q).requires_grad_(), torch.randn_like(q).requires_grad_()
-        row("SDPA causal", "sdpa", bench(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True), [q, kk, vv],
+        row("SDPA causal", "sdpa", timed(lambda: F.scaled_dot_product_attention(q, kk, vv, is_causal=True), [q, kk, vv],
                                          torch.randn_like(q)))
         del q, kk, vv
         if chunk_dplr_delta_rule is not None and "dplr" in sys.argv[1:]:
@@ -304,7 +266,7 @@ def run_benchmarks():
                 bb = (-a.detach() * 0.5).requires_grad_()
                 ins = {n: args[n].clone().requires_grad_() for n in ("q", "k", "v", "g")}
                 do = torch.randn(B, T, 16, 128, device=DEV, dtype=torch.bfloat16)
-                row("fla chunk_dplr_delta_rule (RWKV7)", "dplr", bench(
+                row("fla chunk_dplr_delta_rule (RWKV7)", "dplr", timed(
                     lambda: chunk_dplr_delta_rule(ins["q"], ins["k"], ins["v"], a, bb, ins["g"])[0], list(ins.values()) + [a, bb], do))
             except Exception as e:
                 say(f"fla dplr failed at T={T}: {type(e).__name__}: {str(e)[:100]}")
@@ -316,9 +278,6 @@ def run_benchmarks():
 
 def profile():
     """Per-kernel CUDA time of one fwd+bwd (lmoec vs fla chunk_delta_rule / gated forward), to see where time goes."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     try:
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
@@ -346,37 +305,22 @@ def profile():
                         out.backward(do)
                     for t in ins.values():
                         t.grad = None
-                for _ in range(3):
-                    once()
-                torch.cuda.synchronize()
-                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        once()
-                    torch.cuda.synchronize()
-                events = [e for e in prof.key_averages() if e.device_time_total > 0]
-                events.sort(key=lambda e: -e.device_time_total)
-                total = sum(e.device_time_total for e in events) / 5
-                say(f"### T={T} {name}: {total / 1000:.3f} ms of kernels per call")
-                say()
-                say("| kernel | us per call | calls |")
-                say("|---|---|---|")
-                for e in events[:12]:
-                    say(f"| {e.key[:70]} | {e.device_time_total / 5:.1f} | {e.count // 5} |")
-                say()
+                for line in kernel_profile(f"T={T} {name}", once):
+                    say(line)
             del ins, args
             torch.cuda.empty_cache()
 
 
 def variants():
-    """The forward's launch policies side by side (fwd and fwd+bwd ms), with fla's ops in the same loop."""
+    """The sequential kernels' V block policies side by side (fwd and fwd+bwd ms), with fla's ops in the same loop."""
     try:
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception:  # noqa: BLE001 - no fla on this machine
         chunk_delta_rule = chunk_gated_delta_rule = None
-    policies = {"committed": {}, "fused": {"fuse_output": True},
-                "few-programs BV": {"seq_programs": 128}, "both": {"fuse_output": True, "seq_programs": 128}}
-    say("## Launch policies of the sequential forward: B*T = 32K, H=16, K=V=128, bf16, median ms (fwd / fwd+bwd)")
+    policies = {"committed": {}, "V block halved below 128 programs": {"seq_programs": 128},
+                "below 256 programs": {"seq_programs": 256}}
+    say("## V block of the sequential kernels: B*T = 32K, H=16, K=V=128, bf16, median ms (fwd / fwd+bwd)")
     say()
     say("| T | spec | " + " | ".join(policies) + " | fla |")
     say("|---|---|" + "---|" * (len(policies) + 1))
@@ -391,15 +335,15 @@ def variants():
             cells = []
             for cfg in policies.values():
                 mod.CONFIG.update(base, **cfg)
-                f, fb, _ = bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
+                f, fb, _ = timed(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
                 cells.append(f"{fmt(f)} / {fmt(fb)}")
             mod.CONFIG.update(base)
             peer = "n/a"
             if decay == "none" and chunk_delta_rule is not None:
-                f, fb, _ = bench(lambda: chunk_delta_rule(ins["q"], ins["k"], ins["v"], ins["beta"])[0], list(ins.values()), do)
+                f, fb, _ = timed(lambda: chunk_delta_rule(ins["q"], ins["k"], ins["v"], ins["beta"])[0], list(ins.values()), do)
                 peer = f"{fmt(f)} / {fmt(fb)}"
             elif decay == "scalar" and chunk_gated_delta_rule is not None:
-                f, _, _ = bench(lambda: chunk_gated_delta_rule(ins["q"], ins["k"], ins["v"], ins["g"], ins["beta"])[0])
+                f, _, _ = timed(lambda: chunk_gated_delta_rule(ins["q"], ins["k"], ins["v"], ins["g"], ins["beta"])[0])
                 peer = f"{fmt(f)} / n/a (refused on Hopper)"
             say(f"| {T} | delta {decay} | " + " | ".join(cells) + f" | {peer} |")
             del ins, args

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpu_bench import fmt, kernel_profile, ratio, rel, timed  # noqa: E402
 
 DEV = "cuda"
 LOG_W_MIN = -0.606531  # RWKV7's bound on the log decay per token
@@ -123,14 +124,6 @@ def recurrent_fp32(rec, q, k, v, g, a, b, initial_state, scale, segment=256):
         outs.append(o)
     return torch.cat(outs, 1), S
 
-
-def rel(x, ref):
-    """(max |err| / max |ref|, ||err|| / ||ref||); inf where x is not finite."""
-    x, ref = x.float(), ref.float()
-    if not torch.isfinite(x).all():
-        return float("inf"), float("inf")
-    err = x - ref
-    return (err.abs().max() / ref.abs().max()).item(), (err.norm() / ref.norm()).item()
 
 
 def fla_rwkv7():
@@ -227,33 +220,6 @@ def check_correctness(mod, rec):
     say()
 
 
-def bench(fn, grad_of=None, do=None):
-    """(median ms fwd, median ms fwd+bwd, peak MB of fwd+bwd beyond the inputs); a refusal is reported as text."""
-    import triton
-
-    try:
-        fwd = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    except Exception as e:  # noqa: BLE001
-        return f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})", None, None
-    if grad_of is None:
-        return fwd, None, None
-
-    def fwd_bwd():
-        torch.autograd.backward(fn(), do)
-        for t in grad_of:
-            t.grad = None
-
-    try:
-        both = triton.testing.do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
-    except Exception as e:  # noqa: BLE001
-        return fwd, f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})", None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    return fwd, both, (torch.cuda.max_memory_allocated() - base) / 2**20
-
 
 def tune(mod):
     """Greedy search of the launch settings by fwd+bwd time at B=4, T=8K: each change is kept if it helps."""
@@ -266,11 +232,11 @@ def tune(mod):
     say("| launch settings tried (fwd+bwd, B=4, T=8K) | ms |")
     say("|---|---|")
     current = dict(mod.CONFIG)
-    _, best, _ = bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
+    _, best, _ = timed(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
     say(f"| defaults {current} | {fmt(best)} |")
     for change in changes:
         mod.CONFIG.update(dict(current, **change))
-        _, t, _ = bench(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
+        _, t, _ = timed(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
         say(f"| {change} | {fmt(t)} |")
         if isinstance(t, float) and (not isinstance(best, float) or t < best):
             best, current = t, dict(mod.CONFIG)
@@ -300,9 +266,6 @@ def warm_fla(Ts):
 
 def profile(mod):
     """CUDA time per kernel of one forward+backward at B=4, T=8K, H=16, K=V=128 bf16: lmoec, then fla."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     say("## CUDA time per kernel, one forward+backward, B=4, T=8192, H=16, K=V=128, bf16 (torch.profiler)")
     say()
     args = inputs(4, 8192)
@@ -313,45 +276,16 @@ def profile(mod):
     if op is not None:
         runs.append(("fla chunk_rwkv7", lambda: fla_call(op, dict(ins, scale=128 ** -0.5))[0]))
     for name, fn in runs:
+        def once():
+            torch.autograd.backward(fn(), do)
+            for t in ins.values():
+                t.grad = None
         try:
-            for _ in range(2):  # compile, autotune and warm up outside the profile
-                torch.autograd.backward(fn(), do)
-            torch.cuda.synchronize()
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                torch.autograd.backward(fn(), do)
-                torch.cuda.synchronize()
+            lines = kernel_profile(name, once, rows=25)
         except Exception as e:  # noqa: BLE001
-            say(f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
-            say()
-            continue
-        events = [e for e in prof.key_averages() if _device_us(e) > 0]
-        events.sort(key=_device_us, reverse=True)
-        total = sum(_device_us(e) for e in events)
-        say(f"{name}: {total / 1000:.3f} ms of kernels in all")
-        say()
-        say("| kernel | calls | ms | share |")
-        say("|---|---|---|---|")
-        for e in events[:25]:
-            say(f"| {e.key[:90]} | {e.count} | {_device_us(e) / 1000:.3f} | {_device_us(e) / total:.1%} |")
-        say()
-        for t in ins.values():
-            t.grad = None
-
-
-def _device_us(event):
-    """Self CUDA time of a profiler row in us (the attribute's name changed across torch versions)."""
-    for attr in ("self_device_time_total", "self_cuda_time_total"):
-        if hasattr(event, attr):
-            return getattr(event, attr)
-    return 0.0
-
-
-def fmt(x):
-    return f"{x:.3f}" if isinstance(x, float) else (x if x is not None else "n/a")
-
-
-def ratio(peer, ours):
-    return f"{peer / ours:.2f}x" if isinstance(peer, float) and isinstance(ours, float) else "n/a"
+            lines = [f"{name}: failed: {type(e).__name__}: {str(e).splitlines()[0][:100]}", ""]
+        for line in lines:
+            say(line)
 
 
 def run_benchmarks(mod, Ts):
@@ -385,19 +319,19 @@ def run_benchmarks(mod, Ts):
         ins = {n: t.clone().requires_grad_() for n, t in args.items()}
         do = torch.randn(B, T, 16, 128, device=DEV, dtype=torch.bfloat16)
         log(f"bench T={T}: lmoec")
-        result = bench(lambda: mod.chunk(**ins, scale=128 ** -0.5)[0], list(ins.values()), do)
+        result = timed(lambda: mod.chunk(**ins, scale=128 ** -0.5)[0], list(ins.values()), do)
         row("lmoec dplr (rwkv7)", result)
         mine = result
         if op is not None:
             for label, bound in (("fla chunk_rwkv7", None), (f"fla chunk_rwkv7 lower_bound={LOG_W_MIN}", LOG_W_MIN)):
                 log(f"bench T={T}: {label}")
-                row(label, bench(lambda: fla_call(op, dict(ins, scale=128 ** -0.5), lower_bound=bound)[0],
+                row(label, timed(lambda: fla_call(op, dict(ins, scale=128 ** -0.5), lower_bound=bound)[0],
                                  list(ins.values()), do))
         del ins, args, do
         log(f"bench T={T}: SDPA")
         q = torch.randn(B, 16, T, 128, device=DEV, dtype=torch.bfloat16, requires_grad=True)
         k, v = torch.randn_like(q).requires_grad_(), torch.randn_like(q).requires_grad_()
-        row("SDPA causal (flash)", bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v],
+        row("SDPA causal (flash)", timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), [q, k, v],
                                           torch.randn_like(q)))
         del q, k, v
         torch.cuda.empty_cache()
