@@ -23,11 +23,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SM90_SHARED_BYTES = 227 * 1024  # an H100's shared memory per block
 
-DELTA_POLICIES = [{}, {"fuse_output": True}, {"seq_programs": 8}, {"seq_programs": 16}]  # at B*H = 2: BV 64, 32, 16
+SEQ_BLOCKS = [{}, {"seq_programs": 8}, {"seq_programs": 16}]  # at B*H = 2: sequential V blocks 64, 32, 16
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": [{}], "simple_gla": [{}], "gla": [{}], "rwkv6": [{}], "retnet": [{}],
-    "deltanet": DELTA_POLICIES, "gated_deltanet": DELTA_POLICIES, "gated_delta_vector": DELTA_POLICIES,
-    "rwkv7": [{}, {"seq_programs": 8}, {"seq_programs": 16}],
+    "deltanet": SEQ_BLOCKS, "gated_deltanet": SEQ_BLOCKS, "gated_delta_vector": SEQ_BLOCKS, "rwkv7": SEQ_BLOCKS,
 }
 
 

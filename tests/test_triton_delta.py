@@ -34,10 +34,8 @@ class Case(NamedTuple):
 
 # blocks smaller than K = V = 32: the backward's K split, every V loop over two blocks
 SPLIT = {"BV": 16, "BV_o": 16, "BK_dqk": 16, "BV_dqk": 16, "BV_wy": 16}
-# the output computed in the sequential forward
-FUSED = {"fuse_output": True}
-# V blocks of the sequential kernels halved (32 -> 16) for want of programs, so the output is not fused
-FEW_PROGRAMS = {"seq_programs": 1000, "fuse_output": True}
+# V blocks of the sequential kernels halved (32 -> 16) for want of programs
+FEW_PROGRAMS = {"seq_programs": 1000}
 CASES = {
     "deltanet": Case("none", False, None, 16, 40),
     "deltanet_chunk64": Case("none", False, None, 64, 100),
@@ -52,9 +50,6 @@ CASES = {
     "gated_vector_chunk64": Case("vector", False, None, 64, 100),
     "gated_vector_varlen": Case("vector", True, None, 16, None),
     "gated_vector_blocks": Case("vector", False, None, 32, 40, D=32, config=SPLIT),
-    "deltanet_fused": Case("none", False, None, 32, 40, config=FUSED),
-    "gated_scalar_fused_varlen": Case("scalar", True, None, 32, None, config=FUSED),
-    "gated_vector_fused": Case("vector", False, None, 64, 100, config=FUSED),
     "gated_scalar_few_programs": Case("scalar", False, None, 32, 40, D=32, config=FEW_PROGRAMS),
     "gated_scalar_unnormalized_k": Case("scalar", False, 0.3, 32, 40),
     # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op; its chunk is 64)
