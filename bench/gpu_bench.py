@@ -65,8 +65,8 @@ def _device_us(event) -> float:
     return 0.0
 
 
-def kernel_profile(name: str, run, calls: int = 5, rows: int = 12) -> list[str]:
-    """Markdown lines: CUDA time per kernel of `run()` (one fwd+bwd), mean of `calls` calls after two warm-ups."""
+def kernel_times(run, calls: int = 5) -> dict[str, float]:
+    """{kernel: CUDA us per call of `run()`}, mean of `calls` calls after two warm-ups, slowest first."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):  # compile, autotune and warm up outside the profile
@@ -77,8 +77,37 @@ def kernel_profile(name: str, run, calls: int = 5, rows: int = 12) -> list[str]:
             run()
         torch.cuda.synchronize()
     events = sorted((e for e in prof.key_averages() if _device_us(e) > 0), key=_device_us, reverse=True)
-    total = sum(_device_us(e) for e in events) / calls
-    lines = [f"### {name}: {total / 1000:.3f} ms of kernels per call", "", "| kernel | us per call | calls per call |",
-             "|---|---|---|"]
-    lines += [f"| {e.key[:70]} | {_device_us(e) / calls:.1f} | {e.count // calls} |" for e in events[:rows]]
+    return {e.key: _device_us(e) / calls for e in events}
+
+
+def kernel_profile(name: str, run, calls: int = 5, rows: int = 12) -> list[str]:
+    """Markdown lines: CUDA time per kernel of `run()` (one fwd+bwd), mean of `calls` calls after two warm-ups."""
+    times = kernel_times(run, calls)
+    lines = [f"### {name}: {sum(times.values()) / 1000:.3f} ms of kernels per call", "", "| kernel | us per call |",
+             "|---|---|"]
+    lines += [f"| {key[:70]} | {us:.1f} |" for key, us in list(times.items())[:rows]]
+    return lines + [""]
+
+
+def kernel_resources(module, names=("BV", "BK", "FUSE_OUTPUT", "DIAG_DOUBLING", "PRECISION")) -> list[str]:
+    """Markdown lines: registers, spilled bytes and shared memory of every kernel of `module` compiled so far
+    (what ptxas made of each launch setting), read from Triton's per-device kernel caches."""
+    from triton.runtime.jit import JITFunction
+
+    lines = ["| kernel | settings | warps | registers | spill bytes | shared bytes |", "|---|---|---|---|---|---|"]
+    for name, fn in vars(module).items():
+        if not isinstance(fn, JITFunction):
+            continue
+        for caches in fn.device_caches.values():
+            kernels = next((c for c in caches if isinstance(c, dict) and c), {})
+            for kernel in kernels.values():
+                kernel._init_handles()
+                constants = getattr(kernel.src, "constants", {}) or {}
+                shown = {}
+                for key, value in constants.items():
+                    arg = fn.arg_names[key[0]] if isinstance(key, tuple) else key
+                    if arg in names:
+                        shown[arg] = value
+                lines.append(f"| {name} | {shown} | {kernel.metadata.num_warps} | {kernel.n_regs} | {kernel.n_spills} | "
+                             f"{kernel.metadata.shared} |")
     return lines + [""]

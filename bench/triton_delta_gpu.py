@@ -6,17 +6,25 @@
 2. Speed side by side in one process: lmoec vs fla 0.6.0 (chunk_delta_rule, chunk_gated_delta_rule,
    chunk_dplr_delta_rule for the record) vs SDPA causal, B*T = 32K, T in {2K, 8K, 32K}, H=16,
    K=V=128, bf16, forward and forward+backward, peak memory.
-3. variants: the sequential kernels' V block policy (CONFIG seq_programs) side by side.
-4. profile: CUDA time per kernel of one fwd+bwd, lmoec and fla, at T = 8K and 32K.
+3. profile: CUDA time per kernel of one fwd+bwd, lmoec and fla, at T = 8K and 32K.
+4. sweep: CUDA time per kernel of one fwd+bwd under each launch setting of SWEEP (one changed at a time),
+   and the registers / spills of every kernel built; candidates: fwd and fwd+bwd times of the CANDIDATES'
+   launch settings against fla.
+   With LMOEC_BASELINE=DIR (DIR/none.py, DIR/scalar.py: emitted modules of an earlier template), the earlier
+   kernels are profiled and timed in the same process, as a row of their own.
 
-    python bench/triton_delta_gpu.py [check] [bench] [variants] [profile] [tune] [dplr]
-(no argument: check and bench; tune first picks launch settings; dplr adds fla's DPLR op to bench's table.)
+    python bench/triton_delta_gpu.py [check] [bench] [profile] [sweep] [candidates] [tune] [dplr]
+(no argument: check and bench; tune first picks launch settings; dplr adds fla's DPLR op to bench's table;
+LMOEC_CONFIG='{"fuse_output": true}' sets launch settings for check and bench; LMOEC_DECAYS=vector,scalar
+picks bench's specs.)
 Writes $OUT/triton_delta.md (or ./triton_delta.md) and prints it.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -29,7 +37,7 @@ import triton
 from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpu_bench import fmt, kernel_profile, ratio, rel, timed  # noqa: E402
+from gpu_bench import fmt, kernel_profile, kernel_resources, kernel_times, ratio, rel, timed  # noqa: E402
 from lmoec.backends import triton_delta  # noqa: E402
 from lmoec.backends.context import lsm_context  # noqa: E402
 from lmoec.backends.reference import _step  # noqa: E402
@@ -48,6 +56,9 @@ def say(line=""):
         f.write("\n".join(LINES) + "\n")
 
 
+CONFIG = json.loads(os.environ.get("LMOEC_CONFIG", "{}"))
+
+
 def build(decay: str, chunk: int = 64):
     x = sympy.Symbol("x")
     lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=None if decay == "none" else x), delta=Delta(beta=x), chunk_size=chunk)
@@ -59,6 +70,7 @@ def build(decay: str, chunk: int = 64):
     spec = importlib.util.spec_from_file_location(f"mem_{decay}_triton", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    module.CONFIG.update(CONFIG)
     return module, ctx.rec
 
 
@@ -219,7 +231,7 @@ def run_benchmarks():
     except Exception:
         chunk_dplr_delta_rule = None
 
-    mods = {d: build(d)[0] for d in ("none", "scalar", "vector")}
+    mods = {d: build(d)[0] for d in os.environ.get("LMOEC_DECAYS", "none,scalar,vector").split(",")}
     if "tune" in sys.argv[1:]:
         say("## Launch settings chosen (fwd+bwd at B=4, T=8K)")
         say()
@@ -273,7 +285,7 @@ def run_benchmarks():
         torch.cuda.empty_cache()
     say()
     say("Ratios > 1 mean lmoec is faster. SDPA and the fla DPLR row are compared with lmoec's gated (scalar) and")
-    say("vector-decay delta kernels respectively (lmoec emits no DPLR kernels yet).")
+    say("vector-decay delta kernels respectively (lmoec's DPLR kernels: bench/triton_dplr_gpu.py).")
 
 
 def profile():
@@ -311,41 +323,140 @@ def profile():
             torch.cuda.empty_cache()
 
 
-def variants():
-    """The sequential kernels' V block policies side by side (fwd and fwd+bwd ms), with fla's ops in the same loop."""
+SWEEP = {  # one launch setting changed at a time from the emitted defaults
+    "defaults": {},
+    "output fused": {"fuse_output": True},
+    "output kernel": {"fuse_output": False},
+    "output fused, warps_fwd 8": {"fuse_output": True, "warps_fwd": 8},
+    "warps_fwd 8": {"warps_fwd": 8},
+    "V block never halved": {"seq_programs": 0},
+    "BV 32": {"BV": 32},
+    "BV 16": {"BV": 16},
+    "warps_wy 8": {"warps_wy": 8},
+    "warps_o 8": {"warps_o": 8},
+    "warps_dstate 8": {"warps_dstate": 8},
+    "warps_dqk 8": {"warps_dqk": 8},
+    "BK_dqk 32": {"BK_dqk": 32},
+    "warps_wy_bwd 8": {"warps_wy_bwd": 8},
+    "stages 1": {"stages": 1},
+    "stages 3": {"stages": 3},
+}
+CANDIDATES = {
+    "defaults": {},
+    "V block never halved": {"seq_programs": 0},
+    "output fused": {"fuse_output": True},
+    "output kernel": {"fuse_output": False},
+    "output fused, V block 32": {"fuse_output": True, "BV": 32},
+}
+
+
+def baseline_modules() -> dict:
+    """{decay: module} emitted by an earlier template (LMOEC_BASELINE), to time against in the same process."""
+    where = os.environ.get("LMOEC_BASELINE")
+    found = {}
+    for decay in ("none", "scalar"):
+        path = os.path.join(where or "", f"{decay}.py")
+        if where and os.path.exists(path):
+            spec = importlib.util.spec_from_file_location(f"baseline_{decay}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            found[decay] = module
+    return found
+
+
+@contextlib.contextmanager
+def settings(module, cfg):
+    """module.CONFIG updated with cfg inside the block, restored after it."""
+    base = dict(module.CONFIG)
+    module.CONFIG.update(cfg)
+    try:
+        yield
+    finally:
+        module.CONFIG.clear()
+        module.CONFIG.update(base)
+
+
+def setting_runs(table: dict, decay: str, mod, before: dict) -> list:
+    """[(label, module, launch settings)]: each setting of `table` on `mod`, then the earlier kernels if given."""
+    runs = [(label, mod, cfg) for label, cfg in table.items()]
+    if decay in before:
+        runs.append(("earlier kernels (LMOEC_BASELINE)", before[decay], {}))
+    return runs
+
+
+def sweep():
+    """Per-kernel CUDA time of one fwd+bwd under each launch setting; registers and spills of every kernel built."""
+    before = baseline_modules()
+    mods = {d: build(d)[0] for d in ("none", "scalar")}
+    say("## Sweep: CUDA us per kernel of one fwd+bwd (mean of 5), B*T = 32K, H=16, K=V=128, bf16")
+    say()
+    for T in (8192, 32768):
+        B = 32768 // T
+        for decay, mod in mods.items():
+            args = inputs(decay, B, T)
+            ins = {n: t.clone().requires_grad_() for n, t in args.items()}
+            do = torch.randn(B, T, 16, 128, device=DEV, dtype=torch.bfloat16)
+            rows = {}
+            for label, module, cfg in setting_runs(SWEEP, decay, mod, before):
+
+                def once():
+                    module.chunk(**ins)[0].backward(do)
+                    for t in ins.values():
+                        t.grad = None
+                with settings(module, cfg):
+                    try:
+                        rows[label] = kernel_times(once)
+                    except Exception as e:  # noqa: BLE001 - the table shows the failure
+                        rows[label] = {f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}": float("nan")}
+            kernels = sorted({k for r in rows.values() for k in r}, key=lambda k: -rows["defaults"].get(k, 0.0))
+            say(f"### T={T}, B={B}, delta {decay}")
+            say()
+            say("| setting | total | " + " | ".join(k[:28] for k in kernels) + " |")
+            say("|---|---|" + "---|" * len(kernels))
+            for label, r in rows.items():
+                say(f"| {label} | {sum(r.values()):.1f} | " + " | ".join(f"{r[k]:.1f}" if k in r else "" for k in kernels) + " |")
+            say()
+            del ins, args
+            torch.cuda.empty_cache()
+    for decay, mod in mods.items():
+        say(f"## Registers and spills, delta {decay} (every kernel built above)")
+        say()
+        for line in kernel_resources(mod):
+            say(line)
+
+
+def candidates():
+    """fwd and fwd+bwd times of the CANDIDATES launch settings against fla, same process."""
     try:
         from fla.ops.delta_rule import chunk_delta_rule
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     except Exception:  # noqa: BLE001 - no fla on this machine
         chunk_delta_rule = chunk_gated_delta_rule = None
-    policies = {"committed": {}, "V block halved below 128 programs": {"seq_programs": 128},
-                "below 256 programs": {"seq_programs": 256}}
-    say("## V block of the sequential kernels: B*T = 32K, H=16, K=V=128, bf16, median ms (fwd / fwd+bwd)")
+    before = baseline_modules()
+    mods = {d: build(d)[0] for d in ("none", "scalar")}
+    say("## Candidates: median ms fwd / fwd+bwd, same process; ratio = fla / lmoec")
     say()
-    say("| T | spec | " + " | ".join(policies) + " | fla |")
-    say("|---|---|" + "---|" * (len(policies) + 1))
+    say("| T | spec | setting | fwd ms | fwd+bwd ms | peak MB | fwd ratio | fwd+bwd ratio |")
+    say("|---|---|---|---|---|---|---|---|")
     for T in (2048, 8192, 32768):
         B = 32768 // T
-        for decay in ("none", "scalar"):
-            mod = build(decay)[0]
-            base = dict(mod.CONFIG)
+        for decay, mod in mods.items():
             args = inputs(decay, B, T)
             ins = {n: t.clone().requires_grad_() for n, t in args.items()}
             do = torch.randn(B, T, 16, 128, device=DEV, dtype=torch.bfloat16)
-            cells = []
-            for cfg in policies.values():
-                mod.CONFIG.update(base, **cfg)
-                f, fb, _ = timed(lambda: mod.chunk(**ins)[0], list(ins.values()), do)
-                cells.append(f"{fmt(f)} / {fmt(fb)}")
-            mod.CONFIG.update(base)
-            peer = "n/a"
             if decay == "none" and chunk_delta_rule is not None:
-                f, fb, _ = timed(lambda: chunk_delta_rule(ins["q"], ins["k"], ins["v"], ins["beta"])[0], list(ins.values()), do)
-                peer = f"{fmt(f)} / {fmt(fb)}"
+                peer = timed(lambda: chunk_delta_rule(ins["q"], ins["k"], ins["v"], ins["beta"])[0], list(ins.values()), do)
             elif decay == "scalar" and chunk_gated_delta_rule is not None:
-                f, _, _ = timed(lambda: chunk_gated_delta_rule(ins["q"], ins["k"], ins["v"], ins["g"], ins["beta"])[0])
-                peer = f"{fmt(f)} / n/a (refused on Hopper)"
-            say(f"| {T} | delta {decay} | " + " | ".join(cells) + f" | {peer} |")
+                peer = timed(lambda: chunk_gated_delta_rule(ins["q"], ins["k"], ins["v"], ins["g"], ins["beta"])[0],
+                             list(ins.values()), do)
+            else:
+                peer = ("n/a", None, None)
+            for label, module, cfg in setting_runs(CANDIDATES, decay, mod, before):
+                with settings(module, cfg):
+                    f, fb, peak = timed(lambda: module.chunk(**ins)[0], list(ins.values()), do)
+                say(f"| {T} | delta {decay} | {label} | {fmt(f)} | {fmt(fb)} | {fmt(peak)} | {ratio(peer[0], f)} | "
+                    f"{ratio(peer[1], fb)} |")
+            say(f"| {T} | delta {decay} | fla (peer) | {fmt(peer[0])} | {fmt(peer[1])} | {fmt(peer[2])} | | |")
             del ins, args
             torch.cuda.empty_cache()
     say()
@@ -358,7 +469,10 @@ def main():
     say(f"GPU: {props.name}; torch {torch.__version__}; Triton {triton.__version__}; date {datetime.date.today()}")
     say()
     parts = sys.argv[1:] or ["check", "bench"]
-    for part, fn in (("check", check_correctness), ("bench", run_benchmarks), ("variants", variants), ("profile", profile)):
+    say(f"Launch settings other than the defaults (LMOEC_CONFIG): {CONFIG}")
+    say()
+    for part, fn in (("check", check_correctness), ("bench", run_benchmarks), ("profile", profile),
+                     ("sweep", sweep), ("candidates", candidates)):
         if part in parts:
             try:
                 fn()

@@ -23,10 +23,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SM90_SHARED_BYTES = 227 * 1024  # an H100's shared memory per block
 
-SEQ_BLOCKS = [{}, {"seq_programs": 8}, {"seq_programs": 16}]  # at B*H = 2: sequential V blocks 64, 32, 16
+# at B*H = 2: sequential V blocks 64, 32, 16
+SEQ_BLOCKS = [{"seq_programs": 0}, {"seq_programs": 8}, {"seq_programs": 16}]
+# the delta forward's output in the sequential kernel or in its own (at V blocks 64 and 16)
+DELTA = SEQ_BLOCKS + [{"fuse_output": True, "seq_programs": 0}, {"fuse_output": False, "seq_programs": 0},
+                      {"fuse_output": True, "seq_programs": 16}, {"fuse_output": False, "seq_programs": 16}]
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": [{}], "simple_gla": [{}], "gla": [{}], "rwkv6": [{}], "retnet": [{}],
-    "deltanet": SEQ_BLOCKS, "gated_deltanet": SEQ_BLOCKS, "gated_delta_vector": SEQ_BLOCKS, "rwkv7": SEQ_BLOCKS,
+    "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": SEQ_BLOCKS,
 }
 
 

@@ -36,6 +36,9 @@ class Case(NamedTuple):
 SPLIT = {"BV": 16, "BV_o": 16, "BK_dqk": 16, "BV_dqk": 16, "BV_wy": 16}
 # V blocks of the sequential kernels halved (32 -> 16) for want of programs
 FEW_PROGRAMS = {"seq_programs": 1000}
+# the output computed in the sequential kernel (DeltaNet's default), or by its own kernel (the decays' default)
+FUSED = {"fuse_output": True}
+UNFUSED = {"fuse_output": False}
 CASES = {
     "deltanet": Case("none", False, None, 16, 40),
     "deltanet_chunk64": Case("none", False, None, 64, 100),
@@ -52,6 +55,11 @@ CASES = {
     "gated_vector_blocks": Case("vector", False, None, 32, 40, D=32, config=SPLIT),
     "gated_scalar_few_programs": Case("scalar", False, None, 32, 40, D=32, config=FEW_PROGRAMS),
     "gated_scalar_unnormalized_k": Case("scalar", False, 0.3, 32, 40),
+    "deltanet_output_kernel": Case("none", False, None, 64, 100, config=UNFUSED),
+    "deltanet_output_kernel_blocks": Case("none", True, None, 32, None, D=32, config={**SPLIT, **UNFUSED}),
+    "gated_scalar_fused_varlen": Case("scalar", True, None, 32, None, config=FUSED),
+    "gated_vector_fused": Case("vector", False, None, 64, 100, config=FUSED),
+    "gated_scalar_fused_blocks": Case("scalar", False, None, 16, 40, D=32, config={**SPLIT, **FEW_PROGRAMS, **FUSED}),
     # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op; its chunk is 64)
     "spec_gated_delta_vector": Case("vector", True, None, 64, None),
 }

@@ -26,10 +26,14 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
 # Launch settings: V block of the sequential kernels (BV, halved while fewer than seq_programs programs would
-# run), K / V blocks of the other kernels, warps per kernel. bench/triton_delta_gpu.py measures alternatives
-# on the GPU; seq_programs = 0 (the V block never shrinks) is the setting its committed results ran with.
-CONFIG = {"BV": 64, "seq_programs": 0, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64,
-          "warps_wy": 4, "warps_fwd": 4, "warps_o": 8, "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 8, "stages": 2}
+# run), whether the sequential forward also computes the output (fuse_output; else _chunk_output_kernel does),
+# K / V blocks of the other kernels, warps per kernel. Chosen from bench/triton_delta_gpu.py's sweep and
+# candidates on an H100 (bench/results/triton_delta.md): the fused output pays for DeltaNet, and costs more
+# than its second pass over q, k and the states once a decay enters its scores; the vector decay's UT
+# backward holds more [chunk, K] tiles and wants 8 warps.
+CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": True, "BV_o": 128, "BK_dqk": 64,
+          "BV_dqk": 64, "BV_wy": 64, "warps_wy": 4, "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4,
+          "warps_wy_bwd": 4, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -179,12 +183,13 @@ def _wy_fwd_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
 
 
 @triton.jit
-def _chunk_state_kernel(k, w, u, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
+def _chunk_state_kernel(q, k, w, u, o, h, v_new, h0, ht, cu_seqlens, chunk_offsets, scale, H,
                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, FUSE_OUTPUT: tl.constexpr):
     """Per (sequence, head, V block), chunk after chunk: the chunk-start state S, v' = u - w S, the next state.
 
-    The only sequential kernel of the forward: two products per chunk; the output is _chunk_output_kernel's.
+    The only sequential kernel of the forward: two products per chunk. The output is _chunk_output_kernel's,
+    or with FUSE_OUTPUT computed here (three products more per chunk, one pass less over q, k and the states).
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
@@ -199,6 +204,7 @@ def _chunk_state_kernel(k, w, u, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
     b_S = tl.zeros([K, BV], dtype=tl.float32)
     if USE_H0:
         b_S += tl.load(h0 + p_state)
+    causal = o_t[:, None] >= o_t[None, :]
     for i_c in range(0, NT):
         valid = i_c * BT + o_t < eos - bos
         tok = bos + i_c * BT + o_t
@@ -208,6 +214,13 @@ def _chunk_state_kernel(k, w, u, h, v_new, h0, ht, cu_seqlens, chunk_offsets, H,
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         b_vn = tl.load(u + p_v, mask=valid[:, None], other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
         tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=valid[:, None])
+        if FUSE_OUTPUT:
+            b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+            # o = scale (q S + M v') with M = tril(q k^T)
+            b_M = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0)
+            b_qS = b_q
+            b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
+            tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None])
         b_S += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype))
     if STORE_HT:
         tl.store(ht + p_state, b_S)
@@ -234,6 +247,7 @@ def _chunk_output_kernel(q, k, h, v_new, o, cu_seqlens, chunk_indices, scale, H,
     b_vn = tl.load(v_new + p_v, mask=valid[:, None], other=0.0)
     causal = o_t[:, None] >= o_t[None, :]
 
+    # o = scale (q S + M v') with M = tril(q k^T)
     b_M = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0)
     b_qS = b_q
     b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
@@ -448,17 +462,19 @@ def _forward(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     _wy_fwd_kernel[(NT, H)](k, v, beta, w, u, tm, cu, chunk_indices, H, K=K, V=V, BT=CHUNK, BS=BLOCK,
                             num_warps=CONFIG["warps_wy"], num_stages=CONFIG["stages"])
     BV = _sequential_block_v(V, N * H)
+    fuse = CONFIG["fuse_output"]
     h = _new((NT, H, K, V), q.dtype, q.device)
     v_new = _new(v.shape, v.dtype, q.device)
+    o = _new(v.shape, v.dtype, q.device)
     final = _new((N, H, K, V), torch.float32, q.device) if output_final_state else None
     _chunk_state_kernel[(V // BV, N * H)](
-        k, w, u, h, v_new, initial_state, final, cu, chunk_offsets, H,
-        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
+        q, k, w, u, o, h, v_new, initial_state, final, cu, chunk_offsets, scale, H,
+        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state, FUSE_OUTPUT=fuse,
         num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
-    o = _new(v.shape, v.dtype, q.device)
-    BV = _block_v(V, "BV_o")
-    _chunk_output_kernel[(V // BV, NT, H)](q, k, h, v_new, o, cu, chunk_indices, scale, H, K=K, V=V, BT=CHUNK, BV=BV,
-                                           num_warps=CONFIG["warps_o"], num_stages=CONFIG["stages"])
+    if not fuse:
+        BV = _block_v(V, "BV_o")
+        _chunk_output_kernel[(V // BV, NT, H)](q, k, h, v_new, o, cu, chunk_indices, scale, H, K=K, V=V, BT=CHUNK,
+                                               BV=BV, num_warps=CONFIG["warps_o"], num_stages=CONFIG["stages"])
     return o, final, (w, tm, h, v_new, cu, chunk_indices, chunk_offsets, N)
 
 

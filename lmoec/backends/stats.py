@@ -75,7 +75,7 @@ def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: 
     g_per_token = {"none": 0, "constant": 1, "scalar": 1, "vector": K}[ctx.rec.decay]
     g = s.N * H * g_per_token * 4  # g, G or dg in fp32
     if ctx.rec.delta:
-        return _delta_costs(s, ends, g, scalar=g_per_token == 1)
+        return _delta_costs(s, ends, g, scalar=g_per_token == 1, fused_output=g_per_token == 0)
     return _decay_costs(s, ends, g)
 
 
@@ -93,16 +93,22 @@ def _decay_costs(s: Sizes, ends: int, g: int) -> list[tuple[str, bool, float, fl
     return costs
 
 
-def _delta_costs(s: Sizes, ends: int, g: int, scalar: bool) -> list[tuple[str, bool, float, float]]:
+def _delta_costs(s: Sizes, ends: int, g: int, scalar: bool, fused_output: bool) -> list[tuple[str, bool, float, float]]:
     """templates/triton/delta.py.j2. The UT transform's 16 x 16 forward substitutions are left out (C * 16 flops
-    per token, off the matrix units); its tile products are bounded by one C x C x C product per chunk."""
+    per token, off the matrix units); its tile products are bounded by one C x C x C product per chunk.
+    fused_output: the sequential kernel computes the output (the template's default without decay)."""
     beta = s.N * s.H * 4
     fp32_k = 2 * s.qk  # dw, the partial dk
+    state = (2 * s.inter, 2 * s.qk + 2 * s.vv + g + s.states + ends)
+    output = (s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states)
+    if fused_output:  # one pass less: q read and o written by the sequential kernel
+        forward = [("chunk_state", True, state[0] + output[0], state[1] + s.qk + s.vv)]
+    else:
+        forward = [("chunk_state", True, *state), ("chunk_output", True, *output)]
     return [
         ("wy_fwd", True, 2 * s.intra_qk + s.intra_v + s.cube,
          s.qk + s.vv + beta + 2 * g + s.qk + s.vv + s.squares),
-        ("chunk_state", True, 2 * s.inter, 2 * s.qk + 2 * s.vv + g + s.states + ends),
-        ("chunk_output", True, s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states),
+        *forward,
         ("chunk_bwd_dstate", False, 3 * s.inter + s.intra_qk + s.intra_v, 3 * s.qk + 2 * s.vv + g + s.states + ends),
         ("bwd_dqk", False, 3 * s.inter + s.intra_v + (3 if scalar else 2) * s.intra_qk,
          2 * s.qk + 2 * s.states + 3 * s.vv + s.qk + 2 * fp32_k + 2 * g),
