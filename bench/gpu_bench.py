@@ -89,7 +89,7 @@ def kernel_profile(name: str, run, calls: int = 5, rows: int = 12) -> list[str]:
     return lines + [""]
 
 
-def kernel_resources(module, names=("BV", "BK", "FUSE_OUTPUT", "DIAG_DOUBLING", "PRECISION")) -> list[str]:
+def kernel_resources(module, names=("BV", "BK", "FUSE_OUTPUT")) -> list[str]:
     """Markdown lines: registers, spilled bytes and shared memory of every kernel of `module` compiled so far
     (what ptxas made of each launch setting), read from Triton's per-device kernel caches."""
     from triton.runtime.jit import JITFunction

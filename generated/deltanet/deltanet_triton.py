@@ -28,8 +28,8 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # Launch settings: V block of the sequential kernels (BV, halved while fewer than seq_programs programs would
 # run), whether the sequential forward also computes the output (fuse_output; else _chunk_output_kernel does),
 # K / V blocks of the other kernels, warps per kernel. Chosen from bench/triton_delta_gpu.py's sweep and
-# candidates on an H100 (bench/results/triton_delta.md): the fused output pays for DeltaNet, and costs more
-# than its second pass over q, k and the states once a decay enters its scores; the vector decay's UT
+# candidates on an H100 (bench/results/triton_delta.md): the fused output pays without a decay, and costs
+# more than its second pass over q, k and the states once a decay enters its scores; the vector decay's UT
 # backward holds more [chunk, K] tiles and wants 8 warps.
 CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": True, "BV_o": 128, "BK_dqk": 64,
           "BV_dqk": 64, "BV_wy": 64, "warps_wy": 4, "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4,

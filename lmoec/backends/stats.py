@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from . import triton_delta
 from .context import LSMContext
 
 GPUS = {  # bf16 dense matmul peak (FLOP/s), memory bandwidth (B/s)
@@ -75,7 +76,7 @@ def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: 
     g_per_token = {"none": 0, "constant": 1, "scalar": 1, "vector": K}[ctx.rec.decay]
     g = s.N * H * g_per_token * 4  # g, G or dg in fp32
     if ctx.rec.delta:
-        return _delta_costs(s, ends, g, scalar=g_per_token == 1, fused_output=g_per_token == 0)
+        return _delta_costs(s, ends, g, scalar=g_per_token == 1, fused_output=triton_delta.fuses_output(ctx))
     return _decay_costs(s, ends, g)
 
 
@@ -96,7 +97,7 @@ def _decay_costs(s: Sizes, ends: int, g: int) -> list[tuple[str, bool, float, fl
 def _delta_costs(s: Sizes, ends: int, g: int, scalar: bool, fused_output: bool) -> list[tuple[str, bool, float, float]]:
     """templates/triton/delta.py.j2. The UT transform's 16 x 16 forward substitutions are left out (C * 16 flops
     per token, off the matrix units); its tile products are bounded by one C x C x C product per chunk.
-    fused_output: the sequential kernel computes the output (the template's default without decay)."""
+    fused_output: the sequential kernel computes the output (the emitted default, triton_delta.fuses_output)."""
     beta = s.N * s.H * 4
     fp32_k = 2 * s.qk  # dw, the partial dk
     state = (2 * s.inter, 2 * s.qk + 2 * s.vv + g + s.states + ends)

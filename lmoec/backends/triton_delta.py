@@ -25,10 +25,17 @@ def supports(ctx: LSMContext) -> tuple[bool, str]:
     return True, ""
 
 
+def fuses_output(ctx: LSMContext) -> bool:
+    """Whether the emitted forward computes the output in its sequential kernel by default (CONFIG fuse_output).
+    Measured on an H100 (bench/results/triton_delta.md): faster without a decay; with one, the decayed scores
+    make the fused kernel spill and a separate output kernel wins."""
+    return ctx.rec.decay == "none"
+
+
 def emit(ctx: LSMContext, header: str) -> str:
     """The source of `<lsm>_triton.py` for a delta-rule recurrence."""
     ok, reason = supports(ctx)
     if not ok:
         raise ValueError(reason)
     decay = "scalar" if ctx.rec.decay == "constant" else ctx.rec.decay
-    return render("triton/delta.py.j2", ctx=ctx, header=header, decay=decay, block=BLOCK)
+    return render("triton/delta.py.j2", ctx=ctx, header=header, decay=decay, block=BLOCK, fuse_output=fuses_output(ctx))
