@@ -23,14 +23,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SM90_SHARED_BYTES = 227 * 1024  # an H100's shared memory per block
 
-# at B*H = 2: sequential V blocks 64, 32, 16
-SEQ_BLOCKS = [{"seq_programs": 0}, {"seq_programs": 8}, {"seq_programs": 16}]
-# the delta forward's output in the sequential kernel or in its own (at V blocks 64 and 16)
-DELTA = SEQ_BLOCKS + [{"fuse_output": True, "seq_programs": 0}, {"fuse_output": False, "seq_programs": 0},
-                      {"fuse_output": True, "seq_programs": 16}, {"fuse_output": False, "seq_programs": 16}]
+# the delta and DPLR walks: sequences cut into 1-chunk segments (augmented walks, prefix over segments) or not;
+# the delta forward's output in the walk or in its own kernel
+SEGMENTS = {"walk_programs": 10**9, "segment_chunks": 1}
+DELTA = [{}, SEGMENTS, {"fuse_output": True}, {"fuse_output": False}, {"fuse_output": False, **SEGMENTS}]
+# the decay families' walks with the output / dv in their own kernels, and sequences cut into 1-chunk segments
+DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"walk_programs": 10**9, "segment_chunks": 1}]
 CASES = {  # spec: launch settings to exercise besides the defaults
-    "bla": [{}], "simple_gla": [{}], "gla": [{}], "rwkv6": [{}], "retnet": [{}],
-    "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": SEQ_BLOCKS,
+    "bla": DECAY, "simple_gla": DECAY, "gla": DECAY, "rwkv6": DECAY, "retnet": DECAY,
+    "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": [{}, SEGMENTS],
 }
 
 
@@ -159,11 +160,20 @@ def compile_spec_kernels(spec: str) -> dict:
 
 @pytest.fixture(scope="module")
 def compiled():
+    """Each spec compiled in a child of its own, as many at once as there are cores (compiling is CPU-bound)."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90")
     env = {n: x for n, x in os.environ.items() if n != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, *CASES], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    pending, running, results = list(CASES), [], {}
+    while pending or running:
+        while pending and len(running) < (os.cpu_count() or 1):
+            spec = pending.pop(0)
+            running.append((spec, subprocess.Popen([sys.executable, __file__, spec], env=env, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, text=True)))
+        spec, proc = running.pop(0)
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{spec}: {err[-4000:]}"
+        results.update(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 @pytest.mark.parametrize("spec", list(CASES))

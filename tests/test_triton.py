@@ -112,6 +112,8 @@ CHILD = textwrap.dedent(
     out = {
         "fp32 T=40 (not a multiple of 16), initial state": case(2, 40, 2, 16, 16, torch.float32),
         "fp32 no initial state, K=16 V=32": case(1, 33, 1, 16, 32, torch.float32, h0=False),
+        "fp32 head dims K=24 V=40 (padded tiles)": case(1, 33, 2, 24, 40, torch.float32),
+        "fp32 head dims K=8 V=12": case(1, 20, 1, 8, 12, torch.float32),
         "fp32 varlen [7, 16, 1, 21]": case(1, 45, 2, 16, 16, torch.float32, lens=[7, 16, 1, 21]),
         "fp16 T=40": case(1, 40, 2, 16, 16, torch.float16),
         "fp32 loss on ht.sum() (expanded gradient)": case(1, 20, 2, 16, 16, torch.float32, state_sum=True),
@@ -121,6 +123,22 @@ CHILD = textwrap.dedent(
         out["strong decay fp32"] = case(1, 48, 1, 16, 16, torch.float32, strong=True)
     if kind == "vector":
         out["strong decay at one token fp32"] = case(2, 48, 2, 16, 16, torch.float32, strong="one")
+    # the other launch settings: sequences cut into segments of 1 or 2 chunks (LASP-2 within the device), and the
+    # output / dv in their own kernels instead of the walks
+    defaults = {key: (dict(val) if isinstance(val, dict) else val) for key, val in mod.CONFIG.items()}
+    settings = {
+        "segments of 1 chunk": dict(walk_programs=10**9, segment_chunks=1),
+        "segments of 2 chunks, unfused": dict(walk_programs=10**9, segment_chunks=2, fuse_output=False, fuse_dv=False),
+        "unfused, K split": dict(fuse_output=False, fuse_dv=False, walk=dict(BK=16, BV=16, num_warps=4, num_stages=2)),
+    }
+    for label, setting in settings.items():
+        mod.CONFIG.update(setting)
+        out[f"fp32 T=40, {label}"] = case(2, 40, 2, 16, 16, torch.float32)
+        out[f"fp32 varlen [7, 40, 1, 33], {label}"] = case(1, 81, 2, 32, 16, torch.float32, lens=[7, 40, 1, 33])
+        if kind in ("scalar", "vector"):
+            out[f"strong decay fp32, {label}"] = case(1, 48, 1, 16, 16, torch.float32, strong=True)
+        mod.CONFIG.clear()
+        mod.CONFIG.update(defaults)
     print("RESULT " + json.dumps(out))
     '''
 )

@@ -30,12 +30,14 @@ class Case(NamedTuple):
     T: int | None  # None with varlen: the packed lengths in _inputs
     D: int = 16
     config: dict | None = None  # launch settings other than the defaults (blocks smaller than the head dims)
+    Dv: int | None = None  # V when it differs from K = D
 
 
 # blocks smaller than K = V = 32: the backward's K split, every V loop over two blocks
 SPLIT = {"BV": 16, "BV_o": 16, "BK_dqk": 16, "BV_dqk": 16, "BV_wy": 16}
-# V blocks of the sequential kernels halved (32 -> 16) for want of programs
-FEW_PROGRAMS = {"seq_programs": 1000}
+# sequences cut into segments of 1 or 2 chunks: the augmented walks, the prefix over segments (LASP-2 on one device)
+SEGMENTS = {"walk_programs": 10**9, "segment_chunks": 1}
+SEGMENTS2 = {"walk_programs": 10**9, "segment_chunks": 2}
 # the output computed in the sequential kernel (DeltaNet's default), or by its own kernel (the decays' default)
 FUSED = {"fuse_output": True}
 UNFUSED = {"fuse_output": False}
@@ -53,13 +55,20 @@ CASES = {
     "gated_vector_chunk64": Case("vector", False, None, 64, 100),
     "gated_vector_varlen": Case("vector", True, None, 16, None),
     "gated_vector_blocks": Case("vector", False, None, 32, 40, D=32, config=SPLIT),
-    "gated_scalar_few_programs": Case("scalar", False, None, 32, 40, D=32, config=FEW_PROGRAMS),
+    "gated_scalar_segments": Case("scalar", False, None, 16, 100, config=SEGMENTS),
+    "deltanet_segments_varlen": Case("none", True, None, 16, None, config=SEGMENTS2),
+    "gated_vector_segments_unfused": Case("vector", True, None, 16, None, config={**SEGMENTS, **UNFUSED}),
+    "gated_scalar_segments_blocks": Case("scalar", False, None, 16, 70, D=32, config={**SPLIT, **SEGMENTS2}),
+    # head dims that are no powers of two: padded tiles, masked loads and stores
+    "gated_scalar_dims_24_40": Case("scalar", False, None, 32, 40, D=24, Dv=40),
+    "deltanet_dims_48_blocks": Case("none", True, None, 32, None, D=48, config=SPLIT),
+    "gated_vector_dims_20_segments": Case("vector", False, None, 16, 60, D=20, config=SEGMENTS),
     "gated_scalar_unnormalized_k": Case("scalar", False, 0.3, 32, 40),
     "deltanet_output_kernel": Case("none", False, None, 64, 100, config=UNFUSED),
     "deltanet_output_kernel_blocks": Case("none", True, None, 32, None, D=32, config={**SPLIT, **UNFUSED}),
     "gated_scalar_fused_varlen": Case("scalar", True, None, 32, None, config=FUSED),
     "gated_vector_fused": Case("vector", False, None, 64, 100, config=FUSED),
-    "gated_scalar_fused_blocks": Case("scalar", False, None, 16, 40, D=32, config={**SPLIT, **FEW_PROGRAMS, **FUSED}),
+    "gated_scalar_fused_blocks": Case("scalar", False, None, 16, 40, D=32, config={**SPLIT, **FUSED}),
     # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op; its chunk is 64)
     "spec_gated_delta_vector": Case("vector", True, None, 64, None),
 }
@@ -113,9 +122,10 @@ def _build(decay: str, chunk: int):
     return module, ctx.rec
 
 
-def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16):
+def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16, Dv=None):
     import torch
 
+    Dv = Dv or D
     if varlen:
         B, cu = 1, torch.tensor([0, 13, 63, 75, 79], dtype=torch.int32)  # lengths 13, 50, 12, 4
         T, N = 79, 4
@@ -124,7 +134,7 @@ def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16):
     q = torch.randn(B, T, H, D)
     k = torch.randn(B, T, H, D)
     k = k * k_scale if k_scale is not None else torch.nn.functional.normalize(k, dim=-1)
-    args = {"q": q, "k": k, "v": torch.randn(B, T, H, D)}
+    args = {"q": q, "k": k, "v": torch.randn(B, T, H, Dv)}
     if decay == "scalar":
         args["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H) + 2)
     elif decay == "constant":
@@ -132,8 +142,13 @@ def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16):
     elif decay == "vector":
         args["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D) + 2)
     args["beta"] = torch.sigmoid(torch.randn(B, T, H))
-    args["initial_state"] = torch.randn(N, H, D, D) * 0.5
+    args["initial_state"] = torch.randn(N, H, D, Dv) * 0.5
     return args, cu
+
+
+def triton_blocks(mod, V):
+    """V blocks of the module's walks at value dim V."""
+    return -(-V // mod._block_v(V))
 
 
 def _rel(x, ref):
@@ -157,9 +172,10 @@ def check(name: str) -> dict:
     assert mod.CHUNK == case.chunk
     if case.config:
         mod.CONFIG.update(case.config)
-    if name.endswith("few_programs"):
-        assert mod._sequential_block_v(case.D, 2 * 2) == 16
-    args, cu = _inputs(decay, case.varlen, case.k_scale, case.T, D=case.D)
+    args, cu = _inputs(decay, case.varlen, case.k_scale, case.T, D=case.D, Dv=case.Dv)
+    if "segments" in name:  # the case must take the segmented path
+        bounds = [0, 13, 63, 75, 79] if cu is not None else [i * case.T for i in range(3)]
+        assert mod._segment_chunks(bounds, 2 * triton_blocks(mod, case.Dv or case.D)) is not None
     names = list(args)
     ours = {n: t.clone().requires_grad_() for n, t in args.items()}
     refs = {n: t.double().requires_grad_() for n, t in args.items()}

@@ -39,6 +39,11 @@ CASES = {
     "vector_vblocks": ("vector", False, "float32"),
     # log decay down to -3.9 per token, -63 over a chunk: the factors exp(+-G) near the edge of the fp32 range
     "vector_strong_decay": ("vector", False, "float32"),
+    # sequences cut into segments of one chunk: the walks' maps, the prefix over segments (LASP-2 on one device)
+    "vector_segments": ("vector", False, "float32"),
+    "vector_varlen_segments": ("vector", True, "float32"),
+    # head dims K = 24, V = 40: run on tiles padded to 32 and 64
+    "vector_dims_24_40": ("vector", False, "float32"),
     # specs/lsm/rwkv7.lsm through the whole pipeline (frontend, passes, emitted package, op), chunk 64
     "spec_rwkv7": ("vector", True, "float32"),
 }
@@ -135,7 +140,10 @@ def check(name: str) -> dict:
     mod, rec = _build_from_spec() if name.startswith("spec_") else _build(decay)
     if name == "vector_vblocks":
         mod.CONFIG.update(BV=16, BV_chunk=16, BV_dv=16, BV_dqk=16, BK_map=16, BK_dqk=16)
-    args, cu = _inputs(decay, varlen, **({"D": 32, "V": 64} if name == "vector_vblocks" else {}))
+    if name.endswith("segments"):
+        mod.CONFIG.update(walk_programs=10**9, segment_chunks=1)
+    dims = {"vector_vblocks": {"D": 32, "V": 64}, "vector_dims_24_40": {"D": 24, "V": 40}}.get(name, {})
+    args, cu = _inputs(decay, varlen, **dims)
     if name == "vector_strong_decay":
         args["g"] = args["g"] * 6.5
     args = {n: t.to(dtype) if n != "initial_state" else t for n, t in args.items()}

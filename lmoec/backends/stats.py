@@ -1,7 +1,9 @@
 """FLOPs and bytes of each emitted Triton kernel, and the floor time they imply on a GPU.
 
-One row per kernel that `chunk()` launches, named as in the emitted file (`_chunk_state_kernel` ->
-`chunk_state`); the decay family's sub-chunk fallbacks are counted as the kernels they replace. Counts
+One row per kernel that `chunk()` launches at its default settings on whole sequences, named as in the emitted
+file (`_chunk_state_kernel` -> `chunk_state`); the vector decay's sub-chunk fallbacks, which act only on chunks
+of extreme decay, are not counted. When few sequences x heads would leave the GPU idle, the walks run per segment and the segments'
+maps (one more pass over k and v, forward; q and do, backward) and their prefix are added: not counted here. Counts
 follow what each kernel computes (templates/triton/*.py.j2): matrix products count 2 flops per multiply-add;
 bytes are the least the kernel must move (each tensor it reads read once, each it writes written once) at
 the dtypes the kernels use: q/k/v/o and chunk states in 2 bytes (bf16), gates and fp32 intermediates in 4.
@@ -81,12 +83,12 @@ def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: 
 
 
 def _decay_costs(s: Sizes, ends: int, g: int) -> list[tuple[str, bool, float, float]]:
-    """templates/triton/chunk.py.j2: the forward stores the chunk states, the backward reads them."""
+    """templates/triton/chunk.py.j2 at its default launch: the forward walk computes the output from the state in
+    registers and stores the chunk states for the backward, whose reverse walk computes dv the same way."""
+    output = s.inter + s.intra_qk + s.intra_v  # q S + tril(q k^T) v per chunk (or, backward, its transpose for dv)
     costs = [
-        ("state_fwd", True, s.inter, s.qk + s.vv + g + s.states + ends),
-        ("output_fwd", True, s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states),
-        ("state_bwd", False, s.inter, s.qk + s.vv + g + s.states + ends),
-        ("grad_v", False, s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states),
+        ("chunk_fwd", True, s.inter + output, 2 * s.qk + 2 * s.vv + g + s.states + ends),
+        ("state_bwd", False, s.inter + output, 2 * s.qk + 2 * s.vv + g + s.states + ends),
         ("grad_qk", False, 2 * s.inter + s.intra_v + 2 * s.intra_qk, 4 * s.qk + 2 * s.vv + 2 * g + 2 * s.states),
     ]
     if g:
@@ -96,21 +98,23 @@ def _decay_costs(s: Sizes, ends: int, g: int) -> list[tuple[str, bool, float, fl
 
 def _delta_costs(s: Sizes, ends: int, g: int, scalar: bool, fused_output: bool) -> list[tuple[str, bool, float, float]]:
     """templates/triton/delta.py.j2. The UT transform's 16 x 16 forward substitutions are left out (C * 16 flops
-    per token, off the matrix units); its tile products are bounded by one C x C x C product per chunk.
-    fused_output: the sequential kernel computes the output (the emitted default, triton_delta.fuses_output)."""
+    per token, off the matrix units); its tile products are bounded by one C x C x C product per chunk. The walks
+    form w = Tm x and u = Tm (beta v) themselves (w again in the backward walk).
+    fused_output: the forward walk computes the output (the emitted default, triton_delta.fuses_output)."""
     beta = s.N * s.H * 4
     fp32_k = 2 * s.qk  # dw, the partial dk
-    state = (2 * s.inter, 2 * s.qk + 2 * s.vv + g + s.states + ends)
+    walk = 2 * s.inter + s.intra_qk + s.intra_v  # w, u, v' = u - w S, the next state
+    state = (walk, s.qk + 2 * s.vv + beta + g + s.squares + s.states + ends)  # + v' stored for the backward
     output = (s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states)
-    if fused_output:  # one pass less: q read and o written by the sequential kernel
+    if fused_output:  # one pass less: q read and o written by the walk, no v' round trip
         forward = [("chunk_state", True, state[0] + output[0], state[1] + s.qk + s.vv)]
     else:
         forward = [("chunk_state", True, *state), ("chunk_output", True, *output)]
     return [
-        ("wy_fwd", True, 2 * s.intra_qk + s.intra_v + s.cube,
-         s.qk + s.vv + beta + 2 * g + s.qk + s.vv + s.squares),
+        ("ut", True, s.intra_qk + s.cube, s.qk + beta + 2 * g + s.squares),
         *forward,
-        ("chunk_bwd_dstate", False, 3 * s.inter + s.intra_qk + s.intra_v, 3 * s.qk + 2 * s.vv + g + s.states + ends),
+        ("chunk_bwd_dstate", False, 3 * s.inter + 2 * s.intra_qk + s.intra_v,
+         2 * s.qk + 2 * s.vv + beta + g + s.squares + s.states + ends),
         ("bwd_dqk", False, 3 * s.inter + s.intra_v + (3 if scalar else 2) * s.intra_qk,
          2 * s.qk + 2 * s.states + 3 * s.vv + s.qk + 2 * fp32_k + 2 * g),
         ("bwd_wy", False, 2 * s.intra_v + 4 * s.intra_qk + 2 * s.cube,
