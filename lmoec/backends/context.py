@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from ..ir.nodes import LSMSpec, Recurrence, SpecIR
+from .literal import Name
 
 
 class LSMContext(BaseModel):
@@ -17,7 +18,7 @@ class LSMContext(BaseModel):
 
     spec_name: str  # the spec file's stem
     source: str  # the spec path as written in headers
-    name: str  # the lsm's name, a Python identifier
+    name: Name  # the lsm's name: pasted into code (file and module names)
     rec: Recurrence
     chunk_size: int
 

@@ -12,20 +12,21 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict
 
 from ..ir.nodes import SpecIR
+from .literal import Name
 
 
 class ModelContext(BaseModel):
-    """What templates/model/model.py.j2 reads."""
+    """What templates/model/model.py.j2 reads (names and finite numbers: they are pasted as code)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    name: str
+    name: Name
     source: str
     vocab: int
     hidden: int
     layers: int
     pattern: str
-    lsm: Optional[str]  # the L layers' LSM name (its module is <lsm>_layer.py); None: no L layers
+    lsm: Optional[Name]  # the L layers' LSM name (its module is <lsm>_layer.py); None: no L layers
     lsm_heads: int
     attn_heads: int
     attn_kv_heads: int

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict
 from ..ir import expr as ex
 from ..ir.nodes import LSMSpec, SpecIR
 from .context import lsm_context
+from .literal import Name
 from .printer import Projection, Slot, check_identifier, print_torch, projections_of
 
 # code names of the layer's dimensions, as the emitted module spells them
@@ -46,19 +47,19 @@ class FeatureStep(BaseModel):
 
 
 class ParamDecl(BaseModel):
-    name: str
+    name: Name
     shape: list[str]  # code per dim
     init: str  # code of the init value (a number or a tensor of h / i)
     grid: list[str]  # lines defining h / i for the init, if it reads them
 
 
 class LayerContext(BaseModel):
-    """What templates/modules/layer.py.j2 reads (and nothing else)."""
+    """What templates/modules/layer.py.j2 reads (and nothing else); `doc` is free text, the rest code or numbers."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     header: str
-    name: str
+    name: Name
     doc: str
     family: str
     recurrence: str
@@ -79,7 +80,7 @@ class LayerContext(BaseModel):
     beta_code: Optional[str]
     a_code: Optional[str]
     b_code: Optional[str]
-    u_name: Optional[str]  # the bonus parameter passed as u
+    u_name: Optional[Name]  # the bonus parameter passed as u
     h_in_forward: bool  # the forward expressions read the head index h
     output_norm: str
     gate_code: Optional[str]

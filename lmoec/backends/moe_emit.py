@@ -11,14 +11,15 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict
 
 from ..ir.nodes import SpecIR
+from .literal import Name
 
 
 class MoEContext(BaseModel):
-    """Everything templates/model/moe.py.j2 reads: the spec's MoE constants."""
+    """Everything templates/model/moe.py.j2 reads: the spec's MoE constants (finite: they are pasted as code)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
-    model: str
+    model: Name
     hidden: int
     experts: int
     top_k: int

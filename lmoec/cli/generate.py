@@ -22,6 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, help="sample only from the smallest set of tokens with this much probability")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="run the checkpoint's package even if it is not what this lmoec emits from its IR")
     return p
 
 
@@ -38,7 +40,7 @@ def run(args) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         return fail(f"--top-p must be in (0, 1], got {args.top_p}")
     try:
-        model, _ = load_model(args.checkpoint, pick_device(args.device))
+        model, _ = load_model(args.checkpoint, pick_device(args.device), trust_code=args.trust_checkpoint_code)
     except CheckpointError as e:
         return fail(str(e))
     sys.stdout.write(args.prompt)

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help=f"seed of the init and the batch order (default {_DEFAULTS.seed})")
     p.add_argument("--out", help="run directory (default runs/<model name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly")
+    p.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="with --resume: run the checkpoint's package even if it is not what this lmoec emits from its IR")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel degree (default: what is left of the world size after sp * ep)")
@@ -104,11 +106,12 @@ def run(args) -> int:
 
             parallel = ParallelSpec(dp=args.dp, sp=args.sp, ep=args.ep)
             result = train_distributed(files, name, cfg, out, parallel, resume=args.resume, device=args.device,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, trust_code=args.trust_checkpoint_code)
             if int(os.environ.get("RANK", 0)) != 0:  # rank 0 reports for the run
                 return 0
         else:
-            result = train(files, name, cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
+            result = train(files, name, cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress,
+                           trust_code=args.trust_checkpoint_code)
     except SpecError as e:
         return fail(f"{e.loc}: {e.message}" if e.loc else e.message)
     except (FileNotFoundError, DataError, CheckpointError, RunError) as e:

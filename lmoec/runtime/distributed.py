@@ -341,6 +341,7 @@ def train_distributed(
     progress: bool = True,
     stop_after: Optional[int] = None,
     say: Callable[[str], None] = print,
+    trust_code: bool = False,
 ) -> TrainResult:
     """`lmoec.runtime.train.train` over the mesh `parallel` describes, one call per rank (under torchrun).
 
@@ -357,7 +358,8 @@ def train_distributed(
     state = None
     if resume:
         state = _resume_state(ckpt_path, cfg, say)
-        files, package_name, model_config = state["package"]["files"], state["package"]["name"], state["model_config"]
+        package_name, files = ckpt.package(state, ckpt_path, trust_code)
+        model_config = state["model_config"]
     elif ckpt_path.exists():
         raise RunError(f"{out} already holds a run ({ckpt_path}); pass --resume to continue it or choose another --out")
     data = load_tokens(cfg.data, cfg.seq_len)

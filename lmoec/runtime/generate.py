@@ -18,11 +18,15 @@ from .data import encode
 from .loader import load_package
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(model in eval mode, checkpoint payload) from a checkpoint file or run directory."""
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):
+    """(model in eval mode, checkpoint payload) from a checkpoint file or run directory.
+
+    The checkpoint's package is imported only if this lmoec emits it from the checkpoint's IR, or if
+    trust_code (see lmoec.runtime.checkpoint.package)."""
     state = ckpt.load(path)
+    name, files = ckpt.package(state, path, trust_code)
     try:
-        package = load_package(state["package"]["name"], state["package"]["files"])
+        package = load_package(name, files)
         model = package.model.CausalLM(state["model_config"])
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, SyntaxError, ImportError) as e:

@@ -195,13 +195,15 @@ def train(
     progress: bool = True,
     stop_after: Optional[int] = None,
     say: Callable[[str], None] = print,
+    trust_code: bool = False,
 ) -> TrainResult:
     """Train the model of an emitted package (`files`) and write checkpoint.pt, log.jsonl and loss.png to `out`.
 
     model_config: overrides of the package's CONFIG (tests use tiny sizes). resume: continue from
     out/checkpoint.pt, restoring everything; `cfg` must then equal the run's settings except
     RESUME_CAN_CHANGE (more steps extend the cosine schedule to the new end). stop_after: end after this step as if interrupted (the
-    schedule still spans cfg.steps), which is how tests check that resuming is exact.
+    schedule still spans cfg.steps), which is how tests check that resuming is exact. trust_code: resume
+    even if the checkpoint's package is not what this lmoec emits from its IR (lmoec.runtime.checkpoint.package).
     """
     from tqdm import tqdm
 
@@ -210,7 +212,7 @@ def train(
     state = None
     if resume:
         state = ckpt.load(ckpt_path)
-        files, package_name = state["package"]["files"], state["package"]["name"]
+        package_name, files = ckpt.package(state, ckpt_path, trust_code)
         model_config = state["model_config"]
         saved = saved_config(state)
         changed = {k: (getattr(saved, k), v) for k, v in asdict(cfg).items() if getattr(saved, k) != v}
