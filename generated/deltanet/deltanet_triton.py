@@ -9,11 +9,20 @@ Chunkwise (C = 64 tokens):
   w  = Tm (beta * k),   u = Tm (beta * v)
   v' = u - w S,   o = scale * (q S + tril(q k^T) v')
   S <- S + k^T v'
+_ut_kernel (chunk-parallel) builds Tm; the walks (_chunk_state_kernel forward, _chunk_bwd_dstate_kernel
+backward: sequential over chunks) form w and u from Tm themselves, so neither makes a round trip through memory,
+and the forward walk computes the output from the state in its registers. Over a stretch of chunks the state
+update is affine, S -> P S + E with P = prod (Gam_C - (k Gam_C / Gam)^T w) [K, K]: a long sequence is cut into
+segments whose maps (P, E) one walk of the augmented state [S | P] computes in parallel (MAP), a prefix over
+segments (_segment_scan_kernel) gives each segment its entry state, and the walks then run per segment (LASP-2
+within one GPU). The backward does the same with the transposed maps.
+Head dims K, V of any size: tiles are padded to powers of two and masked.
 Stability: the recurrence is a contraction only while beta * |k|^2 <= 2 (models L2-normalize k);
 beyond it the state itself grows exponentially, and so does the reference.
-The backward reads Tm and the chunk-start states saved by the forward.
+The backward reads Tm, the chunk-start states and v' saved by the forward.
 """
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -25,15 +34,13 @@ BLOCK = 16  # rows of the UT transform's tiles
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
-# Launch settings: V block of the sequential kernels (BV, halved while fewer than seq_programs programs would
-# run), whether the sequential forward also computes the output (fuse_output; else _chunk_output_kernel does),
-# K / V blocks of the other kernels, warps per kernel. Chosen from bench/triton_delta_gpu.py's sweep and
-# candidates on an H100 (bench/results/triton_delta.md): the fused output pays without a decay, and costs
-# more than its second pass over q, k and the states once a decay enters its scores; the vector decay's UT
-# backward holds more [chunk, K] tiles and wants 8 warps.
-CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": True, "BV_o": 128, "BK_dqk": 64,
-          "BV_dqk": 64, "BV_wy": 64, "warps_wy": 4, "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4,
-          "warps_wy_bwd": 4, "stages": 2}
+# Launch settings: V block of the walks (BV), whether the forward walk also computes the output (fuse_output;
+# else _chunk_output_kernel does), segmenting (sequences are cut into segments of at least segment_chunks chunks
+# while the walks would run fewer than walk_programs programs; 0: never), V / K blocks of the chunk-parallel
+# kernels, warps per kernel.
+CONFIG = {"BV": 64, "fuse_output": True, "walk_programs": 256, "segment_chunks": 8, "BV_o": 128, "BK_dqk": 64,
+          "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4, "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4,
+          "warps_dqk": 4, "warps_wy_bwd": 4, "warps_scan": 4, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -43,10 +50,12 @@ def _new(shape, dtype, device):
 
 
 
+
+
 @triton.jit
-def _wy_fwd_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
-                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
-    """Per chunk: Tm = (I + A)^-1, w = Tm (beta k) and u = Tm (beta v); Tm is kept for the backward.
+def _ut_kernel(k, beta, tm, cu_seqlens, chunk_indices, H,
+               K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
+    """Per chunk: Tm = (I + A)^-1 in fp32, kept for the walks (which form w and u from it) and the backward.
 
     Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
     all tiles at once), then each tile below the diagonal from the ones above it by matmuls,
@@ -58,24 +67,24 @@ def _wy_fwd_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
     bos = tl.load(cu_seqlens + i_n)
     eos = tl.load(cu_seqlens + i_n + 1)
     o_s = tl.arange(0, BS)
-    o_k = tl.arange(0, K)
-    o_v = tl.arange(0, V)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
     strict = o_s[:, None] > o_s[None, :]
     tok0 = bos + i_c * BT + 0 * BS + o_s
     valid0 = i_c * BT + 0 * BS + o_s < eos - bos
-    b_k0 = tl.load(k + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None], other=0.0)
+    b_k0 = tl.load(k + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0)
     b_beta0 = tl.load(beta + tok0 * H + i_h, mask=valid0, other=0.0).to(tl.float32)
     tok1 = bos + i_c * BT + 1 * BS + o_s
     valid1 = i_c * BT + 1 * BS + o_s < eos - bos
-    b_k1 = tl.load(k + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None], other=0.0)
+    b_k1 = tl.load(k + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0)
     b_beta1 = tl.load(beta + tok1 * H + i_h, mask=valid1, other=0.0).to(tl.float32)
     tok2 = bos + i_c * BT + 2 * BS + o_s
     valid2 = i_c * BT + 2 * BS + o_s < eos - bos
-    b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None], other=0.0)
+    b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0)
     b_beta2 = tl.load(beta + tok2 * H + i_h, mask=valid2, other=0.0).to(tl.float32)
     tok3 = bos + i_c * BT + 3 * BS + o_s
     valid3 = i_c * BT + 3 * BS + o_s < eos - bos
-    b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None], other=0.0)
+    b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0)
     b_beta3 = tl.load(beta + tok3 * H + i_h, mask=valid3, other=0.0).to(tl.float32)
     b_A00 = tl.where(strict, tl.dot(b_k0, tl.trans(b_k0)), 0.0) * b_beta0[:, None]
     b_A10 = tl.dot(b_k1, tl.trans(b_k0)) * b_beta1[:, None]
@@ -116,66 +125,18 @@ def _wy_fwd_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
     b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision="ieee") + tl.dot(b_A21, b_T10, input_precision="ieee"), input_precision="ieee")
     b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision="ieee") + tl.dot(b_A32, b_T21, input_precision="ieee"), input_precision="ieee")
     b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision="ieee") + tl.dot(b_A31, b_T10, input_precision="ieee") + tl.dot(b_A32, b_T20, input_precision="ieee"), input_precision="ieee")
-    b_x0 = (b_k0.to(tl.float32) * b_beta0[:, None]).to(b_k0.dtype)
-    b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None], other=0.0).to(tl.float32)
-              * b_beta0[:, None]).to(b_k0.dtype)
-    b_x1 = (b_k1.to(tl.float32) * b_beta1[:, None]).to(b_k1.dtype)
-    b_bv1 = (tl.load(v + (tok1[:, None] * H + i_h) * V + o_v[None, :], mask=valid1[:, None], other=0.0).to(tl.float32)
-              * b_beta1[:, None]).to(b_k1.dtype)
-    b_x2 = (b_k2.to(tl.float32) * b_beta2[:, None]).to(b_k2.dtype)
-    b_bv2 = (tl.load(v + (tok2[:, None] * H + i_h) * V + o_v[None, :], mask=valid2[:, None], other=0.0).to(tl.float32)
-              * b_beta2[:, None]).to(b_k2.dtype)
-    b_x3 = (b_k3.to(tl.float32) * b_beta3[:, None]).to(b_k3.dtype)
-    b_bv3 = (tl.load(v + (tok3[:, None] * H + i_h) * V + o_v[None, :], mask=valid3[:, None], other=0.0).to(tl.float32)
-              * b_beta3[:, None]).to(b_k3.dtype)
-    b_w = tl.zeros([BS, K], dtype=tl.float32)
-    b_u = tl.zeros([BS, V], dtype=tl.float32)
-    b_w = tl.dot(b_T00.to(b_x0.dtype), b_x0, b_w)
-    b_u = tl.dot(b_T00.to(b_bv0.dtype), b_bv0, b_u)
-    tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None])
-    tl.store(u + (tok0[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid0[:, None])
     tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00, mask=valid0[:, None])
     tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
     tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
     tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
-    b_w = tl.zeros([BS, K], dtype=tl.float32)
-    b_u = tl.zeros([BS, V], dtype=tl.float32)
-    b_w = tl.dot(b_T10.to(b_x0.dtype), b_x0, b_w)
-    b_u = tl.dot(b_T10.to(b_bv0.dtype), b_bv0, b_u)
-    b_w = tl.dot(b_T11.to(b_x1.dtype), b_x1, b_w)
-    b_u = tl.dot(b_T11.to(b_bv1.dtype), b_bv1, b_u)
-    tl.store(w + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid1[:, None])
-    tl.store(u + (tok1[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid1[:, None])
     tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10, mask=valid1[:, None])
     tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11, mask=valid1[:, None])
     tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid1[:, None])
     tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid1[:, None])
-    b_w = tl.zeros([BS, K], dtype=tl.float32)
-    b_u = tl.zeros([BS, V], dtype=tl.float32)
-    b_w = tl.dot(b_T20.to(b_x0.dtype), b_x0, b_w)
-    b_u = tl.dot(b_T20.to(b_bv0.dtype), b_bv0, b_u)
-    b_w = tl.dot(b_T21.to(b_x1.dtype), b_x1, b_w)
-    b_u = tl.dot(b_T21.to(b_bv1.dtype), b_bv1, b_u)
-    b_w = tl.dot(b_T22.to(b_x2.dtype), b_x2, b_w)
-    b_u = tl.dot(b_T22.to(b_bv2.dtype), b_bv2, b_u)
-    tl.store(w + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid2[:, None])
-    tl.store(u + (tok2[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid2[:, None])
     tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20, mask=valid2[:, None])
     tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21, mask=valid2[:, None])
     tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22, mask=valid2[:, None])
     tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid2[:, None])
-    b_w = tl.zeros([BS, K], dtype=tl.float32)
-    b_u = tl.zeros([BS, V], dtype=tl.float32)
-    b_w = tl.dot(b_T30.to(b_x0.dtype), b_x0, b_w)
-    b_u = tl.dot(b_T30.to(b_bv0.dtype), b_bv0, b_u)
-    b_w = tl.dot(b_T31.to(b_x1.dtype), b_x1, b_w)
-    b_u = tl.dot(b_T31.to(b_bv1.dtype), b_bv1, b_u)
-    b_w = tl.dot(b_T32.to(b_x2.dtype), b_x2, b_w)
-    b_u = tl.dot(b_T32.to(b_bv2.dtype), b_bv2, b_u)
-    b_w = tl.dot(b_T33.to(b_x3.dtype), b_x3, b_w)
-    b_u = tl.dot(b_T33.to(b_bv3.dtype), b_bv3, b_u)
-    tl.store(w + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid3[:, None])
-    tl.store(u + (tok3[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid3[:, None])
     tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30, mask=valid3[:, None])
     tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31, mask=valid3[:, None])
     tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32, mask=valid3[:, None])
@@ -183,53 +144,104 @@ def _wy_fwd_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
 
 
 @triton.jit
-def _chunk_state_kernel(q, k, w, u, o, h, v_new, h0, ht, cu_seqlens, chunk_offsets, scale, H,
-                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, FUSE_OUTPUT: tl.constexpr):
-    """Per (sequence, head, V block), chunk after chunk: the chunk-start state S, v' = u - w S, the next state.
+def _chunk_state_kernel(q, k, v, beta, tm, o, h, v_new, h0, ht, pm, rows, scale, H,
+                        K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE: tl.constexpr, FUSE_OUTPUT: tl.constexpr,
+                        MAP: tl.constexpr):
+    """Per (V block, row, head), chunk after chunk from the row's entry state h0[row] (a row is a sequence or a
+    segment): w = Tm (beta k) and u = Tm (beta v) from the chunk's Tm, v' = u - w S, the next state.
 
-    The only sequential kernel of the forward: two products per chunk. The output is _chunk_output_kernel's,
-    or with FUSE_OUTPUT computed here (three products more per chunk, one pass less over q, k and the states).
+    STORE keeps the chunk-start states (h) and v' for the backward and an unfused output; FUSE_OUTPUT computes
+    the output from the state in registers. MAP (segments): the programs past the V blocks walk the columns of P
+    from the identity with u = 0, so at the row's end ht holds E (what the row adds to a zero entry) and pm holds P.
     """
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    boh = tl.load(chunk_offsets + i_n)
+    i_v, i_rh = tl.program_id(0), tl.program_id(1)
+    i_r, i_h = i_rh // H, i_rh % H
+    bos, eos, c0 = tl.load(rows + i_r * 3), tl.load(rows + i_r * 3 + 1), tl.load(rows + i_r * 3 + 2)
     NT = tl.cdiv(eos - bos, BT)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, K)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
-    p_state = (i_nh * K + o_k[:, None]) * V + o_v[None, :]
-    b_S = tl.zeros([K, BV], dtype=tl.float32)
+    m_v = o_v < V  # all off in MAP's P programs: they read no v and write no v' / o
+    m_kv = m_k[:, None] & m_v[None, :]
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
-        b_S += tl.load(h0 + p_state)
+        b_S += tl.load(h0 + (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+    if MAP:
+        o_p = (i_v - tl.cdiv(V, BV)) * BV + tl.arange(0, BV)  # the columns of P a program past the V blocks walks
+        b_S += tl.where(o_k[:, None] == o_p[None, :], 1.0, 0.0)
     causal = o_t[:, None] >= o_t[None, :]
     for i_c in range(0, NT):
         valid = i_c * BT + o_t < eos - bos
         tok = bos + i_c * BT + o_t
-        tl.store(h + ((boh + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_S.to(h.dtype.element_ty))
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
-        b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+        if STORE:
+            tl.store(h + ((c0 + i_c).to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                     b_S.to(h.dtype.element_ty), mask=m_kv)
+        p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+        m_tk = valid[:, None] & m_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0).to(b_k.dtype)
+
+        b_x = (b_k.to(tl.float32) * b_beta[:, None]).to(b_k.dtype)
+        b_w = tl.dot(b_Tm, b_x).to(b_k.dtype)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-        b_vn = tl.load(u + p_v, mask=valid[:, None], other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
-        tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=valid[:, None])
+        m_tv = valid[:, None] & m_v[None, :]
+        b_bv = (tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32) * b_beta[:, None]).to(b_k.dtype)
+        b_vn = tl.dot(b_Tm, b_bv) - tl.dot(b_w, b_S.to(b_w.dtype))
+        if STORE:
+            tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=m_tv)
         if FUSE_OUTPUT:
-            b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+            b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
             # o = scale (q S + M v') with M = tril(q k^T)
             b_M = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0)
             b_qS = b_q
             b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
-            tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None])
+            tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
         b_S += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype))
     if STORE_HT:
-        tl.store(ht + p_state, b_S)
+        tl.store(ht + (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], b_S, mask=m_kv)
+        if MAP:
+            tl.store(pm + (i_rh.to(tl.int64) * K + o_k[:, None]) * K + o_p[None, :], b_S,
+                     mask=m_k[:, None] & (o_p >= 0)[None, :] & (o_p < K)[None, :])
+
+
+@triton.jit
+def _segment_scan_kernel(e, pm, start, end, seq_segs, H,
+                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         REVERSE: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr):
+    """Per (V block, sequence, head): LASP-2's prefix over the sequence's segments, in fp32, in place. Forward:
+    S = start (the initial state) or 0, then per segment e_s <- S (its entry state) and S <- P_s S + e_s; `end`
+    gets the final state. REVERSE runs from the last segment with the gradients and the transposed maps
+    (e_s <- the gradient of the state leaving segment s, end = the initial state's gradient)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    s0, n_segs = tl.load(seq_segs + i_n * 2), tl.load(seq_segs + i_n * 2 + 1)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = m_k[:, None] & (o_v < V)[None, :]
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_START:
+        b_S += tl.load(start + (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+    for j in range(n_segs):
+        s = s0 + n_segs - 1 - j if REVERSE else s0 + j
+        sh = s.to(tl.int64) * H + i_h
+        p_e = e + (sh * K + o_k[:, None]) * V + o_v[None, :]
+        b_e = tl.load(p_e, mask=m_kv, other=0.0)
+        tl.store(p_e, b_S, mask=m_kv)
+        b_P = tl.load(pm + (sh * K + o_k[:, None]) * K + o_k[None, :], mask=m_k[:, None] & m_k[None, :], other=0.0)
+        b_S = tl.dot(b_P, b_S, input_precision="ieee") + b_e
+    if STORE_END:
+        tl.store(end + (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], b_S, mask=m_kv)
 
 
 @triton.jit
 def _chunk_output_kernel(q, k, h, v_new, o, cu_seqlens, chunk_indices, scale, H,
-                         K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    """Per (V block, chunk): o = scale (q S + tril(q k^T) v') from the stored chunk-start state."""
+                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Per (V block, chunk): o = scale (q S + tril(q k^T) v') from the stored chunk-start state
+    (when the forward walk does not fuse it)."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_t * 2)
     i_c = tl.load(chunk_indices + i_t * 2 + 1)
@@ -238,64 +250,87 @@ def _chunk_output_kernel(q, k, h, v_new, o, cu_seqlens, chunk_indices, scale, H,
     o_t = tl.arange(0, BT)
     valid = i_c * BT + o_t < eos - bos
     tok = bos + i_c * BT + o_t
-    o_k = tl.arange(0, K)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
-    b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
-    b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
-    b_S = tl.load(h + (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :])
+    m_v = o_v < V
+    p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+    b_q = tl.load(q + p_k, mask=valid[:, None] & m_k[None, :], other=0.0)
+    b_k = tl.load(k + p_k, mask=valid[:, None] & m_k[None, :], other=0.0)
+    b_S = tl.load(h + (i_t.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
     p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-    b_vn = tl.load(v_new + p_v, mask=valid[:, None], other=0.0)
+    b_vn = tl.load(v_new + p_v, mask=valid[:, None] & m_v[None, :], other=0.0)
     causal = o_t[:, None] >= o_t[None, :]
 
     # o = scale (q S + M v') with M = tril(q k^T)
     b_M = tl.where(causal, tl.dot(b_q, tl.trans(b_k)), 0.0)
     b_qS = b_q
     b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
-    tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None])
+    tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None] & m_v[None, :])
 
 
 @triton.jit
-def _chunk_bwd_dstate_kernel(q, k, w, do, dh, dv_new, dht, dh0, cu_seqlens, chunk_offsets, scale, H,
-                             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                             USE_DHT: tl.constexpr, USE_H0: tl.constexpr):
-    """Per (sequence, head, V block), chunk after chunk backwards: dS at each chunk end, and dv'."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    boh = tl.load(chunk_offsets + i_n)
+def _chunk_bwd_dstate_kernel(q, k, beta, tm, do, dh, dv_new, dht, dh0, qm, rows, scale, H,
+                             K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+                             USE_DHT: tl.constexpr, USE_H0: tl.constexpr, MAP: tl.constexpr):
+    """Per (V block, row, head), chunk after chunk backwards from the gradient of the state leaving the row
+    (dht[row]): dS at each chunk end (dh) and dv'; w is formed from Tm as in the forward. MAP (segments): the
+    programs past the V blocks walk the columns of P^T from the identity with do = 0, so at the row's start dh0
+    holds the gradient the row's outputs send to its entry state and qm holds P^T; nothing else is stored."""
+    i_v, i_rh = tl.program_id(0), tl.program_id(1)
+    i_r, i_h = i_rh // H, i_rh % H
+    bos, eos, c0 = tl.load(rows + i_r * 3), tl.load(rows + i_r * 3 + 1), tl.load(rows + i_r * 3 + 2)
     NT = tl.cdiv(eos - bos, BT)
     o_t = tl.arange(0, BT)
-    o_k = tl.arange(0, K)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
-    p_state = (i_nh * K + o_k[:, None]) * V + o_v[None, :]
-    b_dS = tl.zeros([K, BV], dtype=tl.float32)
+    m_v = o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    b_dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
-        b_dS += tl.load(dht + p_state)
+        b_dS += tl.load(dht + (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+    if MAP:
+        o_p = (i_v - tl.cdiv(V, BV)) * BV + tl.arange(0, BV)
+        b_dS += tl.where(o_k[:, None] == o_p[None, :], 1.0, 0.0)
     anticausal = o_t[:, None] <= o_t[None, :]
     for i_r in range(0, NT):
         i_c = NT - 1 - i_r
         valid = i_c * BT + o_t < eos - bos
         tok = bos + i_c * BT + o_t
-        tl.store(dh + ((boh + i_c) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], b_dS.to(dh.dtype.element_ty))
-        b_q = tl.load(q + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
-        b_w = tl.load(w + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None], other=0.0)
+        if not MAP:
+            tl.store(dh + ((c0 + i_c).to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                     b_dS.to(dh.dtype.element_ty), mask=m_kv)
+        p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+        m_tk = valid[:, None] & m_k[None, :]
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0).to(b_k.dtype)
+
+        b_x = (b_k.to(tl.float32) * b_beta[:, None]).to(b_k.dtype)
+        b_w = tl.dot(b_Tm, b_x).to(b_k.dtype)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-        b_do = tl.load(do + p_v, mask=valid[:, None], other=0.0)
+        m_tv = valid[:, None] & m_v[None, :]
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         b_Mt = tl.where(anticausal, tl.dot(b_k, tl.trans(b_q)), 0.0)
         b_qS = b_q
         b_kS = b_k
         b_dvn = tl.dot(b_Mt.to(b_do.dtype), b_do) * scale + tl.dot(b_kS, b_dS.to(b_k.dtype))
-        tl.store(dv_new + p_v, b_dvn.to(dv_new.dtype.element_ty), mask=valid[:, None])
+        if not MAP:
+            tl.store(dv_new + p_v, b_dvn.to(dv_new.dtype.element_ty), mask=m_tv)
         b_dS += tl.dot(tl.trans(b_qS), b_do.to(b_q.dtype)) * scale - tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype))
     if USE_H0:
-        tl.store(dh0 + p_state, b_dS)
+        tl.store(dh0 + (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], b_dS, mask=m_kv)
+        if MAP:
+            tl.store(qm + (i_rh.to(tl.int64) * K + o_k[:, None]) * K + o_p[None, :], b_dS,
+                     mask=m_k[:, None] & (o_p >= 0)[None, :] & (o_p < K)[None, :])
 
 
 @triton.jit
 def _bwd_dqk_kernel(q, k, h, dh, v_new, dv_new, do, dq, dk_part, dw, cu_seqlens, chunk_indices, scale, H,
-                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    NK: tl.constexpr):
     """Per (K block, chunk): the gradients that flow through the states and the in-chunk scores.
 
     From the chunk-start state S, its gradient dS at the chunk end, v' and dv': dq (final), dw, and
@@ -310,41 +345,46 @@ def _bwd_dqk_kernel(q, k, h, dh, v_new, dv_new, do, dq, dk_part, dw, cu_seqlens,
     valid = i_c * BT + o_t < eos - bos
     tok = bos + i_c * BT + o_t
     o_k = i_kb * BK + tl.arange(0, BK)
+    m_k = o_k < K
     p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
-    b_q = tl.load(q + p_k, mask=valid[:, None], other=0.0)
-    b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
+    m_tk = valid[:, None] & m_k[None, :]
+    b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
 
     b_dQ = tl.zeros([BT, BK], dtype=tl.float32)  # d(q seen by the state)
     b_dW = tl.zeros([BT, BK], dtype=tl.float32)
     b_dKS = tl.zeros([BT, BK], dtype=tl.float32)  # d(k written into the next state)
     b_dM = tl.zeros([BT, BT], dtype=tl.float32)  # d(in-chunk scores), whole K
-    for i_v in range(0, V // BV):
+    for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        p_state = (i_t * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
-        b_S = tl.load(h + p_state)
-        b_dS = tl.load(dh + p_state)
+        m_v = o_v < V
+        p_state = (i_t.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+        b_S = tl.load(h + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
+        b_dS = tl.load(dh + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-        b_vn = tl.load(v_new + p_v, mask=valid[:, None], other=0.0)
-        b_dvn = tl.load(dv_new + p_v, mask=valid[:, None], other=0.0)
-        b_do = tl.load(do + p_v, mask=valid[:, None], other=0.0)
+        m_tv = valid[:, None] & m_v[None, :]
+        b_vn = tl.load(v_new + p_v, mask=m_tv, other=0.0)
+        b_dvn = tl.load(dv_new + p_v, mask=m_tv, other=0.0)
+        b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         b_dQ += tl.dot(b_do, tl.trans(b_S).to(b_do.dtype))
         b_dW -= tl.dot(b_dvn, tl.trans(b_S).to(b_dvn.dtype))
         b_dKS += tl.dot(b_vn, tl.trans(b_dS).to(b_vn.dtype))
         b_dM += tl.dot(b_do, tl.trans(b_vn).to(b_do.dtype))
-    tl.store(dw + p_k, b_dW, mask=valid[:, None])
+    tl.store(dw + p_k, b_dW, mask=m_tk)
     b_dQ *= scale
     b_dM *= scale
     causal = o_t[:, None] >= o_t[None, :]
     b_dMc = tl.where(causal, b_dM, 0.0).to(b_k.dtype)
     b_dq = b_dQ + tl.dot(b_dMc, b_k)
     b_dk = tl.dot(tl.trans(b_dMc), b_q) + b_dKS
-    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=valid[:, None])
-    tl.store(dk_part + p_k, b_dk, mask=valid[:, None])
+    tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk_part + p_k, b_dk, mask=m_tk)
 
 
 @triton.jit
 def _bwd_wy_kernel(k, v, beta, tm, dw, dv_new, dk_part, dk, dv, dbeta,
-                   cu_seqlens, chunk_indices, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+                   cu_seqlens, chunk_indices, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr,
+                   BV: tl.constexpr):
     """Per chunk: the UT transform's backward, from dw and du = dv' (w = Tm X, u = Tm (beta v), Tm = (I + A)^-1):
     dv, dbeta, and dk completed."""
     i_t, i_h = tl.program_id(0), tl.program_id(1)
@@ -355,9 +395,11 @@ def _bwd_wy_kernel(k, v, beta, tm, dw, dv_new, dk_part, dk, dv, dbeta,
     o_t = tl.arange(0, BT)
     valid = i_c * BT + o_t < eos - bos
     tok = bos + i_c * BT + o_t
-    o_k = tl.arange(0, K)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
     p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
-    b_k = tl.load(k + p_k, mask=valid[:, None], other=0.0)
+    m_tk = valid[:, None] & m_k[None, :]
+    b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
 
     # A = strictly lower (beta_i k_i . k_j) over the whole chunk (the backward's form)
@@ -368,16 +410,17 @@ def _bwd_wy_kernel(k, v, beta, tm, dw, dv_new, dk_part, dk, dv, dbeta,
     b_Tmt = tl.trans(b_Tm).to(b_k.dtype)
     b_dTm = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    for i_v in range(0, V // BV):
+    for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-        b_v = tl.load(v + p_v, mask=valid[:, None], other=0.0)
-        b_dvn = tl.load(dv_new + p_v, mask=valid[:, None], other=0.0)
+        m_tv = valid[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + p_v, mask=m_tv, other=0.0)
+        b_dvn = tl.load(dv_new + p_v, mask=m_tv, other=0.0)
         b_dTm += tl.dot(b_dvn, tl.trans((b_v.to(tl.float32) * b_beta[:, None]).to(b_dvn.dtype)))
         b_dY = tl.dot(b_Tmt, b_dvn.to(b_k.dtype))
         b_dbeta += tl.sum(b_dY * b_v.to(tl.float32), 1)
-        tl.store(dv + p_v, (b_dY * b_beta[:, None]).to(dv.dtype.element_ty), mask=valid[:, None])
-    b_dW = tl.load(dw + p_k, mask=valid[:, None], other=0.0)
+        tl.store(dv + p_v, (b_dY * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+    b_dW = tl.load(dw + p_k, mask=m_tk, other=0.0)
     # w = Tm X with X = beta k
     b_x = b_k.to(tl.float32) * b_beta[:, None]
     b_dTm += tl.dot(b_dW.to(b_k.dtype), tl.trans(b_x.to(b_k.dtype)))
@@ -385,146 +428,210 @@ def _bwd_wy_kernel(k, v, beta, tm, dw, dv_new, dk_part, dk, dv, dbeta,
     # Tm = (I + A)^-1: dA = -Tm^T dTm Tm^T, on the strictly lower part
     b_dA = -tl.dot(b_Tmt, tl.dot(b_dTm.to(b_k.dtype), b_Tmt).to(b_k.dtype))
     b_dA = tl.where(strict, b_dA, 0.0)
-    b_dk = tl.load(dk_part + p_k, mask=valid[:, None], other=0.0)
+    b_dk = tl.load(dk_part + p_k, mask=m_tk, other=0.0)
     b_dAb = (b_dA * b_beta[:, None]).to(b_k.dtype)
     b_dk += tl.dot(b_dAb, b_k) + tl.dot(tl.trans(b_dAb), b_k) + b_dX * b_beta[:, None]
     b_dbeta += tl.sum(b_dA * b_KK, 1) + tl.sum(b_dX * b_k.to(tl.float32), 1)
-    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=valid[:, None])
+    tl.store(dk + p_k, b_dk.to(dk.dtype.element_ty), mask=m_tk)
     tl.store(dbeta + tok * H + i_h, b_dbeta.to(dbeta.dtype.element_ty), mask=valid)
 
 
 @triton.jit
 def _step_kernel(q, k, v, beta, state, o, new_state, scale, H,
-                 K: tl.constexpr, V: tl.constexpr, BV: tl.constexpr):
+                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     """One decode token per (batch, head, V block): the recurrence exactly as written."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    o_k = tl.arange(0, K)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
-    b_q = tl.load(q + i_bh * K + o_k).to(tl.float32)
-    b_k = tl.load(k + i_bh * K + o_k).to(tl.float32)
-    b_v = tl.load(v + i_bh * V + o_v).to(tl.float32)
+    m_v = o_v < V
+    b_q = tl.load(q + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_k = tl.load(k + i_bh * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    b_v = tl.load(v + i_bh * V + o_v, mask=m_v, other=0.0).to(tl.float32)
     b_beta = tl.load(beta + i_bh).to(tl.float32)
-    p_state = (i_bh * K + o_k[:, None]) * V + o_v[None, :]
-    b_S = tl.load(state + p_state)
+    p_state = (i_bh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
+    b_S = tl.load(state + p_state, mask=m_k[:, None] & m_v[None, :], other=0.0)
     b_kS = tl.sum(b_k[:, None] * b_S, 0)
     b_S += (b_beta * b_k)[:, None] * (b_v - b_kS)[None, :]
-    tl.store(new_state + p_state, b_S)
-    tl.store(o + i_bh * V + o_v, (tl.sum(b_q[:, None] * b_S, 0) * scale).to(o.dtype.element_ty))
+    tl.store(new_state + p_state, b_S, mask=m_k[:, None] & m_v[None, :])
+    tl.store(o + i_bh * V + o_v, (tl.sum(b_q[:, None] * b_S, 0) * scale).to(o.dtype.element_ty), mask=m_v)
 
 
-def _layout(q, cu_seqlens):
-    """Treat the batch as packed sequences: (N, cu_seqlens, chunk_indices [(seq, chunk)], chunk_offsets)."""
-    B, T = q.shape[:2]
-    device = q.device
-    if cu_seqlens is None:
-        n_chunks = triton.cdiv(T, CHUNK)
-        cu = torch.arange(0, B + 1, device=device, dtype=torch.int32) * T
-        seq = torch.arange(B, device=device, dtype=torch.int32).repeat_interleave(n_chunks)
-        idx = torch.arange(n_chunks, device=device, dtype=torch.int32).repeat(B)
-        offsets = torch.arange(0, B + 1, device=device, dtype=torch.int32) * n_chunks
-        return B, cu, torch.stack([seq, idx], 1).contiguous(), offsets
-    lens = [triton.cdiv(int(n), CHUNK) for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()]
-    pairs = [(i, c) for i, n in enumerate(lens) for c in range(n)]
-    offsets = [0]
-    for n in lens:
-        offsets.append(offsets[-1] + n)
-    chunk_indices = torch.tensor(pairs, dtype=torch.int32, device=device).view(-1, 2)
-    return len(lens), cu_seqlens.to(torch.int32), chunk_indices, torch.tensor(offsets, dtype=torch.int32, device=device)
+class _Layout(NamedTuple):
+    """Index tables of the packed batch (int32, on the device): cu_seqlens [N + 1]; chunk_indices [NT, 2] =
+    (sequence, chunk within it); rows [R, 3] = (bos, eos, first chunk) of what each walk program walks: the
+    segments, or the sequences themselves; seq_segs [N, 2] = (first segment, segments)."""
+
+    cu: torch.Tensor
+    chunk_indices: torch.Tensor
+    rows: torch.Tensor
+    seq_segs: torch.Tensor
+    segmented: bool
+
+
+def _pow2(n):
+    """Tile extent for a dim of n: a power of two, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def _block_v(V, key="BV"):
-    return min(V, CONFIG[key])
+    return min(_pow2(V), CONFIG[key])
 
 
-def _sequential_block_v(V, sequences_x_heads):
-    """V block of the sequential kernels: CONFIG["BV"], halved (down to 16) while fewer than
-    CONFIG["seq_programs"] programs would run (long single sequences leave most SMs idle otherwise)."""
+def _segment_chunks(bounds, programs_per_sequence):
+    """Chunks per segment, or None to walk whole sequences: enough segments that the walks run about
+    CONFIG["walk_programs"] programs, none shorter than CONFIG["segment_chunks"] chunks."""
+    lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
+    if CONFIG["walk_programs"] <= 0 or not lens:
+        return None
+    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["walk_programs"]))
+    return length if max(lens) > length else None
+
+
+def _layout(bounds, device, segment_chunks):
+    rows, pairs, seq_segs = [], [], []
+    span = (segment_chunks or 1 << 62) * CHUNK
+    for n, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
+        first = len(pairs)
+        starts = range(bos, eos, span) if eos > bos else [bos]
+        seq_segs.append((len(rows) if segment_chunks else n, len(starts)))
+        if segment_chunks:
+            rows += [(s, min(s + span, eos), first + (s - bos) // CHUNK) for s in starts]
+        else:
+            rows.append((bos, eos, first))
+        pairs += [(n, c) for c in range(triton.cdiv(eos - bos, CHUNK))]
+    as_tensor = lambda x, width: torch.tensor(x, dtype=torch.int32).reshape(-1, width).to(device)
+    return _Layout(torch.tensor(bounds, dtype=torch.int32).to(device), as_tensor(pairs, 2), as_tensor(rows, 3),
+                   as_tensor(seq_segs, 2), segment_chunks is not None)
+
+
+def _walk_layout(q, V, cu_seqlens):
+    B, T, H = q.shape[:3]
+    bounds = [i * T for i in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
     BV = _block_v(V)
-    while BV > 16 and sequences_x_heads * (V // BV) < CONFIG["seq_programs"]:
-        BV //= 2
-    return BV
+    return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV)))
 
 
-def _check_dims(K, V):
-    for name, d in (("K", K), ("V", V)):
-        if d < 16 or d & (d - 1):
-            raise ValueError(f"deltanet (triton): head dim {name}={d} must be a power of two >= 16")
+def _segment_starts(walk, x, start, lay, K, V, BV, want_end, **meta):
+    """LASP-2 over the segments of `lay`. One launch of `walk` with MAP gives every segment's map (the augmented
+    state's end: E or the gradient, and P or P^T), then the prefix over each sequence's segments replaces E by the
+    state entering (forward) or the gradient leaving (backward) each segment, fp32 [segments, H, K, V]; `end` is
+    each sequence's final state / initial-state gradient when asked for."""
+    H = x.shape[2]
+    NS, N = lay.rows.shape[0], lay.seq_segs.shape[0]
+    e = _new((NS, H, K, V), torch.float32, x.device)
+    pm = _new((NS, H, K, K), torch.float32, x.device)
+    walk(triton.cdiv(V, BV) + triton.cdiv(K, BV), NS * H, e, pm)
+    end = _new((N, H, K, V), torch.float32, x.device) if want_end else None
+    BVs = _block_v(V, "BV_scan")
+    _segment_scan_kernel[(triton.cdiv(V, BVs), N * H)](
+        e, pm, start, end, lay.seq_segs, H, K=K, V=V, BK=_pow2(K), BV=BVs, HAS_START=start is not None,
+        STORE_END=want_end, num_warps=CONFIG["warps_scan"], num_stages=1, **meta)
+    return e, end
 
 
-def _forward(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+def _forward(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, store):
     B, T, H, K = q.shape
     V = v.shape[-1]
-    N, cu, chunk_indices, chunk_offsets = _layout(q, cu_seqlens)
-    NT = chunk_indices.shape[0]
-    w = _new(k.shape, k.dtype, q.device)
-    u = _new(v.shape, v.dtype, q.device)
+    BK = _pow2(K)
+    BV, lay = _walk_layout(q, V, cu_seqlens)
+    NT = lay.chunk_indices.shape[0]
     tm = _new((B, T, H, CHUNK), torch.float32, q.device)
-    _wy_fwd_kernel[(NT, H)](k, v, beta, w, u, tm, cu, chunk_indices, H, K=K, V=V, BT=CHUNK, BS=BLOCK,
-                            num_warps=CONFIG["warps_wy"], num_stages=CONFIG["stages"])
-    BV = _sequential_block_v(V, N * H)
+    _ut_kernel[(NT, H)](k, beta, tm, lay.cu, lay.chunk_indices, H, K=K, BK=BK, BT=CHUNK, BS=BLOCK,
+                        num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages"])
+    walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
+    if lay.segmented:
+        def map_walk(programs, rows, e, pm):
+            _chunk_state_kernel[(programs, rows)](
+                q, k, v, beta, tm, None, None, None, None, e, pm, lay.rows, scale, H, USE_H0=False, STORE_HT=True,
+                STORE=False, FUSE_OUTPUT=False, MAP=True, **walk_args)
+
+        h0, final = _segment_starts(map_walk, q, initial_state, lay, K, V, BV, output_final_state, REVERSE=False)
+    else:
+        h0 = initial_state
+        final = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if output_final_state else None
     fuse = CONFIG["fuse_output"]
-    h = _new((NT, H, K, V), q.dtype, q.device)
-    v_new = _new(v.shape, v.dtype, q.device)
+    store = store or not fuse
+    h = _new((NT, H, K, V), q.dtype, q.device) if store else None
+    v_new = _new(v.shape, v.dtype, q.device) if store else None
     o = _new(v.shape, v.dtype, q.device)
-    final = _new((N, H, K, V), torch.float32, q.device) if output_final_state else None
-    _chunk_state_kernel[(V // BV, N * H)](
-        q, k, w, u, o, h, v_new, initial_state, final, cu, chunk_offsets, scale, H,
-        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state, FUSE_OUTPUT=fuse,
-        num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
+    _chunk_state_kernel[(triton.cdiv(V, BV), lay.rows.shape[0] * H)](
+        q, k, v, beta, tm, o, h, v_new, h0, None if lay.segmented else final, None, lay.rows, scale, H,
+        USE_H0=h0 is not None, STORE_HT=output_final_state and not lay.segmented, STORE=store, FUSE_OUTPUT=fuse,
+        MAP=False, **walk_args)
     if not fuse:
-        BV = _block_v(V, "BV_o")
-        _chunk_output_kernel[(V // BV, NT, H)](q, k, h, v_new, o, cu, chunk_indices, scale, H, K=K, V=V, BT=CHUNK,
-                                               BV=BV, num_warps=CONFIG["warps_o"], num_stages=CONFIG["stages"])
-    return o, final, (w, tm, h, v_new, cu, chunk_indices, chunk_offsets, N)
+        BVo = _block_v(V, "BV_o")
+        _chunk_output_kernel[(triton.cdiv(V, BVo), NT, H)](q, k, h, v_new, o, lay.cu, lay.chunk_indices, scale, H,
+                                                           K=K, V=V, BK=BK, BT=CHUNK, BV=BVo, num_warps=CONFIG["warps_o"],
+                                                           num_stages=CONFIG["stages"])
+    return o, final, (tm, h, v_new)
 
 
 class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
-        o, final, saved = _forward(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens)
-        w, tm, h, v_new, cu, chunk_indices, chunk_offsets, N = saved
-        ctx.save_for_backward(q, k, v, beta, initial_state, w, tm, h, v_new, cu, chunk_indices, chunk_offsets)
-        ctx.scale, ctx.N = scale, N
+        # the backward reads Tm, the chunk-start states and v': kept only when a gradient will be asked for
+        o, final, saved = _forward(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
+                                   store=any(ctx.needs_input_grad))
+        tm, h, v_new = saved
+        ctx.save_for_backward(q, k, v, beta, initial_state, tm, h, v_new, cu_seqlens)
+        ctx.scale = scale
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
         dht = dht.contiguous() if dht is not None else None  # an expanded gradient (loss ht.sum()) has stride 0
-        q, k, v, beta, initial_state, w, tm, h, v_new, cu, chunk_indices, chunk_offsets = ctx.saved_tensors
+        q, k, v, beta, initial_state, tm, h, v_new, cu_seqlens = ctx.saved_tensors
         B, T, H, K = q.shape
         V = v.shape[-1]
-        NT, N = chunk_indices.shape[0], ctx.N
-        BV = _sequential_block_v(V, N * H)
+        BK = _pow2(K)
+        BV, lay = _walk_layout(q, V, cu_seqlens)
+        NT = lay.chunk_indices.shape[0]
         do = do.contiguous()
+        walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_dstate"], num_stages=CONFIG["stages"])
+        if lay.segmented:
+            def map_walk(programs, rows, de, qm):
+                _chunk_bwd_dstate_kernel[(programs, rows)](
+                    q, k, beta, tm, do, None, None, None, de, qm, lay.rows, ctx.scale, H, USE_DHT=False,
+                    USE_H0=True, MAP=True, **walk_args)
+
+            dstart, dh0 = _segment_starts(map_walk, q, dht, lay, K, V, BV, initial_state is not None, REVERSE=True)
+        else:
+            dstart = dht
+            dh0 = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if initial_state is not None else None
         dh = _new(h.shape, h.dtype, q.device)
         dv_new = _new(v.shape, v.dtype, q.device)
-        dh0 = _new(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
-        _chunk_bwd_dstate_kernel[(V // BV, N * H)](
-            q, k, w, do, dh, dv_new, dht, dh0, cu, chunk_offsets, ctx.scale, H,
-            K=K, V=V, BT=CHUNK, BV=BV, USE_DHT=dht is not None, USE_H0=initial_state is not None,
-            num_warps=CONFIG["warps_dstate"], num_stages=CONFIG["stages"])
-        BK = min(K, CONFIG["BK_dqk"])
+        _chunk_bwd_dstate_kernel[(triton.cdiv(V, BV), lay.rows.shape[0] * H)](
+            q, k, beta, tm, do, dh, dv_new, dstart, None if lay.segmented else dh0, None, lay.rows, ctx.scale, H,
+            USE_DHT=dstart is not None, USE_H0=dh0 is not None and not lay.segmented, MAP=False, **walk_args)
+        BKq = min(BK, CONFIG["BK_dqk"])
+        while triton.cdiv(K, BKq) & (triton.cdiv(K, BKq) - 1):  # a power of two of K blocks (dG's shares are summed by tl.arange)
+            BKq *= 2
+        NK = triton.cdiv(K, BKq)
         dq, dk, dv = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device)
         dk_part, dw = _new(k.shape, torch.float32, q.device), _new(k.shape, torch.float32, q.device)
-        _bwd_dqk_kernel[(K // BK, NT, H)](
-            q, k, h, dh, v_new, dv_new, do, dq, dk_part, dw, cu, chunk_indices, ctx.scale, H,
-            K=K, V=V, BT=CHUNK, BK=BK, BV=_block_v(V, "BV_dqk"), num_warps=CONFIG["warps_dqk"], num_stages=CONFIG["stages"])
+        _bwd_dqk_kernel[(NK, NT, H)](
+            q, k, h, dh, v_new, dv_new, do, dq, dk_part, dw, lay.cu, lay.chunk_indices, ctx.scale, H,
+            K=K, V=V, BT=CHUNK, BK=BKq, BV=_block_v(V, "BV_dqk"), NK=NK, num_warps=CONFIG["warps_dqk"],
+            num_stages=CONFIG["stages"])
         dbeta = _new(beta.shape, torch.float32, q.device)
         _bwd_wy_kernel[(NT, H)](
-            k, v, beta, tm, dw, dv_new, dk_part, dk, dv, dbeta, cu, chunk_indices, H,
-            K=K, V=V, BT=CHUNK, BV=_block_v(V, "BV_wy"), num_warps=CONFIG["warps_wy_bwd"], num_stages=CONFIG["stages"])
+            k, v, beta, tm, dw, dv_new, dk_part, dk, dv, dbeta, lay.cu, lay.chunk_indices, H,
+            K=K, V=V, BK=BK, BT=CHUNK, BV=_block_v(V, "BV_wy"), num_warps=CONFIG["warps_wy_bwd"],
+            num_stages=CONFIG["stages"])
         return (dq, dk, dv, dbeta.to(beta.dtype), None,
                 None if dh0 is None else dh0.to(initial_state.dtype), None, None)
 
 
 def chunk(q, k, v, beta, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
     """(o [B, T, H, V], final state [N, H, K, V] fp32 or None), differentiable in every tensor argument."""
-    K, V = q.shape[-1], v.shape[-1]
-    _check_dims(K, V)
+    K = q.shape[-1]
     if scale is None:
         scale = K ** -0.5
     if initial_state is not None:
         initial_state = initial_state.float().contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32)
     o, final = _ChunkFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), float(scale),
                                     initial_state, bool(output_final_state), cu_seqlens)
     return o, final
@@ -534,12 +641,12 @@ def step(q, k, v, beta, state, scale=None):
     """One decode token: q, k [B, H, K], v [B, H, V], state [B, H, K, V] fp32 -> (o [B, H, V], new state)."""
     B, H, K = q.shape
     V = v.shape[-1]
-    _check_dims(K, V)
     if scale is None:
         scale = K ** -0.5
     o = _new((B, H, V), v.dtype, q.device)
     new_state = _new((B, H, K, V), torch.float32, q.device)
     BV = _block_v(V)
-    _step_kernel[(V // BV, B * H)](q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(),
-                                   state.float().contiguous(), o, new_state, float(scale), H, K=K, V=V, BV=BV)
+    _step_kernel[(triton.cdiv(V, BV), B * H)](q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(),
+                                              state.float().contiguous(), o, new_state, float(scale), H, K=K, V=V,
+                                              BK=_pow2(K), BV=BV)
     return o, new_state

@@ -5,21 +5,26 @@ Chunkwise form (DESIGN.md): per chunk of 64 tokens, with b = in-chunk cumulative
     state:  S_next = exp(b_last) * S + sum_s (k_s * exp(b_last - b_s)) v_s^T
     output: o_t = scale * ((q_t * exp(b_t)) S + sum_{s<=t} ((q_t * exp(b_t - b_s)) . k_s) v_s)
 with RWKV6's bonus the output reads the state before token t (b_t -> b_{t-1}, s < t) plus (q_t . (u * k_t)) v_t.
-Kernels: state_fwd (chunk-entry states, sequential over chunks), output_fwd (chunk-parallel),
-state_bwd (gradients of chunk-exit states, reverse), grad_v, grad_qk (chunk-parallel),
-dg_chunk (dg_t = sum over tokens tau >= t of q.dq - k.dk: within the chunk, then exactly from the states), and step (one decode token).
+Kernels: chunk_fwd (the forward walk: chunk-entry states, sequential over chunks, with each chunk's output
+computed from the state in registers), state_bwd (the reverse walk: gradients of chunk-exit states, with dv),
+grad_qk (chunk-parallel), dg_chunk (dg_t = sum over tokens tau >= t of q.dq - k.dk: within the chunk, then
+exactly from the states), step (one decode token); output_fwd and grad_v when a walk does not fuse them.
+Long sequences are cut into segments whose affine maps on the state (segment_map, chunk-parallel) are composed
+by a prefix over segments (segment_scan): LASP-2 within one GPU, so one long sequence still fills the GPU.
 The backward reads the chunk-entry states the forward stored (bf16 for bf16 inputs: K*V/C elements per token
-and head) instead of walking the sequence again: at long T that walk is sequential and costs more than the memory.
+and head; stored only when a gradient is needed) instead of walking the sequence again.
 Decay is kept in log space, pre-scaled by 1/ln 2 so kernels use exp2; every exponent is <= 0 where it is
 evaluated (differences b_t - b_s for s <= t, or masked to -inf), so strong decay underflows, never overflows.
 Vector decay: exp(b_t - b_s) = exp(b_t) * exp(-b_s) through the chunk start, so every intra-chunk product runs
 on the matrix units like the scalar case. That factoring is exact while both factors stay far from the ends of
 the floating-point range: a chunk whose |b| exceeds 2^SPAN anywhere (SPAN per input dtype, see _SPAN) is marked
-slow by output_fwd_kernel and taken by the *_subchunk kernels instead, where a pair (t, s) in different
+slow by the forward and taken by the *_subchunk kernels instead, where a pair (t, s) in different
 16-row sub-chunks factors through the sub-chunk border (both factors <= 1) and pairs inside one
 sub-chunk are computed elementwise. Typical gates (GLA's logsigmoid / 16) never reach the fallback.
 Sequences are packed: [B, T] is the varlen batch with cu_seqlens = [0, T, 2T, ...].
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -30,7 +35,8 @@ LOG2E = tl.constexpr(1.4426950408889634)  # g * LOG2E: exp(g) == exp2(g * LOG2E)
 
 
 def _pow2(n):
-    return triton.next_power_of_2(n)
+    """Tile extent for a head dim of n: a power of two, at least 16 (the smallest tl.dot operand); tails are masked."""
+    return max(16, triton.next_power_of_2(n))
 
 
 # ---- forward ------------------------------------------------------------------------------------
@@ -47,26 +53,46 @@ def _dot_split(a, b):
         acc += tl.dot((a - a_hi.to(tl.float32)).to(b.dtype), b)
     return acc
 
+# ---- the state pass: walks over chunks, and LASP-2 over segments within one GPU --------------------------
+# A walk is sequential over the chunks of its rows of `seg_info` (bos, eos, first chunk). With few sequences x
+# heads (one long sequence) the walk would leave most of the GPU idle, so the host may split each sequence into
+# segments of a few dozen chunks: segment_map_kernel computes every segment's affine map on the state (chunk-
+# parallel work), segment_scan_kernel composes them in order (LASP-2's prefix, one step per segment), and the
+# walks then run per segment from the exact entry state they receive. Without segments a row is a sequence.
+
 
 @triton.jit
-def state_fwd_kernel(
-    k, v, g, h, h0, ht, seq_info,
+def chunk_fwd_kernel(
+    q, k, v, g, u, h, h0, ht, o, slow, seg_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr,
+    SPAN: tl.constexpr,
+    HAS_INITIAL: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr, FUSE_OUTPUT: tl.constexpr,
 ):
-    """One (K block, V block, sequence*head): walk the chunks, store each chunk's entry state in h."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, c0 = tl.load(seq_info + i_n * 3), tl.load(seq_info + i_n * 3 + 1), tl.load(seq_info + i_n * 3 + 2)
+    """One (K block, V block, row*head): walk the row's chunks from its entry state h0[row]. STORE_STATES keeps
+    each chunk's entry state in h (the backward reads them); FUSE_OUTPUT (BK >= K) computes each chunk's output
+    from the state held in registers, so the states need not round-trip through memory.
+    A chunk whose decay spans more than 2^SPAN is marked in `slow`, its entry state stored, and its output left
+    to output_fwd_subchunk_kernel."""
+    i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_h = i_sh // H, i_sh % H
+    bos, eos, c0 = tl.load(seg_info + i_s * 3), tl.load(seg_info + i_s * 3 + 1), tl.load(seg_info + i_s * 3 + 2)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     kv_off = o_k[:, None] * V + o_v[None, :]
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]  # rows t, columns s <= t
+    causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]  # rows s, columns t >= s
+    strict = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
+    strict_t = tl.arange(0, C)[:, None] < tl.arange(0, C)[None, :]
+    diag = tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :]
+
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INITIAL:
-        S += tl.load(h0 + i_nh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0.0)
+        S += tl.load(h0 + i_sh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0.0)
     for c in range(tl.cdiv(eos - bos, C)):
-        tl.store(h + ((c0 + c).to(tl.int64) * H + i_h) * K * V + kv_off, S.to(h.dtype.element_ty), mask=m_kv)
+        hc = ((c0 + c).to(tl.int64) * H + i_h) * K * V
+        if STORE_STATES:
+            tl.store(h + hc + kv_off, S.to(h.dtype.element_ty), mask=m_kv)
         rows = bos + c * C + tl.arange(0, C)
         m_t = rows < eos
         tok = rows.to(tl.int64) * H + i_h
@@ -75,11 +101,99 @@ def state_fwd_kernel(
         b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0).to(tl.float32) * LOG2E
         b_b = tl.cumsum(b_g, 0)
         b_last = tl.sum(b_g, 0)
-        S *= tl.exp2(b_last)[:, None]
-        b_k = b_k * tl.exp2(b_last[None, :] - b_b)
-        S += _dot_split(tl.trans(b_k), b_v)
+
+        if FUSE_OUTPUT:
+            b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
+            is_slow = tl.max(tl.max(tl.abs(b_b), 1), 0) > SPAN
+            if i_v == 0:
+                tl.store(slow + (c0 + c) * H + i_h, is_slow.to(tl.int32))
+            if is_slow:
+                if not STORE_STATES:
+                    tl.store(h + hc + kv_off, S.to(h.dtype.element_ty), mask=m_kv)
+            else:
+                b_qd = (b_q * tl.exp2(b_b - b_g)).to(b_v.dtype)  # the bonus output reads the state before its own token
+                b_kd = (b_k * tl.exp2(-b_b)).to(b_v.dtype)
+                b_A = tl.where(strict, tl.dot(b_qd, tl.trans(b_kd)), 0.0)
+                b_u = tl.load(u + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
+                a_bonus = tl.sum(b_q.to(tl.float32) * b_u[None, :] * b_k.to(tl.float32), 1)
+                b_A += tl.where(diag, a_bonus[:, None], 0.0)
+                b_o = tl.dot(b_qd, S.to(b_v.dtype)) + tl.dot(b_A.to(b_v.dtype), b_v)
+
+                tl.store(o + tok[:, None] * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & (o_v[None, :] < V))
+        S = S * tl.exp2(b_last)[:, None] + _dot_split(tl.trans(b_k * tl.exp2(b_last[None, :] - b_b)), b_v)
     if STORE_FINAL:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + kv_off, S, mask=m_kv)
+        tl.store(ht + i_sh.to(tl.int64) * K * V + kv_off, S, mask=m_kv)
+
+
+@triton.jit
+def segment_map_kernel(
+    x, y, g, d, e, seg_info, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    FORWARD: tl.constexpr,
+):
+    """One (K block, V block, segment*head): the segment's affine map, chunk-parallel in all but the sum.
+    FORWARD (x = k, y = v): e = sum_t (k_t exp(b_end - b_t))^T v_t, what the segment adds to a zero entry state,
+    and d = b_end, its whole log decay (log2 units). Backward (x = q, y = do): e = scale sum_t (q_t exp(b_t))^T do_t, the
+    gradient the segment's outputs send to its entry state (b from the segment start, through token t - 1)."""
+    i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_h = i_sh // H, i_sh % H
+    bos, eos = tl.load(seg_info + i_s * 3), tl.load(seg_info + i_s * 3 + 1)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    E = tl.zeros([BK, BV], dtype=tl.float32)
+    R = tl.zeros([BK], dtype=tl.float32)  # log decay between the current chunk and the segment's far end
+    n_chunks = tl.cdiv(eos - bos, C)
+    for j in range(n_chunks):
+        c = n_chunks - 1 - j if FORWARD else j
+        rows = bos + c * C + tl.arange(0, C)
+        m_t = rows < eos
+        tok = rows.to(tl.int64) * H + i_h
+        b_x = tl.load(x + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
+        b_y = tl.load(y + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
+        b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0).to(tl.float32) * LOG2E
+        b_b = tl.cumsum(b_g, 0)
+        b_last = tl.sum(b_g, 0)
+
+        if FORWARD:
+            b_x = b_x * tl.exp2(R[None, :] + b_last[None, :] - b_b)
+        else:
+            b_x = b_x * tl.exp2(R[None, :] + b_b - b_g) * scale
+        E += _dot_split(tl.trans(b_x), b_y)
+        R += b_last
+    tl.store(e + i_sh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :], E, mask=m_kv)
+    if i_v == 0:
+        tl.store(d + i_sh.to(tl.int64) * K + o_k, R, mask=o_k < K)
+
+
+@triton.jit
+def segment_scan_kernel(
+    e, d, start, end, seq_segs,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    REVERSE: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr,
+):
+    """One (K block, V block, sequence*head): LASP-2's prefix over the sequence's segments, in fp32, in place.
+    Forward: S = start (the initial state) or 0, then per segment e_s <- S (its entry state) and
+    S <- exp(d_s) S + e_s; `end` gets the final state. REVERSE runs from the last segment to the first with the
+    gradients (start = d final state, e_s <- the gradient of the state leaving segment s, end = d initial state)."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    s0, n_segs = tl.load(seq_segs + i_n * 2), tl.load(seq_segs + i_n * 2 + 1)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+    kv_off = o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_START:
+        S += tl.load(start + i_nh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0.0)
+    for j in range(n_segs):
+        s = s0 + n_segs - 1 - j if REVERSE else s0 + j
+        p = e + (s.to(tl.int64) * H + i_h) * K * V + kv_off
+        b_e = tl.load(p, mask=m_kv, other=0.0)
+        tl.store(p, S, mask=m_kv)
+        S = S * tl.exp2(tl.load(d + (s.to(tl.int64) * H + i_h) * K + o_k, mask=o_k < K, other=0.0))[:, None] + b_e
+    if STORE_END:
+        tl.store(end + i_nh.to(tl.int64) * K * V + kv_off, S, mask=m_kv)
 
 
 @triton.jit
@@ -88,9 +202,9 @@ def output_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     SPAN: tl.constexpr,
 ):
-    """One (chunk, head, V block) through the chunk-start reference point: o = qd h + causal(qd kd^T) v
-    with qd = q * exp(b), kd = k * exp(-b). Records in `slow` whether the chunk's decay spans more than
-    2^SPAN, and leaves such a chunk to output_fwd_subchunk_kernel."""
+    """One (chunk, head, V block) through the chunk-start reference point (when the walk does not fuse it):
+    o = qd h + causal(qd kd^T) v with qd = q * exp(b), kd = k * exp(-b). Records in `slow` whether the chunk's
+    decay spans more than 2^SPAN, and leaves such a chunk to output_fwd_subchunk_kernel."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     rows = t0 + tl.arange(0, C)
@@ -98,26 +212,33 @@ def output_fwd_kernel(
     tok = rows.to(tl.int64) * H + i_h
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_tk = m_t[:, None] & (o_k[None, :] < K)
-    b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32) * LOG2E
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]  # rows t, columns s <= t
+    causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]  # rows s, columns t >= s
+    strict = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
+    strict_t = tl.arange(0, C)[:, None] < tl.arange(0, C)[None, :]
+    diag = tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :]
+
+    b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0).to(tl.float32) * LOG2E
     b_b = tl.cumsum(b_g, 0)
+    b_last = tl.sum(b_g, 0)
+
     is_slow = tl.max(tl.max(tl.abs(b_b), 1), 0) > SPAN
     tl.store(slow + i_c * H + i_h, is_slow.to(tl.int32))
     if is_slow:
         return
-    b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
+    b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
     b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
     b_h = tl.load(h + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                   mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.0)
     b_qd = (b_q * tl.exp2(b_b - b_g)).to(b_v.dtype)  # the bonus output reads the state before its own token
-    keep = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
     b_kd = (b_k * tl.exp2(-b_b)).to(b_v.dtype)
-    b_A = tl.where(keep, tl.dot(b_qd, tl.trans(b_kd)), 0.0)
+    b_A = tl.where(strict, tl.dot(b_qd, tl.trans(b_kd)), 0.0)
     b_u = tl.load(u + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
     a_bonus = tl.sum(b_q.to(tl.float32) * b_u[None, :] * b_k.to(tl.float32), 1)
-    b_A += tl.where(tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :], a_bonus[:, None], 0.0)
+    b_A += tl.where(diag, a_bonus[:, None], 0.0)
     b_o = tl.dot(b_qd, b_h) + tl.dot(b_A.to(b_v.dtype), b_v)
+
     tl.store(o + tok[:, None] * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=m_t[:, None] & (o_v[None, :] < V))
 
 
@@ -186,21 +307,29 @@ def output_fwd_subchunk_kernel(
 
 @triton.jit
 def state_bwd_kernel(
-    q, do, g, dh, dht, dh0, seq_info, scale,
+    q, k, do, g, u, dh, dht, dh0, dv, slow, seg_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr,
+    HAS_FINAL_GRAD: tl.constexpr, STORE_INITIAL_GRAD: tl.constexpr, FUSE_DV: tl.constexpr,
 ):
-    """Reverse walk: dh[c] = gradient of the state leaving chunk c; dh0 = gradient of the initial state."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, c0 = tl.load(seq_info + i_n * 3), tl.load(seq_info + i_n * 3 + 1), tl.load(seq_info + i_n * 3 + 2)
+    """Reverse walk over a row's chunks from the gradient of the state leaving it (dht[row]): dh[c] = gradient of
+    the state leaving chunk c; dh0 = gradient of the row's entry state. FUSE_DV (BK >= K) also computes dv from
+    the gradient held in registers (chunks the forward marked slow are left to grad_v_subchunk_kernel)."""
+    i_k, i_v, i_sh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_s, i_h = i_sh // H, i_sh % H
+    bos, eos, c0 = tl.load(seg_info + i_s * 3), tl.load(seg_info + i_s * 3 + 1), tl.load(seg_info + i_s * 3 + 2)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
     kv_off = o_k[:, None] * V + o_v[None, :]
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]  # rows t, columns s <= t
+    causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]  # rows s, columns t >= s
+    strict = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
+    strict_t = tl.arange(0, C)[:, None] < tl.arange(0, C)[None, :]
+    diag = tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :]
+
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_FINAL_GRAD:
-        dS += tl.load(dht + i_nh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0.0)
+        dS += tl.load(dht + i_sh.to(tl.int64) * K * V + kv_off, mask=m_kv, other=0.0)
     n_chunks = tl.cdiv(eos - bos, C)
     for j in range(n_chunks):
         c = n_chunks - 1 - j
@@ -211,11 +340,24 @@ def state_bwd_kernel(
         b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
         b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
         b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0).to(tl.float32) * LOG2E
-        dS *= tl.exp2(tl.sum(b_g, 0))[:, None]
-        b_q = b_q * tl.exp2(tl.cumsum(b_g, 0) - b_g) * scale
-        dS += _dot_split(tl.trans(b_q), b_do)
+        b_b = tl.cumsum(b_g, 0)
+        b_last = tl.sum(b_g, 0)
+
+        if FUSE_DV:
+            b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
+            if tl.load(slow + (c0 + c) * H + i_h) == 0:
+                b_qd = (b_q * tl.exp2(b_b - b_g)).to(b_do.dtype)
+                b_At = tl.where(strict_t, tl.dot((b_k * tl.exp2(-b_b)).to(b_do.dtype), tl.trans(b_qd)), 0.0)
+                b_u = tl.load(u + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
+                a_bonus = tl.sum(b_q.to(tl.float32) * b_u[None, :] * b_k.to(tl.float32), 1)
+                b_At += tl.where(diag, a_bonus[:, None], 0.0)
+                b_kl = (b_k * tl.exp2(b_last[None, :] - b_b)).to(b_do.dtype)
+                b_dv = tl.dot((b_At * scale).to(b_do.dtype), b_do) + tl.dot(b_kl, dS.to(b_do.dtype))
+
+                tl.store(dv + tok[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & (o_v[None, :] < V))
+        dS = dS * tl.exp2(b_last)[:, None] + _dot_split(tl.trans(b_q * tl.exp2(b_b - b_g) * scale), b_do)
     if STORE_INITIAL_GRAD:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + kv_off, dS, mask=m_kv)
+        tl.store(dh0 + i_sh.to(tl.int64) * K * V + kv_off, dS, mask=m_kv)
 
 
 @triton.jit
@@ -224,7 +366,7 @@ def grad_v_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
     """dv_s = scale * sum_{t after s} A_ts do_t + (k_s decayed to the chunk end) . dh through the chunk-start
-    reference point (A^T = kd qd^T), for the chunks the forward did not mark slow."""
+    reference point (A^T = kd qd^T), for the chunks the forward did not mark slow (when the walk does not fuse it)."""
     i_c, i_h, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if tl.load(slow + i_c * H + i_h) != 0:
         return
@@ -234,22 +376,29 @@ def grad_v_kernel(
     tok = rows.to(tl.int64) * H + i_h
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_tk = m_t[:, None] & (o_k[None, :] < K)
-    b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-    b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-    b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32) * LOG2E
+    causal = tl.arange(0, C)[:, None] >= tl.arange(0, C)[None, :]  # rows t, columns s <= t
+    causal_t = tl.arange(0, C)[:, None] <= tl.arange(0, C)[None, :]  # rows s, columns t >= s
+    strict = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
+    strict_t = tl.arange(0, C)[:, None] < tl.arange(0, C)[None, :]
+    diag = tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :]
+
+    b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
+    b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0)
     b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_t[:, None] & (o_v[None, :] < V), other=0.0)
     b_dh = tl.load(dh + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                    mask=(o_k[:, None] < K) & (o_v[None, :] < V), other=0.0)
+    b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_t[:, None] & (o_k[None, :] < K), other=0.0).to(tl.float32) * LOG2E
     b_b = tl.cumsum(b_g, 0)
+    b_last = tl.sum(b_g, 0)
+
     b_qd = (b_q * tl.exp2(b_b - b_g)).to(b_do.dtype)
-    keep_t = tl.arange(0, C)[:, None] < tl.arange(0, C)[None, :]  # rows s, columns t > s
-    b_At = tl.where(keep_t, tl.dot((b_k * tl.exp2(-b_b)).to(b_do.dtype), tl.trans(b_qd)), 0.0)
+    b_At = tl.where(strict_t, tl.dot((b_k * tl.exp2(-b_b)).to(b_do.dtype), tl.trans(b_qd)), 0.0)
     b_u = tl.load(u + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
     a_bonus = tl.sum(b_q.to(tl.float32) * b_u[None, :] * b_k.to(tl.float32), 1)
-    b_At += tl.where(tl.arange(0, C)[:, None] == tl.arange(0, C)[None, :], a_bonus[:, None], 0.0)
-    b_kl = (b_k * tl.exp2(tl.sum(b_g, 0)[None, :] - b_b)).to(b_do.dtype)
-    b_dv = tl.dot((b_At * scale).to(b_do.dtype), b_do) + tl.dot(b_kl, b_dh.to(b_do.dtype))
+    b_At += tl.where(diag, a_bonus[:, None], 0.0)
+    b_kl = (b_k * tl.exp2(b_last[None, :] - b_b)).to(b_do.dtype)
+    b_dv = tl.dot((b_At * scale).to(b_do.dtype), b_do) + tl.dot(b_kl, b_dh)
+
     tl.store(dv + tok[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_t[:, None] & (o_v[None, :] < V))
 
 
@@ -497,9 +646,19 @@ def step_kernel(
 
 # ---- Python side --------------------------------------------------------------------------------
 
-# launch settings per kernel; bench scripts may tune them (num_warps, num_stages, block sizes)
+# Launch settings; bench scripts may tune them. "walk": the walks that keep the output / dv in separate kernels
+# (K may be split); "walk_fused": the walks with the output (forward) or dv (backward) fused in, whole K.
+# Sequences are cut into segments of at least `segment_chunks` chunks while the walks would otherwise run fewer
+# than `walk_programs` programs (0: never).
 CONFIG = {
-    "state": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "fuse_output": True,
+    "fuse_dv": True,
+    "walk_programs": 256,
+    "segment_chunks": 8,
+    "walk": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "walk_fused": dict(BV=64, num_warps=4, num_stages=2),
+    "segment_map": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    "segment_scan": dict(BK=32, BV=64, num_warps=4, num_stages=1),
     "output": dict(BV=64, num_warps=4, num_stages=2),
     "grad_v": dict(BV=64, num_warps=4, num_stages=2),
     "output_subchunk": dict(BV=64, num_warps=4, num_stages=2),
@@ -518,22 +677,48 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+class _Layout(NamedTuple):
+    """Index tables of packed sequences (int32, on the device). seq_info [N, 3] = (bos, eos, first chunk);
+    chunk_info [NC, 4] = (start, end, bos, sequence); rows [R, 3]: what each walk program walks, the segments
+    (bos, eos, first chunk) or, unsegmented, seq_info itself; seq_segs [N, 2] = (first segment, segments)."""
+
+    seq_info: torch.Tensor
+    chunk_info: torch.Tensor
+    rows: torch.Tensor
+    seq_segs: torch.Tensor
+    segmented: bool
+
+
 _LAYOUTS = {}
 
 
-def _layout(bounds, device):
-    """(seq_info [N, 3] = (bos, eos, first chunk), chunk_info [NC, 4] = (start, end, bos, sequence)) of packed
-    sequences."""
-    key = (tuple(bounds), str(device))
+def _segment_chunks(bounds, programs_per_sequence):
+    """Chunks per segment, or None to walk whole sequences: enough segments that the walks run about
+    CONFIG["walk_programs"] programs, none shorter than CONFIG["segment_chunks"] chunks."""
+    lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
+    if CONFIG["walk_programs"] <= 0 or not lens:
+        return None
+    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["walk_programs"]))
+    return length if max(lens) > length else None
+
+
+def _layout(bounds, device, segment_chunks=None):
+    key = (tuple(bounds), str(device), segment_chunks)
     if key not in _LAYOUTS:
-        seq, chunks = [], []
+        seq, chunks, segs, seq_segs = [], [], [], []
         for n, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
             seq.append((bos, eos, len(chunks)))
+            span = (segment_chunks or 1 << 62) * CHUNK
+            starts = range(bos, eos, span) if eos > bos else [bos]
+            seq_segs.append((len(segs), len(starts)))
+            segs += [(s, min(s + span, eos), len(chunks) + (s - bos) // CHUNK) for s in starts]
             chunks += [(t, min(t + CHUNK, eos), bos, n) for t in range(bos, eos, CHUNK)]
         as_tensor = lambda x, width: torch.tensor(x, dtype=torch.int32).reshape(-1, width).to(device)
         if len(_LAYOUTS) > 64:
             _LAYOUTS.clear()
-        _LAYOUTS[key] = (as_tensor(seq, 3), as_tensor(chunks, 4))
+        segmented = segment_chunks is not None
+        _LAYOUTS[key] = _Layout(as_tensor(seq, 3), as_tensor(chunks, 4), as_tensor(segs if segmented else seq, 3),
+                                as_tensor(seq_segs, 2), segmented)
     return _LAYOUTS[key]
 
 
@@ -546,31 +731,49 @@ def _blocks(n, cap):
     return min(_pow2(n), cap)
 
 
-def _launch_with_fallback(name, kernel, subchunk_kernel, grid, args, fast_only=None, **meta):
-    """The whole-chunk kernel over every chunk, then its sub-chunk fallback, which acts only on the chunks
-    the forward marked slow (each launch with its own CONFIG entry; grid(BV) -> launch grid)."""
-    for key, launch, extra in ((name, kernel, fast_only or {}), (name + "_subchunk", subchunk_kernel, dict(S=SUB))):
+def _walk_launch(fused, K, V, N, H, bounds, device):
+    """(launch settings, BK, BV, layout) of a walk: whole K when it fuses the output / dv, sequences cut into
+    segments when too few programs would run."""
+    cfg = dict(CONFIG["walk_fused" if fused else "walk"])
+    BK = _pow2(K) if fused else _blocks(K, cfg.pop("BK"))
+    BV = _blocks(V, cfg.pop("BV"))
+    per_sequence = H * triton.cdiv(K, BK) * triton.cdiv(V, BV)
+    return cfg, BK, BV, _layout(bounds, device, _segment_chunks(bounds, per_sequence))
+
+
+def _segment_starts(x, y, g, start, lay, scale, forward, want_end):
+    """LASP-2 over the segments of `lay`: per segment the state entering it (forward: x = k, y = v, start = the
+    initial state) or the gradient of the state leaving it (backward: x = q, y = do, start = d final state), fp32
+    [segments, H, K, V]; and each sequence's end (final state / d initial state) if asked."""
+    _, _, H, K = x.shape
+    V = y.shape[-1]
+    NS, N = lay.rows.shape[0], lay.seq_info.shape[0]
+    e = _new((NS, H, K, V), torch.float32, x.device)
+    d = _new((NS, H, K), torch.float32, x.device)
+    cfg = dict(CONFIG["segment_map"])
+    BK, BV = _blocks(K, cfg.pop("BK")), _blocks(V, cfg.pop("BV"))
+    segment_map_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), NS * H)](
+        x, y, g, d, e, lay.rows, scale, H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, FORWARD=forward, **cfg,
+    )
+    end = _new((N, H, K, V), torch.float32, x.device) if want_end else None
+    cfg = dict(CONFIG["segment_scan"])
+    BK, BV = _blocks(K, cfg.pop("BK")), _blocks(V, cfg.pop("BV"))
+    segment_scan_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
+        e, d, start, end, lay.seq_segs, H=H, K=K, V=V, BK=BK, BV=BV,
+        REVERSE=not forward, HAS_START=start is not None, STORE_END=want_end, **cfg,
+    )
+    return e, end
+
+
+def _launch_with_fallback(name, kernel, subchunk_kernel, grid, args, fast_only=None, whole_chunk=True, **meta):
+    """The whole-chunk kernel over every chunk (unless a walk fused it: whole_chunk=False), then its sub-chunk
+    fallback, which acts only on the chunks the forward marked slow (each launch with its own CONFIG entry;
+    grid(BV) -> launch grid)."""
+    launches = [(name, kernel, fast_only or {})] if whole_chunk else []
+    for key, launch, extra in launches + [(name + "_subchunk", subchunk_kernel, dict(S=SUB))]:
         cfg = dict(CONFIG[key])
         BV = _blocks(meta["V"], cfg.pop("BV"))
         launch[grid(BV)](*args, BV=BV, **meta, **extra, **cfg)
-
-
-def _states(k, v, g, initial_state, seq_info, n_chunks, store_final):
-    """Chunk-entry states h [NC, H, K, V] (in the inputs' dtype) and the final state (fp32) if asked."""
-    _, NT, H, K = k.shape
-    V = v.shape[-1]
-    N = seq_info.shape[0]
-    cfg = dict(CONFIG["state"])
-    BK, BV = _blocks(K, cfg.pop("BK")), _blocks(V, cfg.pop("BV"))
-    h = _new((n_chunks, H, K, V), k.dtype, k.device)
-    ht = _new((N, H, K, V), torch.float32, k.device) if store_final else None
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)
-    state_fwd_kernel[grid](
-        k, v, g, h, initial_state, ht, seq_info,
-        H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV,
-        HAS_INITIAL=initial_state is not None, STORE_FINAL=store_final, **cfg,
-    )
-    return h, ht
 
 
 class ChunkFunction(torch.autograd.Function):
@@ -580,22 +783,33 @@ class ChunkFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, g, u, scale, initial_state, output_final_state, bounds):
         B, T, H, K = q.shape
         V = v.shape[-1]
-        if min(K, V) < 16:
-            raise ValueError(f"rwkv6 triton kernels need head dims >= 16 (tl.dot), got K={K}, V={V}")
-        seq_info, chunk_info = _layout(bounds, q.device)
-        n_chunks = chunk_info.shape[0]
         q, k, v = (x.reshape(1, B * T, H, x.shape[-1]).contiguous() for x in (q, k, v))
         g = g.reshape(1, B * T, *g.shape[2:]).contiguous()
         u = u.contiguous()
         if initial_state is not None:
             initial_state = initial_state.float().contiguous()
-        h, ht = _states(k, v, g, initial_state, seq_info, n_chunks, output_final_state)
+        fuse = CONFIG["fuse_output"]
+        cfg, BK, BV, lay = _walk_launch(fuse, K, V, len(bounds) - 1, H, bounds, q.device)
+        n_chunks = lay.chunk_info.shape[0]
+        if lay.segmented:
+            h0, ht = _segment_starts(k, v, g, initial_state, lay, scale, True, output_final_state)
+        else:
+            h0 = initial_state
+            ht = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if output_final_state else None
+        # the backward reads every chunk's entry state; the sub-chunk kernels read those of slow chunks, and unfused output kernels all
+        store_states = any(ctx.needs_input_grad) or not fuse
+        h = _new((n_chunks, H, K, V), q.dtype, q.device) if store_states or True else None
         o = _new((1, B * T, H, V), q.dtype, q.device)
         slow = _new((n_chunks, H), torch.int32, q.device)  # 1: the chunk needs the sub-chunk kernels
+        chunk_fwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), lay.rows.shape[0] * H)](
+            q, k, v, g, u, h, h0, ht, o, slow, lay.rows, scale,
+            H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, SPAN=_SPAN[q.dtype], HAS_INITIAL=h0 is not None,
+            STORE_FINAL=ht is not None and not lay.segmented, STORE_STATES=store_states, FUSE_OUTPUT=fuse, **cfg,
+        )
         _launch_with_fallback(
             "output", output_fwd_kernel, output_fwd_subchunk_kernel, lambda BV: (n_chunks, H, triton.cdiv(V, BV)),
-            (q, k, v, g, u, h, o, slow, chunk_info, scale), fast_only=dict(SPAN=_SPAN[q.dtype]),
-            H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+            (q, k, v, g, u, h, o, slow, lay.chunk_info, scale), fast_only=dict(SPAN=_SPAN[q.dtype]),
+            whole_chunk=not fuse, H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
         )
         ctx.save_for_backward(q, k, v, g, u, h, initial_state, ht, slow)
         ctx.shape, ctx.scale, ctx.bounds = (B, T), scale, bounds
@@ -605,27 +819,30 @@ class ChunkFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         dht = dht.contiguous() if dht is not None else None  # an expanded gradient (loss ht.sum()) has stride 0
         q, k, v, g, u, h, initial_state, ht, slow = ctx.saved_tensors
-        (B, T), scale = ctx.shape, ctx.scale
+        (B, T), scale, bounds = ctx.shape, ctx.scale, ctx.bounds
         _, NT, H, K = q.shape
         V = v.shape[-1]
-        seq_info, chunk_info = _layout(ctx.bounds, q.device)
-        n_chunks, N = chunk_info.shape[0], seq_info.shape[0]
         do = do.reshape(1, NT, H, V).contiguous()
-
-        cfg = dict(CONFIG["state"])
-        BK, BV = _blocks(K, cfg.pop("BK")), _blocks(V, cfg.pop("BV"))
+        fuse = CONFIG["fuse_dv"]
+        cfg, BK, BV, lay = _walk_launch(fuse, K, V, len(bounds) - 1, H, bounds, q.device)
+        chunk_info, seq_info = lay.chunk_info, lay.seq_info
+        n_chunks = chunk_info.shape[0]
+        if lay.segmented:
+            dstart, dh0 = _segment_starts(q, do, g, dht, lay, scale, False, initial_state is not None)
+        else:
+            dstart = dht
+            dh0 = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if initial_state is not None else None
         dh = _new((n_chunks, H, K, V), q.dtype, q.device)
-        dh0 = _new((N, H, K, V), torch.float32, q.device) if initial_state is not None else None
-        state_bwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-            q, do, g, dh, dht, dh0, seq_info, scale,
-            H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV,
-            HAS_FINAL_GRAD=dht is not None, STORE_INITIAL_GRAD=dh0 is not None, **cfg,
-        )
-
         dv = _new(v.shape, v.dtype, v.device)
+        state_bwd_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), lay.rows.shape[0] * H)](
+            q, k, do, g, u, dh, dstart, dh0, dv, slow, lay.rows, scale,
+            H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, HAS_FINAL_GRAD=dstart is not None,
+            STORE_INITIAL_GRAD=dh0 is not None and not lay.segmented, FUSE_DV=fuse, **cfg,
+        )
         _launch_with_fallback(
             "grad_v", grad_v_kernel, grad_v_subchunk_kernel, lambda BV: (n_chunks, H, triton.cdiv(V, BV)),
-            (q, k, do, g, u, dh, dv, slow, chunk_info, scale), H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+            (q, k, do, g, u, dh, dv, slow, chunk_info, scale), whole_chunk=not fuse,
+            H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
         )
 
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device)

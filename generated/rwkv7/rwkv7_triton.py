@@ -21,13 +21,18 @@ inputs run in fp32.
 Stability: with a = -alpha kk, b = kk (|kk| = 1, 0 <= alpha <= 1) every transition is a contraction and
 I - L is well conditioned; arbitrary a, b can make the state, and the reference, grow exponentially.
 Kernels (grid): forward _ut_fwd_kernel (chunks x heads), _chunk_map_kernel ((chunks, K blocks) x heads),
-_fwd_state_kernel (V blocks x sequences x heads, chunk after chunk), _fwd_out_kernel (chunks x heads); backward
-_bwd_local_kernel (chunks x heads), _bwd_dstate_kernel (V blocks x sequences x heads, chunks backwards),
+_fwd_state_kernel (V blocks x rows x heads, chunk after chunk), _fwd_out_kernel (chunks x heads); backward
+_bwd_local_kernel (chunks x heads), _bwd_dstate_kernel (V blocks x rows x heads, chunks backwards),
 _bwd_dv_kernel (chunks x heads), _bwd_dqk_kernel ((chunks, K blocks) x heads). Only the state recursions are
 sequential, one matrix product per chunk (P S forward, P^T dS backward); the backward reads what the forward
-saved (Tm, w, P, the chunk-start states, r, ...) instead of recomputing it.
+saved (Tm, w, P, the chunk-start states, r, ...) instead of recomputing it. When few sequences x heads would
+leave the GPU idle, sequences are cut into segments: one walk of the augmented state [S | A] from [0 | I] gives
+every segment's affine map S -> A S + E, a prefix over segments (_segment_scan_kernel) its entry state, and the
+walks then run per segment (LASP-2 within one GPU; the backward likewise with the transposed maps).
+Head dims that are no powers of two >= 16 run zero-padded to the next one (exact: padded rows stay 0).
 """
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -38,13 +43,13 @@ CHUNK = 64
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
-# Launch settings: V block of the sequential kernels (BV, smaller below seq_programs programs), of the
-# chunk-parallel kernels' V loops (BV_chunk, BV_dv, BV_dqk), K block of the chunk-map and input-gradient
-# kernels' grids (BK_map, BK_dqk), warps per kernel or kind; bench/triton_dplr_gpu.py --tune measures
-# alternatives on the GPU. seq_programs = 0 (the V block never shrinks) until a GPU has timed the smaller
-# blocks (bench/results/triton_dplr.md: only T = 2K ran, with 512 programs).
-CONFIG = {"BV": 64, "seq_programs": 0, "BV_chunk": 64, "BV_dv": 32, "BV_dqk": 32, "BK_map": 64, "BK_dqk": 32,
-          "warps_ut": 8, "warps_seq": 8, "warps_chunk": 8, "warps_dv": 8, "warps_dqk": 8, "stages": 2}
+# Launch settings: V block of the state walks (BV), of the chunk-parallel kernels' V loops (BV_chunk, BV_dv,
+# BV_dqk), K block of the chunk-map and input-gradient kernels' grids (BK_map, BK_dqk), segmenting (sequences
+# are cut into segments of at least segment_chunks chunks while the walks would run fewer than walk_programs
+# programs; 0: never), the V block of the prefix over segments (BV_scan), warps per kernel or kind.
+CONFIG = {"BV": 64, "walk_programs": 256, "segment_chunks": 8, "BV_chunk": 64, "BV_dv": 32, "BV_dqk": 32, "BK_map": 64,
+          "BK_dqk": 32, "BV_scan": 32, "warps_ut": 8, "warps_seq": 8, "warps_chunk": 8, "warps_dv": 8, "warps_dqk": 8,
+          "warps_scan": 4, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -148,31 +153,69 @@ def _chunk_map_kernel(w, u, v, ae, ke, p, m, cu_seqlens, chunk_indices, H,
 
 
 @triton.jit
-def _fwd_state_kernel(p, m, gc, h, h0, ht, cu_seqlens, chunk_offsets, H,
+def _fwd_state_kernel(p, m, gc, h, h0, ht, pm, rows, H,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                      USE_H0: tl.constexpr, STORE_HT: tl.constexpr):
-    """Per (sequence, head, V block), chunk after chunk: stores the chunk-start state S, then
-    S <- Gam_C * S + P S + M (the maps of _chunk_map_kernel)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    boh = tl.load(chunk_offsets + i_n)
+                      USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE: tl.constexpr, MAP: tl.constexpr):
+    """Per (V block, row, head), chunk after chunk from the row's entry state h0[row] (a row is a sequence or a
+    segment): stores the chunk-start state S (STORE), then S <- Gam_C * S + P S + M (the maps of
+    _chunk_map_kernel). MAP (segments): the programs past the V blocks walk the columns of the row's matrix from the
+    identity with M = 0, so at the row's end ht holds what the row adds to a zero entry and pm the matrix."""
+    i_v, i_rh = tl.program_id(0), tl.program_id(1)
+    i_r, i_h = i_rh // H, i_rh % H
+    bos, eos, c0 = tl.load(rows + i_r * 3), tl.load(rows + i_r * 3 + 1), tl.load(rows + i_r * 3 + 2)
     NT = tl.cdiv(eos - bos, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
-    p_state = (i_nh * K + o_k[:, None]) * V + o_v[None, :]
+    m_v = (o_v < V)[None, :]  # all off in MAP's matrix programs
+    p_state = (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
     b_S = tl.zeros([K, BV], dtype=tl.float32)
     if USE_H0:
-        b_S += tl.load(h0 + p_state)
+        b_S += tl.load(h0 + p_state, mask=m_v, other=0.0)
+    if MAP:
+        o_p = (i_v - tl.cdiv(V, BV)) * BV + tl.arange(0, BV)
+        b_S += tl.where(o_k[:, None] == o_p[None, :], 1.0, 0.0)
     for i_c in range(0, NT):
-        i_ch = (boh + i_c) * H + i_h
-        tl.store(h + i_ch * K * V + o_k[:, None] * V + o_v[None, :], b_S.to(h.dtype.element_ty))
+        i_ch = (c0 + i_c).to(tl.int64) * H + i_h
+        if STORE:
+            tl.store(h + i_ch * K * V + o_k[:, None] * V + o_v[None, :], b_S.to(h.dtype.element_ty), mask=m_v)
         b_P = tl.load(p + (i_ch * K + o_k[:, None]) * K + o_k[None, :])
-        b_M = tl.load(m + (i_ch * K + o_k[:, None]) * V + o_v[None, :])
+        b_M = tl.load(m + (i_ch * K + o_k[:, None]) * V + o_v[None, :], mask=m_v, other=0.0)
         b_S = b_S * tl.exp(tl.load(gc + i_ch * K + o_k))[:, None] + tl.dot(b_P, b_S.to(b_P.dtype)) + b_M
     if STORE_HT:
-        tl.store(ht + p_state, b_S)
+        tl.store(ht + p_state, b_S, mask=m_v)
+        if MAP:
+            tl.store(pm + (i_rh.to(tl.int64) * K + o_k[:, None]) * K + o_p[None, :], b_S,
+                     mask=(o_p >= 0)[None, :] & (o_p < K)[None, :])
+
+
+@triton.jit
+def _segment_scan_kernel(e, pm, start, end, seq_segs, H,
+                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         REVERSE: tl.constexpr, HAS_START: tl.constexpr, STORE_END: tl.constexpr):
+    """Per (V block, sequence, head): LASP-2's prefix over the sequence's segments, in fp32, in place. Forward:
+    S = start (the initial state) or 0, then per segment e_s <- S (its entry state) and S <- P_s S + e_s; `end`
+    gets the final state. REVERSE runs from the last segment with the gradients and the transposed maps
+    (e_s <- the gradient of the state leaving segment s, end = the initial state's gradient)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    s0, n_segs = tl.load(seq_segs + i_n * 2), tl.load(seq_segs + i_n * 2 + 1)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_kv = m_k[:, None] & (o_v < V)[None, :]
+    b_S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_START:
+        b_S += tl.load(start + (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+    for j in range(n_segs):
+        s = s0 + n_segs - 1 - j if REVERSE else s0 + j
+        sh = s.to(tl.int64) * H + i_h
+        p_e = e + (sh * K + o_k[:, None]) * V + o_v[None, :]
+        b_e = tl.load(p_e, mask=m_kv, other=0.0)
+        tl.store(p_e, b_S, mask=m_kv)
+        b_P = tl.load(pm + (sh * K + o_k[:, None]) * K + o_k[None, :], mask=m_k[:, None] & m_k[None, :], other=0.0)
+        b_S = tl.dot(b_P, b_S, input_precision="ieee") + b_e
+    if STORE_END:
+        tl.store(end + (i_nh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], b_S, mask=m_kv)
 
 
 @triton.jit
@@ -256,32 +299,40 @@ def _bwd_local_kernel(q, g, a, w, v, r, do, drl, n, dqa, dqk, cu_seqlens, chunk_
 
 
 @triton.jit
-def _bwd_dstate_kernel(p, n, gc, dh, dht, dh0, cu_seqlens, chunk_offsets, H,
+def _bwd_dstate_kernel(p, n, gc, dh, dht, dh0, qm, rows, H,
                        K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
-                       USE_DHT: tl.constexpr, USE_H0: tl.constexpr):
-    """Per (sequence, head, V block), chunk after chunk backwards: stores dS at each chunk end, then
-    dS <- Gam_C * dS + P^T dS + N (the transposed map, N from _bwd_local_kernel)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_seqlens + i_n)
-    eos = tl.load(cu_seqlens + i_n + 1)
-    boh = tl.load(chunk_offsets + i_n)
+                       USE_DHT: tl.constexpr, USE_H0: tl.constexpr, STORE: tl.constexpr, MAP: tl.constexpr):
+    """Per (V block, row, head), chunk after chunk backwards from the gradient of the state leaving the row:
+    stores dS at each chunk end (STORE), then dS <- Gam_C * dS + P^T dS + N (the transposed map, N from
+    _bwd_local_kernel). MAP: the programs past the V blocks walk the columns of the transposed matrix from the
+    identity with N = 0 (dh0 gets the gradient the row's outputs send to its entry state, qm the matrix)."""
+    i_v, i_rh = tl.program_id(0), tl.program_id(1)
+    i_r, i_h = i_rh // H, i_rh % H
+    bos, eos, c0 = tl.load(rows + i_r * 3), tl.load(rows + i_r * 3 + 1), tl.load(rows + i_r * 3 + 2)
     NT = tl.cdiv(eos - bos, BT)
     o_k = tl.arange(0, K)
     o_v = i_v * BV + tl.arange(0, BV)
-    p_state = (i_nh * K + o_k[:, None]) * V + o_v[None, :]
+    m_v = (o_v < V)[None, :]
+    p_state = (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :]
     b_dS = tl.zeros([K, BV], dtype=tl.float32)
     if USE_DHT:
-        b_dS += tl.load(dht + p_state)
+        b_dS += tl.load(dht + p_state, mask=m_v, other=0.0)
+    if MAP:
+        o_p = (i_v - tl.cdiv(V, BV)) * BV + tl.arange(0, BV)
+        b_dS += tl.where(o_k[:, None] == o_p[None, :], 1.0, 0.0)
     for i_r in range(0, NT):
-        i_ch = (boh + NT - 1 - i_r) * H + i_h
+        i_ch = (c0 + NT - 1 - i_r).to(tl.int64) * H + i_h
         p_h = i_ch * K * V + o_k[:, None] * V + o_v[None, :]
-        tl.store(dh + p_h, b_dS.to(dh.dtype.element_ty))
+        if STORE:
+            tl.store(dh + p_h, b_dS.to(dh.dtype.element_ty), mask=m_v)
         b_P = tl.load(p + (i_ch * K + o_k[:, None]) * K + o_k[None, :])
         b_dS = (b_dS * tl.exp(tl.load(gc + i_ch * K + o_k))[:, None] + tl.dot(tl.trans(b_P), b_dS.to(b_P.dtype))
-                + tl.load(n + p_h))
+                + tl.load(n + p_h, mask=m_v, other=0.0))
     if USE_H0:
-        tl.store(dh0 + p_state, b_dS)
+        tl.store(dh0 + p_state, b_dS, mask=m_v)
+        if MAP:
+            tl.store(qm + (i_rh.to(tl.int64) * K + o_k[:, None]) * K + o_p[None, :], b_dS,
+                     mask=(o_p >= 0)[None, :] & (o_p < K)[None, :])
 
 
 @triton.jit
@@ -451,48 +502,83 @@ def _step_kernel(q, k, v, g, a, b, state, o, new_state, scale, H,
     tl.store(o + i_bh * V + o_v, (tl.sum(b_q[:, None] * b_S, 0) * scale).to(o.dtype.element_ty))
 
 
-def _layout(q, cu_seqlens):
-    """Treat the batch as packed sequences: (N, cu_seqlens, chunk_indices [(seq, chunk)], chunk_offsets)."""
-    B, T = q.shape[:2]
-    device = q.device
-    if cu_seqlens is None:
-        n_chunks = triton.cdiv(T, CHUNK)
-        cu = torch.arange(0, B + 1, device=device, dtype=torch.int32) * T
-        seq = torch.arange(B, device=device, dtype=torch.int32).repeat_interleave(n_chunks)
-        idx = torch.arange(n_chunks, device=device, dtype=torch.int32).repeat(B)
-        offsets = torch.arange(0, B + 1, device=device, dtype=torch.int32) * n_chunks
-        return B, cu, torch.stack([seq, idx], 1).contiguous(), offsets
-    lens = [triton.cdiv(int(n), CHUNK) for n in (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()]
-    pairs = [(i, c) for i, n in enumerate(lens) for c in range(n)]
-    offsets = [0]
-    for n in lens:
-        offsets.append(offsets[-1] + n)
-    chunk_indices = torch.tensor(pairs, dtype=torch.int32, device=device).view(-1, 2)
-    return len(lens), cu_seqlens.to(torch.int32), chunk_indices, torch.tensor(offsets, dtype=torch.int32, device=device)
+class _Layout(NamedTuple):
+    """Index tables of the packed batch (int32, on the device): cu_seqlens [N + 1]; chunk_indices [NT, 2] =
+    (sequence, chunk within it); rows [R, 3] = (bos, eos, first chunk) of what each walk program walks: the
+    segments, or the sequences themselves; seq_segs [N, 2] = (first segment, segments)."""
+
+    cu: torch.Tensor
+    chunk_indices: torch.Tensor
+    rows: torch.Tensor
+    seq_segs: torch.Tensor
+    segmented: bool
+
+
+def _pow2(n):
+    """Tile extent for a dim of n: a power of two, at least 16 (the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(n))
 
 
 def _block_v(V, key="BV"):
-    return min(V, CONFIG[key])
+    return min(_pow2(V), CONFIG[key])
 
 
-def _block_v_seq(V, sequences_x_heads):
-    """V block of the state recursions: CONFIG["BV"], halved (down to 16) while fewer than
-    CONFIG["seq_programs"] programs would run; few long sequences would otherwise leave most of the GPU idle."""
+def _segment_chunks(bounds, programs_per_sequence):
+    """Chunks per segment, or None to walk whole sequences: enough segments that the walks run about
+    CONFIG["walk_programs"] programs, none shorter than CONFIG["segment_chunks"] chunks."""
+    lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
+    if CONFIG["walk_programs"] <= 0 or not lens:
+        return None
+    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["walk_programs"]))
+    return length if max(lens) > length else None
+
+
+def _layout(bounds, device, segment_chunks):
+    rows, pairs, seq_segs = [], [], []
+    span = (segment_chunks or 1 << 62) * CHUNK
+    for n, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
+        first = len(pairs)
+        starts = range(bos, eos, span) if eos > bos else [bos]
+        seq_segs.append((len(rows) if segment_chunks else n, len(starts)))
+        if segment_chunks:
+            rows += [(s, min(s + span, eos), first + (s - bos) // CHUNK) for s in starts]
+        else:
+            rows.append((bos, eos, first))
+        pairs += [(n, c) for c in range(triton.cdiv(eos - bos, CHUNK))]
+    as_tensor = lambda x, width: torch.tensor(x, dtype=torch.int32).reshape(-1, width).to(device)
+    return _Layout(torch.tensor(bounds, dtype=torch.int32).to(device), as_tensor(pairs, 2), as_tensor(rows, 3),
+                   as_tensor(seq_segs, 2), segment_chunks is not None)
+
+
+def _walk_layout(q, V, cu_seqlens):
+    B, T, H = q.shape[:3]
+    bounds = [i * T for i in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
     BV = _block_v(V)
-    while BV > 16 and (V // BV) * sequences_x_heads < CONFIG["seq_programs"]:
-        BV //= 2
-    return BV
+    return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV)))
 
 
-def _check_dims(K, V):
-    for name, d in (("K", K), ("V", V)):
-        if d < 16 or d & (d - 1):
-            raise ValueError(f"rwkv7 (triton): head dim {name}={d} must be a power of two >= 16")
+def _segment_starts(walk, x, start, lay, K, V, BV, want_end, **meta):
+    """LASP-2 over the segments of `lay`. One launch of `walk` with MAP gives every segment's map (the augmented
+    state's end: E or the gradient, and P or P^T), then the prefix over each sequence's segments replaces E by the
+    state entering (forward) or the gradient leaving (backward) each segment, fp32 [segments, H, K, V]; `end` is
+    each sequence's final state / initial-state gradient when asked for."""
+    H = x.shape[2]
+    NS, N = lay.rows.shape[0], lay.seq_segs.shape[0]
+    e = _new((NS, H, K, V), torch.float32, x.device)
+    pm = _new((NS, H, K, K), torch.float32, x.device)
+    walk(triton.cdiv(V, BV) + triton.cdiv(K, BV), NS * H, e, pm)
+    end = _new((N, H, K, V), torch.float32, x.device) if want_end else None
+    BVs = _block_v(V, "BV_scan")
+    _segment_scan_kernel[(triton.cdiv(V, BVs), N * H)](
+        e, pm, start, end, lay.seq_segs, H, K=K, V=V, BK=_pow2(K), BV=BVs, HAS_START=start is not None,
+        STORE_END=want_end, num_warps=CONFIG["warps_scan"], num_stages=1, **meta)
+    return e, end
 
 
 def _forward(q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seqlens):
     H, K, V = q.shape[2], q.shape[3], v.shape[-1]
-    N, cu, chunk_indices, chunk_offsets = _layout(q, cu_seqlens)
+    BV, lay = _walk_layout(q, V, cu_seqlens)
+    cu, chunk_indices = lay.cu, lay.chunk_indices
     NT = chunk_indices.shape[0]
     w, ae, ke = (_new(k.shape, k.dtype, q.device) for _ in range(3))
     u, r, o = (_new(v.shape, v.dtype, q.device) for _ in range(3))
@@ -504,35 +590,41 @@ def _forward(q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seql
     p, m = _new((NT, H, K, K), k.dtype, q.device), _new((NT, H, K, V), torch.float32, q.device)
     _chunk_map_kernel[(K // BK * NT, H)](w, u, v, ae, ke, p, m, cu, chunk_indices, H, K=K, V=V, BT=CHUNK, BK=BK, BV=BVc,
                                         num_warps=CONFIG["warps_chunk"], num_stages=CONFIG["stages"])
+    walk_args = dict(K=K, V=V, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_seq"], num_stages=CONFIG["stages"])
+    if lay.segmented:
+        def map_walk(programs, rows, e, pm):
+            _fwd_state_kernel[(programs, rows)](p, m, gc, None, None, e, pm, lay.rows, H, USE_H0=False, STORE_HT=True,
+                                                STORE=False, MAP=True, **walk_args)
+
+        h0, final = _segment_starts(map_walk, q, initial_state, lay, K, V, BV, output_final_state, REVERSE=False)
+    else:
+        h0 = initial_state
+        final = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if output_final_state else None
     h = _new((NT, H, K, V), q.dtype, q.device)
-    final = _new((N, H, K, V), torch.float32, q.device) if output_final_state else None
-    BV = _block_v_seq(V, N * H)
-    _fwd_state_kernel[(V // BV, N * H)](
-        p, m, gc, h, initial_state, final, cu, chunk_offsets, H,
-        K=K, V=V, BT=CHUNK, BV=BV, USE_H0=initial_state is not None, STORE_HT=output_final_state,
-        num_warps=CONFIG["warps_seq"], num_stages=CONFIG["stages"])
+    _fwd_state_kernel[(triton.cdiv(V, BV), lay.rows.shape[0] * H)](
+        p, m, gc, h, h0, None if lay.segmented else final, None, lay.rows, H, USE_H0=h0 is not None,
+        STORE_HT=output_final_state and not lay.segmented, STORE=True, MAP=False, **walk_args)
     del m
     _fwd_out_kernel[(NT, H)](q, k, g, a, v, w, u, h, r, o, cu, chunk_indices, scale, H, K=K, V=V, BT=CHUNK, BV=BVc,
                              num_warps=CONFIG["warps_chunk"], num_stages=CONFIG["stages"])
-    return o, final, (w, ae, ke, tm, gc, p, h, r, cu, chunk_indices, chunk_offsets, N)
+    return o, final, (w, ae, ke, tm, gc, p, h, r)
 
 
 class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seqlens):
         o, final, saved = _forward(q, k, v, g, a, b, scale, initial_state, output_final_state, cu_seqlens)
-        ctx.N = saved[-1]
-        ctx.save_for_backward(q, k, v, g, a, b, initial_state, *saved[:-1])
+        ctx.save_for_backward(q, k, v, g, a, b, initial_state, *saved, cu_seqlens)
         ctx.scale = scale
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
-        (q, k, v, g, a, b, initial_state, w, ae, ke, tm, gc, p, h, r,
-         cu, chunk_indices, chunk_offsets) = ctx.saved_tensors
+        q, k, v, g, a, b, initial_state, w, ae, ke, tm, gc, p, h, r, cu_seqlens = ctx.saved_tensors
         H, K, V = q.shape[2], q.shape[3], v.shape[-1]
-        NT, N, BVc = chunk_indices.shape[0], ctx.N, _block_v(V, "BV_chunk")
-        BV = _block_v_seq(V, N * H)
+        BV, lay = _walk_layout(q, V, cu_seqlens)
+        cu, chunk_indices = lay.cu, lay.chunk_indices
+        NT, BVc = chunk_indices.shape[0], _block_v(V, "BV_chunk")
         do = do.contiguous()
         if dht is not None:  # autograd may hand over an expanded (stride 0) gradient
             dht = dht.contiguous()
@@ -541,12 +633,20 @@ class _ChunkFunction(torch.autograd.Function):
         _bwd_local_kernel[(NT, H)](q, g, a, w, v, r, do, drl, n, dqa, dqk, cu, chunk_indices, ctx.scale, H,
                                    K=K, V=V, BT=CHUNK, BV=BVc,
                                    num_warps=CONFIG["warps_chunk"], num_stages=CONFIG["stages"])
+        walk_args = dict(K=K, V=V, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_seq"], num_stages=CONFIG["stages"])
+        if lay.segmented:
+            def map_walk(programs, rows, de, qm):
+                _bwd_dstate_kernel[(programs, rows)](p, n, gc, None, None, de, qm, lay.rows, H, USE_DHT=False,
+                                                     USE_H0=True, STORE=False, MAP=True, **walk_args)
+
+            dstart, dh0 = _segment_starts(map_walk, q, dht, lay, K, V, BV, initial_state is not None, REVERSE=True)
+        else:
+            dstart = dht
+            dh0 = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if initial_state is not None else None
         dh = _new(h.shape, h.dtype, q.device)
-        dh0 = _new(initial_state.shape, torch.float32, q.device) if initial_state is not None else None
-        _bwd_dstate_kernel[(V // BV, N * H)](
-            p, n, gc, dh, dht, dh0, cu, chunk_offsets, H,
-            K=K, V=V, BT=CHUNK, BV=BV, USE_DHT=dht is not None, USE_H0=initial_state is not None,
-            num_warps=CONFIG["warps_seq"], num_stages=CONFIG["stages"])
+        _bwd_dstate_kernel[(triton.cdiv(V, BV), lay.rows.shape[0] * H)](
+            p, n, gc, dh, dstart, None if lay.segmented else dh0, None, lay.rows, H, USE_DHT=dstart is not None,
+            USE_H0=dh0 is not None and not lay.segmented, STORE=True, MAP=False, **walk_args)
         del n
         dr, dv = _new(v.shape, v.dtype, q.device), _new(v.shape, v.dtype, q.device)
         _bwd_dv_kernel[(NT, H)](q, k, g, b, v, tm, ae, ke, h, dh, drl, dr, do, dv, dl, drm, cu, chunk_indices,
@@ -565,6 +665,16 @@ class _ChunkFunction(torch.autograd.Function):
                 None if dh0 is None else dh0.to(initial_state.dtype), None, None)
 
 
+def _pad(x, size, dim=-1):
+    """x zero-padded to `size` along dim. The kernels tile whole head dims: a head dim that is no power of two >= 16
+    runs padded, exactly (padded keys, reads and gates are 0, so the padded state rows and columns stay 0)."""
+    extra = size - x.shape[dim]
+    if not extra:
+        return x
+    pad = [0, 0] * (x.dim() - dim % x.dim() - 1) + [0, extra]
+    return torch.nn.functional.pad(x, pad)
+
+
 def _operands(tensors):
     """fp16 inputs run in fp32 (the decayed factors overflow fp16); others as given, contiguous."""
     return [(x.float() if x.dtype == torch.float16 else x).contiguous() for x in tensors]
@@ -574,27 +684,33 @@ def chunk(q, k, v, g, a, b, scale=None, initial_state=None, output_final_state=F
     """(o [B, T, H, V], final state [N, H, K, V] fp32 or None), differentiable in every tensor argument."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    _check_dims(K, V)
     if scale is None:
         scale = K ** -0.5
-    g = g.float().contiguous()
+    Kp, Vp = _pow2(K), _pow2(V)
+    q, k, a, b, g = (_pad(x, Kp) for x in (q, k, a, b, g))
+    v = _pad(v, Vp)
     if initial_state is not None:
-        initial_state = initial_state.float().contiguous()
-    o, final = _ChunkFunction.apply(*_operands((q, k, v)), g, *_operands((a, b)), float(scale),
+        initial_state = _pad(_pad(initial_state.float(), Vp), Kp, dim=-2).contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    o, final = _ChunkFunction.apply(*_operands((q, k, v)), g.float().contiguous(), *_operands((a, b)), float(scale),
                                     initial_state, bool(output_final_state), cu_seqlens)
-    return o.to(v.dtype), final
+    return o[..., :V].to(v.dtype), None if final is None else final[..., :K, :V]
 
 
 def step(q, k, v, g, a, b, state, scale=None):
     """One decode token: q, k, a, b [B, H, K], v [B, H, V], state [B, H, K, V] fp32 -> (o [B, H, V], new state)."""
     B, H, K = q.shape
     V = v.shape[-1]
-    _check_dims(K, V)
     if scale is None:
         scale = K ** -0.5
-    o = _new((B, H, V), v.dtype, q.device)
-    new_state = _new((B, H, K, V), torch.float32, q.device)
-    BV = _block_v(V)
-    _step_kernel[(V // BV, B * H)](q.contiguous(), k.contiguous(), v.contiguous(), g.float().contiguous(), a.contiguous(),
-                                   b.contiguous(), state.float().contiguous(), o, new_state, float(scale), H, K=K, V=V, BV=BV)
-    return o, new_state
+    Kp, Vp = _pow2(K), _pow2(V)
+    q, k, a, b, g = (_pad(x, Kp) for x in (q, k, a, b, g))
+    state = _pad(_pad(state.float(), Vp), Kp, dim=-2)
+    o = _new((B, H, Vp), v.dtype, q.device)
+    new_state = _new((B, H, Kp, Vp), torch.float32, q.device)
+    BV = _block_v(Vp)
+    _step_kernel[(Vp // BV, B * H)](q.contiguous(), k.contiguous(), _pad(v, Vp).contiguous(), g.float().contiguous(),
+                                    a.contiguous(), b.contiguous(), state.contiguous(), o, new_state, float(scale), H,
+                                    K=Kp, V=Vp, BV=BV)
+    return o[..., :V], new_state[..., :K, :V]
