@@ -234,6 +234,22 @@ def check_one(spec, tri, ref, B, T, H, K, V, lens=None, label=""):
     return errs
 
 
+def check_steps(spec, tri, B=2, T=40, H=4, K=128, V=128):
+    """The decode step token by token against the chunked forward (bf16 inputs, fp32 states)."""
+    import torch
+
+    x = make_inputs(spec, tri, B, T, H, K, V, torch.bfloat16)
+    h0 = torch.randn(B, H, K, V, device=DEVICE)
+    with torch.no_grad():
+        o, ht = call(tri, x, h0, True)
+        S, outs = h0, []
+        for t in range(T):
+            tok = {n: (a if n == "u" or (n == "g" and a.dim() == 1) else a[:, t]) for n, a in x.items()}
+            o_t, S = tri.step(*[tok[n] for n in ["q", "k", "v"] + arg_names(tri)], state=S, scale=K ** -0.5)
+            outs.append(o_t)
+    return {"o": rel(torch.stack(outs, 1), o), "ht": rel(S, ht)}
+
+
 def part_check(families, opts):
     say("## Check: bf16 Triton vs the spec's float32 torch backend (tf32 off)")
     say()
@@ -252,12 +268,13 @@ def part_check(families, opts):
                  ("K=V=64, H=8", dict(B=2, T=1000, H=8, K=64, V=64), {}),
                  ("K=128, V=256", dict(B=1, T=1000, H=4, K=128, V=256), {})]
         cases += [(f"K=V={d}", dict(B=2, T=700, H=4, K=d, V=d), {}) for d in opts.head_dims]
+        cases.append(("decode steps vs chunk", "steps", {}))
         for label, shape, setting in cases:
             if setting == "segments":
                 setting = {"walk_programs": 10**9, "segment_chunks": 4}
             tri.CONFIG.update(setting)
             try:
-                errs = check_one(spec, tri, ref, **shape)
+                errs = check_steps(spec, tri) if shape == "steps" else check_one(spec, tri, ref, **shape)
             except Exception as e:  # noqa: BLE001 - a refusal or a crash is a failed row
                 errs = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"}
                 log(traceback.format_exc())

@@ -16,8 +16,6 @@ Decay is kept in log space, pre-scaled by 1/ln 2 so kernels use exp2; every expo
 evaluated (differences b_t - b_s for s <= t, or masked to -inf), so strong decay underflows, never overflows.
 Sequences are packed: [B, T] is the varlen batch with cu_seqlens = [0, T, 2T, ...].
 """
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -415,16 +413,19 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-class _Layout(NamedTuple):
+class _Layout:
     """Index tables of packed sequences (int32, on the device). seq_info [N, 3] = (bos, eos, first chunk);
     chunk_info [NC, 4] = (start, end, bos, sequence); rows [R, 3]: what each walk program walks, the segments
     (bos, eos, first chunk) or, unsegmented, seq_info itself; seq_segs [N, 2] = (first segment, segments)."""
 
-    seq_info: torch.Tensor
-    chunk_info: torch.Tensor
-    rows: torch.Tensor
-    seq_segs: torch.Tensor
-    segmented: bool
+    __slots__ = ('seq_info', 'chunk_info', 'rows', 'seq_segs', 'segmented')
+
+    def __init__(self, seq_info, chunk_info, rows, seq_segs, segmented):
+        self.seq_info = seq_info
+        self.chunk_info = chunk_info
+        self.rows = rows
+        self.seq_segs = seq_segs
+        self.segmented = segmented
 
 
 _LAYOUTS = {}

@@ -32,7 +32,6 @@ walks then run per segment (LASP-2 within one GPU; the backward likewise with th
 Head dims that are no powers of two >= 16 run zero-padded to the next one (exact: padded rows stay 0).
 """
 import os
-from typing import NamedTuple
 
 import torch
 import triton
@@ -502,16 +501,19 @@ def _step_kernel(q, k, v, g, a, b, state, o, new_state, scale, H,
     tl.store(o + i_bh * V + o_v, (tl.sum(b_q[:, None] * b_S, 0) * scale).to(o.dtype.element_ty))
 
 
-class _Layout(NamedTuple):
+class _Layout:
     """Index tables of the packed batch (int32, on the device): cu_seqlens [N + 1]; chunk_indices [NT, 2] =
     (sequence, chunk within it); rows [R, 3] = (bos, eos, first chunk) of what each walk program walks: the
     segments, or the sequences themselves; seq_segs [N, 2] = (first segment, segments)."""
 
-    cu: torch.Tensor
-    chunk_indices: torch.Tensor
-    rows: torch.Tensor
-    seq_segs: torch.Tensor
-    segmented: bool
+    __slots__ = ('cu', 'chunk_indices', 'rows', 'seq_segs', 'segmented')
+
+    def __init__(self, cu, chunk_indices, rows, seq_segs, segmented):
+        self.cu = cu
+        self.chunk_indices = chunk_indices
+        self.rows = rows
+        self.seq_segs = seq_segs
+        self.segmented = segmented
 
 
 def _pow2(n):
