@@ -47,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--data is for --task corpus (MQAR makes its own sequences)")
     check_path(args.data)
     flags.check_output_folder(args.out)
-    cfg = SweepConfig(task=args.task, steps=args.steps, batch=args.batch, lrs=args.lr, seed=args.seed,
-                      mqar=MQARConfig(seq_len=args.seq_len, num_pairs=args.pairs, vocab=args.vocab),
+    mqar = MQARConfig(seq_len=args.seq_len, num_pairs=args.pairs, vocab=args.vocab) if args.task == "mqar" else MQARConfig()
+    cfg = SweepConfig(task=args.task, steps=args.steps, batch=args.batch, lrs=args.lr, seed=args.seed, mqar=mqar,
                       seq_len=args.seq_len, data=args.data, device=args.device)
-    folder, _ = load_manifest(Path(args.manifest))
+    manifest = Path(args.manifest)
+    folder, _ = load_manifest(manifest)
     out = Path(args.out) if args.out else folder / f"sweep-{args.task}"
     runs = sorted((out / "runs").glob("*/checkpoint.pt")) if args.task == "corpus" else []
     if runs:  # each corpus run keeps its checkpoint: a second sweep into the same folder would stop at the first
