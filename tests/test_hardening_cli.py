@@ -210,6 +210,20 @@ def test_variants_refuses_a_foreign_folder_and_leaves_nothing_on_failure(tmp_pat
     assert snapshot(tmp_path) == before, "the folder made for the first point is gone"
 
 
+def test_sweep_results_survive_rerunning_variants_and_a_second_corpus_sweep_is_refused(small_spec, corpus, tmp_path,
+                                                                                       capsys):
+    v = tmp_path / "v"
+    assert run_main(["variants", small_spec, "--vary", "lsm=bla,gla", "-o", v], capsys)[0] == 0
+    sweep = ["sweep", v, "--task", "corpus", "--data", corpus, "--steps", "2", "--batch", "2", "--seq-len", "16"]
+    assert run_main(sweep, capsys)[0] == 0
+    results = {k: b for k, b in snapshot(v).items() if k.startswith("sweep-corpus")}
+    assert "sweep-corpus/results.md" in results
+    status, err = run_main(sweep, capsys)
+    assert status == 2 and "already holds the runs of a corpus sweep" in err
+    assert run_main(["variants", small_spec, "--vary", "lsm=gla", "-o", v], capsys)[0] == 0
+    assert {k: b for k, b in snapshot(v).items() if k.startswith("sweep-corpus")} == results
+
+
 # ---- every flag is checked before any work --------------------------------------------------------------------
 
 
