@@ -296,6 +296,7 @@ BAD_FLAGS = [
     ("variants", ["--vary", "pattern=LL", "-o", "{binary}"], "is a file, not a folder"),
     ("inspect", ["--shape", "1,2,x"], "--shape expects five positive integers"),
     ("inspect", ["--stats"], "--stats goes with --kernels"),
+    ("inspect", ["--kernels", "--stats", "--gpu", "a100x"], "unknown --gpu 'a100x'"),
     ("compile", ["-o", "{binary}"], "is a file, not a folder"),
 ]
 

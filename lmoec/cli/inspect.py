@@ -119,6 +119,11 @@ def run(args: argparse.Namespace) -> int:
     shape = _shape(args.shape)
     if args.stats and not args.kernels:
         raise ValueError("--stats goes with --kernels")
+    if args.stats:
+        from ..backends.stats import GPUS
+
+        if args.gpu not in GPUS:
+            raise ValueError(f"unknown --gpu {args.gpu!r}; one of {', '.join(GPUS)}")
     program = compile_spec(spec_file(args.spec))
     ir = program.ir
     if args.ir:
