@@ -323,7 +323,7 @@ def test_spec_arguments_name_a_directory_or_a_missing_file(tmp_path, capsys):
                           (["inspect", SPECS], "is a directory"), (["compile", SPECS], "is a directory"),
                           (["variants", SPECS, "--vary", "pattern=LL"], "is a directory")):
         status, err = run_main(argv, capsys)
-        assert status == 2 and err.strip() == message if argv[0] == "check" else message in err, err
+        assert status == 2 and (err.strip() == message if argv[0] == "check" else message in err), err
         assert len(err.strip().splitlines()) == 1, err
 
 
