@@ -1,14 +1,16 @@
-"""The Python API: `compile_spec(path) -> Program`, and what a Program hands out."""
+"""The Python API: `compile_spec(path) -> Program`, and what a Program hands out.
+
+The emitters (jinja2) and the loader are imported when a Program first needs them: checking a spec
+(`lmoec check`, `inspect --ir`) loads neither, nor torch.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional
 
-from .backends.emit import emit_package
 from .ir.nodes import SpecIR
 from .passes import run_passes
-from .runtime.loader import load_package, write_package
 
 
 class Program:
@@ -23,6 +25,8 @@ class Program:
     def files(self) -> dict[str, str]:
         """The emitted package, file name -> text (what `lmoec compile` writes)."""
         if self._files is None:
+            from .backends.emit import emit_package
+
             self._files = emit_package(self.ir)
         return self._files
 
@@ -30,6 +34,8 @@ class Program:
     def package(self) -> ModuleType:
         """The emitted package, imported."""
         if self._package is None:
+            from .runtime.loader import load_package
+
             self._package = load_package(self.ir.name, self.files)
         return self._package
 
@@ -80,10 +86,14 @@ class Program:
         module = getattr(self.package, f"{lsm.name}_layer")
         return module.Layer(hidden, heads, layer_idx=layer_idx, layers=layers)
 
-    def write(self, out_dir: Path) -> Path:
-        """Write the package atomically: a failed write leaves nothing behind."""
+    def write(self, out_dir: Path, force: bool = False) -> Path:
+        """Write the package into `out_dir` by lmoec.output's rules: a new folder appears whole, an earlier
+        package is updated in place, other files are never deleted; a folder lmoec did not write is refused
+        (OutputError) unless force."""
+        from .output import package_files, write_files
+
         out_dir = Path(out_dir)
-        write_package(self.files, out_dir)
+        write_files(out_dir, self.files, package_files(out_dir), force)
         return out_dir
 
 

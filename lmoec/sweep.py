@@ -14,8 +14,8 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -139,10 +139,11 @@ def run_sweep(manifest_path: Path, cfg: SweepConfig, out: Path, say: Callable[[s
             report((i, lr), _run_variant(folder, variants[i], cfg, out, lr, threads=None))
     else:
         threads = max(1, (os.cpu_count() or 1) // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_run_variant, folder, variants[i], cfg, out, lr, threads): (i, lr) for i, lr in tasks}
-            for future in as_completed(futures):
-                report(futures[future], future.result())
+        work = [((i, lr), (folder, variants[i], cfg, out, lr, threads)) for i, lr in tasks]
+        # leaving the block terminates the workers: on Ctrl-C or a failed run, the others stop at once
+        with multiprocessing.get_context("spawn").Pool(jobs, initializer=_ignore_ctrl_c) as pool:
+            for task, run in pool.imap_unordered(_run_task, work):
+                report(task, run)
     rows = []
     for i in range(len(variants)):
         tries = [runs[i, lr] for lr in cfg.lrs]
@@ -150,6 +151,17 @@ def run_sweep(manifest_path: Path, cfg: SweepConfig, out: Path, say: Callable[[s
         rows.append({**best, "runs": [{k: r[k] for k in ("lr", "value", "final_train_loss", "seconds")} for r in tries]})
     write_results(rows, cfg, out)
     return rows
+
+
+def _ignore_ctrl_c() -> None:
+    """In a worker: Ctrl-C reaches the whole process group; the parent alone handles it (and stops the workers),
+    so that one line is printed rather than a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _run_task(task: tuple[tuple[int, float], tuple]) -> tuple[tuple[int, float], dict]:
+    key, args = task
+    return key, _run_variant(*args)
 
 
 def _run_variant(folder: Path, variant: dict, cfg: SweepConfig, out: Path, lr: float, threads: Optional[int]) -> dict:

@@ -6,16 +6,16 @@ trains on one process, exactly as `lmoec train`.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
+from .cli import Parser
 from .cli import train as train_cli
 from .runtime.distributed import shutdown_process_group
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lmoec.train", description="lmoec train, launchable by torchrun")
+    parser = Parser(prog="python -m lmoec.train", description="lmoec train, launchable by torchrun")
     train_cli.add_arguments(parser)
     try:
         return train_cli.run(parser.parse_args(argv))

@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -25,9 +26,9 @@ from typing import Optional
 from .errors import SpecError
 from .frontend import load_spec
 from .ir.graph import param_counts
+from .output import check_target, write_files
 from .paths import SPECS
 from .passes import run_passes
-from .runtime.loader import write_package
 
 # The gate each decay kind gets when a variant switches to it: the library's usual forms.
 DECAY_GATES = {
@@ -38,6 +39,7 @@ DECAY_GATES = {
 }
 DELTA_RULES = {"off": "delta = none", "on": "delta beta = sigmoid(x @ W_beta)"}
 KEY = re.compile(r"^(lsm|model)\.([A-Za-z_][A-Za-z0-9_]*)$")
+WRITTEN_BY = "# Written by `lmoec variants`"  # the second line of every variant spec
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ def render_variant(base_path: Path, out_dir: Path, point: dict[str, str]) -> Var
             (lsm_lines if m.group(1) == "lsm" else model_lines).append(f"{m.group(2)} = {value}")
     lines = [
         f"# {name}: a variant of {base_path.name} ({', '.join(f'{a}={v}' for a, v in point.items())}).",
-        "# Written by `lmoec variants`: overrides only; the base spec is the source of truth.",
+        f"{WRITTEN_BY}: overrides only; the base spec is the source of truth.",
     ]
     lines += [f'import "{os.path.relpath(p, out_dir.resolve())}"' for p in dict.fromkeys(imports)]
     lines.append("")
@@ -137,12 +139,55 @@ def render_variant(base_path: Path, out_dir: Path, point: dict[str, str]) -> Var
     return Variant(name=name, point=dict(point), text="\n".join(lines) + "\n")
 
 
-def make_variants(base_path: Path, axes: dict[str, list[str]], out_dir: Path) -> tuple[list[dict], list[Rejected]]:
-    """Write every valid grid point's spec and a manifest.json into out_dir; return (written, rejected)."""
+def variant_files(folder: Path) -> Optional[set[str]]:
+    """The files of `folder` that `lmoec variants` wrote: its manifest and the variant specs it lists that still
+    carry the header; None if the folder holds no variants manifest (it is not a variants folder)."""
+    try:
+        _, manifest = load_manifest(folder)
+    except (OSError, ValueError):
+        return None
+    ours = {"manifest.json"}
+    for v in manifest["variants"]:
+        spec = v.get("spec") if isinstance(v, dict) else None
+        if isinstance(spec, str) and spec.endswith(".lsm") and Path(spec).name == spec:
+            try:
+                if (Path(folder) / spec).read_text(encoding="utf-8").split("\n", 2)[1].startswith(WRITTEN_BY):
+                    ours.add(spec)
+            except (OSError, UnicodeDecodeError, IndexError):
+                pass
+    return ours
+
+
+def make_variants(base_path: Path, axes: dict[str, list[str]], out_dir: Path,
+                  force: bool = False) -> tuple[list[dict], list[Rejected]]:
+    """Write every valid grid point's spec and a manifest.json into out_dir; return (written, rejected).
+
+    out_dir follows lmoec.output's rules: an earlier variants folder is updated in place (variant specs of the
+    old grid that the new one lacks are removed; sweep results, notes and anything else are kept); another
+    non-empty folder is refused unless force.
+    """
     base_path = Path(base_path)
     if not base_path.is_file():
         raise FileNotFoundError(2, "no such file", str(base_path))
     out_dir = Path(out_dir)
+    ours = variant_files(out_dir)
+    check_target(out_dir, ours, force)  # before the probes below write into it
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # innermost first
+    try:
+        return _make_variants(base_path, axes, out_dir, ours, force)
+    except BaseException:
+        if made:  # the folders made for the probes: leave nothing behind
+            shutil.rmtree(out_dir, ignore_errors=True)
+            for folder in made[1:]:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+        raise
+
+
+def _make_variants(base_path: Path, axes: dict[str, list[str]], out_dir: Path, ours: Optional[set[str]],
+                   force: bool) -> tuple[list[dict], list[Rejected]]:
     staged: dict[str, str] = {}
     written: list[dict] = []
     rejected: list[Rejected] = []
@@ -178,7 +223,7 @@ def make_variants(base_path: Path, axes: dict[str, list[str]], out_dir: Path) ->
         "rejected": [{"point": r.point, "reason": r.reason} for r in rejected],
     }
     staged["manifest.json"] = json.dumps(manifest, indent=2) + "\n"
-    write_package(staged, out_dir)
+    write_files(out_dir, staged, ours, force)
     return written, rejected
 
 

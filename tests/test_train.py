@@ -87,8 +87,11 @@ def test_unreadable_data_paths(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist"):
         load_tokens(tmp_path / "missing.txt", seq_len=8)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="too little text"):
+    with pytest.raises(DataError, match="no text files under"):
         load_tokens(tmp_path / "empty", seq_len=8)
+    (tmp_path / "short.txt").write_text("x" * 10)
+    with pytest.raises(DataError, match="too little text"):
+        load_tokens(tmp_path / "short.txt", seq_len=8)
     locked = tmp_path / "locked.txt"
     locked.write_text("x" * 1000)
 
@@ -109,8 +112,8 @@ def test_cli_errors_are_one_line_exit_2_and_overwrite_nothing(corpus, tmp_path, 
     capsys.readouterr()
 
     cases = [
-        ([str(package), "--data", str(tmp_path / "nope.txt"), *small], "--resume"),  # would overwrite the run
-        ([str(package), "--data", str(tmp_path / "nope.txt"), *small, "--resume"], "resume keeps the run's settings"),
+        ([str(package), "--data", corpus, *small], "--resume"),  # would overwrite the run
+        ([str(package), "--data", corpus, *small, "--resume", "--seq-len", "16"], "resume keeps the run's settings"),
         ([str(package), "--data", str(tmp_path / "nope.txt"), *small[:-1], str(tmp_path / "fresh")], "does not exist"),
         ([str(tmp_path / "missing.lsm"), *small], "does not exist"),
         ([str(tmp_path), *small], "not a compiled model package"),

@@ -87,7 +87,7 @@ def test_cli_reports_bad_input_without_traceback(base, tmp_path):
     assert r.returncode == 2 and "unknown axis 'colour'" in r.stderr and "Traceback" not in r.stderr
     r = run("sweep", str(tmp_path / "missing.json"))
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
-    for flag, message in [("--jobs=0", "must be positive"), ("--lr=abc", "not a learning rate"), ("--lr=1e-3,-1", "must be positive")]:
+    for flag, message in [("--jobs=0", "positive integer"), ("--lr=abc", "not a learning rate"), ("--lr=1e-3,-1", "must be positive")]:
         r = run("sweep", str(tmp_path / "missing.json"), flag)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (flag, r.stderr)
     assert not (tmp_path / "x").exists()

@@ -10,10 +10,10 @@ template only lays the code out.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import sympy
-import torch
 from pydantic import BaseModel, ConfigDict
 
 from ..ir import expr as ex
@@ -131,6 +131,15 @@ def _x_only_projected(expr: sympy.Basic) -> bool:
     return "x" not in {s.name for s in outside.free_symbols}
 
 
+@functools.lru_cache(maxsize=None)
+def _is_module_attr(name: str) -> bool:
+    """Whether nn.Module has the attribute, which a layer's parameter would shadow (torch imported only here:
+    `lmoec check` and `inspect` never need it)."""
+    import torch
+
+    return hasattr(torch.nn.Module, name)
+
+
 def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     """Decide the whole layer; a ValueError names the part of the spec that can't be built."""
     where = f"lsm {lsm.name}"
@@ -139,7 +148,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
 
     for name in list(lsm.params):
         check_identifier(name, f"{where}: parameter")
-        if name in _OWN_NAMES or hasattr(torch.nn.Module, name) or name in ex.RESERVED_SYMBOLS or name == "i":
+        if name in _OWN_NAMES or _is_module_attr(name) or name in ex.RESERVED_SYMBOLS or name == "i":
             raise ValueError(f"{where}: parameter name {name!r} is reserved")
 
     feature_q, rebased_q, helpers_q = _feature_steps("q", lsm.feature_map_q, lsm.short_conv)
@@ -171,7 +180,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
         for p in found:
-            if p.weight in params or p.weight in _OWN_NAMES or hasattr(torch.nn.Module, p.weight):
+            if p.weight in params or p.weight in _OWN_NAMES or _is_module_attr(p.weight):
                 raise ValueError(f"{where}: {what}: projection name {p.weight!r} is taken")
             old = projections.setdefault(p.weight, p)
             if old != p:

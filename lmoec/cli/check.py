@@ -1,7 +1,8 @@
-"""`lmoec check SPEC...`: parse and validate only; nothing is emitted or written."""
+"""`lmoec check SPEC...`: parse and validate only; nothing is emitted or written, and torch is not imported."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -11,13 +12,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check every spec, each failure reported as it comes; exit 2 if any failed."""
     from ..frontend import load_spec
     from ..passes import run_passes
+    from . import describe
+    from .flags import spec_file
 
+    failed = False
     for path in args.specs:
-        ir = run_passes(load_spec(path))
+        try:
+            ir = run_passes(load_spec(spec_file(path)))
+        except Exception as err:
+            message = describe(err)
+            if message is None:
+                raise
+            print(message, file=sys.stderr)
+            failed = True
+            continue
         what = [f"lsm {n} ({lsm.recurrence.family.value})" for n, lsm in ir.lsms.items()]
         if ir.model is not None:
             what.append(f"model {ir.model.name} ({ir.model.layers} layers, pattern {ir.model.pattern})")
         print(f"{ir.source}: ok: {', '.join(what) or 'nothing defined'}")
-    return 0
+    return 2 if failed else 0

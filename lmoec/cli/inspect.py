@@ -114,11 +114,17 @@ def show_kernels(program, stats: bool, shape: tuple[int, ...], gpu: str) -> None
 
 def run(args: argparse.Namespace) -> int:
     from .. import compile_spec
+    from .flags import spec_file
 
     shape = _shape(args.shape)
     if args.stats and not args.kernels:
         raise ValueError("--stats goes with --kernels")
-    program = compile_spec(args.spec)
+    if args.stats:
+        from ..backends.stats import GPUS
+
+        if args.gpu not in GPUS:
+            raise ValueError(f"unknown --gpu {args.gpu!r}; one of {', '.join(GPUS)}")
+    program = compile_spec(spec_file(args.spec))
     ir = program.ir
     if args.ir:
         print(ir.dump())

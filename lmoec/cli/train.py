@@ -9,14 +9,8 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-import torch
-
-from ..errors import SpecError
-from ..ir.nodes import ParallelSpec
-from ..runtime.checkpoint import CheckpointError
-from ..runtime.checkpoint import load as load_checkpoint
-from ..runtime.data import DataError
-from ..runtime.train import RunError, TrainConfig, saved_config, train
+from ..runtime.train_config import TrainConfig
+from . import flags
 
 _DEFAULTS = TrainConfig()
 
@@ -36,25 +30,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `lmoec train`, shared with `python -m lmoec.train` (the torchrun entry)."""
     p.add_argument("target", metavar="SPEC_OR_PACKAGE", help="a .lsm model spec, or a package directory `lmoec compile` wrote")
     p.add_argument("--data", help="a text file, or a directory (every text file under it); default: the Python stdlib sources")
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default {_DEFAULTS.steps}); with --resume, may extend the run")
-    p.add_argument("--seq-len", type=int, help=f"tokens per sequence (default {_DEFAULTS.seq_len})")
-    p.add_argument("--batch", type=int, help=f"sequences per step (default {_DEFAULTS.batch})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {_DEFAULTS.lr})")
-    p.add_argument("--warmup", type=int, help=f"linear warmup steps before the cosine decay (default {_DEFAULTS.warmup})")
-    p.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default {_DEFAULTS.weight_decay})")
-    p.add_argument("--grad-clip", type=float, help=f"gradient norm clip (default {_DEFAULTS.grad_clip})")
-    p.add_argument("--eval-every", type=int, help=f"steps between held-out evaluations (default {_DEFAULTS.eval_every})")
-    p.add_argument("--save-every", type=int, help=f"steps between checkpoints (default {_DEFAULTS.save_every})")
-    p.add_argument("--seed", type=int, help=f"seed of the init and the batch order (default {_DEFAULTS.seed})")
+    p.add_argument("--steps", type=flags.positive_int, help=f"optimizer steps (default {_DEFAULTS.steps}); with --resume, may extend the run")
+    p.add_argument("--seq-len", type=flags.positive_int, help=f"tokens per sequence (default {_DEFAULTS.seq_len})")
+    p.add_argument("--batch", type=flags.positive_int, help=f"sequences per step (default {_DEFAULTS.batch})")
+    p.add_argument("--lr", type=flags.positive_float, help=f"peak learning rate (default {_DEFAULTS.lr})")
+    p.add_argument("--warmup", type=flags.nonneg_int, help=f"linear warmup steps before the cosine decay (default {_DEFAULTS.warmup})")
+    p.add_argument("--weight-decay", type=flags.nonneg_float, help=f"AdamW weight decay (default {_DEFAULTS.weight_decay})")
+    p.add_argument("--grad-clip", type=flags.positive_float, help=f"gradient norm clip (default {_DEFAULTS.grad_clip})")
+    p.add_argument("--eval-every", type=flags.positive_int, help=f"steps between held-out evaluations (default {_DEFAULTS.eval_every})")
+    p.add_argument("--save-every", type=flags.positive_int, help=f"steps between checkpoints (default {_DEFAULTS.save_every})")
+    p.add_argument("--seed", type=flags.seed, help=f"seed of the init and the batch order (default {_DEFAULTS.seed})")
     p.add_argument("--out", help="run directory (default runs/<model name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly")
     p.add_argument("--trust-checkpoint-code", action="store_true",
                    help="with --resume: run the checkpoint's package even if it is not what this lmoec emits from its IR")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel degree (default: what is left of the world size after sp * ep)")
-    p.add_argument("--sp", type=int, default=1, help="sequence-parallel degree: LASP-2 / LASP-2H over contiguous slices of T")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree: the experts are split over this many ranks")
+    p.add_argument("--dp", type=flags.positive_int, default=1, help="data-parallel degree (default: what is left of the world size after sp * ep)")
+    p.add_argument("--sp", type=flags.positive_int, default=1, help="sequence-parallel degree: LASP-2 / LASP-2H over contiguous slices of T")
+    p.add_argument("--ep", type=flags.positive_int, default=1, help="expert-parallel degree: the experts are split over this many ranks")
 
 
 def load_target(target: str) -> tuple[str, dict[str, str]]:
@@ -68,6 +62,7 @@ def load_target(target: str) -> tuple[str, dict[str, str]]:
         files = {f.name: f.read_text() for f in sorted(path.iterdir()) if f.is_file() and f.suffix in (".py", ".json")}
         name = json.loads(files["ir.json"])["name"] if "ir.json" in files else path.name
         return name, files
+    from ..errors import SpecError
     from ..program import compile_spec
 
     program = compile_spec(path)
@@ -82,18 +77,38 @@ def distributed_run(args) -> bool:
     if "WORLD_SIZE" in os.environ:
         return True
     if asked:
+        from ..runtime.train import RunError
+
         raise RunError("--dp / --sp / --ep need several processes: launch with "
                        "`torchrun --nproc-per-node N -m lmoec.train SPEC --sp 2 ...`")
     return False
 
 
 def run(args) -> int:
-    def fail(message: str) -> int:
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank fails alike: say it once
-            print(f"lmoec train: error: {message}", file=sys.stderr)
-        return 2
+    import torch
+
+    from ..errors import SpecError
+    from ..ir.nodes import ParallelSpec
+    from ..runtime.checkpoint import CheckpointError
+    from ..runtime.checkpoint import load as load_checkpoint
+    from ..runtime.data import DataError, check_path
+    from ..runtime.train import Interrupted, RunError, saved_config, train
+
+    rank0 = int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank fails alike: say it once
+
+    def fail(message: str, status: int = 2) -> int:
+        if rank0:
+            print(f"lmoec train: {message}", file=sys.stderr)
+        return status
 
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    try:  # every flag before any work (the numbers were checked by the parser)
+        flags.check_device(args.device)
+        check_path(args.data)
+        flags.check_output_folder(args.out)
+    except (ValueError, DataError) as e:
+        return fail(f"error: {e}")
+    out = None
     try:
         name, files = load_target(args.target)
         out = Path(args.out) if args.out else Path("runs") / name
@@ -107,17 +122,23 @@ def run(args) -> int:
             parallel = ParallelSpec(dp=args.dp, sp=args.sp, ep=args.ep)
             result = train_distributed(files, name, cfg, out, parallel, resume=args.resume, device=args.device,
                                        progress=not args.no_progress, trust_code=args.trust_checkpoint_code)
-            if int(os.environ.get("RANK", 0)) != 0:  # rank 0 reports for the run
+            if not rank0:  # rank 0 reports for the run
                 return 0
         else:
             result = train(files, name, cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress,
-                           trust_code=args.trust_checkpoint_code)
+                           stop_on_interrupt=True, trust_code=args.trust_checkpoint_code)
+    except Interrupted as stop:
+        again = f"lmoec train {args.target}" + (f" --out {args.out}" if args.out else "") + " --resume"
+        return fail(f"interrupted: stopped after step {stop.step}, saved in {stop.checkpoint}; continue with `{again}`", 130)
+    except KeyboardInterrupt:
+        saved = out is not None and (out / "checkpoint.pt").is_file()
+        return fail("interrupted" + (f"; {out / 'checkpoint.pt'} holds the last saved step, intact" if saved else ""), 130)
     except SpecError as e:
-        return fail(f"{e.loc}: {e.message}" if e.loc else e.message)
+        return fail(f"error: {e.loc}: {e.message}" if e.loc else f"error: {e.message}")
     except (FileNotFoundError, DataError, CheckpointError, RunError) as e:
-        return fail(str(e))
+        return fail(f"error: {e}")
     except (ValueError, OSError) as e:  # a spec the emitters reject, a model config that doesn't build, a full disk
-        return fail(f"{type(e).__name__}: {e}")
+        return fail(f"error: {type(e).__name__}: {e}")
     losses, evals = result.losses(), result.eval_losses()
     minutes, seconds = divmod(int(time.perf_counter() - started), 60)
     if losses:

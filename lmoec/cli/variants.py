@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -10,17 +9,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="SPEC", help="the base model spec")
     p.add_argument("--vary", action="append", default=[], metavar="AXIS=v1,v2",
                    help="an axis of the grid: lsm, decay, delta, pattern, lsm.KEY or model.KEY (repeatable)")
-    p.add_argument("-o", "--out", default=None, help="output folder (default: variants/<spec name>/)")
+    p.add_argument("-o", "--out", default=None,
+                   help="output folder (default: variants/<spec name>/); an earlier variants folder is updated in place, "
+                        "keeping what lmoec did not write there (sweep results, notes)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder lmoec did not write: files of the same names are replaced, "
+                        "others kept")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     from ..variants import default_out_dir, make_variants, parse_axes
+    from .flags import spec_file
 
     axes = parse_axes(args.vary)
-    base = Path(args.spec)
+    base = spec_file(args.spec)
     out = default_out_dir(base, args.out)
-    written, rejected = make_variants(base, axes, out)
+    written, rejected = make_variants(base, axes, out, force=args.force)
     for v in written:
         point = ", ".join(f"{a}={x}" for a, x in v["point"].items())
         print(f"  {v['spec']:<60} {v['family']:<18} {v['params_total'] / 1e6:8.2f}M params  ({point})")

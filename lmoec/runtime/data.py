@@ -17,10 +17,11 @@ from typing import Optional
 import torch
 
 BYTE_VOCAB = 256
+_HEAD = 4096  # bytes read to tell text from binary
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idlelib", ".git"}
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """The data path is missing, unreadable, or holds too little text."""
 
 
@@ -52,6 +53,19 @@ def _text_files(folder: Path) -> list[Path]:
     return found
 
 
+def _looks_binary(head: bytes) -> bool:
+    """A NUL byte early on: an image, an archive, a compiled file, UTF-16 text; not text to train bytes on."""
+    return b"\0" in head[:_HEAD]
+
+
+def _head(f: Path) -> bytes:
+    try:
+        with open(f, "rb") as fh:
+            return fh.read(_HEAD)
+    except OSError as e:
+        raise DataError(f"cannot read {f}: {e.strerror or e}") from None
+
+
 def _read(files: list[Path], skip_binary: bool) -> bytes:
     parts = []
     for f in files:
@@ -59,10 +73,31 @@ def _read(files: list[Path], skip_binary: bool) -> bytes:
             data = f.read_bytes()
         except OSError as e:
             raise DataError(f"cannot read {f}: {e.strerror or e}") from None
-        if skip_binary and b"\0" in data[:4096]:
+        if skip_binary and _looks_binary(data):
             continue
         parts.append(data)
     return b"\n".join(parts)
+
+
+def check_path(path: Optional[str | os.PathLike]) -> None:
+    """What load_bytes would refuse, found without reading the corpus: a missing path, a file that is empty,
+    binary or not a regular file, a folder without a text file. Raises DataError."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path {p} does not exist")
+    if p.is_dir():
+        if not any(not _looks_binary(_head(f)) for f in _text_files(p)):
+            raise DataError(f"no text files under {p} (files with a NUL byte in their first {_HEAD} bytes are skipped)")
+        return
+    if not p.is_file():
+        raise DataError(f"data path {p} is not a regular file or a folder")
+    head = _head(p)
+    if not head:
+        raise DataError(f"data file {p} is empty")
+    if _looks_binary(head):
+        raise DataError(f"data file {p} looks binary (a NUL byte in its first {_HEAD} bytes); --data takes text")
 
 
 def load_bytes(path: Optional[str | os.PathLike]) -> tuple[bytes, str]:
@@ -70,9 +105,8 @@ def load_bytes(path: Optional[str | os.PathLike]) -> tuple[bytes, str]:
     if path is None:
         files = _stdlib_files()
         return _read(files, skip_binary=False), f"python stdlib sources ({len(files)} files under {sysconfig.get_paths()['stdlib']})"
+    check_path(path)
     p = Path(path)
-    if not p.exists():
-        raise DataError(f"data path {p} does not exist")
     if p.is_dir():
         files = _text_files(p)
         data = _read(files, skip_binary=True)

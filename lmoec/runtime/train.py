@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,33 +26,7 @@ from . import checkpoint as ckpt
 from .data import BYTE_VOCAB, DataError, TokenData, load_tokens, sample_batch
 from .loader import load_package
 from .recompute import linear_cross_entropy
-
-
-@dataclass
-class TrainConfig:
-    """Hyperparameters; the defaults train the tiny spec on a 2-core CPU in a few minutes."""
-
-    steps: int = 300
-    seq_len: int = 128
-    batch: int = 16
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup: int = 30
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 4
-    save_every: int = 100
-    seed: int = 0
-    data: Optional[str] = None  # None: the Python standard library's sources
-
-    def lr_at(self, step: int) -> float:
-        """Linear warmup over `warmup` steps, then cosine to lr * min_lr_ratio at `steps`."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
-        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+from .train_config import TrainConfig
 
 
 @dataclass
@@ -78,6 +53,38 @@ def saved_config(state: dict) -> TrainConfig:
 
 class RunError(Exception):
     """The run can't start as asked (an existing run in the way, a mismatched resume); one clear line."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run after a whole step, saved in the checkpoint: `--resume` continues exactly there."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopRequest:
+    """While active (main thread only), the first Ctrl-C asks the loop to stop after the current step, so the
+    checkpoint is saved at a step boundary; a second one interrupts at once (the last checkpoint stays intact,
+    since checkpoints are written atomically)."""
+
+    def __init__(self, active: bool):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.requested = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopRequest":
+        if self.active:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -194,6 +201,7 @@ def train(
     device: str = "auto",
     progress: bool = True,
     stop_after: Optional[int] = None,
+    stop_on_interrupt: bool = False,
     say: Callable[[str], None] = print,
     trust_code: bool = False,
 ) -> TrainResult:
@@ -202,8 +210,10 @@ def train(
     model_config: overrides of the package's CONFIG (tests use tiny sizes). resume: continue from
     out/checkpoint.pt, restoring everything; `cfg` must then equal the run's settings except
     RESUME_CAN_CHANGE (more steps extend the cosine schedule to the new end). stop_after: end after this step as if interrupted (the
-    schedule still spans cfg.steps), which is how tests check that resuming is exact. trust_code: resume
-    even if the checkpoint's package is not what this lmoec emits from its IR (lmoec.runtime.checkpoint.package).
+    schedule still spans cfg.steps), which is how tests check that resuming is exact. stop_on_interrupt (the
+    command line): Ctrl-C ends the run after the current step with a checkpoint of it, raising Interrupted.
+    trust_code: resume even if the checkpoint's package is not what this lmoec emits from its IR
+    (lmoec.runtime.checkpoint.package).
     """
     from tqdm import tqdm
 
@@ -272,40 +282,44 @@ def train(
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(total=cfg.steps, initial=start, disable=not progress, dynamic_ncols=True, desc="train")
     tokens_per_step = cfg.batch * cfg.seq_len
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        lr = cfg.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        inputs, targets = sample_batch(data.train, cfg.batch, cfg.seq_len, cfg.seed, step)
-        with autocast_for(dev):
-            ce, loss = lm_loss(model, inputs.to(dev), targets.to(dev))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        update_router_biases(model)
-        done = step + 1
-        record = {"step": done, "loss": ce.item(), "lr": lr, "grad_norm": grad_norm.item()}
-        if loss is not ce:
-            record["aux_loss"] = (loss - ce).item()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
-        records.append(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            records.append({"step": done, "eval_loss": evaluate(model, data, cfg, dev)})
-            (bar.write if progress else say)(f"step {done}: train loss {record['loss']:.3f}, held-out loss {records[-1]['eval_loss']:.3f}")
-        if done % cfg.save_every == 0 or done == end:
-            save(done)
-            write_log(log_path, records)
-            plot_losses(plot_path, records, f"{model.config['name']} ({model.config['pattern']})")
+    with _StopRequest(stop_on_interrupt) as stop:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            lr = cfg.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            inputs, targets = sample_batch(data.train, cfg.batch, cfg.seq_len, cfg.seed, step)
+            with autocast_for(dev):
+                ce, loss = lm_loss(model, inputs.to(dev), targets.to(dev))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            update_router_biases(model)
+            done = step + 1
+            record = {"step": done, "loss": ce.item(), "lr": lr, "grad_norm": grad_norm.item()}
+            if loss is not ce:
+                record["aux_loss"] = (loss - ce).item()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            record["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
+            records.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                records.append({"step": done, "eval_loss": evaluate(model, data, cfg, dev)})
+                (bar.write if progress else say)(f"step {done}: train loss {record['loss']:.3f}, held-out loss {records[-1]['eval_loss']:.3f}")
+            if done % cfg.save_every == 0 or done == end or stop.requested:
+                save(done)
+                write_log(log_path, records)
+                plot_losses(plot_path, records, f"{model.config['name']} ({model.config['pattern']})")
+            if stop.requested and done < end:
+                bar.close()
+                raise Interrupted(done, ckpt_path)
     bar.close()
     if start >= end:  # nothing left to run: still leave the log and plot behind
         write_log(log_path, records)
     return TrainResult(records=records, checkpoint=ckpt_path, plot=plot_path if plot_path.exists() else None)
 
 
-__all__ = ["TrainConfig", "TrainResult", "RunError", "DataError", "train", "evaluate", "lm_loss", "pick_device"]
+__all__ = ["TrainConfig", "TrainResult", "RunError", "Interrupted", "DataError", "train", "evaluate", "lm_loss", "pick_device"]
