@@ -52,7 +52,27 @@ DECAY_VARIANTS = {
     "fused BV 32": {"walk_fused": dict(BV=32, num_warps=4, num_stages=2)},
     "unfused": {"fuse_output": False, "fuse_dv": False},
 }
-VARIANTS = {f: DECAY_VARIANTS for f in ("bla", "retnet", "simple_gla", "gla", "rwkv6")}
+DELTA_VARIANTS = {
+    "default": {},
+    "no segments": {"walk_programs": 0},
+    "walk_programs 64": {"walk_programs": 64},
+    "walk_programs 128": {"walk_programs": 128},
+    "walk_programs 512": {"walk_programs": 512},
+    "walks 8 warps": {"warps_fwd": 8, "warps_dstate": 8},
+    "BV 32": {"BV": 32},
+    "unfused output": {"fuse_output": False},
+    "UT 8 warps": {"warps_ut": 8},
+}
+DPLR_VARIANTS = {
+    "default": {},
+    "no segments": {"walk_programs": 0},
+    "walk_programs 128": {"walk_programs": 128},
+    "walk_programs 512": {"walk_programs": 512},
+    "walks 4 warps": {"warps_seq": 4},
+    "BV 32": {"BV": 32},
+}
+VARIANTS = {**{f: DECAY_VARIANTS for f in ("bla", "retnet", "simple_gla", "gla", "rwkv6")},
+            **{f: DELTA_VARIANTS for f in ("deltanet", "gated_deltanet")}, "rwkv7": DPLR_VARIANTS}
 
 DEVICE = "cuda"  # "cpu" with TRITON_INTERPRET=1 smoke-tests this script's Python (not its numbers)
 OUT_DIR = ""

@@ -102,23 +102,24 @@ def _delta_costs(s: Sizes, ends: int, g: int, scalar: bool, fused_output: bool) 
     form w = Tm x and u = Tm (beta v) themselves (w again in the backward walk).
     fused_output: the forward walk computes the output (the emitted default, triton_delta.fuses_output)."""
     beta = s.N * s.H * 4
+    tm = s.squares // 2  # Tm in bf16
     fp32_k = 2 * s.qk  # dw, the partial dk
     walk = 2 * s.inter + s.intra_qk + s.intra_v  # w, u, v' = u - w S, the next state
-    state = (walk, s.qk + 2 * s.vv + beta + g + s.squares + s.states + ends)  # + v' stored for the backward
+    state = (walk, s.qk + 2 * s.vv + beta + g + tm + s.states + ends)  # + v' stored for the backward
     output = (s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states)
     if fused_output:  # one pass less: q read and o written by the walk, no v' round trip
         forward = [("chunk_state", True, state[0] + output[0], state[1] + s.qk + s.vv)]
     else:
         forward = [("chunk_state", True, *state), ("chunk_output", True, *output)]
     return [
-        ("ut", True, s.intra_qk + s.cube, s.qk + beta + 2 * g + s.squares),
+        ("ut", True, s.intra_qk + s.cube, s.qk + beta + 2 * g + tm),
         *forward,
         ("chunk_bwd_dstate", False, 3 * s.inter + 2 * s.intra_qk + s.intra_v,
-         2 * s.qk + 2 * s.vv + beta + g + s.squares + s.states + ends),
+         2 * s.qk + 2 * s.vv + beta + g + tm + s.states + ends),
         ("bwd_dqk", False, 3 * s.inter + s.intra_v + (3 if scalar else 2) * s.intra_qk,
          2 * s.qk + 2 * s.states + 3 * s.vv + s.qk + 2 * fp32_k + 2 * g),
         ("bwd_wy", False, 2 * s.intra_v + 4 * s.intra_qk + 2 * s.cube,
-         s.qk + 2 * s.vv + 2 * beta + s.squares + 2 * fp32_k + s.qk + s.vv + 3 * g),
+         s.qk + 2 * s.vv + 2 * beta + tm + 2 * fp32_k + s.qk + s.vv + 3 * g),
     ]
 
 
