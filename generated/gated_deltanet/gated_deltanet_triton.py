@@ -5,7 +5,7 @@ Recurrence (per head, state S [K, V] fp32):
     S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T,   o_t = scale * S_t^T q_t
 
 Chunkwise (C = 64 tokens, G = in-chunk cumulative log decay, Gam = exp(G)):
-  A  = strictly lower (beta_i * k_i . k_j * Gam_i / Gam_j),   Tm = (I + A)^-1   (UT transform, fp32)
+  A  = strictly lower (beta_i * k_i . k_j * Gam_i / Gam_j),   Tm = (I + A)^-1   (UT transform, built in fp32)
   w  = Tm (beta * Gam * k),   u = Tm (beta * v)
   v' = u - w S,   o = scale * (Gam * q S + tril(q k^T * Gam_i / Gam_j) v')
   S <- Gam_C * S + (k * Gam_C / Gam)^T v'
@@ -54,7 +54,7 @@ def _new(shape, dtype, device):
 @triton.jit
 def _ut_kernel(k, beta, g, tm, gc, cu_seqlens, chunk_indices, H,
                K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
-    """Per chunk: Tm = (I + A)^-1 in fp32, kept for the walks (which form w and u from it) and the backward;
+    """Per chunk: Tm = (I + A)^-1, built in fp32 and kept in the inputs' dtype (every product reads it so) for the walks (which form w and u from it) and the backward;
     and G (gc), the in-chunk cumulative log decay every later kernel reads.
 
     Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
@@ -141,22 +141,22 @@ def _ut_kernel(k, beta, g, tm, gc, cu_seqlens, chunk_indices, H,
     b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision="ieee") + tl.dot(b_A21, b_T10, input_precision="ieee"), input_precision="ieee")
     b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision="ieee") + tl.dot(b_A32, b_T21, input_precision="ieee"), input_precision="ieee")
     b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision="ieee") + tl.dot(b_A31, b_T10, input_precision="ieee") + tl.dot(b_A32, b_T20, input_precision="ieee"), input_precision="ieee")
-    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00, mask=valid0[:, None])
-    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
-    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
-    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid0[:, None])
-    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10, mask=valid1[:, None])
-    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11, mask=valid1[:, None])
-    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid1[:, None])
-    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid1[:, None])
-    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20, mask=valid2[:, None])
-    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21, mask=valid2[:, None])
-    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22, mask=valid2[:, None])
-    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tl.float32), mask=valid2[:, None])
-    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30, mask=valid3[:, None])
-    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31, mask=valid3[:, None])
-    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32, mask=valid3[:, None])
-    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33, mask=valid3[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10.to(tm.dtype.element_ty), mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11.to(tm.dtype.element_ty), mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20.to(tm.dtype.element_ty), mask=valid2[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21.to(tm.dtype.element_ty), mask=valid2[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22.to(tm.dtype.element_ty), mask=valid2[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid2[:, None])
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30.to(tm.dtype.element_ty), mask=valid3[:, None])
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
 
 
 @triton.jit
@@ -599,7 +599,7 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     BK = _pow2(K)
     BV, lay = _walk_layout(q, V, cu_seqlens)
     NT = lay.chunk_indices.shape[0]
-    tm = _new((B, T, H, CHUNK), torch.float32, q.device)
+    tm = _new((B, T, H, CHUNK), k.dtype, q.device)  # every product reads Tm in the inputs' dtype
     gc = _new(g.shape, torch.float32, q.device)
     _ut_kernel[(NT, H)](k, beta, g, tm, gc, lay.cu, lay.chunk_indices, H, K=K, BK=BK, BT=CHUNK, BS=BLOCK,
                         num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages"])
