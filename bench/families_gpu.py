@@ -51,6 +51,8 @@ DECAY_VARIANTS = {
     "fused 8 warps": {"walk_fused": dict(BV=64, num_warps=8, num_stages=2)},
     "fused BV 32": {"walk_fused": dict(BV=32, num_warps=4, num_stages=2)},
     "unfused": {"fuse_output": False, "fuse_dv": False},
+    "unfused, no segments": {"fuse_output": False, "fuse_dv": False, "walk_programs": 0},
+    "fused 8 warps, no segments": {"walk_fused": dict(BV=64, num_warps=8, num_stages=2), "walk_programs": 0},
 }
 DELTA_VARIANTS = {
     "default": {},
