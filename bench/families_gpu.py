@@ -46,30 +46,28 @@ SHAPES = {
 DECAY_VARIANTS = {
     "default": {},
     "no segments": {"walk_programs": 0},
-    "walk_programs 128": {"walk_programs": 128},
-    "walk_programs 512": {"walk_programs": 512},
-    "fused 8 warps": {"walk_fused": dict(BV=64, num_warps=8, num_stages=2)},
-    "fused BV 32": {"walk_fused": dict(BV=32, num_warps=4, num_stages=2)},
-    "unfused": {"fuse_output": False, "fuse_dv": False},
-    "unfused, no segments": {"fuse_output": False, "fuse_dv": False, "walk_programs": 0},
-    "fused 8 warps, no segments": {"walk_fused": dict(BV=64, num_warps=8, num_stages=2), "walk_programs": 0},
+    "segment below 256 programs": {"walk_programs": 256},
+    "256 segments": {"segment_programs": 256},
+    "fused walks": {"fuse_output": True, "fuse_dv": True},
+    "unfused walks": {"fuse_output": False, "fuse_dv": False},
+    "fused walks, 8 warps": {"fuse_output": True, "fuse_dv": True, "walk_fused": dict(BV=64, num_warps=8, num_stages=2)},
 }
 DELTA_VARIANTS = {
     "default": {},
     "no segments": {"walk_programs": 0},
-    "walk_programs 64": {"walk_programs": 64},
-    "walk_programs 128": {"walk_programs": 128},
-    "walk_programs 512": {"walk_programs": 512},
+    "segment below 256 programs": {"walk_programs": 256},
+    "256 segments": {"segment_programs": 256},
     "walks 8 warps": {"warps_fwd": 8, "warps_dstate": 8},
     "BV 32": {"BV": 32},
-    "unfused output": {"fuse_output": False},
+    "output fused": {"fuse_output": True},
+    "output unfused": {"fuse_output": False},
     "UT 8 warps": {"warps_ut": 8},
 }
 DPLR_VARIANTS = {
     "default": {},
     "no segments": {"walk_programs": 0},
-    "walk_programs 128": {"walk_programs": 128},
-    "walk_programs 512": {"walk_programs": 512},
+    "segment below 256 programs": {"walk_programs": 256},
+    "512 segments": {"segment_programs": 512},
     "walks 4 warps": {"warps_seq": 4},
     "BV 32": {"BV": 32},
 }
@@ -291,6 +289,8 @@ def part_check(families, opts):
                  ("K=128, V=256", dict(B=1, T=1000, H=4, K=128, V=256), {})]
         cases += [(f"K=V={d}", dict(B=2, T=700, H=4, K=d, V=d), {}) for d in opts.head_dims]
         cases.append(("decode steps vs chunk", "steps", {}))
+        if opts.cases:
+            cases = [c for c in cases if any(w in c[0] for w in opts.cases.split(","))]
         for label, shape, setting in cases:
             if setting == "segments":
                 setting = {"walk_programs": 10**9, "segment_chunks": 4}
@@ -381,7 +381,7 @@ def shape_inputs(spec, tri, shape):
     return x, leaves, cu_seqlens(lens)
 
 
-def part_bench(families, shapes, sdpa=True):
+def part_bench(families, shapes, sdpa=True, peers=True):
     import torch
     import torch.nn.functional as F
 
@@ -407,7 +407,7 @@ def part_bench(families, shapes, sdpa=True):
             x, leaves, cu = shape_inputs(spec, tri, shape)
             do = torch.randn_like(x["v"])
             ours = timed(lambda: call(tri, x, cu=cu)[0], leaves, do)
-            peer_fn = fla_peer(spec)
+            peer_fn = fla_peer(spec) if peers else None
             peer = [None] * 4
             if peer_fn is not None:
                 peer = timed(lambda: peer_fn(x, cu=cu)[0], leaves, do)
@@ -498,6 +498,9 @@ def main():
     ap.add_argument("--sweep-shapes", default="2K,32K,64K")
     ap.add_argument("--profile-shapes", default="32K")
     ap.add_argument("--head-dims", default="48,96")
+    ap.add_argument("--no-peers", action="store_true", help="time lmoec (and SDPA) only: fla's autotuning takes minutes")
+    ap.add_argument("--no-sdpa", action="store_true")
+    ap.add_argument("--cases", default="", help="check only the cases whose label contains one of these (comma list)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     opts = ap.parse_args()
     opts.head_dims = [int(d) for d in opts.head_dims.split(",") if d]
@@ -524,7 +527,7 @@ def main():
         if "check" in opts.parts:
             part_check(families, opts)
         if "bench" in opts.parts:
-            part_bench(families, opts.shapes.split(","))
+            part_bench(families, opts.shapes.split(","), sdpa=not opts.no_sdpa, peers=not opts.no_peers)
         if "sweep" in opts.parts:
             part_sweep(families, opts.sweep_shapes.split(","))
         if "profile" in opts.parts:

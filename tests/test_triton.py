@@ -123,13 +123,14 @@ CHILD = textwrap.dedent(
         out["strong decay fp32"] = case(1, 48, 1, 16, 16, torch.float32, strong=True)
     if kind == "vector":
         out["strong decay at one token fp32"] = case(2, 48, 2, 16, 16, torch.float32, strong="one")
-    # the other launch settings: sequences cut into segments of 1 or 2 chunks (LASP-2 within the device), and the
-    # output / dv in their own kernels instead of the walks
+    # the other launch settings: sequences cut into segments of 1 or 2 chunks (LASP-2 within the device), the output /
+    # dv in their own kernels or in the walks (the defaults differ by decay)
     defaults = {key: (dict(val) if isinstance(val, dict) else val) for key, val in mod.CONFIG.items()}
     settings = {
         "segments of 1 chunk": dict(walk_programs=10**9, segment_chunks=1),
         "segments of 2 chunks, unfused": dict(walk_programs=10**9, segment_chunks=2, fuse_output=False, fuse_dv=False),
         "unfused, K split": dict(fuse_output=False, fuse_dv=False, walk=dict(BK=16, BV=16, num_warps=4, num_stages=2)),
+        "fused walks": dict(fuse_output=True, fuse_dv=True),
     }
     for label, setting in settings.items():
         mod.CONFIG.update(setting)

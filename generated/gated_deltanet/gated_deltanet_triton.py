@@ -9,9 +9,10 @@ Chunkwise (C = 64 tokens, G = in-chunk cumulative log decay, Gam = exp(G)):
   w  = Tm (beta * Gam * k),   u = Tm (beta * v)
   v' = u - w S,   o = scale * (Gam * q S + tril(q k^T * Gam_i / Gam_j) v')
   S <- Gam_C * S + (k * Gam_C / Gam)^T v'
-_ut_kernel (chunk-parallel) builds Tm and G; the walks (_chunk_state_kernel forward, _chunk_bwd_dstate_kernel
-backward: sequential over chunks) form w and u from Tm themselves, so neither makes a round trip through memory,
-and the forward walk computes the output from the state in its registers. Over a stretch of chunks the state
+_ut_kernel (chunk-parallel) builds Tm, w and u and G: everything that does not depend on the state, so the walks
+(_chunk_state_kernel forward, _chunk_bwd_dstate_kernel backward: sequential over chunks) do only the products
+that do; a walk with few programs runs on few SMs, and every product more in its loop lengthens the critical
+path (bench/results/issue22.md measured w and u formed inside the walk: slower). Over a stretch of chunks the state
 update is affine, S -> P S + E with P = prod (Gam_C - (k Gam_C / Gam)^T w) [K, K]: a long sequence is cut into
 segments whose maps (P, E) one walk of the augmented state [S | P] computes in parallel (MAP), a prefix over
 segments (_segment_scan_kernel) gives each segment its entry state, and the walks then run per segment (LASP-2
@@ -34,12 +35,13 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
 # Launch settings: V block of the walks (BV), whether the forward walk also computes the output (fuse_output;
-# else _chunk_output_kernel does), segmenting (sequences are cut into segments of at least segment_chunks chunks
-# while the walks would run fewer than walk_programs programs; 0: never), V / K blocks of the chunk-parallel
-# kernels, warps per kernel.
-CONFIG = {"BV": 64, "fuse_output": True, "walk_programs": 256, "segment_chunks": 8, "BV_o": 128, "BK_dqk": 64,
-          "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4, "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4,
-          "warps_dqk": 4, "warps_wy_bwd": 4, "warps_scan": 4, "stages": 2}
+# else _chunk_output_kernel does), segmenting (while the walks would keep fewer than walk_programs programs busy,
+# sequences are cut into about segment_programs segments of at least segment_chunks chunks; 0: never), V / K
+# blocks of the chunk-parallel kernels, warps per kernel. A delta segment's map walks K columns more than the
+# state has, so fewer, longer segments pay here than for the decay families (bench/results/issue22.md).
+CONFIG = {"BV": 64, "fuse_output": False, "walk_programs": 128, "segment_programs": 128, "segment_chunks": 8,
+          "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4, "warps_fwd": 4, "warps_o": 4,
+          "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 4, "warps_scan": 4, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -50,12 +52,13 @@ def _new(shape, dtype, device):
 
 
 
-
 @triton.jit
-def _ut_kernel(k, beta, g, tm, gc, cu_seqlens, chunk_indices, H,
-               K: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
-    """Per chunk: Tm = (I + A)^-1, built in fp32 and kept in the inputs' dtype (every product reads it so) for the walks (which form w and u from it) and the backward;
-    and G (gc), the in-chunk cumulative log decay every later kernel reads.
+def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
+               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
+    """Per chunk: Tm = (I + A)^-1 (built in fp32, kept in the inputs' dtype, in which every product reads it),
+    w = Tm (beta Gam k) and u = Tm (beta v): everything of the chunk that does not depend on the state,
+    chunk-parallel, so the walks do only the two products that do; and G (gc), the in-chunk cumulative log decay
+    every later kernel reads.
 
     Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
     all tiles at once), then each tile below the diagonal from the ones above it by matmuls,
@@ -69,6 +72,8 @@ def _ut_kernel(k, beta, g, tm, gc, cu_seqlens, chunk_indices, H,
     o_s = tl.arange(0, BS)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
+    o_v = tl.arange(0, BVU)
+    m_v = o_v < V
     strict = o_s[:, None] > o_s[None, :]
     tok0 = bos + i_c * BT + 0 * BS + o_s
     valid0 = i_c * BT + 0 * BS + o_s < eos - bos
@@ -141,18 +146,66 @@ def _ut_kernel(k, beta, g, tm, gc, cu_seqlens, chunk_indices, H,
     b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision="ieee") + tl.dot(b_A21, b_T10, input_precision="ieee"), input_precision="ieee")
     b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision="ieee") + tl.dot(b_A32, b_T21, input_precision="ieee"), input_precision="ieee")
     b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision="ieee") + tl.dot(b_A31, b_T10, input_precision="ieee") + tl.dot(b_A32, b_T20, input_precision="ieee"), input_precision="ieee")
+    b_x0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(b_k0.dtype)
+    b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+              * b_beta0[:, None]).to(b_k0.dtype)
+    b_x1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_G1))[:, None]).to(b_k1.dtype)
+    b_bv1 = (tl.load(v + (tok1[:, None] * H + i_h) * V + o_v[None, :], mask=valid1[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+              * b_beta1[:, None]).to(b_k1.dtype)
+    b_x2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_G2))[:, None]).to(b_k2.dtype)
+    b_bv2 = (tl.load(v + (tok2[:, None] * H + i_h) * V + o_v[None, :], mask=valid2[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+              * b_beta2[:, None]).to(b_k2.dtype)
+    b_x3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_G3))[:, None]).to(b_k3.dtype)
+    b_bv3 = (tl.load(v + (tok3[:, None] * H + i_h) * V + o_v[None, :], mask=valid3[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+              * b_beta3[:, None]).to(b_k3.dtype)
+    b_w = tl.zeros([BS, BK], dtype=tl.float32)
+    b_u = tl.zeros([BS, BVU], dtype=tl.float32)
+    b_w = tl.dot(b_T00.to(b_x0.dtype), b_x0, b_w)
+    b_u = tl.dot(b_T00.to(b_bv0.dtype), b_bv0, b_u)
+    tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None] & m_k[None, :])
+    tl.store(u + (tok0[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid0[:, None] & m_v[None, :])
     tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
     tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
     tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
     tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+    b_w = tl.zeros([BS, BK], dtype=tl.float32)
+    b_u = tl.zeros([BS, BVU], dtype=tl.float32)
+    b_w = tl.dot(b_T10.to(b_x0.dtype), b_x0, b_w)
+    b_u = tl.dot(b_T10.to(b_bv0.dtype), b_bv0, b_u)
+    b_w = tl.dot(b_T11.to(b_x1.dtype), b_x1, b_w)
+    b_u = tl.dot(b_T11.to(b_bv1.dtype), b_bv1, b_u)
+    tl.store(w + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid1[:, None] & m_k[None, :])
+    tl.store(u + (tok1[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid1[:, None] & m_v[None, :])
     tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10.to(tm.dtype.element_ty), mask=valid1[:, None])
     tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11.to(tm.dtype.element_ty), mask=valid1[:, None])
     tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
     tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+    b_w = tl.zeros([BS, BK], dtype=tl.float32)
+    b_u = tl.zeros([BS, BVU], dtype=tl.float32)
+    b_w = tl.dot(b_T20.to(b_x0.dtype), b_x0, b_w)
+    b_u = tl.dot(b_T20.to(b_bv0.dtype), b_bv0, b_u)
+    b_w = tl.dot(b_T21.to(b_x1.dtype), b_x1, b_w)
+    b_u = tl.dot(b_T21.to(b_bv1.dtype), b_bv1, b_u)
+    b_w = tl.dot(b_T22.to(b_x2.dtype), b_x2, b_w)
+    b_u = tl.dot(b_T22.to(b_bv2.dtype), b_bv2, b_u)
+    tl.store(w + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid2[:, None] & m_k[None, :])
+    tl.store(u + (tok2[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid2[:, None] & m_v[None, :])
     tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20.to(tm.dtype.element_ty), mask=valid2[:, None])
     tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21.to(tm.dtype.element_ty), mask=valid2[:, None])
     tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22.to(tm.dtype.element_ty), mask=valid2[:, None])
     tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid2[:, None])
+    b_w = tl.zeros([BS, BK], dtype=tl.float32)
+    b_u = tl.zeros([BS, BVU], dtype=tl.float32)
+    b_w = tl.dot(b_T30.to(b_x0.dtype), b_x0, b_w)
+    b_u = tl.dot(b_T30.to(b_bv0.dtype), b_bv0, b_u)
+    b_w = tl.dot(b_T31.to(b_x1.dtype), b_x1, b_w)
+    b_u = tl.dot(b_T31.to(b_bv1.dtype), b_bv1, b_u)
+    b_w = tl.dot(b_T32.to(b_x2.dtype), b_x2, b_w)
+    b_u = tl.dot(b_T32.to(b_bv2.dtype), b_bv2, b_u)
+    b_w = tl.dot(b_T33.to(b_x3.dtype), b_x3, b_w)
+    b_u = tl.dot(b_T33.to(b_bv3.dtype), b_bv3, b_u)
+    tl.store(w + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid3[:, None] & m_k[None, :])
+    tl.store(u + (tok3[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid3[:, None] & m_v[None, :])
     tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30.to(tm.dtype.element_ty), mask=valid3[:, None])
     tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
     tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
@@ -160,12 +213,12 @@ def _ut_kernel(k, beta, g, tm, gc, cu_seqlens, chunk_indices, H,
 
 
 @triton.jit
-def _chunk_state_kernel(q, k, v, beta, gc, tm, o, h, v_new, h0, ht, pm, rows, scale, H,
+def _chunk_state_kernel(q, k, w, u, gc, o, h, v_new, h0, ht, pm, rows, scale, H,
                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE: tl.constexpr, FUSE_OUTPUT: tl.constexpr,
                         MAP: tl.constexpr):
     """Per (V block, row, head), chunk after chunk from the row's entry state h0[row] (a row is a sequence or a
-    segment): w = Tm (beta Gam k) and u = Tm (beta v) from the chunk's Tm, v' = u - w S, the next state.
+    segment): v' = u - w S and the next state, two products per chunk (w and u come from _ut_kernel).
 
     STORE keeps the chunk-start states (h) and v' for the backward and an unfused output; FUSE_OUTPUT computes
     the output from the state in registers. MAP (segments): the programs past the V blocks walk the columns of P
@@ -197,18 +250,14 @@ def _chunk_state_kernel(q, k, v, beta, gc, tm, o, h, v_new, h0, ht, pm, rows, sc
         p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
         m_tk = valid[:, None] & m_k[None, :]
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-        b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0).to(b_k.dtype)
+        b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
         last = bos + i_c * BT + tl.minimum(eos - bos - i_c * BT, BT) - 1  # the chunk's last token: G there is its whole decay
         b_G = tl.load(gc + tok * H + i_h, mask=valid, other=0.0)
         b_Glast = tl.load(gc + last * H + i_h)
 
-        b_x = (b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]).to(b_k.dtype)
-        b_w = tl.dot(b_Tm, b_x).to(b_k.dtype)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = valid[:, None] & m_v[None, :]
-        b_bv = (tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32) * b_beta[:, None]).to(b_k.dtype)
-        b_vn = tl.dot(b_Tm, b_bv) - tl.dot(b_w, b_S.to(b_w.dtype))
+        b_vn = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
         if STORE:
             tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=m_tv)
         if FUSE_OUTPUT:
@@ -296,11 +345,11 @@ def _chunk_output_kernel(q, k, gc, h, v_new, o, cu_seqlens, chunk_indices, scale
 
 
 @triton.jit
-def _chunk_bwd_dstate_kernel(q, k, beta, gc, tm, do, dh, dv_new, dht, dh0, qm, rows, scale, H,
+def _chunk_bwd_dstate_kernel(q, k, w, gc, do, dh, dv_new, dht, dh0, qm, rows, scale, H,
                              K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                              USE_DHT: tl.constexpr, USE_H0: tl.constexpr, MAP: tl.constexpr):
     """Per (V block, row, head), chunk after chunk backwards from the gradient of the state leaving the row
-    (dht[row]): dS at each chunk end (dh) and dv'; w is formed from Tm as in the forward. MAP (segments): the
+    (dht[row]): dS at each chunk end (dh) and dv'. MAP (segments): the
     programs past the V blocks walk the columns of P^T from the identity with do = 0, so at the row's start dh0
     holds the gradient the row's outputs send to its entry state and qm holds P^T; nothing else is stored."""
     i_v, i_rh = tl.program_id(0), tl.program_id(1)
@@ -331,14 +380,11 @@ def _chunk_bwd_dstate_kernel(q, k, beta, gc, tm, do, dh, dv_new, dht, dh0, qm, r
         m_tk = valid[:, None] & m_k[None, :]
         b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-        b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0).to(b_k.dtype)
+        b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
         last = bos + i_c * BT + tl.minimum(eos - bos - i_c * BT, BT) - 1  # the chunk's last token: G there is its whole decay
         b_G = tl.load(gc + tok * H + i_h, mask=valid, other=0.0)
         b_Glast = tl.load(gc + last * H + i_h)
 
-        b_x = (b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]).to(b_k.dtype)
-        b_w = tl.dot(b_Tm, b_x).to(b_k.dtype)
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = valid[:, None] & m_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
@@ -542,12 +588,14 @@ def _block_v(V, key="BV"):
 
 
 def _segment_chunks(bounds, programs_per_sequence):
-    """Chunks per segment, or None to walk whole sequences: enough segments that the walks run about
-    CONFIG["walk_programs"] programs, none shorter than CONFIG["segment_chunks"] chunks."""
+    """Chunks per segment, or None to walk whole sequences. A walk lasts as long as its longest sequence, so the
+    walks keep sum(chunks) / max(chunks) * programs_per_sequence programs busy on average; below
+    CONFIG["walk_programs"] the sequences are cut into segments of at least CONFIG["segment_chunks"] chunks, about
+    CONFIG["segment_programs"] of them in all."""
     lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
-    if CONFIG["walk_programs"] <= 0 or not lens:
+    if not lens or max(lens) == 0 or sum(lens) * programs_per_sequence >= CONFIG["walk_programs"] * max(lens):
         return None
-    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["walk_programs"]))
+    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["segment_programs"]))
     return length if max(lens) > length else None
 
 
@@ -600,14 +648,15 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     BV, lay = _walk_layout(q, V, cu_seqlens)
     NT = lay.chunk_indices.shape[0]
     tm = _new((B, T, H, CHUNK), k.dtype, q.device)  # every product reads Tm in the inputs' dtype
+    w, u = _new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device)
     gc = _new(g.shape, torch.float32, q.device)
-    _ut_kernel[(NT, H)](k, beta, g, tm, gc, lay.cu, lay.chunk_indices, H, K=K, BK=BK, BT=CHUNK, BS=BLOCK,
-                        num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages"])
+    _ut_kernel[(NT, H)](k, v, beta, g, w, u, tm, gc, lay.cu, lay.chunk_indices, H, K=K, V=V, BK=BK, BVU=_pow2(V),
+                        BT=CHUNK, BS=BLOCK, num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages"])
     walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
     if lay.segmented:
         def map_walk(programs, rows, e, pm):
             _chunk_state_kernel[(programs, rows)](
-                q, k, v, beta, gc, tm, None, None, None, None, e, pm, lay.rows, scale, H, USE_H0=False, STORE_HT=True,
+                q, k, w, u, gc, None, None, None, None, e, pm, lay.rows, scale, H, USE_H0=False, STORE_HT=True,
                 STORE=False, FUSE_OUTPUT=False, MAP=True, **walk_args)
 
         h0, final = _segment_starts(map_walk, q, initial_state, lay, K, V, BV, output_final_state, REVERSE=False)
@@ -620,7 +669,7 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     v_new = _new(v.shape, v.dtype, q.device) if store else None
     o = _new(v.shape, v.dtype, q.device)
     _chunk_state_kernel[(triton.cdiv(V, BV), lay.rows.shape[0] * H)](
-        q, k, v, beta, gc, tm, o, h, v_new, h0, None if lay.segmented else final, None, lay.rows, scale, H,
+        q, k, w, u, gc, o, h, v_new, h0, None if lay.segmented else final, None, lay.rows, scale, H,
         USE_H0=h0 is not None, STORE_HT=output_final_state and not lay.segmented, STORE=store, FUSE_OUTPUT=fuse,
         MAP=False, **walk_args)
     if not fuse:
@@ -628,24 +677,24 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
         _chunk_output_kernel[(triton.cdiv(V, BVo), NT, H)](q, k, gc, h, v_new, o, lay.cu, lay.chunk_indices, scale, H,
                                                            K=K, V=V, BK=BK, BT=CHUNK, BV=BVo, num_warps=CONFIG["warps_o"],
                                                            num_stages=CONFIG["stages"])
-    return o, final, (tm, gc, h, v_new)
+    return o, final, (w, tm, gc, h, v_new)
 
 
 class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens):
-        # the backward reads Tm, the chunk-start states and v': kept only when a gradient will be asked for
+        # the backward reads w, Tm, the chunk-start states and v' (the last two kept only when a gradient is needed)
         o, final, saved = _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                                    store=any(ctx.needs_input_grad))
-        tm, gc, h, v_new = saved
-        ctx.save_for_backward(q, k, v, beta, initial_state, tm, gc, h, v_new, cu_seqlens)
+        w, tm, gc, h, v_new = saved
+        ctx.save_for_backward(q, k, v, beta, initial_state, w, tm, gc, h, v_new, cu_seqlens)
         ctx.scale = scale
         return o, final
 
     @staticmethod
     def backward(ctx, do, dht):
         dht = dht.contiguous() if dht is not None else None  # an expanded gradient (loss ht.sum()) has stride 0
-        q, k, v, beta, initial_state, tm, gc, h, v_new, cu_seqlens = ctx.saved_tensors
+        q, k, v, beta, initial_state, w, tm, gc, h, v_new, cu_seqlens = ctx.saved_tensors
         B, T, H, K = q.shape
         V = v.shape[-1]
         BK = _pow2(K)
@@ -656,7 +705,7 @@ class _ChunkFunction(torch.autograd.Function):
         if lay.segmented:
             def map_walk(programs, rows, de, qm):
                 _chunk_bwd_dstate_kernel[(programs, rows)](
-                    q, k, beta, gc, tm, do, None, None, None, de, qm, lay.rows, ctx.scale, H, USE_DHT=False,
+                    q, k, w, gc, do, None, None, None, de, qm, lay.rows, ctx.scale, H, USE_DHT=False,
                     USE_H0=True, MAP=True, **walk_args)
 
             dstart, dh0 = _segment_starts(map_walk, q, dht, lay, K, V, BV, initial_state is not None, REVERSE=True)
@@ -666,7 +715,7 @@ class _ChunkFunction(torch.autograd.Function):
         dh = _new(h.shape, h.dtype, q.device)
         dv_new = _new(v.shape, v.dtype, q.device)
         _chunk_bwd_dstate_kernel[(triton.cdiv(V, BV), lay.rows.shape[0] * H)](
-            q, k, beta, gc, tm, do, dh, dv_new, dstart, None if lay.segmented else dh0, None, lay.rows, ctx.scale, H,
+            q, k, w, gc, do, dh, dv_new, dstart, None if lay.segmented else dh0, None, lay.rows, ctx.scale, H,
             USE_DHT=dstart is not None, USE_H0=dh0 is not None and not lay.segmented, MAP=False, **walk_args)
         BKq = min(BK, CONFIG["BK_dqk"])
         while triton.cdiv(K, BKq) & (triton.cdiv(K, BKq) - 1):  # a power of two of K blocks (dG's shares are summed by tl.arange)

@@ -646,12 +646,14 @@ def step_kernel(
 
 # Launch settings; bench scripts may tune them. "walk": the walks that keep the output / dv in separate kernels
 # (K may be split); "walk_fused": the walks with the output (forward) or dv (backward) fused in, whole K.
-# Sequences are cut into segments of at least `segment_chunks` chunks while the walks would otherwise run fewer
-# than `walk_programs` programs (0: never).
+# Sequences are cut into about `segment_programs` segments (of at least `segment_chunks` chunks) while the walks
+# would otherwise keep fewer than `walk_programs` programs busy (0: never). Chosen on an H100
+# (bench/results/issue22.md); whether the walks fuse by default: lmoec.backends.triton.fuses_walks.
 CONFIG = {
-    "fuse_output": True,
-    "fuse_dv": True,
-    "walk_programs": 256,
+    "fuse_output": False,
+    "fuse_dv": False,
+    "walk_programs": 128,
+    "segment_programs": 512,
     "segment_chunks": 8,
     "walk": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     "walk_fused": dict(BV=64, num_warps=4, num_stages=2),
@@ -694,12 +696,14 @@ _LAYOUTS = {}
 
 
 def _segment_chunks(bounds, programs_per_sequence):
-    """Chunks per segment, or None to walk whole sequences: enough segments that the walks run about
-    CONFIG["walk_programs"] programs, none shorter than CONFIG["segment_chunks"] chunks."""
+    """Chunks per segment, or None to walk whole sequences. A walk lasts as long as its longest sequence, so the
+    walks keep sum(chunks) / max(chunks) * programs_per_sequence programs busy on average; below
+    CONFIG["walk_programs"] the sequences are cut into segments of at least CONFIG["segment_chunks"] chunks, about
+    CONFIG["segment_programs"] of them in all."""
     lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
-    if CONFIG["walk_programs"] <= 0 or not lens:
+    if not lens or max(lens) == 0 or sum(lens) * programs_per_sequence >= CONFIG["walk_programs"] * max(lens):
         return None
-    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["walk_programs"]))
+    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["segment_programs"]))
     return length if max(lens) > length else None
 
 

@@ -43,12 +43,12 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
 # Launch settings: V block of the state walks (BV), of the chunk-parallel kernels' V loops (BV_chunk, BV_dv,
-# BV_dqk), K block of the chunk-map and input-gradient kernels' grids (BK_map, BK_dqk), segmenting (sequences
-# are cut into segments of at least segment_chunks chunks while the walks would run fewer than walk_programs
-# programs; 0: never), the V block of the prefix over segments (BV_scan), warps per kernel or kind.
-CONFIG = {"BV": 64, "walk_programs": 256, "segment_chunks": 8, "BV_chunk": 64, "BV_dv": 32, "BV_dqk": 32, "BK_map": 64,
-          "BK_dqk": 32, "BV_scan": 32, "warps_ut": 8, "warps_seq": 8, "warps_chunk": 8, "warps_dv": 8, "warps_dqk": 8,
-          "warps_scan": 4, "stages": 2}
+# BV_dqk), K block of the chunk-map and input-gradient kernels' grids (BK_map, BK_dqk), segmenting (while the
+# walks would keep fewer than walk_programs programs busy, sequences are cut into about segment_programs segments
+# of at least segment_chunks chunks; 0: never), the V block of the prefix over segments (BV_scan), warps per kernel.
+CONFIG = {"BV": 64, "walk_programs": 128, "segment_programs": 256, "segment_chunks": 8, "BV_chunk": 64, "BV_dv": 32,
+          "BV_dqk": 32, "BK_map": 64, "BK_dqk": 32, "BV_scan": 32, "warps_ut": 8, "warps_seq": 8, "warps_chunk": 8,
+          "warps_dv": 8, "warps_dqk": 8, "warps_scan": 4, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -526,12 +526,14 @@ def _block_v(V, key="BV"):
 
 
 def _segment_chunks(bounds, programs_per_sequence):
-    """Chunks per segment, or None to walk whole sequences: enough segments that the walks run about
-    CONFIG["walk_programs"] programs, none shorter than CONFIG["segment_chunks"] chunks."""
+    """Chunks per segment, or None to walk whole sequences. A walk lasts as long as its longest sequence, so the
+    walks keep sum(chunks) / max(chunks) * programs_per_sequence programs busy on average; below
+    CONFIG["walk_programs"] the sequences are cut into segments of at least CONFIG["segment_chunks"] chunks, about
+    CONFIG["segment_programs"] of them in all."""
     lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
-    if CONFIG["walk_programs"] <= 0 or not lens:
+    if not lens or max(lens) == 0 or sum(lens) * programs_per_sequence >= CONFIG["walk_programs"] * max(lens):
         return None
-    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["walk_programs"]))
+    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["segment_programs"]))
     return length if max(lens) > length else None
 
 

@@ -79,18 +79,24 @@ def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: 
     g = s.N * H * g_per_token * 4  # g, G or dg in fp32
     if ctx.rec.delta:
         return _delta_costs(s, ends, g, scalar=g_per_token == 1, fused_output=triton_delta.fuses_output(ctx))
-    return _decay_costs(s, ends, g)
+    from .triton import fuses_walks
+
+    return _decay_costs(s, ends, g, fused=fuses_walks(ctx))
 
 
-def _decay_costs(s: Sizes, ends: int, g: int) -> list[tuple[str, bool, float, float]]:
-    """templates/triton/chunk.py.j2 at its default launch: the forward walk computes the output from the state in
-    registers and stores the chunk states for the backward, whose reverse walk computes dv the same way."""
-    output = s.inter + s.intra_qk + s.intra_v  # q S + tril(q k^T) v per chunk (or, backward, its transpose for dv)
-    costs = [
-        ("chunk_fwd", True, s.inter + output, 2 * s.qk + 2 * s.vv + g + s.states + ends),
-        ("state_bwd", False, s.inter + output, 2 * s.qk + 2 * s.vv + g + s.states + ends),
-        ("grad_qk", False, 2 * s.inter + s.intra_v + 2 * s.intra_qk, 4 * s.qk + 2 * s.vv + 2 * g + 2 * s.states),
-    ]
+def _decay_costs(s: Sizes, ends: int, g: int, fused: bool) -> list[tuple[str, bool, float, float]]:
+    """templates/triton/chunk.py.j2 at its default launch. fused (lmoec.backends.triton.fuses_walks): the forward walk
+    computes the output from the state in registers, the reverse walk dv; else their own chunk-parallel kernels do,
+    reading the stored states. Either way the forward stores the chunk states for the backward."""
+    walk = (s.inter, s.qk + s.vv + g + s.states + ends)  # reads k, v (q, do backward); stores the states
+    output = (s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states)  # q S + tril(q k^T) v (dv likewise)
+    if fused:  # one pass less: q (k) read and o (dv) written by the walk
+        costs = [("chunk_fwd", True, walk[0] + output[0], walk[1] + s.qk + s.vv),
+                 ("state_bwd", False, walk[0] + output[0], walk[1] + s.qk + s.vv)]
+    else:
+        costs = [("chunk_fwd", True, *walk), ("output_fwd", True, *output),
+                 ("state_bwd", False, *walk), ("grad_v", False, *output)]
+    costs.append(("grad_qk", False, 2 * s.inter + s.intra_v + 2 * s.intra_qk, 4 * s.qk + 2 * s.vv + 2 * g + 2 * s.states))
     if g:
         costs.append(("dg_chunk", False, s.inter / s.C, 2 * g + 2 * s.states))  # exit term: h . dh per chunk
     return costs
@@ -98,24 +104,21 @@ def _decay_costs(s: Sizes, ends: int, g: int) -> list[tuple[str, bool, float, fl
 
 def _delta_costs(s: Sizes, ends: int, g: int, scalar: bool, fused_output: bool) -> list[tuple[str, bool, float, float]]:
     """templates/triton/delta.py.j2. The UT transform's 16 x 16 forward substitutions are left out (C * 16 flops
-    per token, off the matrix units); its tile products are bounded by one C x C x C product per chunk. The walks
-    form w = Tm x and u = Tm (beta v) themselves (w again in the backward walk).
+    per token, off the matrix units); its tile products are bounded by one C x C x C product per chunk.
     fused_output: the forward walk computes the output (the emitted default, triton_delta.fuses_output)."""
     beta = s.N * s.H * 4
     tm = s.squares // 2  # Tm in bf16
     fp32_k = 2 * s.qk  # dw, the partial dk
-    walk = 2 * s.inter + s.intra_qk + s.intra_v  # w, u, v' = u - w S, the next state
-    state = (walk, s.qk + 2 * s.vv + beta + g + tm + s.states + ends)  # + v' stored for the backward
+    state = (2 * s.inter, 2 * s.qk + 2 * s.vv + g + s.states + ends)  # reads k, w, u; stores v' and the states
     output = (s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states)
-    if fused_output:  # one pass less: q read and o written by the walk, no v' round trip
+    if fused_output:  # one pass less: q read and o written by the walk
         forward = [("chunk_state", True, state[0] + output[0], state[1] + s.qk + s.vv)]
     else:
         forward = [("chunk_state", True, *state), ("chunk_output", True, *output)]
     return [
-        ("ut", True, s.intra_qk + s.cube, s.qk + beta + 2 * g + tm),
+        ("ut", True, 2 * s.intra_qk + s.intra_v + s.cube, s.qk + s.vv + beta + 2 * g + s.qk + s.vv + tm),
         *forward,
-        ("chunk_bwd_dstate", False, 3 * s.inter + 2 * s.intra_qk + s.intra_v,
-         2 * s.qk + 2 * s.vv + beta + g + tm + s.states + ends),
+        ("chunk_bwd_dstate", False, 3 * s.inter + s.intra_qk + s.intra_v, 3 * s.qk + 2 * s.vv + g + s.states + ends),
         ("bwd_dqk", False, 3 * s.inter + s.intra_v + (3 if scalar else 2) * s.intra_qk,
          2 * s.qk + 2 * s.states + 3 * s.vv + s.qk + 2 * fp32_k + 2 * g),
         ("bwd_wy", False, 2 * s.intra_v + 4 * s.intra_qk + 2 * s.cube,

@@ -31,6 +31,13 @@ def supports(ctx: LSMContext) -> tuple[bool, str]:
     return True, ""
 
 
+def fuses_walks(ctx: LSMContext) -> bool:
+    """Whether the decay family's walks compute the output (forward) and dv (backward) by default (CONFIG fuse_output,
+    fuse_dv). Measured on an H100 (bench/results/issue22.md): fused is faster without a decay or with a scalar one;
+    a vector decay's exp() tiles make the fused walks slower than the chunk-parallel kernels they replace."""
+    return ctx.rec.decay != "vector"
+
+
 def emit(ctx: LSMContext, header: str) -> str:
     """The source of `<lsm>_triton.py`: kernels plus `chunk(...)` (autograd) and `step(...)`."""
     ok, reason = supports(ctx)
@@ -49,4 +56,5 @@ def emit(ctx: LSMContext, header: str) -> str:
         decay=_KERNEL_DECAY[ctx.rec.decay],
         bonus=ctx.rec.bonus,
         sub=SUB_CHUNK,
+        fuse_walks=fuses_walks(ctx),
     )

@@ -26,10 +26,10 @@ def supports(ctx: LSMContext) -> tuple[bool, str]:
 
 
 def fuses_output(ctx: LSMContext) -> bool:
-    """Whether the emitted forward walk computes the output by default (CONFIG fuse_output): with w and u formed in
-    the walk, the output's own kernel would read q, k, the states and v' once more (bench/results/issue22 times
-    both)."""
-    return True
+    """Whether the emitted forward walk computes the output by default (CONFIG fuse_output). Measured on an H100
+    (bench/results/triton_delta.md): faster without a decay; with one, the decayed scores make the fused walk
+    spill and the output's own, chunk-parallel kernel wins."""
+    return ctx.rec.decay == "none"
 
 
 def emit(ctx: LSMContext, header: str) -> str:
