@@ -28,7 +28,6 @@ import traceback
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 FAMILIES = ["bla", "retnet", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet", "rwkv7"]
 # name: (B, T, H, K, V, sequence lengths of a packed batch or None)
@@ -462,9 +461,31 @@ def part_sweep(families, shapes):
         say()
 
 
+def _device_us(event) -> float:
+    """Self CUDA time of a profiler row in us (the attribute's name changed across torch versions)."""
+    for attr in ("self_device_time_total", "self_cuda_time_total"):
+        if hasattr(event, attr):
+            return getattr(event, attr)
+    return 0.0
+
+
+def kernel_times(run, calls: int = 5) -> dict[str, float]:
+    """{kernel: CUDA us per call of `run()`}, mean of `calls` calls after two warm-ups, slowest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):  # compile, autotune and warm up outside the profile
+        run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if _device_us(e) > 0), key=_device_us, reverse=True)
+    return {e.key: _device_us(e) / calls for e in events}
+
+
 def part_profile(families, shapes):
     import torch
-    from gpu_bench import kernel_times
 
     say("## CUDA time per kernel, one forward+backward (us)")
     say()
