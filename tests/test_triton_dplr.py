@@ -81,8 +81,9 @@ def _build(decay: str):
     from lmoec.ir.nodes import Decay, DPLRTerms, LSMSpec, SpecIR
     from lmoec.program import compile_ir
 
-    x = ex.linear(sympy.Symbol("x"), "W")  # any per-key expression: the kernels see only the recurrence's shape
-    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=x), dplr=DPLRTerms(a=x, b=x), chunk_size=CHUNK)
+    x = sympy.Symbol("x")  # any expressions of x: the kernels see only the recurrence's shape
+    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=ex.linear(x, "W_g")),
+                  dplr=DPLRTerms(a=ex.linear(x, "W_a"), b=ex.linear(x, "W_b")), chunk_size=CHUNK)
     program = compile_ir(SpecIR(source=f"test_{decay}.lsm", name=f"test_{decay}", lsms={"mem": lsm}))
     ctx = lsm_context(program.ir, program.ir.lsm())
     ok, reason = triton_backend.supports(ctx)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import lark
 import sympy
+from pydantic import ValidationError
 
 from ..errors import SpecError
 from ..ir import expr as ex
@@ -33,7 +34,7 @@ from ..ir.nodes import (
     Param,
     SpecIR,
 )
-from ..passes.validate import Locs, validate
+from ..passes.validate import MAX_LAYERS, Locs, validate
 from ..paths import ROOT
 from .expressions import lower_expr
 from .parse import Block, ParsedFile, Source, Stmt, Value, parse, read_source
@@ -42,7 +43,6 @@ FEATURE_MAPS = ("identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "reba
 DECAY_KINDS = ("none", "constant", "scalar", "vector")
 PARAM_SYMBOLS = {"h", "i", "H", "K", "V", "layer"}
 MAX_INT = 2**31 - 1  # integer settings size tensors and loops
-MAX_LAYERS = 1024  # a pattern (or `layers`) longer than this is a typo, and passes run per layer
 MAX_IMPORT_DEPTH = 64  # files importing files; loading recurses once per level
 MAX_EXTENDS_DEPTH = 64  # blocks extending blocks; lowering recurses once per level
 
@@ -95,7 +95,7 @@ class Values:
         if isinstance(node, lark.Tree) and node.data == "number":
             text = str(node.children[0])
             if text.isdigit():
-                if len(text) > len(str(MAX_INT)) or int(text) > MAX_INT:
+                if len(text.lstrip("0")) > len(str(MAX_INT)) or int(text) > MAX_INT:
                     self.fail(f"'{self.stmt.name}' = {_abbrev(text)} is out of range (at most {MAX_INT})", node)
                 return sign * int(text)
             if not integer:
@@ -144,7 +144,7 @@ class Values:
                 if not times.isdigit() or not times.strip("0"):
                     self.fail(f"a pattern repeats a positive integer number of times, not {_abbrev(times)}", n.children[1])
                 part = go(n.children[0])
-                if len(times) > len(str(MAX_LAYERS)) or len(part) * int(times) > MAX_LAYERS:
+                if len(times.lstrip("0")) > len(str(MAX_LAYERS)) or len(part) * int(times) > MAX_LAYERS:
                     self.fail(f"the pattern would have more than {MAX_LAYERS} layers", n.children[1])
                 return part * int(times)
             if n.data == "pattern_cat":
@@ -390,7 +390,7 @@ def apply_model(spec: Optional[ModelSpec], block: Block, locs: Locs) -> tuple[di
             f["lsm"] = None if v.is_none() else v.ident()
             lsm_stmt = s
         else:
-            f[key] = _read(v, key)
+            f[key] = v.integer() if key == "heads" else _read(v, key)  # a model's heads can't be none (attention's can)
     missing = [k for k in ("vocab", "hidden", "heads") if k not in f]
     if "pattern" not in f and "layers" not in f:
         missing.append('layers = N or pattern = "..."')
@@ -573,8 +573,10 @@ def load_spec(path: Path) -> SpecIR:
             lsms[lsm_name] = loader.lsm(loader.spaces[key][("lsm", lsm_name)])
         try:
             model = ModelSpec(**fields)
-        except ValueError as err:  # a pydantic type error we did not catch by key
-            raise src.error(f"model '{models[0].name}': {err}", models[0].head) from None
+        except ValidationError as err:  # a type error no key check caught: its first problem, not pydantic's dump
+            first = err.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise src.error(f"model '{models[0].name}': {where}: {first['msg']}", models[0].head) from None
     if pars:
         blk = pars[0]
         _check_keys(blk.body, src, "parallel", PARALLEL_KEYS)

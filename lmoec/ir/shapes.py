@@ -7,7 +7,8 @@ Each data-dependent expression fills a slot of the op (DESIGN.md's conventions):
     per_value  [B, T, H, V]   output_gate
 
 In the layer, `x` is [B, T, hidden]; `q`, `k` are [B, T, H, K] and `v` is
-[B, T, H, V]; `h` is the head index, laid along the slot's H axis; a param has
+[B, T, H, V] (V counts as K where the two are always equal: one expansion and
+no feature map that changes K); `h` is the head index, laid along the slot's H axis; a param has
 its declared dims, except that a per-head param [H] lies along the slot's H
 axis as h does; numbers and H, K, V, layer are scalars. Tensors combine by
 broadcasting from the last axis, as PyTorch does. A projection `inp @ W[r]` is

@@ -20,10 +20,10 @@ from ..ir.shapes import ShapeError, check_shapes
 
 DIMS = ("H", "K", "V", "hidden")
 CHUNK_SIZES = (16, 32, 64, 128, 256)
-MAX_NAME = 64  # lsm and model names become file and module names (`<lsm>_triton.py`)
+MAX_NAME = 64  # an lsm's name names its files and modules (`<lsm>_triton.py`)
 MAX_SHORT_CONV = 64
 MAX_EXPAND = 64  # expand_k, expand_v
-MAX_LAYERS = 1024
+MAX_LAYERS = 1024  # a longer stack is a typo; passes run per layer (the frontend checks before building a pattern)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # Names a param or projection weight can't take: both become attributes of the emitted layer
@@ -156,9 +156,7 @@ class _Checker:
         if lsm.bonus_u:
             if lsm.delta is not None or lsm.dplr is not None:
                 fail("bonus u (RWKV6) reads S_{t-1} and is defined only without delta/dplr", "bonus")
-            if "u" not in lsm.params:
-                fail("bonus u needs its parameter: param u[H, K] = ...", "bonus")
-            if lsm.params["u"].shape != ["H", "K"]:
+            if "u" in lsm.params and lsm.params["u"].shape != ["H", "K"]:
                 fail(f"param u must have shape [H, K], got [{', '.join(lsm.params['u'].shape)}]", "params", "u")
         if lsm.tie_k_to_decay and decay.kind != "vector":
             fail(f"tie k = 1 - exp(g) needs a vector decay (HGRN2), not decay {decay.kind}", "tie")
@@ -201,7 +199,7 @@ class _Checker:
     def _attribute_name(name: str, what: str, fail, *field: str) -> None:
         problem = name_problem(name, attribute=True)
         if problem is None and (name in RESERVED_NAMES or name.startswith("_")):
-            problem = "is reserved: the layer module has an attribute of that name"
+            problem = "is reserved: the emitted layer uses it (as it may any name starting with '_')"
         if problem:
             fail(f"{what} name {name!r} {problem}", *field)
 
