@@ -106,3 +106,23 @@ def compile_spec(path) -> Program:
     from .frontend import load_spec
 
     return compile_ir(load_spec(Path(path)))
+
+
+def check_spec(path) -> Program:
+    """What `lmoec check` runs: compile_spec and every decision an emitter makes that can refuse a spec (the
+    contexts the templates read: each layer's printed expressions, the model's, the MoE's), without rendering or
+    writing. So check and compile accept the same specs (tests/test_fuzz.py holds them to it), and check needs
+    neither jinja2 nor torch."""
+    from .backends.model_emit import model_context
+    from .backends.modules import layer_context
+    from .backends.moe_emit import moe_context
+
+    program = compile_spec(path)
+    ir = program.ir
+    for lsm in ir.lsms.values():
+        layer_context(ir, lsm, header="")
+    if ir.model is not None:
+        model_context(ir)
+        if ir.model.moe is not None:
+            moe_context(ir)
+    return program

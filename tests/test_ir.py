@@ -89,7 +89,7 @@ def test_contract_names_the_bad_argument():
 
 
 def test_lsm_payload_does_not_depend_on_sequence_length():
-    ir = SpecIR(name="t", source="<test>", lsms={"t": LSMSpec(name="t", decay=Decay(kind="vector", expr=sympy.Symbol("x")))})
+    ir = SpecIR(name="t", source="<test>", lsms={"t": LSMSpec(name="t", decay=Decay(kind="vector", expr=ex.linear(sympy.Symbol("x"), "W")))})
     steps = run_passes(ir).comm.steps
     assert steps and all(not s.depends_on_seq_len for s in steps)
     T = sympy.Symbol("T")

@@ -102,13 +102,14 @@ def _build(decay: str, chunk: int):
 
     from lmoec.backends import triton_delta
     from lmoec.backends.context import lsm_context
+    from lmoec.ir import expr as ex
     from lmoec.ir.nodes import Decay, Delta, LSMSpec, SpecIR
     from lmoec.program import compile_ir
 
     x = sympy.Symbol("x")
     # any beta / decay expression: the kernels see only the recurrence's shape (a constant decay reads only h)
-    g_expr = {"none": None, "constant": sympy.Symbol("h")}.get(decay, x)
-    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=g_expr), delta=Delta(beta=x), chunk_size=chunk)
+    g_expr = {"none": None, "constant": sympy.Symbol("h")}.get(decay, ex.linear(x, "W_g"))
+    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=g_expr), delta=Delta(beta=ex.linear(x, "W_b")), chunk_size=chunk)
     program = compile_ir(SpecIR(source=f"test_{decay}.lsm", name=f"test_{decay}", lsms={"mem": lsm}))
     ctx = lsm_context(program.ir, program.ir.lsm())
     ok, reason = triton_delta.supports(ctx)
@@ -236,10 +237,11 @@ def test_dplr_goes_to_its_own_kernels():
     from lmoec.backends import triton as triton_backend
     from lmoec.backends import triton_delta
     from lmoec.backends.context import lsm_context
+    from lmoec.ir import expr as ex
     from lmoec.ir.nodes import Decay, DPLRTerms, LSMSpec, SpecIR
     from lmoec.program import compile_ir
 
-    x = sympy.Symbol("x")
+    x = ex.linear(sympy.Symbol("x"), "W")  # any per-key expression: the kernels see only the recurrence's shape
     lsm = LSMSpec(name="rwkv7", decay=Decay(kind="vector", expr=x), dplr=DPLRTerms(a=x, b=x))
     program = compile_ir(SpecIR(source="rwkv7.lsm", name="rwkv7", lsms={"rwkv7": lsm}))
     ctx = lsm_context(program.ir, program.ir.lsm())

@@ -77,11 +77,13 @@ def _build(decay: str):
 
     from lmoec.backends import triton as triton_backend
     from lmoec.backends.context import lsm_context
+    from lmoec.ir import expr as ex
     from lmoec.ir.nodes import Decay, DPLRTerms, LSMSpec, SpecIR
     from lmoec.program import compile_ir
 
-    x = sympy.Symbol("x")
-    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=x), dplr=DPLRTerms(a=x, b=x), chunk_size=CHUNK)
+    x = sympy.Symbol("x")  # any expressions of x: the kernels see only the recurrence's shape
+    lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=ex.linear(x, "W_g")),
+                  dplr=DPLRTerms(a=ex.linear(x, "W_a"), b=ex.linear(x, "W_b")), chunk_size=CHUNK)
     program = compile_ir(SpecIR(source=f"test_{decay}.lsm", name=f"test_{decay}", lsms={"mem": lsm}))
     ctx = lsm_context(program.ir, program.ir.lsm())
     ok, reason = triton_backend.supports(ctx)
@@ -286,13 +288,14 @@ def test_supports_and_dispatch():
     import lmoec
     from lmoec.backends import triton as triton_backend
     from lmoec.backends.context import lsm_context
+    from lmoec.ir import expr as ex
     from lmoec.ir.nodes import DPLRTerms, LSMSpec, SpecIR
     from lmoec.program import compile_ir
 
     program = lmoec.compile_spec(SPEC)
     assert "rwkv7_triton.py" in program.files
     assert "triton" in program.package.rwkv7_ops.BACKENDS
-    x = sympy.Symbol("x")
+    x = ex.linear(sympy.Symbol("x"), "W")
     lsm = LSMSpec(name="plain", dplr=DPLRTerms(a=x, b=x))
     plain = compile_ir(SpecIR(source="plain.lsm", name="plain", lsms={"plain": lsm}))
     ok, reason = triton_backend.supports(lsm_context(plain.ir, plain.ir.lsm()))

@@ -10,7 +10,6 @@ template only lays the code out.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import sympy
@@ -18,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..ir import expr as ex
 from ..ir.nodes import LSMSpec, SpecIR
+from ..passes.validate import RESERVED_NAMES
 from .context import lsm_context
 from .literal import Name
 from .printer import Projection, Slot, check_identifier, print_torch, projections_of
@@ -29,13 +29,7 @@ NUMBERS = {**{k: v for k, v in DIMS.items() if k != "hidden"}, "layer": "self.la
 SCALAR = Slot("self.heads")
 PER_KEY = Slot("self.heads * self.head_k", "(self.heads, self.head_k)")
 PER_VALUE = Slot("self.heads * self.head_v", "(self.heads, self.head_v)")
-
-# attribute names the layer defines itself; spec weights and params must not take them
-_OWN_NAMES = {
-    "q_proj", "k_proj", "v_proj", "o_proj", "q_conv", "k_conv", "v_conv", "o_norm", "log_decay", "scale",
-    "hidden", "heads", "head_k", "head_v", "key_proj_dim", "layer_idx", "layers",
-    "q_rebased_gamma", "q_rebased_beta", "k_rebased_gamma", "k_rebased_beta",
-}
+DATA = {"x", "q", "k", "v"}
 
 
 class FeatureStep(BaseModel):
@@ -131,15 +125,6 @@ def _x_only_projected(expr: sympy.Basic) -> bool:
     return "x" not in {s.name for s in outside.free_symbols}
 
 
-@functools.lru_cache(maxsize=None)
-def _is_module_attr(name: str) -> bool:
-    """Whether nn.Module has the attribute, which a layer's parameter would shadow (torch imported only here:
-    `lmoec check` and `inspect` never need it)."""
-    import torch
-
-    return hasattr(torch.nn.Module, name)
-
-
 def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     """Decide the whole layer; a ValueError names the part of the spec that can't be built."""
     where = f"lsm {lsm.name}"
@@ -148,7 +133,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
 
     for name in list(lsm.params):
         check_identifier(name, f"{where}: parameter")
-        if name in _OWN_NAMES or _is_module_attr(name) or name in ex.RESERVED_SYMBOLS or name == "i":
+        if name in RESERVED_NAMES or name.startswith("_"):
             raise ValueError(f"{where}: parameter name {name!r} is reserved")
 
     feature_q, rebased_q, helpers_q = _feature_steps("q", lsm.feature_map_q, lsm.short_conv)
@@ -172,7 +157,9 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         """Print one data-dependent expression that fills `slot`."""
         if expr is None:
             return None
-        symbols = {"x": "x", "h": h_code, **NUMBERS, **params, **{s: s for s in per_head}}
+        # a per-head param [H] lies along the slot's H axis, as h does ([H, 1] where the slot is per key or value)
+        laid = {name: f"{code}[:, None]" for name, code in params.items() if lsm.params[name].shape == ["H"] and slot.unflatten}
+        symbols = {"x": "x", "h": h_code, **NUMBERS, **params, **laid, **{s: s for s in per_head}}
         tensors = {"x", "h", *params, *per_head}
         try:
             code = print_torch(expr, symbols, tensors, slot)
@@ -180,11 +167,14 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
         for p in found:
-            if p.weight in params or p.weight in _OWN_NAMES or _is_module_attr(p.weight):
+            if p.weight in params or p.weight in RESERVED_NAMES or p.weight.startswith("_"):
                 raise ValueError(f"{where}: {what}: projection name {p.weight!r} is taken")
             old = projections.setdefault(p.weight, p)
             if old != p:
                 raise ValueError(f"{where}: projection {p.weight} is used as {old.in_features} -> {old.out_features} and as {p.in_features} -> {p.out_features}")
+        if not (ex.free_names(expr) & DATA or ex.linears(expr)):  # a number, or per head only: the op takes [B, T, ...]
+            per_head = slot.unflatten[1:-1] if slot.unflatten else slot.width
+            code = f"torch.broadcast_to(torch.as_tensor({code}, dtype=x.dtype, device=x.device), (*x.shape[:2], {per_head}))"
         return code
 
     g_code = None
@@ -222,6 +212,8 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         scale_code = print_torch(scale_expr, NUMBERS)
     except ValueError as err:
         raise ValueError(f"{where}: scale: {err}") from None
+    if "torch." in scale_code:  # computed as a float64 tensor (see printer._float64): the op takes a float
+        scale_code = f"float({scale_code})"
 
     param_decls = []
     for name, p in lsm.params.items():

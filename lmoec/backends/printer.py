@@ -91,6 +91,7 @@ class TorchPrinter(StrPrinter):
         self.tensors = frozenset(tensors)
         self.slot = slot
         self.hidden = hidden
+        self._projecting = 0  # > 0 while printing a projection's input: projections there stay flat
 
     # ---- entry points -------------------------------------------------
 
@@ -135,7 +136,16 @@ class TorchPrinter(StrPrinter):
         return f"{fn}({', '.join(self._print(a) for a in args)})"
 
     def _elementwise(self, expr: sympy.Basic, torch_fn: str, math_fn: str) -> str:
-        return self._call(torch_fn if self._is_tensor(expr) else math_fn, *expr.args)
+        if self._is_tensor(expr):
+            return self._call(torch_fn, *expr.args)
+        if not expr.free_symbols:  # a constant: the frontend has checked it is a finite float32 value
+            return self._call(math_fn, *expr.args)
+        return f"{torch_fn}({', '.join(self._float64(a) for a in expr.args)})"
+
+    def _float64(self, expr: sympy.Basic) -> str:
+        """A number that reads H, K, V or layer, as a float64 0-d tensor: where Python's math raises on overflow
+        or a negative argument and its ints grow past what PyTorch takes, a tensor gives inf or nan."""
+        return f"torch.as_tensor({self._print(expr)}, dtype=torch.float64)"
 
     # ---- atoms -------------------------------------------------------------
 
@@ -146,7 +156,8 @@ class TorchPrinter(StrPrinter):
         return self.symbols[expr.name]
 
     def _print_Integer(self, expr: sympy.Integer) -> str:
-        return str(int(expr))
+        # Python ints times the layer's sizes (ints) must stay within the int64 that PyTorch takes: large ones are floats
+        return str(int(expr)) if abs(int(expr)) < 2**31 else repr(float(expr))
 
     def _print_Float(self, expr: sympy.Float) -> str:
         value = float(expr)
@@ -177,11 +188,15 @@ class TorchPrinter(StrPrinter):
         if exp == -sympy.S.Half:
             if self._is_tensor(base):
                 return self._call("torch.rsqrt", base)
-            return f"(1 / {self._call('math.sqrt', base)})"
+            if isinstance(base, sympy.Symbol) or not base.free_symbols:  # a size (>= 1) or a checked constant
+                return f"(1 / {self._call('math.sqrt', base)})"
+            return f"torch.rsqrt({self._float64(base)})"
         prec = PRECEDENCE["Pow"]
         exp_text = self._print(exp)
         if not (isinstance(exp, sympy.Integer) and exp >= 0):
             exp_text = f"({exp_text})"
+        if not self._is_tensor(expr) and expr.free_symbols:
+            return f"{self._float64(base)}**{exp_text}"
         return f"{self.parenthesize(base, prec, strict=True)}**{exp_text}"
 
     def _print_Function(self, expr: sympy.Function) -> str:
@@ -235,9 +250,11 @@ class TorchPrinter(StrPrinter):
             inner_text = self._print_Linear(inp, inner=True)
         else:
             self._width(inp)  # the input must be made of x and projections
+            self._projecting += 1
             inner_text = self._print(inp)
+            self._projecting -= 1
         text = f"self.{name}({inner_text})"
-        if not inner and int(expr.args[2]) == 0 and self.slot is not None and self.slot.unflatten:
+        if not (inner or self._projecting) and int(expr.args[2]) == 0 and self.slot is not None and self.slot.unflatten:
             text = f"{text}.unflatten(-1, {self.slot.unflatten})"
         return text
 

@@ -1,4 +1,5 @@
-"""`lmoec check SPEC...`: parse and validate only; nothing is emitted or written, and torch is not imported."""
+"""`lmoec check SPEC...`: all that `lmoec compile` decides, nothing rendered or written (lmoec.program.check_spec);
+neither torch nor jinja2 is imported."""
 from __future__ import annotations
 
 import argparse
@@ -6,22 +7,21 @@ import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("check", help="validate specs without emitting anything")
+    p = subparsers.add_parser("check", help="validate specs: all that compile does, nothing written")
     p.add_argument("specs", nargs="+", metavar="SPEC", help=".lsm spec file(s)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     """Check every spec, each failure reported as it comes; exit 2 if any failed."""
-    from ..frontend import load_spec
-    from ..passes import run_passes
+    from ..program import check_spec
     from . import describe
     from .flags import spec_file
 
     failed = False
     for path in args.specs:
         try:
-            ir = run_passes(load_spec(spec_file(path)))
+            ir = check_spec(spec_file(path)).ir
         except Exception as err:
             message = describe(err)
             if message is None:

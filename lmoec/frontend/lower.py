@@ -16,9 +16,11 @@ from typing import Any, Callable, Optional
 
 import lark
 import sympy
+from pydantic import ValidationError
 
 from ..errors import SpecError
 from ..ir import expr as ex
+from ..ir.expr import F32_MAX
 from ..ir.nodes import (
     AttentionSpec,
     Decay,
@@ -32,14 +34,17 @@ from ..ir.nodes import (
     Param,
     SpecIR,
 )
-from ..passes.validate import Locs, validate
+from ..passes.validate import MAX_LAYERS, Locs, validate
 from ..paths import ROOT
 from .expressions import lower_expr
-from .parse import Block, ParsedFile, Source, Stmt, Value, parse
+from .parse import Block, ParsedFile, Source, Stmt, Value, parse, read_source
 
 FEATURE_MAPS = ("identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "rebased")
 DECAY_KINDS = ("none", "constant", "scalar", "vector")
 PARAM_SYMBOLS = {"h", "i", "H", "K", "V", "layer"}
+MAX_INT = 2**31 - 1  # integer settings size tensors and loops
+MAX_IMPORT_DEPTH = 64  # files importing files; loading recurses once per level
+MAX_EXTENDS_DEPTH = 64  # blocks extending blocks; lowering recurses once per level
 
 
 def display_path(path: Path, given: str) -> str:
@@ -51,6 +56,11 @@ def display_path(path: Path, given: str) -> str:
 
 
 # ---- literal values -----------------------------------------------------------
+
+
+def _abbrev(text: str, keep: int = 24) -> str:
+    """A number as written, shortened if long (a 5000-digit literal stays readable in a message)."""
+    return text if len(text) <= keep else f"{text[:keep // 2]}...{text[-keep // 2:]} ({len(text)} characters)"
 
 
 class Values:
@@ -77,6 +87,7 @@ class Values:
         return len(self.stmt.values) == 1 and self._name(self.stmt.values[0]) == "none"
 
     def number(self, integer: bool) -> Any:
+        """An integer (|n| <= MAX_INT: they size tensors) or a real that is finite in float32."""
         node = self.one()
         sign = 1
         if isinstance(node, lark.Tree) and node.data == "neg":
@@ -84,9 +95,15 @@ class Values:
         if isinstance(node, lark.Tree) and node.data == "number":
             text = str(node.children[0])
             if text.isdigit():
+                if len(text.lstrip("0")) > len(str(MAX_INT)) or int(text) > MAX_INT:
+                    self.fail(f"'{self.stmt.name}' = {_abbrev(text)} is out of range (at most {MAX_INT})", node)
                 return sign * int(text)
             if not integer:
-                return sign * float(text)
+                value = float(text)
+                if not abs(value) <= F32_MAX:
+                    self.fail(f"'{self.stmt.name}' = {_abbrev(text)} is out of range: numbers are finite "
+                              f"float32 values (|x| <= {F32_MAX:.4g})", node)
+                return sign * value
         self.fail(f"'{self.stmt.name}' expects {'an integer' if integer else 'a number'}", node)
 
     def integer(self) -> int:
@@ -116,6 +133,7 @@ class Values:
         return name
 
     def pattern(self) -> str:
+        """The layer letters; their count is checked before a string is built, so `* 10**20` can't exhaust memory."""
         node = self.one()
 
         def go(n: Value) -> str:
@@ -123,11 +141,17 @@ class Values:
                 return str(n.children[0])[1:-1]
             if n.data == "pattern_repeat":
                 times = str(n.children[1])
-                if not times.isdigit() or int(times) < 1:
-                    self.fail(f"a pattern repeats a positive integer number of times, not {times}", n.children[1])
-                return go(n.children[0]) * int(times)
+                if not times.isdigit() or not times.strip("0"):
+                    self.fail(f"a pattern repeats a positive integer number of times, not {_abbrev(times)}", n.children[1])
+                part = go(n.children[0])
+                if len(times.lstrip("0")) > len(str(MAX_LAYERS)) or len(part) * int(times) > MAX_LAYERS:
+                    self.fail(f"the pattern would have more than {MAX_LAYERS} layers", n.children[1])
+                return part * int(times)
             if n.data == "pattern_cat":
-                return go(n.children[0]) + go(n.children[1])
+                whole = go(n.children[0]) + go(n.children[1])
+                if len(whole) > MAX_LAYERS:
+                    self.fail(f"the pattern would have more than {MAX_LAYERS} layers", n)
+                return whole
             self.fail('pattern is a string of L and N, e.g. "LLLN" * 3', n)
 
         if not (isinstance(node, lark.Tree) and node.data.startswith("pattern")):
@@ -138,14 +162,17 @@ class Values:
         return lower_expr(self.one(), symbols, self.src)
 
 
-def _check_keys(stmts: list[Stmt], src: Source, where: str, known: dict[str, tuple]) -> None:
+def _check_keys(stmts: list[Stmt], src: Source, where: str, known: dict[str, tuple], params: bool = False) -> None:
     """Unknown keys, wrong statement forms and duplicates, before any value is read.
 
-    `known` maps key -> (statement kinds allowed, qualifiers allowed or None).
+    `known` maps key -> (statement kinds allowed, qualifiers allowed or None); `params`:
+    whether `param` statements are allowed (in lsm blocks only).
     """
     seen: dict[tuple, lark.Token] = {}
     for s in stmts:
         if s.kind == "param":
+            if not params:
+                raise src.error(f"{where}: 'param {s.key}[...]' belongs in an lsm block", s.key)
             ident = ("param", str(s.key))
         else:
             if s.key not in known:
@@ -188,7 +215,7 @@ LSM_KEYS: dict[str, tuple] = {
 def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
     """Apply one lsm block's statements on top of `spec` (a fresh default or a base's copy)."""
     src, where = block.source, f"lsm '{block.name}'"
-    _check_keys(block.body, src, where, LSM_KEYS)
+    _check_keys(block.body, src, where, LSM_KEYS, params=True)
     f = spec.model_dump(exclude={"recurrence"}, round_trip=True)
     f.update(decay=spec.decay, delta=spec.delta, dplr=spec.dplr, output_gate=spec.output_gate, scale=spec.scale)
     params = dict(spec.params)
@@ -363,13 +390,18 @@ def apply_model(spec: Optional[ModelSpec], block: Block, locs: Locs) -> tuple[di
             f["lsm"] = None if v.is_none() else v.ident()
             lsm_stmt = s
         else:
-            f[key] = _read(v, key)
-    if "pattern" not in f and "layers" in f:
-        f["pattern"] = "L" * f["layers"]
-    f.setdefault("layers", len(f.get("pattern", "")))
+            f[key] = v.integer() if key == "heads" else _read(v, key)  # a model's heads can't be none (attention's can)
     missing = [k for k in ("vocab", "hidden", "heads") if k not in f]
+    if "pattern" not in f and "layers" not in f:
+        missing.append('layers = N or pattern = "..."')
     if missing:
         raise src.error(f"{where}: missing {', '.join(missing)}", block.head)
+    if "pattern" not in f:
+        if f["layers"] > MAX_LAYERS:
+            raise src.error(f"{where}: layers = {f['layers']} is more than {MAX_LAYERS}",
+                            locs.get("model", "layers") or src.loc(block.head))
+        f["pattern"] = "L" * f["layers"]
+    f.setdefault("layers", len(f["pattern"]))
     return f, lsm_stmt
 
 
@@ -392,20 +424,45 @@ class Loader:
         self.lowering: list[Block] = []
 
     def load(self, path: Path, given: str, at: Optional[tuple[Source, lark.Token]] = None) -> Path:
-        """Parse `path` and its imports; returns its resolved path (the namespace key)."""
-        resolved = path.resolve()
+        """Parse `path` and its imports; returns its resolved path (the namespace key).
+
+        A problem with a file as a whole is reported at the `import` that names it, or for
+        the top-level file, against its name; a missing top-level file is FileNotFoundError.
+        """
+
+        def fail(message: str):
+            if at is None:
+                raise SpecError(message, file=given)
+            src, tok = at
+            raise src.error(f"cannot import {tok}: {message}", tok)
+
+        if "\0" in given:
+            fail("the path contains a NUL byte")
+        try:
+            resolved = path.resolve()
+            exists = resolved.exists()
+        except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
+            fail(f"bad path ({err})")
         if resolved in self.stack:
             chain = [str(p.name) for p in self.stack[self.stack.index(resolved):]] + [resolved.name]
             src, tok = at
             raise src.error(f"import cycle: {' -> '.join(chain)}", tok)
         if resolved in self.files:
             return resolved
-        if not resolved.is_file():
+        if not exists:
             if at is None:
                 raise FileNotFoundError(errno.ENOENT, "no such file", given)
-            src, tok = at
-            raise src.error(f"cannot import {tok}: no such file ({given})", tok)
-        parsed = parse(resolved.read_text(), display_path(resolved, given))
+            fail(f"no such file ({given})")
+        if len(self.stack) >= MAX_IMPORT_DEPTH:
+            fail(f"imports nest more than {MAX_IMPORT_DEPTH} files deep")
+        display = display_path(resolved, given)
+        try:
+            text = read_source(resolved, display)
+        except SpecError as err:
+            if err.loc is not None:  # a place inside the file itself (a byte that is not UTF-8)
+                raise
+            fail(err.message)
+        parsed = parse(text, display)
         self.stack.append(resolved)
         space: dict[tuple[str, str], Block] = {}
         for tok in parsed.imports:
@@ -443,6 +500,8 @@ class Loader:
         if base in self.lowering:
             chain = [str(b.name) for b in self.lowering[self.lowering.index(base):]] + [str(base.name)]
             raise blk.source.error(f"cyclic extends: {' -> '.join(chain)}", blk.extends)
+        if len(self.lowering) >= MAX_EXTENDS_DEPTH:
+            raise blk.source.error(f"extends chains more than {MAX_EXTENDS_DEPTH} blocks deep", blk.extends)
         return base
 
     def _file_of(self, blk: Block) -> Path:
@@ -514,8 +573,10 @@ def load_spec(path: Path) -> SpecIR:
             lsms[lsm_name] = loader.lsm(loader.spaces[key][("lsm", lsm_name)])
         try:
             model = ModelSpec(**fields)
-        except ValueError as err:  # a pydantic type error we did not catch by key
-            raise src.error(f"model '{models[0].name}': {err}", models[0].head) from None
+        except ValidationError as err:  # a type error no key check caught: its first problem, not pydantic's dump
+            first = err.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise src.error(f"model '{models[0].name}': {where}: {first['msg']}", models[0].head) from None
     if pars:
         blk = pars[0]
         _check_keys(blk.body, src, "parallel", PARALLEL_KEYS)

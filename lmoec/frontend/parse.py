@@ -3,11 +3,18 @@
 The grammar (grammar/lsm.lark) only fixes the shape of a file: blocks of
 `key [qualifier] = value, ...` statements. What keys mean is decided by
 `lower.py`, so a misspelled key is reported as such, with its position.
+
+The LALR parser itself takes any nesting, but everything after it walks
+trees recursively (this module, the expression builder, sympy, the printer,
+and Python compiling the emitted code), so nesting is bounded here, right
+after parsing, with an error at the place.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Optional, Union
 
 import lark
@@ -17,6 +24,42 @@ from ..ir.nodes import SourceLoc
 from ..paths import GRAMMAR
 
 Value = Union[lark.Tree, lark.Token]
+
+MAX_SPEC_BYTES = 256 * 1024  # library specs are ~1 KiB; this bounds the parser's time on any input
+MAX_EXPR_DEPTH = 40  # nested operators and calls in one value; printed code stays under Python's 200 parentheses
+MAX_EXPR_NODES = 500  # operators, calls, names and numbers in one statement
+MAX_BLOCK_DEPTH = 8  # `key { ... }` inside a block; only one level means anything (attention, moe, ffn)
+
+_EXPR_NODES = {"add", "sub", "mul", "div", "matmul", "neg", "pow", "number", "var", "call", "proj",
+               "pattern_cat", "pattern_repeat", "pattern_str"}
+
+
+def read_source(path: Path, display: str) -> str:
+    """A spec file's text: UTF-8 (a BOM allowed), newlines made '\\n' as Python's text mode does.
+
+    Problems with the file as a whole are SpecErrors without a line (`file=display`);
+    a byte that is not UTF-8 is a SpecError at its line and column.
+    """
+    try:
+        if path.is_dir():
+            raise SpecError("is a directory, not a spec file", file=display)
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise SpecError("not a regular file", file=display)
+        with open(path, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
+    except OSError as err:
+        raise SpecError(f"cannot read the file: {err.strerror or err}", file=display) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"larger than {MAX_SPEC_BYTES // 1024} KiB: not a spec file", file=display)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        start = data.rfind(b"\n", 0, err.start) + 1
+        loc = SourceLoc(file=display, line=data.count(b"\n", 0, err.start) + 1,
+                        col=len(data[start:err.start].decode("utf-8")) + 1)
+        line = data[start:].split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+        raise SpecError(f"the file is not UTF-8 text: byte 0x{data[err.start]:02x} ({err.reason})", loc, line) from None
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
 @dataclass
@@ -155,12 +198,37 @@ def _stmts(body: lark.Tree) -> list[Stmt]:
     return out
 
 
+def _check_limits(tree: lark.Tree, src: Source) -> None:
+    """Bound expression depth and size and block nesting, walking the tree without recursion."""
+    stack: list[tuple[lark.Tree, int, int, Optional[lark.Tree]]] = [(tree, 0, 0, None)]
+    sizes: Counter = Counter()
+    while stack:
+        node, depth, blocks, stmt = stack.pop()
+        if node.data in ("assign", "param"):
+            stmt = node
+        elif node.data == "sub_block":
+            blocks += 1
+            if blocks > MAX_BLOCK_DEPTH:
+                raise src.error(f"blocks nest more than {MAX_BLOCK_DEPTH} deep", node)
+        elif node.data in _EXPR_NODES:
+            depth += 1
+            if depth > MAX_EXPR_DEPTH:
+                raise src.error(f"expression nests more than {MAX_EXPR_DEPTH} levels deep "
+                                "(every operator and call is a level)", node)
+            sizes[id(stmt)] += 1
+            if sizes[id(stmt)] > MAX_EXPR_NODES:
+                raise src.error(f"value too large: more than {MAX_EXPR_NODES} numbers, names and operators", stmt)
+        # leftmost child on top: the first node past a limit is the leftmost one, where a reader starts
+        stack.extend((c, depth, blocks, stmt) for c in reversed(node.children) if isinstance(c, lark.Tree))
+
+
 def parse(text: str, display: str) -> ParsedFile:
-    src = Source(display=display, lines=text.splitlines())
+    src = Source(display=display, lines=text.split("\n"))
     try:
         tree = parser().parse(text)
     except lark.exceptions.UnexpectedInput as err:
         raise _syntax_error(err, src) from None
+    _check_limits(tree, src)
     imports, blocks = [], []
     for item in tree.children:
         if item.data == "import_stmt":

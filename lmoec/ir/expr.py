@@ -47,6 +47,11 @@ BUILTINS: dict[str, Any] = {
 
 RESERVED_SYMBOLS = ("x", "q", "k", "v", "h", "H", "K", "V", "layer")
 
+# Every number in an expression is a finite float32 value (what kernels and layers compute in), and
+# exact fractions stay small enough to print as int64 literals (PyTorch can't take a larger int).
+F32_MAX = 3.4028234663852886e38
+INT64_BITS = 63
+
 _FUNCTION_CLASSES: dict[str, type[sympy.Function]] = {name: sympy.Function(name) for name in FUNCTIONS}
 Linear = sympy.Function("Linear")
 

@@ -7,6 +7,8 @@ then a message points at the enclosing block, or carries no position.
 """
 from __future__ import annotations
 
+import keyword
+import re
 from typing import Optional
 
 import sympy
@@ -14,9 +16,47 @@ import sympy
 from ..errors import SpecError
 from ..ir import expr as ex
 from ..ir.nodes import LSMSpec, ModelSpec, SourceLoc, SpecIR
+from ..ir.shapes import ShapeError, check_shapes
 
 DIMS = ("H", "K", "V", "hidden")
 CHUNK_SIZES = (16, 32, 64, 128, 256)
+MAX_NAME = 64  # an lsm's name names its files and modules (`<lsm>_triton.py`)
+MAX_SHORT_CONV = 64
+MAX_EXPAND = 64  # expand_k, expand_v
+MAX_LAYERS = 1024  # a longer stack is a typo; passes run per layer (the frontend checks before building a pattern)
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+# Names a param or projection weight can't take: both become attributes of the emitted layer
+# (`self.NAME`), beside the layer's own and those of torch.nn.Module (tests/test_hardening_frontend.py
+# checks this covers the template's and the installed torch's). Names starting with '_' are reserved too.
+LAYER_NAMES = frozenset({
+    "q_proj", "k_proj", "v_proj", "o_proj", "q_conv", "k_conv", "v_conv", "o_norm", "log_decay", "scale",
+    "hidden", "heads", "head_k", "head_v", "key_proj_dim", "layer_idx", "layers", "norm_gate", "q_features",
+    "k_features", "reset_parameters", "q_rebased_gamma", "q_rebased_beta", "k_rebased_gamma", "k_rebased_beta",
+})
+MODULE_NAMES = frozenset({
+    "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
+    "cuda", "double", "dump_patches", "eval", "extra_repr", "float", "forward", "get_buffer", "get_extra_state",
+    "get_parameter", "get_submodule", "half", "ipu", "load_state_dict", "modules", "mtia", "named_buffers",
+    "named_children", "named_modules", "named_parameters", "parameters", "register_backward_hook",
+    "register_buffer", "register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
+    "register_full_backward_pre_hook", "register_load_state_dict_post_hook", "register_load_state_dict_pre_hook",
+    "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
+    "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train",
+    "training", "type", "xpu", "zero_grad",
+})
+RESERVED_NAMES = LAYER_NAMES | MODULE_NAMES | set(ex.RESERVED_SYMBOLS) | {"i"}
+
+
+def name_problem(name: str, attribute: bool) -> Optional[str]:
+    """Why `name` can't name an attribute of emitted code (attribute=True), or files and modules, or None."""
+    if not isinstance(name, str) or not _IDENTIFIER.match(name):
+        return "is not an identifier (letters, digits and _, not starting with a digit)"
+    if attribute and keyword.iskeyword(name):
+        return "is a Python keyword"
+    if not attribute and len(name) > MAX_NAME:
+        return f"is longer than {MAX_NAME} characters"
+    return None
 
 
 class Locs:
@@ -61,13 +101,16 @@ class _Checker:
         def fail(msg: str, *field: str):
             self.fail(f"lsm {lsm.name!r}: {msg}", *at, *field, fallback=lsm.loc)
 
+        problem = name_problem(lsm.name, attribute=False)
+        if problem:
+            fail(f"the name {problem}: it names the layer's files and modules")
         if lsm.heads is not None and lsm.heads < 1:
             fail(f"heads must be >= 1, got {lsm.heads}", "heads")
         for key in ("expand_k", "expand_v"):
-            if getattr(lsm, key) <= 0:
-                fail(f"{key} must be > 0, got {getattr(lsm, key)}", key)
-        if lsm.short_conv < 0:
-            fail(f"short_conv must be >= 0 (0: none), got {lsm.short_conv}", "short_conv")
+            if not 0 < getattr(lsm, key) <= MAX_EXPAND:
+                fail(f"{key} must be > 0 and at most {MAX_EXPAND}, got {getattr(lsm, key)}", key)
+        if not 0 <= lsm.short_conv <= MAX_SHORT_CONV:
+            fail(f"short_conv must be between 0 (none) and {MAX_SHORT_CONV}, got {lsm.short_conv}", "short_conv")
         if lsm.chunk_size not in CHUNK_SIZES:
             fail(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}, got {lsm.chunk_size}", "chunk_size")
         for side in ("q", "k"):
@@ -75,6 +118,14 @@ class _Checker:
             for m in maps[:-1]:
                 if m in ("taylor2", "rebased"):
                     fail(f"feature map {m!r} expands the key dimension and must come last", "feature_map", side)
+        if lsm.tie_k_to_decay and lsm.feature_map_k != ["identity"]:
+            fail("tie k = 1 - exp(g) makes k from the decay: it takes no feature map (feature_map q = ... only)",
+                 "feature_map", "k")
+        widths = {side: [m for m in getattr(lsm, f"feature_map_{side}") if m in ("taylor2", "rebased")] for side in "qk"}
+        if widths["q"] != widths["k"] and not lsm.tie_k_to_decay:
+            end = {side: widths[side][-1] if widths[side] else "no map that changes the width" for side in "qk"}
+            fail(f"q and k need one feature width, but q's feature maps end in {end['q']} and k's in {end['k']} "
+                 "(taylor2 and rebased change it)", "feature_map")
 
         params = set(lsm.params)
         data = {"x"} | params | {"h", "H", "K", "V", "layer"}
@@ -118,6 +169,7 @@ class _Checker:
         for name, p in lsm.params.items():
             if name in ex.RESERVED_SYMBOLS:
                 fail(f"param {name!r} shadows a built-in symbol", "params", name)
+            self._attribute_name(name, "param", fail, "params", name)
             if not p.shape:
                 fail(f"param {name!r} needs at least one dimension", "params", name)
             for d in p.shape:
@@ -126,7 +178,30 @@ class _Checker:
             bad = ex.free_names(p.init) - {"h", "i", "H", "K", "V", "layer"}
             if bad or ex.linears(p.init):
                 fail(f"param {name!r}: an init may read only h, i, H, K, V and layer", "params", name)
+            reads = ex.free_names(p.init)
+            if "h" in reads and "H" not in p.shape:
+                fail(f"param {name!r}: the init reads the head index h, but the param has no H dimension", "params", name)
+            if "i" in reads and not set(p.shape) - {"H"}:
+                fail(f"param {name!r}: the init reads the index i, but the param has no K, V or hidden dimension",
+                     "params", name)
         self._weights(lsm, fail)
+        try:
+            check_shapes(lsm)
+        except ShapeError as err:
+            fail(str(err), *err.field)
+        numbers = [(("scale",), lsm.scale)] + [(("params", n), p.init) for n, p in lsm.params.items()]
+        for field, e in _expressions(lsm) + numbers:
+            problem = number_problem(e) if e is not None else None
+            if problem:
+                fail(problem, *field)
+
+    @staticmethod
+    def _attribute_name(name: str, what: str, fail, *field: str) -> None:
+        problem = name_problem(name, attribute=True)
+        if problem is None and (name in RESERVED_NAMES or name.startswith("_")):
+            problem = "is reserved: the emitted layer uses it (as it may any name starting with '_')"
+        if problem:
+            fail(f"{what} name {name!r} {problem}", *field)
 
     @staticmethod
     def _reads(names: set[str], allowed: set[str], what: str, fail, *field: str) -> None:
@@ -134,19 +209,16 @@ class _Checker:
         if bad:
             fail(f"{what} may not read {bad[0]!r}", *field)
 
-    @staticmethod
-    def _weights(lsm: LSMSpec, fail) -> None:
-        """A projection weight is one tensor: it may not also name a param or change rank."""
-        ranks: dict[str, int] = {}
-        for e in lsm_expressions(lsm):
+    def _weights(self, lsm: LSMSpec, fail) -> None:
+        """A projection weight is one tensor with a free name: not a param's, a symbol's or the layer's."""
+        for field, e in _expressions(lsm):
             for lin in ex.linears(e):
                 w, out = lin.args[1].name, int(lin.args[2])
                 if w in lsm.params or w in ex.RESERVED_SYMBOLS:
-                    fail(f"projection weight {w!r} collides with a symbol or param of the same name")
-                if ranks.setdefault(w, out) != out:
-                    fail(f"projection weight {w!r} is used with two different widths")
+                    fail(f"projection weight {w!r} collides with a symbol or param of the same name", *field)
+                self._attribute_name(w, "projection weight", fail, *field)
                 if out < 0:
-                    fail(f"projection {w!r}: a low-rank width must be positive")
+                    fail(f"projection {w!r}: a low-rank width must be positive", *field)
 
     # ---- the model --------------------------------------------------------------
 
@@ -157,6 +229,8 @@ class _Checker:
         for key in ("vocab", "hidden", "layers", "heads", "max_seq_len"):
             if getattr(model, key) < 1:
                 fail(f"{key} must be >= 1, got {getattr(model, key)}", key)
+        if model.layers > MAX_LAYERS:
+            fail(f"layers = {model.layers} is more than {MAX_LAYERS}", "layers")
         if model.hidden % model.heads:
             fail(f"heads = {model.heads} does not divide hidden = {model.hidden}", "heads")
         bad = sorted(set(model.pattern) - {"L", "N"})
@@ -233,18 +307,34 @@ class _Checker:
         self.parallel()
 
 
-def lsm_expressions(lsm: LSMSpec) -> list[sympy.Expr]:
-    """Every expression of an LSM that may hold projections, in a fixed order."""
+def _expressions(lsm: LSMSpec) -> list[tuple[tuple[str, ...], sympy.Expr]]:
+    """Every expression of an LSM that may hold projections, with its statement's position key, in a fixed order."""
     out = []
     if lsm.decay.expr is not None:
-        out.append(lsm.decay.expr)
+        out.append((("decay",), lsm.decay.expr))
     if lsm.delta is not None:
-        out.append(lsm.delta.beta)
+        out.append((("delta",), lsm.delta.beta))
     if lsm.dplr is not None:
-        out += [lsm.dplr.a, lsm.dplr.b]
+        out += [(("dplr", "a"), lsm.dplr.a), (("dplr", "b"), lsm.dplr.b)]
     if lsm.output_gate is not None:
-        out.append(lsm.output_gate)
+        out.append((("output_gate",), lsm.output_gate))
     return out
+
+
+def number_problem(e: sympy.Basic) -> Optional[str]:
+    """What is wrong with the numbers of an expression, or None: each is real and a finite float32 value, and
+    an exact fraction fits int64 (what the frontend guarantees for spec text; an IR built in Python may not)."""
+    if e.has(sympy.I, sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+        return f"expression {e} is not a finite real number"
+    for n in e.atoms(sympy.Number):
+        if isinstance(n, sympy.Rational):
+            if abs(int(n.p)) > ex.F32_MAX * int(n.q):
+                return f"the number {n} is beyond float32 (|x| <= {ex.F32_MAX:.4g})"
+            if max(abs(int(n.p)).bit_length(), int(n.q).bit_length()) > ex.INT64_BITS:
+                return f"the fraction {n} does not fit int64: write it as a float"
+        elif not abs(float(n)) <= ex.F32_MAX:
+            return f"the number {n} is beyond float32 (|x| <= {ex.F32_MAX:.4g})"
+    return None
 
 
 def validate(ir: SpecIR, locs: Optional[Locs] = None) -> SpecIR:
