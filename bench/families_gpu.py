@@ -53,22 +53,19 @@ DECAY_VARIANTS = {
 }
 DELTA_VARIANTS = {
     "default": {},
-    "no segments": {"walk_programs": 0},
-    "segment below 256 programs": {"walk_programs": 256},
-    "256 segments": {"segment_programs": 256},
+    "V block never halved": {"seq_programs": 0},
+    "segments below 128 programs": {"walk_programs": 128},
+    "segments below 128 programs, V block never halved": {"walk_programs": 128, "seq_programs": 0},
     "walks 8 warps": {"warps_fwd": 8, "warps_dstate": 8},
-    "BV 32": {"BV": 32},
     "output fused": {"fuse_output": True},
     "output unfused": {"fuse_output": False},
     "UT 8 warps": {"warps_ut": 8},
 }
 DPLR_VARIANTS = {
     "default": {},
-    "no segments": {"walk_programs": 0},
-    "segment below 256 programs": {"walk_programs": 256},
-    "512 segments": {"segment_programs": 512},
+    "V block never halved": {"seq_programs": 0},
+    "segments below 128 programs": {"walk_programs": 128},
     "walks 4 warps": {"warps_seq": 4},
-    "BV 32": {"BV": 32},
 }
 VARIANTS = {**{f: DECAY_VARIANTS for f in ("bla", "retnet", "simple_gla", "gla", "rwkv6")},
             **{f: DELTA_VARIANTS for f in ("deltanet", "gated_deltanet")}, "rwkv7": DPLR_VARIANTS}

@@ -23,16 +23,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SM90_SHARED_BYTES = 227 * 1024  # an H100's shared memory per block
 
-# the delta and DPLR walks: sequences cut into 1-chunk segments (augmented walks, prefix over segments) or not;
+# the delta and DPLR walks: sequences cut into 1-chunk segments (augmented walks, prefix over segments) or not,
+# at the V block halved for want of programs or not;
 # the delta forward's output in the walk or in its own kernel
 SEGMENTS = {"walk_programs": 10**9, "segment_chunks": 1}
-DELTA = [{}, SEGMENTS, {"fuse_output": True}, {"fuse_output": False}, {"fuse_output": False, **SEGMENTS}]
+HALVED = {"seq_programs": 1000}  # at B*H = 2 the walks' V block halves to 16
+DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True}, {"fuse_output": False}, {"fuse_output": False, **SEGMENTS}]
 # the decay families' walks with and without the output / dv fused, and sequences cut into 1-chunk segments
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": DECAY, "simple_gla": DECAY, "gla": DECAY, "rwkv6": DECAY, "retnet": DECAY,
-    "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": [{}, SEGMENTS],
+    "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": [{}, SEGMENTS, HALVED],
 }
 
 

@@ -38,6 +38,8 @@ SPLIT = {"BV": 16, "BV_o": 16, "BK_dqk": 16, "BV_dqk": 16, "BV_wy": 16}
 # sequences cut into segments of 1 or 2 chunks: the augmented walks, the prefix over segments (LASP-2 on one device)
 SEGMENTS = {"walk_programs": 10**9, "segment_chunks": 1}
 SEGMENTS2 = {"walk_programs": 10**9, "segment_chunks": 2}
+# the walks' V block halved (32 -> 16) for want of programs
+FEW_PROGRAMS = {"seq_programs": 1000}
 # the output computed in the sequential kernel (DeltaNet's default), or by its own kernel (the decays' default)
 FUSED = {"fuse_output": True}
 UNFUSED = {"fuse_output": False}
@@ -55,6 +57,7 @@ CASES = {
     "gated_vector_chunk64": Case("vector", False, None, 64, 100),
     "gated_vector_varlen": Case("vector", True, None, 16, None),
     "gated_vector_blocks": Case("vector", False, None, 32, 40, D=32, config=SPLIT),
+    "gated_scalar_few_programs": Case("scalar", False, None, 32, 40, D=32, config=FEW_PROGRAMS),
     "gated_scalar_segments": Case("scalar", False, None, 16, 100, config=SEGMENTS),
     "deltanet_segments_varlen": Case("none", True, None, 16, None, config=SEGMENTS2),
     "gated_vector_segments_unfused": Case("vector", True, None, 16, None, config={**SEGMENTS, **UNFUSED}),
@@ -174,6 +177,8 @@ def check(name: str) -> dict:
     if case.config:
         mod.CONFIG.update(case.config)
     args, cu = _inputs(decay, case.varlen, case.k_scale, case.T, D=case.D, Dv=case.Dv)
+    if name.endswith("few_programs"):
+        assert mod._walk_layout(args["q"], case.D, cu)[0] == 16
     if "segments" in name:  # the case must take the segmented path
         bounds = [0, 13, 63, 75, 79] if cu is not None else [i * case.T for i in range(3)]
         assert mod._segment_chunks(bounds, 2 * triton_blocks(mod, case.Dv or case.D)) is not None

@@ -42,6 +42,8 @@ CASES = {
     # sequences cut into segments of one chunk: the walks' maps, the prefix over segments (LASP-2 on one device)
     "vector_segments": ("vector", False, "float32"),
     "vector_varlen_segments": ("vector", True, "float32"),
+    # the walks' V block halved for want of programs (64 -> 16 at K = 32, V = 64)
+    "vector_few_programs": ("vector", False, "float32"),
     # head dims K = 24, V = 40: run on tiles padded to 32 and 64
     "vector_dims_24_40": ("vector", False, "float32"),
     # specs/lsm/rwkv7.lsm through the whole pipeline (frontend, passes, emitted package, op), chunk 64
@@ -144,7 +146,10 @@ def check(name: str) -> dict:
         mod.CONFIG.update(BV=16, BV_chunk=16, BV_dv=16, BV_dqk=16, BK_map=16, BK_dqk=16)
     if name.endswith("segments"):
         mod.CONFIG.update(walk_programs=10**9, segment_chunks=1)
-    dims = {"vector_vblocks": {"D": 32, "V": 64}, "vector_dims_24_40": {"D": 24, "V": 40}}.get(name, {})
+    if name == "vector_few_programs":
+        mod.CONFIG.update(seq_programs=1000)
+    dims = {"vector_vblocks": {"D": 32, "V": 64}, "vector_few_programs": {"D": 32, "V": 64},
+            "vector_dims_24_40": {"D": 24, "V": 40}}.get(name, {})
     args, cu = _inputs(decay, varlen, **dims)
     if name == "vector_strong_decay":
         args["g"] = args["g"] * 6.5

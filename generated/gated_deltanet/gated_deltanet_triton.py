@@ -34,14 +34,17 @@ BLOCK = 16  # rows of the UT transform's tiles
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
-# Launch settings: V block of the walks (BV), whether the forward walk also computes the output (fuse_output;
-# else _chunk_output_kernel does), segmenting (while the walks would keep fewer than walk_programs programs busy,
-# sequences are cut into about segment_programs segments of at least segment_chunks chunks; 0: never), V / K
-# blocks of the chunk-parallel kernels, warps per kernel. A delta segment's map walks K columns more than the
-# state has, so fewer, longer segments pay here than for the decay families (bench/results/issue22.md).
-CONFIG = {"BV": 64, "fuse_output": False, "walk_programs": 128, "segment_programs": 128, "segment_chunks": 8,
-          "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4, "warps_fwd": 4, "warps_o": 4,
-          "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 4, "warps_scan": 4, "stages": 2}
+# Launch settings: V block of the walks (BV, halved down to 16 while fewer than seq_programs programs would walk),
+# whether the forward walk also computes the output (fuse_output; else _chunk_output_kernel does), segmenting
+# (while the walks would keep fewer than walk_programs programs busy, sequences are cut into about
+# segment_programs segments of at least segment_chunks chunks; 0: never), V / K blocks of the chunk-parallel
+# kernels, warps per kernel. On an H100 (bench/results/issue22.md) a delta segment's map, which walks K columns
+# more than the state has, cost more than it gained at 32K tokens against the halved V block (3.8 against 1.9 ms
+# forward), so segmenting is off by default: it stays for shapes where halving can't fill the GPU.
+CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": False, "walk_programs": 0, "segment_programs": 128,
+          "segment_chunks": 8, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4,
+          "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 4,
+          "warps_scan": 4, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -599,7 +602,15 @@ def _segment_chunks(bounds, programs_per_sequence):
     return length if max(lens) > length else None
 
 
+_LAYOUTS = {}
+
+
 def _layout(bounds, device, segment_chunks):
+    """The index tables of a packed batch, built once per (lengths, device, segmenting): building them costs host
+    time and a copy to the device, which would stall the GPU between a call's kernels every call."""
+    key = (tuple(bounds), str(device), segment_chunks)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
     rows, pairs, seq_segs = [], [], []
     span = (segment_chunks or 1 << 62) * CHUNK
     for n, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
@@ -612,14 +623,21 @@ def _layout(bounds, device, segment_chunks):
             rows.append((bos, eos, first))
         pairs += [(n, c) for c in range(triton.cdiv(eos - bos, CHUNK))]
     as_tensor = lambda x, width: torch.tensor(x, dtype=torch.int32).reshape(-1, width).to(device)
-    return _Layout(torch.tensor(bounds, dtype=torch.int32).to(device), as_tensor(pairs, 2), as_tensor(rows, 3),
-                   as_tensor(seq_segs, 2), segment_chunks is not None)
+    if len(_LAYOUTS) > 64:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = _Layout(torch.tensor(bounds, dtype=torch.int32).to(device), as_tensor(pairs, 2),
+                            as_tensor(rows, 3), as_tensor(seq_segs, 2), segment_chunks is not None)
+    return _LAYOUTS[key]
 
 
 def _walk_layout(q, V, cu_seqlens):
+    """(V block, layout) of the walks: the V block halves (down to 16) while fewer than CONFIG["seq_programs"]
+    programs would walk, then sequences are cut into segments if the walks would still keep too few busy."""
     B, T, H = q.shape[:3]
     bounds = [i * T for i in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
     BV = _block_v(V)
+    while BV > 16 and (len(bounds) - 1) * H * triton.cdiv(V, BV) < CONFIG["seq_programs"]:
+        BV //= 2
     return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV)))
 
 

@@ -42,13 +42,16 @@ CHUNK = 64
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
-# Launch settings: V block of the state walks (BV), of the chunk-parallel kernels' V loops (BV_chunk, BV_dv,
-# BV_dqk), K block of the chunk-map and input-gradient kernels' grids (BK_map, BK_dqk), segmenting (while the
-# walks would keep fewer than walk_programs programs busy, sequences are cut into about segment_programs segments
-# of at least segment_chunks chunks; 0: never), the V block of the prefix over segments (BV_scan), warps per kernel.
-CONFIG = {"BV": 64, "walk_programs": 128, "segment_programs": 256, "segment_chunks": 8, "BV_chunk": 64, "BV_dv": 32,
-          "BV_dqk": 32, "BK_map": 64, "BK_dqk": 32, "BV_scan": 32, "warps_ut": 8, "warps_seq": 8, "warps_chunk": 8,
-          "warps_dv": 8, "warps_dqk": 8, "warps_scan": 4, "stages": 2}
+# Launch settings: V block of the state walks (BV, halved down to 16 while fewer than seq_programs programs would
+# walk), of the chunk-parallel kernels' V loops (BV_chunk, BV_dv, BV_dqk), K block of the chunk-map and
+# input-gradient kernels' grids (BK_map, BK_dqk), segmenting (while the walks would keep fewer than walk_programs
+# programs busy, sequences are cut into about segment_programs segments of at least segment_chunks chunks; 0:
+# never), the V block of the prefix over segments (BV_scan), warps per kernel. On an H100 the segment maps, which
+# walk K columns more than the state, cost more at 32K tokens (8.0 ms forward, bench/results/issue22.md) than the
+# halved V block gained (4.9 ms, bench/results/triton_dplr.md), so segmenting is off by default.
+CONFIG = {"BV": 64, "seq_programs": 128, "walk_programs": 0, "segment_programs": 256, "segment_chunks": 8, "BV_chunk": 64,
+          "BV_dv": 32, "BV_dqk": 32, "BK_map": 64, "BK_dqk": 32, "BV_scan": 32, "warps_ut": 8, "warps_seq": 8,
+          "warps_chunk": 8, "warps_dv": 8, "warps_dqk": 8, "warps_scan": 4, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -537,7 +540,15 @@ def _segment_chunks(bounds, programs_per_sequence):
     return length if max(lens) > length else None
 
 
+_LAYOUTS = {}
+
+
 def _layout(bounds, device, segment_chunks):
+    """The index tables of a packed batch, built once per (lengths, device, segmenting): building them costs host
+    time and a copy to the device, which would stall the GPU between a call's kernels every call."""
+    key = (tuple(bounds), str(device), segment_chunks)
+    if key in _LAYOUTS:
+        return _LAYOUTS[key]
     rows, pairs, seq_segs = [], [], []
     span = (segment_chunks or 1 << 62) * CHUNK
     for n, (bos, eos) in enumerate(zip(bounds, bounds[1:])):
@@ -550,14 +561,21 @@ def _layout(bounds, device, segment_chunks):
             rows.append((bos, eos, first))
         pairs += [(n, c) for c in range(triton.cdiv(eos - bos, CHUNK))]
     as_tensor = lambda x, width: torch.tensor(x, dtype=torch.int32).reshape(-1, width).to(device)
-    return _Layout(torch.tensor(bounds, dtype=torch.int32).to(device), as_tensor(pairs, 2), as_tensor(rows, 3),
-                   as_tensor(seq_segs, 2), segment_chunks is not None)
+    if len(_LAYOUTS) > 64:
+        _LAYOUTS.clear()
+    _LAYOUTS[key] = _Layout(torch.tensor(bounds, dtype=torch.int32).to(device), as_tensor(pairs, 2),
+                            as_tensor(rows, 3), as_tensor(seq_segs, 2), segment_chunks is not None)
+    return _LAYOUTS[key]
 
 
 def _walk_layout(q, V, cu_seqlens):
+    """(V block, layout) of the walks: the V block halves (down to 16) while fewer than CONFIG["seq_programs"]
+    programs would walk, then sequences are cut into segments if the walks would still keep too few busy."""
     B, T, H = q.shape[:3]
     bounds = [i * T for i in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
     BV = _block_v(V)
+    while BV > 16 and (len(bounds) - 1) * H * triton.cdiv(V, BV) < CONFIG["seq_programs"]:
+        BV //= 2
     return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV)))
 
 
