@@ -115,6 +115,7 @@ CHILD = textwrap.dedent(
         "fp32 head dims K=24 V=40 (padded tiles)": case(1, 33, 2, 24, 40, torch.float32),
         "fp32 head dims K=8 V=12": case(1, 20, 1, 8, 12, torch.float32),
         "fp32 varlen [7, 16, 1, 21]": case(1, 45, 2, 16, 16, torch.float32, lens=[7, 16, 1, 21]),
+        "fp32 varlen with an empty sequence [5, 0, 30]": case(1, 35, 2, 16, 16, torch.float32, lens=[5, 0, 30]),
         "fp16 T=40": case(1, 40, 2, 16, 16, torch.float16),
         "fp32 loss on ht.sum() (expanded gradient)": case(1, 20, 2, 16, 16, torch.float32, state_sum=True),
         "step fp32": step_case(torch.float32),
