@@ -50,6 +50,7 @@ DECAY_VARIANTS = {
     "fused walks": {"fuse_output": True, "fuse_dv": True},
     "unfused walks": {"fuse_output": False, "fuse_dv": False},
     "fused walks, 8 warps": {"fuse_output": True, "fuse_dv": True, "walk_fused": dict(BV=64, num_warps=8, num_stages=2)},
+    "bonus sub-chunk": {"bonus_whole_chunk": False},  # RWKV6: every chunk's dq/dk through the sub-chunk kernel
 }
 DELTA_VARIANTS = {
     "default": {},
@@ -60,6 +61,8 @@ DELTA_VARIANTS = {
     "output fused": {"fuse_output": True},
     "output unfused": {"fuse_output": False},
     "UT 8 warps": {"warps_ut": 8},
+    "wide wu": {"wide_wu": True},
+    "wide wu 8 warps": {"wide_wu": True, "warps_ut": 8},
 }
 DPLR_VARIANTS = {
     "default": {},
@@ -72,6 +75,8 @@ VARIANTS = {**{f: DECAY_VARIANTS for f in ("bla", "retnet", "simple_gla", "gla",
 
 DEVICE = "cuda"  # "cpu" with TRITON_INTERPRET=1 smoke-tests this script's Python (not its numbers)
 OUT_DIR = ""
+OVERRIDES: dict = {}  # --set KEY=JSON: launch settings every part starts from (keys a module lacks are skipped)
+SWEEP_ONLY: list[str] = []  # --variants: the sweep's variants to time (all when empty)
 LOG: list[str] = []
 REPORT: list[str] = []
 START = time.time()
@@ -101,7 +106,9 @@ def build(spec):
     program = lmoec.compile_spec(os.path.join(ROOT, "specs", "lsm", f"{spec}.lsm"))
     lsm = program.ir.lsm()
     pkg = program.package
-    return getattr(pkg, f"{lsm.name}_triton"), getattr(pkg, f"{lsm.name}_torch"), lsm.recurrence
+    tri = getattr(pkg, f"{lsm.name}_triton")
+    tri.CONFIG.update({key: value for key, value in OVERRIDES.items() if key in tri.CONFIG})
+    return tri, getattr(pkg, f"{lsm.name}_torch"), lsm.recurrence
 
 
 def arg_names(module):
@@ -439,6 +446,8 @@ def part_sweep(families, shapes):
         say("| variant | " + " | ".join(shapes) + " |")
         say("|---|" + "---|" * len(shapes))
         for name, setting in variants.items():
+            if SWEEP_ONLY and name not in SWEEP_ONLY:
+                continue
             cells = []
             for shape in shapes:
                 tri.CONFIG.update(setting)
@@ -519,8 +528,15 @@ def main():
     ap.add_argument("--no-peers", action="store_true", help="time lmoec (and SDPA) only: fla's autotuning takes minutes")
     ap.add_argument("--no-sdpa", action="store_true")
     ap.add_argument("--cases", default="", help="check only the cases whose label contains one of these (comma list)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="a launch setting of every emitted module (CONFIG key), e.g. --set wide_wu=true")
+    ap.add_argument("--variants", default="", help="the sweep's variants to time, by name (comma list; default all)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     opts = ap.parse_args()
+    for item in opts.set:
+        key, _, value = item.partition("=")
+        OVERRIDES[key] = json.loads(value)
+    SWEEP_ONLY.extend(name for name in opts.variants.split(",") if name)
     opts.head_dims = [int(d) for d in opts.head_dims.split(",") if d]
     global OUT_DIR
     OUT_DIR = opts.out

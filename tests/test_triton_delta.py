@@ -43,6 +43,8 @@ FEW_PROGRAMS = {"seq_programs": 1000}
 # the output computed in the sequential kernel (DeltaNet's default), or by its own kernel (the decays' default)
 FUSED = {"fuse_output": True}
 UNFUSED = {"fuse_output": False}
+# w and u as two chunk-wide products of the stored Tm (read back after a barrier)
+WIDE = {"wide_wu": True}
 CASES = {
     "deltanet": Case("none", False, None, 16, 40),
     "deltanet_chunk64": Case("none", False, None, 64, 100),
@@ -74,6 +76,9 @@ CASES = {
     "gated_scalar_fused_blocks": Case("scalar", False, None, 16, 40, D=32, config={**SPLIT, **FUSED}),
     # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op; its chunk is 64)
     "spec_gated_delta_vector": Case("vector", True, None, 64, None),
+    "deltanet_wide_wu_varlen": Case("none", True, None, 32, None, config=WIDE),
+    "gated_scalar_wide_wu_chunk64": Case("scalar", False, None, 64, 100, D=24, Dv=40, config=WIDE),
+    "gated_vector_wide_wu_varlen": Case("vector", True, None, 16, None, config=WIDE),
 }
 SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs", "lsm", "gated_delta_vector.lsm")
 

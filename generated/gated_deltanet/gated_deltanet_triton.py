@@ -44,7 +44,7 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": False, "walk_programs": 0, "segment_programs": 128,
           "segment_chunks": 8, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4,
           "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 4,
-          "warps_scan": 4, "stages": 2}
+          "warps_scan": 4, "stages": 2, "wide_wu": False}
 
 
 def _new(shape, dtype, device):
@@ -57,7 +57,8 @@ def _new(shape, dtype, device):
 
 @triton.jit
 def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
-               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr):
+               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+               WIDE_WU: tl.constexpr):
     """Per chunk: Tm = (I + A)^-1 (built in fp32, kept in the inputs' dtype, in which every product reads it),
     w = Tm (beta Gam k) and u = Tm (beta v): everything of the chunk that does not depend on the state,
     chunk-parallel, so the walks do only the two products that do; and G (gc), the in-chunk cumulative log decay
@@ -65,7 +66,8 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
 
     Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
     all tiles at once), then each tile below the diagonal from the ones above it by matmuls,
-    T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products.
+    T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products. WIDE_WU: w and u as two [BT, BT] x [BT, *]
+    products of the Tm just stored (read back after a barrier) instead of 20 [BS, BS] x [BS, *] ones.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
@@ -149,70 +151,100 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision="ieee") + tl.dot(b_A21, b_T10, input_precision="ieee"), input_precision="ieee")
     b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision="ieee") + tl.dot(b_A32, b_T21, input_precision="ieee"), input_precision="ieee")
     b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision="ieee") + tl.dot(b_A31, b_T10, input_precision="ieee") + tl.dot(b_A32, b_T20, input_precision="ieee"), input_precision="ieee")
-    b_x0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(b_k0.dtype)
-    b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-              * b_beta0[:, None]).to(b_k0.dtype)
-    b_x1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_G1))[:, None]).to(b_k1.dtype)
-    b_bv1 = (tl.load(v + (tok1[:, None] * H + i_h) * V + o_v[None, :], mask=valid1[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-              * b_beta1[:, None]).to(b_k1.dtype)
-    b_x2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_G2))[:, None]).to(b_k2.dtype)
-    b_bv2 = (tl.load(v + (tok2[:, None] * H + i_h) * V + o_v[None, :], mask=valid2[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-              * b_beta2[:, None]).to(b_k2.dtype)
-    b_x3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_G3))[:, None]).to(b_k3.dtype)
-    b_bv3 = (tl.load(v + (tok3[:, None] * H + i_h) * V + o_v[None, :], mask=valid3[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-              * b_beta3[:, None]).to(b_k3.dtype)
-    b_w = tl.zeros([BS, BK], dtype=tl.float32)
-    b_u = tl.zeros([BS, BVU], dtype=tl.float32)
-    b_w = tl.dot(b_T00.to(b_x0.dtype), b_x0, b_w)
-    b_u = tl.dot(b_T00.to(b_bv0.dtype), b_bv0, b_u)
-    tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None] & m_k[None, :])
-    tl.store(u + (tok0[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid0[:, None] & m_v[None, :])
-    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
-    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-    b_w = tl.zeros([BS, BK], dtype=tl.float32)
-    b_u = tl.zeros([BS, BVU], dtype=tl.float32)
-    b_w = tl.dot(b_T10.to(b_x0.dtype), b_x0, b_w)
-    b_u = tl.dot(b_T10.to(b_bv0.dtype), b_bv0, b_u)
-    b_w = tl.dot(b_T11.to(b_x1.dtype), b_x1, b_w)
-    b_u = tl.dot(b_T11.to(b_bv1.dtype), b_bv1, b_u)
-    tl.store(w + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid1[:, None] & m_k[None, :])
-    tl.store(u + (tok1[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid1[:, None] & m_v[None, :])
-    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10.to(tm.dtype.element_ty), mask=valid1[:, None])
-    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11.to(tm.dtype.element_ty), mask=valid1[:, None])
-    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
-    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
-    b_w = tl.zeros([BS, BK], dtype=tl.float32)
-    b_u = tl.zeros([BS, BVU], dtype=tl.float32)
-    b_w = tl.dot(b_T20.to(b_x0.dtype), b_x0, b_w)
-    b_u = tl.dot(b_T20.to(b_bv0.dtype), b_bv0, b_u)
-    b_w = tl.dot(b_T21.to(b_x1.dtype), b_x1, b_w)
-    b_u = tl.dot(b_T21.to(b_bv1.dtype), b_bv1, b_u)
-    b_w = tl.dot(b_T22.to(b_x2.dtype), b_x2, b_w)
-    b_u = tl.dot(b_T22.to(b_bv2.dtype), b_bv2, b_u)
-    tl.store(w + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid2[:, None] & m_k[None, :])
-    tl.store(u + (tok2[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid2[:, None] & m_v[None, :])
-    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20.to(tm.dtype.element_ty), mask=valid2[:, None])
-    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21.to(tm.dtype.element_ty), mask=valid2[:, None])
-    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22.to(tm.dtype.element_ty), mask=valid2[:, None])
-    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid2[:, None])
-    b_w = tl.zeros([BS, BK], dtype=tl.float32)
-    b_u = tl.zeros([BS, BVU], dtype=tl.float32)
-    b_w = tl.dot(b_T30.to(b_x0.dtype), b_x0, b_w)
-    b_u = tl.dot(b_T30.to(b_bv0.dtype), b_bv0, b_u)
-    b_w = tl.dot(b_T31.to(b_x1.dtype), b_x1, b_w)
-    b_u = tl.dot(b_T31.to(b_bv1.dtype), b_bv1, b_u)
-    b_w = tl.dot(b_T32.to(b_x2.dtype), b_x2, b_w)
-    b_u = tl.dot(b_T32.to(b_bv2.dtype), b_bv2, b_u)
-    b_w = tl.dot(b_T33.to(b_x3.dtype), b_x3, b_w)
-    b_u = tl.dot(b_T33.to(b_bv3.dtype), b_bv3, b_u)
-    tl.store(w + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid3[:, None] & m_k[None, :])
-    tl.store(u + (tok3[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid3[:, None] & m_v[None, :])
-    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30.to(tm.dtype.element_ty), mask=valid3[:, None])
-    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
-    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
-    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
+    if WIDE_WU:
+        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
+        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10.to(tm.dtype.element_ty), mask=valid1[:, None])
+        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11.to(tm.dtype.element_ty), mask=valid1[:, None])
+        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20.to(tm.dtype.element_ty), mask=valid2[:, None])
+        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21.to(tm.dtype.element_ty), mask=valid2[:, None])
+        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22.to(tm.dtype.element_ty), mask=valid2[:, None])
+        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid2[:, None])
+        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30.to(tm.dtype.element_ty), mask=valid3[:, None])
+        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
+        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
+        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
+        tl.debug_barrier()  # the rows of Tm this program stored are read back by other threads
+        o_t = tl.arange(0, BT)
+        tok = bos + i_c * BT + o_t
+        valid = i_c * BT + o_t < eos - bos
+        b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
+        b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
+        b_x = (b_k.to(tl.float32) * (b_beta * tl.exp(tl.load(gc + tok * H + i_h, mask=valid, other=0.0)))[:, None]).to(b_k.dtype)
+        tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], tl.dot(b_Tm, b_x).to(w.dtype.element_ty), mask=valid[:, None] & m_k[None, :])
+        b_bv = (tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                * b_beta[:, None]).to(b_k.dtype)
+        tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], tl.dot(b_Tm, b_bv).to(u.dtype.element_ty), mask=valid[:, None] & m_v[None, :])
+    else:
+        b_x0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(b_k0.dtype)
+        b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                  * b_beta0[:, None]).to(b_k0.dtype)
+        b_x1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_G1))[:, None]).to(b_k1.dtype)
+        b_bv1 = (tl.load(v + (tok1[:, None] * H + i_h) * V + o_v[None, :], mask=valid1[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                  * b_beta1[:, None]).to(b_k1.dtype)
+        b_x2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_G2))[:, None]).to(b_k2.dtype)
+        b_bv2 = (tl.load(v + (tok2[:, None] * H + i_h) * V + o_v[None, :], mask=valid2[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                  * b_beta2[:, None]).to(b_k2.dtype)
+        b_x3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_G3))[:, None]).to(b_k3.dtype)
+        b_bv3 = (tl.load(v + (tok3[:, None] * H + i_h) * V + o_v[None, :], mask=valid3[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                  * b_beta3[:, None]).to(b_k3.dtype)
+        b_w = tl.zeros([BS, BK], dtype=tl.float32)
+        b_u = tl.zeros([BS, BVU], dtype=tl.float32)
+        b_w = tl.dot(b_T00.to(b_x0.dtype), b_x0, b_w)
+        b_u = tl.dot(b_T00.to(b_bv0.dtype), b_bv0, b_u)
+        tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None] & m_k[None, :])
+        tl.store(u + (tok0[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid0[:, None] & m_v[None, :])
+        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
+        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+        b_w = tl.zeros([BS, BK], dtype=tl.float32)
+        b_u = tl.zeros([BS, BVU], dtype=tl.float32)
+        b_w = tl.dot(b_T10.to(b_x0.dtype), b_x0, b_w)
+        b_u = tl.dot(b_T10.to(b_bv0.dtype), b_bv0, b_u)
+        b_w = tl.dot(b_T11.to(b_x1.dtype), b_x1, b_w)
+        b_u = tl.dot(b_T11.to(b_bv1.dtype), b_bv1, b_u)
+        tl.store(w + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid1[:, None] & m_k[None, :])
+        tl.store(u + (tok1[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid1[:, None] & m_v[None, :])
+        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10.to(tm.dtype.element_ty), mask=valid1[:, None])
+        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11.to(tm.dtype.element_ty), mask=valid1[:, None])
+        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+        b_w = tl.zeros([BS, BK], dtype=tl.float32)
+        b_u = tl.zeros([BS, BVU], dtype=tl.float32)
+        b_w = tl.dot(b_T20.to(b_x0.dtype), b_x0, b_w)
+        b_u = tl.dot(b_T20.to(b_bv0.dtype), b_bv0, b_u)
+        b_w = tl.dot(b_T21.to(b_x1.dtype), b_x1, b_w)
+        b_u = tl.dot(b_T21.to(b_bv1.dtype), b_bv1, b_u)
+        b_w = tl.dot(b_T22.to(b_x2.dtype), b_x2, b_w)
+        b_u = tl.dot(b_T22.to(b_bv2.dtype), b_bv2, b_u)
+        tl.store(w + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid2[:, None] & m_k[None, :])
+        tl.store(u + (tok2[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid2[:, None] & m_v[None, :])
+        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20.to(tm.dtype.element_ty), mask=valid2[:, None])
+        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21.to(tm.dtype.element_ty), mask=valid2[:, None])
+        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22.to(tm.dtype.element_ty), mask=valid2[:, None])
+        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid2[:, None])
+        b_w = tl.zeros([BS, BK], dtype=tl.float32)
+        b_u = tl.zeros([BS, BVU], dtype=tl.float32)
+        b_w = tl.dot(b_T30.to(b_x0.dtype), b_x0, b_w)
+        b_u = tl.dot(b_T30.to(b_bv0.dtype), b_bv0, b_u)
+        b_w = tl.dot(b_T31.to(b_x1.dtype), b_x1, b_w)
+        b_u = tl.dot(b_T31.to(b_bv1.dtype), b_bv1, b_u)
+        b_w = tl.dot(b_T32.to(b_x2.dtype), b_x2, b_w)
+        b_u = tl.dot(b_T32.to(b_bv2.dtype), b_bv2, b_u)
+        b_w = tl.dot(b_T33.to(b_x3.dtype), b_x3, b_w)
+        b_u = tl.dot(b_T33.to(b_bv3.dtype), b_bv3, b_u)
+        tl.store(w + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid3[:, None] & m_k[None, :])
+        tl.store(u + (tok3[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid3[:, None] & m_v[None, :])
+        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30.to(tm.dtype.element_ty), mask=valid3[:, None])
+        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
+        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
+        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
 
 
 @triton.jit
@@ -669,7 +701,8 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     w, u = _new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device)
     gc = _new(g.shape, torch.float32, q.device)
     _ut_kernel[(NT, H)](k, v, beta, g, w, u, tm, gc, lay.cu, lay.chunk_indices, H, K=K, V=V, BK=BK, BVU=_pow2(V),
-                        BT=CHUNK, BS=BLOCK, num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages"])
+                        BT=CHUNK, BS=BLOCK, WIDE_WU=CONFIG["wide_wu"], num_warps=CONFIG["warps_ut"],
+                        num_stages=CONFIG["stages"])
     walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
     if lay.segmented:
         def map_walk(programs, rows, e, pm):

@@ -460,6 +460,63 @@ def grad_v_subchunk_kernel(
         prefix = ref
 
 
+@triton.jit
+def grad_qk_kernel(
+    q, k, v, do, g, u, du, dg, h, dh, dq, dk, slow, chunk_info, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """dq, dk of one chunk through the chunk-start reference point (chunks not marked slow); q.dq and
+    -k.dk go into dg at the log-decay slot they depend on (dg_chunk sums over later tokens).
+    With the bonus, q_t reads the decay through token t - 1: its share goes one slot back (atomics, as the slot
+    may lie in the previous chunk), and the bonus terms, which no decay touches, are added after."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    if tl.load(slow + i_c * H + i_h) != 0:
+        return
+    t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
+    bos = tl.load(chunk_info + i_c * 4 + 2)
+    rows = t0 + tl.arange(0, C)
+    m_t = rows < t1
+    tok = rows.to(tl.int64) * H + i_h
+    o_k = tl.arange(0, BK)
+    m_tk = m_t[:, None] & (o_k[None, :] < K)
+    b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+    b_g = tl.load(g + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32) * LOG2E
+    b_b = tl.cumsum(b_g, 0)
+    b_bq = b_b - b_g  # q_t reads the state before its own token
+    keep = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
+    b_dov = tl.zeros([C], dtype=tl.float32)
+    hc = (i_c.to(tl.int64) * H + i_h) * K * V
+    b_dA = tl.zeros([C, C], dtype=tl.float32)
+    dq_inter = tl.zeros([C, BK], dtype=tl.float32)
+    dk_inter = tl.zeros([C, BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        m_kv = (o_k[:, None] < K) & (o_v[None, :] < V)
+        b_v = tl.load(v + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_do = tl.load(do + tok[:, None] * V + o_v[None, :], mask=m_tv, other=0.0)
+        b_h = tl.load(h + hc + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        b_dh = tl.load(dh + hc + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+        b_dA += tl.dot(b_do, tl.trans(b_v))
+        dq_inter += tl.dot(b_do, tl.trans(b_h))
+        dk_inter += tl.dot(b_v, tl.trans(b_dh))
+        b_dov += tl.sum(b_do.to(tl.float32) * b_v.to(tl.float32), 1)
+    b_dA = tl.where(keep, b_dA * scale, 0.0).to(b_q.dtype)
+    b_qd = (b_q * tl.exp2(b_bq)).to(b_q.dtype)
+    b_kd = (b_k * tl.exp2(-b_b)).to(b_k.dtype)
+    b_dq = (tl.dot(b_dA, b_kd) + dq_inter * scale) * tl.exp2(b_bq)
+    b_dk = tl.dot(tl.trans(b_dA), b_qd) * tl.exp2(-b_b) + dk_inter * tl.exp2(tl.sum(b_g, 0)[None, :] - b_b)
+    q32, k32 = b_q.to(tl.float32), b_k.to(tl.float32)
+    tl.atomic_add(dg + (tok[:, None] - H) * K + o_k[None, :], b_dq * q32, mask=m_tk & (rows[:, None] > bos))
+    tl.atomic_add(dg + tok[:, None] * K + o_k[None, :], -b_dk * k32, mask=m_tk)
+    b_u = tl.load(u + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
+    b_dov = tl.where(m_t, b_dov * scale, 0.0)
+    b_dq += b_dov[:, None] * b_u[None, :] * k32
+    b_dk += b_dov[:, None] * b_u[None, :] * q32
+    tl.store(du + (i_c.to(tl.int64) * H + i_h) * K + o_k, tl.sum(b_dov[:, None] * q32 * k32, 0), mask=o_k < K)
+    tl.store(dq + tok[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + tok[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
@@ -661,6 +718,8 @@ CONFIG = {
     "segment_scan": dict(BK=32, BV=64, num_warps=4, num_stages=1),
     "output": dict(BV=64, num_warps=4, num_stages=2),
     "grad_v": dict(BV=64, num_warps=4, num_stages=2),
+    "grad_qk": dict(BV=64, num_warps=4, num_stages=2),
+    "bonus_whole_chunk": True,  # RWKV6's dq/dk through the whole-chunk kernel (chunks not marked slow)
     "output_subchunk": dict(BV=64, num_warps=4, num_stages=2),
     "grad_v_subchunk": dict(BV=64, num_warps=4, num_stages=2),
     "grad_qk_subchunk": dict(BV=64, num_warps=4, num_stages=2),
@@ -853,13 +912,11 @@ class ChunkFunction(torch.autograd.Function):
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device)
         da = torch.zeros(g.shape, dtype=torch.float32, device=q.device)  # accumulated with atomics
         du = _new((n_chunks, H, K), torch.float32, q.device)
-        # every chunk through the sub-chunk kernel: the whole-chunk dq/dk kernel with the bonus compiled to a
-        # wrong dk on an H100 (Triton 3.6) while passing in the interpreter; it is not emitted until understood
-        cfg = dict(CONFIG["grad_qk_subchunk"])
-        BV = _blocks(V, cfg.pop("BV"))
-        grad_qk_subchunk_kernel[(n_chunks, H)](
-            q, k, v, do, g, u, du, da, h, dh, dq, dk, torch.ones_like(slow), chunk_info, scale,
-            H=H, K=K, V=V, C=CHUNK, S=SUB, BK=_pow2(K), BV=BV, **cfg,
+        # bonus_whole_chunk False: every chunk through the sub-chunk kernel (as if each were marked slow)
+        _launch_with_fallback(
+            "grad_qk", grad_qk_kernel, grad_qk_subchunk_kernel, lambda BV: (n_chunks, H),
+            (q, k, v, do, g, u, du, da, h, dh, dq, dk, slow if CONFIG["bonus_whole_chunk"] else torch.ones_like(slow),
+             chunk_info, scale), whole_chunk=CONFIG["bonus_whole_chunk"], H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
         )
         # the final state's share of dg: d(loss)/d(cumulative decay at a sequence's last token)
         has_final = dht is not None and ht is not None
