@@ -50,7 +50,7 @@ DECAY_VARIANTS = {
     "fused walks": {"fuse_output": True, "fuse_dv": True},
     "unfused walks": {"fuse_output": False, "fuse_dv": False},
     "fused walks, 8 warps": {"fuse_output": True, "fuse_dv": True, "walk_fused": dict(BV=64, num_warps=8, num_stages=2)},
-    "bonus sub-chunk": {"bonus_whole_chunk": False},  # RWKV6: every chunk's dq/dk through the sub-chunk kernel
+    "bonus whole-chunk": {"bonus_whole_chunk": True},  # RWKV6: dq/dk of chunks not marked slow by the whole-chunk kernel
 }
 DELTA_VARIANTS = {
     "default": {},

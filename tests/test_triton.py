@@ -133,12 +133,16 @@ CHILD = textwrap.dedent(
         "unfused, K split": dict(fuse_output=False, fuse_dv=False, walk=dict(BK=16, BV=16, num_warps=4, num_stages=2)),
         "fused walks": dict(fuse_output=True, fuse_dv=True),
     }
+    if "bonus_whole_chunk" in mod.CONFIG:  # RWKV6's dq/dk: the setting other than the default
+        settings["bonus_whole_chunk flipped"] = dict(bonus_whole_chunk=not defaults["bonus_whole_chunk"])
     for label, setting in settings.items():
         mod.CONFIG.update(setting)
         out[f"fp32 T=40, {label}"] = case(2, 40, 2, 16, 16, torch.float32)
         out[f"fp32 varlen [7, 40, 1, 33], {label}"] = case(1, 81, 2, 32, 16, torch.float32, lens=[7, 40, 1, 33])
         if kind in ("scalar", "vector"):
             out[f"strong decay fp32, {label}"] = case(1, 48, 1, 16, 16, torch.float32, strong=True)
+        if label.startswith("bonus"):
+            out[f"strong decay at one token fp32, {label}"] = case(2, 48, 2, 16, 16, torch.float32, strong="one")
         mod.CONFIG.clear()
         mod.CONFIG.update(defaults)
     print("RESULT " + json.dumps(out))
