@@ -1,0 +1,118 @@
+"""torch.compile over the emitted layers: the ops are registered custom ops (lmoec.runtime.library), so a layer
+traces into one graph (fullgraph=True, zero graph breaks) and the compiled layer equals the eager one."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import lmoec
+from lmoec.paths import SPECS
+from lmoec.runtime import library
+
+LSM_SPECS = sorted((SPECS / "lsm").glob("*.lsm"))
+
+
+def _perturbed_layer(path: Path, seed: int = 0):
+    torch.manual_seed(seed)
+    layer = lmoec.compile_spec(path).layer(hidden=32, heads=2)
+    with torch.no_grad():  # off the init (zero biases, unit norms): every parameter matters below
+        for p in layer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return layer
+
+
+def _loss_and_grads(layer, x, weight):
+    layer.zero_grad()
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    (y * weight).sum().backward()
+    return y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]
+
+
+def _compiled_equals_eager(path: Path, backend: str):
+    layer = _perturbed_layer(path)
+    x = torch.randn(2, 70, 32)  # 70: one full chunk of 64 and a partial one
+    weight = torch.randn(2, 70, 32)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    got = _loss_and_grads(compiled, x, weight)
+    assert dict(counters["graph_break"]) == {}, f"{path.stem}: graph breaks {dict(counters['graph_break'])}"
+    want = _loss_and_grads(layer, x, weight)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    for (name, _), g, w in zip(layer.named_parameters(), got[2], want[2]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=lambda m: f"{path.stem}.{name}: {m}")
+
+
+@pytest.mark.parametrize("path", LSM_SPECS, ids=lambda p: p.stem)
+def test_every_library_layer_compiles_in_one_graph(path):
+    """Dynamo alone (backend="eager"): the whole layer, forward and the ops' registered backward, no breaks."""
+    _compiled_equals_eager(path, "eager")
+
+
+@pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
+def test_aot_autograd_traces_the_backward_op(name):
+    """aot_eager also traces the backward graph: the backward custom op with its fake implementation."""
+    _compiled_equals_eager(SPECS / "lsm" / f"{name}.lsm", "aot_eager")
+
+
+def test_compiled_decode_step_equals_eager():
+    layer = _perturbed_layer(SPECS / "lsm" / "gated_deltanet.lsm")
+    prompt, token = torch.randn(2, 5, 32), torch.randn(2, 1, 32)
+    with torch.no_grad():
+        _, cache = layer(prompt, use_cache=True)
+        want, want_cache = layer(token, past=cache, use_cache=True)
+        torch._dynamo.reset()
+        counters.clear()
+        got, got_cache = torch.compile(layer, fullgraph=True, backend="eager")(token, past=cache, use_cache=True)
+    assert dict(counters["graph_break"]) == {}
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_cache["state"], want_cache["state"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gla", "rwkv7"])
+def test_opcheck_on_the_registered_ops(name):
+    """torch.library.opcheck: schema, fake shapes and dtypes, autograd registration of chunk, backward and step."""
+    ops = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm").package.__dict__[f"{name}_ops"].LIBRARY
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 1, 19, 2, 8, 8
+    randn = lambda *shape: torch.randn(*shape, generator=gen)
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
+    k = k / k.norm(dim=-1, keepdim=True)
+    extras = {
+        "g": torch.nn.functional.logsigmoid(randn(B, T, H, K)) / 8,
+        "a": -k * torch.sigmoid(randn(B, T, H, K)), "b": k,
+    }
+    tensors = [extras.get(a) if a in ops.args else None for a in library.TENSOR_ARGS]
+    cu_seqlens = torch.tensor([0, 7, T])
+    initial = randn(2, H, K, V)
+    chunk = ops._chunk["torch"]
+    for args in (
+        (q, k, v, *tensors, 0.3, initial, True, cu_seqlens),
+        (q.requires_grad_(), k, v, *tensors, 0.3, None, False, None),
+    ):
+        torch.library.opcheck(chunk, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    step = ops._step["torch"]
+    step_tensors = [None if t is None else t[:, 0] for t in tensors]
+    torch.library.opcheck(step, (q[:, 0].detach(), k[:, 0], v[:, 0], *step_tensors, initial[:1], 0.3),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_package_imported_again_registers_in_a_fresh_namespace():
+    """Re-importing a package (recompiled, or edited) must not fail on names its first import registered."""
+    backends = {"torch": lmoec.compile_spec(SPECS / "lsm" / "bla.lsm").package.bla_torch}
+    first = library.LSMOps("t_reimport.pkg", "bla", [], backends)
+    second = library.LSMOps("t_reimport.pkg", "bla", [], backends)
+    assert first.namespace == "lmoec_t_reimport_pkg" and second.namespace == "lmoec_t_reimport_pkg_2"
+    q, k, v = torch.randn(3, 1, 5, 2, 4).unbind(0)
+    o1, _ = first.chunk("torch", q, k, v, {}, 0.5, None, False, None)
+    o2, _ = second.chunk("torch", q, k, v, {}, 0.5, None, False, None)
+    torch.testing.assert_close(o1, o2)
+
+
+@pytest.mark.parametrize("bad", ["x::y", "a.b", "1abc", "x y", ""])
+def test_op_names_must_be_names(bad):
+    with pytest.raises(ValueError, match="is not a name"):
+        library.LSMOps("t_names", bad, [], {})
