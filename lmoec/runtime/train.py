@@ -118,13 +118,22 @@ def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
 
 
 def loss_function(model, compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """lm_loss of `model` as a function of (inputs, targets); with compile, torch.compile'd as a whole: norms,
-    gates, projections, routing, the SwiGLU experts, the LM head and the losses fuse around the emitted ops,
-    which enter the graph as their registered custom ops (lmoec.runtime.library)."""
+    """lm_loss of `model` as a function of (inputs, targets). With compile, each block of the model goes
+    through torch.compile (regional compilation: the blocks of one kind share one compiled graph, so a deep
+    stack compiles in the time of one block): norms, gates, projections, routing and the SwiGLU experts fuse
+    around the emitted ops, which enter the graph as their registered custom ops (lmoec.runtime.library).
+    A model without `blocks` is compiled whole."""
     def loss(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return lm_loss(model, inputs, targets)
 
-    return torch.compile(loss, backend=COMPILE_BACKEND) if compile else loss
+    if not compile:
+        return loss
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return torch.compile(loss, backend=COMPILE_BACKEND)
+    for block in blocks:
+        block.compile(backend=COMPILE_BACKEND)
+    return loss
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
