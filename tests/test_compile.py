@@ -95,6 +95,13 @@ def test_opcheck_on_the_registered_ops(name):
         (q.requires_grad_(), k, v, *tensors, 0.3, None, False, None),
     ):
         torch.library.opcheck(chunk, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # the backward op's gradients have the strides its fake implementation gives (the torch path's autograd
+    # returns permuted ones: a compiled backward graph then fails in a view)
+    backward = ops._backward["torch"]
+    batched = [None if t is None else t.expand(2, *t.shape[1:]) for t in (q.detach(), k, v, *tensors)]
+    grad_o, grad_final = randn(2, T, H, V), randn(2, H, K, V)
+    torch.library.opcheck(backward, (*batched, 0.3, initial, None, grad_o, grad_final),
+                          test_utils=("test_schema", "test_faketensor"))
     step = ops._step["torch"]
     step_tensors = [None if t is None else t[:, 0] for t in tensors]
     torch.library.opcheck(step, (q[:, 0].detach(), k[:, 0], v[:, 0], *step_tensors, initial[:1], 0.3),

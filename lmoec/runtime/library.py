@@ -87,7 +87,7 @@ class LSMOps:
             raise ValueError(f"{name}: unknown op arguments {sorted(unknown)}")
         self.name, self.args = name, tuple(args)
         self.namespace = namespace_for(package)
-        self._chunk, self._step = {}, {}
+        self._chunk, self._backward, self._step = {}, {}, {}
         for backend, impl in backends.items():
             check_name(backend)
             self._chunk[backend] = self._register_chunk(backend, impl)
@@ -148,12 +148,14 @@ class LSMOps:
                     outputs.append(final)
                     grads.append(grad_final)
                 found = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
-            return [torch.zeros_like(x) if d is None else d for x, d in zip(leaves, found)]
+            # contiguous, as the fake implementation says: the compiled backward graph relies on those strides
+            return [torch.zeros_like(x, memory_format=torch.contiguous_format) if d is None else d.contiguous()
+                    for x, d in zip(leaves, found)]
 
         def backward_fake(q, k, v, g, beta, u, a, b, scale, initial_state, cu_seqlens, grad_o, grad_final):
             extras = dict(g=g, beta=beta, u=u, a=a, b=b)
             inputs = [q, k, v, *self._positional(extras)] + ([initial_state] if initial_state is not None else [])
-            return [torch.empty_like(x) for x in inputs]
+            return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in inputs]
 
         chunk_op = torch.library.custom_op(self._qualname(backend, "chunk"), forward, mutates_args=(),
                                            schema=_CHUNK_SCHEMA)
@@ -161,6 +163,7 @@ class LSMOps:
         backward_op = torch.library.custom_op(self._qualname(backend, "chunk_backward"), backward_impl,
                                               mutates_args=(), schema=_BACKWARD_SCHEMA)
         backward_op.register_fake(backward_fake)
+        self._backward[backend] = backward_op
 
         def setup_context(ctx, inputs, output):
             q, k, v, g, beta, u, a, b, scale, initial_state, output_final_state, cu_seqlens = inputs
