@@ -159,7 +159,7 @@ def bench_training(name, program, device, cfg, ceiling, rows, log):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            return loss
+            return loss.detach()
 
         for seq, batch in cfg["shapes"]:
             gen = torch.Generator(device=device).manual_seed(seq)
