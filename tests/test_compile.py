@@ -1,6 +1,10 @@
 """torch.compile over the emitted layers: the ops are registered custom ops (lmoec.runtime.library), so a layer
 traces into one graph (fullgraph=True, zero graph breaks) and the compiled layer equals the eager one."""
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from lmoec.paths import SPECS
 from lmoec.runtime import library
 
 LSM_SPECS = sorted((SPECS / "lsm").glob("*.lsm"))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _perturbed_layer(path: Path, seed: int = 0):
@@ -51,12 +56,6 @@ def _compiled_equals_eager(path: Path, backend: str):
 def test_every_library_layer_compiles_in_one_graph(path):
     """Dynamo alone (backend="eager"): the whole layer, forward and the ops' registered backward, no breaks."""
     _compiled_equals_eager(path, "eager")
-
-
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet"])
-def test_aot_autograd_traces_the_backward_op(name):
-    """aot_eager also traces the backward graph: the backward custom op with its fake implementation."""
-    _compiled_equals_eager(SPECS / "lsm" / f"{name}.lsm", "aot_eager")
 
 
 def test_compiled_decode_step_equals_eager():
@@ -175,3 +174,41 @@ def test_swiglu_gradients_written_out(weighted):
     assert len(got) == len(want)  # dgate, dup (, drow_weight)
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5)
+
+
+# the Triton backend under torch.compile, in Triton's interpreter (set before triton is imported: a child process)
+TRITON_CHILD = textwrap.dedent('''
+    import torch, lmoec
+    from torch._dynamo.utils import counters
+    from lmoec.paths import SPECS
+
+    for name in ("gla", "gated_deltanet", "rwkv7"):  # the three Triton templates: chunk, delta, dplr
+        torch.manual_seed(0)
+        layer = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm").layer(hidden=16, heads=1)
+        x, weight = torch.randn(2, 1, 20, 16)
+
+        def run(f):
+            layer.zero_grad()
+            xx = x.clone().requires_grad_()
+            y = f(xx, backend="triton")
+            (y * weight).sum().backward()
+            return [y.detach(), xx.grad] + [p.grad.clone() for p in layer.parameters()]
+
+        torch._dynamo.reset()
+        counters.clear()
+        got = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+        assert dict(counters["graph_break"]) == {}, (name, dict(counters["graph_break"]))
+        for g, w in zip(got, run(layer)):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)  # the same kernels, in the same order
+        print("OK", name)
+''')
+
+
+def test_triton_backend_compiles_in_the_interpreter():
+    """The Triton ops (the GPU's path) through their registered custom ops: no graph break, and forward and the
+    recomputing backward give exactly what the eager kernels give."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", TRITON_CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.split() == ["OK", "gla", "OK", "gated_deltanet", "OK", "rwkv7"]
