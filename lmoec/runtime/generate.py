@@ -116,14 +116,24 @@ class StaticDecoder:
         return logits[:, -1]
 
     def _capture(self) -> None:
-        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), put the states back, capture."""
+        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), put the states back, capture.
+
+        The second warm-up step runs with CUDA's sync debug mode raising (the first one compiles and allocates):
+        a step that reads a value back (the per-expert loop of float32 MoE layers, say) fails there, before a
+        capture it would invalidate."""
         states = [t for entry in self.cache if isinstance(entry, dict) for t in entry.values()]
         saved = [t.clone() for t in states] + [self.position.clone()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._run()
-        torch.cuda.current_stream().wait_stream(stream)
+        previous = torch.cuda.get_sync_debug_mode()
+        try:
+            with torch.cuda.stream(stream):
+                self._run()
+                torch.cuda.set_sync_debug_mode("error")
+                self._run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+            torch.cuda.current_stream().wait_stream(stream)
         for t, s in zip(states + [self.position], saved):
             t.copy_(s)  # the warm-up's key went to the slot the first real step writes again
         self.graph = torch.cuda.CUDAGraph()

@@ -64,7 +64,8 @@ def namespace_for(package: str) -> str:
 @contextlib.contextmanager
 def _autograd_inside_op():
     """Autograd back on inside a custom op's implementation, which the dispatcher runs below autograd: the
-    backward op differentiates its recomputed forward there (autocast stays off, as the dispatcher set it)."""
+    backward op differentiates its recomputed forward there (autocast stays off, as the dispatcher set it).
+    The dispatch-key guards are private torch API, unchanged since torch 2.0 (functorch is built on them)."""
     C, key = torch._C, torch._C.DispatchKey
     excluded = C._dispatch_tls_local_exclude_set()
     for autograd in (key.AutogradFunctionality, key.AutogradOther, key.AutogradNestedTensor):
