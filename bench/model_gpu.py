@@ -10,8 +10,9 @@ training   GLA, Gated DeltaNet and the hybrid GLA LLLN stack at A0.3B-2B (hidden
            autocast, fp32 master weights, cross-entropy + MoE aux losses, backward, clipping, AdamW), eager and
            with `lmoec train --compile` (each block through torch.compile, inductor). Cells: tokens/s, model
            TFLOP/s, MFU against the bf16 matmul ceiling measured in this process (8192^3), allocator peak.
-           The FLOP count per token is written out in the results. Checked in the same process: the compiled
-           step's first loss equals the eager one (same init, same batch) to bf16 rounding.
+           The FLOP count per token is written out in the results, and one step at 8K is profiled (GPU busy
+           time vs wall time, top kernels). Checked in the same process: the compiled step's first loss equals
+           the eager one (same init, same batch) to bf16 rounding.
 decoding   GLA, Gated DeltaNet and the hybrid, batch 1 and 16, one token after a context of 1K and 32K: the
            eager step, and the StaticDecoder step replayed as a CUDA graph. The floor is the bytes one step must
            read (every weight it touches: the dense ones, the experts the batch routes to on average, the LM
@@ -43,11 +44,11 @@ from lmoec.runtime.train import TrainConfig, autocast_for, loss_function, make_o
 
 TRAIN_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN"]
 DECODE_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN"]
-PAPER = dict(base="models/a0.3b-2b.lsm", shapes=[(2048, 8), (8192, 2), (16384, 1)], batches=[1, 16],
-             contexts=[1024, 32768], model={}, moe={}, warmup=2, iters=3, decode_iters=20)
-SMOKE = dict(base="models/a0.3b-2b.lsm", shapes=[(64, 2), (128, 1)], batches=[1, 2], contexts=[32, 96],
-             model=dict(hidden=64, heads=2, layers=4, vocab=256), moe=dict(experts=4, top_k=2, expert_ffn=64),
-             warmup=1, iters=1, decode_iters=2)
+PAPER = dict(base="models/a0.3b-2b.lsm", shapes=[(2048, 8), (8192, 2), (16384, 1)], profile_seq=8192,
+             batches=[1, 16], contexts=[1024, 32768], model={}, moe={}, warmup=2, iters=3, decode_iters=20)
+SMOKE = dict(base="models/a0.3b-2b.lsm", shapes=[(64, 2), (128, 1)], profile_seq=64, batches=[1, 2],
+             contexts=[32, 96], model=dict(hidden=64, heads=2, layers=4, vocab=256),
+             moe=dict(experts=4, top_k=2, expert_ffn=64), warmup=1, iters=1, decode_iters=2)
 
 
 # ---- ceilings, FLOPs, bytes ------------------------------------------------------------------------------
@@ -178,10 +179,27 @@ def bench_training(name, program, device, cfg, ceiling, rows, log):
                        first_step_s=first, first_loss=first_loss, gflop_per_token=flops / 1e9, flop_count=how,
                        tflops=tok_s * flops / 1e12, mfu=tok_s * flops / ceiling,
                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+            if device.type == "cuda" and seq == cfg["profile_seq"]:
+                row["profile"] = profile_step(lambda: step(inputs, targets), seconds)
             rows.append(row)
             log(f"train  {name:16s} {mode:8s} T {seq:6d} x {batch:2d}: {tok_s:9,.0f} tok/s, {row['tflops']:6.1f} TFLOP/s, "
                 f"MFU {row['mfu']:.1%}, peak {fmt_gib(row['peak_gib'])}, first step {first:.1f} s, loss {first_loss:.4f}")
         del model, optimizer, step_loss
+
+
+def profile_step(step, seconds: float) -> dict:
+    """One step under torch.profiler: GPU busy time (kernels and copies) against the step's wall time, and the
+    kernels that take most of it. Busy well below wall means the host (launches, Python) sets the pace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    busy_ms = sum(e.self_device_time_total for e in events) / 1e3
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    return dict(wall_ms=seconds * 1e3, busy_ms=busy_ms, launches=sum(e.count for e in events),
+                top=[(e.key[:90], e.self_device_time_total / 1e3, e.count) for e in top])
 
 
 def check_training(rows) -> list[str]:
@@ -272,6 +290,14 @@ def markdown(rows, checks, header: list[str]) -> str:
             lines.append(f"| {model} | {mode} | " + " | ".join(cells) + " |")
         lines += ["", "FLOPs per token (model FLOPs, recomputation not counted):", ""]
         lines += [f"- {m}: {how}" for m, how in dict.fromkeys((r["model"], r["flop_count"]) for r in train)]
+        profiled = [r for r in train if r.get("profile")]
+        if profiled:
+            lines += ["", "### Profile of one step (torch.profiler): GPU busy time vs wall time, top kernels", ""]
+            for r in profiled:
+                p = r["profile"]
+                lines.append(f"- {r['model']} {r['mode']} T {r['seq']} x {r['batch']}: GPU busy {p['busy_ms']:.1f} ms of "
+                             f"{p['wall_ms']:.1f} ms wall ({p['busy_ms'] / p['wall_ms']:.0%}), {p['launches']} kernel launches; "
+                             "top: " + "; ".join(f"`{k}` {ms:.1f} ms ({n}x)" for k, ms, n in p["top"]))
         lines += ["", "First step (compilation included in compiled mode): " + "; ".join(
             f"{r['model']} {r['mode']} T {r['seq']}: {r['first_step_s']:.1f} s" for r in train), ""]
     decode = [r for r in rows if r["part"] == "decode"]

@@ -194,13 +194,14 @@ def cache_nbytes(cache) -> int:
 
 
 def generate_text(model, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None, seed: int = 0) -> Iterator[str]:
-    """Yield decoded text pieces as they are generated (byte tokens; incomplete UTF-8 waits for its next byte)."""
+                  top_p: Optional[float] = None, seed: int = 0, static: Optional[bool] = None) -> Iterator[str]:
+    """Yield decoded text pieces as they are generated (byte tokens; incomplete UTF-8 waits for its next byte);
+    `static` as in generate_ids."""
     device = next(model.parameters()).device
     ids = encode(prompt) or [ord("\n")]
     prompt_ids = torch.tensor([ids], device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed):
+    for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, static):
         piece = decoder.decode(bytes([int(token[0])]))
         if piece:
             yield piece
