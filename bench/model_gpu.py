@@ -20,7 +20,8 @@ decoding   GLA, Gated DeltaNet and the hybrid, batch 1 and 16, one token after a
            process. Checked: the graph's logits equal the eager step's, and one static step runs under
            torch.cuda.set_sync_debug_mode("error") (no host sync).
 
-Writes markdown and JSON to $OUT (model_gpu_<part>.md / .json); prints the markdown.
+Writes markdown and JSON to $OUT (model_gpu_<part>[-<variants>].md / .json); prints the markdown. The budget is
+checked before each variant and training mode; what is left when it runs out is skipped and said.
 """
 from __future__ import annotations
 
@@ -144,8 +145,11 @@ def decode_floor_bytes(model, cache, batch: int) -> tuple[int, str]:
 # ---- training ----------------------------------------------------------------------------------------------
 
 
-def bench_training(name, program, device, cfg, ceiling, rows, log):
+def bench_training(name, program, device, cfg, ceiling, rows, log, over_budget):
     for mode in ("eager", "compiled"):
+        if over_budget():
+            log(f"skipped train {name} {mode}: over the budget")
+            continue
         torch.manual_seed(0)
         torch._dynamo.reset()
         with torch.device(device):
@@ -361,14 +365,18 @@ def main() -> int:
     log(" ".join(header))
     rows, checks = [], []
     parts = ["train", "decode"] if args.part == "all" else [args.part]
+
+    def over_budget():
+        return time.perf_counter() - started > args.budget
+
     for part in parts:
         for name in wanted or (TRAIN_VARIANTS if part == "train" else DECODE_VARIANTS):
-            if time.perf_counter() - started > args.budget:
+            if over_budget():
                 log(f"skipped {part} {name}: over the {args.budget:.0f} s budget")
                 continue
             try:
                 if part == "train":
-                    bench_training(name, build(name), device, cfg, ceiling, rows, log)
+                    bench_training(name, build(name), device, cfg, ceiling, rows, log, over_budget)
                 else:
                     bench_decoding(name, build(name), device, cfg, bandwidth, rows, checks, log)
             except Exception as err:  # noqa: BLE001 - one variant's failure is logged, the others run
@@ -380,8 +388,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, checks, header)
-    (out / f"model_gpu_{args.part}.md").write_text(text)
-    (out / f"model_gpu_{args.part}.json").write_text(json.dumps({"rows": rows, "checks": checks, "log": log_lines}, indent=1))
+    tag = args.part + ("-" + "+".join(v.replace(" ", "_") for v in wanted) if wanted else "")
+    (out / f"model_gpu_{tag}.md").write_text(text)
+    (out / f"model_gpu_{tag}.json").write_text(json.dumps({"rows": rows, "checks": checks, "log": log_lines}, indent=1))
     print(text)
     return 1 if any(not c.startswith("ok") for c in checks) else 0
 
