@@ -1,48 +1,399 @@
-"""A0.3B-2B on one GPU: training tokens/s and peak memory per sequence length, and decoding cost per context.
+"""A0.3B-2B end to end on one GPU: training eager vs torch.compile, decoding eager vs a CUDA graph (issue 21).
 
-The shape of Linear-MoE's Table 3 and Fig. 5 (Sun et al., 2025), all variants in one process:
+    python bench/model_gpu.py --part train     # ~6-8 min on one H100: training, every variant, both modes
+    python bench/model_gpu.py --part decode    # ~2 min: decoding
+    python bench/model_gpu.py                  # both in one call when the budget allows (--budget, default 520 s)
+    python bench/model_gpu.py --smoke          # tiny shapes on CPU: checks the script, measures nothing
 
-    training   (seq 2K, batch 8), (4K, 4), (8K, 2), (16K, 1): 16K tokens per step at every length.
-               One full `lmoec train` step: bf16 autocast forward, cross-entropy + MoE aux losses,
-               backward, grad clipping, AdamW (fp32 master weights).
-    variants   pure Linear-MoE with GLA, Gated DeltaNet and BLA (L * 12), the hybrid GLA stack
-               LLLN * 3, and the all-attention MoE baseline (N * 12, SDPA flash attention).
-    decoding   batch 16, one new token after a context of 1K .. 128K: latency and memory per token.
-               LSM layers carry a fixed-size state; attention a KV cache of the whole context
-               (filled with random keys and values: the cost of a step does not depend on them).
+training   GLA, Gated DeltaNet and the hybrid GLA LLLN stack at A0.3B-2B (hidden 1024, 12 layers, 64 experts of
+           896, top-8), 16K tokens per step at T = 2K x 8, 8K x 2, 16K x 1. One full `lmoec train` step (bf16
+           autocast, fp32 master weights, cross-entropy + MoE aux losses, backward, clipping, AdamW), eager and
+           with `lmoec train --compile` (each block through torch.compile, inductor). Cells: tokens/s, model
+           TFLOP/s, MFU against the bf16 matmul ceiling measured in this process (8192^3), allocator peak.
+           The FLOP count per token is written out in the results, and one step at 8K is profiled (GPU busy
+           time vs wall time, top kernels). Checked in the same process: the compiled step's first loss equals
+           the eager one (same init, same batch) to bf16 rounding.
+decoding   GLA, Gated DeltaNet and the hybrid, batch 1 and 16, one token after a context of 1K and 32K: the
+           eager step, and the StaticDecoder step replayed as a CUDA graph. The floor is the bytes one step must
+           read (every weight it touches: the dense ones, the experts the batch routes to on average, the LM
+           head; the recurrent states read and written; the KV caches) over the copy bandwidth measured in this
+           process. Checked: the graph's logits equal the eager step's, and one static step runs under
+           torch.cuda.set_sync_debug_mode("error") (no host sync).
 
-A thin wrapper over lmoec.bench (`lmoec bench --size paper --what train,decode` measures the same,
-plus the kernel figure). Writes markdown to --out (default $OUT/model.md) and train.png / decode.png
-beside it. `--smoke` runs tiny shapes on CPU to check the script itself.
+Writes markdown and JSON to $OUT (model_gpu_<part>[-<variants>].md / .json); prints the markdown. The budget is
+checked before each variant and training mode; what is left when it runs out is skipped and said.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import statistics
+import sys
+import time
 from pathlib import Path
 
-from lmoec.bench import BenchConfig, run_bench, write_outputs
+import torch
 
-VARIANTS = ["GLA", "attention baseline", "hybrid GLA LLLN", "Gated DeltaNet", "BLA"]  # run in this order, until --budget
-DECODE_VARIANTS = ["GLA", "attention baseline", "hybrid GLA LLLN"]
+from lmoec.bench import device_name, fmt_gib, load_base, long_cache, model_variants, program_for, versions
+from lmoec.runtime import train as train_runtime
+from lmoec.runtime.attention import Attention, KVCache
+from lmoec.runtime.generate import StaticDecoder
+from lmoec.runtime.moe import MoE
+from lmoec.runtime.train import TrainConfig, autocast_for, loss_function, make_optimizer
+
+TRAIN_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN"]
+DECODE_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN"]
+PAPER = dict(base="models/a0.3b-2b.lsm", shapes=[(2048, 8), (8192, 2), (16384, 1)], profile_seq=8192,
+             batches=[1, 16], contexts=[1024, 32768], model={}, moe={}, warmup=2, iters=3, decode_iters=20)
+SMOKE = dict(base="models/a0.3b-2b.lsm", shapes=[(64, 2), (128, 1)], profile_seq=64, batches=[1, 2],
+             contexts=[32, 96], model=dict(hidden=64, heads=2, layers=4, vocab=256),
+             moe=dict(experts=4, top_k=2, expert_ffn=64), warmup=1, iters=1, decode_iters=2)
 
 
-def main() -> None:
+# ---- ceilings, FLOPs, bytes ------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_ceiling(device) -> float:
+    """bf16 FLOP/s of an 8192^3 matmul (the denominator of MFU)."""
+    n = 8192 if device.type == "cuda" else 256
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / median_seconds(lambda: a @ b, device, 3, 10)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB (read + write counted)."""
+    n = 2**29 if device.type == "cuda" else 2**22
+    src = torch.empty(n, device=device, dtype=torch.int16)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / median_seconds(lambda: dst.copy_(src), device, 3, 10)
+
+
+def flops_per_token(model, program, seq: int) -> tuple[float, str]:
+    """Model FLOPs of one training token (forward + backward = 3 x forward; recomputation not counted), and how.
+
+    matmuls: 2 FLOPs per active parameter forward (experts: top_k of E; the LM head counts, the embedding lookup
+    does not). Mixing, forward per token and head: a chunkwise LSM layer 2C(K+V) (the C x C intra-chunk scores
+    and their product with v) + 4KV (reading and updating the state), a delta layer another 2C(K+V) + 2KV (the
+    WY factors); causal attention 2 T d (QK^T and PV over T/2 keys on average)."""
+    config = model.config
+    matmul = model.num_params(active=True, embeddings=False) + config["vocab"] * config["hidden"]
+    mixing = 0.0
+    for block in model.blocks:
+        mixer = block.mixer
+        if isinstance(mixer, Attention):
+            mixing += 2 * mixer.heads * mixer.head_dim * seq
+            continue
+        lsm = program.ir.lsms[config["lsm"]]
+        C, H, K, V = lsm.chunk_size, mixer.heads, mixer.head_k, mixer.head_v
+        mixing += H * (2 * C * (K + V) + 4 * K * V)
+        if lsm.recurrence.delta:
+            mixing += H * (2 * C * (K + V) + 2 * K * V)
+    total = 6 * matmul + 3 * mixing
+    how = (f"6 x {matmul / 1e6:.1f}M active matmul parameters (incl. LM head {config['vocab']} x {config['hidden']}) "
+           f"+ 3 x {mixing / 1e6:.1f}M mixing FLOPs (forward) = {total / 1e9:.3f} GFLOP per token at T = {seq}")
+    return total, how
+
+
+def decode_floor_bytes(model, cache, batch: int) -> tuple[int, str]:
+    """Bytes one decode step must move: weights touched, states read and written, KV caches read."""
+    experts, dense = 0, 0
+    routed = set()
+    for m in model.modules():
+        if isinstance(m, MoE):
+            per_expert = sum(w[0].numel() * w.element_size() for w in (m.w_gate, m.w_up, m.w_down))
+            touched = m.experts * (1 - (1 - m.top_k / m.experts) ** batch)  # distinct experts, on average
+            experts += int(touched * per_expert)
+            routed |= {id(m.w_gate), id(m.w_up), id(m.w_down)}
+    seen = set()
+    for p in model.parameters():
+        if id(p) not in routed and id(p) not in seen:
+            seen.add(id(p))
+            dense += p.numel() * p.element_size()
+    states, kv = 0, 0
+    for entry in cache:
+        if isinstance(entry, KVCache):
+            kv += sum(t[:, :, : entry.length].numel() * t.element_size() for t in (entry.k, entry.v))
+        else:
+            states += 2 * sum(t.numel() * t.element_size() for t in entry.values())
+    total = dense + experts + states + kv
+    how = (f"dense weights {dense / 2**20:.0f} MiB + experts touched {experts / 2**20:.0f} MiB + states r/w "
+           f"{states / 2**20:.1f} MiB + KV read {kv / 2**20:.1f} MiB")
+    return total, how
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+
+
+def bench_training(name, program, device, cfg, ceiling, rows, log, over_budget):
+    for mode in ("eager", "compiled"):
+        if over_budget():
+            log(f"skipped train {name} {mode}: over the budget")
+            continue
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        with torch.device(device):
+            model = program.model()
+        optimizer = make_optimizer(model, TrainConfig())
+        step_loss = loss_function(model, compile=mode == "compiled")
+
+        def step(inputs, targets):
+            with autocast_for(device):
+                _, loss = step_loss(inputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            return loss.detach()
+
+        for seq, batch in cfg["shapes"]:
+            gen = torch.Generator(device=device).manual_seed(seq)
+            inputs, targets = (torch.randint(0, model.config["vocab"], (batch, seq), device=device, generator=gen)
+                               for _ in range(2))
+            flops, how = flops_per_token(model, program, seq)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            first_loss = float(step(inputs, targets))  # includes compilation in compiled mode
+            first = time.perf_counter() - t0
+            seconds = median_seconds(lambda: step(inputs, targets), device, cfg["warmup"] - 1, cfg["iters"])
+            tok_s = batch * seq / seconds
+            row = dict(part="train", model=name, mode=mode, seq=seq, batch=batch, tok_s=tok_s, step_ms=seconds * 1e3,
+                       first_step_s=first, first_loss=first_loss, gflop_per_token=flops / 1e9, flop_count=how,
+                       tflops=tok_s * flops / 1e12, mfu=tok_s * flops / ceiling,
+                       peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None)
+            if device.type == "cuda" and seq == cfg["profile_seq"]:
+                row["profile"] = profile_step(lambda: step(inputs, targets), seconds)
+            rows.append(row)
+            log(f"train  {name:16s} {mode:8s} T {seq:6d} x {batch:2d}: {tok_s:9,.0f} tok/s, {row['tflops']:6.1f} TFLOP/s, "
+                f"MFU {row['mfu']:.1%}, peak {fmt_gib(row['peak_gib'])}, first step {first:.1f} s, loss {first_loss:.4f}")
+        del model, optimizer, step_loss
+
+
+def profile_step(step, seconds: float) -> dict:
+    """One step under torch.profiler: GPU busy time (kernels and copies) against the step's wall time, and the
+    kernels that take most of it. Busy well below wall means the host (launches, Python) sets the pace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    busy_ms = sum(e.self_device_time_total for e in events) / 1e3
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    return dict(wall_ms=seconds * 1e3, busy_ms=busy_ms, launches=sum(e.count for e in events),
+                top=[(e.key[:90], e.self_device_time_total / 1e3, e.count) for e in top])
+
+
+def check_training(rows) -> list[str]:
+    """The compiled and eager first losses (same init, same batch) agree to bf16 rounding."""
+    out = []
+    eager = {(r["model"], r["seq"]): r["first_loss"] for r in rows if r["mode"] == "eager"}
+    for r in rows:
+        want = eager.get((r["model"], r["seq"]))
+        if r["mode"] == "compiled" and want is not None:
+            ok = abs(r["first_loss"] - want) <= 1e-2 * abs(want)
+            out.append(f"{'ok' if ok else 'MISMATCH'}: {r['model']} T {r['seq']} compiled first loss {r['first_loss']:.5f}"
+                       f" vs eager {want:.5f}")
+    return out
+
+
+# ---- decoding ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = program.model().to(torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    vocab = model.config["vocab"]
+    for batch in cfg["batches"]:
+        _, short = model(torch.randint(0, vocab, (batch, 16), device=device), use_cache=True)
+        token = torch.randint(0, vocab, (batch,), device=device)
+        for context in cfg["contexts"]:
+            cache = long_cache(short, context)
+            floor_bytes, how = decode_floor_bytes(model, cache, batch)
+            eager = median_seconds(lambda: model(token[:, None], cache=cache, use_cache=True), device, 3,
+                                   cfg["decode_iters"])
+            want = model(token[:, None], cache=cache, use_cache=True)[0][:, -1].float()
+            row = dict(part="decode", model=name, batch=batch, context=context, eager_ms=eager * 1e3, graph_ms=None,
+                       floor_ms=floor_bytes / bandwidth * 1e3, floor_bytes=floor_bytes, floor_count=how)
+            try:
+                decoder = StaticDecoder(model, cache, position=context, steps=1)
+                got = decoder.step(token).float()
+                error = ((got - want).norm() / want.norm()).item()
+                checks.append(f"{'ok' if error < 1e-2 else 'MISMATCH'}: {name} batch {batch} context {context}: static "
+                              f"step logits vs eager, relative error {error:.2e} ({'CUDA graph' if decoder.graph else 'eager'})")
+
+                def replay():
+                    decoder.position.fill_(context)  # the same position every time: the storage has room for one
+                    decoder.step(token)
+
+                row["graph_ms"] = median_seconds(replay, device, 3, cfg["decode_iters"]) * 1e3
+                row["graph"] = decoder.graph is not None
+                del decoder
+                if device.type == "cuda":
+                    probe = StaticDecoder(model, cache, position=context, steps=1, cuda_graph=False)
+                    torch.cuda.set_sync_debug_mode("error")
+                    try:
+                        probe.step(token)
+                        checks.append(f"ok: {name} batch {batch} context {context}: static step without host sync")
+                    except RuntimeError as err:
+                        checks.append(f"SYNC: {name} batch {batch} context {context}: {str(err).splitlines()[0]}")
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                    del probe
+            except Exception as err:  # noqa: BLE001 - a failed capture is a result, the other cases still run
+                checks.append(f"FAILED: {name} batch {batch} context {context}: static step: "
+                              f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+            rows.append(row)
+            graph = "-" if row["graph_ms"] is None else f"{row['graph_ms']:.2f} ms"
+            log(f"decode {name:16s} batch {batch:2d} context {context:6d}: eager {row['eager_ms']:.2f} ms, static/graph "
+                f"{graph}, floor {row['floor_ms']:.3f} ms ({how})")
+            del cache
+    del model
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+
+
+def markdown(rows, checks, header: list[str]) -> str:
+    lines = ["# A0.3B-2B on one GPU: compiled training and CUDA-graph decoding (issue 21)", "", *header, ""]
+    train = [r for r in rows if r["part"] == "train"]
+    if train:
+        shapes = list(dict.fromkeys((r["seq"], r["batch"]) for r in train))
+        lines += ["## Training: tokens/s, model TFLOP/s, MFU, peak memory", "",
+                  "| model | mode | " + " | ".join(f"{s} x {b}" for s, b in shapes) + " |", "|---|---|" + "---|" * len(shapes)]
+        for (model, mode) in dict.fromkeys((r["model"], r["mode"]) for r in train):
+            cells = []
+            for s, b in shapes:
+                r = next((r for r in train if (r["model"], r["mode"], r["seq"], r["batch"]) == (model, mode, s, b)), None)
+                cells.append("-" if r is None else f"{r['tok_s']:,.0f} tok/s, {r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.1%}, "
+                             f"{fmt_gib(r['peak_gib'])}")
+            lines.append(f"| {model} | {mode} | " + " | ".join(cells) + " |")
+        lines += ["", "FLOPs per token (model FLOPs, recomputation not counted):", ""]
+        lines += [f"- {m}: {how}" for m, how in dict.fromkeys((r["model"], r["flop_count"]) for r in train)]
+        profiled = [r for r in train if r.get("profile")]
+        if profiled:
+            lines += ["", "### Profile of one step (torch.profiler): GPU busy time vs wall time, top kernels", ""]
+            for r in profiled:
+                p = r["profile"]
+                lines.append(f"- {r['model']} {r['mode']} T {r['seq']} x {r['batch']}: GPU busy {p['busy_ms']:.1f} ms of "
+                             f"{p['wall_ms']:.1f} ms wall ({p['busy_ms'] / p['wall_ms']:.0%}), {p['launches']} kernel launches; "
+                             "top: " + "; ".join(f"`{k}` {ms:.1f} ms ({n}x)" for k, ms, n in p["top"]))
+        lines += ["", "First step (compilation included in compiled mode): " + "; ".join(
+            f"{r['model']} {r['mode']} T {r['seq']}: {r['first_step_s']:.1f} s" for r in train), ""]
+    decode = [r for r in rows if r["part"] == "decode"]
+    if decode:
+        lines += ["## Decoding: ms per token, eager vs static step (CUDA graph), and the floor", "",
+                  "| model | batch | context | eager | CUDA graph | floor | graph / floor |", "|---|---|---|---|---|---|---|"]
+        for r in decode:
+            graph = "failed" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
+            ratio = "-" if r["graph_ms"] is None else f"{r['graph_ms'] / r['floor_ms']:.1f}x"
+            lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['eager_ms']:.2f} ms | {graph} | "
+                         f"{r['floor_ms']:.3f} ms | {ratio} |")
+        lines += ["", "Floor bytes: " + "; ".join(f"{r['model']} b{r['batch']} c{r['context']}: {r['floor_count']}"
+                                                  for r in decode), ""]
+    if checks:
+        lines += ["## Checks (same process)", "", *[f"- {c}" for c in checks], ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "model.md"))
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
-    ap.add_argument("--budget", type=float, default=330, help="seconds; variants left when it runs out are skipped")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--part", choices=("train", "decode", "all"), default="all")
+    ap.add_argument("--variants", help=f"comma-separated, from {', '.join(TRAIN_VARIANTS)}")
+    ap.add_argument("--budget", type=float, default=520, help="seconds; cases left when it runs out are skipped (logged)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (aot_eager instead of inductor)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    names = [n for n in args.variants.split(",") if n]
-    smoke = dict(device="cpu", size="tiny", lengths=[64, 128], contexts=[64, 256], iters=1)
-    cfg = BenchConfig(what=("train", "decode"), variants=names, decode_variants=[n for n in DECODE_VARIANTS if n in names],
-                      budget=args.budget, **(smoke if args.smoke else dict(device="cuda", size="paper")))
+    started = time.perf_counter()
+    cfg = SMOKE if args.smoke else PAPER
+    device = torch.device("cpu" if args.smoke else "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("model_gpu.py: no CUDA device (use --smoke on CPU)", file=sys.stderr)
+        return 2
+    if args.smoke:
+        train_runtime.COMPILE_BACKEND = "aot_eager"
+    base = load_base(cfg["base"])
+    layers = cfg["model"].get("layers", base.model.layers)
+    variants = model_variants(base, layers)
+    overrides = {k: v for k, v in cfg["model"].items() if k != "layers"}
+    wanted = args.variants.split(",") if args.variants else None
+    unknown = [v for v in wanted or [] if v not in variants]
+    if unknown:
+        print(f"model_gpu.py: unknown variant {unknown[0]!r}: choose from {', '.join(variants)}", file=sys.stderr)
+        return 2
+
+    def build(name):
+        lsm, pattern = variants[name]
+        return program_for(lsm, pattern, base=base, moe=cfg["moe"], **overrides)
+
+    log_lines = []
+
+    def log(message):
+        print(message, flush=True)
+        log_lines.append(message)
+
+    ceiling, bandwidth = matmul_ceiling(device), copy_bandwidth(device)
+    header = [f"{device_name(device)}; {versions()}; {datetime.date.today().isoformat()}.",
+              f"Measured here: bf16 matmul 8192^3 {ceiling / 1e12:.0f} TFLOP/s (MFU denominator), device copy "
+              f"{bandwidth / 1e12:.2f} TB/s (decode floor).",
+              f"Median of {cfg['iters']} training steps after {cfg['warmup']} (the first, compiling, timed apart); "
+              f"decode: median of {cfg['decode_iters']} steps after 3."]
+    log(" ".join(header))
+    rows, checks = [], []
+    parts = ["train", "decode"] if args.part == "all" else [args.part]
+
+    def over_budget():
+        return time.perf_counter() - started > args.budget
+
+    for part in parts:
+        for name in wanted or (TRAIN_VARIANTS if part == "train" else DECODE_VARIANTS):
+            if over_budget():
+                log(f"skipped {part} {name}: over the {args.budget:.0f} s budget")
+                continue
+            try:
+                if part == "train":
+                    bench_training(name, build(name), device, cfg, ceiling, rows, log, over_budget)
+                else:
+                    bench_decoding(name, build(name), device, cfg, bandwidth, rows, checks, log)
+            except Exception as err:  # noqa: BLE001 - one variant's failure is logged, the others run
+                log(f"{part} {name}: FAILED: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    checks = check_training([r for r in rows if r["part"] == "train"]) + checks
+    header.append(f"Run time {time.perf_counter() - started:.0f} s (part {args.part}).")
     out = Path(args.out)
-    title = "A0.3B-2B on one GPU: training throughput and decoding cost" + (" (smoke run)" if args.smoke else "")
-    write_outputs(run_bench(cfg), out.parent, md_name=out.name, title=title)
-    print((out).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(rows, checks, header)
+    tag = args.part + ("-" + "+".join(v.replace(" ", "_") for v in wanted) if wanted else "")
+    (out / f"model_gpu_{tag}.md").write_text(text)
+    (out / f"model_gpu_{tag}.json").write_text(json.dumps({"rows": rows, "checks": checks, "log": log_lines}, indent=1))
+    print(text)
+    return 1 if any(not c.startswith("ok") for c in checks) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -122,7 +122,7 @@ def test_names_and_numbers_from_an_ir_must_be_names_and_finite():
 # ---- hostile specs, compiled and imported in a subprocess under an audit hook ------------------------------
 
 AUDIT = """
-import json, os, sys
+import dataclasses, json, os, sys
 import torch, triton, triton.language
 import lmoec
 
@@ -136,8 +136,15 @@ harmless = {"import", "builtins.id", "object.__getattr__", "object.__setattr__",
 in_cache = {"os.mkdir", "tempfile.mkdtemp", "os.rename", "shutil.rmtree", "os.chmod"}
 violations = []
 
+def by_dataclasses():
+    # registering the ops with torch.library defines torch's own dataclasses, whose methods the standard
+    # library compiles from its fixed templates: no spec text is in them
+    return sys._getframe(2).f_code.co_filename == dataclasses.__file__
+
 def hook(event, args):
     if event in harmless:
+        return
+    if event in ("compile", "exec") and by_dataclasses():
         return
     if event == "open":
         path, mode, flags = args

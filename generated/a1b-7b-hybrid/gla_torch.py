@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lmoec.runtime.contract import sequence_offsets
+
 CHUNK = 64
 SUB = 16  # strong vector decay: diagonal blocks of SUB x SUB token pairs are summed in log space
 FACTORED_SPAN = 0.4  # chunk decays up to this fraction of log(max float) take the one-matmul path
@@ -34,7 +36,7 @@ def chunk(q, k, v, g, scale=None, initial_state=None, output_final_state=False, 
         o = o[:, :T]
     else:
         # packed sequences: one padded row per sequence (zero tokens at the end change no state)
-        offsets = cu_seqlens.tolist()
+        offsets = sequence_offsets(cu_seqlens, T, "gla")
         spans = list(zip(offsets[:-1], offsets[1:]))
         length = _round_up(max(end - start for start, end in spans))
         rows = [torch.stack([_pad_time(x[0, start:end], length, dim=0) for start, end in spans]) for x in tokens]

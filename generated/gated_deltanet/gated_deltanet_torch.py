@@ -17,6 +17,8 @@ system (I - L) w = P0 S_0 + R v, so each chunk is matrix products plus one trian
 import torch
 import torch.nn.functional as F
 
+from lmoec.runtime.contract import sequence_offsets
+
 CHUNK = 64
 INVERSE_BLOCK = 8  # the triangular inverse substitutes row by row inside diagonal blocks of at most this size
 
@@ -36,7 +38,7 @@ def chunk(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=F
         o = o[:, :T]
     else:
         # packed sequences: one padded row per sequence (zero tokens at the end change no state)
-        offsets = cu_seqlens.tolist()
+        offsets = sequence_offsets(cu_seqlens, T, "gated_deltanet")
         spans = list(zip(offsets[:-1], offsets[1:]))
         length = _round_up(max(end - start for start, end in spans))
         rows = [torch.stack([_pad_time(x[0, start:end], length, dim=0) for start, end in spans]) for x in tokens]

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lmoec.runtime.contract import sequence_offsets
+
 CHUNK = 64
 BLOCK = 16  # rows of the UT transform's tiles
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
@@ -666,7 +668,7 @@ def _walk_layout(q, V, cu_seqlens):
     """(V block, layout) of the walks: the V block halves (down to 16) while fewer than CONFIG["seq_programs"]
     programs would walk, then sequences are cut into segments if the walks would still keep too few busy."""
     B, T, H = q.shape[:3]
-    bounds = [i * T for i in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
+    bounds = [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "gated_deltanet")
     BV = _block_v(V)
     while BV > 16 and (len(bounds) - 1) * H * triton.cdiv(V, BV) < CONFIG["seq_programs"]:
         BV //= 2

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lmoec.runtime.contract import sequence_offsets
+
 CHUNK = 64
 LOG2E = tl.constexpr(1.4426950408889634)  # g * LOG2E: exp(g) == exp2(g * LOG2E)
 
@@ -467,7 +469,7 @@ def _layout(bounds, device, segment_chunks=None):
 
 def _bounds(q, cu_seqlens):
     B, T = q.shape[:2]
-    return [i * T for i in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
+    return [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "mamba2")
 
 
 def _blocks(n, cap):

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lmoec.runtime.contract import sequence_offsets
+
 CHUNK = 64
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
@@ -572,7 +574,7 @@ def _walk_layout(q, V, cu_seqlens):
     """(V block, layout) of the walks: the V block halves (down to 16) while fewer than CONFIG["seq_programs"]
     programs would walk, then sequences are cut into segments if the walks would still keep too few busy."""
     B, T, H = q.shape[:3]
-    bounds = [i * T for i in range(B + 1)] if cu_seqlens is None else cu_seqlens.tolist()
+    bounds = [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "rwkv7")
     BV = _block_v(V)
     while BV > 16 and (len(bounds) - 1) * H * triton.cdiv(V, BV) < CONFIG["seq_programs"]:
         BV //= 2

@@ -12,6 +12,8 @@ taken in causal order, or masked before exp), so strong decays cannot overflow.
 import torch
 import torch.nn.functional as F
 
+from lmoec.runtime.contract import sequence_offsets
+
 CHUNK = 64
 
 
@@ -30,7 +32,7 @@ def chunk(q, k, v, g, scale=None, initial_state=None, output_final_state=False, 
         o = o[:, :T]
     else:
         # packed sequences: one padded row per sequence (zero tokens at the end change no state)
-        offsets = cu_seqlens.tolist()
+        offsets = sequence_offsets(cu_seqlens, T, "simple_gla")
         spans = list(zip(offsets[:-1], offsets[1:]))
         length = _round_up(max(end - start for start, end in spans))
         rows = [torch.stack([_pad_time(x[0, start:end], length, dim=0) for start, end in spans]) for x in tokens]

@@ -9,6 +9,7 @@ import torch
 from lmoec.backends.reference import recurrent_reference
 from lmoec.ir.nodes import Recurrence
 from lmoec.runtime.contract import check_op_args
+from lmoec.runtime.library import LSMOps
 
 from . import gla_torch as _torch
 from . import gla_triton as _triton
@@ -16,6 +17,8 @@ from . import gla_triton as _triton
 NAME = "gla"
 RECURRENCE = Recurrence(decay="vector", delta=False, dplr=False, bonus=False)
 BACKENDS = ("reference", "torch", "triton")
+# torch.compile sees the chunkwise op and the decode step as registered custom ops (lmoec.runtime.library)
+LIBRARY = LSMOps(__package__ or __name__, NAME, ["g"], {"torch": _torch, "triton": _triton})
 
 
 def backend_for(backend, q):
@@ -40,6 +43,9 @@ def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_s
     if name == "reference":
         return recurrent_reference(RECURRENCE, q, k, v, g, beta, u, a, b, scale, initial_state,
                                    output_final_state, cu_seqlens)
+    if torch.compiler.is_compiling():  # one graph node; eager calls skip the dispatcher
+        return LIBRARY.chunk(name, q, k, v, dict(g=g), scale, initial_state,
+                             output_final_state, cu_seqlens)
     impl = {"torch": _torch, "triton": _triton}[name]
     return impl.chunk(q, k, v, g, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
@@ -49,6 +55,9 @@ def step(q, k, v, g, state, scale=None):
     """One decode token: q, k, v [B, H, D]; state [B, H, K, V] fp32 -> (o [B, H, V], new state)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling():
+        backend = "triton" if q.is_cuda else "torch"
+        return LIBRARY.step(backend, q, k, v, dict(g=g), state, scale)
     if q.is_cuda:  # the emitted one-token Triton kernel
         return _triton.step(q, k, v, g, state=state, scale=scale)
     return _torch.step(q, k, v, g, state=state, scale=scale)

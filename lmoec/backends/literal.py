@@ -18,13 +18,14 @@ from pydantic import AfterValidator
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # the grammar's NAME (grammar/lsm.lark)
 
 
-def _check_name(value: str) -> str:
-    if not _NAME.fullmatch(value):
+def check_name(value: str) -> str:
+    """`value` if it is a name (what the grammar's NAME accepts), else ValueError: names become identifiers."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a name (letters, digits and _, not starting with a digit)")
     return value
 
 
-Name = Annotated[str, AfterValidator(_check_name)]
+Name = Annotated[str, AfterValidator(check_name)]
 
 
 def _escape(text: str, newlines: bool) -> str:

@@ -22,6 +22,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=flags.probability, help="sample only from the smallest set of tokens with this much probability")
     p.add_argument("--seed", type=flags.seed, default=0, help="sampling seed (default 0)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, ...")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="decode step by step from Python on CUDA too (default there: one captured CUDA graph per token)")
     p.add_argument("--trust-checkpoint-code", action="store_true",
                    help="run the checkpoint's package even if it is not what this lmoec emits from its IR")
     return p
@@ -42,7 +44,8 @@ def run(args) -> int:
     except (CheckpointError, ValueError) as e:
         return fail(str(e))
     sys.stdout.write(args.prompt)
-    for piece in generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+    for piece in generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                               static=False if args.no_cuda_graph else None):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")

@@ -106,6 +106,37 @@ class KVCache:
         return KVCache(K, V, self.next_pos + T, n + T, reserved=self.reserved)
 
 
+class StaticKVCache:
+    """A KV cache whose every step has the same shapes and reads no value back: what a CUDA graph replays.
+
+    `k`, `v` [B, H_kv, capacity, D] are fixed storage (a ring of `window` slots for a sliding window) and
+    `position` a one-element device tensor, the absolute position of the next token, shared by all layers
+    (the decoder advances it after each step). A step writes its key at slot position (mod window) with
+    index_copy_ and attends to the whole storage under a mask of the slots written so far.
+    """
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor, window: Optional[int] = None):
+        self.k, self.v, self.position, self.window = k, v, position, window
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, position: torch.Tensor, steps: int) -> "StaticKVCache":
+        """The static view of a prefilled cache, with room for `steps` more tokens (its storage as it is when
+        that fits, else copied into storage that does); a ring keeps its slots."""
+        if cache.k is None:
+            raise ValueError("StaticKVCache: the cache holds no keys (prefill first)")
+        if cache.window is not None:
+            return cls(cache.k, cache.v, position, cache.window)
+        n = cache.length
+        k, v = cache.k, cache.v
+        if cache.next_pos - n != 0:
+            raise ValueError("StaticKVCache: the cache does not start at position 0")
+        if k.shape[2] < n + steps:
+            k = k.new_zeros(*k.shape[:2], n + steps, k.shape[3])
+            v = v.new_zeros(*v.shape[:2], n + steps, v.shape[3])
+            k[:, :, :n], v[:, :, :n] = cache.k[:, :, :n], cache.v[:, :, :n]
+        return cls(k, v, position)
+
+
 class Attention(nn.Module):
     """Causal multi-head (or grouped-query) attention with rotary positions."""
 
@@ -132,6 +163,9 @@ class Attention(nn.Module):
         With use_cache the new keys and values are written into `past`'s storage (see KVCache), and the
         returned cache shares it; without, `past` is only read.
         """
+        if isinstance(past, StaticKVCache):
+            y = self._static_step(x, past)
+            return (y, past) if use_cache else y
         B, T, _ = x.shape
         start = past.next_pos if past is not None else 0
         positions = torch.arange(start, start + T, device=x.device)
@@ -160,6 +194,25 @@ class Attention(nn.Module):
                 cache = self._ring_write(past, keys, values, start + T)
         y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
         return (y, cache) if use_cache else y
+
+    def _static_step(self, x: torch.Tensor, past: StaticKVCache):
+        """One token per sequence (x [B, 1, hidden]) into static storage: see StaticKVCache."""
+        B, T, _ = x.shape
+        if T != 1:
+            raise ValueError(f"attention: a StaticKVCache takes one token per step, got T={T}")
+        position = past.position.double() if x.dtype == torch.float64 else past.position
+        cos, sin = rope_frequencies(self.head_dim, position, self.rope_theta)
+        q = apply_rope(self.q_proj(x).view(B, 1, self.heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(B, 1, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        slot = past.position if past.window is None else past.position % past.window
+        past.k.index_copy_(2, slot, k.to(past.k.dtype))
+        past.v.index_copy_(2, slot, v.to(past.v.dtype))
+        # slots written so far: those up to the position (a full ring: all)
+        mask = (torch.arange(past.k.shape[2], device=x.device) <= past.position)[None, :]
+        keys, values = self._as(q, past.k, past.v)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim))
 
     @staticmethod
     def _as(like: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,9 +5,15 @@ initial_state=None, output_final_state=False, cu_seqlens=None)`, layout
 [B, T, H, D] (the flash-linear-attention convention). An argument the spec
 does not declare, or a tensor of the wrong shape, is a ValueError that says
 which argument and why, before any kernel runs.
+
+The checks read shapes and dtypes only, never tensor values, except the offsets in `cu_seqlens`: those are
+read back (a host sync on GPU) once per tensor by `sequence_offsets`, which the backends share for the host
+copy they need anyway to lay out the sequences. Under torch.compile they are checked where the registered op
+runs, not while tracing.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -17,6 +23,25 @@ from ..ir.nodes import Recurrence
 
 def _shape(x: torch.Tensor) -> str:
     return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+# (cu_seqlens tensor, its version counter, its offsets) of the last few tensors read: one read-back per tensor,
+# not one per layer and call (a tensor is matched by identity: tensors compare by value)
+_OFFSETS: list[tuple[weakref.ref, int, list[int]]] = []
+_OFFSETS_KEPT = 8
+
+
+def sequence_offsets(cu_seqlens: torch.Tensor, T: Optional[int] = None, name: str = "op") -> list[int]:
+    """cu_seqlens as a host list, read back once per tensor (again only after it is changed in place);
+    with T, checked to rise from 0 to T (ValueError naming `name`)."""
+    version = cu_seqlens._version
+    offsets = next((o for ref, v, o in _OFFSETS if ref() is cu_seqlens and v == version), None)
+    if offsets is None:
+        offsets = cu_seqlens.tolist()
+        _OFFSETS[:] = [(weakref.ref(cu_seqlens), version, offsets)] + _OFFSETS[: _OFFSETS_KEPT - 1]
+    if T is not None and (offsets[0] != 0 or offsets[-1] != T or any(b < a for a, b in zip(offsets, offsets[1:]))):
+        raise ValueError(f"{name}: cu_seqlens must rise from 0 to T={T}, got {offsets}")
+    return list(offsets)
 
 
 def check_op_args(
@@ -91,10 +116,9 @@ def check_op_args(
             fail(f"with cu_seqlens, sequences are packed along T and B must be 1, got B={B}")
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             fail("cu_seqlens must be a 1-D int32/int64 tensor [N+1] of sequence offsets")
-        offs = cu_seqlens.tolist()
-        if offs[0] != 0 or offs[-1] != T or any(b_ < a_ for a_, b_ in zip(offs, offs[1:])):
-            fail(f"cu_seqlens must rise from 0 to T={T}, got {offs}")
-        n_seq = len(offs) - 1
+        if not torch.compiler.is_compiling():  # traced: the registered op checks the values when it runs
+            sequence_offsets(cu_seqlens, T, name)
+        n_seq = cu_seqlens.numel() - 1
     if initial_state is not None:
         if tuple(initial_state.shape) != (n_seq, H, K, V):
             fail(f"initial_state must be [N, H, K, V] = [{n_seq}, {H}, {K}, {V}], got {_shape(initial_state)}")

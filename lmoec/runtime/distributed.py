@@ -350,6 +350,8 @@ def train_distributed(
     """
     from tqdm import tqdm
 
+    if cfg.compile:  # LASP-2 and expert-parallel collectives are not traced yet
+        raise RunError("--compile: single-process training only (drop --compile, or train without --sp/--ep/--dp)")
     dev = init_process_group(device)
     rank0 = dist.get_rank() == 0
     say = say if rank0 else (lambda message: None)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import codecs
 import os
+import sys
 from typing import Iterator, Optional
 
 import torch
 
 from . import checkpoint as ckpt
-from .attention import Attention, KVCache
+from .attention import Attention, KVCache, StaticKVCache
 from .data import encode
 from .loader import load_package
 
@@ -65,19 +66,117 @@ def reserve_cache(model, capacity: int) -> Optional[list]:
     return [KVCache.reserve(capacity) if isinstance(b.mixer, Attention) else None for b in blocks]
 
 
+class StaticDecoder:
+    """Decode steps of one batch size over fixed storage, replayed as a CUDA graph on CUDA.
+
+    Every step runs the same kernels on the same tensors: the recurrent states are copied into storage of
+    the decoder's own after each step, attention layers write into a StaticKVCache, and the position is a
+    device tensor. Nothing in a step reads a value back, so on CUDA the step is captured once and each token
+    costs one graph replay instead of ~2,000 kernel launches issued from Python. Elsewhere (or with
+    cuda_graph=False) the same step runs eagerly: that is what the CPU tests compare with the dynamic path.
+
+        decoder = StaticDecoder(model, cache, position=T, steps=n)   # the cache the prefill of T tokens returned
+        logits = decoder.step(tokens)   # tokens [B] -> last-position logits [B, vocab], valid until the next step
+    """
+
+    def __init__(self, model, cache: list, position: int, steps: int, cuda_graph: Optional[bool] = None):
+        if not isinstance(cache, list):
+            raise ValueError("StaticDecoder: the cache must be the per-layer list the model's prefill returned")
+        self.model = model
+        device = next(model.parameters()).device
+        self.position = torch.tensor([position], device=device)
+        self.cache = [self._static(entry, steps) for entry in cache]
+        self.batch = next(t.shape[0] for t in self._tensors(self.cache))
+        self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
+        self.graph = None
+        self.logits: Optional[torch.Tensor] = None
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda"
+        if cuda_graph:
+            self._capture()
+
+    def _static(self, entry, steps: int):
+        if isinstance(entry, dict):  # a recurrent layer's state (and conv tails): storage of our own
+            return {key: t.clone() for key, t in entry.items()}
+        if isinstance(entry, KVCache):
+            return StaticKVCache.from_cache(entry, self.position, steps)
+        raise ValueError(f"StaticDecoder: no static form for a {type(entry).__name__} cache entry")
+
+    @staticmethod
+    def _tensors(cache: list) -> list[torch.Tensor]:
+        return [t for entry in cache for t in (entry.values() if isinstance(entry, dict) else (entry.k, entry.v))]
+
+    def _run(self) -> torch.Tensor:
+        logits, new_cache = self.model(self.tokens, cache=self.cache, use_cache=True)
+        for mine, new in zip(self.cache, new_cache):
+            if isinstance(mine, dict):
+                for key, t in mine.items():
+                    t.copy_(new[key])
+        self.position += 1
+        return logits[:, -1]
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), put the states back, capture.
+
+        The second warm-up step runs with CUDA's sync debug mode raising (the first one compiles and allocates):
+        a step that reads a value back (the per-expert loop of float32 MoE layers, say) fails there, before a
+        capture it would invalidate."""
+        states = [t for entry in self.cache if isinstance(entry, dict) for t in entry.values()]
+        saved = [t.clone() for t in states] + [self.position.clone()]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        previous = torch.cuda.get_sync_debug_mode()
+        try:
+            with torch.cuda.stream(stream):
+                self._run()
+                torch.cuda.set_sync_debug_mode("error")
+                self._run()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+            torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip(states + [self.position], saved):
+            t.copy_(s)  # the warm-up's key went to the slot the first real step writes again
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tokens.copy_(tokens.view(self.batch, 1))
+        if self.graph is None:
+            return self._run()
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0) -> Iterator[torch.Tensor]:
-    """Yield next-token ids [B], one per step: prefill the prompt [B, T] at once, then decode step by step."""
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                 static: Optional[bool] = None) -> Iterator[torch.Tensor]:
+    """Yield next-token ids [B], one per step: prefill the prompt [B, T] at once, then decode step by step.
+
+    static (default: on CUDA) decodes with a StaticDecoder, a CUDA graph on CUDA; a model whose cache has no
+    static form, or whose step cannot be captured, decodes with the dynamic path (said on stderr)."""
     generator = torch.Generator().manual_seed(seed)
     # KV caches take the whole sequence's room once, at the prefill (the last token is sampled, never fed)
-    reserved = reserve_cache(model, prompt_ids.shape[1] + max(max_new_tokens - 1, 0))
+    steps = max(max_new_tokens - 1, 0)
+    reserved = reserve_cache(model, prompt_ids.shape[1] + steps)
     logits, cache = model(prompt_ids, cache=reserved, use_cache=True)
+    decoder = None
+    if static if static is not None else prompt_ids.is_cuda:
+        try:
+            decoder = StaticDecoder(model, cache, prompt_ids.shape[1], steps)
+        except (ValueError, RuntimeError) as e:  # RuntimeError: an op that cannot be captured
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"lmoec: decoding without a static step ({reason})", file=sys.stderr)
     for step in range(max_new_tokens):
         token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         yield token
         if step + 1 < max_new_tokens:  # the last token needs no forward of its own
-            logits, cache = model(token[:, None], cache=cache, use_cache=True)
+            if decoder is not None:
+                logits = decoder.step(token)[:, None]
+            else:
+                logits, cache = model(token[:, None], cache=cache, use_cache=True)
 
 
 def cache_nbytes(cache) -> int:
@@ -95,13 +194,14 @@ def cache_nbytes(cache) -> int:
 
 
 def generate_text(model, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None, seed: int = 0) -> Iterator[str]:
-    """Yield decoded text pieces as they are generated (byte tokens; incomplete UTF-8 waits for its next byte)."""
+                  top_p: Optional[float] = None, seed: int = 0, static: Optional[bool] = None) -> Iterator[str]:
+    """Yield decoded text pieces as they are generated (byte tokens; incomplete UTF-8 waits for its next byte);
+    `static` as in generate_ids."""
     device = next(model.parameters()).device
     ids = encode(prompt) or [ord("\n")]
     prompt_ids = torch.tensor([ids], device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed):
+    for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, static):
         piece = decoder.decode(bytes([int(token[0])]))
         if piece:
             yield piece
@@ -110,4 +210,4 @@ def generate_text(model, prompt: str, max_new_tokens: int = 200, temperature: fl
         yield tail
 
 
-__all__ = ["load_model", "sample_next", "generate_ids", "generate_text", "cache_nbytes", "reserve_cache"]
+__all__ = ["load_model", "sample_next", "StaticDecoder", "generate_ids", "generate_text", "cache_nbytes", "reserve_cache"]

@@ -155,11 +155,24 @@ def fused_swiglu_applies(gate: torch.Tensor) -> bool:
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, row_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """silu(gate) * up [M, ffn], each row scaled by row_weight [M] when given."""
-    if gate.shape[0] > 0 and fused_swiglu_applies(gate):
+    """silu(gate) * up [M, ffn], each row scaled by row_weight [M] when given (under torch.compile the plain
+    composition, which the compiler fuses itself)."""
+    if gate.shape[0] > 0 and fused_swiglu_applies(gate) and not torch.compiler.is_compiling():
         return _FusedSwiGLU.apply(gate, up, row_weight)
     h = F.silu(gate) * up
     return h if row_weight is None else (h * row_weight.unsqueeze(1)).to(h.dtype)
+
+
+def _swiglu_grads(gate, up, row_weight, dh) -> list[torch.Tensor]:
+    """[dgate, dup] (+ [drow_weight] with row weights) of swiglu, in fp32 as the fused kernels compute them."""
+    g, u, d = gate.float(), up.float(), dh.float()
+    s = torch.sigmoid(g)
+    silu = g * s
+    grads = []
+    if row_weight is not None:
+        grads.append((d * silu * u).sum(1).to(row_weight.dtype))
+        d = d * row_weight.float()[:, None]
+    return [(d * u * s * (1 + g * (1 - s))).to(gate.dtype), (d * silu).to(up.dtype)] + grads
 
 
 class _SwiGLUExperts(torch.autograd.Function):
@@ -185,12 +198,16 @@ class _SwiGLUExperts(torch.autograd.Function):
         rows, gate, up, row_weight, w_gate, w_up, w_down, counts = ctx.saved_tensors
         backend, cast = ctx.backend, (lambda w: w if ctx.dtype is None else w.to(ctx.dtype))
         wg, wu, wd = cast(w_gate), cast(w_up), cast(w_down)
-        with torch.enable_grad():
-            leaves = [t if t is None else t.detach().requires_grad_() for t in (gate, up, row_weight)]
-            h = swiglu(*leaves)
         dh = grouped_matmul(dout, wd.transpose(-2, -1), counts, backend)
+        if torch.compiler.is_compiling():  # the formulas written out: traced and fused with the rest
+            h = swiglu(gate, up, row_weight)
+            dgate, dup, *drw = _swiglu_grads(gate, up, row_weight, dh)
+        else:
+            with torch.enable_grad():
+                leaves = [t if t is None else t.detach().requires_grad_() for t in (gate, up, row_weight)]
+                h = swiglu(*leaves)
+            dgate, dup, *drw = torch.autograd.grad(h, [t for t in leaves if t is not None], dh)
         dw_down = grouped_weight_grad(h.detach(), dout, counts, backend)
-        dgate, dup, *drw = torch.autograd.grad(h, [t for t in leaves if t is not None], dh)
         drows = grouped_matmul(dgate, wg.transpose(-2, -1), counts, backend) + grouped_matmul(dup, wu.transpose(-2, -1), counts, backend)
         dw_gate = grouped_weight_grad(rows, dgate, counts, backend)
         dw_up = grouped_weight_grad(rows, dup, counts, backend)

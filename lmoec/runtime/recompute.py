@@ -55,8 +55,11 @@ def recompute(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.T
     """fn(*inputs), one tensor, with fn's intermediates made again in the backward instead of kept.
 
     fn must be deterministic and read tensors needing gradients only through `inputs` (pass parameters
-    explicitly). Without autograd (no_grad, decoding) it is a plain call.
+    explicitly). Without autograd (no_grad, decoding) it is a plain call; so it is under torch.compile, whose
+    partitioner chooses what to keep and what to recompute across the whole graph.
     """
+    if torch.compiler.is_compiling():
+        return fn(*inputs)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _Recompute.apply(fn, *inputs)
     return fn(*inputs)

@@ -42,7 +42,8 @@ class TrainResult:
         return [r["eval_loss"] for r in self.records if "eval_loss" in r]
 
 
-RESUME_CAN_CHANGE = {"steps", "eval_every", "save_every"}
+RESUME_CAN_CHANGE = {"steps", "eval_every", "save_every", "compile"}
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graphs, forward and backward, without code generation
 
 
 def saved_config(state: dict) -> TrainConfig:
@@ -114,6 +115,25 @@ def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
         ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)).flatten(0, 1), targets.flatten())
     aux = getattr(model, "aux_loss", None)
     return ce, ce if aux is None else ce + aux.to(ce.dtype)
+
+
+def loss_function(model, compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """lm_loss of `model` as a function of (inputs, targets). With compile, each block of the model goes
+    through torch.compile (regional compilation: the blocks of one kind share one compiled graph, so a deep
+    stack compiles in the time of one block): norms, gates, projections, routing and the SwiGLU experts fuse
+    around the emitted ops, which enter the graph as their registered custom ops (lmoec.runtime.library).
+    A model without `blocks` is compiled whole."""
+    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return lm_loss(model, inputs, targets)
+
+    if not compile:
+        return loss
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        return torch.compile(loss, backend=COMPILE_BACKEND)
+    for block in blocks:
+        block.compile(backend=COMPILE_BACKEND)
+    return loss
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -247,6 +267,7 @@ def train(
     dev = pick_device(device)
     model.to(dev).train()
     optimizer = make_optimizer(model, cfg)
+    step_loss = loss_function(model, cfg.compile)
     records: list[dict] = []
     start = 0
     if state is not None:
@@ -290,7 +311,7 @@ def train(
                 group["lr"] = lr
             inputs, targets = sample_batch(data.train, cfg.batch, cfg.seq_len, cfg.seed, step)
             with autocast_for(dev):
-                ce, loss = lm_loss(model, inputs.to(dev), targets.to(dev))
+                ce, loss = step_loss(inputs.to(dev), targets.to(dev))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -322,4 +343,5 @@ def train(
     return TrainResult(records=records, checkpoint=ckpt_path, plot=plot_path if plot_path.exists() else None)
 
 
-__all__ = ["TrainConfig", "TrainResult", "RunError", "Interrupted", "DataError", "train", "evaluate", "lm_loss", "pick_device"]
+__all__ = ["TrainConfig", "TrainResult", "RunError", "Interrupted", "DataError", "train", "evaluate", "lm_loss",
+           "loss_function", "pick_device"]
