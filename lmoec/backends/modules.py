@@ -296,7 +296,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
 
 def emit_layers(ir: SpecIR) -> dict[str, str]:
     """`<lsm>_layer.py` for each LSM of the spec."""
-    from .emit import header, render
+    from .render import header, render  # jinja2 only when rendering: `lmoec check` imports this module
 
     files = {}
     for lsm in ir.lsms.values():

@@ -78,16 +78,9 @@ class Recurrence(Node):
 
     @property
     def family(self) -> Family:
-        if self.dplr:
-            return Family.dplr
-        if self.delta:
-            return Family.delta
-        return {
-            "none": Family.additive,
-            "constant": Family.constant,
-            "scalar": Family.scalar,
-            "vector": Family.vector,
-        }[self.decay]
+        from ..kinds import kind_of  # the kinds' classify rules (lmoec.kinds imports this module)
+
+        return kind_of(self).family
 
     @property
     def key(self) -> str:
