@@ -29,6 +29,9 @@ def recurrent_reference(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    gv: Optional[torch.Tensor] = None,
+    dt: Optional[torch.Tensor] = None,
+    A: Optional[torch.Tensor] = None,
 ):
     """Token-by-token recurrence; arguments as in the op contract (already checked)."""
     B, T, H, K = q.shape
@@ -58,7 +61,8 @@ def recurrent_reference(
             def at(x):
                 return None if x is None else x[bi : bi + 1, t].to(dtype)
 
-            inputs = {"g": at(g), "beta": at(beta), "u": None if u is None else u.to(dtype)[None], "a": at(a), "b": at(b)}
+            inputs = {"g": at(g), "beta": at(beta), "u": None if u is None else u.to(dtype)[None], "a": at(a), "b": at(b),
+                      "gv": at(gv), "dt": at(dt), "A": None if A is None else A.to(dtype)[None]}
             S, o_t = step(rec, S, at(q), at(k), at(v), inputs, scale)
             o[bi, t] = o_t[0]
         finals.append(S[0])

@@ -31,15 +31,16 @@ class Kind:
     oracle_step: Callable[..., Any]
     torch_template: str  # templates/ path of `<lsm>_torch.py`
     supports: Callable[["LSMContext"], tuple[bool, str]]  # (ok, reason) of the Triton kernels
-    emit_triton: Optional[Callable[["LSMContext", str], str]]  # (ctx, header) -> `<lsm>_triton.py`
+    emit_triton: Optional[Callable[["LSMContext", str], str]]  # (ctx, header) -> `<lsm>_triton.py`; None: supports refuses
     costs: Optional[Callable[["LSMContext", "Sizes", int], Costs]]  # (ctx, sizes, bytes of the end states)
     lasp2_map: list[str]  # dims of A_r in LASP-2's affine map S -> A_r S + M_r ([]: nothing to send)
 
 
 def _registry() -> list[Kind]:
-    from . import decay, delta, dplr
+    from . import decay, delta, dplr, elementwise
 
-    return [dplr.KIND, delta.KIND, *decay.KINDS]  # precedence: DPLR over delta over the decays
+    # precedence: element-wise gates, DPLR, delta, then the decays (validate keeps the first three exclusive)
+    return [elementwise.KIND, dplr.KIND, delta.KIND, *decay.KINDS]
 
 
 KINDS: list[Kind] = _registry()
