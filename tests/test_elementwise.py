@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import lmoec
+import lmoec.paths
 
 F64 = torch.float64
 
@@ -207,3 +208,26 @@ def test_contract_names_the_gate_arguments(programs):
     with pytest.raises(ValueError, match="gv is required"):
         g_inputs = _inputs("gfw", 1, 8, 2, 4, 6)
         gfw(**{n: x for n, x in g_inputs.items() if n != "gv"})
+
+
+def test_hybrid_model_trains_a_step_and_decodes(tmp_path):
+    """lsm = mamba in a hybrid Linear-MoE stack (LN): a training step gives finite gradients to every parameter,
+    and decoding through the caches gives the logits of the full forward."""
+    spec = tmp_path / "mamba_tiny.lsm"
+    spec.write_text(f'import "{lmoec.paths.SPECS / "lsm" / "mamba.lsm"}"\n'
+                    'model mamba_tiny { vocab = 64 hidden = 32 layers = 2 heads = 2 pattern = "LN" lsm = mamba\n'
+                    '    moe { experts = 4 top_k = 2 expert_ffn = 32 } max_seq_len = 64 }\n')
+    torch.manual_seed(0)
+    model = lmoec.compile_spec(spec).model().double()
+    ids = torch.randint(0, 64, (2, 40))
+    logits = model(ids)
+    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    with torch.no_grad():
+        out, cache = model(ids[:, :30], use_cache=True)
+        steps = [out]
+        for t in range(30, 40):
+            out, cache = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out)
+    _close(torch.cat(steps, dim=1), logits.detach(), 1e-9)
