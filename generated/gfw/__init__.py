@@ -6,3 +6,4 @@ LSMs: gfw (elementwise_outer_sum).
 from . import gfw_layer  # noqa: F401
 from . import gfw_ops  # noqa: F401
 from . import gfw_torch  # noqa: F401
+from . import gfw_triton  # noqa: F401

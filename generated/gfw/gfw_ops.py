@@ -11,18 +11,21 @@ from lmoec.ir.nodes import Recurrence
 from lmoec.runtime.contract import check_op_args
 
 from . import gfw_torch as _torch
+from . import gfw_triton as _triton
 
 NAME = "gfw"
 RECURRENCE = Recurrence(decay="vector", delta=False, dplr=False, bonus=False, elementwise="outer_sum")
-BACKENDS = ("reference", "torch")
+BACKENDS = ("reference", "torch", "triton")
 
 
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        return "torch", "auto: the element-wise recurrence elementwise_outer_sum has no Triton kernels yet: use the torch backend"
+        if q.is_cuda:
+            return "triton", "auto: CUDA tensors use the emitted Triton kernels"
+        return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
     if backend == "triton" and "triton" not in BACKENDS:
-        raise ValueError(f"{NAME}: backend='triton' is unavailable: the element-wise recurrence elementwise_outer_sum has no Triton kernels yet: use the torch backend")
+        raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend not in BACKENDS:
         raise ValueError(f"{NAME}: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     return backend, "forced by the caller"
@@ -37,7 +40,7 @@ def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_s
     if name == "reference":
         return recurrent_reference(RECURRENCE, q, k, v, g, beta, u, a, b, scale, initial_state,
                                    output_final_state, cu_seqlens, gv=gv)
-    impl = {"torch": _torch}[name]
+    impl = {"torch": _torch, "triton": _triton}[name]
     return impl.chunk(q, k, v, g, gv, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
@@ -46,4 +49,6 @@ def step(q, k, v, g, gv, state, scale=None):
     """One decode token: q, k, v [B, H, D]; state [B, H, K, V] fp32 -> (o [B, H, V], new state)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if q.is_cuda:  # the emitted one-token Triton kernel
+        return _triton.step(q, k, v, g, gv, state=state, scale=scale)
     return _torch.step(q, k, v, g, gv, state=state, scale=scale)

@@ -6,3 +6,4 @@ LSMs: mamba (elementwise_outer_product).
 from . import mamba_layer  # noqa: F401
 from . import mamba_ops  # noqa: F401
 from . import mamba_torch  # noqa: F401
+from . import mamba_triton  # noqa: F401

@@ -6,7 +6,8 @@ Two shapes of G, both never materialised over the sequence:
 - outer product (Mamba's selective scan, S4D): G_t[n, d] = dt_t[d] A[d, n] with a per-channel step dt_t in R^V
   and a rate A [H, V, K] (mamba_ssm's A [D, N] per head); the step also discretizes the input, w_t = dt_t * v_t.
 
-The torch template runs both (templates/torch/elementwise.py.j2); no Triton kernels yet.
+The torch template (templates/torch/elementwise.py.j2) and the Triton template (templates/triton/elementwise.py.j2:
+walks over chunks with an associative scan over time inside each) run both.
 """
 from __future__ import annotations
 
@@ -35,7 +36,14 @@ def oracle_step(rec: Recurrence, S, q, k, v, inputs, scale):
 
 
 def supports(ctx: "LSMContext") -> tuple[bool, str]:
-    return False, f"the element-wise recurrence {ctx.rec.key} has no Triton kernels yet: use the torch backend"
+    return True, ""
+
+
+def emit_triton(ctx: "LSMContext", header: str) -> str:
+    from ..backends.render import render
+
+    return render("triton/elementwise.py.j2", ctx=ctx, header=header, product=ctx.rec.elementwise == "outer_product",
+                  key_gate="g" in ctx.args)
 
 
 KIND = Kind(
@@ -44,7 +52,7 @@ KIND = Kind(
     oracle_step=oracle_step,
     torch_template="torch/elementwise.py.j2",
     supports=supports,
-    emit_triton=None,
+    emit_triton=emit_triton,
     costs=None,
     lasp2_map=["B", "H", "K", "V"],
 )
