@@ -19,6 +19,7 @@ from .decay import read
 
 if TYPE_CHECKING:
     from ..backends.context import LSMContext
+    from ..backends.stats import Sizes
 
 
 def log_gate(rec: Recurrence, inputs):
@@ -46,6 +47,28 @@ def emit_triton(ctx: "LSMContext", header: str) -> str:
                   key_gate="g" in ctx.args)
 
 
+SCAN = 16  # tokens per scan step at the emitted default (CONFIG["scan"]): one stored state per SCAN tokens
+
+
+def costs(ctx: "LSMContext", s: "Sizes", ends: int):
+    """templates/triton/elementwise.py.j2 at its defaults. The scans are element-wise work on the [K, V] state, off
+    the matrix units: about 8 flops per state element and token forward (exp, the scan's multiply-adds, the read),
+    3x that backward (the recomputed states, the reverse scan, five reductions). Bytes: each input once, the fp32
+    chunk-entry states (one per SCAN tokens) written forward and read backward, dq, dk (and dg) as fp32 partial sums
+    per V block of 16. The floor `--stats` prints takes the bf16 matmul peak, which element-wise fp32 work cannot
+    reach (an H100's CUDA cores: ~67 TFLOP/s): read this kind's flops against that."""
+    key_gate = "g" in ctx.args
+    gates = s.vv + (s.qk if key_gate else 0)  # dt, or gv (+ g), in the inputs' dtype
+    element = s.N * s.H * s.K * s.V
+    stored = -(-s.N // SCAN) * s.H * s.K * s.V * 4
+    fp32_keys = s.N * s.H * s.K * 4 * -(-s.V // 16)  # one [N, H, K] fp32 partial sum per V block
+    fp32_values = s.N * s.H * s.V * 4
+    forward = 2 * s.qk + s.vv + gates + s.vv + stored + ends  # q, k, v, gates in; o, states (final state) out
+    backward = (2 * s.qk + 2 * s.vv + gates + stored + ends  # q, k, v, do, gates, states, d final state in
+                + (3 if key_gate else 2) * fp32_keys + 2 * fp32_values + ends)  # dq, dk (dg); dv, d dt or d gv; dh0
+    return [("fwd", True, 8 * element, forward), ("bwd", False, 24 * element, backward)]
+
+
 KIND = Kind(
     family=Family.elementwise,
     matches=lambda rec: rec.elementwise != "none",
@@ -53,6 +76,6 @@ KIND = Kind(
     torch_template="torch/elementwise.py.j2",
     supports=supports,
     emit_triton=emit_triton,
-    costs=None,
+    costs=costs,
     lasp2_map=["B", "H", "K", "V"],
 )
