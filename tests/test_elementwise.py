@@ -113,7 +113,7 @@ def test_strong_gates_stay_finite(programs, name):
 def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, return_last_state=True):
     """mamba_ssm's reference semantics, re-derived: u, delta, z [b, d, l]; A [d, n]; B, C [b, g, n, l] (g groups of
     d / g channels); D, delta_bias [d]. delta = softplus(delta + delta_bias); x_t = exp(delta_t A) x_{t-1} +
-    delta_t B_t u_t; y_t = C_t x_t; out = (y + D u) * silu(z)."""
+    delta_t B_t u_t; y_t = C_t x_t; out = (y + D u) * silu(z) (z None: no gate)."""
     b, d, l = u.shape
     groups = B.shape[1]
     delta = F.softplus(delta + delta_bias[:, None])
@@ -125,7 +125,9 @@ def selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, return_last_state=Tr
         x = torch.exp(delta[:, :, i, None] * A) * x + delta[:, :, i, None] * Bc[:, :, :, i] * u[:, :, i, None]
         ys.append((x * Cc[:, :, :, i]).sum(-1))
     y = torch.stack(ys, dim=2)
-    out = (y + u * D[:, None]) * F.silu(z)
+    out = y + u * D[:, None]
+    if z is not None:
+        out = out * F.silu(z)
     return (out, x) if return_last_state else out
 
 
@@ -174,6 +176,29 @@ def test_mamba_layer_is_mamba(programs):
     A = -torch.exp(layer.A_log).reshape(H * V, N)
     out = selective_scan_ref(u.transpose(1, 2), delta.transpose(1, 2), A, Bm.transpose(1, 2)[:, None],
                              Cm.transpose(1, 2)[:, None], layer.D.reshape(-1), z.transpose(1, 2), layer.dt_bias.reshape(-1),
+                             return_last_state=False)
+    want = layer.o_proj(out.transpose(1, 2))
+    for backend in ("reference", "torch"):
+        _close(layer(x, backend=backend), want, 1e-10)
+
+
+def test_s4_layer_is_s4d():
+    """The S4 layer = o_proj of S4D's time-invariant scan: dt = exp(dt_log), A = -exp(A_log), B = B_s and C = C_s the
+    same at every token (per head here), u = v_proj(x), plus D u; selective_scan_ref with constant dt, B, C."""
+    layer = lmoec.compile_spec("specs/lsm/s4.lsm").layer(hidden=24, heads=3).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    b, l = 2, 45
+    x = torch.randn(b, l, 24, dtype=F64)
+    H, V, N = layer.heads, layer.head_v, layer.head_k
+    u = layer.v_proj(x).transpose(1, 2)  # [b, d, l]
+    dt = torch.exp(layer.dt_log).reshape(-1)
+    delta = torch.log(torch.expm1(dt))[None, :, None].expand(b, H * V, l)  # softplus(delta) = dt
+    Bm = layer.B_s[None, :, :, None].expand(b, H, N, l)  # one group per head
+    Cm = layer.C_s[None, :, :, None].expand(b, H, N, l)
+    A = -torch.exp(layer.A_log).reshape(H * V, N)
+    out = selective_scan_ref(u, delta, A, Bm, Cm, layer.D.reshape(-1), None, torch.zeros(H * V, dtype=F64),
                              return_last_state=False)
     want = layer.o_proj(out.transpose(1, 2))
     for backend in ("reference", "torch"):

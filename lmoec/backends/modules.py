@@ -80,6 +80,8 @@ class LayerContext(BaseModel):
     dt_code: Optional[str]  # step [B, T, H, V]
     rate_code: Optional[str]  # rate A [H, V, K]
     skip_code: Optional[str]  # o = o + skip * v
+    query_code: Optional[str]  # the op's q [B, T, H, K] from the spec instead of q_proj
+    key_code: Optional[str]  # the op's k likewise, instead of k_proj
     u_name: Optional[Name]  # the bonus parameter passed as u
     h_in_forward: bool  # the forward expressions read the head index h
     output_norm: str
@@ -205,6 +207,8 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     b_code = gate(lsm.dplr.b, "dplr b", PER_KEY, per_key_readers, "h[:, None]") if lsm.dplr is not None else None
     gate_code = gate(lsm.output_gate, "output gate", PER_VALUE, set(), "h[:, None]")
     skip_code = gate(lsm.skip, "skip", PER_VALUE, set(), "h[:, None]")
+    query_code = gate(lsm.query, "query", PER_KEY, set(), "h[:, None]")
+    key_code = gate(lsm.key, "key", PER_KEY, set(), "h[:, None]")
     gv_code = gate(lsm.decay.value, "decay value", PER_VALUE, set(), "h[:, None]")
     dt_code = gate(lsm.decay.step, "decay step", PER_VALUE, set(), "h[:, None]")
     rate_code = None
@@ -263,7 +267,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     forward_exprs = [e for e in (lsm.decay.expr if rec.decay in ("scalar", "vector") else None,
                                  lsm.delta.beta if lsm.delta else None, lsm.dplr.a if lsm.dplr else None,
                                  lsm.dplr.b if lsm.dplr else None, lsm.output_gate, lsm.skip, lsm.decay.value,
-                                 lsm.decay.step) if e is not None]
+                                 lsm.decay.step, lsm.query, lsm.key) if e is not None]
     if any(getattr(f, "func", None) == ex.function("l2norm") for e in forward_exprs for f in sympy.preorder_traversal(e)):
         helpers.add("l2norm")
 
@@ -303,6 +307,8 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         dt_code=dt_code,
         rate_code=rate_code,
         skip_code=skip_code,
+        query_code=query_code,
+        key_code=key_code,
         u_name=u_name,
         h_in_forward=h_in_forward,
         output_norm=lsm.output_norm,
@@ -314,7 +320,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         cast_x_once=cast_x_once,
         recompute_imports=recompute_imports,
         uses_functional=bool(lsm.short_conv) or norm_gate or any(
-            "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, skip_code, gv_code, dt_code, rate_code,
+            "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, skip_code, gv_code, dt_code, rate_code, query_code, key_code,
                                       *(f.code for f in feature_q + feature_k)) if code
         ),
     )

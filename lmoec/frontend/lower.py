@@ -202,6 +202,8 @@ LSM_KEYS: dict[str, tuple] = {
     "head_k": (("assign",), None),
     "groups": (("assign",), None),
     "skip": (("assign",), None),
+    "query": (("assign",), None),
+    "key": (("assign",), None),
     "feature_map": (("assign",), ("q", "k")),
     "decay": (("assign",), DECAY_KINDS + GATE_PARTS),
     "delta": (("assign",), ("beta",)),
@@ -221,7 +223,8 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
     src, where = block.source, f"lsm '{block.name}'"
     _check_keys(block.body, src, where, LSM_KEYS, params=True)
     f = spec.model_dump(exclude={"recurrence"}, round_trip=True)
-    f.update(decay=spec.decay, delta=spec.delta, dplr=spec.dplr, output_gate=spec.output_gate, scale=spec.scale, skip=spec.skip)
+    f.update(decay=spec.decay, delta=spec.delta, dplr=spec.dplr, output_gate=spec.output_gate, scale=spec.scale, skip=spec.skip,
+             query=spec.query, key=spec.key)
     params = dict(spec.params)
     at = ("lsm", spec.name)
 
@@ -296,7 +299,7 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
                 f["tie_k_to_decay"] = True
         elif key == "output_norm":
             f["output_norm"] = v.choice(("none", "rmsnorm", "layernorm", "groupnorm"))
-        elif key in ("output_gate", "scale", "skip"):
+        elif key in ("output_gate", "scale", "skip", "query", "key"):
             f[key] = None if none else v.expr(symbols)
 
     if dplr_parts and set(dplr_parts) != {"a", "b"}:

@@ -155,6 +155,8 @@ class LSMSpec(Node):
     output_norm: Literal["none", "rmsnorm", "layernorm", "groupnorm"] = "none"
     output_gate: Optional[Expr] = None  # o = norm(o) * gate(x)
     skip: Optional[Expr] = None  # o = o + skip * v before the norm (Mamba's D), per value channel
+    query: Optional[Expr] = None  # the op's q from this expression instead of a projection (S4D's time-invariant C)
+    key: Optional[Expr] = None  # the op's k likewise (S4D's B)
     scale: Optional[Expr] = None  # None: K ** -0.5
     params: dict[str, Param] = Field(default_factory=dict)
     chunk_size: int = 64

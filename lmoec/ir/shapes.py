@@ -4,6 +4,7 @@ Each data-dependent expression fills a slot of the op (DESIGN.md's conventions):
 
     scalar     [B, T, H]      decay scalar, delta beta
     per_key    [B, T, H, K]   decay vector, dplr a and b
+    per_key    [B, T, H, K]   query, key (given instead of projected)
     per_value  [B, T, H, V]   output_gate, skip, decay value, decay step
     rate       [H, V, K]      decay rate (a learned matrix: no B, T)
 
@@ -72,6 +73,9 @@ def _slots(lsm: LSMSpec) -> list[tuple[Slot, sympy.Expr]]:
         out.append((Slot("output_gate", ("output_gate",), ("H", "V"), "H*V"), lsm.output_gate))
     if lsm.skip is not None:
         out.append((Slot("skip", ("skip",), ("H", "V"), "H*V"), lsm.skip))
+    for side in ("query", "key"):
+        if getattr(lsm, side) is not None:
+            out.append((Slot(side, (side,), ("H", "K"), "H*K"), getattr(lsm, side)))
     return out
 
 

@@ -175,6 +175,16 @@ class _Checker:
             self._reads(ex.free_names(lsm.output_gate), data, "output_gate", fail, "output_gate")
         if lsm.skip is not None:
             self._reads(ex.free_names(lsm.skip), data, "skip", fail, "skip")
+        for side in ("query", "key"):
+            if getattr(lsm, side) is None:
+                continue
+            self._reads(ex.free_names(getattr(lsm, side)), data, side, fail, side)
+            if getattr(lsm, f"feature_map_{side[0]}") != ["identity"]:
+                fail(f"{side} = ... gives the op's {side[0]} itself: it takes no feature map", side)
+            if lsm.groups is not None:
+                fail(f"{side} = ... gives the op's {side[0]} per head: groups (shared projections) do not apply", side)
+        if lsm.key is not None and lsm.tie_k_to_decay:
+            fail("key = ... and tie k both define k", "key")
         if lsm.scale is not None:
             bad = ex.free_names(lsm.scale) - {"H", "K", "V"}
             if bad or ex.linears(lsm.scale):
@@ -365,6 +375,9 @@ def _expressions(lsm: LSMSpec) -> list[tuple[tuple[str, ...], sympy.Expr]]:
         out.append((("output_gate",), lsm.output_gate))
     if lsm.skip is not None:
         out.append((("skip",), lsm.skip))
+    for side in ("query", "key"):
+        if getattr(lsm, side) is not None:
+            out.append(((side,), getattr(lsm, side)))
     return out
 
 
