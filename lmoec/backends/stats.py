@@ -71,12 +71,9 @@ class Sizes:
 
 def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: int = 2) -> list[tuple[str, bool, float, float]]:
     """[(kernel, in the forward, flops, bytes)] of one forward and one backward (the kind's cost model)."""
-    costs = kind_of(ctx.rec).costs
-    if costs is None:
-        raise ValueError(f"{ctx.name}: the {ctx.family} recurrence has no cost model for its kernels")
     s = Sizes(N=B * T, NC=B * math.ceil(T / ctx.chunk_size), H=H, K=K, V=V, C=ctx.chunk_size, elem=elem)
     ends = B * H * K * V * 4  # initial / final state (or their gradients) in fp32
-    return costs(ctx, s, ends)
+    return kind_of(ctx.rec).costs(ctx, s, ends)
 
 
 def kernel_stats(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, gpu: str = "h100") -> str:

@@ -12,7 +12,7 @@ def supports(ctx: LSMContext) -> tuple[bool, str]:
     C = ctx.chunk_size
     if C < MIN_TILE or C & (C - 1):
         return False, f"chunk size {C} must be a power of two >= {MIN_TILE} for the Triton kernels"
-    return kind_of(ctx.rec).supports(ctx)  # a kind without an emitter says why here
+    return kind_of(ctx.rec).supports(ctx)
 
 
 def emit(ctx: LSMContext, header: str) -> str:

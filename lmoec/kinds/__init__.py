@@ -11,7 +11,7 @@ use tensor methods only, their emitters import the renderer when called.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..ir.nodes import Family, Recurrence
 
@@ -31,8 +31,8 @@ class Kind:
     oracle_step: Callable[..., Any]
     torch_template: str  # templates/ path of `<lsm>_torch.py`
     supports: Callable[["LSMContext"], tuple[bool, str]]  # (ok, reason) of the Triton kernels
-    emit_triton: Optional[Callable[["LSMContext", str], str]]  # (ctx, header) -> `<lsm>_triton.py`; None: supports refuses
-    costs: Optional[Callable[["LSMContext", "Sizes", int], Costs]]  # (ctx, sizes, bytes of the end states)
+    emit_triton: Callable[["LSMContext", str], str]  # (ctx, header) -> `<lsm>_triton.py`, where supports is ok
+    costs: Callable[["LSMContext", "Sizes", int], Costs]  # (ctx, sizes, bytes of the end states)
     lasp2_map: list[str]  # dims of A_r in LASP-2's affine map S -> A_r S + M_r ([]: nothing to send)
 
 

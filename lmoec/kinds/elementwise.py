@@ -17,6 +17,8 @@ from ..ir.nodes import Family, Recurrence
 from . import Kind
 from .decay import read
 
+SCAN = 16  # tokens per scan step of the Triton walks by default (their CONFIG["scan"]): one stored state per SCAN tokens
+
 if TYPE_CHECKING:
     from ..backends.context import LSMContext
     from ..backends.stats import Sizes
@@ -37,17 +39,14 @@ def oracle_step(rec: Recurrence, S, q, k, v, inputs, scale):
 
 
 def supports(ctx: "LSMContext") -> tuple[bool, str]:
-    return True, ""
+    return True, ""  # every element-wise gate, head dim and chunk size
 
 
 def emit_triton(ctx: "LSMContext", header: str) -> str:
     from ..backends.render import render
 
     return render("triton/elementwise.py.j2", ctx=ctx, header=header, product=ctx.rec.elementwise == "outer_product",
-                  key_gate="g" in ctx.args)
-
-
-SCAN = 16  # tokens per scan step at the emitted default (CONFIG["scan"]): one stored state per SCAN tokens
+                  key_gate="g" in ctx.args, scan=SCAN)
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
