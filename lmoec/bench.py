@@ -425,7 +425,8 @@ def bench_kernels(programs: dict[str, Program], device: torch.device, size: Size
             backend = ops.backend_for("auto", q)[0]
             rows.append(kernel_case(f"lmoec {lsm}", f"lmoec ({backend})", lambda: op(q, k, v, **args)[0],
                                     [q, k, v, *args.values()], T, B, device, size.warmup, size.iters, say))
-            peer = fla and fla.get((rec.decay, rec.delta)) if not (rec.bonus or rec.dplr) else None
+            # fla has no element-wise gates (GFW's chunk_gla peer is GLA's: bench/elementwise_gpu.py times it)
+            peer = fla and fla.get((rec.decay, rec.delta)) if not (rec.bonus or rec.dplr or rec.elementwise != "none") else None
             if peer is not None:
                 rows.append(kernel_case(f"fla ({lsm} recurrence)", fla_note, lambda: peer(q, k, v, args, D ** -0.5),
                                         [q, k, v, *args.values()], T, B, device, size.warmup, size.iters, say))
