@@ -347,6 +347,11 @@ def op_inputs(rec, B: int, T: int, H: int, D: int, dtype, device) -> tuple[list,
     if rec.dplr:
         alpha = torch.rand(B, T, H, 1, device=device)
         args["a"], args["b"] = (-alpha * k.float()).to(dtype), k.clone()
+    if rec.elementwise == "outer_sum":  # GFW: GLA's gate on the values too
+        args["gv"] = F.logsigmoid(torch.randn(B, T, H, D, device=device)) / 16
+    elif rec.elementwise == "outer_product":  # Mamba: dt = softplus(.), S4D-real A
+        args["dt"] = F.softplus(torch.randn(B, T, H, D, device=device) - 3)
+        args["A"] = -torch.arange(1, D + 1, device=device, dtype=torch.float32).expand(H, D, D).contiguous()
     leaves = [x.requires_grad_(True) for x in (q, k, v, *args.values())]
     return leaves[:3], dict(zip(args, leaves[3:]))
 
@@ -420,7 +425,8 @@ def bench_kernels(programs: dict[str, Program], device: torch.device, size: Size
             backend = ops.backend_for("auto", q)[0]
             rows.append(kernel_case(f"lmoec {lsm}", f"lmoec ({backend})", lambda: op(q, k, v, **args)[0],
                                     [q, k, v, *args.values()], T, B, device, size.warmup, size.iters, say))
-            peer = fla and fla.get((rec.decay, rec.delta)) if not (rec.bonus or rec.dplr) else None
+            # fla has no element-wise gates (GFW's chunk_gla peer is GLA's: bench/elementwise_gpu.py times it)
+            peer = fla and fla.get((rec.decay, rec.delta)) if not (rec.bonus or rec.dplr or rec.elementwise != "none") else None
             if peer is not None:
                 rows.append(kernel_case(f"fla ({lsm} recurrence)", fla_note, lambda: peer(q, k, v, args, D ** -0.5),
                                         [q, k, v, *args.values()], T, B, device, size.warmup, size.iters, say))

@@ -7,7 +7,8 @@ rejects are reported with its message and not written.
 
 Axes (`--vary AXIS=v1,v2,...`):
     lsm       swap the recurrence for a library one (specs/lsm/<name>.lsm) or a path
-    decay     none | constant | scalar | vector, with the standard gate of that kind
+    decay     none | constant | scalar | vector | outer_sum | outer_product, with the standard gate of that kind
+              (outer_sum: GFW's key and value gates; outer_product: Mamba's selective-scan gate exp(dt A))
     delta     off | on (the delta rule with beta = sigmoid(x @ W_beta))
     pattern   the layer pattern, e.g. LLLL, LLLN (must keep the layer count)
     lsm.KEY / model.KEY   any other key of the lsm or model block, written as is
@@ -30,12 +31,19 @@ from .output import check_target, write_files
 from .paths import SPECS
 from .passes import run_passes
 
-# The gate each decay kind gets when a variant switches to it: the library's usual forms.
+# The gate each decay kind gets when a variant switches to it: the library's usual forms, each after
+# `decay = none` (a base's element-wise parts would otherwise stay beside the new gate).
 DECAY_GATES = {
-    "none": "decay = none",
-    "constant": "decay constant = log(1 - 2 ** (-5 - h))",  # RetNet's per-head gammas
-    "scalar": "decay scalar = logsigmoid(x @ W_gs) / 16",  # simple GLA / GateLoop style
-    "vector": "decay vector = logsigmoid(x @ W_gv[16] @ W_gv2) / 16",  # GLA's low-rank gate
+    "none": [],
+    "constant": ["decay constant = log(1 - 2 ** (-5 - h))"],  # RetNet's per-head gammas
+    "scalar": ["decay scalar = logsigmoid(x @ W_gs) / 16"],  # simple GLA / GateLoop style
+    "vector": ["decay vector = logsigmoid(x @ W_gv[16] @ W_gv2) / 16"],  # GLA's low-rank gate
+    "outer_sum": ["decay vector = logsigmoid(x @ W_gk[16] @ W_gk2) / 16",  # GFW (specs/lsm/gfw.lsm)
+                  "decay value = logsigmoid(x @ W_gvv[16] @ W_gvv2) / 16"],
+    "outer_product": ["param A_log[H, V, K] = log(i + 1)",  # Mamba's selective scan (specs/lsm/mamba.lsm)
+                      "param dt_bias[H, V] = log(exp(0.001 * 100 ** ((h * V + i) / (H * V))) - 1)",
+                      "decay step = softplus(x @ W_dt[16] @ W_dt2 + dt_bias)",
+                      "decay rate = -exp(A_log)"],
 }
 DELTA_RULES = {"off": "delta = none", "on": "delta beta = sigmoid(x @ W_beta)"}
 KEY = re.compile(r"^(lsm|model)\.([A-Za-z_][A-Za-z0-9_]*)$")
@@ -112,7 +120,7 @@ def render_variant(base_path: Path, out_dir: Path, point: dict[str, str]) -> Var
         base_lsm = next(iter(lsm_ir.lsms)) if len(lsm_ir.lsms) == 1 else point["lsm"]
     lsm_lines = []
     if "decay" in point:
-        lsm_lines.append(DECAY_GATES[point["decay"]])
+        lsm_lines += ["decay = none", *DECAY_GATES[point["decay"]]]
     if "delta" in point:
         lsm_lines.append(DELTA_RULES[point["delta"]])
     model_lines = []

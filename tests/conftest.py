@@ -101,6 +101,12 @@ def random_inputs(rec: Recurrence, B=2, T=37, H=2, K=8, V=8, dtype=torch.float64
         a_gate = torch.sigmoid(randn(B, T, H, K))
         out["a"], out["b"] = -kk, kk * a_gate
         out["k"] = out["k"] * 0.5
+    if rec.elementwise == "outer_sum":
+        out["gv"] = -5 - 15 * torch.rand(B, T, H, V, generator=gen, dtype=torch.float64) if strong_decay else \
+            torch.nn.functional.logsigmoid(randn(B, T, H, V) + 2)
+    elif rec.elementwise == "outer_product":
+        out["dt"] = torch.nn.functional.softplus(randn(B, T, H, V)) + (5 if strong_decay else 0)
+        out["A"] = -(torch.rand(H, V, K, generator=gen, dtype=torch.float64) + (3 if strong_decay else 0.1))
     out["initial_state"] = randn(n_seq or B, H, K, V) * 0.5
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # states are fp32 in the contract
     return {name: t.to(state_dtype if name == "initial_state" else dtype) for name, t in out.items()}

@@ -81,7 +81,8 @@ def test_inspect_stats(tmp_path):
         assert "kernel stats of gla" in r.stdout
 
 
-@pytest.mark.parametrize("name", ["bla", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet", "gated_delta_vector", "rwkv7"])
+@pytest.mark.parametrize("name", ["bla", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet", "gated_delta_vector", "rwkv7",
+                                  "mamba", "gfw"])
 def test_stats_rows_are_the_emitted_kernels(name):
     """--stats has one row per kernel chunk() launches at its default settings on whole sequences, by its name (the
     vector decay's sub-chunk fallbacks, which act only on chunks of extreme decay, and the decode step are not

@@ -33,10 +33,14 @@ DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True}, {"fuse_output": False}, {"
 # the decay families' walks with and without the output / dv fused, and sequences cut into 1-chunk segments
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]
+# the element-wise walks also at the settings bench/elementwise_gpu.py sweeps besides the defaults
+ELEMENTWISE = {"mamba": [{}, {"block_v": 32, "scan": 32}], "gfw": [{}, {"block_v": 8}]}
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": DECAY, "simple_gla": DECAY, "gla": DECAY, "rwkv6": DECAY, "retnet": DECAY,
     "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": [{}, SEGMENTS, HALVED],
+    **ELEMENTWISE,
 }
+HEAD_DIMS = {"mamba": (16, 64), "gfw": (64, 128)}  # (K, V) the benchmarks run, where not (128, 128)
 
 
 # ---- the child: record launches, compile them ------------------------------------
@@ -111,9 +115,13 @@ def _inputs(module, decay: str, B=1, T=128, H=2, K=128, V=128):
             seq[name] = torch.randn(B, T, H, K, **bf16)
         elif name == "u":
             seq["u"] = torch.randn(H, K, **bf16)
+        elif name in ("gv", "dt"):  # element-wise gates: per value channel
+            seq[name] = torch.randn(B, T, H, V, **bf16)
+        elif name == "A":
+            seq["A"] = -torch.rand(H, V, K)
         else:
             raise AssertionError(f"no input rule for chunk argument {name!r}")
-    token = {n: (t if n == "u" or (n == "g" and t.dim() == 1) else t[:, 0]) for n, t in seq.items()}
+    token = {n: (t if n in ("u", "A") or (n == "g" and t.dim() == 1) else t[:, 0]) for n, t in seq.items()}
     return seq, token, (B, H, K, V)
 
 
@@ -131,7 +139,8 @@ def compile_spec_kernels(spec: str) -> dict:
     program = lmoec.compile_spec(ROOT / "specs" / "lsm" / f"{spec}.lsm")
     lsm = program.ir.lsm()
     module = getattr(program.package, f"{lsm.name}_triton")
-    seq, token, state_shape = _inputs(module, lsm.recurrence.decay)
+    K, V = HEAD_DIMS.get(spec, (128, 128))
+    seq, token, state_shape = _inputs(module, lsm.recurrence.decay, K=K, V=V)
 
     def run():
         leaves = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in seq.items()}

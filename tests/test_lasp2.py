@@ -34,6 +34,8 @@ from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
 # one family per kind of transition the all-gather carries (RWKV7's DPLR with its vector decay)
 FAMILIES = {name: RECURRENCES[name] for name in ("additive", "constant", "scalar", "vector", "vector_bonus", "delta", "delta_scalar")}
 FAMILIES["dplr"] = RECURRENCES["dplr_vector"]
+FAMILIES["outer_sum"] = Recurrence(decay="vector", elementwise="outer_sum")  # GFW: A_r [B, H, K, V] element-wise
+FAMILIES["outer_product"] = Recurrence(elementwise="outer_product")  # Mamba
 # (case, family, transition, backend): every family on the float64 oracle and on the emitted torch
 # chunkwise op; the generic K x K route forced on a diagonal family too
 LSM_CASES = [
@@ -50,9 +52,10 @@ def reference_op(rec: Recurrence):
         module.RECURRENCE = rec
 
         def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_state=None,
-               output_final_state=False, cu_seqlens=None):
-            check_op_args(rec, name, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens)
-            return recurrent_reference(rec, q, k, v, g, beta, u, a, b, scale, initial_state, output_final_state, cu_seqlens)
+               output_final_state=False, cu_seqlens=None, gv=None, dt=None, A=None):
+            check_op_args(rec, name, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens, gv=gv, dt=dt, A=A)
+            return recurrent_reference(rec, q, k, v, g, beta, u, a, b, scale, initial_state, output_final_state, cu_seqlens,
+                                       gv=gv, dt=dt, A=A)
 
         op.__module__ = name
         module.op = op
@@ -75,6 +78,11 @@ def _lsm_spec(name: str, rec: Recurrence) -> LSMSpec:
     if rec.bonus:
         parts["bonus_u"] = True
         parts["params"] = {"u": Param(name="u", shape=["H", "K"], init=sympy.Integer(0))}
+    if rec.elementwise == "outer_sum":
+        parts["decay"] = parts["decay"].model_copy(update={"value": ex.function("logsigmoid")(ex.linear(x, "W_gv"))})
+    elif rec.elementwise == "outer_product":
+        parts["decay"] = Decay(step=ex.function("softplus")(ex.linear(x, "W_dt")), rate=-sympy.exp(sympy.Symbol("A_log")))
+        parts["params"] = {"A_log": Param(name="A_log", shape=["H", "V", "K"], init=sympy.Integer(0))}
     return LSMSpec(name=name, **parts)
 
 
@@ -116,6 +124,11 @@ def global_inputs(rec: Recurrence, T: int, seed: int) -> dict[str, torch.Tensor]
     if rec.dplr:
         x["a"] = 0.3 * randn(B, T, H, K) / K ** 0.5
         x["b"] = 0.3 * randn(B, T, H, K) / K ** 0.5
+    if rec.elementwise == "outer_sum":
+        x["gv"] = F.logsigmoid(randn(B, T, H, V) + 2)
+    elif rec.elementwise == "outer_product":
+        x["dt"] = F.softplus(randn(B, T, H, V))
+        x["A"] = -0.1 - torch.rand(H, V, K, generator=gen, dtype=torch.float64)
     x["initial_state"] = randn(B, H, K, V)
     return x
 
@@ -145,9 +158,9 @@ def check_lsm(family: str, transition: str, backend: str, group, seed: int) -> l
     o_full, s_full = op(**leaves, output_final_state=True, **op_kwargs)
     ((o_full * w_o).sum() + (s_full * w_s).sum()).backward()
 
-    # This rank's slice along T; g [H], u [H, K] and the initial state are whole on every rank.
+    # This rank's slice along T; g [H], u [H, K], A [H, V, K] and the initial state are whole on every rank.
     sl = slice(rank * T_LOCAL, (rank + 1) * T_LOCAL)
-    sliced = {n for n, t in full.items() if t.dim() >= 3 and n != "initial_state"}
+    sliced = {n for n, t in full.items() if t.dim() >= 3 and n not in ("initial_state", "A")}
     local = {n: (t[:, sl] if n in sliced else t).clone().requires_grad_() for n, t in full.items()}
     o, s = lasp2_op(op, **local, output_final_state=True, group=group, transition=transition, **op_kwargs)
     loss = (o * w_o[:, sl]).sum()

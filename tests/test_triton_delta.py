@@ -108,7 +108,7 @@ def _build(decay: str, chunk: int):
 
     import sympy
 
-    from lmoec.backends import triton_delta
+    from lmoec.backends import triton as triton_backend
     from lmoec.backends.context import lsm_context
     from lmoec.ir import expr as ex
     from lmoec.ir.nodes import Decay, Delta, LSMSpec, SpecIR
@@ -120,11 +120,11 @@ def _build(decay: str, chunk: int):
     lsm = LSMSpec(name="mem", decay=Decay(kind=decay, expr=g_expr), delta=Delta(beta=ex.linear(x, "W_b")), chunk_size=chunk)
     program = compile_ir(SpecIR(source=f"test_{decay}.lsm", name=f"test_{decay}", lsms={"mem": lsm}))
     ctx = lsm_context(program.ir, program.ir.lsm())
-    ok, reason = triton_delta.supports(ctx)
+    ok, reason = triton_backend.supports(ctx)
     assert ok, reason
     path = os.path.join(tempfile.mkdtemp(), f"mem_{decay}_triton.py")
     with open(path, "w") as f:
-        f.write(triton_delta.emit(ctx, "# test build"))
+        f.write(triton_backend.emit(ctx, "# test build"))
     spec = importlib.util.spec_from_file_location(f"mem_{decay}_triton", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -241,23 +241,23 @@ def test_against_reference(results, name):
 
 
 def test_dplr_goes_to_its_own_kernels():
-    """The delta template refuses DPLR (RWKV7) and says where it is emitted; the Triton backend emits it."""
+    """A recurrence with DPLR terms (and a delta-like shape) is the DPLR kind, emitted from its own template."""
     import sympy
 
     from lmoec.backends import triton as triton_backend
-    from lmoec.backends import triton_delta
     from lmoec.backends.context import lsm_context
     from lmoec.ir import expr as ex
-    from lmoec.ir.nodes import Decay, DPLRTerms, LSMSpec, SpecIR
+    from lmoec.ir.nodes import Decay, DPLRTerms, Family, LSMSpec, SpecIR
+    from lmoec.kinds import kind_of
     from lmoec.program import compile_ir
 
     x = ex.linear(sympy.Symbol("x"), "W")  # any per-key expression: the kernels see only the recurrence's shape
     lsm = LSMSpec(name="rwkv7", decay=Decay(kind="vector", expr=x), dplr=DPLRTerms(a=x, b=x))
     program = compile_ir(SpecIR(source="rwkv7.lsm", name="rwkv7", lsms={"rwkv7": lsm}))
     ctx = lsm_context(program.ir, program.ir.lsm())
-    ok, reason = triton_delta.supports(ctx)
-    assert not ok and "triton_dplr" in reason
+    assert kind_of(ctx.rec).family is Family.dplr
     assert triton_backend.supports(ctx) == (True, "")
+    assert "_fwd_state_kernel" in triton_backend.emit(ctx, "# test build")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,18 @@ def test_grid_writes_one_spec_per_point_with_stable_names(base, tmp_path):
     assert all((out / f.name).read_bytes() == f.read_bytes() for f in again.iterdir())
 
 
+def test_decay_axis_reaches_the_elementwise_kind_and_back(base, tmp_path):
+    """decay=outer_sum (GFW) and outer_product (Mamba's gate) make element-wise variants of GLA; switching a
+    Mamba base back to a vector decay drops its step and rate (each decay point starts from `decay = none`)."""
+    written, rejected = make_variants(base, parse_axes(["decay=outer_sum,outer_product"]), tmp_path / "v")
+    assert not rejected
+    assert [w["family"] for w in written] == ["elementwise_outer_sum", "elementwise_outer_product"]
+    mamba_base = tmp_path / "mamba_base.lsm"
+    mamba_base.write_text(BASE.replace("gla.lsm", "mamba.lsm").replace("lsm = gla", "lsm = mamba"))
+    written, rejected = make_variants(mamba_base, parse_axes(["decay=vector"]), tmp_path / "back")
+    assert not rejected and written[0]["family"] == "vector"
+
+
 def test_invalid_points_are_reported_not_written(base, tmp_path):
     written, rejected = make_variants(base, parse_axes(["pattern=LL,LLL,LX"]), tmp_path / "v")
     assert [w["point"]["pattern"] for w in written] == ["LL"]

@@ -42,6 +42,7 @@ class LSMContext(BaseModel):
             out.append("u")
         if self.rec.dplr:
             out += ["a", "b"]
+        out += {"none": [], "outer_sum": ["gv"], "outer_product": ["dt", "A"]}[self.rec.elementwise]
         return out
 
 

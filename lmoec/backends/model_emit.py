@@ -105,7 +105,7 @@ def emit_model(ir: SpecIR) -> dict[str, str]:
     """model.py and config.json for a spec with a model; nothing for an LSM-only spec."""
     if ir.model is None:
         return {}
-    from .emit import header, render  # emit.py lists this emitter: import it late
+    from .render import header, render  # jinja2 only when rendering: `lmoec check` imports this module
 
     ctx = model_context(ir)
     return {

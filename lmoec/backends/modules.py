@@ -61,6 +61,8 @@ class LayerContext(BaseModel):
     default_heads: Optional[int]
     expand_k: float
     expand_v: float
+    head_k: Optional[int]  # the q/k projection width per head, whatever hidden and heads (None: from expand_k)
+    groups: Optional[int]  # q and k projected per group of heads and repeated to the heads (None: per head)
     tie_k: bool
     short_conv: int
     feature_q: list[FeatureStep]
@@ -74,6 +76,12 @@ class LayerContext(BaseModel):
     beta_code: Optional[str]
     a_code: Optional[str]
     b_code: Optional[str]
+    gv_code: Optional[str]  # element-wise gates: value-side log decay [B, T, H, V]
+    dt_code: Optional[str]  # step [B, T, H, V]
+    rate_code: Optional[str]  # rate A [H, V, K]
+    skip_code: Optional[str]  # o = o + skip * v
+    query_code: Optional[str]  # the op's q [B, T, H, K] from the spec instead of q_proj
+    key_code: Optional[str]  # the op's k likewise, instead of k_proj
     u_name: Optional[Name]  # the bonus parameter passed as u
     h_in_forward: bool  # the forward expressions read the head index h
     output_norm: str
@@ -198,6 +206,20 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     a_code = gate(lsm.dplr.a, "dplr a", PER_KEY, per_key_readers, "h[:, None]") if lsm.dplr is not None else None
     b_code = gate(lsm.dplr.b, "dplr b", PER_KEY, per_key_readers, "h[:, None]") if lsm.dplr is not None else None
     gate_code = gate(lsm.output_gate, "output gate", PER_VALUE, set(), "h[:, None]")
+    skip_code = gate(lsm.skip, "skip", PER_VALUE, set(), "h[:, None]")
+    query_code = gate(lsm.query, "query", PER_KEY, set(), "h[:, None]")
+    key_code = gate(lsm.key, "key", PER_KEY, set(), "h[:, None]")
+    gv_code = gate(lsm.decay.value, "decay value", PER_VALUE, set(), "h[:, None]")
+    dt_code = gate(lsm.decay.step, "decay step", PER_VALUE, set(), "h[:, None]")
+    rate_code = None
+    if lsm.decay.rate is not None:
+        if ex.linears(lsm.decay.rate) or ex.free_names(lsm.decay.rate) & (DATA | {"h"}):
+            raise ValueError(f"{where}: decay rate reads only params, H, K, V and layer")
+        try:
+            rate = print_torch(lsm.decay.rate, {**NUMBERS, **params}, set(params))
+        except ValueError as err:
+            raise ValueError(f"{where}: decay rate: {err}") from None
+        rate_code = f"torch.broadcast_to(torch.as_tensor({rate}, device=x.device), (self.heads, self.head_v, self.head_k))"
 
     u_name = None
     if rec.bonus:
@@ -244,7 +266,8 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
 
     forward_exprs = [e for e in (lsm.decay.expr if rec.decay in ("scalar", "vector") else None,
                                  lsm.delta.beta if lsm.delta else None, lsm.dplr.a if lsm.dplr else None,
-                                 lsm.dplr.b if lsm.dplr else None, lsm.output_gate) if e is not None]
+                                 lsm.dplr.b if lsm.dplr else None, lsm.output_gate, lsm.skip, lsm.decay.value,
+                                 lsm.decay.step, lsm.query, lsm.key) if e is not None]
     if any(getattr(f, "func", None) == ex.function("l2norm") for e in forward_exprs for f in sympy.preorder_traversal(e)):
         helpers.add("l2norm")
 
@@ -265,6 +288,8 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         default_heads=lsm.heads,
         expand_k=lsm.expand_k,
         expand_v=lsm.expand_v,
+        head_k=lsm.head_k,
+        groups=lsm.groups,
         tie_k=lsm.tie_k_to_decay,
         short_conv=lsm.short_conv,
         feature_q=feature_q,
@@ -278,6 +303,12 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         beta_code=beta_code,
         a_code=a_code,
         b_code=b_code,
+        gv_code=gv_code,
+        dt_code=dt_code,
+        rate_code=rate_code,
+        skip_code=skip_code,
+        query_code=query_code,
+        key_code=key_code,
         u_name=u_name,
         h_in_forward=h_in_forward,
         output_norm=lsm.output_norm,
@@ -289,14 +320,15 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         cast_x_once=cast_x_once,
         recompute_imports=recompute_imports,
         uses_functional=bool(lsm.short_conv) or norm_gate or any(
-            "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, *(f.code for f in feature_q + feature_k)) if code
+            "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, skip_code, gv_code, dt_code, rate_code, query_code, key_code,
+                                      *(f.code for f in feature_q + feature_k)) if code
         ),
     )
 
 
 def emit_layers(ir: SpecIR) -> dict[str, str]:
     """`<lsm>_layer.py` for each LSM of the spec."""
-    from .emit import header, render
+    from .render import header, render  # jinja2 only when rendering: `lmoec check` imports this module
 
     files = {}
     for lsm in ir.lsms.values():

@@ -45,7 +45,7 @@ def moe_context(ir: SpecIR) -> MoEContext:
 
 def emit_moe(ir: SpecIR) -> dict[str, str]:
     """{"moe.py": text} for a model with a moe block; nothing otherwise."""
-    from .emit import header, render
+    from .render import header, render  # jinja2 only when rendering: `lmoec check` imports this module
 
     if ir.model is None or ir.model.moe is None:
         return {}

@@ -1,8 +1,9 @@
 """The oracle: the unified recurrence, token by token, exactly as DESIGN.md writes it.
 
 Every other backend is tested against this. It is deliberately the plainest
-possible code: one loop over time, no chunking, no tricks. It runs in the
-dtype of its inputs (tests call it in float64).
+possible code: one loop over time, no chunking, no tricks; each token is the
+step of the recurrence's kind (lmoec.kinds). It runs in the dtype of its
+inputs (tests call it in float64).
 """
 from __future__ import annotations
 
@@ -11,28 +12,7 @@ from typing import Optional
 import torch
 
 from ..ir.nodes import Recurrence
-
-
-def _step(rec: Recurrence, S, q, k, v, g, beta, u, a, b, scale):
-    """One token for all (batch, head) pairs. S: [N,H,K,V]; q,k: [N,H,K]; v: [N,H,V]."""
-    S_prev = S
-    if rec.decay in ("constant", "scalar"):
-        S = S * torch.exp(g)[..., None, None]
-    elif rec.decay == "vector":
-        S = S * torch.exp(g)[..., :, None]
-    if rec.dplr:
-        S = S + a[..., :, None] * torch.einsum("nhk,nhkv->nhv", b, S_prev)[..., None, :]
-        S = S + k[..., :, None] * v[..., None, :]
-    elif rec.delta:
-        kS = torch.einsum("nhk,nhkv->nhv", k, S)
-        S = S + beta[..., None, None] * k[..., :, None] * (v - kS)[..., None, :]
-    else:
-        S = S + k[..., :, None] * v[..., None, :]
-    if rec.bonus:
-        o = torch.einsum("nhk,nhkv->nhv", q, S_prev) + (q * u * k).sum(-1, keepdim=True) * v
-    else:
-        o = torch.einsum("nhk,nhkv->nhv", q, S)
-    return S, o * scale
+from ..kinds import kind_of
 
 
 def recurrent_reference(
@@ -49,6 +29,9 @@ def recurrent_reference(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     cu_seqlens: Optional[torch.Tensor] = None,
+    gv: Optional[torch.Tensor] = None,
+    dt: Optional[torch.Tensor] = None,
+    A: Optional[torch.Tensor] = None,
 ):
     """Token-by-token recurrence; arguments as in the op contract (already checked)."""
     B, T, H, K = q.shape
@@ -65,6 +48,7 @@ def recurrent_reference(
         offs = cu_seqlens.tolist()
         bounds = [(0, offs[i], offs[i + 1]) for i in range(len(offs) - 1)]
 
+    step = kind_of(rec).oracle_step
     o = torch.empty(B, T, H, V, dtype=dtype, device=q.device)
     finals = []
     for n, (bi, start, end) in enumerate(bounds):
@@ -77,7 +61,9 @@ def recurrent_reference(
             def at(x):
                 return None if x is None else x[bi : bi + 1, t].to(dtype)
 
-            S, o_t = _step(rec, S, at(q), at(k), at(v), at(g), at(beta), None if u is None else u.to(dtype)[None], at(a), at(b), scale)
+            inputs = {"g": at(g), "beta": at(beta), "u": None if u is None else u.to(dtype)[None], "a": at(a), "b": at(b),
+                      "gv": at(gv), "dt": at(dt), "A": None if A is None else A.to(dtype)[None]}
+            S, o_t = step(rec, S, at(q), at(k), at(v), inputs, scale)
             o[bi, t] = o_t[0]
         finals.append(S[0])
     final = torch.stack(finals) if output_final_state else None

@@ -41,6 +41,7 @@ from .parse import Block, ParsedFile, Source, Stmt, Value, parse, read_source
 
 FEATURE_MAPS = ("identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "rebased")
 DECAY_KINDS = ("none", "constant", "scalar", "vector")
+GATE_PARTS = ("value", "step", "rate")  # element-wise gates (lmoec.kinds.elementwise): `decay value`, `decay step`, `decay rate`
 PARAM_SYMBOLS = {"h", "i", "H", "K", "V", "layer"}
 MAX_INT = 2**31 - 1  # integer settings size tensors and loops
 MAX_IMPORT_DEPTH = 64  # files importing files; loading recurses once per level
@@ -198,8 +199,13 @@ LSM_KEYS: dict[str, tuple] = {
     "heads": (("assign",), None),
     "expand_k": (("assign",), None),
     "expand_v": (("assign",), None),
+    "head_k": (("assign",), None),
+    "groups": (("assign",), None),
+    "skip": (("assign",), None),
+    "query": (("assign",), None),
+    "key": (("assign",), None),
     "feature_map": (("assign",), ("q", "k")),
-    "decay": (("assign",), DECAY_KINDS),
+    "decay": (("assign",), DECAY_KINDS + GATE_PARTS),
     "delta": (("assign",), ("beta",)),
     "dplr": (("assign",), ("a", "b")),
     "bonus": (("assign", "flag"), ("u",)),
@@ -217,7 +223,8 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
     src, where = block.source, f"lsm '{block.name}'"
     _check_keys(block.body, src, where, LSM_KEYS, params=True)
     f = spec.model_dump(exclude={"recurrence"}, round_trip=True)
-    f.update(decay=spec.decay, delta=spec.delta, dplr=spec.dplr, output_gate=spec.output_gate, scale=spec.scale)
+    f.update(decay=spec.decay, delta=spec.delta, dplr=spec.dplr, output_gate=spec.output_gate, scale=spec.scale, skip=spec.skip,
+             query=spec.query, key=spec.key)
     params = dict(spec.params)
     at = ("lsm", spec.name)
 
@@ -243,8 +250,8 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
             locs.set(at + (key,), src.loc(s.key))
             keys_here.add(key)
         none = v.is_none()
-        if key == "heads":
-            f["heads"] = None if none else v.integer()
+        if key in ("heads", "head_k", "groups"):
+            f[key] = None if none else v.integer()
         elif key in ("expand_k", "expand_v", ):
             f[key] = v.real()
         elif key in ("short_conv", "chunk_size"):
@@ -256,12 +263,14 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
         elif key == "decay":
             if qual is None:
                 if not none:
-                    v.fail("write 'decay KIND = EXPR' (KIND: constant, scalar, vector) or 'decay = none'")
+                    v.fail("write 'decay KIND = EXPR' (KIND: constant, scalar, vector, value, step, rate) or 'decay = none'")
                 f["decay"] = Decay()
             elif qual == "none":
                 v.fail("write 'decay = none'")
+            elif qual in GATE_PARTS:  # a part of an element-wise gate: the key-side decay (if any) stays
+                f["decay"] = f["decay"].model_copy(update={qual: None if none else v.expr(symbols)})
             else:
-                f["decay"] = Decay(kind=qual, expr=v.expr(symbols))
+                f["decay"] = f["decay"].model_copy(update={"kind": qual, "expr": v.expr(symbols)})
         elif key == "delta":
             if qual is None and not none:
                 v.fail("write 'delta beta = EXPR' or 'delta = none'")
@@ -290,7 +299,7 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
                 f["tie_k_to_decay"] = True
         elif key == "output_norm":
             f["output_norm"] = v.choice(("none", "rmsnorm", "layernorm", "groupnorm"))
-        elif key in ("output_gate", "scale"):
+        elif key in ("output_gate", "scale", "skip", "query", "key"):
             f[key] = None if none else v.expr(symbols)
 
     if dplr_parts and set(dplr_parts) != {"a", "b"}:

@@ -49,6 +49,8 @@ class SourceLoc(Node):
 # ---- the recurrence ---------------------------------------------------------
 
 DecayKind = Literal["none", "constant", "scalar", "vector"]
+# element-wise gates G_t in R^{K x V}: an outer sum g 1^T + 1 gv^T (GFW), or an outer product dt[d] A[d, n] (Mamba)
+ElementwiseKind = Literal["none", "outer_sum", "outer_product"]
 
 
 class Family(str, Enum):
@@ -60,6 +62,7 @@ class Family(str, Enum):
     vector = "vector"
     delta = "delta"
     dplr = "dplr"
+    elementwise = "elementwise"
 
 
 class Recurrence(Node):
@@ -75,19 +78,13 @@ class Recurrence(Node):
     delta: bool = False
     dplr: bool = False
     bonus: bool = False  # RWKV6's u: o_t reads S_{t-1} plus (q.(u*k)) v
+    elementwise: ElementwiseKind = "none"  # S_t = exp(G_t) * S_{t-1} + k_t v_t^T with G_t in R^{K x V}
 
     @property
     def family(self) -> Family:
-        if self.dplr:
-            return Family.dplr
-        if self.delta:
-            return Family.delta
-        return {
-            "none": Family.additive,
-            "constant": Family.constant,
-            "scalar": Family.scalar,
-            "vector": Family.vector,
-        }[self.decay]
+        from ..kinds import kind_of  # the kinds' classify rules (lmoec.kinds imports this module)
+
+        return kind_of(self).family
 
     @property
     def key(self) -> str:
@@ -95,6 +92,8 @@ class Recurrence(Node):
         parts = [self.family.value]
         if self.family in (Family.delta, Family.dplr) and self.decay != "none":
             parts.append(self.decay)
+        if self.elementwise != "none":
+            parts.append(self.elementwise)
         if self.bonus:
             parts.append("bonus")
         return "_".join(parts)
@@ -116,6 +115,11 @@ class Decay(Node):
     kind: DecayKind = "none"
     # log decay g: constant decays read only h/H/layer; data-dependent ones read x, params
     expr: Optional[Expr] = None
+    # element-wise gates (lmoec.kinds.elementwise): a value-side log gate gv [B, T, H, V], summed with the key
+    # side g over (K, V) (GFW); or a step dt [B, T, H, V] times a rate A [H, V, K] (Mamba: exp(dt A), input dt v)
+    value: Optional[Expr] = None
+    step: Optional[Expr] = None
+    rate: Optional[Expr] = None
 
 
 class Delta(Node):
@@ -138,6 +142,8 @@ class LSMSpec(Node):
     heads: Optional[int] = None  # None: the model's heads
     expand_k: float = 1.0  # head dim K = expand_k * hidden / heads
     expand_v: float = 1.0
+    head_k: Optional[int] = None  # K itself, whatever hidden and heads (Mamba's state size N); None: from expand_k
+    groups: Optional[int] = None  # q and k projected once per group of heads and shared by its heads; None: per head
     feature_map_q: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
     feature_map_k: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
     decay: Decay = Field(default_factory=Decay)
@@ -148,6 +154,9 @@ class LSMSpec(Node):
     short_conv: int = 0  # causal depthwise conv kernel size on q/k/v; 0: none
     output_norm: Literal["none", "rmsnorm", "layernorm", "groupnorm"] = "none"
     output_gate: Optional[Expr] = None  # o = norm(o) * gate(x)
+    skip: Optional[Expr] = None  # o = o + skip * v before the norm (Mamba's D), per value channel
+    query: Optional[Expr] = None  # the op's q from this expression instead of a projection (S4D's time-invariant C)
+    key: Optional[Expr] = None  # the op's k likewise (S4D's B)
     scale: Optional[Expr] = None  # None: K ** -0.5
     params: dict[str, Param] = Field(default_factory=dict)
     chunk_size: int = 64

@@ -4,7 +4,9 @@ Each data-dependent expression fills a slot of the op (DESIGN.md's conventions):
 
     scalar     [B, T, H]      decay scalar, delta beta
     per_key    [B, T, H, K]   decay vector, dplr a and b
-    per_value  [B, T, H, V]   output_gate
+    per_key    [B, T, H, K]   query, key (given instead of projected)
+    per_value  [B, T, H, V]   output_gate, skip, decay value, decay step
+    rate       [H, V, K]      decay rate (a learned matrix: no B, T)
 
 In the layer, `x` is [B, T, hidden]; `q`, `k` are [B, T, H, K] and `v` is
 [B, T, H, V] (V counts as K where the two are always equal: one expansion and
@@ -64,8 +66,16 @@ def _slots(lsm: LSMSpec) -> list[tuple[Slot, sympy.Expr]]:
         out.append((Slot("delta beta", ("delta",), ("H",), "H"), lsm.delta.beta))
     if lsm.dplr is not None:
         out += [(Slot(f"dplr {part}", ("dplr", part), ("H", "K"), "H*K"), getattr(lsm.dplr, part)) for part in ("a", "b")]
+    for part in ("value", "step"):
+        if getattr(lsm.decay, part) is not None:
+            out.append((Slot(f"decay {part}", ("decay", part), ("H", "V"), "H*V"), getattr(lsm.decay, part)))
     if lsm.output_gate is not None:
         out.append((Slot("output_gate", ("output_gate",), ("H", "V"), "H*V"), lsm.output_gate))
+    if lsm.skip is not None:
+        out.append((Slot("skip", ("skip",), ("H", "V"), "H*V"), lsm.skip))
+    for side in ("query", "key"):
+        if getattr(lsm, side) is not None:
+            out.append((Slot(side, (side,), ("H", "K"), "H*K"), getattr(lsm, side)))
     return out
 
 
@@ -77,7 +87,8 @@ class _Shapes:
     def __init__(self, lsm: LSMSpec):
         self.lsm = lsm
         # V is K where the two are always equal: same expansion, and no feature map that changes K
-        same = lsm.expand_k == lsm.expand_v and not {"taylor2", "rebased"} & set(lsm.feature_map_q + lsm.feature_map_k)
+        same = (lsm.expand_k == lsm.expand_v and lsm.head_k is None
+                and not {"taylor2", "rebased"} & set(lsm.feature_map_q + lsm.feature_map_k))
         self.v_dim = "K" if same else "V"
         self.weights: dict[str, tuple[Width, Width, str]] = {}  # name -> (in, out, where first used)
 
@@ -154,9 +165,17 @@ class _Shapes:
 def check_shapes(lsm: LSMSpec) -> None:
     """Every slot expression fits its slot and every projection weight has one shape; ShapeError if not."""
     shapes = _Shapes(lsm)
+    if lsm.decay.rate is not None:  # no B, T: a param expression that broadcasts to [H, V, K]
+        slot = Slot("decay rate", ("decay", "rate"), ("H", "V", "K"), "H*V*K")
+        got = tuple(shapes.dim(d) if isinstance(d, str) else d for d in shapes.shape(lsm.decay.rate, slot))
+        want = tuple(shapes.dim(d) for d in slot.per_head)
+        if len(got) > len(want) or any(g not in (w, 1) for g, w in zip(reversed(got), reversed(want))):
+            raise ShapeError(f"decay rate is a {_show(got)} tensor, but it needs {_show(slot.per_head)} "
+                             "(declare its param as [H, V, K], mamba_ssm's A [D, N] per head)", *slot.field)
     for slot, e in _slots(lsm):
-        got = shapes.shape(e, slot)
-        want = ("B", "T", *slot.per_head)
+        got = tuple(shapes.dim(d) if isinstance(d, str) else d for d in shapes.shape(e, slot))  # V is K where equal
+        want = ("B", "T", *(shapes.dim(d) for d in slot.per_head))
         if len(got) > len(want) or any(g not in (w, 1) for g, w in zip(reversed(got), reversed(want))):
             hint = " (project it to the slot: x @ W)" if got == ("B", "T", "hidden") else ""
-            raise ShapeError(f"{slot.what} is a {_show(got)} tensor, but it needs {_show(want)}{hint}", *slot.field)
+            needed = _show(("B", "T", *slot.per_head))
+            raise ShapeError(f"{slot.what} is a {_show(got)} tensor, but it needs {needed}{hint}", *slot.field)

@@ -10,7 +10,15 @@ def recurrence_of(lsm: LSMSpec) -> Recurrence:
         delta=lsm.delta is not None,
         dplr=lsm.dplr is not None,
         bonus=lsm.bonus_u,
+        elementwise=_elementwise(lsm),
     )
+
+
+def _elementwise(lsm: LSMSpec) -> str:
+    """A step (and rate) gates S by their outer product, a value-side decay by an outer sum with the key side."""
+    if lsm.decay.step is not None or lsm.decay.rate is not None:
+        return "outer_product"
+    return "outer_sum" if lsm.decay.value is not None else "none"
 
 
 def classify(ir: SpecIR) -> SpecIR:

@@ -4,7 +4,7 @@ An LSM layer's local slice acts on the incoming state as an affine map
 S -> A_r S + M_r (DESIGN.md). LASP-2 all-gathers (A_r, M_r) over the
 sequence-parallel group forward; backward reduce-scatters their gradients
 (same shapes) back to the rank that sent them (lmoec.runtime.lasp2). The
-shape of A_r follows from the family alone:
+shape of A_r follows from the kind alone (`Kind.lasp2_map`):
 
     additive   A_r = I              nothing to send but M_r
     constant   A_r = gamma^T_local  known to every rank: nothing to send (g given per
@@ -20,20 +20,12 @@ from __future__ import annotations
 
 import sympy
 
-from ..ir.nodes import CommPlan, CommStep, Family, LSMSpec, ModelSpec, SpecIR
+from ..ir.nodes import CommPlan, CommStep, LSMSpec, ModelSpec, SpecIR
+from ..kinds import kind_of
 
 B, T, H, K, V, D, hidden, topk, act = sympy.symbols("B T H K V D hidden topk act_bytes")
 E = sympy.Symbol("E")  # experts of the MoE layers
 FP32 = 4
-
-A_SHAPES: dict[Family, list[str]] = {
-    Family.additive: [],
-    Family.constant: [],
-    Family.scalar: ["B", "H"],
-    Family.vector: ["B", "H", "K"],
-    Family.delta: ["B", "H", "K", "K"],
-    Family.dplr: ["B", "H", "K", "K"],
-}
 
 
 def _numel(shape: list[str]) -> sympy.Expr:
@@ -43,8 +35,7 @@ def _numel(shape: list[str]) -> sympy.Expr:
 
 def lsm_steps(layer: int, lsm: LSMSpec) -> list[CommStep]:
     """The LASP-2 all-gathers of one LSM layer, forward and backward."""
-    family = lsm.recurrence.family
-    a_shape = A_SHAPES[family]
+    a_shape = kind_of(lsm.recurrence).lasp2_map
     shapes = {"M_r": ["B", "H", "K", "V"]}
     if a_shape:
         shapes["A_r"] = a_shape

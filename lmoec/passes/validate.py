@@ -23,6 +23,7 @@ CHUNK_SIZES = (16, 32, 64, 128, 256)
 MAX_NAME = 64  # an lsm's name names its files and modules (`<lsm>_triton.py`)
 MAX_SHORT_CONV = 64
 MAX_EXPAND = 64  # expand_k, expand_v
+MAX_HEAD_K = 256  # head_k: the state is [K, V] per head
 MAX_LAYERS = 1024  # a longer stack is a typo; passes run per layer (the frontend checks before building a pattern)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -32,7 +33,7 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 LAYER_NAMES = frozenset({
     "q_proj", "k_proj", "v_proj", "o_proj", "q_conv", "k_conv", "v_conv", "o_norm", "log_decay", "scale",
     "hidden", "heads", "head_k", "head_v", "key_proj_dim", "layer_idx", "layers", "norm_gate", "q_features",
-    "k_features", "reset_parameters", "q_rebased_gamma", "q_rebased_beta", "k_rebased_gamma", "k_rebased_beta",
+    "k_features", "reset_parameters", "groups", "q_rebased_gamma", "q_rebased_beta", "k_rebased_gamma", "k_rebased_beta",
 })
 MODULE_NAMES = frozenset({
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
@@ -106,6 +107,15 @@ class _Checker:
             fail(f"the name {problem}: it names the layer's files and modules")
         if lsm.heads is not None and lsm.heads < 1:
             fail(f"heads must be >= 1, got {lsm.heads}", "heads")
+        if lsm.head_k is not None and not 1 <= lsm.head_k <= MAX_HEAD_K:
+            fail(f"head_k must be between 1 and {MAX_HEAD_K}, got {lsm.head_k}", "head_k")
+        if lsm.groups is not None:
+            if lsm.groups < 1:
+                fail(f"groups must be >= 1, got {lsm.groups}", "groups")
+            if lsm.heads is not None and lsm.heads % lsm.groups:
+                fail(f"groups = {lsm.groups} does not divide heads = {lsm.heads}", "groups")
+            if lsm.tie_k_to_decay:
+                fail("groups share q and k over heads, but tie k makes k per head from the decay", "groups")
         for key in ("expand_k", "expand_v"):
             if not 0 < getattr(lsm, key) <= MAX_EXPAND:
                 fail(f"{key} must be > 0 and at most {MAX_EXPAND}, got {getattr(lsm, key)}", key)
@@ -145,6 +155,7 @@ class _Checker:
                 self._reads(names, data, f"{decay.kind} decay", fail, "decay")
                 if "x" not in names:
                     fail(f"{decay.kind} decay must depend on the input x; a decay of h alone is 'decay constant'", "decay")
+        self._elementwise(lsm, data, fail)
         if lsm.delta is not None:
             if lsm.dplr is not None:
                 fail("delta and dplr are exclusive: dplr already generalizes the delta rule", "dplr")
@@ -162,6 +173,18 @@ class _Checker:
             fail(f"tie k = 1 - exp(g) needs a vector decay (HGRN2), not decay {decay.kind}", "tie")
         if lsm.output_gate is not None:
             self._reads(ex.free_names(lsm.output_gate), data, "output_gate", fail, "output_gate")
+        if lsm.skip is not None:
+            self._reads(ex.free_names(lsm.skip), data, "skip", fail, "skip")
+        for side in ("query", "key"):
+            if getattr(lsm, side) is None:
+                continue
+            self._reads(ex.free_names(getattr(lsm, side)), data, side, fail, side)
+            if getattr(lsm, f"feature_map_{side[0]}") != ["identity"]:
+                fail(f"{side} = ... gives the op's {side[0]} itself: it takes no feature map", side)
+            if lsm.groups is not None:
+                fail(f"{side} = ... gives the op's {side[0]} per head: groups (shared projections) do not apply", side)
+        if lsm.key is not None and lsm.tie_k_to_decay:
+            fail("key = ... and tie k both define k", "key")
         if lsm.scale is not None:
             bad = ex.free_names(lsm.scale) - {"H", "K", "V"}
             if bad or ex.linears(lsm.scale):
@@ -189,11 +212,38 @@ class _Checker:
             check_shapes(lsm)
         except ShapeError as err:
             fail(str(err), *err.field)
-        numbers = [(("scale",), lsm.scale)] + [(("params", n), p.init) for n, p in lsm.params.items()]
+        numbers = [(("scale",), lsm.scale), (("decay", "rate"), lsm.decay.rate)] + [(("params", n), p.init) for n, p in lsm.params.items()]
         for field, e in _expressions(lsm) + numbers:
             problem = number_problem(e) if e is not None else None
             if problem:
                 fail(problem, *field)
+
+    def _elementwise(self, lsm: LSMSpec, data: set[str], fail) -> None:
+        """The element-wise gates: a value decay (outer sum with the key side), or a step and a rate (outer product)."""
+        decay = lsm.decay
+        if decay.value is not None:
+            if decay.kind not in ("none", "vector"):
+                fail(f"decay value sums with a vector decay over (K, V) (G = g 1^T + 1 gv^T), not with decay {decay.kind}",
+                     "decay", "value")
+            self._reads(ex.free_names(decay.value), data, "value decay", fail, "decay", "value")
+        if (decay.step is None) != (decay.rate is None):
+            have, missing = ("step", "rate") if decay.rate is None else ("rate", "step")
+            fail(f"decay {have} needs 'decay {missing} = ...': the gate is exp(step * rate) (Mamba: dt and A)", "decay", have)
+        if decay.step is not None:
+            if decay.kind != "none" or decay.value is not None:
+                other = "value" if decay.kind == "none" else decay.kind
+                fail(f"decay step and rate are the whole gate (exp(dt A)); remove decay {other}", "decay", "step")
+            self._reads(ex.free_names(decay.step), data, "decay step", fail, "decay", "step")
+            bad = ex.free_names(decay.rate) - (set(lsm.params) | {"H", "K", "V", "layer"})
+            if bad or ex.linears(decay.rate):
+                what = f"'{sorted(bad)[0]}'" if bad else "a projection"
+                fail(f"decay rate is a learned matrix [H, V, K]: it may read params, H, K, V and layer, not {what}",
+                     "decay", "rate")
+        if decay.value is not None or decay.step is not None:
+            for other, present in (("delta", lsm.delta), ("dplr", lsm.dplr), ("bonus", lsm.bonus_u or None),
+                                   ("tie", lsm.tie_k_to_decay or None)):
+                if present is not None:
+                    fail(f"element-wise gates (decay value / step) go without {other}", other)
 
     @staticmethod
     def _attribute_name(name: str, what: str, fail, *field: str) -> None:
@@ -245,7 +295,9 @@ class _Checker:
                 fail(f"uses lsm {model.lsm!r}, which is not defined or imported", "lsm")
             lsm = self.ir.lsms[model.lsm]
             heads = lsm.heads or model.heads
-            for key in ("expand_k", "expand_v"):
+            if lsm.groups is not None and heads % lsm.groups:
+                fail(f"lsm {lsm.name!r}: groups = {lsm.groups} does not divide heads = {heads}", "lsm")
+            for key in (("expand_v",) if lsm.head_k is not None else ("expand_k", "expand_v")):
                 width = getattr(lsm, key) * model.hidden
                 if width != int(width) or int(width) % heads or int(width) < heads:
                     fail(f"lsm {lsm.name!r}: {key} * hidden = {width:g} is not a positive multiple of heads = {heads}", "lsm")
@@ -316,8 +368,16 @@ def _expressions(lsm: LSMSpec) -> list[tuple[tuple[str, ...], sympy.Expr]]:
         out.append((("delta",), lsm.delta.beta))
     if lsm.dplr is not None:
         out += [(("dplr", "a"), lsm.dplr.a), (("dplr", "b"), lsm.dplr.b)]
+    for part in ("value", "step"):
+        if getattr(lsm.decay, part) is not None:
+            out.append((("decay", part), getattr(lsm.decay, part)))
     if lsm.output_gate is not None:
         out.append((("output_gate",), lsm.output_gate))
+    if lsm.skip is not None:
+        out.append((("skip",), lsm.skip))
+    for side in ("query", "key"):
+        if getattr(lsm, side) is not None:
+            out.append(((side,), getattr(lsm, side)))
     return out
 
 

@@ -1,7 +1,8 @@
 """The kernel-level op contract, checked once in front of every backend.
 
 `op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None,
-initial_state=None, output_final_state=False, cu_seqlens=None)`, layout
+initial_state=None, output_final_state=False, cu_seqlens=None)`, plus `gv`, or `dt` and
+`A`, for element-wise gates (lmoec.kinds.elementwise), layout
 [B, T, H, D] (the flash-linear-attention convention). An argument the spec
 does not declare, or a tensor of the wrong shape, is a ValueError that says
 which argument and why, before any kernel runs.
@@ -57,6 +58,9 @@ def check_op_args(
     b: Optional[torch.Tensor] = None,
     initial_state: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
+    gv: Optional[torch.Tensor] = None,
+    dt: Optional[torch.Tensor] = None,
+    A: Optional[torch.Tensor] = None,
 ) -> None:
     """Raise ValueError naming the first argument that breaks the contract."""
 
@@ -109,6 +113,13 @@ def check_op_args(
     why_ab = "a and b are the DPLR rank-one terms" if rec.dplr else "the spec declares no DPLR terms"
     expect("a", a, rec.dplr, why_ab, [(B, T, H, K)])
     expect("b", b, rec.dplr, why_ab, [(B, T, H, K)])
+    outer_sum, outer_product = rec.elementwise == "outer_sum", rec.elementwise == "outer_product"
+    expect("gv", gv, outer_sum, "gv is the value-side log gate of the outer-sum gate g 1^T + 1 gv^T" if outer_sum
+           else "the spec declares no value-side decay", [(B, T, H, V)])
+    why_dt = ("dt (step) and A (rate) make the outer-product gate exp(dt A)" if outer_product
+              else "the spec declares no step and rate (Mamba's outer-product gate)")
+    expect("dt", dt, outer_product, why_dt, [(B, T, H, V)])
+    expect("A", A, outer_product, why_dt, [(H, V, K)])
 
     n_seq = B
     if cu_seqlens is not None:

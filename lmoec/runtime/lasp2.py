@@ -7,7 +7,8 @@ zero initial state, A_r the product of the slice's transitions. One all_gather
 of (A_r, M_r) in fp32 lets every rank compose the prefix of the ranks before it
 into its own initial state; by linearity its outputs are then the zero-state
 outputs plus a correction that reads that initial state, so the op runs once
-per rank (twice for the matrix families, see `_matrix_map`).
+per rank (twice for the matrix families, see `_matrix_map`, and for element-wise gates, whose correction
+would be a [B, T, H, K, V] tensor: they run again from the composed state instead).
 
 Gradients flow through a differentiable all_gather, so backward is exact
 autograd of the same computation. Conventions for replicated inputs:
@@ -42,10 +43,13 @@ def recurrence_of(op: Callable) -> Recurrence:
 
 
 def transition_kind(rec: Recurrence, g: Optional[torch.Tensor]) -> str:
-    """How A_r is represented: 'identity', 'constant' ([H], known to all), 'scalar' [B,H], 'vector' [B,H,K], 'matrix' [B,H,K,K]."""
+    """How A_r is represented: 'identity', 'constant' ([H], known to all), 'scalar' [B,H], 'vector' [B,H,K], 'matrix'
+    [B,H,K,K], 'elementwise' [B,H,K,V]."""
     family = rec.family
     if family in (Family.delta, Family.dplr):
         return "matrix"
+    if family is Family.elementwise:
+        return "elementwise"
     if family is Family.additive:
         return "identity"
     if family is Family.constant and g is not None and g.dim() == 1:
@@ -105,6 +109,8 @@ def _apply_transition(kind: str, A: Optional[torch.Tensor], S: torch.Tensor) -> 
         return A[..., None, None] * S
     if kind == "vector":
         return A[..., None] * S
+    if kind == "elementwise":
+        return A * S
     return A @ S
 
 
@@ -132,6 +138,18 @@ def _diagonal_map(kind: str, q, g, T: int, scale: float, bonus: bool, state_dtyp
         if kind == "scalar":
             G = G[..., None]
     return A, qf * torch.exp(G)
+
+
+def _elementwise_map(rec: Recurrence, g: Optional[torch.Tensor], gates: dict, state_dtype) -> torch.Tensor:
+    """A_r [B,H,K,V]: exp of the slice's summed log gate, in closed form for both shapes (outer sums and outer
+    products with one rate sum over time term by term)."""
+    if rec.elementwise == "outer_product":
+        steps = gates["dt"].to(state_dtype).sum(1)  # [B, H, V]
+        return torch.exp(steps[..., None, :] * gates["A"].to(state_dtype).transpose(-1, -2))
+    G = gates["gv"].to(state_dtype).sum(1)[..., None, :]
+    if g is not None:
+        G = G + g.to(state_dtype).sum(1)[..., :, None]
+    return torch.exp(G)
 
 
 def _matrix_map(op, q, k, args: dict, scale: float, state_dtype, op_kwargs):
@@ -166,9 +184,9 @@ def lasp2_op(
 ):
     """Sequence-parallel `op` over `group`: same arguments and results as the op on the whole sequence.
 
-    q, k, v, g, beta, a, b are this rank's slice [B, T_local, ...]. `transition='matrix'`
-    forces the generic K x K route (the one delta/DPLR use) for any family.
-    Extra keyword arguments (e.g. backend=) go to the op.
+    q, k, v, g, beta, a, b (and element-wise gates gv, dt in op_kwargs) are this rank's slice [B, T_local, ...].
+    `transition='matrix'` forces the generic K x K route (the one delta/DPLR use) for the decay families.
+    Extra keyword arguments (e.g. backend=, an element-wise op's gates) go to the op.
     """
     if cu_seqlens is not None:
         raise ValueError("lasp2: cu_seqlens (packed sequences) is not supported under sequence parallelism; use B > 1")
@@ -183,7 +201,11 @@ def lasp2_op(
         return op(q, k, v, **args, scale=scale, initial_state=initial_state, output_final_state=output_final_state, **op_kwargs)
 
     rec = recurrence_of(op)
-    kind = "matrix" if transition == "matrix" else transition_kind(rec, g)
+    kind = transition_kind(rec, g)
+    if transition == "matrix":
+        if kind == "elementwise":
+            raise ValueError("lasp2: transition='matrix' is for the decay families; element-wise gates map S element-wise")
+        kind = "matrix"
     B, T, H, K = q.shape
     V = v.shape[-1]
     state_dtype = torch.promote_types(q.dtype, torch.float32)
@@ -194,7 +216,9 @@ def lasp2_op(
     M = M.to(state_dtype)
 
     basis = None
-    if kind == "matrix":
+    if kind == "elementwise":
+        A = _elementwise_map(rec, g, op_kwargs, state_dtype)
+    elif kind == "matrix":
         if rank > 0:
             A, basis = _matrix_map(op, q, k, args, scale, state_dtype, op_kwargs)
         else:  # rank 0's A is never read (its initial state is folded into M); send zeros
@@ -205,7 +229,7 @@ def lasp2_op(
             basis = None
 
     # One all_gather of (A_r, M_r). A constant decay's A is known everywhere; the identity is not sent.
-    sent_A = kind in ("scalar", "vector", "matrix")
+    sent_A = kind in ("scalar", "vector", "matrix", "elementwise")
     payload = torch.cat([A.reshape(-1), M.reshape(-1)]) if sent_A else M.reshape(-1)
     tie, pieces = _gather(payload, group)
     o = o + tie.to(o.dtype)
@@ -219,7 +243,10 @@ def lasp2_op(
 
     S = M_of(0)
     for j in range(1, world):
-        if j == rank:
+        if j == rank and kind == "elementwise":  # the slice again, from its composed initial state
+            o_again, _ = op(q, k, v, **args, scale=scale, initial_state=S.to(state_dtype), output_final_state=False, **op_kwargs)
+            o = o_again + tie.to(o.dtype)
+        elif j == rank:
             o = o + torch.einsum("bthk,bhkv->bthv", basis, S).to(o.dtype)
         S = _apply_transition(kind, A_of(j), S) + M_of(j)
     return o, (S if output_final_state else None)

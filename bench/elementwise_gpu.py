@@ -1,0 +1,275 @@
+"""The element-wise kind's Triton kernels on a GPU (issue 17): check, then time, in one process.
+
+Parts (any subset, in this order):
+  check  bf16 Triton (specs/lsm/mamba.lsm, gfw.lsm) vs the same spec's float32 torch chunkwise backend (itself tested
+         against the float64 oracle on CPU): o, final state and every gradient, T no multiple of the scan, initial
+         state, a packed batch with a one-token sequence; fp32 Triton too. Outputs are poisoned (NaN) first.
+  bench  median ms (triton.testing.do_bench) at B*T = 32K tokens, T in {2K, 8K, 32K}, bf16:
+         Mamba's selective scan (d_inner 2048 = 32 heads x V 64, N = K = 16) forward and forward+backward against the
+         memory floor (u, dt, B, C, z read once and y written once, bf16, at 3.0 TB/s) and against mamba_ssm's CUDA
+         selective_scan_fn where it imports; GFW (16 heads, K 64, V 128) against fla's chunk_gla at the same shape
+         where fla imports. Each launch setting in SETTINGS is timed (tests/test_hopper_compile.py compiled them).
+
+    python bench/elementwise_gpu.py check bench [--out DIR]
+Writes elementwise.md and elementwise_log.txt to --out ($OUT when set). `--smoke` (with TRITON_INTERPRET=1, on CPU)
+runs this script's Python at tiny sizes: its numbers mean nothing (its bf16 check rows fail there: the interpreter
+emulates bf16 stores, ~3e-3 off against DESIGN.md's 2e-3, while its fp32 rows match to ~2e-7).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+import traceback
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+TOKENS = 32768
+LENGTHS = [2048, 8192, 32768]
+MAMBA = dict(H=32, K=16, V=64)  # d_inner 2048, N 16
+GFW = dict(H=16, K=64, V=128)
+SETTINGS = {"mamba": {"default": {}, "block_v 32, scan 32": {"block_v": 32, "scan": 32}},
+            "gfw": {"default": {}, "block_v 8": {"block_v": 8}}}
+BANDWIDTH = 3.0e12  # H100 device copy, bytes/s (DESIGN.md)
+TOL_O, TOL_GRAD = 2e-3, 1e-2  # bf16 against fp32 (DESIGN.md); fp32 Triton (tf32-free: no tl.dot here) gets 1e-4
+
+REPORT: list[str] = []
+LOG: list[str] = []
+
+
+def say(line=""):
+    print(line, flush=True)
+    REPORT.append(line)
+
+
+def log(*args):
+    line = " ".join(str(a) for a in args)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+def inputs(name, B, T, H, K, V, dtype, device, seed=0):
+    """Op keyword arguments: Mamba's dt = softplus(.), A = -exp(.) (S4D-real-like); GFW's logsigmoid gates / 16."""
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    out = {"q": randn(B, T, H, K), "k": randn(B, T, H, K), "v": randn(B, T, H, V)}
+    if name == "mamba":
+        out["q"], out["k"] = out["q"] / K ** 0.5, out["k"] / K ** 0.5
+        out["dt"] = F.softplus(randn(B, T, H, V) - 3)
+        out["A"] = -torch.arange(1, K + 1, dtype=torch.float32).expand(H, V, K).contiguous()
+    else:
+        out["g"] = F.logsigmoid(randn(B, T, H, K)) / 16
+        out["gv"] = F.logsigmoid(randn(B, T, H, V)) / 16
+    return {n: x.to(device=device, dtype=torch.float32 if n == "A" else dtype) for n, x in out.items()}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    if not a.isfinite().all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(programs, device):
+    import torch
+
+    say("## Check: Triton vs the float32 torch chunkwise backend (relative norm of the difference)")
+    say("| spec | case | dtype | worst output / state | worst gradient | ok |")
+    say("|---|---|---|---|---|---|")
+    failures = 0
+    for name, program in programs.items():
+        op = program.op()
+        module = getattr(program.package, f"{name}_triton")
+        module.POISON = True
+        dims = MAMBA if name == "mamba" else GFW
+        cases = ({"B=2 T=40": (2, 40, None), "packed [25, 1, 14]": (1, 40, [0, 25, 26, 40])} if SMOKE else
+                 {"B=2 T=1000": (2, 1000, None), "packed [700, 1, 299]": (1, 1000, [0, 700, 701, 1000])})
+        for label, (B, T, cu) in cases.items():
+            for dtype in (torch.bfloat16, torch.float32):
+                x = inputs(name, B, T, dims["H"], dims["K"], dims["V"], dtype, device, seed=T)
+                n_seq = B if cu is None else len(cu) - 1
+                x["initial_state"] = torch.randn(n_seq, dims["H"], dims["K"], dims["V"], device=device)
+                cu_t = None if cu is None else torch.tensor(cu, device=device, dtype=torch.int32)
+                do = torch.randn(B, T, dims["H"], dims["V"], device=device)
+                dht = torch.randn(n_seq, dims["H"], dims["K"], dims["V"], device=device)
+                got = {}
+                for backend, cast in (("triton", dtype), ("torch", torch.float32)):
+                    leaves = {n: t.detach().to(torch.float32 if n in ("A", "initial_state") else cast).requires_grad_()
+                              for n, t in x.items()}
+                    o, ht = op(**leaves, output_final_state=True, cu_seqlens=cu_t, backend=backend)
+                    ((o.float() * do).sum() + (ht * dht).sum()).backward()
+                    got[backend] = {"o": o, "final_state": ht, **{f"d{n}": t.grad for n, t in leaves.items()}}
+                errs = {n: rel(got["triton"][n], want) for n, want in got["torch"].items()}
+                worst_o = max(errs["o"], errs["final_state"])
+                worst_g = max(e for n, e in errs.items() if n.startswith("d"))
+                tol_o, tol_g = (TOL_O, TOL_GRAD) if dtype == torch.bfloat16 else (1e-4, 1e-4)
+                ok = worst_o <= tol_o and worst_g <= tol_g
+                failures += not ok
+                log(name, label, dtype, errs)
+                say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {worst_o:.2e} | {worst_g:.2e} | "
+                    f"{'yes' if ok else 'NO'} |")
+        module.POISON = False
+    say()
+    return failures
+
+
+SMOKE = False
+
+
+def ms(fn):
+    import triton
+
+    if SMOKE:  # CPU: one timed call (no CUDA events)
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def bench(programs, device):
+    import torch
+
+    say("## Speed: median ms, bf16, B*T = 32768 tokens")
+    say(f"Mamba: d_inner {MAMBA['H'] * MAMBA['V']} (H {MAMBA['H']} x V {MAMBA['V']}), N = K = {MAMBA['K']}. Floor: u, dt, "
+        "B, C, z read once, y written once (bf16) at 3.0 TB/s; bwd floor: those read again plus do read and du, "
+        "ddt, dB, dC, dz written once.")
+    say()
+    say("| op | setting | T | fwd ms | fwd+bwd ms | fwd / floor | fwd+bwd / floor | peer fwd | peer fwd+bwd |")
+    say("|---|---|---|---|---|---|---|---|---|")
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as err:  # noqa: BLE001 - any import failure means no peer
+        selective_scan_fn = None
+        log("mamba_ssm not importable:", repr(err))
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception as err:  # noqa: BLE001
+        chunk_gla = None
+        log("fla not importable:", repr(err))
+    for name, program in programs.items():
+        op = program.op()
+        module = getattr(program.package, f"{name}_triton")
+        dims = MAMBA if name == "mamba" else GFW
+        H, K, V = dims["H"], dims["K"], dims["V"]
+        defaults = dict(module.CONFIG)
+        for T in LENGTHS:
+            B = TOKENS // T
+            x = inputs(name, B, T, H, K, V, torch.bfloat16, device)
+            leaves = {n: t.requires_grad_() for n, t in x.items()}
+            do = torch.randn(B, T, H, V, device=device, dtype=torch.bfloat16)
+            d_inner = H * V
+            if name == "mamba":
+                fwd_bytes = TOKENS * (4 * d_inner + 2 * K) * 2
+                floor = fwd_bytes / BANDWIDTH * 1e3
+                # backward: u, dt, z, do, B, C read; du, ddt, dz, dB, dC written
+                floor_fb = floor + TOKENS * (4 * d_inner + 2 * K + 3 * d_inner + 2 * K) * 2 / BANDWIDTH * 1e3
+            else:
+                floor = TOKENS * H * (3 * K + 3 * V) * 2 / BANDWIDTH * 1e3  # q, k, g, v, gv read; o written
+                floor_fb = floor * 3
+            peer = ("", "")
+            if name == "mamba" and selective_scan_fn is not None:
+                peer = _mamba_peer(selective_scan_fn, x, B, T, H, K, V, device)
+            if name == "gfw" and chunk_gla is not None:
+                peer = _gla_peer(chunk_gla, x, do)
+            for label, setting in SETTINGS[name].items():
+                module.CONFIG.update(defaults, **setting)
+                try:
+                    t_f = ms(lambda: op(**leaves, backend="triton"))
+                    t_fb = ms(lambda: op(**leaves, backend="triton")[0].backward(do))
+                    say(f"| {name} | {label} | {T} | {t_f:.3f} | {t_fb:.3f} | {t_f / floor:.2f} | {t_fb / floor_fb:.2f} | "
+                        f"{peer[0]} | {peer[1]} |")
+                except Exception:  # noqa: BLE001 - record and go on to the next setting
+                    log(traceback.format_exc())
+                    say(f"| {name} | {label} | {T} | failed (log) | | | | | |")
+            module.CONFIG.update(defaults)
+    say()
+    say("Peers: mamba_ssm selective_scan_fn (u, delta with delta_bias and softplus, A, B, C, D, z) for Mamba; fla "
+        "chunk_gla (q, k, v, g at the same K, V; no value gate) for GFW. Empty: the peer did not import (log).")
+
+
+def _mamba_peer(selective_scan_fn, x, B, T, H, K, V, device):
+    """(fwd ms, fwd+bwd ms) of mamba_ssm's CUDA selective scan on the same tokens: u, delta [B, D, T], B, C [B, N, T]."""
+    import torch
+
+    D = H * V
+    u = x["v"].permute(0, 2, 3, 1).reshape(B, D, T).detach().contiguous().requires_grad_()
+    delta = x["dt"].permute(0, 2, 3, 1).reshape(B, D, T).detach().contiguous().requires_grad_()
+    A = x["A"].reshape(D, K).detach().contiguous().requires_grad_()
+    Bm = x["k"][:, :, 0].transpose(1, 2).detach().contiguous().requires_grad_()
+    Cm = x["q"][:, :, 0].transpose(1, 2).detach().contiguous().requires_grad_()
+    Dskip = torch.ones(D, device=device, requires_grad=True)
+    z = torch.randn_like(u).requires_grad_()
+    bias = torch.zeros(D, device=device, requires_grad=True)
+    dy = torch.randn_like(u)
+
+    def run():
+        return selective_scan_fn(u, delta, A, Bm, Cm, Dskip, z, bias, delta_softplus=True)
+
+    try:
+        return f"{ms(run):.3f}", f"{ms(lambda: run().backward(dy)):.3f}"
+    except Exception:  # noqa: BLE001
+        log(traceback.format_exc())
+        return "failed", ""
+
+
+def _gla_peer(chunk_gla, x, do):
+    q, k, v, g = (x[n].detach().requires_grad_() for n in ("q", "k", "v", "g"))
+
+    def run():
+        return chunk_gla(q, k, v, g)[0]
+
+    try:
+        return f"{ms(run):.3f}", f"{ms(lambda: run().backward(do)):.3f}"
+    except Exception:  # noqa: BLE001
+        log(traceback.format_exc())
+        return "failed", ""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="+", choices=["check", "bench"])
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: the script's Python only")
+    args = parser.parse_args()
+    import torch
+    import triton
+
+    import lmoec
+
+    global SMOKE, TOKENS, LENGTHS
+    device = "cuda"
+    if args.smoke:
+        SMOKE, TOKENS, LENGTHS, device = True, 64, [32, 64], "cpu"
+        MAMBA.update(H=2, K=4, V=8)
+        GFW.update(H=2, K=4, V=8)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run: no meaningful numbers)"
+    say(f"# Element-wise kind on {gpu} ({datetime.date.today()})")
+    say(f"torch {torch.__version__}, triton {triton.__version__}")
+    say()
+    programs = {name: lmoec.compile_spec(os.path.join(ROOT, "specs", "lsm", f"{name}.lsm")) for name in ("mamba", "gfw")}
+    failures = 0
+    start = time.time()
+    if "check" in args.parts:
+        failures = check(programs, device)
+    if "bench" in args.parts:
+        bench(programs, device)
+    log(f"took {time.time() - start:.0f} s")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "elementwise.md"), "w") as f:
+        f.write("\n".join(REPORT) + "\n")
+    with open(os.path.join(args.out, "elementwise_log.txt"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

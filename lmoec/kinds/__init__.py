@@ -1,0 +1,54 @@
+"""Transition kinds: each family of DESIGN.md's table as one registry entry.
+
+A `Kind` names everything that differs between transitions: the rule that classifies a `Recurrence` into it,
+its token step in the float64 oracle, the torch chunkwise template, the Triton emitter and its `supports`
+check, its cost model for `inspect --stats`, and the shape of its LASP-2 map. Adding a kind is a module in this package plus its templates,
+appended to `KINDS`; nothing else dispatches on the family.
+
+This module imports neither torch nor jinja2 (`lmoec check` uses the classify rules): the kinds' oracle steps
+use tensor methods only, their emitters import the renderer when called.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..ir.nodes import Family, Recurrence
+
+if TYPE_CHECKING:
+    from ..backends.context import LSMContext
+    from ..backends.stats import Sizes
+
+Costs = list[tuple[str, bool, float, float]]  # (kernel, in the forward, flops, bytes)
+
+
+@dataclass(frozen=True)
+class Kind:
+    family: Family
+    matches: Callable[[Recurrence], bool]  # the classify rule; KINDS are tried in order, the first match wins
+    # one token for all (batch, head) pairs: (rec, S [N,H,K,V], q, k [N,H,K], v [N,H,V], inputs, scale) ->
+    # (S, o); inputs maps the op's extra arguments to their values at this token (per-head ones whole)
+    oracle_step: Callable[..., Any]
+    torch_template: str  # templates/ path of `<lsm>_torch.py`
+    supports: Callable[["LSMContext"], tuple[bool, str]]  # (ok, reason) of the Triton kernels
+    emit_triton: Callable[["LSMContext", str], str]  # (ctx, header) -> `<lsm>_triton.py`, where supports is ok
+    costs: Callable[["LSMContext", "Sizes", int], Costs]  # (ctx, sizes, bytes of the end states)
+    lasp2_map: list[str]  # dims of A_r in LASP-2's affine map S -> A_r S + M_r ([]: nothing to send)
+
+
+def _registry() -> list[Kind]:
+    from . import decay, delta, dplr, elementwise
+
+    # precedence: element-wise gates, DPLR, delta, then the decays (validate keeps the first three exclusive)
+    return [elementwise.KIND, dplr.KIND, delta.KIND, *decay.KINDS]
+
+
+KINDS: list[Kind] = _registry()
+
+
+def kind_of(rec: Recurrence) -> Kind:
+    """The kind a recurrence belongs to (the first of KINDS whose rule matches)."""
+    for kind in KINDS:
+        if kind.matches(rec):
+            return kind
+    raise ValueError(f"no transition kind matches {rec!r}")

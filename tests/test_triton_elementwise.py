@@ -1,0 +1,98 @@
+"""The element-wise kind's Triton kernels (templates/triton/elementwise.py.j2) under Triton's interpreter.
+
+Mamba (outer-product gate) and GFW (outer-sum gate) against the float64 oracle: the output, the final state and every
+gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (one of a single token), two V blocks and
+K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
+both with the decode step against the torch step. Outputs start as
+NaN (POISON), so an element no kernel writes fails. fp32 here; bf16 runs on the GPU (bench/elementwise_gpu.py).
+
+Why a subprocess: TRITON_INTERPRET=1 must be set before triton is first imported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent(
+    r'''
+    import json, sys
+    import torch
+    import lmoec
+    sys.path.insert(0, "tests")
+    from test_elementwise import _inputs
+
+    name = sys.argv[1]
+    program = lmoec.compile_spec(f"specs/lsm/{name}.lsm")
+    op = program.op()
+    triton_mod = getattr(program.package, f"{name}_triton")
+    torch_mod = getattr(program.package, f"{name}_torch")
+    triton_mod.POISON = True
+    # small tiles: the interpreter calls the scan's combine once per element and step (8-token scans, V blocks of 8)
+    triton_mod.CONFIG.update(scan=8, block_v=8)
+
+    def rel(a, b):
+        a, b = a.double(), b.double()
+        if not torch.isfinite(a).all():
+            return float("inf")
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    def case(B, T, H, K, V, lens=None, strong=False):
+        inputs = _inputs(name, B, T, H, K, V, dtype=torch.float32, seed=T)
+        if strong:  # one token with log gates down to about -50: the state before it is wiped out, nothing overflows
+            if name == "mamba":
+                inputs["dt"][:, T // 2] = 60.0
+            else:
+                inputs["g"][:, T // 2] *= 50
+                inputs["gv"][:, T // 2] *= 50
+        cu = None if lens is None else torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+        inputs["initial_state"] = torch.randn(B if lens is None else len(lens), H, K, V)
+        do = torch.randn(B, T, H, V, dtype=torch.float64)
+        dht = torch.randn(inputs["initial_state"].shape, dtype=torch.float64)
+        results = {}
+        for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+            leaves = {n: x.to(dtype).requires_grad_() for n, x in inputs.items()}
+            o, ht = op(**leaves, output_final_state=True, cu_seqlens=cu, backend=backend)
+            ((o * do.to(dtype)).sum() + (ht * dht.to(ht.dtype)).sum()).backward()
+            results[backend] = {"o": o, "final_state": ht, **{f"d{n}": x.grad for n, x in leaves.items()}}
+        return {n: rel(results["triton"][n], want) for n, want in results["reference"].items()}
+
+    def step_case(B=2, H=2, K=3, V=12):
+        inputs = _inputs(name, B, 1, H, K, V, dtype=torch.float32)
+        token = {n: (x if n == "A" else x[:, 0]) for n, x in inputs.items()}
+        state = torch.randn(B, H, K, V)
+        o, new = triton_mod.step(**token, state=state)
+        o_ref, new_ref = torch_mod.step(**token, state=state)
+        return {"o": rel(o, o_ref), "state": rel(new, new_ref)}
+
+    # the walks' layout code is the same for both gates (only _gate differs): each spec takes one layout
+    if name == "mamba":
+        out = {"varlen [20, 1, 3], K=3 V=12 (two V blocks, padded tiles)": case(1, 24, 1, 3, 12, lens=[20, 1, 3])}
+    else:
+        out = {"batch B=2 T=19, a strong gate, K=4 V=8": case(2, 19, 1, 4, 8, strong=True)}
+    out["step"] = step_case()
+    print("RESULT " + json.dumps(out))
+    '''
+)
+
+TOL = 1e-5  # fp32 against float64: relative norm of the difference (measured: below 3e-7)
+
+
+@pytest.mark.parametrize("name", ["mamba", "gfw"])
+def test_triton_matches_oracle(name):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", CHILD, name], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    errors = json.loads(lines[-1][len("RESULT "):])
+    assert errors["step"] and all(errs.keys() >= {"o", "final_state", "dq", "dk", "dv", "dinitial_state"}
+                                  for case, errs in errors.items() if case != "step")
+    bad = {f"{case}: {n}": e for case, errs in errors.items() for n, e in errs.items() if not e <= TOL}
+    assert not bad, f"relative errors above {TOL}: {bad}"
