@@ -135,20 +135,27 @@ def segment_conv(rows: torch.Tensor, weight: torch.Tensor, slots: MemorySlots,
     for tap s, or the segment's state where p < s: never a row of another segment, so each memory's
     convolution sees only its own tokens (fla's training path convolves across them). The new state is
     each segment's last W-1 inputs (the old state's rows where the segment is shorter).
+
+    One depthwise conv1d runs over the packed rows as if they were one sequence: right for every row at
+    least W-1 into its segment. The first W-1 rows of each segment (at most W-1 per segment) are then
+    made again from the segment's own rows and state, and written over.
     """
-    width = weight.shape[-1]
-    keep = width - 1
+    width, channels = weight.shape[-1], rows.shape[1]
+    keep, segments = width - 1, slots.segments
     if state is None:
-        state = rows.new_zeros(slots.segments, keep, rows.shape[1])
-    ext = torch.cat([state.to(rows.dtype).reshape(-1, rows.shape[1]), rows])  # the states' rows, then the rows
-    row = torch.arange(rows.shape[0], device=rows.device)
-    from_state = slots.segment * keep + keep  # + (p - s) < 0: a row of the segment's state
-    y = None
+        state = rows.new_zeros(segments, keep, channels)
+    packed = F.conv1d(F.pad(rows.t()[None], (keep, 0)), weight.to(rows.dtype), groups=channels)[0].t()
+    ext = torch.cat([state.to(rows.dtype).reshape(-1, channels), rows])  # the states' rows, then the rows
+    lengths = slots.cu_seqlens[1:] - slots.cu_seqlens[:-1]
+    seg, pos = (torch.arange(keep, device=rows.device)[None, :] < lengths[:, None]).nonzero(as_tuple=True)
+    row = slots.cu_seqlens.index_select(0, seg) + pos  # the rows near a segment's start
+    near = None
     for s in range(width):
-        index = torch.where(slots.position >= s, row - s + state.shape[0] * keep, from_state + slots.position - s)
+        index = torch.where(pos >= s, row - s + segments * keep, seg * keep + keep + pos - s)
         term = ext.index_select(0, index) * weight[:, 0, width - 1 - s].to(rows.dtype)
-        y = term if y is None else y + term
-    return F.silu(y), _last_inputs(ext, slots, keep, state.shape[0] * keep)
+        near = term if near is None else near + term
+    y = packed.index_copy(0, row, near.to(packed.dtype))
+    return F.silu(y), _last_inputs(ext, slots, keep, segments * keep)
 
 
 def segment_tails(rows: torch.Tensor, slots: MemorySlots, keep: int) -> torch.Tensor:
