@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sympy
 import torch
 
 import lmoec
@@ -310,3 +311,13 @@ def test_triton_kernels_run_every_memory_in_one_varlen_call(triton_results, name
     assert len(errors) > 10
     bad = {what: err for what, err in errors.items() if not err <= 1e-5}
     assert not bad, bad
+
+
+def test_lasp2_plan_sends_one_map_per_memory():
+    """inspect --plan: a layer with memories all-gathers M = count (+ shared) maps per sequence."""
+    plain = lmoec.compile_spec(SPECS / "lsm" / "gated_deltanet.lsm").ir.comm.steps[0]
+    mom = lmoec.compile_spec(SPECS / "lsm" / "mom.lsm").ir.comm.steps[0]
+    assert sympy.simplify(mom.bytes_per_rank - 5 * plain.bytes_per_rank) == 0
+    assert mom.shape == {"M_r": ["M", "B", "H", "K", "V"], "A_r": ["M", "B", "H", "K", "K"]}
+    constant = _programs(_family_spec("constant", count=2, top_k=1))[0].ir.comm.steps[0]
+    assert constant.shape["A_r"] == ["M", "B", "H"]  # a segment's decay depends on its length: sent
