@@ -139,6 +139,15 @@ def test_mom_library_spec_matches_reference():
     _check(prog, twin, hidden=16, heads=2, B=2, T=37, seed=0)
 
 
+@pytest.mark.parametrize("name", ["hgrn2", "rwkv7"])
+def test_library_specs_with_memories_match_reference(name):
+    """HGRN2 (k tied to the per-memory decay, no k projection) and RWKV7 (DPLR terms that read each memory's k)."""
+    spec = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm").ir.lsm()
+    spec = spec.model_copy(update={"chunk_size": 16, "recurrence": None, "memories": Memories(count=3, top_k=2)})
+    prog, twin = _programs(spec)
+    _check(prog, twin, hidden=16, heads=2, B=2, T=19, seed=4)
+
+
 def _family_spec(family, **memories):
     spec = lsm_spec_for(RECURRENCES[family], chunk_size=16)
     return spec.model_copy(update={"short_conv": 3, "memories": Memories(**memories)})

@@ -210,9 +210,6 @@ class _Checker:
         for key in ("aux_loss", "z_loss"):
             if getattr(mem, key) < 0:
                 fail(f"memories {key} must be >= 0, got {getattr(mem, key)}", "memories", key)
-        if lsm.tie_k_to_decay and "k" in mem.per_memory:
-            fail("per_memory k: this layer has no k projection (tie k = 1 - exp(g)); write per_memory without k",
-                 "memories", "per_memory")
         # a projection weight is owned by each memory or shared by all, never both
         owned = {"beta": [e for f, e in _expressions(lsm) if f == ("delta",)],
                  "decay": [e for f, e in _expressions(lsm) if f == ("decay",)]}
