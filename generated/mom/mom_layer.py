@@ -11,17 +11,16 @@ DeltaNet.
 Layer(hidden, heads, layer_idx=0, layers=None)
 forward(x [B, T, hidden], past=None, use_cache=False, backend="auto") -> y [B, T, hidden], or (y, cache)
 
-`cache` holds the recurrent state "state" [B, H, K, V] (float32, or float64 for float64 inputs) and
-the last 3 inputs of each short convolution ("conv_q", "conv_k", "conv_v"). Pass it back as
+`cache` holds the recurrent state "state" [memories, B, H, K, V] (float32, or float64 for float64 inputs) and
+the last 3 inputs of each short convolution ("conv_q", "conv_k", "conv_v", per memory). Pass it back as
 `past`: one token (T == 1) takes the op's recurrent `step` (constant memory per token), more tokens run the
 chunkwise op starting from that state.
 
 Mixture-of-Memories (Du et al., 2025): a router sends each token to 2 of 4 memory states
 (softmax, top-k, renormalised), and every token to one shared memory (weight 1). Each memory runs
-the recurrence over only its own tokens, in order (lmoec.runtime.memories). The cache's "state" is then
-[memories, B, H, K, V] and each short convolution's state [memories, B, kernel - 1, C], the shared memory last;
-a decoded token updates only the states it is routed to. After a call, `last_aux_loss`, `last_z_loss` and
-`balancing_loss()` are the router's losses.
+the recurrence over only its own tokens, in order (lmoec.runtime.memories). The cache is per memory (the shared memory last),
+and a decoded token updates only the states it is routed to. After a call,
+`last_aux_loss`, `last_z_loss` and `balancing_loss()` are the router's losses.
 """
 import math
 
