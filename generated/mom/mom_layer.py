@@ -130,14 +130,15 @@ class Layer(nn.Module):
         """The last call's router losses weighted by the spec's coefficients: add this to the task loss."""
         return 0.01 * self.last_aux_loss + 0.0 * self.last_z_loss
 
-    def mix_memories(self, x, slots, past, use_cache, backend, decode):
-        """x [1, S, hidden]: the slots' inputs in segment order -> (o [S, H, V], state, conv caches).
+    def mix_memories(self, x, q, slots, past, use_cache, backend, decode):
+        """x [1, S, hidden], q [1, S, H * key_proj_dim]: the slots' inputs and queries in segment order
+        -> (o [S, H, V], state, conv caches).
 
         Every memory's recurrence runs at once over its own segments: one op call with cu_seqlens, or
         (decode) one step of the routed memories' states only.
         """
         cache = {}
-        q, v = self.q_proj(x), self.v_proj(x, slots)
+        v = self.v_proj(x, slots)
         k = self.k_proj(x, slots)
         conv_state = lambda name: None if past.get(name) is None else past[name].flatten(0, 1)  # [M', B, W-1, C]
         q, cache["conv_q"] = segment_conv(q[0], self.q_conv.conv.weight, slots, conv_state("conv_q"))
@@ -180,7 +181,9 @@ class Layer(nn.Module):
         self.last_aux_loss, self.last_z_loss, self.last_tokens_per_memory = balancing_losses(logits, probs, chosen, 4)
         slots = MemorySlots(chosen, weights, x.shape[0], 4, shared=True)
         decode = past.get("state") is not None and length == 1 and backend != "reference"  # "reference" keeps the oracle
-        o, state, cache = self.mix_memories(slots.gather(tokens)[None], slots, past, use_cache, backend, decode)
+        # q is shared: projected once per token, then read by each of the token's slots
+        q = slots.gather(self.q_proj(tokens))[None]
+        o, state, cache = self.mix_memories(slots.gather(tokens)[None], q, slots, past, use_cache, backend, decode)
         o = slots.combine(o).view(*x.shape[:2], self.heads, self.head_v)
         o = recompute(self.norm_gate, o, F.silu(self.W_g(x).unflatten(-1, (self.heads, self.head_v))), *self.o_norm.parameters())  # keeps o and the gate only
         y = self.o_proj(o.flatten(-2))
