@@ -31,6 +31,7 @@ from torch import nn
 
 from .attention import Attention, KVCache
 from .lasp2 import _gather, lasp2_op, lasp2h_attention, recurrence_of
+from .memories import segment_tails
 
 _ACTIVE = threading.local()  # the sp group of the LSM layer running now (None: not under sp)
 
@@ -126,8 +127,6 @@ def _segment_halo(rows: torch.Tensor, slots, keep: int, group) -> torch.Tensor:
     rank (a rank with fewer than `keep` rows of a segment shifts in only those), so a segment that was
     short or empty on the previous rank reaches further back.
     """
-    from .memories import segment_tails
-
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     lengths = (slots.cu_seqlens[1:] - slots.cu_seqlens[:-1]).clamp(max=keep)
     counts = [torch.empty_like(lengths) for _ in range(world)]
