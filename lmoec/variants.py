@@ -12,6 +12,8 @@ Axes (`--vary AXIS=v1,v2,...`):
     delta     off | on (the delta rule with beta = sigmoid(x @ W_beta))
     pattern   the layer pattern, e.g. LLLL, LLLN (must keep the layer count)
     lsm.KEY / model.KEY   any other key of the lsm or model block, written as is
+    lsm.BLOCK.KEY / model.BLOCK.KEY   a key of a sub-block (lsm.memories.count, model.moe.top_k),
+              merged over the base's block; several axes of one block share one `BLOCK { ... }`
 """
 from __future__ import annotations
 
@@ -46,7 +48,7 @@ DECAY_GATES = {
                       "decay rate = -exp(A_log)"],
 }
 DELTA_RULES = {"off": "delta = none", "on": "delta beta = sigmoid(x @ W_beta)"}
-KEY = re.compile(r"^(lsm|model)\.([A-Za-z_][A-Za-z0-9_]*)$")
+KEY = re.compile(r"^(lsm|model)\.(?:([A-Za-z_][A-Za-z0-9_]*)\.)?([A-Za-z_][A-Za-z0-9_]*)$")
 WRITTEN_BY = "# Written by `lmoec variants`"  # the second line of every variant spec
 
 
@@ -73,7 +75,8 @@ def parse_axes(specs: list[str]) -> dict[str, list[str]]:
         if not sep or not options:
             raise ValueError(f"--vary {spec!r}: write AXIS=v1,v2,...")
         if axis not in ("lsm", "decay", "delta", "pattern") and not KEY.match(axis):
-            raise ValueError(f"--vary {spec!r}: unknown axis {axis!r} (lsm, decay, delta, pattern, lsm.KEY, model.KEY)")
+            raise ValueError(f"--vary {spec!r}: unknown axis {axis!r} (lsm, decay, delta, pattern, lsm.KEY, model.KEY, "
+                             "lsm.BLOCK.KEY, model.BLOCK.KEY)")
         if axis == "decay" and (bad := [v for v in options if v not in DECAY_GATES]):
             raise ValueError(f"--vary decay: unknown kind {bad[0]!r} (choose from {', '.join(DECAY_GATES)})")
         if axis == "delta" and (bad := [v for v in options if v not in DELTA_RULES]):
@@ -126,9 +129,15 @@ def render_variant(base_path: Path, out_dir: Path, point: dict[str, str]) -> Var
     model_lines = []
     if "pattern" in point:
         model_lines.append(f'pattern = "{point["pattern"]}"')
+    blocks: dict[tuple[str, str], list[str]] = {}
     for axis, value in point.items():
         if (m := KEY.match(axis)) is not None:
-            (lsm_lines if m.group(1) == "lsm" else model_lines).append(f"{m.group(2)} = {value}")
+            if m.group(2) is None:
+                (lsm_lines if m.group(1) == "lsm" else model_lines).append(f"{m.group(3)} = {value}")
+            else:
+                blocks.setdefault((m.group(1), m.group(2)), []).append(f"{m.group(3)} = {value}")
+    for (where, block), keys in blocks.items():
+        (lsm_lines if where == "lsm" else model_lines).append(f"{block} {{ {' '.join(keys)} }}")
     lines = [
         f"# {name}: a variant of {base_path.name} ({', '.join(f'{a}={v}' for a, v in point.items())}).",
         f"{WRITTEN_BY}: overrides only; the base spec is the source of truth.",

@@ -42,6 +42,8 @@ LSM_CASES = [
     (f"{name}-{backend}", name, "auto", backend) for backend in ("reference", "torch") for name in FAMILIES
 ] + [("scalar_as_matrix-torch", "scalar", "matrix", "torch")]
 B, T_LOCAL, H, K, V = 2, 5, 2, 4, 3
+# the families whose segments (cu_seqlens) continue across ranks: every kind of A, on the emitted torch op
+SEGMENT_CASES = ["additive", "constant", "scalar", "vector_bonus", "delta_scalar", "dplr", "outer_sum", "outer_product"]
 
 
 def reference_op(rec: Recurrence):
@@ -185,6 +187,50 @@ def check_lsm(family: str, transition: str, backend: str, group, seed: int) -> l
     return errors
 
 
+def check_segments(family: str, backend: str, group, seed: int) -> list[str]:
+    """cu_seqlens: N packed segments per rank, segment i continuing on the next rank (a memory layer's
+    (memory, batch) segments), some empty on some ranks, against the op on the whole segments."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    rec = FAMILIES[family]
+    op, op_kwargs = op_for(family, backend)
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, 5, (world, 3), generator=gen)  # local rows of each segment on each rank
+    lens[0, 1] = lens[-1, 2] = 0
+    total = lens.sum(0)
+    start = torch.cumsum(total, 0) - total  # each segment's first row in the whole packed sequence
+    full = {n: (t[:1] if t.dim() >= 3 and n != "A" else t) for n, t in global_inputs(rec, int(total.sum()), seed).items()}
+    full["initial_state"] = torch.randn(3, H, K, V, generator=gen, dtype=torch.float64)
+    cu_full = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(total, 0)])
+    w_o = torch.randn(1, int(total.sum()), H, V, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(3, H, K, V, generator=gen, dtype=torch.float64)
+    leaves = {n: t.clone().requires_grad_() for n, t in full.items()}
+    o_full, s_full = op(**leaves, output_final_state=True, cu_seqlens=cu_full, **op_kwargs)
+    ((o_full * w_o).sum() + (s_full * w_s).sum()).backward()
+
+    before = lens[:rank].sum(0)
+    rows = torch.cat([torch.arange(int(start[n] + before[n]), int(start[n] + before[n] + lens[rank, n])) for n in range(3)])
+    sliced = {n for n, t in full.items() if t.dim() >= 3 and n not in ("initial_state", "A")}
+    local = {n: (t[:, rows] if n in sliced else t).clone().requires_grad_() for n, t in full.items()}
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lens[rank], 0)])
+    o, s = lasp2_op(op, **local, output_final_state=True, cu_seqlens=cu, group=group, **op_kwargs)
+    loss = (o * w_o[:, rows]).sum()
+    if rank == world - 1:
+        loss = loss + (s * w_s).sum()
+    loss.backward()
+    errors: list[str] = []
+    _close(errors, "o", o, o_full[:, rows].detach())
+    _close(errors, "final_state", s, s_full.detach())
+    for n, leaf in local.items():
+        got = leaf.grad
+        if n == "initial_state" and rank != 0:
+            continue
+        if n not in sliced and n != "initial_state":
+            got = got.clone() if got is not None else torch.zeros_like(leaf)
+            dist.all_reduce(got, group=group)
+        _close(errors, f"d {n}", got, leaves[n].grad[:, rows] if n in sliced else leaves[n].grad)
+    return errors
+
+
 def check_attention(group, seed: int) -> list[str]:
     """LASP-2H (GQA: 4 query heads, 2 key/value heads) against causal attention on the whole sequence."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -239,7 +285,7 @@ model sp_hybrid {{
     layers = 3
     heads = 2
     pattern = "LNL"
-    lsm = gated_deltanet
+    lsm = {name}
     attention {{ kv_heads = 1 }}
     moe {{ experts = 4 top_k = 2 expert_ffn = 16 }}
     max_seq_len = 64
@@ -248,12 +294,17 @@ model sp_hybrid {{
 
 
 def model_programs(spec_dir: str) -> dict[str, Program]:
-    """Two tiny hybrid models: GLA (vector decay) LLLN from specs/models/tiny.lsm, and Gated DeltaNet
-    (delta + scalar decay, width-4 short convolutions) LNL with grouped-query attention."""
-    hybrid = Path(spec_dir, "sp_hybrid.lsm")
-    if not hybrid.exists():
-        hybrid.write_text(HYBRID_SPEC.format(lsm=SPECS / "lsm" / "gated_deltanet.lsm"))
-    return {"gla_llln": lmoec.compile_spec(SPECS / "models" / "tiny.lsm"), "gdn_lnl": lmoec.compile_spec(hybrid)}
+    """Three tiny hybrid models: GLA (vector decay) LLLN from specs/models/tiny.lsm, Gated DeltaNet
+    (delta + scalar decay, width-4 short convolutions) LNL with grouped-query attention, and the same
+    with Mixture-of-Memories (specs/lsm/mom.lsm: 4 memories, top-2, shared; segments of 0 to 4 tokens
+    per rank, so a segment's convolution reaches back over several ranks)."""
+    programs = {"gla_llln": lmoec.compile_spec(SPECS / "models" / "tiny.lsm")}
+    for key, name in (("gdn_lnl", "gated_deltanet"), ("mom_lnl", "mom")):
+        hybrid = Path(spec_dir, f"sp_hybrid_{name}.lsm")
+        if not hybrid.exists():
+            hybrid.write_text(HYBRID_SPEC.format(lsm=SPECS / "lsm" / f"{name}.lsm", name=name))
+        programs[key] = lmoec.compile_spec(hybrid)
+    return programs
 
 
 def check_model(program: Program, group, seed: int) -> list[str]:
@@ -298,6 +349,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     with recording_rank(rank, world, port, out_dir) as record:
         for case, family, transition, backend in LSM_CASES:
             record(case, check_lsm, family, transition, backend, dist.group.WORLD, 7)
+        for family in SEGMENT_CASES:
+            record(f"segments_{family}", check_segments, family, "torch", dist.group.WORLD, 17)
         record("attention", check_attention, dist.group.WORLD, 11)
         for name, program in model_programs(out_dir).items():
             record(f"model_{name}", check_model, program, dist.group.WORLD, 13)
@@ -335,7 +388,14 @@ def test_lasp2h_attention_matches_causal_attention(world, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("model", ["gla_llln", "gdn_lnl"])
+@pytest.mark.parametrize("family", SEGMENT_CASES)
+def test_lasp2_segments_continue_across_ranks(world, family, tmp_path_factory):
+    res = results_for(world, tmp_path_factory)
+    assert res[f"segments_{family}"] == [], "\n".join(res[f"segments_{family}"])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("model", ["gla_llln", "gdn_lnl", "mom_lnl"])
 def test_sequence_parallel_hybrid_model_matches_single_process(world, model, tmp_path_factory):
     res = results_for(world, tmp_path_factory)
     assert res[f"model_{model}"] == [], "\n".join(res[f"model_{model}"])
@@ -344,10 +404,3 @@ def test_sequence_parallel_hybrid_model_matches_single_process(world, model, tmp
 def test_lasp2_inside_mesh_sp_subgroups(tmp_path_factory):
     res = results_for(4, tmp_path_factory)
     assert res["mesh_subgroups"] == [], "\n".join(res["mesh_subgroups"])
-
-
-def test_lasp2_refuses_packed_sequences():
-    rec = FAMILIES["scalar"]
-    x = global_inputs(rec, 4, 0)
-    with pytest.raises(ValueError, match="cu_seqlens"):
-        lasp2_op(reference_op(rec), **x, cu_seqlens=torch.tensor([0, 4]))

@@ -81,7 +81,9 @@ def test_spec_layer_decoding_matches_full_forward(path):
     assert cache.keys() == full_cache.keys()
     for key in cache:
         torch.testing.assert_close(cache[key], full_cache[key], rtol=1e-9, atol=1e-10)
-    assert cache["state"].shape == (2, layer.heads, layer.head_k, layer.head_v)
+    memories = _compiled(path).ir.lsm().memories  # with memories (mom): one state per memory
+    lead = (memories.states,) if memories else ()
+    assert cache["state"].shape == (*lead, 2, layer.heads, layer.head_k, layer.head_v)
 
 
 def test_decoding_from_the_first_token_and_split_prefill():

@@ -39,6 +39,7 @@ class ModelContext(BaseModel):
     tie_embeddings: bool
     init_std: float
     max_seq_len: int
+    lsm_memories: bool = False  # the L layers route tokens to memories: their router losses join aux_loss
 
     @property
     def config(self) -> dict:
@@ -98,6 +99,7 @@ def model_context(ir: SpecIR) -> ModelContext:
         tie_embeddings=model.tie_embeddings,
         init_std=model.init_std,
         max_seq_len=model.max_seq_len,
+        lsm_memories="L" in model.pattern and ir.lsm(model.lsm).memories is not None,
     )
 
 

@@ -47,6 +47,24 @@ class ParamDecl(BaseModel):
     grid: list[str]  # lines defining h / i for the init, if it reads them
 
 
+class MemoriesContext(BaseModel):
+    """A layer's Mixture-of-Memories (templates/modules/memories.py.j2): routing, and the gates on slot rows."""
+
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+
+    count: int
+    top_k: int
+    shared: bool
+    states: int  # count, plus the shared memory
+    own_k: bool  # each memory has its own k projection
+    own_v: bool
+    projections: list[Name]  # the spec's projections each memory owns (inside beta / the decay)
+    g_code: Optional[str]  # the gates of the slot rows: per-memory projections take the routing plan
+    beta_code: Optional[str]
+    aux_loss: float
+    z_loss: float
+
+
 class LayerContext(BaseModel):
     """What templates/modules/layer.py.j2 reads (and nothing else); `doc` is free text, the rest code or numbers."""
 
@@ -93,6 +111,7 @@ class LayerContext(BaseModel):
     cast_x_once: bool  # x feeds only linears: cast it to the autocast dtype once
     recompute_imports: list[str]  # names the layer imports from lmoec.runtime.recompute
     uses_functional: bool  # whether the code calls torch.nn.functional (imported as F only then)
+    memories: Optional[MemoriesContext] = None  # Mixture-of-Memories; None: one state
 
 
 def _feature_steps(side: str, maps: list[str], short_conv: int) -> tuple[list[FeatureStep], Optional[str], list[str]]:
@@ -161,8 +180,9 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     params = {name: f"self.{name}" for name in lsm.params}
     projections: dict[str, Projection] = {}
 
-    def gate(expr: Optional[sympy.Basic], what: str, slot: Slot, per_head: set[str], h_code: str) -> Optional[str]:
-        """Print one data-dependent expression that fills `slot`."""
+    def gate(expr: Optional[sympy.Basic], what: str, slot: Slot, per_head: set[str], h_code: str,
+             extra_arg: str = "") -> Optional[str]:
+        """Print one data-dependent expression that fills `slot` (extra_arg: see TorchPrinter)."""
         if expr is None:
             return None
         # a per-head param [H] lies along the slot's H axis, as h does ([H, 1] where the slot is per key or value)
@@ -170,7 +190,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         symbols = {"x": "x", "h": h_code, **NUMBERS, **params, **laid, **{s: s for s in per_head}}
         tensors = {"x", "h", *params, *per_head}
         try:
-            code = print_torch(expr, symbols, tensors, slot)
+            code = print_torch(expr, symbols, tensors, slot, extra_arg=extra_arg)
             found = projections_of(expr, slot)
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
@@ -201,6 +221,9 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         except ValueError as err:
             raise ValueError(f"{where}: constant decay: {err}") from None
 
+    memories = None
+    if lsm.memories is not None:
+        memories = _memories_context(lsm, gate)
     per_key_readers = {"q"} if lsm.tie_k_to_decay else {"q", "k"}
     beta_code = gate(lsm.delta.beta, "beta", SCALAR, set(), "h") if lsm.delta is not None else None
     a_code = gate(lsm.dplr.a, "dplr a", PER_KEY, per_key_readers, "h[:, None]") if lsm.dplr is not None else None
@@ -272,11 +295,12 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         helpers.add("l2norm")
 
     h_in_forward = any("h" in ex.free_names(e) for e in forward_exprs)
+    # (a memory layer convolves per segment, lmoec.runtime.memories.segment_conv, then maps)
     conv_features = [side for side, steps, rebased in (("q", feature_q, rebased_q), ("k", feature_k, rebased_k))
-                     if lsm.short_conv and steps and rebased is None and not (side == "k" and lsm.tie_k_to_decay)]
+                     if lsm.short_conv and memories is None and steps and rebased is None and not (side == "k" and lsm.tie_k_to_decay)]
     norm_gate = lsm.output_norm != "none" and gate_code is not None
     # x.dtype also types h and a constant decay: the one cast would change those under autocast
-    cast_x_once = not h_in_forward and rec.decay != "constant" and all(_x_only_projected(e) for e in forward_exprs)
+    cast_x_once = memories is None and not h_in_forward and rec.decay != "constant" and all(_x_only_projected(e) for e in forward_exprs)
     recompute_imports = [name for name, used in (("autocast_input", cast_x_once), ("recompute", lsm.short_conv or norm_gate)) if used]
     return LayerContext(
         header=header,
@@ -323,6 +347,34 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
             "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, skip_code, gv_code, dt_code, rate_code, query_code, key_code,
                                       *(f.code for f in feature_q + feature_k)) if code
         ),
+        memories=memories,
+    )
+
+
+def _memories_context(lsm: LSMSpec, gate) -> MemoriesContext:
+    """The memories' part of a layer: which parts each memory owns, and beta / g printed for slot rows.
+
+    A per-memory gate's projections are MemoryLinear modules, called with the routing plan `slots`.
+    """
+    mem = lsm.memories
+    owned = set(mem.per_memory)
+    rec_decay = lsm.decay.kind
+    own_g = "decay" in owned and rec_decay in ("scalar", "vector")
+    own_beta = "beta" in owned and lsm.delta is not None
+    g_code = beta_code = None
+    if rec_decay in ("scalar", "vector"):
+        slot, h = (SCALAR, "h") if rec_decay == "scalar" else (PER_KEY, "h[:, None]")
+        g_code = gate(lsm.decay.expr, f"decay ({rec_decay})", slot, set(), h, "slots" if own_g else "")
+    if lsm.delta is not None:
+        beta_code = gate(lsm.delta.beta, "beta", SCALAR, set(), "h", "slots" if own_beta else "")
+    names = []
+    for own, e in ((own_g, lsm.decay.expr), (own_beta, lsm.delta.beta if lsm.delta else None)):
+        if own:
+            names += [lin.args[1].name for lin in ex.linears(e) if lin.args[1].name not in names]
+    return MemoriesContext(
+        count=mem.count, top_k=mem.top_k, shared=mem.shared, states=mem.states,
+        own_k="k" in owned and not lsm.tie_k_to_decay, own_v="v" in owned, projections=names,
+        g_code=g_code, beta_code=beta_code, aux_loss=mem.aux_loss, z_loss=mem.z_loss,
     )
 
 

@@ -75,6 +75,8 @@ class TorchPrinter(StrPrinter):
         so a sub-expression reading none of them is printed with `math`.
     slot: what a 0-width projection is as wide as; None forbids projections.
     hidden: code of the width of `x`.
+    extra_arg: code passed to every projection after its input (a memory layer's per-memory
+        projections take the routing plan: `self.W(x, slots)`); "" for none.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class TorchPrinter(StrPrinter):
         tensors: frozenset[str] = frozenset(),
         slot: Optional[Slot] = None,
         hidden: str = "self.hidden",
+        extra_arg: str = "",
     ):
         super().__init__()
         self.symbols = dict(symbols or {})
@@ -91,6 +94,7 @@ class TorchPrinter(StrPrinter):
         self.tensors = frozenset(tensors)
         self.slot = slot
         self.hidden = hidden
+        self.extra_arg = extra_arg
         self._projecting = 0  # > 0 while printing a projection's input: projections there stay flat
 
     # ---- entry points -------------------------------------------------
@@ -253,7 +257,7 @@ class TorchPrinter(StrPrinter):
             self._projecting += 1
             inner_text = self._print(inp)
             self._projecting -= 1
-        text = f"self.{name}({inner_text})"
+        text = f"self.{name}({inner_text}{', ' + self.extra_arg if self.extra_arg else ''})"
         if not (inner or self._projecting) and int(expr.args[2]) == 0 and self.slot is not None and self.slot.unflatten:
             text = f"{text}.unflatten(-1, {self.slot.unflatten})"
         return text
@@ -271,9 +275,10 @@ def print_torch(
     tensors: frozenset[str] | set[str] = frozenset(),
     slot: Optional[Slot] = None,
     hidden: str = "self.hidden",
+    extra_arg: str = "",
 ) -> str:
     """PyTorch source text of one spec expression (see TorchPrinter)."""
-    return TorchPrinter(symbols=symbols, tensors=frozenset(tensors), slot=slot, hidden=hidden).doprint(expr)
+    return TorchPrinter(symbols=symbols, tensors=frozenset(tensors), slot=slot, hidden=hidden, extra_arg=extra_arg).doprint(expr)
 
 
 def projections_of(expr: sympy.Basic, slot: Optional[Slot], hidden: str = "self.hidden") -> list[Projection]:

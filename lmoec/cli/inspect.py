@@ -41,14 +41,24 @@ def nx_is_chain(g) -> bool:
     return all(g.out_degree(n) <= 1 and g.in_degree(n) <= 1 for n in g.nodes)
 
 
+def _memories_note(lsm, per_memory: int) -> str:
+    """`, 4 memories + shared, 0.52M each, top-2` for an lsm with memories; '' without."""
+    mem = lsm.memories
+    if mem is None:
+        return ""
+    return (f", {mem.count} memories{' + shared' if mem.shared else ''}, {_count(per_memory)} each"
+            f" ({', '.join(mem.per_memory) or 'nothing'}), top-{mem.top_k}")
+
+
 def show_graph(ir) -> None:
-    from ..ir.graph import embedding_params, layer_graph, lsm_params, param_counts
+    from ..ir.graph import embedding_params, layer_graph, lsm_param_split, lsm_params, param_counts
 
     if ir.model is None:
         print(f"{ir.source}: no model block; each lsm as one layer at hidden={LSM_ONLY_HIDDEN}, "
               f"heads={LSM_ONLY_HEADS} (where the lsm does not set heads):")
         for name, lsm in ir.lsms.items():
-            print(f"  {name:<20} {lsm.recurrence.family.value:<9} {_count(lsm_params(lsm, LSM_ONLY_HIDDEN, LSM_ONLY_HEADS)):>10} params")
+            print(f"  {name:<20} {lsm.recurrence.family.value:<9} {_count(lsm_params(lsm, LSM_ONLY_HIDDEN, LSM_ONLY_HEADS)):>10} params"
+                  + _memories_note(lsm, lsm_param_split(lsm, LSM_ONLY_HIDDEN, LSM_ONLY_HEADS)[1]))
         return
     g = layer_graph(ir)
     print(f"model {ir.model.name} ({ir.source}): pattern {ir.model.pattern}")
@@ -56,6 +66,8 @@ def show_graph(ir) -> None:
     for node in g.nodes:
         d = g.nodes[node]
         extra = f"  [{d['lsm']}: {ir.lsms[d['lsm']].recurrence.family.value}]" if d.get("lsm") else ""
+        if "params_per_memory" in d:
+            extra += _memories_note(ir.lsms[d["lsm"]], d["params_per_memory"])
         print(f"  {node:<22} {d['kind']:<10} {_count(d['params_total']):>10} {_count(d['params_active']):>10}{extra}")
     print("  (a chain: each node feeds the next row)" if nx_is_chain(g) else "  edges: " + ", ".join(f"{a}->{b}" for a, b in g.edges))
     total, active = param_counts(ir)

@@ -8,7 +8,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("variants", help="write one spec per point of an ablation grid (overrides of a base model spec)")
     p.add_argument("spec", metavar="SPEC", help="the base model spec")
     p.add_argument("--vary", action="append", default=[], metavar="AXIS=v1,v2",
-                   help="an axis of the grid: lsm, decay, delta, pattern, lsm.KEY or model.KEY (repeatable)")
+                   help="an axis of the grid: lsm, decay, delta, pattern, lsm.KEY, model.KEY, lsm.BLOCK.KEY or model.BLOCK.KEY (repeatable)")
     p.add_argument("-o", "--out", default=None,
                    help="output folder (default: variants/<spec name>/); an earlier variants folder is updated in place, "
                         "keeping what lmoec did not write there (sweep results, notes)")

@@ -28,6 +28,7 @@ from ..ir.nodes import (
     DenseFFNSpec,
     DPLRTerms,
     LSMSpec,
+    Memories,
     ModelSpec,
     MoESpec,
     ParallelSpec,
@@ -215,7 +216,10 @@ LSM_KEYS: dict[str, tuple] = {
     "output_gate": (("assign",), None),
     "scale": (("assign",), None),
     "chunk_size": (("assign",), None),
+    "memories": (("block", "assign"), None),
 }
+MEMORY_KEYS = {k: (("assign",), None) for k in Memories.model_fields}
+MEMORY_PARTS = ("k", "v", "beta", "decay")
 
 
 def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
@@ -301,6 +305,13 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
             f["output_norm"] = v.choice(("none", "rmsnorm", "layernorm", "groupnorm"))
         elif key in ("output_gate", "scale", "skip", "query", "key"):
             f[key] = None if none else v.expr(symbols)
+        elif key == "memories":
+            if s.kind == "assign":
+                if not none:
+                    v.fail("write 'memories { count = 4 top_k = 2 ... }' or 'memories = none'")
+                f["memories"] = None
+            else:
+                f["memories"] = _memories(spec.memories, s, src, where, locs, at)
 
     if dplr_parts and set(dplr_parts) != {"a", "b"}:
         missing = ({"a", "b"} - set(dplr_parts)).pop()
@@ -310,6 +321,26 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
         params["u"] = Param(name="u", shape=["H", "K"], init=sympy.Integer(0), loc=spec.loc)
     f["params"] = params
     return LSMSpec(**f)
+
+
+def _memories(base: Optional[Memories], s: Stmt, src: Source, where: str, locs: Locs, at: tuple) -> Memories:
+    """A `memories { }` block, merged over the base lsm's (so `extends` can change only top_k)."""
+    where = f"{where} memories"
+    _check_keys(s.body, src, where, MEMORY_KEYS)
+    fields = base.model_dump() if base is not None else {}
+    for t in s.body:
+        v, key = Values(t, src, where), str(t.key)
+        locs.set(at + ("memories", key), src.loc(t.key))
+        if key == "per_memory":
+            fields[key] = [] if v.is_none() else [v.choice(MEMORY_PARTS, n, "per_memory part") for n in t.values]
+            if len(set(fields[key])) != len(fields[key]):
+                v.fail("per_memory names a part twice")
+        else:
+            fields[key] = _read(v, key)
+    missing = [k for k in ("count", "top_k") if k not in fields]
+    if missing:
+        raise src.error(f"{where}: missing {' and '.join(missing)}", s.key)
+    return Memories(**fields)
 
 
 # ---- the model block -------------------------------------------------------------
@@ -333,7 +364,7 @@ _READERS: dict[str, Any] = {
     "normalize_topk": "boolean", "heads": "integer?", "kv_heads": "integer?", "rope_theta": "real",
     "window": "integer?", "ffn": "integer", "vocab": "integer", "hidden": "integer", "layers": "integer",
     "norm": ("rmsnorm", "layernorm"), "norm_eps": "real", "tie_embeddings": "boolean", "init_std": "real",
-    "max_seq_len": "integer", "dp": "integer", "sp": "integer", "ep": "integer", "tp": "integer",
+    "max_seq_len": "integer", "count": "integer", "shared": "boolean", "dp": "integer", "sp": "integer", "ep": "integer", "tp": "integer",
 }
 
 

@@ -11,6 +11,7 @@ from .nodes import (  # noqa: F401
     DPLRTerms,
     Family,
     LSMSpec,
+    Memories,
     ModelSpec,
     MoESpec,
     Param,

@@ -4,6 +4,9 @@ Counts are analytic: every projection a spec writes (low-rank ones as two
 factors), convolutions, norms, declared params, attention, experts, router,
 embeddings and the head. They describe the layers lmoec emits:
 
+- LSM layer with memories (MoM): each memory's own parts (`per_memory`) once per state
+  (count, plus the shared memory), the rest once, a router hidden x count; active: the
+  top_k memories and the shared one (`params_per_memory` on the node).
 - LSM layer: q/k/v projections hidden -> H*K (H*V for v; no k when HGRN2 ties
   k = 1 - exp(g)), an output projection H*V -> hidden, depthwise short
   convolutions on q, k, v, the projections inside gate/decay/beta/dplr
@@ -54,30 +57,58 @@ def _linear_params(e: sympy.Expr, slot: int, d: dict[str, int], seen: dict[str, 
 
 
 def lsm_params(lsm: LSMSpec, hidden: int, model_heads: int) -> int:
+    """All parameters of one LSM layer (every memory's, with memories)."""
+    shared, per_memory, router = lsm_param_split(lsm, hidden, model_heads)
+    states = lsm.memories.states if lsm.memories else 1
+    return shared + states * per_memory + router
+
+
+def lsm_active_params(lsm: LSMSpec, hidden: int, model_heads: int) -> int:
+    """The parameters one token uses: with memories, those of its top_k memories and the shared one."""
+    shared, per_memory, router = lsm_param_split(lsm, hidden, model_heads)
+    used = lsm.memories.top_k + int(lsm.memories.shared) if lsm.memories else 1
+    return shared + used * per_memory + router
+
+
+def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, int, int]:
+    """(shared, per memory, router) parameters of one LSM layer; a plain layer is all per memory of one.
+
+    Each memory owns the parts `memories.per_memory` names: its k and v projections and the
+    projections inside beta and the decay expression (Du et al., 2025); the router is hidden x count.
+    """
     d = lsm_dims(lsm, hidden, model_heads)
     H, K, V = d["H"], d["K"], d["V"]
     qk = H * K
+    owned = set(lsm.memories.per_memory) if lsm.memories else set()
     n_k = 0 if lsm.tie_k_to_decay else 1
-    total = hidden * qk * (1 + n_k) + hidden * H * V + H * V * hidden
-    total += lsm.short_conv * (qk * (1 + n_k) + H * V)
-    weights: dict[str, int] = {}
+    proj = {"q": hidden * qk, "k": hidden * qk * n_k, "v": hidden * H * V}
+    per_memory = sum(n for part, n in proj.items() if part in owned)
+    shared = sum(n for part, n in proj.items() if part not in owned) + H * V * hidden
+    shared += lsm.short_conv * (qk * (1 + n_k) + H * V)
     slots = []
     if lsm.decay.expr is not None and lsm.decay.kind in ("scalar", "vector"):
-        slots.append((lsm.decay.expr, H if lsm.decay.kind == "scalar" else qk))
+        slots.append((lsm.decay.expr, H if lsm.decay.kind == "scalar" else qk, "decay"))
     if lsm.delta is not None:
-        slots.append((lsm.delta.beta, H))
+        slots.append((lsm.delta.beta, H, "beta"))
     if lsm.dplr is not None:
-        slots += [(lsm.dplr.a, qk), (lsm.dplr.b, qk)]
+        slots += [(lsm.dplr.a, qk, None), (lsm.dplr.b, qk, None)]
     if lsm.output_gate is not None:
-        slots.append((lsm.output_gate, H * V))
-    for e, slot in slots:
+        slots.append((lsm.output_gate, H * V, None))
+    weights: dict[str, int] = {}
+    owned_weights: set[str] = set()
+    for e, slot, part in slots:
         _linear_params(e, slot, d, weights)
-    total += sum(weights.values())
+        if part in owned:
+            owned_weights |= {lin.args[1].name for lin in ex.linears(e)}
+    per_memory += sum(n for w, n in weights.items() if w in owned_weights)
+    total = shared + sum(n for w, n in weights.items() if w not in owned_weights)
     for p in lsm.params.values():
         total += int(sympy.Mul(*[d[s] for s in p.shape]))
     total += {"none": 0, "rmsnorm": V, "layernorm": 2 * V, "groupnorm": 2 * H * V}[lsm.output_norm]
     total += 2 * K * (lsm.feature_map_q.count("rebased") + lsm.feature_map_k.count("rebased"))
-    return total
+    if lsm.memories is None:
+        return 0, total + per_memory, 0
+    return total, per_memory, hidden * lsm.memories.count
 
 
 def attention_params(model: ModelSpec) -> int:
@@ -112,12 +143,16 @@ def layer_graph(ir: SpecIR) -> nx.DiGraph:
     prev = "embed"
     norm = _norm(model.norm, model.hidden)
     ffn_total, ffn_active = ffn_params(model)
-    mixers = {"L": lsm_params(lsm, model.hidden, model.heads) if lsm else 0, "N": attention_params(model)}
+    attention = attention_params(model)
+    mixers = {"L": (lsm_params(lsm, model.hidden, model.heads), lsm_active_params(lsm, model.hidden, model.heads))
+              if lsm else (0, 0), "N": (attention, attention)}
+    per_memory = lsm_param_split(lsm, model.hidden, model.heads)[1] if lsm and lsm.memories else None
     for i, letter in enumerate(model.pattern):
         mixer = f"layer{i}.{'lsm' if letter == 'L' else 'attention'}"
-        n = mixers[letter] + norm
+        total, active = mixers[letter]
+        extra = {"params_per_memory": per_memory} if letter == "L" and per_memory is not None else {}
         g.add_node(mixer, kind="lsm" if letter == "L" else "attention", layer=i,
-                   lsm=model.lsm if letter == "L" else None, params_total=n, params_active=n)
+                   lsm=model.lsm if letter == "L" else None, params_total=total + norm, params_active=active + norm, **extra)
         ffn = f"layer{i}.{'moe' if model.moe else 'ffn'}"
         g.add_node(ffn, kind="moe" if model.moe else "ffn", layer=i,
                    params_total=ffn_total + norm, params_active=ffn_active + norm)

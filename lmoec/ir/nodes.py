@@ -133,6 +133,31 @@ class DPLRTerms(Node):
     b: Expr
 
 
+MemoryPart = Literal["k", "v", "beta", "decay"]
+
+
+class Memories(Node):
+    """Mixture-of-Memories (Du et al., 2025): `count` states, each token routed to `top_k` of them.
+
+    Memory m runs the layer's recurrence over only the tokens routed to it, in order; outputs come
+    back weighted by the renormalised router weights. `per_memory` names what each memory owns
+    (its k / v projections, the projections inside beta and the decay); the rest is shared.
+    `shared` adds one memory that sees every token, with weight 1.
+    """
+
+    count: int
+    top_k: int
+    shared: bool = False
+    per_memory: list[MemoryPart] = Field(default_factory=lambda: ["k", "v", "beta", "decay"])
+    aux_loss: float = 0.01  # load balancing: count * sum_m f_m P_m, as the MoE router's
+    z_loss: float = 0.0  # mean(logsumexp(router logits)^2)
+
+    @property
+    def states(self) -> int:
+        """Memory states per layer: the routed ones plus the shared one."""
+        return self.count + int(self.shared)
+
+
 class LSMSpec(Node):
     """One linear sequence model layer: the recurrence and everything around it."""
 
@@ -160,6 +185,7 @@ class LSMSpec(Node):
     scale: Optional[Expr] = None  # None: K ** -0.5
     params: dict[str, Param] = Field(default_factory=dict)
     chunk_size: int = 64
+    memories: Optional[Memories] = None  # None: one state (a plain layer)
 
     # filled by passes
     recurrence: Optional[Recurrence] = None

@@ -13,33 +13,44 @@ shape of A_r follows from the kind alone (`Kind.lasp2_map`):
     vector     A_r [B, H, K]
     delta/DPLR A_r [B, H, K, K]
 
-so the payload depends on B, H, K, V and never on the sequence length.
+so the payload depends on B, H, K, V and never on the sequence length. A layer with memories
+sends one map per (memory, sequence) segment: every shape gains a leading M (the memory states,
+with the shared one), and a constant decay's A_r, which then depends on the segment's length,
+travels as the scalar family's [M, B, H].
 Softmax attention layers (LASP-2H) all-gather K and V, which does grow with T.
 """
 from __future__ import annotations
 
 import sympy
 
-from ..ir.nodes import CommPlan, CommStep, LSMSpec, ModelSpec, SpecIR
+from ..ir.nodes import CommPlan, CommStep, Family, LSMSpec, ModelSpec, SpecIR
 from ..kinds import kind_of
 
 B, T, H, K, V, D, hidden, topk, act = sympy.symbols("B T H K V D hidden topk act_bytes")
 E = sympy.Symbol("E")  # experts of the MoE layers
+M = sympy.Symbol("M")  # memory states of a layer with memories
 FP32 = 4
 
 
 def _numel(shape: list[str]) -> sympy.Expr:
-    sym = {"B": B, "T": T, "H": H, "K": K, "V": V, "D": D, "hidden": hidden, "topk": topk}
+    sym = {"B": B, "T": T, "H": H, "K": K, "V": V, "D": D, "hidden": hidden, "topk": topk, "M": M}
     return sympy.Mul(*[sym[d] for d in shape]) if shape else sympy.Integer(0)
 
 
 def lsm_steps(layer: int, lsm: LSMSpec) -> list[CommStep]:
     """The LASP-2 all-gathers of one LSM layer, forward and backward."""
     a_shape = kind_of(lsm.recurrence).lasp2_map
-    shapes = {"M_r": ["B", "H", "K", "V"]}
+    m_shape = ["B", "H", "K", "V"]
+    if lsm.memories is not None:
+        # routed tokens give every (memory, sequence) segment its own A_r: a constant decay's is then per segment too
+        a_shape = ["M"] + (["B", "H"] if lsm.recurrence.family is Family.constant else a_shape)
+        m_shape = ["M"] + m_shape
+    shapes = {"M_r": m_shape}
     if a_shape:
         shapes["A_r"] = a_shape
-    nbytes = FP32 * (_numel(a_shape) + _numel(["B", "H", "K", "V"]))
+    nbytes = FP32 * (_numel(a_shape) + _numel(m_shape))
+    if lsm.memories is not None:
+        nbytes = nbytes.subs(M, lsm.memories.states)
     what = " + ".join(f"{n} [{', '.join(s)}]" for n, s in sorted(shapes.items())) + " fp32"
     # backward (lmoec.runtime.lasp2): the gradients of every rank's gathered (A_r, M_r) are
     # reduce-scattered back to their owner, the same shapes in reverse

@@ -24,6 +24,7 @@ MAX_NAME = 64  # an lsm's name names its files and modules (`<lsm>_triton.py`)
 MAX_SHORT_CONV = 64
 MAX_EXPAND = 64  # expand_k, expand_v
 MAX_HEAD_K = 256  # head_k: the state is [K, V] per head
+MAX_MEMORIES = 64  # memory states per layer; the decode cache holds all of them
 MAX_LAYERS = 1024  # a longer stack is a typo; passes run per layer (the frontend checks before building a pattern)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -34,6 +35,8 @@ LAYER_NAMES = frozenset({
     "q_proj", "k_proj", "v_proj", "o_proj", "q_conv", "k_conv", "v_conv", "o_norm", "log_decay", "scale",
     "hidden", "heads", "head_k", "head_v", "key_proj_dim", "layer_idx", "layers", "norm_gate", "q_features",
     "k_features", "reset_parameters", "groups", "q_rebased_gamma", "q_rebased_beta", "k_rebased_gamma", "k_rebased_beta",
+    # a layer with memories (templates/modules/memories.py.j2)
+    "router", "mix_memories", "balancing_loss", "last_aux_loss", "last_z_loss", "last_tokens_per_memory",
 })
 MODULE_NAMES = frozenset({
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
@@ -208,6 +211,8 @@ class _Checker:
                 fail(f"param {name!r}: the init reads the index i, but the param has no K, V or hidden dimension",
                      "params", name)
         self._weights(lsm, fail)
+        if lsm.memories is not None:
+            self._memories(lsm, fail)
         try:
             check_shapes(lsm)
         except ShapeError as err:
@@ -244,6 +249,36 @@ class _Checker:
                                    ("tie", lsm.tie_k_to_decay or None)):
                 if present is not None:
                     fail(f"element-wise gates (decay value / step) go without {other}", other)
+
+    @staticmethod
+    def _memories(lsm: LSMSpec, fail) -> None:
+        mem = lsm.memories
+        # the memory layer (templates/modules/memories.py.j2) builds q, k, v and the gates of the families
+        # before the element-wise kind; these statements have no per-memory form there yet
+        for statement, present in (("decay value", lsm.decay.value), ("decay step", lsm.decay.step),
+                                    ("groups", lsm.groups), ("skip", lsm.skip), ("query", lsm.query),
+                                    ("key", lsm.key)):
+            if present is not None:
+                fail(f"memories go without {statement} (not supported in a layer with memories yet)", "memories")
+        if not 1 <= mem.count <= MAX_MEMORIES:
+            fail(f"memories count must be between 1 and {MAX_MEMORIES}, got {mem.count}", "memories", "count")
+        if not 1 <= mem.top_k <= mem.count:
+            fail(f"memories top_k = {mem.top_k} must be between 1 and count = {mem.count}", "memories", "top_k")
+        for key in ("aux_loss", "z_loss"):
+            if getattr(mem, key) < 0:
+                fail(f"memories {key} must be >= 0, got {getattr(mem, key)}", "memories", key)
+        # a projection weight is owned by each memory or shared by all, never both
+        owned = {"beta": [e for f, e in _expressions(lsm) if f == ("delta",)],
+                 "decay": [e for f, e in _expressions(lsm) if f == ("decay",)]}
+        per = {lin.args[1].name for part in mem.per_memory for e in owned.get(part, []) for lin in ex.linears(e)}
+        for field, e in _expressions(lsm):
+            part = {("delta",): "beta", ("decay",): "decay"}.get(field)
+            if part in mem.per_memory:
+                continue
+            both = sorted(per & {lin.args[1].name for lin in ex.linears(e)})
+            if both:
+                fail(f"projection {both[0]!r} is per memory (per_memory) but also used by {' '.join(field)}, "
+                     "which is shared: give it another name", *field)
 
     @staticmethod
     def _attribute_name(name: str, what: str, fail, *field: str) -> None:

@@ -186,10 +186,11 @@ def lasp2_op(
 
     q, k, v, g, beta, a, b (and element-wise gates gv, dt in op_kwargs) are this rank's slice [B, T_local, ...].
     `transition='matrix'` forces the generic K x K route (the one delta/DPLR use) for the decay families.
+    With cu_seqlens, every rank holds the same number N of (packed, possibly empty) segments and
+    segment i continues segment i of the rank before: each rank's local slice of N sequences (the
+    (memory, batch) segments of a layer with memories, lmoec.runtime.memories).
     Extra keyword arguments (e.g. backend=, an element-wise op's gates) go to the op.
     """
-    if cu_seqlens is not None:
-        raise ValueError("lasp2: cu_seqlens (packed sequences) is not supported under sequence parallelism; use B > 1")
     if transition not in ("auto", "matrix"):
         raise ValueError(f"lasp2: transition must be 'auto' or 'matrix', got {transition!r}")
     group = group if group is not None else dist.group.WORLD
@@ -198,7 +199,11 @@ def lasp2_op(
         scale = q.shape[-1] ** -0.5
     args = {name: t for name, t in (("g", g), ("beta", beta), ("u", u), ("a", a), ("b", b)) if t is not None}
     if world == 1:
-        return op(q, k, v, **args, scale=scale, initial_state=initial_state, output_final_state=output_final_state, **op_kwargs)
+        return op(q, k, v, **args, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                  cu_seqlens=cu_seqlens, **op_kwargs)
+    if cu_seqlens is not None:
+        return _lasp2_segments(op, q, k, v, args, scale, initial_state, output_final_state, cu_seqlens, group,
+                               transition, op_kwargs)
 
     rec = recurrence_of(op)
     kind = transition_kind(rec, g)
@@ -250,6 +255,81 @@ def lasp2_op(
             o = o + torch.einsum("bthk,bhkv->bthv", basis, S).to(o.dtype)
         S = _apply_transition(kind, A_of(j), S) + M_of(j)
     return o, (S if output_final_state else None)
+
+
+def _segment_transitions(kind: str, g: Optional[torch.Tensor], cu_seqlens: torch.Tensor, state_dtype):
+    """(kind, A [N, ...]): each segment's product of transitions for the diagonal families, in closed form.
+
+    The log decays are summed per segment as differences of one float64 cumulative sum over the packed rows
+    (float64: a difference of two long sums keeps its precision). A constant decay's A depends on the
+    segment's length, so it travels as a scalar per (segment, head).
+    """
+    if kind == "identity":
+        return kind, None
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.float64)
+    if kind == "constant":
+        return "scalar", torch.exp(lengths[:, None] * g.to(torch.float64)[None, :]).to(state_dtype)
+    return kind, torch.exp(_segment_sums(g, cu_seqlens)).to(state_dtype)
+
+
+def _segment_sums(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[N, ...]: x [1, T, ...] summed over each packed segment, as differences of one float64 cumulative sum."""
+    total = torch.cumsum(x[0].to(torch.float64), 0)
+    total = torch.cat([total.new_zeros(1, *total.shape[1:]), total])
+    return total[cu_seqlens[1:]] - total[cu_seqlens[:-1]]
+
+
+def _segment_elementwise_map(rec: Recurrence, g: Optional[torch.Tensor], gates: dict, cu_seqlens: torch.Tensor,
+                             state_dtype) -> torch.Tensor:
+    """A [N, H, K, V] of each segment for element-wise gates: _elementwise_map with sums per segment."""
+    if rec.elementwise == "outer_product":
+        steps = _segment_sums(gates["dt"], cu_seqlens)  # [N, H, V]
+        return torch.exp(steps[..., None, :] * gates["A"].to(torch.float64).transpose(-1, -2)).to(state_dtype)
+    G = _segment_sums(gates["gv"], cu_seqlens)[..., None, :]
+    if g is not None:
+        G = G + _segment_sums(g, cu_seqlens)[..., :, None]
+    return torch.exp(G).to(state_dtype)
+
+
+def _lasp2_segments(op, q, k, v, args, scale, initial_state, output_final_state, cu_seqlens, group, transition, op_kwargs):
+    """lasp2_op over N segments that continue across ranks (see lasp2_op): maps per segment, then the op again.
+
+    Each rank sends (A_i, M_i) of its N segments. A segment's rows read its entry state through a
+    different per-row basis in each segment, so instead of a correction term the op runs a second time,
+    from the exact entry states (one op call more than the plain path; rank 0 needs only one).
+    """
+    rank, world = _group_info(group)
+    rec = recurrence_of(op)
+    state_dtype = torch.promote_types(q.dtype, torch.float32)
+    kind = transition_kind(rec, args.get("g"))
+    if transition == "matrix":
+        if kind == "elementwise":
+            raise ValueError("lasp2: transition='matrix' is for the decay families; element-wise gates map S element-wise")
+        kind = "matrix"
+    if rank == 0:  # from the caller's state: this is rank 0's output
+        o, M = op(q, k, v, **args, scale=scale, initial_state=initial_state, output_final_state=True,
+                  cu_seqlens=cu_seqlens, **op_kwargs)
+    else:
+        _, M = op(q, k, v, **args, scale=scale, output_final_state=True, cu_seqlens=cu_seqlens, **op_kwargs)
+    M = M.to(state_dtype)
+    N, H, K, V = M.shape
+    if kind == "matrix":
+        eye = torch.eye(K, device=q.device, dtype=state_dtype).expand(N, H, K, K).contiguous()
+        A = op(q, k, torch.zeros_like(q), **args, scale=scale, initial_state=eye, output_final_state=True,
+               cu_seqlens=cu_seqlens, **op_kwargs)[1].to(state_dtype)
+    elif kind == "elementwise":
+        A = _segment_elementwise_map(rec, args.get("g"), op_kwargs, cu_seqlens, state_dtype)
+    else:
+        kind, A = _segment_transitions(kind, args.get("g"), cu_seqlens, state_dtype)
+    payload = M.reshape(-1) if A is None else torch.cat([A.reshape(-1), M.reshape(-1)])
+    tie, pieces = _gather(payload, group)
+    n_A = 0 if A is None else A.numel()
+    S = pieces[0][n_A:].view(N, H, K, V)
+    for j in range(1, world):
+        if j == rank:
+            o = op(q, k, v, **args, scale=scale, initial_state=S, cu_seqlens=cu_seqlens, **op_kwargs)[0]
+        S = _apply_transition(kind, None if A is None else pieces[j][:n_A].view_as(A), S) + pieces[j][n_A:].view(N, H, K, V)
+    return o + tie.to(o.dtype), (S if output_final_state else None)
 
 
 def lasp2h_attention(

@@ -6,7 +6,10 @@ emitted CausalLM work on this rank's contiguous slice of the sequence
 
 * LSM layers: their package's `op` becomes LASP-2 (lmoec.runtime.lasp2) while
   such a layer runs; short convolutions start from the previous rank's last
-  kernel - 1 inputs (a small halo all_gather) instead of zeros.
+  kernel - 1 inputs (a small halo all_gather) instead of zeros. A layer with
+  memories runs LASP-2 over its (memory, batch) segments, and each segment's
+  convolution starts from the last inputs the same segment had on the ranks
+  before (a segment may hold fewer than kernel - 1 tokens on a rank).
 * attention layers: RoPE positions start at this rank's offset, and attention
   is LASP-2H (all-gathered K and V, causal across ranks).
 
@@ -28,6 +31,7 @@ from torch import nn
 
 from .attention import Attention, KVCache
 from .lasp2 import _gather, lasp2_op, lasp2h_attention, recurrence_of
+from .memories import segment_tails
 
 _ACTIVE = threading.local()  # the sp group of the LSM layer running now (None: not under sp)
 
@@ -77,6 +81,8 @@ def _parallelize_lsm_layer(layer: nn.Module, group) -> None:
     def leave(module, args, kwargs, output):
         _ACTIVE.group = module._sp_outer
 
+    if hasattr(layer_module, "segment_conv") and not hasattr(layer_module.segment_conv, "__wrapped__"):
+        layer_module.segment_conv = _dispatching_segment_conv(layer_module.segment_conv)
     layer.register_forward_pre_hook(enter, with_kwargs=True)
     layer.register_forward_hook(leave, with_kwargs=True, always_call=True)
     for sub in layer.modules():
@@ -99,6 +105,40 @@ def _parallelize_short_conv(conv: nn.Module, group) -> None:
         return local_forward(x, state, features)
 
     conv.forward = forward
+
+
+def _dispatching_segment_conv(original):
+    """Stand-in for a memory layer's `segment_conv`: under sp, each segment starts from its earlier ranks' inputs."""
+
+    def segment_conv(rows, weight, slots, state=None):
+        group = getattr(_ACTIVE, "group", None)
+        if group is not None and state is None and weight.shape[-1] > 1:
+            state = _segment_halo(rows, slots, weight.shape[-1] - 1, group)
+        return original(rows, weight, slots, state)
+
+    segment_conv.__wrapped__ = original
+    return segment_conv
+
+
+def _segment_halo(rows: torch.Tensor, slots, keep: int, group) -> torch.Tensor:
+    """[segments, keep, C]: the last `keep` inputs of each segment over the ranks before this one.
+
+    Every rank sends its segments' last `keep` rows and their counts; the state is then composed rank by
+    rank (a rank with fewer than `keep` rows of a segment shifts in only those), so a segment that was
+    short or empty on the previous rank reaches further back.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    lengths = (slots.cu_seqlens[1:] - slots.cu_seqlens[:-1]).clamp(max=keep)
+    counts = [torch.empty_like(lengths) for _ in range(world)]
+    dist.all_gather(counts, lengths.contiguous(), group=group)
+    tie, tails = _gather(segment_tails(rows, slots, keep), group)
+    state = torch.zeros_like(tails[0])
+    position = torch.arange(keep, device=rows.device)[None, :]
+    for j in range(rank):
+        n = counts[j][:, None]  # result[i] = tail[i] for the last n positions, else the old state shifted by n
+        shifted = state.gather(1, (position + n).clamp(max=keep - 1)[..., None].expand_as(state))
+        state = torch.where((position >= keep - n)[..., None], tails[j], shifted)
+    return state + tie
 
 
 def _parallelize_attention(attn: Attention, group) -> None:
