@@ -24,9 +24,7 @@ LIBRARY = LSMOps(__package__ or __name__, NAME, ["g", "gv"], {"torch": _torch, "
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        if q.is_cuda:
-            return "triton", "auto: CUDA tensors use the emitted Triton kernels"
-        return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
+        return "torch", "auto: the element-wise Triton kernels have not run on a GPU yet (bench/elementwise_gpu.py); backend='triton' forces them"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend not in BACKENDS:
@@ -56,8 +54,6 @@ def step(q, k, v, g, gv, state, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
-        backend = "triton" if q.is_cuda else "torch"
+        backend = "torch"
         return LIBRARY.step(backend, q, k, v, dict(g=g, gv=gv), state, scale)
-    if q.is_cuda:  # the emitted one-token Triton kernel
-        return _triton.step(q, k, v, g, gv, state=state, scale=scale)
     return _torch.step(q, k, v, g, gv, state=state, scale=scale)

@@ -34,6 +34,9 @@ class Kind:
     emit_triton: Callable[["LSMContext", str], str]  # (ctx, header) -> `<lsm>_triton.py`, where supports is ok
     costs: Callable[["LSMContext", "Sizes", int], Costs]  # (ctx, sizes, bytes of the end states)
     lasp2_map: list[str]  # dims of A_r in LASP-2's affine map S -> A_r S + M_r ([]: nothing to send)
+    # why backend="auto" keeps CUDA tensors on the torch path ("": it takes the Triton kernels): kernels that
+    # pass the interpreter but have not yet been checked on a GPU stay opt-in (backend="triton")
+    auto_torch_reason: str = ""
 
 
 def _registry() -> list[Kind]:

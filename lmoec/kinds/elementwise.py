@@ -77,4 +77,6 @@ KIND = Kind(
     emit_triton=emit_triton,
     costs=costs,
     lasp2_map=["B", "H", "K", "V"],
+    auto_torch_reason="the element-wise Triton kernels have not run on a GPU yet (bench/elementwise_gpu.py); "
+                      "backend='triton' forces them",
 )
