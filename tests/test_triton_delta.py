@@ -41,10 +41,13 @@ SEGMENTS2 = {"walk_programs": 10**9, "segment_chunks": 2}
 # the walks' V block halved (32 -> 16) for want of programs
 FEW_PROGRAMS = {"seq_programs": 1000}
 # the output computed in the sequential kernel (DeltaNet's default), or by its own kernel (the decays' default)
-FUSED = {"fuse_output": True}
+FUSED = {"fuse_output": True, "fuse_min_programs": 0}
 UNFUSED = {"fuse_output": False}
-# w and u as two chunk-wide products of the stored Tm (read back after a barrier)
-WIDE = {"wide_wu": True}
+# w and u as two chunk-wide products of the stored Tm: read back after a barrier, or by their own kernel;
+# or v' = Tm (beta v - x S) formed in the walk, w only by the backward
+WIDE = {"wu": "wide"}
+WU_KERNEL = {"wu": "kernel"}
+WU_WALK = {"wu": "walk"}
 CASES = {
     "deltanet": Case("none", False, None, 16, 40),
     "deltanet_chunk64": Case("none", False, None, 64, 100),
@@ -79,6 +82,12 @@ CASES = {
     "deltanet_wide_wu_varlen": Case("none", True, None, 32, None, config=WIDE),
     "gated_scalar_wide_wu_chunk64": Case("scalar", False, None, 64, 100, D=24, Dv=40, config=WIDE),
     "gated_vector_wide_wu_varlen": Case("vector", True, None, 16, None, config=WIDE),
+    "deltanet_wu_kernel_blocks": Case("none", True, None, 32, None, D=48, config={**WU_KERNEL, "BK_wu": 16}),
+    "gated_scalar_wu_kernel_chunk64": Case("scalar", False, None, 64, 100, D=24, Dv=40, config=WU_KERNEL),
+    "gated_vector_wu_kernel_varlen": Case("vector", True, None, 16, None, D=40, config={**WU_KERNEL, "BK_wu": 16}),
+    "deltanet_wu_walk_varlen_fused": Case("none", True, None, 32, None, config={**WU_WALK, **FUSED}),
+    "gated_scalar_wu_walk_segments": Case("scalar", False, None, 16, 100, D=24, Dv=40, config={**WU_WALK, **SEGMENTS}),
+    "gated_vector_wu_walk_chunk64": Case("vector", False, None, 64, 100, config=WU_WALK),
 }
 SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs", "lsm", "gated_delta_vector.lsm")
 

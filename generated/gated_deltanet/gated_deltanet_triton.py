@@ -37,7 +37,8 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
 # Launch settings: V block of the walks (BV, halved down to 16 while fewer than seq_programs programs would walk),
-# whether the forward walk also computes the output (fuse_output; else _chunk_output_kernel does), segmenting
+# whether the forward walk also computes the output (fuse_output, while at least fuse_min_programs programs walk;
+# else _chunk_output_kernel does), segmenting
 # (while the walks would keep fewer than walk_programs programs busy, sequences are cut into about
 # segment_programs segments of at least segment_chunks chunks; 0: never), V / K blocks of the chunk-parallel
 # kernels, warps per kernel. On an H100 (bench/results/issue22.md) a delta segment's map, which walks K columns
@@ -46,7 +47,8 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": False, "walk_programs": 0, "segment_programs": 128,
           "segment_chunks": 8, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4,
           "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 4,
-          "warps_scan": 4, "stages": 2, "wide_wu": False}
+          "warps_scan": 4, "stages": 2, "wu": "tiles", "warps_wu": 4, "BK_wu": 64,
+          "fuse_min_programs": 128}
 
 
 def _new(shape, dtype, device):
@@ -60,7 +62,7 @@ def _new(shape, dtype, device):
 @triton.jit
 def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-               WIDE_WU: tl.constexpr):
+               WU: tl.constexpr):
     """Per chunk: Tm = (I + A)^-1 (built in fp32, kept in the inputs' dtype, in which every product reads it),
     w = Tm (beta Gam k) and u = Tm (beta v): everything of the chunk that does not depend on the state,
     chunk-parallel, so the walks do only the two products that do; and G (gc), the in-chunk cumulative log decay
@@ -68,8 +70,9 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
 
     Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
     all tiles at once), then each tile below the diagonal from the ones above it by matmuls,
-    T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products. WIDE_WU: w and u as two [BT, BT] x [BT, *]
-    products of the Tm just stored (read back after a barrier) instead of 20 [BS, BS] x [BS, *] ones.
+    T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products. w and u (WU): "tiles", 20
+    [BS, BS] x [BS, *] products of the tiles in registers; "wide", two [BT, BT] x [BT, *] products of the Tm just
+    stored (read back after a barrier); "kernel", left to _wu_kernel (fewer live registers here).
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
@@ -153,7 +156,7 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision="ieee") + tl.dot(b_A21, b_T10, input_precision="ieee"), input_precision="ieee")
     b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision="ieee") + tl.dot(b_A32, b_T21, input_precision="ieee"), input_precision="ieee")
     b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision="ieee") + tl.dot(b_A31, b_T10, input_precision="ieee") + tl.dot(b_A32, b_T20, input_precision="ieee"), input_precision="ieee")
-    if WIDE_WU:
+    if WU != "tiles":
         tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
         tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
         tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
@@ -170,6 +173,7 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
+    if WU == "wide":
         tl.debug_barrier()  # the rows of Tm this program stored are read back by other threads
         o_t = tl.arange(0, BT)
         tok = bos + i_c * BT + o_t
@@ -182,7 +186,7 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
         b_bv = (tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0).to(tl.float32)
                 * b_beta[:, None]).to(b_k.dtype)
         tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], tl.dot(b_Tm, b_bv).to(u.dtype.element_ty), mask=valid[:, None] & m_v[None, :])
-    else:
+    if WU == "tiles":
         b_x0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(b_k0.dtype)
         b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None] & m_v[None, :], other=0.0).to(tl.float32)
                   * b_beta0[:, None]).to(b_k0.dtype)
@@ -250,13 +254,48 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
 
 
 @triton.jit
-def _chunk_state_kernel(q, k, w, u, gc, o, h, v_new, h0, ht, pm, rows, scale, H,
+def _wu_kernel(k, v, beta, gc, w, u, tm, cu_seqlens, chunk_indices, H,
+               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, U: tl.constexpr):
+    """Per chunk (CONFIG["wu"] == "kernel"): w = Tm (beta Gam k) and u = Tm (beta v) from the Tm _ut_kernel stored,
+    [BT, BT] x [BT, BK] products over blocks of K and V, so neither kernel holds all of a chunk's tiles at once.
+    Without U only w (the backward's, when the forward walk formed v' itself: "walk")."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    o_t = tl.arange(0, BT)
+    valid = i_c * BT + o_t < eos - bos
+    tok = bos + i_c * BT + o_t
+    b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
+    b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b_beta_k = b_beta * tl.exp(tl.load(gc + tok * H + i_h, mask=valid, other=0.0))
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = valid[:, None] & (o_k < K)[None, :]
+        p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_x = (b_k.to(tl.float32) * b_beta_k[:, None]).to(b_k.dtype)
+        tl.store(w + p_k, tl.dot(b_Tm, b_x).to(w.dtype.element_ty), mask=m_tk)
+    if U:
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = valid[:, None] & (o_v < V)[None, :]
+            p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
+            b_bv = (tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32) * b_beta[:, None]).to(b_Tm.dtype)
+            tl.store(u + p_v, tl.dot(b_Tm, b_bv).to(u.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _chunk_state_kernel(q, k, w, u, tm, v, beta, gc, o, h, v_new, h0, ht, pm, rows, scale, H,
                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE: tl.constexpr, FUSE_OUTPUT: tl.constexpr,
-                        MAP: tl.constexpr):
+                        MAP: tl.constexpr, WU_IN_WALK: tl.constexpr):
     """Per (V block, row, head), chunk after chunk from the row's entry state h0[row] (a row is a sequence or a
     segment): v' = u - w S and the next state, two products per chunk (w and u come from _ut_kernel).
 
+    WU_IN_WALK (CONFIG["wu"] == "walk"): v' = Tm (beta v - x S) with x = beta Gam k, from Tm, v and k instead of the
+    stored w and u: one [BT, BT] product more per chunk, and neither w nor u written or read.
     STORE keeps the chunk-start states (h) and v' for the backward and an unfused output; FUSE_OUTPUT computes
     the output from the state in registers. MAP (segments): the programs past the V blocks walk the columns of P
     from the identity with u = 0, so at the row's end ht holds E (what the row adds to a zero entry) and pm holds P.
@@ -287,14 +326,21 @@ def _chunk_state_kernel(q, k, w, u, gc, o, h, v_new, h0, ht, pm, rows, scale, H,
         p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
         m_tk = valid[:, None] & m_k[None, :]
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
         last = bos + i_c * BT + tl.minimum(eos - bos - i_c * BT, BT) - 1  # the chunk's last token: G there is its whole decay
         b_G = tl.load(gc + tok * H + i_h, mask=valid, other=0.0)
         b_Glast = tl.load(gc + last * H + i_h)
 
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = valid[:, None] & m_v[None, :]
-        b_vn = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
+        if WU_IN_WALK:
+            b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+            b_x = (b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]).to(b_k.dtype)
+            b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
+            b_r = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32) * b_beta[:, None] - tl.dot(b_x, b_S.to(b_x.dtype))
+            b_vn = tl.dot(b_Tm, b_r.to(b_Tm.dtype))
+        else:
+            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
+            b_vn = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
         if STORE:
             tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=m_tv)
         if FUSE_OUTPUT:
@@ -693,6 +739,14 @@ def _segment_starts(walk, x, start, lay, K, V, BV, want_end, **meta):
     return e, end
 
 
+def _wu(k, v, beta, gc, w, u, tm, lay, H):
+    """w = Tm x (and u = Tm (beta v) unless u is None) by _wu_kernel."""
+    K, V = k.shape[-1], v.shape[-1]
+    _wu_kernel[(lay.chunk_indices.shape[0], H)](
+        k, v, beta, gc, w, u, tm, lay.cu, lay.chunk_indices, H, K=K, V=V, BT=CHUNK, BK=min(CONFIG["BK_wu"], _pow2(K)),
+        BV=_block_v(V, "BK_wu"), U=u is not None, num_warps=CONFIG["warps_wu"], num_stages=CONFIG["stages"])
+
+
 def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, store):
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -700,29 +754,35 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     BV, lay = _walk_layout(q, V, cu_seqlens)
     NT = lay.chunk_indices.shape[0]
     tm = _new((B, T, H, CHUNK), k.dtype, q.device)  # every product reads Tm in the inputs' dtype
-    w, u = _new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device)
+    in_walk = CONFIG["wu"] == "walk"
+    w, u = (None, None) if in_walk else (_new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device))
     gc = _new(g.shape, torch.float32, q.device)
     _ut_kernel[(NT, H)](k, v, beta, g, w, u, tm, gc, lay.cu, lay.chunk_indices, H, K=K, V=V, BK=BK, BVU=_pow2(V),
-                        BT=CHUNK, BS=BLOCK, WIDE_WU=CONFIG["wide_wu"], num_warps=CONFIG["warps_ut"],
+                        BT=CHUNK, BS=BLOCK, WU=CONFIG["wu"], num_warps=CONFIG["warps_ut"],
                         num_stages=CONFIG["stages"])
-    walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
+    if CONFIG["wu"] == "kernel":
+        _wu(k, v, beta, gc, w, u, tm, lay, H)
+    walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, WU_IN_WALK=in_walk, num_warps=CONFIG["warps_fwd"],
+                     num_stages=CONFIG["stages"])
     if lay.segmented:
         def map_walk(programs, rows, e, pm):
             _chunk_state_kernel[(programs, rows)](
-                q, k, w, u, gc, None, None, None, None, e, pm, lay.rows, scale, H, USE_H0=False, STORE_HT=True,
+                q, k, w, u, tm, v, beta, gc, None, None, None, None, e, pm, lay.rows, scale, H, USE_H0=False, STORE_HT=True,
                 STORE=False, FUSE_OUTPUT=False, MAP=True, **walk_args)
 
         h0, final = _segment_starts(map_walk, q, initial_state, lay, K, V, BV, output_final_state, REVERSE=False)
     else:
         h0 = initial_state
         final = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if output_final_state else None
-    fuse = CONFIG["fuse_output"]
+    # a walk of few programs is latency-bound: the output's products in its loop lengthen it more than the separate
+    # kernel's extra traffic costs (H100, DeltaNet one 32K / 64K sequence: 1.68 / 2.19 ms against 1.71 / 2.43 fused)
+    fuse = CONFIG["fuse_output"] and lay.rows.shape[0] * H * triton.cdiv(V, BV) >= CONFIG["fuse_min_programs"]
     store = store or not fuse
     h = _new((NT, H, K, V), q.dtype, q.device) if store else None
     v_new = _new(v.shape, v.dtype, q.device) if store else None
     o = _new(v.shape, v.dtype, q.device)
     _chunk_state_kernel[(triton.cdiv(V, BV), lay.rows.shape[0] * H)](
-        q, k, w, u, gc, o, h, v_new, h0, None if lay.segmented else final, None, lay.rows, scale, H,
+        q, k, w, u, tm, v, beta, gc, o, h, v_new, h0, None if lay.segmented else final, None, lay.rows, scale, H,
         USE_H0=h0 is not None, STORE_HT=output_final_state and not lay.segmented, STORE=store, FUSE_OUTPUT=fuse,
         MAP=False, **walk_args)
     if not fuse:
@@ -754,6 +814,9 @@ class _ChunkFunction(torch.autograd.Function):
         BV, lay = _walk_layout(q, V, cu_seqlens)
         NT = lay.chunk_indices.shape[0]
         do = do.contiguous()
+        if w is None:  # the forward walk formed v' from Tm itself ("walk"): the backward's walk reads w
+            w = _new(k.shape, k.dtype, q.device)
+            _wu(k, v, beta, gc, w, None, tm, lay, H)
         walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_dstate"], num_stages=CONFIG["stages"])
         if lay.segmented:
             def map_walk(programs, rows, de, qm):
