@@ -69,6 +69,11 @@ DELTA_VARIANTS = {
     "wu kernel + UT 2 warps": {"wu": "kernel", "warps_ut": 2},
     "wu kernel + UT 8 warps": {"wu": "kernel", "warps_ut": 8},
     "wu kernel 8 warps + BK 128": {"wu": "kernel", "warps_wu": 8, "BK_wu": 128},
+    "wu kernel + UT 2 warps + stages 3": {"wu": "kernel", "warps_ut": 2, "stages": 3},
+    "wu kernel + UT 1 warp + stages 3": {"wu": "kernel", "warps_ut": 1, "stages": 3},
+    "wu kernel + UT 2 warps + wu 2 warps + stages 3": {"wu": "kernel", "warps_ut": 2, "warps_wu": 2, "stages": 3},
+    "wu in walk + UT 2 warps + stages 3": {"wu": "walk", "warps_ut": 2, "stages": 3},
+    "UT 2 warps + stages 3": {"warps_ut": 2, "stages": 3},
     "wu in walk": {"wu": "walk"},
     "wu in walk + output BV 64": {"wu": "walk", "BV_o": 64},
     "output BV 64": {"BV_o": 64},
@@ -489,6 +494,7 @@ def _device_us(event) -> float:
 
 def kernel_times(run, calls: int = 5) -> dict[str, float]:
     """{kernel: CUDA us per call of `run()`}, mean of `calls` calls after two warm-ups, slowest first."""
+    import torch
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):  # compile, autotune and warm up outside the profile
