@@ -29,7 +29,7 @@ SM90_SHARED_BYTES = 227 * 1024  # an H100's shared memory per block
 SEGMENTS = {"walk_programs": 10**9, "segment_chunks": 1}
 HALVED = {"seq_programs": 1000}  # at B*H = 2 the walks' V block halves to 16
 DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True, "fuse_min_programs": 0}, {"fuse_output": False}, {"fuse_output": False, **SEGMENTS},
-         {"wu": "wide"}, {"wu": "kernel"}, {"wu": "walk"}, {"wu": "walk", **SEGMENTS}]
+         {"wu": "tiles"}, {"wu": "kernel"}, {"wu": "walk"}, {"wu": "walk", **SEGMENTS}]
 # the decay families' walks with and without the output / dv fused, and sequences cut into 1-chunk segments
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]

@@ -43,9 +43,9 @@ FEW_PROGRAMS = {"seq_programs": 1000}
 # the output computed in the sequential kernel (DeltaNet's default), or by its own kernel (the decays' default)
 FUSED = {"fuse_output": True, "fuse_min_programs": 0}
 UNFUSED = {"fuse_output": False}
-# w and u as two chunk-wide products of the stored Tm: read back after a barrier, or by their own kernel;
-# or v' = Tm (beta v - x S) formed in the walk, w only by the backward
-WIDE = {"wu": "wide"}
+# where w and u are formed: in the UT kernel's tiles, by their own kernel, or (v' = Tm (beta v - x S)) in the walk,
+# w then by the backward ("auto" picks between the last two by the walk's programs)
+TILES = {"wu": "tiles"}
 WU_KERNEL = {"wu": "kernel"}
 WU_WALK = {"wu": "walk"}
 CASES = {
@@ -79,9 +79,9 @@ CASES = {
     "gated_scalar_fused_blocks": Case("scalar", False, None, 16, 40, D=32, config={**SPLIT, **FUSED}),
     # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op; its chunk is 64)
     "spec_gated_delta_vector": Case("vector", True, None, 64, None),
-    "deltanet_wide_wu_varlen": Case("none", True, None, 32, None, config=WIDE),
-    "gated_scalar_wide_wu_chunk64": Case("scalar", False, None, 64, 100, D=24, Dv=40, config=WIDE),
-    "gated_vector_wide_wu_varlen": Case("vector", True, None, 16, None, config=WIDE),
+    "deltanet_wu_tiles_varlen": Case("none", True, None, 32, None, config=TILES),
+    "gated_scalar_wu_tiles_chunk64": Case("scalar", False, None, 64, 100, D=24, Dv=40, config=TILES),
+    "gated_vector_wu_tiles_varlen": Case("vector", True, None, 16, None, config=TILES),
     "deltanet_wu_kernel_blocks": Case("none", True, None, 32, None, D=48, config={**WU_KERNEL, "BK_wu": 16}),
     "gated_scalar_wu_kernel_chunk64": Case("scalar", False, None, 64, 100, D=24, Dv=40, config=WU_KERNEL),
     "gated_vector_wu_kernel_varlen": Case("vector", True, None, 16, None, D=40, config={**WU_KERNEL, "BK_wu": 16}),

@@ -42,17 +42,20 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 # Launch settings: V block of the walks (BV, halved down to 16 while fewer than seq_programs programs would walk),
 # whether the forward walk also computes the output (fuse_output, while at least fuse_min_programs programs walk;
-# else _chunk_output_kernel does), segmenting
+# else _chunk_output_kernel does), where w and u are formed (wu: "tiles" in _ut_kernel, "kernel" in
+# _wu_kernel, "walk" inside the forward walk, "auto" the walk while at least wu_walk_programs programs walk, else
+# the kernel), pipeline stages of the forward's kernels (stages_fwd: 3 took Gated DeltaNet's one 64K sequence from
+# 2.31 to 1.81 ms on an H100) and the backward's (stages), segmenting
 # (while the walks would keep fewer than walk_programs programs busy, sequences are cut into about
 # segment_programs segments of at least segment_chunks chunks; 0: never), V / K blocks of the chunk-parallel
 # kernels, warps per kernel. On an H100 (bench/results/issue22.md) a delta segment's map, which walks K columns
 # more than the state has, cost more than it gained at 32K tokens against the halved V block (3.8 against 1.9 ms
 # forward), so segmenting is off by default: it stays for shapes where halving can't fill the GPU.
-CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": False, "walk_programs": 0, "segment_programs": 128,
-          "segment_chunks": 8, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4,
+CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": False, "fuse_min_programs": 128, "walk_programs": 0,
+          "segment_programs": 128, "segment_chunks": 8, "wu": "auto", "wu_walk_programs": 128, "BV_o": 128, "BK_wu": 64,
+          "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4, "warps_wu": 4,
           "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 8,
-          "warps_scan": 4, "stages": 2, "wu": "tiles", "warps_wu": 4, "BK_wu": 64,
-          "fuse_min_programs": 128}
+          "warps_scan": 4, "stages_fwd": 3, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -75,8 +78,7 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
     all tiles at once), then each tile below the diagonal from the ones above it by matmuls,
     T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products. w and u (WU): "tiles", 20
-    [BS, BS] x [BS, *] products of the tiles in registers; "wide", two [BT, BT] x [BT, *] products of the Tm just
-    stored (read back after a barrier); "kernel", left to _wu_kernel (fewer live registers here).
+    [BS, BS] x [BS, *] products of the tiles in registers; "kernel", left to _wu_kernel; "walk", to the walk.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
@@ -191,19 +193,6 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
-    if WU == "wide":
-        tl.debug_barrier()  # the rows of Tm this program stored are read back by other threads
-        o_t = tl.arange(0, BT)
-        tok = bos + i_c * BT + o_t
-        valid = i_c * BT + o_t < eos - bos
-        b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
-        b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
-        b_x = (b_k.to(tl.float32) * tl.exp(tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)) * b_beta[:, None]).to(b_k.dtype)
-        tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], tl.dot(b_Tm, b_x).to(w.dtype.element_ty), mask=valid[:, None] & m_k[None, :])
-        b_bv = (tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                * b_beta[:, None]).to(b_k.dtype)
-        tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], tl.dot(b_Tm, b_bv).to(u.dtype.element_ty), mask=valid[:, None] & m_v[None, :])
     if WU == "tiles":
         b_x0 = (b_k0.to(tl.float32) * tl.exp(b_G0) * b_beta0[:, None]).to(b_k0.dtype)
         b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None] & m_v[None, :], other=0.0).to(tl.float32)
@@ -761,7 +750,7 @@ def _wu(k, v, beta, gc, w, u, tm, lay, H):
     K, V = k.shape[-1], v.shape[-1]
     _wu_kernel[(lay.chunk_indices.shape[0], H)](
         k, v, beta, gc, w, u, tm, lay.cu, lay.chunk_indices, H, K=K, V=V, BT=CHUNK, BK=min(CONFIG["BK_wu"], _pow2(K)),
-        BV=_block_v(V, "BK_wu"), U=u is not None, num_warps=CONFIG["warps_wu"], num_stages=CONFIG["stages"])
+        BV=_block_v(V, "BK_wu"), U=u is not None, num_warps=CONFIG["warps_wu"], num_stages=CONFIG["stages_fwd"])
 
 
 def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens, store):
@@ -771,16 +760,22 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     BV, lay = _walk_layout(q, V, cu_seqlens)
     NT = lay.chunk_indices.shape[0]
     tm = _new((B, T, H, CHUNK), k.dtype, q.device)  # every product reads Tm in the inputs' dtype
-    in_walk = CONFIG["wu"] == "walk"
+    programs = lay.rows.shape[0] * H * triton.cdiv(V, BV)  # of the walks
+    wu = CONFIG["wu"]
+    if wu == "auto":
+        # v' formed in the walk saves writing and reading w and u, but adds a product to the walk's loop: worth it
+        # while the walks fill the GPU (H100, Gated DeltaNet 2K / 8K: 0.92 / 1.09 ms against 1.12 / 1.13 with the
+        # w, u kernel), not for a latency-bound walk of few programs (one 64K sequence: 2.46 against 1.76 ms)
+        wu = "walk" if programs >= CONFIG["wu_walk_programs"] else "kernel"
+    in_walk = wu == "walk"
     w, u = (None, None) if in_walk else (_new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device))
     gc = _new(g.shape, torch.float32, q.device)
     _ut_kernel[(NT, H)](k, v, beta, g, w, u, tm, gc, lay.cu, lay.chunk_indices, H, K=K, V=V, BK=BK, BVU=_pow2(V),
-                        BT=CHUNK, BS=BLOCK, WU=CONFIG["wu"], num_warps=CONFIG["warps_ut"],
-                        num_stages=CONFIG["stages"])
-    if CONFIG["wu"] == "kernel":
+                        BT=CHUNK, BS=BLOCK, WU=wu, num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages_fwd"])
+    if wu == "kernel":
         _wu(k, v, beta, gc, w, u, tm, lay, H)
     walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, WU_IN_WALK=in_walk, num_warps=CONFIG["warps_fwd"],
-                     num_stages=CONFIG["stages"])
+                     num_stages=CONFIG["stages_fwd"])
     if lay.segmented:
         def map_walk(programs, rows, e, pm):
             _chunk_state_kernel[(programs, rows)](
@@ -793,7 +788,7 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
         final = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if output_final_state else None
     # a walk of few programs is latency-bound: the output's products in its loop lengthen it more than the separate
     # kernel's extra traffic costs (H100, DeltaNet one 32K / 64K sequence: 1.68 / 2.19 ms against 1.71 / 2.43 fused)
-    fuse = CONFIG["fuse_output"] and lay.rows.shape[0] * H * triton.cdiv(V, BV) >= CONFIG["fuse_min_programs"]
+    fuse = CONFIG["fuse_output"] and programs >= CONFIG["fuse_min_programs"]
     store = store or not fuse
     h = _new((NT, H, K, V), q.dtype, q.device) if store else None
     v_new = _new(v.shape, v.dtype, q.device) if store else None
@@ -806,7 +801,7 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
         BVo = _block_v(V, "BV_o")
         _chunk_output_kernel[(triton.cdiv(V, BVo), NT, H)](q, k, gc, h, v_new, o, lay.cu, lay.chunk_indices, scale, H,
                                                            K=K, V=V, BK=BK, BT=CHUNK, BV=BVo, num_warps=CONFIG["warps_o"],
-                                                           num_stages=CONFIG["stages"])
+                                                           num_stages=CONFIG["stages_fwd"])
     return o, final, (w, tm, gc, h, v_new)
 
 

@@ -490,6 +490,10 @@ def grad_qk_kernel(
     b_dov = tl.zeros([C], dtype=tl.float32)
     hc = (i_c.to(tl.int64) * H + i_h) * K * V
     b_dA = tl.zeros([C, C], dtype=tl.float32)
+    # dA^T accumulated from the loaded tiles, not transposed from dA in registers: with Triton 3.6 on an H100,
+    # tl.dot(tl.trans(b_dA), ...) here gave dk 0.13 off at K = 128 (a Hopper dot-of-transposed-dot miscompile,
+    # cf. triton-lang/triton#6124), while the interpreter and K = 48 agreed with the reference
+    b_dAt = tl.zeros([C, C], dtype=tl.float32)
     dq_inter = tl.zeros([C, BK], dtype=tl.float32)
     dk_inter = tl.zeros([C, BK], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
@@ -501,6 +505,7 @@ def grad_qk_kernel(
         b_h = tl.load(h + hc + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
         b_dh = tl.load(dh + hc + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
         b_dA += tl.dot(b_do, tl.trans(b_v))
+        b_dAt += tl.dot(b_v, tl.trans(b_do))
         dq_inter += tl.dot(b_do, tl.trans(b_h))
         dk_inter += tl.dot(b_v, tl.trans(b_dh))
         b_dov += tl.sum(b_do.to(tl.float32) * b_v.to(tl.float32), 1)
@@ -508,7 +513,8 @@ def grad_qk_kernel(
     b_qd = (b_q * tl.exp2(b_bq)).to(b_q.dtype)
     b_kd = (b_k * tl.exp2(-b_b)).to(b_k.dtype)
     b_dq = (tl.dot(b_dA, b_kd) + dq_inter * scale) * tl.exp2(b_bq)
-    b_dk = tl.dot(tl.trans(b_dA), b_qd) * tl.exp2(-b_b) + dk_inter * tl.exp2(tl.sum(b_g, 0)[None, :] - b_b)
+    b_dAt = tl.where(tl.trans(keep), b_dAt * scale, 0.0).to(b_q.dtype)
+    b_dk = tl.dot(b_dAt, b_qd) * tl.exp2(-b_b) + dk_inter * tl.exp2(tl.sum(b_g, 0)[None, :] - b_b)
     q32, k32 = b_q.to(tl.float32), b_k.to(tl.float32)
     tl.atomic_add(dg + (tok[:, None] - H) * K + o_k[None, :], b_dq * q32, mask=m_tk & (rows[:, None] > bos))
     tl.atomic_add(dg + tok[:, None] * K + o_k[None, :], -b_dk * k32, mask=m_tk)
