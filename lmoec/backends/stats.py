@@ -28,6 +28,7 @@ GPUS = {  # bf16 dense matmul peak (FLOP/s), memory bandwidth (B/s)
 class Sizes:
     """Element counts and the recurring flop terms of one call at (B, T, H, K, V) and chunk C."""
 
+    B: int  # sequences
     N: int  # tokens
     NC: int  # chunks
     H: int
@@ -71,7 +72,7 @@ class Sizes:
 
 def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: int = 2) -> list[tuple[str, bool, float, float]]:
     """[(kernel, in the forward, flops, bytes)] of one forward and one backward (the kind's cost model)."""
-    s = Sizes(N=B * T, NC=B * math.ceil(T / ctx.chunk_size), H=H, K=K, V=V, C=ctx.chunk_size, elem=elem)
+    s = Sizes(B=B, N=B * T, NC=B * math.ceil(T / ctx.chunk_size), H=H, K=K, V=V, C=ctx.chunk_size, elem=elem)
     ends = B * H * K * V * 4  # initial / final state (or their gradients) in fp32
     return kind_of(ctx.rec).costs(ctx, s, ends)
 

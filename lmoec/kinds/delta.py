@@ -46,23 +46,44 @@ def emit_triton(ctx: "LSMContext", header: str) -> str:
     return render("triton/delta.py.j2", ctx=ctx, header=header, decay=decay, block=BLOCK, fuse_output=fuses_output(ctx))
 
 
+def walk_programs(s: "Sizes") -> int:
+    """Programs of the emitted walks at these sizes: the V block (64) halves, down to 16, while fewer than 64 would
+    walk (CONFIG BV and seq_programs of templates/triton/delta.py.j2, whose _walk_layout this mirrors)."""
+    blocks = lambda bv: -(-s.V // bv)
+    bv = min(max(16, 1 << (s.V - 1).bit_length()), 64)
+    while bv > 16 and s.B * s.H * blocks(bv) < 64:
+        bv //= 2
+    return s.B * s.H * blocks(bv)
+
+
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
-    """templates/triton/delta.py.j2. The UT transform's 16 x 16 forward substitutions are left out (C * 16 flops
-    per token, off the matrix units); its tile products are bounded by one C x C x C product per chunk."""
+    """templates/triton/delta.py.j2 at its default launch settings, which depend on the walks' programs (>= 128:
+    v' formed in the walk from Tm, else w and u by their own kernel; DeltaNet's output fused in the walk). The UT
+    transform's 16 x 16 forward substitutions are left out (C * 16 flops per token, off the matrix units); its
+    tile products are bounded by one C x C x C product per chunk."""
     g_per_token = {"none": 0, "constant": 1, "scalar": 1, "vector": s.K}[ctx.rec.decay]
     g = s.N * s.H * g_per_token * 4  # g, G or dg in fp32
     beta = s.N * s.H * 4
     tm = s.squares // 2  # Tm in bf16
     fp32_k = 2 * s.qk  # dw, the partial dk
-    state = (2 * s.inter, 2 * s.qk + 2 * s.vv + g + s.states + ends)  # reads k, w, u; stores v' and the states
+    many = walk_programs(s) >= 128
+    writes = s.vv + s.states + ends  # v' and the chunk-start states (and the final state)
+    w_kernel = (s.intra_qk, tm + s.qk + beta + g + s.qk)  # w = Tm x: reads Tm, k, beta, G; writes w
+    if many:  # v' = Tm (beta v - x S): reads k, Tm, v, beta, G; the backward then makes w
+        state = (2 * s.inter + s.intra_v, s.qk + tm + s.vv + beta + g + writes)
+        w_and_u = [("wu", False, *w_kernel)]
+    else:  # reads k, w, u
+        state = (2 * s.inter, 2 * s.qk + s.vv + g + writes)
+        w_and_u = [("wu", True, w_kernel[0] + s.intra_v, w_kernel[1] + 2 * s.vv)]
     out = (s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states)
-    if fuses_output(ctx):  # one pass less: q read and o written by the walk
+    if fuses_output(ctx) and many:  # one pass less: q read and o written by the walk
         forward = [("chunk_state", True, state[0] + out[0], state[1] + s.qk + s.vv)]
     else:
         forward = [("chunk_state", True, *state), ("chunk_output", True, *out)]
     return [
-        ("ut", True, 2 * s.intra_qk + s.intra_v + s.cube, s.qk + s.vv + beta + 2 * g + s.qk + s.vv + tm),
+        ("ut", True, s.intra_qk + s.cube, s.qk + beta + 2 * g + tm),
         *forward,
+        *w_and_u,
         ("chunk_bwd_dstate", False, 3 * s.inter + s.intra_qk + s.intra_v, 3 * s.qk + 2 * s.vv + g + s.states + ends),
         ("bwd_dqk", False, 3 * s.inter + s.intra_v + (3 if g_per_token == 1 else 2) * s.intra_qk,
          2 * s.qk + 2 * s.states + 3 * s.vv + s.qk + 2 * fp32_k + 2 * g),
