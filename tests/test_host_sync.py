@@ -47,13 +47,7 @@ def test_hybrid_decode_step_has_no_host_sync():
     assert any("Tensor.tolist at" in c and "moe.py" in c for c in syncs.calls), syncs.calls
 
 
-# Known gap (issue 21): a layer with memories routes its decode token through the MoE dispatch, which reads the
-# per-memory counts back (lmoec/runtime/moe.py); strict, so the day it stops syncing this test says so.
-MEMORY_ROUTING_SYNCS = pytest.mark.xfail(strict=True, reason="memory routing reads its counts back (MoE dispatch)")
-DECODE_CASES = [pytest.param(p, id=p.stem, marks=MEMORY_ROUTING_SYNCS if p.stem == "mom" else ()) for p in LSM_SPECS]
-
-
-@pytest.mark.parametrize("path", DECODE_CASES)
+@pytest.mark.parametrize("path", LSM_SPECS, ids=lambda p: p.stem)
 def test_lsm_decode_step_has_no_host_sync(path):
     torch.manual_seed(0)
     layer = lmoec.compile_spec(path).layer(hidden=32, heads=2)

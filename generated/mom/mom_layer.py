@@ -30,7 +30,7 @@ from torch import nn
 
 from lmoec.runtime.recompute import recompute
 
-from lmoec.runtime.memories import MemoryLinear, MemorySlots, balancing_losses, route_memories, segment_conv
+from lmoec.runtime.memories import MemoryLinear, MemorySlots, balancing_losses, route_memories, segment_conv, segment_conv_step
 from lmoec.runtime.moe import Router
 from .mom_ops import op, step
 
@@ -141,9 +141,10 @@ class Layer(nn.Module):
         v = self.v_proj(x, slots)
         k = self.k_proj(x, slots)
         conv_state = lambda name: None if past.get(name) is None else past[name].flatten(0, 1)  # [M', B, W-1, C]
-        q, cache["conv_q"] = segment_conv(q[0], self.q_conv.conv.weight, slots, conv_state("conv_q"))
-        k, cache["conv_k"] = segment_conv(k[0], self.k_conv.conv.weight, slots, conv_state("conv_k"))
-        v, cache["conv_v"] = segment_conv(v[0], self.v_conv.conv.weight, slots, conv_state("conv_v"))
+        conv = segment_conv_step if decode else segment_conv
+        q, cache["conv_q"] = conv(q[0], self.q_conv.conv.weight, slots, conv_state("conv_q"))
+        k, cache["conv_k"] = conv(k[0], self.k_conv.conv.weight, slots, conv_state("conv_k"))
+        v, cache["conv_v"] = conv(v[0], self.v_conv.conv.weight, slots, conv_state("conv_v"))
         cache = {name: c.view(slots.memories, slots.batch, *c.shape[1:]) for name, c in cache.items()}
         q, k, v = q[None], k[None], v[None]
         q = q.unflatten(-1, (self.heads, self.key_proj_dim))
@@ -179,8 +180,8 @@ class Layer(nn.Module):
         logits = self.router(tokens)  # float32
         chosen, weights, probs = route_memories(logits, 2)
         self.last_aux_loss, self.last_z_loss, self.last_tokens_per_memory = balancing_losses(logits, probs, chosen, 4)
-        slots = MemorySlots(chosen, weights, x.shape[0], 4, shared=True)
         decode = past.get("state") is not None and length == 1 and backend != "reference"  # "reference" keeps the oracle
+        slots = MemorySlots(chosen, weights, x.shape[0], 4, shared=True, decode=decode)
         # q is shared: projected once per token, then read by each of the token's slots
         q = slots.gather(self.q_proj(tokens))[None]
         o, state, cache = self.mix_memories(slots.gather(tokens)[None], q, slots, past, use_cache, backend, decode)

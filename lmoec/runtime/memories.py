@@ -56,15 +56,20 @@ class MemorySlots:
         weight [S]     each row's routing weight (differentiable: the router learns through it)
         cu_seqlens     [segments + 1] offsets of the segments in the rows
         memory_counts  [memories'] rows per memory: the groups of a grouped GEMM
+        memory [S]     the memory of each row
+    `decode`: one token per sequence, so each segment holds at most one row; the per-memory projections and
+    convolutions then index by row (memory_linear, segment_conv_step) instead of grouping rows, which would
+    read the counts back to the host (a CUDA graph of the decode step allows no such sync).
     """
 
-    def __init__(self, chosen: torch.Tensor, weights: torch.Tensor, batch: int, memories: int, shared: bool):
+    def __init__(self, chosen: torch.Tensor, weights: torch.Tensor, batch: int, memories: int, shared: bool,
+                 decode: bool = False):
         n, k = chosen.shape
         if shared:
             chosen = torch.cat([chosen, chosen.new_full((n, 1), memories)], 1)
             weights = torch.cat([weights, weights.new_ones(n, 1)], 1)
             memories, k = memories + 1, k + 1
-        self.memories, self.batch, self.repeats = memories, batch, k
+        self.memories, self.batch, self.repeats, self.decode = memories, batch, k, decode
         self.segments = memories * batch
         length = n // batch
         seq = torch.arange(n, device=chosen.device) // length
@@ -77,6 +82,7 @@ class MemorySlots:
         counts = count_per_expert(flat, self.segments)
         self.cu_seqlens = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         self.memory_counts = counts.view(memories, batch).sum(1)
+        self.memory = torch.div(self.segment, batch, rounding_mode="floor")
         self.position = torch.arange(flat.numel(), device=flat.device) - self.cu_seqlens.index_select(0, self.segment)
         self.weight = weights.reshape(-1).index_select(0, self.order)
 
@@ -122,7 +128,10 @@ class MemoryLinear(nn.Module):
             rows, weight = rows.to(dtype), weight.to(dtype)
         else:
             weight = weight.to(rows.dtype)
-        out = _GroupedLinear.apply(rows.contiguous(), weight, slots.memory_counts)
+        if slots.decode:  # a few rows: each times its memory's weight, no grouping
+            out = torch.bmm(rows[:, None, :], weight.index_select(0, slots.memory))[:, 0]
+        else:
+            out = _GroupedLinear.apply(rows.contiguous(), weight, slots.memory_counts)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -156,6 +165,15 @@ def segment_conv(rows: torch.Tensor, weight: torch.Tensor, slots: MemorySlots,
         near = term if near is None else near + term
     y = packed.index_copy(0, row, near.to(packed.dtype))
     return F.silu(y), _last_inputs(ext, slots, keep, segments * keep)
+
+
+def segment_conv_step(rows: torch.Tensor, weight: torch.Tensor, slots: MemorySlots,
+                      state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segment_conv for a decode step (slots.decode: at most one row per segment): each row's window is its
+    segment's state and the row itself; only the routed segments' states move on."""
+    window = torch.cat([state.index_select(0, slots.segment).to(rows.dtype), rows[:, None]], 1)  # [S, W, C]
+    y = (window * weight[:, 0, :].t().to(rows.dtype)).sum(1)
+    return F.silu(y), state.index_copy(0, slots.segment, window[:, 1:].to(state.dtype))
 
 
 def segment_tails(rows: torch.Tensor, slots: MemorySlots, keep: int) -> torch.Tensor:
