@@ -199,5 +199,12 @@ def test_every_kernel_compiles_for_hopper(compiled, spec):
 
 
 if __name__ == "__main__":
+    # python tests/test_hopper_compile.py [--dims K V] SPEC...: every launch of each spec compiled for sm_90
+    # (--dims: at these head dims and the default settings only, e.g. to see whether K = V = 256 fits shared memory)
     sys.path.insert(0, str(ROOT))
-    print(json.dumps({spec: compile_spec_kernels(spec) for spec in sys.argv[1:]}))
+    specs = sys.argv[1:]
+    if specs[:1] == ["--dims"]:
+        dims, specs = (int(specs[1]), int(specs[2])), specs[3:]
+        HEAD_DIMS.update({spec: dims for spec in specs})
+        CASES.update({spec: [{}] for spec in specs})
+    print(json.dumps({spec: compile_spec_kernels(spec) for spec in specs}))

@@ -43,8 +43,9 @@ FEW_PROGRAMS = {"seq_programs": 1000}
 # the output computed in the sequential kernel (DeltaNet's default), or by its own kernel (the decays' default)
 FUSED = {"fuse_output": True, "fuse_min_programs": 0}
 UNFUSED = {"fuse_output": False}
-# where w and u are formed: in the UT kernel's tiles, by their own kernel, or (v' = Tm (beta v - x S)) in the walk,
-# w then by the backward ("auto" picks between the last two by the walk's programs)
+# where w and u are formed: in the UT kernel's tiles (the default but for the scalar decay), by their own kernel, or
+# (v' = Tm (beta v - x S)) in the walk, w then by the backward ("auto", the scalar decay's default, picks between
+# the last two by the walk's programs: the tiny cases here take the kernel)
 TILES = {"wu": "tiles"}
 WU_KERNEL = {"wu": "kernel"}
 WU_WALK = {"wu": "walk"}
@@ -79,9 +80,7 @@ CASES = {
     "gated_scalar_fused_blocks": Case("scalar", False, None, 16, 40, D=32, config={**SPLIT, **FUSED}),
     # the mixed-feature spec through the whole pipeline (frontend, passes, emitted package, op; its chunk is 64)
     "spec_gated_delta_vector": Case("vector", True, None, 64, None),
-    "deltanet_wu_tiles_varlen": Case("none", True, None, 32, None, config=TILES),
     "gated_scalar_wu_tiles_chunk64": Case("scalar", False, None, 64, 100, D=24, Dv=40, config=TILES),
-    "gated_vector_wu_tiles_varlen": Case("vector", True, None, 16, None, config=TILES),
     "deltanet_wu_kernel_blocks": Case("none", True, None, 32, None, D=48, config={**WU_KERNEL, "BK_wu": 16}),
     "gated_scalar_wu_kernel_chunk64": Case("scalar", False, None, 64, 100, D=24, Dv=40, config=WU_KERNEL),
     "gated_vector_wu_kernel_varlen": Case("vector", True, None, 16, None, D=40, config={**WU_KERNEL, "BK_wu": 16}),

@@ -57,10 +57,11 @@ def walk_programs(s: "Sizes") -> int:
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
-    """templates/triton/delta.py.j2 at its default launch settings, which depend on the walks' programs (>= 128:
-    v' formed in the walk from Tm, else w and u by their own kernel; DeltaNet's output fused in the walk). The UT
-    transform's 16 x 16 forward substitutions are left out (C * 16 flops per token, off the matrix units); its
-    tile products are bounded by one C x C x C product per chunk."""
+    """templates/triton/delta.py.j2 at its default launch settings. With a scalar decay they depend on the walks'
+    programs (>= 128: v' formed in the walk from Tm, else w and u by their own kernel); otherwise the UT kernel
+    forms w and u. DeltaNet's output is fused in the walk while >= 128 programs walk. The UT transform's 16 x 16
+    forward substitutions are left out (C * 16 flops per token, off the matrix units); its tile products are
+    bounded by one C x C x C product per chunk."""
     g_per_token = {"none": 0, "constant": 1, "scalar": 1, "vector": s.K}[ctx.rec.decay]
     g = s.N * s.H * g_per_token * 4  # g, G or dg in fp32
     beta = s.N * s.H * 4
@@ -68,11 +69,16 @@ def costs(ctx: "LSMContext", s: "Sizes", ends: int):
     fp32_k = 2 * s.qk  # dw, the partial dk
     many = walk_programs(s) >= 128
     writes = s.vv + s.states + ends  # v' and the chunk-start states (and the final state)
+    ut = (s.intra_qk + s.cube, s.qk + beta + 2 * g + tm)  # A, Tm and G: reads k, beta, g; writes Tm, G
     w_kernel = (s.intra_qk, tm + s.qk + beta + g + s.qk)  # w = Tm x: reads Tm, k, beta, G; writes w
-    if many:  # v' = Tm (beta v - x S): reads k, Tm, v, beta, G; the backward then makes w
+    if ctx.rec.decay not in ("scalar", "constant"):  # w and u from the UT kernel's tiles; the walk reads k, w, u
+        ut = (ut[0] + s.intra_qk + s.intra_v, ut[1] + s.vv + s.qk + s.vv)
+        state = (2 * s.inter, 2 * s.qk + s.vv + g + writes)
+        w_and_u = []
+    elif many:  # v' = Tm (beta v - x S): reads k, Tm, v, beta, G; the backward then makes w
         state = (2 * s.inter + s.intra_v, s.qk + tm + s.vv + beta + g + writes)
         w_and_u = [("wu", False, *w_kernel)]
-    else:  # reads k, w, u
+    else:  # w and u by their own kernel; the walk reads k, w, u
         state = (2 * s.inter, 2 * s.qk + s.vv + g + writes)
         w_and_u = [("wu", True, w_kernel[0] + s.intra_v, w_kernel[1] + 2 * s.vv)]
     out = (s.inter + s.intra_qk + s.intra_v, 2 * s.qk + 2 * s.vv + g + s.states)
@@ -81,7 +87,7 @@ def costs(ctx: "LSMContext", s: "Sizes", ends: int):
     else:
         forward = [("chunk_state", True, *state), ("chunk_output", True, *out)]
     return [
-        ("ut", True, s.intra_qk + s.cube, s.qk + beta + 2 * g + tm),
+        ("ut", True, *ut),
         *forward,
         *w_and_u,
         ("chunk_bwd_dstate", False, 3 * s.inter + s.intra_qk + s.intra_v, 3 * s.qk + 2 * s.vv + g + s.states + ends),
