@@ -55,6 +55,7 @@ DECAY_VARIANTS = {
 DELTA_VARIANTS = {
     "default": {},
     "previous default": {"wu": "tiles", "warps_ut": 4, "stages_fwd": 2},
+    "scalar decay's settings": {"wu": "auto", "warps_ut": 1, "stages_fwd": 3},  # what Gated DeltaNet's sweep chose
     "wu kernel": {"wu": "kernel"},
     "wu in walk": {"wu": "walk"},
     "wu tiles": {"wu": "tiles"},
