@@ -43,6 +43,10 @@ class LSMContext(BaseModel):
         if self.rec.dplr:
             out += ["a", "b"]
         out += {"none": [], "outer_sum": ["gv"], "outer_product": ["dt", "A"]}[self.rec.elementwise]
+        if self.rec.update == "titans":
+            from ..kinds.titans import gates
+
+            out += gates(self.rec)
         return out
 
 

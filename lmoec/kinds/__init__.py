@@ -37,13 +37,18 @@ class Kind:
     # why backend="auto" keeps CUDA tensors on the torch path ("": it takes the Triton kernels): kernels that
     # pass the interpreter but have not yet been checked on a GPU stay opt-in (backend="triton")
     auto_torch_reason: str = ""
+    state_width: int = 1  # the op's state is [N, H, K, state_width * V] (Titans: the memory and its momentum)
+    # the oracle's working state from the op's state and back (a kind that keeps more while it steps)
+    oracle_state_in: Callable[[Recurrence, Any], Any] = lambda rec, state: state
+    oracle_state_out: Callable[[Recurrence, Any], Any] = lambda rec, state: state
 
 
 def _registry() -> list[Kind]:
-    from . import decay, delta, dplr, elementwise
+    from . import decay, delta, dplr, elementwise, titans
 
-    # precedence: element-wise gates, DPLR, delta, then the decays (validate keeps the first three exclusive)
-    return [elementwise.KIND, dplr.KIND, delta.KIND, *decay.KINDS]
+    # precedence: test-time-training updates, element-wise gates, DPLR, delta, then the decays (validate keeps the
+    # first four exclusive)
+    return [titans.KIND, elementwise.KIND, dplr.KIND, delta.KIND, *decay.KINDS]
 
 
 KINDS: list[Kind] = _registry()

@@ -159,6 +159,8 @@ class _Checker:
                 if "x" not in names:
                     fail(f"{decay.kind} decay must depend on the input x; a decay of h alone is 'decay constant'", "decay")
         self._elementwise(lsm, data, fail)
+        if lsm.update is not None:
+            self._update(lsm, data, fail)
         if lsm.delta is not None:
             if lsm.dplr is not None:
                 fail("delta and dplr are exclusive: dplr already generalizes the delta rule", "dplr")
@@ -249,6 +251,24 @@ class _Checker:
                                    ("tie", lsm.tie_k_to_decay or None)):
                 if present is not None:
                     fail(f"element-wise gates (decay value / step) go without {other}", other)
+
+    def _update(self, lsm: LSMSpec, data: set[str], fail) -> None:
+        """A test-time-training memory: the update is the whole transition, and its gates are per token and head."""
+        upd = lsm.update
+        for other, present in (("delta", lsm.delta), ("dplr", lsm.dplr), ("bonus", lsm.bonus_u or None),
+                               ("tie", lsm.tie_k_to_decay or None), ("memories", lsm.memories)):
+            if present is not None:
+                fail(f"update is the whole transition (a gradient step on the inner loss): remove {other}", other)
+        if lsm.decay.kind != "none" or any(getattr(lsm.decay, p) is not None for p in ("value", "step", "rate")):
+            fail("update is the whole transition: forgetting is its weight_decay, not a decay statement", "decay")
+        if upd.loss == "ln_mse":
+            fail("loss ln_mse (TTT-Linear: LayerNorm inner model with residual) has no backend yet; "
+                 "loss mse is the linear memory", "update", "loss")
+        for key, e in upd.gates():
+            self._reads(ex.free_names(e), data, f"update {key}", fail, "update", key)
+        if upd.minibatch > 1 and lsm.chunk_size % upd.minibatch:
+            fail(f"gradient = minibatch({upd.minibatch}): the mini-batch must divide chunk_size = {lsm.chunk_size} "
+                 "(the chunkwise form keeps mini-batches inside chunks)", "update", "gradient")
 
     @staticmethod
     def _memories(lsm: LSMSpec, fail) -> None:
@@ -406,6 +426,8 @@ def _expressions(lsm: LSMSpec) -> list[tuple[tuple[str, ...], sympy.Expr]]:
     for part in ("value", "step"):
         if getattr(lsm.decay, part) is not None:
             out.append((("decay", part), getattr(lsm.decay, part)))
+    if lsm.update is not None:
+        out += [(("update", key), e) for key, e in lsm.update.gates()]
     if lsm.output_gate is not None:
         out.append((("output_gate",), lsm.output_gate))
     if lsm.skip is not None:
