@@ -237,3 +237,14 @@ def test_hybrid_model_trains_a_step_and_decodes(tmp_path):
             out, cache = model(ids[:, t: t + 1], cache=cache, use_cache=True)
             steps.append(out)
     _close(torch.cat(steps, dim=1), logits.detach(), 1e-9)
+
+
+def test_lasp2_plan_carries_the_joint_state():
+    """The comm plan derives the joint state's map from the IR: A_r [B, H, 2K, 2K] and M_r [B, H, 2K, V] in fp32
+    (tests/test_lasp2.py runs it: the op at sp = 2 and 4, segments, and a hybrid model)."""
+    import sympy
+
+    step = lmoec.compile_spec("specs/lsm/titans.lsm").ir.comm.steps[0]
+    assert step.shape == {"A_r": ["B", "H", "2K", "2K"], "M_r": ["B", "H", "2K", "V"]}
+    B, H, K, V = sympy.symbols("B H K V")
+    assert sympy.expand(step.bytes_per_rank - 4 * (B * H * (2 * K) ** 2 + B * H * 2 * K * V)) == 0
