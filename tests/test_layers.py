@@ -85,8 +85,8 @@ def test_spec_layer_decoding_matches_full_forward(path):
         torch.testing.assert_close(cache[key], full_cache[key], rtol=1e-9, atol=1e-10)
     memories = _compiled(path).ir.lsm().memories  # with memories (mom): one state per memory
     lead = (memories.states,) if memories else ()
-    width = kind_of(rec).state_width  # Titans: the memory and its momentum side by side
-    assert cache["state"].shape == (*lead, 2, layer.heads, layer.head_k, width * layer.head_v)
+    kind = kind_of(rec)  # Titans: the memory and its momentum side by side; TTT-Linear: the inner bias as a row
+    assert cache["state"].shape == (*lead, 2, layer.heads, layer.head_k + kind.state_rows, kind.state_width * layer.head_v)
 
 
 def test_decoding_from_the_first_token_and_split_prefill():

@@ -170,30 +170,32 @@ def test_plain_update_is_deltanet_and_runs_its_kernels():
     _close(layer(x, backend="torch"), delta(x, backend="torch"), 1e-12)
 
 
-@pytest.mark.parametrize("name", ["titans"])
+@pytest.mark.parametrize("name", ["titans", "titans_chunk"])
 def test_decode_steps_equal_the_chunked_forward(programs, name):
-    """Prefill 70 tokens (chunked), then decode one token at a time through the layer's caches (conv states and
-    the joint [H, K, 2V] state): every output equals the full chunked forward's."""
+    """Prefill 70 tokens (chunked), then decode one token at a time through the layer's caches (conv states, the joint
+    [H, K, 2V] state; for the mini-batch form the state at the last boundary and the open mini-batch's inputs): every
+    output equals the full chunked forward's, across a mini-batch boundary (64) too."""
     layer = programs[name].layer(hidden=32, heads=4).double()
     x = torch.randn(2, 80, 32, dtype=F64)
     full = layer(x, backend="torch")
-    y, cache = layer(x[:, :70], use_cache=True, backend="torch")
+    y, cache = layer(x[:, :60], use_cache=True, backend="torch")
     outs = [y]
-    for t in range(70, 80):
+    for t in range(60, 80):
         y, cache = layer(x[:, t: t + 1], past=cache, use_cache=True, backend="torch")
         outs.append(y)
     assert cache["state"].shape == (2, 4, layer.head_k, 2 * layer.head_v)
+    if name == "titans_chunk":
+        assert cache["open"]["q"].shape[1] == 80 - 64
     _close(torch.cat(outs, dim=1), full, 1e-10)
 
 
-def test_minibatch_decode_step_says_why_not(programs):
-    """A decode step of the mini-batch form would need the mini-batch's first memory: a clear error, not a wrong
-    answer."""
-    layer = programs["titans_chunk"].layer(hidden=32, heads=4).double()
-    x = torch.randn(1, 5, 32, dtype=F64)
-    _, cache = layer(x, use_cache=True)
+def test_minibatch_op_step_says_why_not(programs):
+    """The op's one-token step cannot take a mini-batch's gradient point (it holds no mini-batch's first memory): a
+    clear error, not a wrong answer; the layer decodes that form by running its open mini-batch again."""
+    B, H, K, V = 1, 2, 4, 6
+    x = {n: t[:, 0] for n, t in _inputs(B, 1, H, K, V).items()}
     with pytest.raises(ValueError, match="minibatch\\(64\\).*decode with the chunked op"):
-        layer(x[:, :1], past=cache, use_cache=True)
+        programs["titans_chunk"].package.titans_chunk_ops.step(**x, state=torch.zeros(B, H, K, 2 * V, dtype=F64))
 
 
 def test_contract_names_the_update_arguments(programs):

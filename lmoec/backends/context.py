@@ -47,6 +47,10 @@ class LSMContext(BaseModel):
             from ..kinds.titans import gates
 
             out += gates(self.rec)
+        if self.rec.update == "ttt":
+            from ..kinds.ttt import GATES
+
+            out += GATES
         return out
 
 

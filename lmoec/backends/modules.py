@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..ir import expr as ex
 from ..ir.nodes import LSMSpec, SpecIR
+from ..kinds import kind_of
 from ..passes.validate import RESERVED_NAMES
 from .context import lsm_context
 from .literal import Name
@@ -97,7 +98,9 @@ class LayerContext(BaseModel):
     gv_code: Optional[str]  # element-wise gates: value-side log decay [B, T, H, V]
     dt_code: Optional[str]  # step [B, T, H, V]
     rate_code: Optional[str]  # rate A [H, V, K]
-    update_codes: dict[str, str]  # a Titans update's gates by op argument (theta, eta, alpha), each [B, T, H]
+    update_codes: dict[str, str]  # an update's per-token gates by op argument (theta, eta, alpha), each [B, T, H]
+    minibatch: int  # an update's mini-batch (gradient = minibatch(N)); 1: per token
+    state_dims: str  # code of the op state's shape [B, H, K + rows, width * V]
     state_shape: str  # the decode cache's "state", for the docstring
     skip_code: Optional[str]  # o = o + skip * v
     query_code: Optional[str]  # the op's q [B, T, H, K] from the spec instead of q_proj
@@ -231,7 +234,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     beta_expr = lsm.delta.beta if lsm.delta is not None else (lsm.update.lr if rec.delta and lsm.update else None)
     beta_code = gate(beta_expr, "beta", SCALAR, set(), "h") if beta_expr is not None else None
     update_codes = {}
-    if rec.update == "titans":
+    if rec.update in ("titans", "ttt"):
         exprs = {"theta": lsm.update.lr, "eta": lsm.update.momentum, "alpha": lsm.update.weight_decay}
         update_codes = {arg: gate(exprs[arg], f"update {key}", SCALAR, set(), "h")
                         for arg, key in (("theta", "lr"), ("eta", "momentum"), ("alpha", "weight_decay")) if arg in ctx.args}
@@ -341,7 +344,10 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         dt_code=dt_code,
         rate_code=rate_code,
         update_codes=update_codes,
-        state_shape="[B, H, K, 2V] (the memory M, then its momentum S)" if rec.update == "titans" else "[B, H, K, V]",
+        minibatch=rec.minibatch,
+        state_dims=_state_dims(kind_of(rec)),
+        state_shape={"titans": "[B, H, K, 2V] (the memory M, then its momentum S)",
+                     "ttt": "[B, H, K + 1, V] (the inner W, then its bias b)"}.get(rec.update, "[B, H, K, V]"),
         skip_code=skip_code,
         query_code=query_code,
         key_code=key_code,
@@ -362,6 +368,12 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         ),
         memories=memories,
     )
+
+
+def _state_dims(kind) -> str:
+    rows = f"self.head_k + {kind.state_rows}" if kind.state_rows else "self.head_k"
+    columns = f"{kind.state_width} * self.head_v" if kind.state_width > 1 else "self.head_v"
+    return f"x.shape[0], self.heads, {rows}, {columns}"
 
 
 def _memories_context(lsm: LSMSpec, gate) -> MemoriesContext:

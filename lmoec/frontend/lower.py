@@ -329,6 +329,10 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
         missing = ({"a", "b"} - set(dplr_parts)).pop()
         raise src.error(f"{where}: dplr needs both a and b; 'dplr {missing} = ...' is missing", dplr_node.key)
     f["dplr"] = DPLRTerms(**dplr_parts) if dplr_parts else None
+    if f.get("update") is not None and _loss_of(f["update"]) == "ln_mse":  # TTT-Linear's inner LayerNorm, learned outside
+        for name, init in (("ln_weight", 1), ("ln_bias", 0)):
+            if name not in params:
+                params[name] = Param(name=name, shape=["H", "V"], init=sympy.Integer(init), loc=spec.loc)
     if f["bonus_u"] and "u" not in params:
         params["u"] = Param(name="u", shape=["H", "K"], init=sympy.Integer(0), loc=spec.loc)
     f["params"] = params
@@ -377,6 +381,11 @@ def _update(base: Optional[Update], s: Stmt, src: Source, where: str, locs: Locs
     if fields.get("lr") is None:
         raise src.error(f"{where}: missing lr (the inner learning rate, e.g. lr = sigmoid(x @ W_lr))", s.key)
     return Update(**fields)
+
+
+def _loss_of(update) -> str:
+    """The inner loss of an update as a field holds it (a node, or a dump of one)."""
+    return update.loss if isinstance(update, Update) else update.get("loss", "mse")
 
 
 def _gradient_point(v: Values) -> int:

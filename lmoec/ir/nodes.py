@@ -51,8 +51,9 @@ class SourceLoc(Node):
 DecayKind = Literal["none", "constant", "scalar", "vector"]
 # element-wise gates G_t in R^{K x V}: an outer sum g 1^T + 1 gv^T (GFW), or an outer product dt[d] A[d, n] (Mamba)
 ElementwiseKind = Literal["none", "outer_sum", "outer_product"]
-# test-time-training memories (lmoec.kinds.titans): none, or a linear memory M with a momentum state S (Titans)
-UpdateKind = Literal["none", "titans"]
+# test-time-training memories: none, a linear memory M with a momentum state S (Titans, lmoec.kinds.titans), or
+# TTT-Linear's LayerNorm inner model (lmoec.kinds.ttt)
+UpdateKind = Literal["none", "titans", "ttt"]
 
 
 class Family(str, Enum):
@@ -66,6 +67,7 @@ class Family(str, Enum):
     dplr = "dplr"
     elementwise = "elementwise"
     titans = "titans"
+    ttt = "ttt"
 
 
 class Recurrence(Node):
@@ -82,7 +84,7 @@ class Recurrence(Node):
     dplr: bool = False
     bonus: bool = False  # RWKV6's u: o_t reads S_{t-1} plus (q.(u*k)) v
     elementwise: ElementwiseKind = "none"  # S_t = exp(G_t) * S_{t-1} + k_t v_t^T with G_t in R^{K x V}
-    # a gradient step on an inner loss that is no delta rule: the joint state (M, S) of Titans' momentum
+    # a gradient step on an inner loss that is no delta rule: the joint state (M, S) of Titans' momentum, or TTT-Linear
     update: UpdateKind = "none"
     momentum: bool = False  # the update has a momentum gate eta (else eta = 0)
     weight_decay: bool = False  # the update has a forgetting gate alpha (else alpha = 0)
@@ -156,6 +158,8 @@ class Update(Node):
         M_t = (1 - weight_decay_t) M_{t-1} + S_t
     where M_0 is M_{t-1} (gradient = token) or the memory at the start of the token's mini-batch (minibatch(N)).
     Without momentum and weight decay, per token, this is DeltaNet with beta = lr (classified as the delta kind).
+    `ln_mse` is TTT-Linear's inner model k + LN(k W + b) fitted to v (the target of LN(k W + b) is v - k), with
+    the inner bias b updated beside W and the LayerNorm's weight and bias learned by the outer model.
     """
 
     loss: InnerLoss = "mse"

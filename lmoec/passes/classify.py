@@ -28,6 +28,8 @@ def _update(lsm: LSMSpec) -> dict:
     upd = lsm.update
     if upd is None or update_is_delta(lsm):
         return {}
+    if upd.loss == "ln_mse":
+        return dict(update="ttt", minibatch=upd.minibatch)
     return dict(update="titans", momentum=upd.momentum is not None, weight_decay=upd.weight_decay is not None,
                 minibatch=upd.minibatch)
 

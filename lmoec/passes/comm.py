@@ -13,6 +13,7 @@ shape of A_r follows from the kind alone (`Kind.lasp2_map`):
     vector     A_r [B, H, K]
     delta/DPLR A_r [B, H, K, K]
     titans     A_r [B, H, 2K, 2K]   the joint state (M, S) stacked as [2K, V]: M_r is [B, H, 2K, V]
+    ttt        none: the inner LayerNorm makes the update non-affine, so there is no map (check refuses sp > 1)
 
 so the payload depends on B, H, K, V and never on the sequence length. A layer with memories
 sends one map per (memory, sequence) segment: every shape gains a leading M (the memory states,
@@ -49,6 +50,8 @@ def _numel(shape: list[str]) -> sympy.Expr:
 def lsm_steps(layer: int, lsm: LSMSpec) -> list[CommStep]:
     """The LASP-2 all-gathers of one LSM layer, forward and backward."""
     kind = kind_of(lsm.recurrence)
+    if kind.lasp2_map is None:
+        return []
     a_shape = kind.lasp2_map
     m_shape = ["B", "H", "K" if kind.state_width == 1 else f"{kind.state_width}K", "V"]
     if lsm.memories is not None:

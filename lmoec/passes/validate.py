@@ -262,8 +262,19 @@ class _Checker:
         if lsm.decay.kind != "none" or any(getattr(lsm.decay, p) is not None for p in ("value", "step", "rate")):
             fail("update is the whole transition: forgetting is its weight_decay, not a decay statement", "decay")
         if upd.loss == "ln_mse":
-            fail("loss ln_mse (TTT-Linear: LayerNorm inner model with residual) has no backend yet; "
-                 "loss mse is the linear memory", "update", "loss")
+            for key, e in (("momentum", upd.momentum), ("weight_decay", upd.weight_decay)):
+                if e is not None:
+                    fail(f"loss ln_mse (TTT-Linear) takes plain gradient steps: no {key}", "update", key)
+            widening = {"taylor2", "rebased"} & set(lsm.feature_map_q + lsm.feature_map_k)
+            if lsm.expand_k != lsm.expand_v or lsm.head_k is not None or widening:
+                fail("loss ln_mse fits k + LN(k W + b) to v and reads q + LN(q W + b): it needs K = V (equal "
+                     "expand_k and expand_v, no head_k, no feature map that changes the width)", "update", "loss")
+            if lsm.scale is None or lsm.scale != 1:
+                fail("loss ln_mse reads o = q + LN(q W + b), which has no output scale: write scale = 1", "update", "loss")
+            for name in ("ln_weight", "ln_bias"):
+                if name in lsm.params and lsm.params[name].shape != ["H", "V"]:
+                    fail(f"param {name} (the inner LayerNorm's) must have shape [H, V], got "
+                         f"[{', '.join(lsm.params[name].shape)}]", "params", name)
         for key, e in upd.gates():
             self._reads(ex.free_names(e), data, f"update {key}", fail, "update", key)
         if upd.minibatch > 1 and lsm.chunk_size % upd.minibatch:
@@ -405,6 +416,10 @@ class _Checker:
             fail(f"ep = {par.ep} does not divide experts = {model.moe.experts}", "ep")
         if model.heads % par.tp:
             fail(f"tp = {par.tp} does not divide heads = {model.heads}", "tp")
+        lsm = self.ir.lsms.get(model.lsm) if model.lsm else None
+        if par.sp > 1 and lsm is not None and lsm.update is not None and lsm.update.loss == "ln_mse":
+            fail(f"sp = {par.sp}: lsm {lsm.name!r} (loss ln_mse, TTT-Linear) is not affine in its state, so LASP-2 "
+                 "cannot split its sequence", "sp")
 
     def run(self) -> None:
         for lsm in self.ir.lsms.values():

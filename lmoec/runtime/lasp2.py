@@ -49,6 +49,8 @@ def transition_kind(rec: Recurrence, g: Optional[torch.Tensor]) -> str:
     """How A_r is represented: 'identity', 'constant' ([H], known to all), 'scalar' [B,H], 'vector' [B,H,K], 'matrix'
     [B,H,K,K], 'elementwise' [B,H,K,V]."""
     family = rec.family
+    if family is Family.ttt:
+        raise ValueError("lasp2: TTT-Linear's update is not affine in its state (the inner LayerNorm): no LASP-2 map")
     if family in (Family.delta, Family.dplr, Family.titans):
         return "matrix"
     if family is Family.elementwise:
