@@ -6,7 +6,7 @@ check, its cost model for `inspect --stats`, and the shape of its LASP-2 map. Ad
 appended to `KINDS`; nothing else dispatches on the family.
 
 This module imports neither torch nor jinja2 (`lmoec check` uses the classify rules): the kinds' oracle steps
-use tensor methods only, their emitters import the renderer when called.
+use tensor methods (or import torch when called), their emitters import the renderer when called.
 """
 from __future__ import annotations
 
