@@ -165,3 +165,20 @@ def test_hybrid_model_trains_a_step_and_decodes(tmp_path):
             out, cache = model(ids[:, t: t + 1], cache=cache, use_cache=True)
             steps.append(out)
     _close(torch.cat(steps, dim=1), logits.detach(), 1e-9)
+
+
+def test_generation_falls_back_to_the_dynamic_step(tmp_path, capsys):
+    """A mini-batch update's cache grows with its open mini-batch, so it has no static (CUDA-graph) form: generation
+    says so and decodes with the dynamic path, the same tokens as asked for directly."""
+    from lmoec.runtime.generate import generate_ids
+
+    spec = tmp_path / "ttt_gen.lsm"
+    spec.write_text(f'import "{lmoec.paths.SPECS / "lsm" / "ttt_linear.lsm"}"\n'
+                    'model ttt_gen { vocab = 64 hidden = 32 layers = 1 heads = 2 lsm = ttt_linear ffn { ffn = 64 } }\n')
+    torch.manual_seed(0)
+    model = lmoec.compile_spec(spec).model().eval()
+    prompt = torch.randint(0, 64, (1, 5))
+    static = torch.cat(list(generate_ids(model, prompt, 20, temperature=0.0, static=True)), dim=-1)
+    assert "decoding without a static step" in capsys.readouterr().err
+    dynamic = torch.cat(list(generate_ids(model, prompt, 20, temperature=0.0, static=False)), dim=-1)
+    assert torch.equal(static, dynamic) and static.numel() == 20
