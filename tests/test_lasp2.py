@@ -43,7 +43,11 @@ FAMILIES["titans"] = Recurrence(update="titans", momentum=True, weight_decay=Tru
 # chunkwise op; the generic K x K route forced on a diagonal family too
 LSM_CASES = [
     (f"{name}-{backend}", name, "auto", backend) for backend in ("reference", "torch") for name in FAMILIES
-] + [("scalar_as_matrix-torch", "scalar", "matrix", "torch")]
+] + [("scalar_as_matrix-torch", "scalar", "matrix", "torch"),
+      ("titans_minibatch-reference", "titans_minibatch", "auto", "reference")]
+# Titans' chunk-start form, each rank's slice of T_LOCAL tokens one whole mini-batch (on the oracle only: an emitted
+# op's mini-batch must divide its chunk)
+FAMILIES["titans_minibatch"] = Recurrence(update="titans", momentum=True, weight_decay=True, minibatch=5)
 B, T_LOCAL, H, K, V = 2, 5, 2, 4, 3
 # the families whose segments (cu_seqlens) continue across ranks: every kind of A, on the emitted torch op
 SEGMENT_CASES = ["additive", "constant", "scalar", "vector_bonus", "delta_scalar", "dplr", "outer_sum", "outer_product",
@@ -379,7 +383,8 @@ def results_for(world: int, tmp_path_factory) -> dict[str, list[str]]:
     """Run every case once in `world` spawned processes; {case: failures of all ranks}."""
     if world not in _RESULTS:
         out = tmp_path_factory.mktemp(f"lasp2_world{world}")
-        for family in FAMILIES:  # emit once here, so the workers only import the cached packages
+        # emit once here, so the workers only import the cached packages
+        for family in {c[1] for c in LSM_CASES if c[3] == "torch"} | set(SEGMENT_CASES):
             emitted_op(family)
         for program in model_programs(str(out)).values():
             program.package
