@@ -101,6 +101,7 @@ class LayerContext(BaseModel):
     update_codes: dict[str, str]  # an update's per-token gates by op argument (theta, eta, alpha), each [B, T, H]
     minibatch: int  # an update's mini-batch (gradient = minibatch(N)); 1: per token
     state_dims: str  # code of the op state's shape [B, H, K + rows, width * V]
+    param_args: dict[str, str]  # op arguments that are the layer's own params, passed whole (TTT's ln_weight, ln_bias)
     state_shape: str  # the decode cache's "state", for the docstring
     skip_code: Optional[str]  # o = o + skip * v
     query_code: Optional[str]  # the op's q [B, T, H, K] from the spec instead of q_proj
@@ -346,6 +347,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         update_codes=update_codes,
         minibatch=rec.minibatch,
         state_dims=_state_dims(kind_of(rec)),
+        param_args={arg: f"self.{arg}" for arg in ("ln_weight", "ln_bias") if arg in ctx.args},
         state_shape={"titans": "[B, H, K, 2V] (the memory M, then its momentum S)",
                      "ttt": "[B, H, K + 1, V] (the inner W, then its bias b)"}.get(rec.update, "[B, H, K, V]"),
         skip_code=skip_code,
