@@ -7,9 +7,6 @@ plain per-token form is DeltaNet and runs its kernels), decoding token by token,
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,13 +204,17 @@ def test_contract_names_the_update_arguments(programs):
         op(**x, initial_state=torch.zeros(1, 2, 4, 6, dtype=F64))
 
 
-def test_check_and_inspect_show_the_classification(tmp_path):
-    """`lmoec check` names the kind; `inspect --ir` carries the update and its recurrence."""
+def test_check_and_inspect_show_the_classification(tmp_path, capsys):
+    """`lmoec check` names the kind; `inspect --ir` carries the update and its recurrence (in process: no torch
+    start-up per command)."""
+    from lmoec.cli import main
+
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "lmoec", *args], capture_output=True, text=True,
-                              cwd=lmoec.paths.ROOT, check=True).stdout
+        assert main(list(args)) == 0
+        return capsys.readouterr().out
     assert "(titans)" in run("check", "specs/lsm/titans.lsm")
     assert "(delta)" in run("check", "specs/lsm/ttt_token.lsm")
+    assert "(ttt)" in run("check", "specs/lsm/ttt_linear.lsm")
     ir = run("inspect", str(_chunk_start_spec(tmp_path)), "--ir")
     assert '"update": "titans"' in ir and '"minibatch": 64' in ir and '"loss": "mse"' in ir
 
