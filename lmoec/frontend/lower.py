@@ -365,8 +365,7 @@ def _update(base: Optional[Update], s: Stmt, src: Source, where: str, locs: Locs
     one gate, and `momentum = none` / `weight_decay = none` remove one."""
     where = f"{where} update"
     _check_keys(s.body, src, where, UPDATE_KEYS)
-    fields = base.model_dump(round_trip=True) if base is not None else {}
-    fields.update({key: getattr(base, key) for key in ("lr", "momentum", "weight_decay")} if base is not None else {})
+    fields = dict(base) if base is not None else {}  # the base's fields as they are (expressions stay sympy)
     for t in s.body:
         v, key = Values(t, src, where), str(t.key)
         locs.set(at + ("update", key), src.loc(t.key))
