@@ -331,7 +331,7 @@ def bench_decoding(name: str, program: Program, device: torch.device, contexts, 
 def op_inputs(rec, B: int, T: int, H: int, D: int, dtype, device) -> tuple[list, dict]:
     """Random q, k, v and the extra arguments the recurrence takes (gates as in GLA / RetNet / DeltaNet)."""
     q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype) for _ in range(3))
-    if rec.delta or rec.dplr:  # the delta rule wants unit keys
+    if rec.delta or rec.dplr or rec.update == "titans":  # the delta rule (and Titans' inner step) wants unit keys
         k = F.normalize(k.float(), dim=-1).to(dtype)
     args = {}
     if rec.decay == "scalar":
@@ -352,6 +352,14 @@ def op_inputs(rec, B: int, T: int, H: int, D: int, dtype, device) -> tuple[list,
     elif rec.elementwise == "outer_product":  # Mamba: dt = softplus(.), S4D-real A
         args["dt"] = F.softplus(torch.randn(B, T, H, D, device=device) - 3)
         args["A"] = -torch.arange(1, D + 1, device=device, dtype=torch.float32).expand(H, D, D).contiguous()
+    if rec.update != "none":  # test-time-training updates: the lr, then Titans' momentum and weight decay
+        args["theta"] = torch.sigmoid(torch.randn(B, T, H, device=device)) / (D if rec.update == "ttt" else 1)
+    if rec.momentum:
+        args["eta"] = torch.sigmoid(torch.randn(B, T, H, device=device))
+    if rec.weight_decay:
+        args["alpha"] = torch.sigmoid(torch.randn(B, T, H, device=device) - 4)
+    if rec.update == "ttt":  # the inner LayerNorm's weight and bias
+        args["ln_weight"], args["ln_bias"] = torch.ones(H, D, device=device), torch.zeros(H, D, device=device)
     leaves = [x.requires_grad_(True) for x in (q, k, v, *args.values())]
     return leaves[:3], dict(zip(args, leaves[3:]))
 
@@ -426,7 +434,9 @@ def bench_kernels(programs: dict[str, Program], device: torch.device, size: Size
             rows.append(kernel_case(f"lmoec {lsm}", f"lmoec ({backend})", lambda: op(q, k, v, **args)[0],
                                     [q, k, v, *args.values()], T, B, device, size.warmup, size.iters, say))
             # fla has no element-wise gates (GFW's chunk_gla peer is GLA's: bench/elementwise_gpu.py times it)
-            peer = fla and fla.get((rec.decay, rec.delta)) if not (rec.bonus or rec.dplr or rec.elementwise != "none") else None
+            # (nor test-time-training updates beyond the delta rule: bench/ttt_gpu.py times fla's TTT and titans)
+            plain = not (rec.bonus or rec.dplr or rec.elementwise != "none" or rec.update != "none")
+            peer = fla and fla.get((rec.decay, rec.delta)) if plain else None
             if peer is not None:
                 rows.append(kernel_case(f"fla ({lsm} recurrence)", fla_note, lambda: peer(q, k, v, args, D ** -0.5),
                                         [q, k, v, *args.values()], T, B, device, size.warmup, size.iters, say))

@@ -10,6 +10,8 @@ Axes (`--vary AXIS=v1,v2,...`):
     decay     none | constant | scalar | vector | outer_sum | outer_product, with the standard gate of that kind
               (outer_sum: GFW's key and value gates; outer_product: Mamba's selective-scan gate exp(dt A))
     delta     off | on (the delta rule with beta = sigmoid(x @ W_beta))
+    momentum  off | on: a test-time-training update's momentum (none, or sigmoid(x @ W_eta)); the lsm needs an update
+    minibatch 1 | N: the update's gradient point (1: every token; N: the start of each mini-batch of N tokens)
     pattern   the layer pattern, e.g. LLLL, LLLN (must keep the layer count)
     lsm.KEY / model.KEY   any other key of the lsm or model block, written as is
     lsm.BLOCK.KEY / model.BLOCK.KEY   a key of a sub-block (lsm.memories.count, model.moe.top_k),
@@ -48,6 +50,7 @@ DECAY_GATES = {
                       "decay rate = -exp(A_log)"],
 }
 DELTA_RULES = {"off": "delta = none", "on": "delta beta = sigmoid(x @ W_beta)"}
+MOMENTUM = {"off": "momentum = none", "on": "momentum = sigmoid(x @ W_eta)"}  # inside the lsm's update { }
 KEY = re.compile(r"^(lsm|model)\.(?:([A-Za-z_][A-Za-z0-9_]*)\.)?([A-Za-z_][A-Za-z0-9_]*)$")
 WRITTEN_BY = "# Written by `lmoec variants`"  # the second line of every variant spec
 
@@ -74,13 +77,17 @@ def parse_axes(specs: list[str]) -> dict[str, list[str]]:
         options = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not options:
             raise ValueError(f"--vary {spec!r}: write AXIS=v1,v2,...")
-        if axis not in ("lsm", "decay", "delta", "pattern") and not KEY.match(axis):
-            raise ValueError(f"--vary {spec!r}: unknown axis {axis!r} (lsm, decay, delta, pattern, lsm.KEY, model.KEY, "
-                             "lsm.BLOCK.KEY, model.BLOCK.KEY)")
+        if axis not in ("lsm", "decay", "delta", "momentum", "minibatch", "pattern") and not KEY.match(axis):
+            raise ValueError(f"--vary {spec!r}: unknown axis {axis!r} (lsm, decay, delta, momentum, minibatch, pattern, "
+                             "lsm.KEY, model.KEY, lsm.BLOCK.KEY, model.BLOCK.KEY)")
         if axis == "decay" and (bad := [v for v in options if v not in DECAY_GATES]):
             raise ValueError(f"--vary decay: unknown kind {bad[0]!r} (choose from {', '.join(DECAY_GATES)})")
         if axis == "delta" and (bad := [v for v in options if v not in DELTA_RULES]):
             raise ValueError(f"--vary delta: {bad[0]!r} is not off or on")
+        if axis == "momentum" and (bad := [v for v in options if v not in MOMENTUM]):
+            raise ValueError(f"--vary momentum: {bad[0]!r} is not off or on")
+        if axis == "minibatch" and (bad := [v for v in options if not (v.isdigit() and int(v) >= 1)]):
+            raise ValueError(f"--vary minibatch: {bad[0]!r} is not a whole number >= 1 (1: a gradient at every token)")
         if axis in axes:
             raise ValueError(f"--vary {axis} given twice")
         if len(set(options)) != len(options):
@@ -130,6 +137,11 @@ def render_variant(base_path: Path, out_dir: Path, point: dict[str, str]) -> Var
     if "pattern" in point:
         model_lines.append(f'pattern = "{point["pattern"]}"')
     blocks: dict[tuple[str, str], list[str]] = {}
+    if "momentum" in point:  # the update's own axes merge over the base lsm's update { }, with any lsm.update.KEY
+        blocks.setdefault(("lsm", "update"), []).append(MOMENTUM[point["momentum"]])
+    if "minibatch" in point:
+        n = int(point["minibatch"])
+        blocks.setdefault(("lsm", "update"), []).append("gradient = token" if n == 1 else f"gradient = minibatch({n})")
     for axis, value in point.items():
         if (m := KEY.match(axis)) is not None:
             if m.group(2) is None:

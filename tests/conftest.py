@@ -107,7 +107,20 @@ def random_inputs(rec: Recurrence, B=2, T=37, H=2, K=8, V=8, dtype=torch.float64
     elif rec.elementwise == "outer_product":
         out["dt"] = torch.nn.functional.softplus(randn(B, T, H, V)) + (5 if strong_decay else 0)
         out["A"] = -(torch.rand(H, V, K, generator=gen, dtype=torch.float64) + (3 if strong_decay else 0.1))
-    out["initial_state"] = randn(n_seq or B, H, K, V) * 0.5
+    rows, width = K, 1  # the state [N, H, rows, width * V]
+    if rec.update == "titans":  # unit keys, gates in (0, 1); the joint state (M, S)
+        out["k"] = l2norm(out["k"])
+        out["theta"] = torch.sigmoid(randn(B, T, H))
+        if rec.momentum:
+            out["eta"] = torch.sigmoid(randn(B, T, H))
+        if rec.weight_decay:
+            out["alpha"] = torch.sigmoid(randn(B, T, H) - 3)
+        width = 2
+    elif rec.update == "ttt":  # lr / K as the library spec; the inner LayerNorm near (1, 0); W and its bias b
+        out["theta"] = torch.sigmoid(randn(B, T, H)) / K
+        out["ln_weight"], out["ln_bias"] = 1 + 0.1 * randn(H, V), 0.1 * randn(H, V)
+        rows = K + 1
+    out["initial_state"] = randn(n_seq or B, H, rows, width * V) * 0.5
     state_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # states are fp32 in the contract
     return {name: t.to(state_dtype if name == "initial_state" else dtype) for name, t in out.items()}
 

@@ -22,7 +22,8 @@ import lmoec
 
 from lmoec.backends.reference import recurrent_reference
 from lmoec.ir import expr as ex
-from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, ParallelSpec, Param, Recurrence, SpecIR
+from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, ParallelSpec, Param, Recurrence, SpecIR, Update
+from lmoec.kinds import kind_of
 from lmoec.passes import run_passes
 from lmoec.paths import SPECS
 from lmoec.program import Program
@@ -36,14 +37,21 @@ FAMILIES = {name: RECURRENCES[name] for name in ("additive", "constant", "scalar
 FAMILIES["dplr"] = RECURRENCES["dplr_vector"]
 FAMILIES["outer_sum"] = Recurrence(decay="vector", elementwise="outer_sum")  # GFW: A_r [B, H, K, V] element-wise
 FAMILIES["outer_product"] = Recurrence(elementwise="outer_product")  # Mamba
+# Titans: the joint state (M, S) [B, H, K, 2V] travels stacked, A_r [B, H, 2K, 2K]
+FAMILIES["titans"] = Recurrence(update="titans", momentum=True, weight_decay=True)
 # (case, family, transition, backend): every family on the float64 oracle and on the emitted torch
 # chunkwise op; the generic K x K route forced on a diagonal family too
 LSM_CASES = [
     (f"{name}-{backend}", name, "auto", backend) for backend in ("reference", "torch") for name in FAMILIES
-] + [("scalar_as_matrix-torch", "scalar", "matrix", "torch")]
+] + [("scalar_as_matrix-torch", "scalar", "matrix", "torch"),
+      ("titans_minibatch-reference", "titans_minibatch", "auto", "reference")]
+# Titans' chunk-start form, each rank's slice of T_LOCAL tokens one whole mini-batch (on the oracle only: an emitted
+# op's mini-batch must divide its chunk)
+FAMILIES["titans_minibatch"] = Recurrence(update="titans", momentum=True, weight_decay=True, minibatch=5)
 B, T_LOCAL, H, K, V = 2, 5, 2, 4, 3
 # the families whose segments (cu_seqlens) continue across ranks: every kind of A, on the emitted torch op
-SEGMENT_CASES = ["additive", "constant", "scalar", "vector_bonus", "delta_scalar", "dplr", "outer_sum", "outer_product"]
+SEGMENT_CASES = ["additive", "constant", "scalar", "vector_bonus", "delta_scalar", "dplr", "outer_sum", "outer_product",
+                 "titans"]
 
 
 def reference_op(rec: Recurrence):
@@ -54,10 +62,11 @@ def reference_op(rec: Recurrence):
         module.RECURRENCE = rec
 
         def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_state=None,
-               output_final_state=False, cu_seqlens=None, gv=None, dt=None, A=None):
-            check_op_args(rec, name, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens, gv=gv, dt=dt, A=A)
+               output_final_state=False, cu_seqlens=None, gv=None, dt=None, A=None, theta=None, eta=None, alpha=None):
+            gates = dict(gv=gv, dt=dt, A=A, theta=theta, eta=eta, alpha=alpha)
+            check_op_args(rec, name, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens, **gates)
             return recurrent_reference(rec, q, k, v, g, beta, u, a, b, scale, initial_state, output_final_state, cu_seqlens,
-                                       gv=gv, dt=dt, A=A)
+                                       **gates)
 
         op.__module__ = name
         module.op = op
@@ -85,6 +94,10 @@ def _lsm_spec(name: str, rec: Recurrence) -> LSMSpec:
     elif rec.elementwise == "outer_product":
         parts["decay"] = Decay(step=ex.function("softplus")(ex.linear(x, "W_dt")), rate=-sympy.exp(sympy.Symbol("A_log")))
         parts["params"] = {"A_log": Param(name="A_log", shape=["H", "V", "K"], init=sympy.Integer(0))}
+    if rec.update == "titans":
+        sigmoid = ex.function("sigmoid")
+        parts["update"] = Update(lr=sigmoid(ex.linear(x, "W_lr")), momentum=sigmoid(ex.linear(x, "W_eta")),
+                                 weight_decay=sigmoid(ex.linear(x, "W_alpha")))
     return LSMSpec(name=name, **parts)
 
 
@@ -131,8 +144,13 @@ def global_inputs(rec: Recurrence, T: int, seed: int) -> dict[str, torch.Tensor]
     elif rec.elementwise == "outer_product":
         x["dt"] = F.softplus(randn(B, T, H, V))
         x["A"] = -0.1 - torch.rand(H, V, K, generator=gen, dtype=torch.float64)
-    x["initial_state"] = randn(B, H, K, V)
+    if rec.update == "titans":
+        x["k"] = F.normalize(x["k"], dim=-1)
+        x["theta"], x["eta"] = torch.sigmoid(randn(B, T, H)), torch.sigmoid(randn(B, T, H))
+        x["alpha"] = torch.sigmoid(randn(B, T, H) - 3)
+    x["initial_state"] = randn(B, H, K, kind_of(rec).state_width * V)
     return x
+
 
 
 def _close(errors: list[str], what: str, got, want) -> None:
@@ -154,7 +172,7 @@ def check_lsm(family: str, transition: str, backend: str, group, seed: int) -> l
     full = global_inputs(rec, T_LOCAL * world, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     w_o = torch.randn(B, T_LOCAL * world, H, V, generator=gen, dtype=torch.float64)
-    w_s = torch.randn(B, H, K, V, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(B, H, K, kind_of(rec).state_width * V, generator=gen, dtype=torch.float64)
 
     leaves = {n: t.clone().requires_grad_() for n, t in full.items()}
     o_full, s_full = op(**leaves, output_final_state=True, **op_kwargs)
@@ -199,10 +217,10 @@ def check_segments(family: str, backend: str, group, seed: int) -> list[str]:
     total = lens.sum(0)
     start = torch.cumsum(total, 0) - total  # each segment's first row in the whole packed sequence
     full = {n: (t[:1] if t.dim() >= 3 and n != "A" else t) for n, t in global_inputs(rec, int(total.sum()), seed).items()}
-    full["initial_state"] = torch.randn(3, H, K, V, generator=gen, dtype=torch.float64)
+    full["initial_state"] = torch.randn(3, H, K, kind_of(rec).state_width * V, generator=gen, dtype=torch.float64)
     cu_full = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(total, 0)])
     w_o = torch.randn(1, int(total.sum()), H, V, generator=gen, dtype=torch.float64)
-    w_s = torch.randn(3, H, K, V, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(3, H, K, kind_of(rec).state_width * V, generator=gen, dtype=torch.float64)
     leaves = {n: t.clone().requires_grad_() for n, t in full.items()}
     o_full, s_full = op(**leaves, output_final_state=True, cu_seqlens=cu_full, **op_kwargs)
     ((o_full * w_o).sum() + (s_full * w_s).sum()).backward()
@@ -297,9 +315,9 @@ def model_programs(spec_dir: str) -> dict[str, Program]:
     """Three tiny hybrid models: GLA (vector decay) LLLN from specs/models/tiny.lsm, Gated DeltaNet
     (delta + scalar decay, width-4 short convolutions) LNL with grouped-query attention, and the same
     with Mixture-of-Memories (specs/lsm/mom.lsm: 4 memories, top-2, shared; segments of 0 to 4 tokens
-    per rank, so a segment's convolution reaches back over several ranks)."""
+    per rank, so a segment's convolution reaches back over several ranks), and Titans LNL (the joint state)."""
     programs = {"gla_llln": lmoec.compile_spec(SPECS / "models" / "tiny.lsm")}
-    for key, name in (("gdn_lnl", "gated_deltanet"), ("mom_lnl", "mom")):
+    for key, name in (("gdn_lnl", "gated_deltanet"), ("mom_lnl", "mom"), ("titans_lnl", "titans")):
         hybrid = Path(spec_dir, f"sp_hybrid_{name}.lsm")
         if not hybrid.exists():
             hybrid.write_text(HYBRID_SPEC.format(lsm=SPECS / "lsm" / f"{name}.lsm", name=name))
@@ -365,7 +383,8 @@ def results_for(world: int, tmp_path_factory) -> dict[str, list[str]]:
     """Run every case once in `world` spawned processes; {case: failures of all ranks}."""
     if world not in _RESULTS:
         out = tmp_path_factory.mktemp(f"lasp2_world{world}")
-        for family in FAMILIES:  # emit once here, so the workers only import the cached packages
+        # emit once here, so the workers only import the cached packages
+        for family in {c[1] for c in LSM_CASES if c[3] == "torch"} | set(SEGMENT_CASES):
             emitted_op(family)
         for program in model_programs(str(out)).values():
             program.package
@@ -395,7 +414,7 @@ def test_lasp2_segments_continue_across_ranks(world, family, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("model", ["gla_llln", "gdn_lnl", "mom_lnl"])
+@pytest.mark.parametrize("model", ["gla_llln", "gdn_lnl", "mom_lnl", "titans_lnl"])
 def test_sequence_parallel_hybrid_model_matches_single_process(world, model, tmp_path_factory):
     res = results_for(world, tmp_path_factory)
     assert res[f"model_{model}"] == [], "\n".join(res[f"model_{model}"])

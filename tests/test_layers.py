@@ -11,6 +11,7 @@ from lmoec.backends import modules
 from lmoec.backends.printer import Slot, print_torch, projections_of
 from lmoec.ir import expr as ex
 from lmoec.ir.nodes import DenseFFNSpec, Decay, Delta, LSMSpec, ModelSpec, Param, SpecIR
+from lmoec.kinds import kind_of
 from lmoec.passes.classify import classify
 from lmoec.paths import SPECS
 from lmoec.program import compile_ir
@@ -67,6 +68,7 @@ def test_spec_layer_forward_backward(path):
 @pytest.mark.parametrize("path", LSM_SPECS, ids=lambda p: p.stem)
 def test_spec_layer_decoding_matches_full_forward(path):
     """float64: prefill (chunkwise from no state) then token-by-token steps == one full forward, and the caches agree."""
+    rec = _compiled(path).ir.lsm().recurrence
     layer = _compiled(path).layer(hidden=32, heads=2).double()
     perturb(layer)
     xs = tokens(layer, 2, 9)
@@ -83,7 +85,8 @@ def test_spec_layer_decoding_matches_full_forward(path):
         torch.testing.assert_close(cache[key], full_cache[key], rtol=1e-9, atol=1e-10)
     memories = _compiled(path).ir.lsm().memories  # with memories (mom): one state per memory
     lead = (memories.states,) if memories else ()
-    assert cache["state"].shape == (*lead, 2, layer.heads, layer.head_k, layer.head_v)
+    kind = kind_of(rec)  # Titans: the memory and its momentum side by side; TTT-Linear: the inner bias as a row
+    assert cache["state"].shape == (*lead, 2, layer.heads, layer.head_k + kind.state_rows, kind.state_width * layer.head_v)
 
 
 def test_decoding_from_the_first_token_and_split_prefill():

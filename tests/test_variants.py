@@ -62,6 +62,21 @@ def test_decay_axis_reaches_the_elementwise_kind_and_back(base, tmp_path):
     assert not rejected and written[0]["family"] == "vector"
 
 
+def test_update_axes_vary_momentum_and_minibatch(base, tmp_path):
+    """momentum=off,on and minibatch=1,16 over a Titans base: the per-token form without momentum (but with weight
+    decay) stays a titans update, with momentum it gains the joint state, minibatch(16) moves the gradient point; on
+    a base without an update the points are rejected with the compiler's message."""
+    titans = tmp_path / "titans_base.lsm"
+    titans.write_text(BASE.replace("gla.lsm", "titans.lsm").replace("lsm = gla", "lsm = titans"))
+    written, rejected = make_variants(titans, parse_axes(["momentum=off,on", "minibatch=1,16"]), tmp_path / "v")
+    assert not rejected
+    assert [w["family"] for w in written] == ["titans_wd", "titans_wd_mb16", "titans_momentum_wd",
+                                              "titans_momentum_wd_mb16"]
+    assert "update { momentum = none gradient = minibatch(16) }" in (tmp_path / "v" / written[1]["spec"]).read_text()
+    _, rejected = make_variants(base, parse_axes(["momentum=on"]), tmp_path / "gla")
+    assert rejected and "lr" in rejected[0].reason
+
+
 def test_invalid_points_are_reported_not_written(base, tmp_path):
     written, rejected = make_variants(base, parse_axes(["pattern=LL,LLL,LX"]), tmp_path / "v")
     assert [w["point"]["pattern"] for w in written] == ["LL"]
@@ -70,7 +85,7 @@ def test_invalid_points_are_reported_not_written(base, tmp_path):
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["manifest.json", "small__pattern_LL.lsm"]
 
 
-@pytest.mark.parametrize("bad", ["decay", "decay=sideways", "colour=red", "delta=maybe"])
+@pytest.mark.parametrize("bad", ["decay", "decay=sideways", "colour=red", "delta=maybe", "momentum=yes", "minibatch=0"])
 def test_malformed_axes_are_errors(bad):
     with pytest.raises(ValueError):
         parse_axes([bad])

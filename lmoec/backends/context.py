@@ -43,6 +43,14 @@ class LSMContext(BaseModel):
         if self.rec.dplr:
             out += ["a", "b"]
         out += {"none": [], "outer_sum": ["gv"], "outer_product": ["dt", "A"]}[self.rec.elementwise]
+        if self.rec.update == "titans":
+            from ..kinds.titans import gates
+
+            out += gates(self.rec)
+        if self.rec.update == "ttt":
+            from ..kinds.ttt import GATES
+
+            out += GATES
         return out
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..ir import expr as ex
 from ..ir.nodes import LSMSpec, SpecIR
+from ..kinds import kind_of
 from ..passes.validate import RESERVED_NAMES
 from .context import lsm_context
 from .literal import Name
@@ -97,6 +98,11 @@ class LayerContext(BaseModel):
     gv_code: Optional[str]  # element-wise gates: value-side log decay [B, T, H, V]
     dt_code: Optional[str]  # step [B, T, H, V]
     rate_code: Optional[str]  # rate A [H, V, K]
+    update_codes: dict[str, str]  # an update's per-token gates by op argument (theta, eta, alpha), each [B, T, H]
+    minibatch: int  # an update's mini-batch (gradient = minibatch(N)); 1: per token
+    state_dims: str  # code of the op state's shape [B, H, K + rows, width * V]
+    param_args: dict[str, str]  # op arguments that are the layer's own params, passed whole (TTT's ln_weight, ln_bias)
+    state_shape: str  # the decode cache's "state", for the docstring
     skip_code: Optional[str]  # o = o + skip * v
     query_code: Optional[str]  # the op's q [B, T, H, K] from the spec instead of q_proj
     key_code: Optional[str]  # the op's k likewise, instead of k_proj
@@ -225,7 +231,14 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     if lsm.memories is not None:
         memories = _memories_context(lsm, gate)
     per_key_readers = {"q"} if lsm.tie_k_to_decay else {"q", "k"}
-    beta_code = gate(lsm.delta.beta, "beta", SCALAR, set(), "h") if lsm.delta is not None else None
+    # an update that is the delta rule (passes.classify.update_is_delta) gives the delta kind its beta: the lr
+    beta_expr = lsm.delta.beta if lsm.delta is not None else (lsm.update.lr if rec.delta and lsm.update else None)
+    beta_code = gate(beta_expr, "beta", SCALAR, set(), "h") if beta_expr is not None else None
+    update_codes = {}
+    if rec.update in ("titans", "ttt"):
+        exprs = {"theta": lsm.update.lr, "eta": lsm.update.momentum, "alpha": lsm.update.weight_decay}
+        update_codes = {arg: gate(exprs[arg], f"update {key}", SCALAR, set(), "h")
+                        for arg, key in (("theta", "lr"), ("eta", "momentum"), ("alpha", "weight_decay")) if arg in ctx.args}
     a_code = gate(lsm.dplr.a, "dplr a", PER_KEY, per_key_readers, "h[:, None]") if lsm.dplr is not None else None
     b_code = gate(lsm.dplr.b, "dplr b", PER_KEY, per_key_readers, "h[:, None]") if lsm.dplr is not None else None
     gate_code = gate(lsm.output_gate, "output gate", PER_VALUE, set(), "h[:, None]")
@@ -290,7 +303,8 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
     forward_exprs = [e for e in (lsm.decay.expr if rec.decay in ("scalar", "vector") else None,
                                  lsm.delta.beta if lsm.delta else None, lsm.dplr.a if lsm.dplr else None,
                                  lsm.dplr.b if lsm.dplr else None, lsm.output_gate, lsm.skip, lsm.decay.value,
-                                 lsm.decay.step, lsm.query, lsm.key) if e is not None]
+                                 lsm.decay.step, lsm.query, lsm.key,
+                                 *(e for _, e in (lsm.update.gates() if lsm.update else []))) if e is not None]
     if any(getattr(f, "func", None) == ex.function("l2norm") for e in forward_exprs for f in sympy.preorder_traversal(e)):
         helpers.add("l2norm")
 
@@ -330,6 +344,12 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         gv_code=gv_code,
         dt_code=dt_code,
         rate_code=rate_code,
+        update_codes=update_codes,
+        minibatch=rec.minibatch,
+        state_dims=_state_dims(kind_of(rec)),
+        param_args={arg: f"self.{arg}" for arg in ("ln_weight", "ln_bias") if arg in ctx.args},
+        state_shape={"titans": "[B, H, K, 2V] (the memory M, then its momentum S)",
+                     "ttt": "[B, H, K + 1, V] (the inner W, then its bias b)"}.get(rec.update, "[B, H, K, V]"),
         skip_code=skip_code,
         query_code=query_code,
         key_code=key_code,
@@ -345,10 +365,17 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         recompute_imports=recompute_imports,
         uses_functional=bool(lsm.short_conv) or norm_gate or any(
             "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, skip_code, gv_code, dt_code, rate_code, query_code, key_code,
+                                      *update_codes.values(),
                                       *(f.code for f in feature_q + feature_k)) if code
         ),
         memories=memories,
     )
+
+
+def _state_dims(kind) -> str:
+    rows = f"self.head_k + {kind.state_rows}" if kind.state_rows else "self.head_k"
+    columns = f"{kind.state_width} * self.head_v" if kind.state_width > 1 else "self.head_v"
+    return f"x.shape[0], self.heads, {rows}, {columns}"
 
 
 def _memories_context(lsm: LSMSpec, gate) -> MemoriesContext:

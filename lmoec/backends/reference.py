@@ -32,6 +32,11 @@ def recurrent_reference(
     gv: Optional[torch.Tensor] = None,
     dt: Optional[torch.Tensor] = None,
     A: Optional[torch.Tensor] = None,
+    theta: Optional[torch.Tensor] = None,
+    eta: Optional[torch.Tensor] = None,
+    alpha: Optional[torch.Tensor] = None,
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
 ):
     """Token-by-token recurrence; arguments as in the op contract (already checked)."""
     B, T, H, K = q.shape
@@ -39,6 +44,9 @@ def recurrent_reference(
     if scale is None:
         scale = K ** -0.5
     dtype = torch.promote_types(q.dtype, torch.float32)
+    def whole(x):  # a per-head argument, the same at every token
+        return None if x is None else x.to(dtype)[None]
+
     if g is not None and g.dim() == 1:  # constant decay given per head
         g = g.view(1, 1, H).expand(B, T, H)
 
@@ -48,23 +56,26 @@ def recurrent_reference(
         offs = cu_seqlens.tolist()
         bounds = [(0, offs[i], offs[i + 1]) for i in range(len(offs) - 1)]
 
-    step = kind_of(rec).oracle_step
+    kind = kind_of(rec)
+    step = kind.oracle_step
     o = torch.empty(B, T, H, V, dtype=dtype, device=q.device)
     finals = []
     for n, (bi, start, end) in enumerate(bounds):
         if initial_state is not None:
             S = initial_state[n].to(dtype)
         else:
-            S = torch.zeros(H, K, V, dtype=dtype, device=q.device)
-        S = S.unsqueeze(0)
+            S = torch.zeros(H, K + kind.state_rows, kind.state_width * V, dtype=dtype, device=q.device)
+        S = kind.oracle_state_in(rec, S.unsqueeze(0))
         for t in range(start, end):
             def at(x):
                 return None if x is None else x[bi : bi + 1, t].to(dtype)
 
             inputs = {"g": at(g), "beta": at(beta), "u": None if u is None else u.to(dtype)[None], "a": at(a), "b": at(b),
-                      "gv": at(gv), "dt": at(dt), "A": None if A is None else A.to(dtype)[None]}
+                      "gv": at(gv), "dt": at(dt), "A": None if A is None else A.to(dtype)[None],
+                      "theta": at(theta), "eta": at(eta), "alpha": at(alpha), "ln_weight": whole(ln_weight),
+                      "ln_bias": whole(ln_bias), "position": t - start}
             S, o_t = step(rec, S, at(q), at(k), at(v), inputs, scale)
             o[bi, t] = o_t[0]
-        finals.append(S[0])
+        finals.append(kind.oracle_state_out(rec, S)[0])
     final = torch.stack(finals) if output_final_state else None
     return o.to(q.dtype), final

@@ -105,6 +105,12 @@ def show_plan(ir, shape: tuple[int, ...]) -> None:
             f"T={t}" for t in SEQ_LENS) if lsm_flat else "VIOLATED"))
     if any(s.depends_on_seq_len for s in ir.comm.steps):
         print("  attention (LASP-2H) and MoE all-to-all grow with the local length T")
+    from ..kinds import kind_of
+
+    for lsm in ir.lsms.values():
+        if kind_of(lsm.recurrence).lasp2_map is None:
+            print(f"  lsm {lsm.name} ({lsm.recurrence.family.value}): no LASP-2 map, its update is not affine in its "
+                  "state; it runs unsplit (sp = 1)")
 
 
 def show_kernels(program, stats: bool, shape: tuple[int, ...], gpu: str) -> None:

@@ -34,6 +34,7 @@ from ..ir.nodes import (
     ParallelSpec,
     Param,
     SpecIR,
+    Update,
 )
 from ..passes.validate import MAX_LAYERS, Locs, validate
 from ..paths import ROOT
@@ -44,6 +45,7 @@ FEATURE_MAPS = ("identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "reba
 DECAY_KINDS = ("none", "constant", "scalar", "vector")
 GATE_PARTS = ("value", "step", "rate")  # element-wise gates (lmoec.kinds.elementwise): `decay value`, `decay step`, `decay rate`
 PARAM_SYMBOLS = {"h", "i", "H", "K", "V", "layer"}
+MAX_MINIBATCH = 256  # tokens per mini-batch of a test-time-training update (at most the largest chunk)
 MAX_INT = 2**31 - 1  # integer settings size tensors and loops
 MAX_IMPORT_DEPTH = 64  # files importing files; loading recurses once per level
 MAX_EXTENDS_DEPTH = 64  # blocks extending blocks; lowering recurses once per level
@@ -217,7 +219,10 @@ LSM_KEYS: dict[str, tuple] = {
     "scale": (("assign",), None),
     "chunk_size": (("assign",), None),
     "memories": (("block", "assign"), None),
+    "update": (("block", "assign"), None),
 }
+UPDATE_KEYS = {k: (("assign",), None) for k in ("loss", "lr", "momentum", "weight_decay", "gradient")}
+INNER_LOSSES = ("mse", "ln_mse")
 MEMORY_KEYS = {k: (("assign",), None) for k in Memories.model_fields}
 MEMORY_PARTS = ("k", "v", "beta", "decay")
 
@@ -228,7 +233,7 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
     _check_keys(block.body, src, where, LSM_KEYS, params=True)
     f = spec.model_dump(exclude={"recurrence"}, round_trip=True)
     f.update(decay=spec.decay, delta=spec.delta, dplr=spec.dplr, output_gate=spec.output_gate, scale=spec.scale, skip=spec.skip,
-             query=spec.query, key=spec.key)
+             query=spec.query, key=spec.key, update=spec.update)
     params = dict(spec.params)
     at = ("lsm", spec.name)
 
@@ -312,11 +317,22 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
                 f["memories"] = None
             else:
                 f["memories"] = _memories(spec.memories, s, src, where, locs, at)
+        elif key == "update":
+            if s.kind == "assign":
+                if not none:
+                    v.fail("write 'update { lr = EXPR ... }' or 'update = none'")
+                f["update"] = None
+            else:
+                f["update"] = _update(spec.update, s, src, where, locs, at, symbols)
 
     if dplr_parts and set(dplr_parts) != {"a", "b"}:
         missing = ({"a", "b"} - set(dplr_parts)).pop()
         raise src.error(f"{where}: dplr needs both a and b; 'dplr {missing} = ...' is missing", dplr_node.key)
     f["dplr"] = DPLRTerms(**dplr_parts) if dplr_parts else None
+    if f.get("update") is not None and _loss_of(f["update"]) == "ln_mse":  # TTT-Linear's inner LayerNorm, learned outside
+        for name, init in (("ln_weight", 1), ("ln_bias", 0)):
+            if name not in params:
+                params[name] = Param(name=name, shape=["H", "V"], init=sympy.Integer(init), loc=spec.loc)
     if f["bonus_u"] and "u" not in params:
         params["u"] = Param(name="u", shape=["H", "K"], init=sympy.Integer(0), loc=spec.loc)
     f["params"] = params
@@ -341,6 +357,51 @@ def _memories(base: Optional[Memories], s: Stmt, src: Source, where: str, locs: 
     if missing:
         raise src.error(f"{where}: missing {' and '.join(missing)}", s.key)
     return Memories(**fields)
+
+
+def _update(base: Optional[Update], s: Stmt, src: Source, where: str, locs: Locs, at: tuple,
+            symbols: set[str]) -> Update:
+    """An `update { }` block (a test-time-training memory), merged over the base lsm's: `extends` can change
+    one gate, and `momentum = none` / `weight_decay = none` remove one."""
+    where = f"{where} update"
+    _check_keys(s.body, src, where, UPDATE_KEYS)
+    fields = dict(base) if base is not None else {}  # the base's fields as they are (expressions stay sympy)
+    for t in s.body:
+        v, key = Values(t, src, where), str(t.key)
+        locs.set(at + ("update", key), src.loc(t.key))
+        if key == "loss":
+            fields[key] = v.choice(INNER_LOSSES, what="inner loss")
+        elif key == "gradient":
+            fields["minibatch"] = _gradient_point(v)
+        elif key == "lr":
+            fields[key] = v.expr(symbols)
+        else:
+            fields[key] = None if v.is_none() else v.expr(symbols)
+    if fields.get("lr") is None:
+        raise src.error(f"{where}: missing lr (the inner learning rate, e.g. lr = sigmoid(x @ W_lr))", s.key)
+    return Update(**fields)
+
+
+def _loss_of(update) -> str:
+    """The inner loss of an update as a field holds it (a node, or a dump of one)."""
+    return update.loss if isinstance(update, Update) else update.get("loss", "mse")
+
+
+def _gradient_point(v: Values) -> int:
+    """`gradient = token` (1) or `gradient = minibatch(N)`: the tokens that share one gradient point."""
+    node = v.one()
+    usage = "gradient is 'token' or 'minibatch(N)' with a whole N >= 1"
+    if isinstance(node, lark.Tree) and node.data == "var" and str(node.children[0]) == "token":
+        return 1
+    if not (isinstance(node, lark.Tree) and node.data == "call" and str(node.children[0]) == "minibatch"):
+        v.fail(usage, node)
+    args = [a for a in node.children[1:] if a is not None]
+    if len(args) != 1 or not (isinstance(args[0], lark.Tree) and args[0].data == "number"):
+        v.fail(usage, node)
+    text = str(args[0].children[0])
+    if not text.isdigit() or not 1 <= int(text) <= MAX_MINIBATCH:
+        v.fail(f"minibatch(N) takes a whole N from 1 to {MAX_MINIBATCH}, got {_abbrev(text)}", args[0])
+    return int(text)
 
 
 # ---- the model block -------------------------------------------------------------

@@ -19,4 +19,5 @@ from .nodes import (  # noqa: F401
     Recurrence,
     SourceLoc,
     SpecIR,
+    Update,
 )

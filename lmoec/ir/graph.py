@@ -90,6 +90,8 @@ def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, i
         slots.append((lsm.decay.expr, H if lsm.decay.kind == "scalar" else qk, "decay"))
     if lsm.delta is not None:
         slots.append((lsm.delta.beta, H, "beta"))
+    if lsm.update is not None:
+        slots += [(e, H, None) for _, e in lsm.update.gates()]
     if lsm.dplr is not None:
         slots += [(lsm.dplr.a, qk, None), (lsm.dplr.b, qk, None)]
     if lsm.output_gate is not None:

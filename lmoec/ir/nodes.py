@@ -51,6 +51,9 @@ class SourceLoc(Node):
 DecayKind = Literal["none", "constant", "scalar", "vector"]
 # element-wise gates G_t in R^{K x V}: an outer sum g 1^T + 1 gv^T (GFW), or an outer product dt[d] A[d, n] (Mamba)
 ElementwiseKind = Literal["none", "outer_sum", "outer_product"]
+# test-time-training memories: none, a linear memory M with a momentum state S (Titans, lmoec.kinds.titans), or
+# TTT-Linear's LayerNorm inner model (lmoec.kinds.ttt)
+UpdateKind = Literal["none", "titans", "ttt"]
 
 
 class Family(str, Enum):
@@ -63,6 +66,8 @@ class Family(str, Enum):
     delta = "delta"
     dplr = "dplr"
     elementwise = "elementwise"
+    titans = "titans"
+    ttt = "ttt"
 
 
 class Recurrence(Node):
@@ -79,6 +84,11 @@ class Recurrence(Node):
     dplr: bool = False
     bonus: bool = False  # RWKV6's u: o_t reads S_{t-1} plus (q.(u*k)) v
     elementwise: ElementwiseKind = "none"  # S_t = exp(G_t) * S_{t-1} + k_t v_t^T with G_t in R^{K x V}
+    # a gradient step on an inner loss that is no delta rule: the joint state (M, S) of Titans' momentum, or TTT-Linear
+    update: UpdateKind = "none"
+    momentum: bool = False  # the update has a momentum gate eta (else eta = 0)
+    weight_decay: bool = False  # the update has a forgetting gate alpha (else alpha = 0)
+    minibatch: int = 1  # gradients at the start of each mini-batch of this many tokens (1: at every token)
 
     @property
     def family(self) -> Family:
@@ -94,6 +104,10 @@ class Recurrence(Node):
             parts.append(self.decay)
         if self.elementwise != "none":
             parts.append(self.elementwise)
+        if self.update != "none":
+            parts += [p for p, on in (("momentum", self.momentum), ("wd", self.weight_decay)) if on]
+            if self.minibatch > 1:
+                parts.append(f"mb{self.minibatch}")
         if self.bonus:
             parts.append("bonus")
         return "_".join(parts)
@@ -131,6 +145,33 @@ class DPLRTerms(Node):
 
     a: Expr
     b: Expr
+
+
+InnerLoss = Literal["mse", "ln_mse"]
+
+
+class Update(Node):
+    """A test-time-training memory: each token takes a gradient step on an inner loss (docs/LANGUAGE.md, `update`).
+
+    With the linear memory M [K, V] and l = 1/2 |M^T k - v|^2, the gradient is k (M^T k - v)^T:
+        S_t = eta_t S_{t-1} - lr_t grad l(M_0; k_t, v_t)        (momentum; S_t = the step when eta = 0)
+        M_t = (1 - weight_decay_t) M_{t-1} + S_t
+    where M_0 is M_{t-1} (gradient = token) or the memory at the start of the token's mini-batch (minibatch(N)).
+    Without momentum and weight decay, per token, this is DeltaNet with beta = lr (classified as the delta kind).
+    `ln_mse` is TTT-Linear's inner model k + LN(k W + b) fitted to v (the target of LN(k W + b) is v - k), with
+    the inner bias b updated beside W and the LayerNorm's weight and bias learned by the outer model.
+    """
+
+    loss: InnerLoss = "mse"
+    lr: Expr  # theta_t [B, T, H]
+    momentum: Optional[Expr] = None  # eta_t [B, T, H]
+    weight_decay: Optional[Expr] = None  # alpha_t [B, T, H]
+    minibatch: int = 1
+
+    def gates(self) -> list[tuple[str, "sympy.Expr"]]:
+        """(statement key, expression) of each per-token gate the update has, in the op's argument order."""
+        return [(key, e) for key, e in (("lr", self.lr), ("momentum", self.momentum),
+                                        ("weight_decay", self.weight_decay)) if e is not None]
 
 
 MemoryPart = Literal["k", "v", "beta", "decay"]
@@ -186,6 +227,7 @@ class LSMSpec(Node):
     params: dict[str, Param] = Field(default_factory=dict)
     chunk_size: int = 64
     memories: Optional[Memories] = None  # None: one state (a plain layer)
+    update: Optional[Update] = None  # a test-time-training memory instead of delta / decay statements
 
     # filled by passes
     recurrence: Optional[Recurrence] = None

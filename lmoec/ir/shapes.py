@@ -2,7 +2,7 @@
 
 Each data-dependent expression fills a slot of the op (DESIGN.md's conventions):
 
-    scalar     [B, T, H]      decay scalar, delta beta
+    scalar     [B, T, H]      decay scalar, delta beta, update lr / momentum / weight_decay
     per_key    [B, T, H, K]   decay vector, dplr a and b
     per_key    [B, T, H, K]   query, key (given instead of projected)
     per_value  [B, T, H, V]   output_gate, skip, decay value, decay step
@@ -64,6 +64,8 @@ def _slots(lsm: LSMSpec) -> list[tuple[Slot, sympy.Expr]]:
             out.append((Slot("decay vector", ("decay",), ("H", "K"), "H*K"), lsm.decay.expr))
     if lsm.delta is not None:
         out.append((Slot("delta beta", ("delta",), ("H",), "H"), lsm.delta.beta))
+    if lsm.update is not None:
+        out += [(Slot(f"update {key}", ("update", key), ("H",), "H"), e) for key, e in lsm.update.gates()]
     if lsm.dplr is not None:
         out += [(Slot(f"dplr {part}", ("dplr", part), ("H", "K"), "H*K"), getattr(lsm.dplr, part)) for part in ("a", "b")]
     for part in ("value", "step"):

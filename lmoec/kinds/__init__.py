@@ -6,12 +6,12 @@ check, its cost model for `inspect --stats`, and the shape of its LASP-2 map. Ad
 appended to `KINDS`; nothing else dispatches on the family.
 
 This module imports neither torch nor jinja2 (`lmoec check` uses the classify rules): the kinds' oracle steps
-use tensor methods only, their emitters import the renderer when called.
+use tensor methods (or import torch when called), their emitters import the renderer when called.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..ir.nodes import Family, Recurrence
 
@@ -33,17 +33,25 @@ class Kind:
     supports: Callable[["LSMContext"], tuple[bool, str]]  # (ok, reason) of the Triton kernels
     emit_triton: Callable[["LSMContext", str], str]  # (ctx, header) -> `<lsm>_triton.py`, where supports is ok
     costs: Callable[["LSMContext", "Sizes", int], Costs]  # (ctx, sizes, bytes of the end states)
-    lasp2_map: list[str]  # dims of A_r in LASP-2's affine map S -> A_r S + M_r ([]: nothing to send)
+    # dims of A_r in LASP-2's affine map S -> A_r S + M_r ([]: nothing to send; None: the transition is not affine in
+    # the state, so LASP-2 does not apply)
+    lasp2_map: Optional[list[str]]
     # why backend="auto" keeps CUDA tensors on the torch path ("": it takes the Triton kernels): kernels that
     # pass the interpreter but have not yet been checked on a GPU stay opt-in (backend="triton")
     auto_torch_reason: str = ""
+    state_width: int = 1  # the op's state is [N, H, K + state_rows, state_width * V] (Titans: memory and momentum;
+    state_rows: int = 0  # TTT-Linear: the inner bias as one more row)
+    # the oracle's working state from the op's state and back (a kind that keeps more while it steps)
+    oracle_state_in: Callable[[Recurrence, Any], Any] = lambda rec, state: state
+    oracle_state_out: Callable[[Recurrence, Any], Any] = lambda rec, state: state
 
 
 def _registry() -> list[Kind]:
-    from . import decay, delta, dplr, elementwise
+    from . import decay, delta, dplr, elementwise, titans, ttt
 
-    # precedence: element-wise gates, DPLR, delta, then the decays (validate keeps the first three exclusive)
-    return [elementwise.KIND, dplr.KIND, delta.KIND, *decay.KINDS]
+    # precedence: test-time-training updates, element-wise gates, DPLR, delta, then the decays (validate keeps the
+    # first four exclusive)
+    return [titans.KIND, ttt.KIND, elementwise.KIND, dplr.KIND, delta.KIND, *decay.KINDS]
 
 
 KINDS: list[Kind] = _registry()

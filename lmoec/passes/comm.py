@@ -12,6 +12,8 @@ shape of A_r follows from the kind alone (`Kind.lasp2_map`):
     scalar     A_r [B, H]
     vector     A_r [B, H, K]
     delta/DPLR A_r [B, H, K, K]
+    titans     A_r [B, H, 2K, 2K]   the joint state (M, S) stacked as [2K, V]: M_r is [B, H, 2K, V]
+    ttt        none: the inner LayerNorm makes the update non-affine, so there is no map (check refuses sp > 1)
 
 so the payload depends on B, H, K, V and never on the sequence length. A layer with memories
 sends one map per (memory, sequence) segment: every shape gains a leading M (the memory states,
@@ -20,6 +22,8 @@ travels as the scalar family's [M, B, H].
 Softmax attention layers (LASP-2H) all-gather K and V, which does grow with T.
 """
 from __future__ import annotations
+
+import re
 
 import sympy
 
@@ -33,14 +37,23 @@ FP32 = 4
 
 
 def _numel(shape: list[str]) -> sympy.Expr:
+    """Elements of a shape of dim names, each maybe with a whole factor ("2K": a joint state's stacked rows)."""
     sym = {"B": B, "T": T, "H": H, "K": K, "V": V, "D": D, "hidden": hidden, "topk": topk, "M": M}
-    return sympy.Mul(*[sym[d] for d in shape]) if shape else sympy.Integer(0)
+
+    def dim(name: str) -> sympy.Expr:
+        factor, base = re.fullmatch(r"(\d*)(\w+)", name).groups()
+        return int(factor or 1) * sym[base]
+
+    return sympy.Mul(*[dim(d) for d in shape]) if shape else sympy.Integer(0)
 
 
 def lsm_steps(layer: int, lsm: LSMSpec) -> list[CommStep]:
     """The LASP-2 all-gathers of one LSM layer, forward and backward."""
-    a_shape = kind_of(lsm.recurrence).lasp2_map
-    m_shape = ["B", "H", "K", "V"]
+    kind = kind_of(lsm.recurrence)
+    if kind.lasp2_map is None:
+        return []
+    a_shape = kind.lasp2_map
+    m_shape = ["B", "H", "K" if kind.state_width == 1 else f"{kind.state_width}K", "V"]
     if lsm.memories is not None:
         # routed tokens give every (memory, sequence) segment its own A_r: a constant decay's is then per segment too
         a_shape = ["M"] + (["B", "H"] if lsm.recurrence.family is Family.constant else a_shape)

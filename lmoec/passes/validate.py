@@ -159,6 +159,8 @@ class _Checker:
                 if "x" not in names:
                     fail(f"{decay.kind} decay must depend on the input x; a decay of h alone is 'decay constant'", "decay")
         self._elementwise(lsm, data, fail)
+        if lsm.update is not None:
+            self._update(lsm, data, fail)
         if lsm.delta is not None:
             if lsm.dplr is not None:
                 fail("delta and dplr are exclusive: dplr already generalizes the delta rule", "dplr")
@@ -249,6 +251,35 @@ class _Checker:
                                    ("tie", lsm.tie_k_to_decay or None)):
                 if present is not None:
                     fail(f"element-wise gates (decay value / step) go without {other}", other)
+
+    def _update(self, lsm: LSMSpec, data: set[str], fail) -> None:
+        """A test-time-training memory: the update is the whole transition, and its gates are per token and head."""
+        upd = lsm.update
+        for other, present in (("delta", lsm.delta), ("dplr", lsm.dplr), ("bonus", lsm.bonus_u or None),
+                               ("tie", lsm.tie_k_to_decay or None), ("memories", lsm.memories)):
+            if present is not None:
+                fail(f"update is the whole transition (a gradient step on the inner loss): remove {other}", other)
+        if lsm.decay.kind != "none" or any(getattr(lsm.decay, p) is not None for p in ("value", "step", "rate")):
+            fail("update is the whole transition: forgetting is its weight_decay, not a decay statement", "decay")
+        if upd.loss == "ln_mse":
+            for key, e in (("momentum", upd.momentum), ("weight_decay", upd.weight_decay)):
+                if e is not None:
+                    fail(f"loss ln_mse (TTT-Linear) takes plain gradient steps: no {key}", "update", key)
+            widening = {"taylor2", "rebased"} & set(lsm.feature_map_q + lsm.feature_map_k)
+            if lsm.expand_k != lsm.expand_v or lsm.head_k is not None or widening:
+                fail("loss ln_mse fits k + LN(k W + b) to v and reads q + LN(q W + b): it needs K = V (equal "
+                     "expand_k and expand_v, no head_k, no feature map that changes the width)", "update", "loss")
+            if lsm.scale is None or lsm.scale != 1:
+                fail("loss ln_mse reads o = q + LN(q W + b), which has no output scale: write scale = 1", "update", "loss")
+            for name in ("ln_weight", "ln_bias"):
+                if name in lsm.params and lsm.params[name].shape != ["H", "V"]:
+                    fail(f"param {name} (the inner LayerNorm's) must have shape [H, V], got "
+                         f"[{', '.join(lsm.params[name].shape)}]", "params", name)
+        for key, e in upd.gates():
+            self._reads(ex.free_names(e), data, f"update {key}", fail, "update", key)
+        if upd.minibatch > 1 and lsm.chunk_size % upd.minibatch:
+            fail(f"gradient = minibatch({upd.minibatch}): the mini-batch must divide chunk_size = {lsm.chunk_size} "
+                 "(the chunkwise form keeps mini-batches inside chunks)", "update", "gradient")
 
     @staticmethod
     def _memories(lsm: LSMSpec, fail) -> None:
@@ -385,6 +416,10 @@ class _Checker:
             fail(f"ep = {par.ep} does not divide experts = {model.moe.experts}", "ep")
         if model.heads % par.tp:
             fail(f"tp = {par.tp} does not divide heads = {model.heads}", "tp")
+        lsm = self.ir.lsms.get(model.lsm) if model.lsm else None
+        if par.sp > 1 and lsm is not None and lsm.update is not None and lsm.update.loss == "ln_mse":
+            fail(f"sp = {par.sp}: lsm {lsm.name!r} (loss ln_mse, TTT-Linear) is not affine in its state, so LASP-2 "
+                 "cannot split its sequence", "sp")
 
     def run(self) -> None:
         for lsm in self.ir.lsms.values():
@@ -406,6 +441,8 @@ def _expressions(lsm: LSMSpec) -> list[tuple[tuple[str, ...], sympy.Expr]]:
     for part in ("value", "step"):
         if getattr(lsm.decay, part) is not None:
             out.append((("decay", part), getattr(lsm.decay, part)))
+    if lsm.update is not None:
+        out += [(("update", key), e) for key, e in lsm.update.gates()]
     if lsm.output_gate is not None:
         out.append((("output_gate",), lsm.output_gate))
     if lsm.skip is not None:

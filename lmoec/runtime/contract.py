@@ -2,7 +2,9 @@
 
 `op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None,
 initial_state=None, output_final_state=False, cu_seqlens=None)`, plus `gv`, or `dt` and
-`A`, for element-wise gates (lmoec.kinds.elementwise), layout
+`A`, for element-wise gates (lmoec.kinds.elementwise), or `theta` [, `eta`, `alpha`] for a Titans update
+(lmoec.kinds.titans, whose states are [N, H, K, 2V]: the memory, then its momentum), or `theta`, `ln_weight`,
+`ln_bias` for TTT-Linear (lmoec.kinds.ttt, K = V, states [N, H, K + 1, V]: W, then the inner bias), layout
 [B, T, H, D] (the flash-linear-attention convention). An argument the spec
 does not declare, or a tensor of the wrong shape, is a ValueError that says
 which argument and why, before any kernel runs.
@@ -61,6 +63,11 @@ def check_op_args(
     gv: Optional[torch.Tensor] = None,
     dt: Optional[torch.Tensor] = None,
     A: Optional[torch.Tensor] = None,
+    theta: Optional[torch.Tensor] = None,
+    eta: Optional[torch.Tensor] = None,
+    alpha: Optional[torch.Tensor] = None,
+    ln_weight: Optional[torch.Tensor] = None,
+    ln_bias: Optional[torch.Tensor] = None,
 ) -> None:
     """Raise ValueError naming the first argument that breaks the contract."""
 
@@ -120,6 +127,18 @@ def check_op_args(
               else "the spec declares no step and rate (Mamba's outer-product gate)")
     expect("dt", dt, outer_product, why_dt, [(B, T, H, V)])
     expect("A", A, outer_product, why_dt, [(H, V, K)])
+    titans, ttt = rec.update == "titans", rec.update == "ttt"
+    expect("theta", theta, titans or ttt, "theta is the inner learning rate of the update" if titans or ttt
+           else "the spec declares no test-time-training update (beyond the delta rule)", [(B, T, H)])
+    why_ln = "ln_weight and ln_bias are TTT-Linear's inner LayerNorm" if ttt else "the spec's update has no inner LayerNorm"
+    expect("ln_weight", ln_weight, ttt, why_ln, [(H, V)])
+    expect("ln_bias", ln_bias, ttt, why_ln, [(H, V)])
+    if ttt and K != V:
+        fail(f"TTT-Linear's inner model k + LN(k W + b) needs K = V, got K={K}, V={V}")
+    expect("eta", eta, titans and rec.momentum, "eta is the momentum gate of the update" if rec.momentum
+           else "the spec's update has no momentum", [(B, T, H)])
+    expect("alpha", alpha, titans and rec.weight_decay, "alpha is the weight decay of the update" if rec.weight_decay
+           else "the spec's update has no weight decay", [(B, T, H)])
 
     n_seq = B
     if cu_seqlens is not None:
@@ -131,5 +150,11 @@ def check_op_args(
             sequence_offsets(cu_seqlens, T, name)
         n_seq = cu_seqlens.numel() - 1
     if initial_state is not None:
-        if tuple(initial_state.shape) != (n_seq, H, K, V):
+        if titans and tuple(initial_state.shape) != (n_seq, H, K, 2 * V):
+            fail(f"initial_state must be [N, H, K, 2V] = [{n_seq}, {H}, {K}, {2 * V}] (the memory, then its "
+                 f"momentum), got {_shape(initial_state)}")
+        if ttt and tuple(initial_state.shape) != (n_seq, H, K + 1, V):
+            fail(f"initial_state must be [N, H, K + 1, V] = [{n_seq}, {H}, {K + 1}, {V}] (W, then the inner bias b), "
+                 f"got {_shape(initial_state)}")
+        if not (titans or ttt) and tuple(initial_state.shape) != (n_seq, H, K, V):
             fail(f"initial_state must be [N, H, K, V] = [{n_seq}, {H}, {K}, {V}], got {_shape(initial_state)}")

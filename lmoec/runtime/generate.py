@@ -97,6 +97,10 @@ class StaticDecoder:
 
     def _static(self, entry, steps: int):
         if isinstance(entry, dict):  # a recurrent layer's state (and conv tails): storage of our own
+            if not all(isinstance(t, torch.Tensor) for t in entry.values()):
+                # a mini-batch update keeps its open mini-batch's inputs, one token longer at each step
+                raise ValueError("StaticDecoder: a recurrent cache holds more than fixed-size tensors (a mini-batch "
+                                 "update's open inputs grow each step)")
             return {key: t.clone() for key, t in entry.items()}
         if isinstance(entry, KVCache):
             return StaticKVCache.from_cache(entry, self.position, steps)

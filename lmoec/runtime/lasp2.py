@@ -8,7 +8,9 @@ of (A_r, M_r) in fp32 lets every rank compose the prefix of the ranks before it
 into its own initial state; by linearity its outputs are then the zero-state
 outputs plus a correction that reads that initial state, so the op runs once
 per rank (twice for the matrix families, see `_matrix_map`, and for element-wise gates, whose correction
-would be a [B, T, H, K, V] tensor: they run again from the composed state instead).
+would be a [B, T, H, K, V] tensor: they run again from the composed state instead). A joint state (Titans' memory
+and momentum, [B, H, K, 2V] in the op) is carried stacked as [B, H, 2K, V]: its map is a [2K, 2K] matrix, found
+by the matrix families' route.
 
 Gradients flow through a differentiable all_gather, so backward is exact
 autograd of the same computation. Conventions for replicated inputs:
@@ -32,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..ir.nodes import Family, Recurrence
+from ..kinds import kind_of
 
 
 def recurrence_of(op: Callable) -> Recurrence:
@@ -46,7 +49,9 @@ def transition_kind(rec: Recurrence, g: Optional[torch.Tensor]) -> str:
     """How A_r is represented: 'identity', 'constant' ([H], known to all), 'scalar' [B,H], 'vector' [B,H,K], 'matrix'
     [B,H,K,K], 'elementwise' [B,H,K,V]."""
     family = rec.family
-    if family in (Family.delta, Family.dplr):
+    if family is Family.ttt:
+        raise ValueError("lasp2: TTT-Linear's update is not affine in its state (the inner LayerNorm): no LASP-2 map")
+    if family in (Family.delta, Family.dplr, Family.titans):
         return "matrix"
     if family is Family.elementwise:
         return "elementwise"
@@ -152,16 +157,30 @@ def _elementwise_map(rec: Recurrence, g: Optional[torch.Tensor], gates: dict, st
     return torch.exp(G)
 
 
-def _matrix_map(op, q, k, args: dict, scale: float, state_dtype, op_kwargs):
-    """A_r [B,H,K,K] and the correction basis, by running the op itself on v = 0 from S_in = I.
+def _stack(state: torch.Tensor, width: int) -> torch.Tensor:
+    """An op's state [.., K, width * V] as the stacked rows [.., width * K, V] the maps act on."""
+    return state if width == 1 else torch.cat(state.split(state.shape[-1] // width, dim=-1), dim=-2)
+
+
+def _unstack(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """The stacked rows [.., width * K, V] back as an op's state [.., K, width * V]."""
+    return rows if width == 1 else torch.cat(rows.split(rows.shape[-2] // width, dim=-2), dim=-1)
+
+
+def _matrix_map(op, q, k, args: dict, scale: float, state_dtype, op_kwargs, width: int = 1, cu_seqlens=None):
+    """A_r [N,H,R,R] (R = width * K: the stacked rows of the state) and the correction basis [B,T,H,R], by running the
+    op itself on v = 0 from S_in = I (R value columns).
 
     The value term vanishes, so the final state is the product of the slice's
     transitions and o_t = scale * P_t^T q_t: generic and exact for every family.
     """
     B, T, H, K = q.shape
-    eye = torch.eye(K, device=q.device, dtype=state_dtype).expand(B, H, K, K).contiguous()
-    basis, A = op(q, k, torch.zeros_like(q), **args, scale=scale, initial_state=eye, output_final_state=True, **op_kwargs)
-    return A.to(state_dtype), basis.to(state_dtype)
+    R = width * K
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    eye = _unstack(torch.eye(R, device=q.device, dtype=state_dtype).expand(N, H, R, R), width).contiguous()
+    basis, A = op(q, k, q.new_zeros(B, T, H, R), **args, scale=scale, initial_state=eye, output_final_state=True,
+                  cu_seqlens=cu_seqlens, **op_kwargs)
+    return _stack(A, width).to(state_dtype), basis.to(state_dtype)
 
 
 def lasp2_op(
@@ -213,21 +232,25 @@ def lasp2_op(
         kind = "matrix"
     B, T, H, K = q.shape
     V = v.shape[-1]
+    if T % rec.minibatch:  # each rank's op starts a mini-batch at its slice's start
+        raise ValueError(f"lasp2: gradient = minibatch({rec.minibatch}) needs each rank's slice to hold whole "
+                         f"mini-batches, got {T} tokens per rank")
+    width = kind_of(rec).state_width
     state_dtype = torch.promote_types(q.dtype, torch.float32)
 
     # Rank 0 starts from the user's state and needs no correction; the others start from zero.
     first_state = initial_state if rank == 0 else None
     o, M = op(q, k, v, **args, scale=scale, initial_state=first_state, output_final_state=True, **op_kwargs)
-    M = M.to(state_dtype)
+    M = _stack(M.to(state_dtype), width)
 
     basis = None
     if kind == "elementwise":
         A = _elementwise_map(rec, g, op_kwargs, state_dtype)
     elif kind == "matrix":
         if rank > 0:
-            A, basis = _matrix_map(op, q, k, args, scale, state_dtype, op_kwargs)
+            A, basis = _matrix_map(op, q, k, args, scale, state_dtype, op_kwargs, width)
         else:  # rank 0's A is never read (its initial state is folded into M); send zeros
-            A = torch.zeros(B, H, K, K, device=q.device, dtype=state_dtype)
+            A = torch.zeros(B, H, width * K, width * K, device=q.device, dtype=state_dtype)
     else:
         A, basis = _diagonal_map(kind, q, g, T, scale, rec.bonus, state_dtype)
         if rank == 0:  # rank 0 needs no correction: free the [B, T, H, K] basis now
@@ -244,7 +267,7 @@ def lasp2_op(
         return pieces[j][:n_A].view_as(A) if sent_A else A
 
     def M_of(j: int):
-        return pieces[j][n_A:].view(B, H, K, V)
+        return pieces[j][n_A:].view(B, H, width * K, V)
 
     S = M_of(0)
     for j in range(1, world):
@@ -254,7 +277,7 @@ def lasp2_op(
         elif j == rank:
             o = o + torch.einsum("bthk,bhkv->bthv", basis, S).to(o.dtype)
         S = _apply_transition(kind, A_of(j), S) + M_of(j)
-    return o, (S if output_final_state else None)
+    return o, (_unstack(S, width) if output_final_state else None)
 
 
 def _segment_transitions(kind: str, g: Optional[torch.Tensor], cu_seqlens: torch.Tensor, state_dtype):
@@ -306,17 +329,19 @@ def _lasp2_segments(op, q, k, v, args, scale, initial_state, output_final_state,
         if kind == "elementwise":
             raise ValueError("lasp2: transition='matrix' is for the decay families; element-wise gates map S element-wise")
         kind = "matrix"
+    if rec.minibatch > 1:  # (raised on every rank: segment lengths differ by rank, and a check on some would hang)
+        raise ValueError(f"lasp2: gradient = minibatch({rec.minibatch}) over segments that continue across ranks "
+                         "would start mini-batches at each rank's segment starts: not supported")
+    width = kind_of(rec).state_width
     if rank == 0:  # from the caller's state: this is rank 0's output
         o, M = op(q, k, v, **args, scale=scale, initial_state=initial_state, output_final_state=True,
                   cu_seqlens=cu_seqlens, **op_kwargs)
     else:
         _, M = op(q, k, v, **args, scale=scale, output_final_state=True, cu_seqlens=cu_seqlens, **op_kwargs)
-    M = M.to(state_dtype)
-    N, H, K, V = M.shape
+    M = _stack(M.to(state_dtype), width)
+    N, H, R, V = M.shape
     if kind == "matrix":
-        eye = torch.eye(K, device=q.device, dtype=state_dtype).expand(N, H, K, K).contiguous()
-        A = op(q, k, torch.zeros_like(q), **args, scale=scale, initial_state=eye, output_final_state=True,
-               cu_seqlens=cu_seqlens, **op_kwargs)[1].to(state_dtype)
+        A = _matrix_map(op, q, k, args, scale, state_dtype, op_kwargs, width, cu_seqlens)[0]
     elif kind == "elementwise":
         A = _segment_elementwise_map(rec, args.get("g"), op_kwargs, cu_seqlens, state_dtype)
     else:
@@ -324,12 +349,12 @@ def _lasp2_segments(op, q, k, v, args, scale, initial_state, output_final_state,
     payload = M.reshape(-1) if A is None else torch.cat([A.reshape(-1), M.reshape(-1)])
     tie, pieces = _gather(payload, group)
     n_A = 0 if A is None else A.numel()
-    S = pieces[0][n_A:].view(N, H, K, V)
+    S = pieces[0][n_A:].view(N, H, R, V)
     for j in range(1, world):
         if j == rank:
-            o = op(q, k, v, **args, scale=scale, initial_state=S, cu_seqlens=cu_seqlens, **op_kwargs)[0]
-        S = _apply_transition(kind, None if A is None else pieces[j][:n_A].view_as(A), S) + pieces[j][n_A:].view(N, H, K, V)
-    return o + tie.to(o.dtype), (S if output_final_state else None)
+            o = op(q, k, v, **args, scale=scale, initial_state=_unstack(S, width), cu_seqlens=cu_seqlens, **op_kwargs)[0]
+        S = _apply_transition(kind, None if A is None else pieces[j][:n_A].view_as(A), S) + pieces[j][n_A:].view(N, H, R, V)
+    return o + tie.to(o.dtype), (_unstack(S, width) if output_final_state else None)
 
 
 def lasp2h_attention(

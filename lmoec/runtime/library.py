@@ -2,7 +2,7 @@
 
 Every LSM of a package registers, per backend (torch, triton):
 
-    <lsm>_<backend>_chunk           (q, k, v, g?, beta?, u?, a?, b?, gv?, dt?, A?, scale, initial_state?, output_final_state,
+    <lsm>_<backend>_chunk           (q, k, v, g?, beta?, u?, a?, b?, gv?, dt?, A?, theta?, eta?, alpha?, ln_weight?, ln_bias?, scale, initial_state?, output_final_state,
                                      cu_seqlens?) -> (o, final state; empty when not asked for)
     <lsm>_<backend>_chunk_backward  the same inputs, grad_o, grad_final? -> gradients of the tensors given
     <lsm>_<backend>_step            (q, k, v, g?, ..., state, scale) -> (o, new state)
@@ -31,7 +31,7 @@ import torch
 
 from ..backends.literal import check_name
 
-TENSOR_ARGS = ("g", "beta", "u", "a", "b", "gv", "dt", "A")  # the contract's optional tensors, in its order
+TENSOR_ARGS = ("g", "beta", "u", "a", "b", "gv", "dt", "A", "theta", "eta", "alpha", "ln_weight", "ln_bias")  # the contract's optional tensors, in its order
 _EXTRAS = ", ".join(f"Tensor? {a}" for a in TENSOR_ARGS)
 _CHUNK_SCHEMA = (f"(Tensor q, Tensor k, Tensor v, {_EXTRAS}, float scale, Tensor? initial_state, "
                  "bool output_final_state, Tensor? cu_seqlens) -> (Tensor, Tensor)")
@@ -81,12 +81,15 @@ class LSMOps:
     `backends`: name -> module with `chunk` and `step` (the emitted torch / Triton code).
     """
 
-    def __init__(self, package: str, name: str, args: tuple[str, ...], backends: dict):
+    def __init__(self, package: str, name: str, args: tuple[str, ...], backends: dict, state_width: int = 1,
+                 state_rows: int = 0):
         check_name(name)
         unknown = set(args) - set(TENSOR_ARGS)
         if unknown:
             raise ValueError(f"{name}: unknown op arguments {sorted(unknown)}")
         self.name, self.args = name, tuple(args)
+        # states are [N, H, K + state_rows, state_width * V] (lmoec.kinds: Kind.state_width, Kind.state_rows)
+        self.state_width, self.state_rows = state_width, state_rows
         self.namespace = namespace_for(package)
         self._chunk, self._backward, self._step = {}, {}, {}
         for backend, impl in backends.items():
@@ -118,8 +121,8 @@ class LSMOps:
     def _register_chunk(self, backend: str, impl):
         state_dtype = STATE_DTYPE[backend]
 
-        def forward(q, k, v, g, beta, u, a, b, gv, dt, A, scale, initial_state, output_final_state, cu_seqlens):
-            extras = dict(g=g, beta=beta, u=u, a=a, b=b, gv=gv, dt=dt, A=A)
+        def forward(q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, scale, initial_state, output_final_state, cu_seqlens):
+            extras = dict(g=g, beta=beta, u=u, a=a, b=b, gv=gv, dt=dt, A=A, theta=theta, eta=eta, alpha=alpha, ln_weight=ln_weight, ln_bias=ln_bias)
             o, final = impl.chunk(q, k, v, *self._positional(extras), scale=scale, initial_state=initial_state,
                                   output_final_state=output_final_state, cu_seqlens=cu_seqlens)
             if final is None:
@@ -128,15 +131,15 @@ class LSMOps:
                 final = final.clone()  # a custom op's outputs may not alias its inputs
             return o.contiguous(), final.contiguous()  # the layout the fake implementation promises
 
-        def fake(q, k, v, g, beta, u, a, b, gv, dt, A, scale, initial_state, output_final_state, cu_seqlens):
+        def fake(q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, scale, initial_state, output_final_state, cu_seqlens):
             B, T, H, K = q.shape
             V = v.shape[-1]
             n_seq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
-            final_shape = (n_seq, H, K, V) if output_final_state else (0,)
+            final_shape = (n_seq, H, K + self.state_rows, self.state_width * V) if output_final_state else (0,)
             return v.new_empty(B, T, H, V), q.new_empty(final_shape, dtype=state_dtype(q.dtype))
 
-        def backward_impl(q, k, v, g, beta, u, a, b, gv, dt, A, scale, initial_state, cu_seqlens, grad_o, grad_final):
-            extras = dict(g=g, beta=beta, u=u, a=a, b=b, gv=gv, dt=dt, A=A)
+        def backward_impl(q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, scale, initial_state, cu_seqlens, grad_o, grad_final):
+            extras = dict(g=g, beta=beta, u=u, a=a, b=b, gv=gv, dt=dt, A=A, theta=theta, eta=eta, alpha=alpha, ln_weight=ln_weight, ln_bias=ln_bias)
             inputs = [q, k, v, *self._positional(extras)] + ([initial_state] if initial_state is not None else [])
             with _autograd_inside_op(), torch.enable_grad():
                 leaves = [x.detach().requires_grad_() for x in inputs]
@@ -153,8 +156,8 @@ class LSMOps:
             return [torch.zeros_like(x, memory_format=torch.contiguous_format) if d is None else d.contiguous()
                     for x, d in zip(leaves, found)]
 
-        def backward_fake(q, k, v, g, beta, u, a, b, gv, dt, A, scale, initial_state, cu_seqlens, grad_o, grad_final):
-            extras = dict(g=g, beta=beta, u=u, a=a, b=b, gv=gv, dt=dt, A=A)
+        def backward_fake(q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, scale, initial_state, cu_seqlens, grad_o, grad_final):
+            extras = dict(g=g, beta=beta, u=u, a=a, b=b, gv=gv, dt=dt, A=A, theta=theta, eta=eta, alpha=alpha, ln_weight=ln_weight, ln_bias=ln_bias)
             inputs = [q, k, v, *self._positional(extras)] + ([initial_state] if initial_state is not None else [])
             return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in inputs]
 
@@ -167,13 +170,13 @@ class LSMOps:
         self._backward[backend] = backward_op
 
         def setup_context(ctx, inputs, output):
-            q, k, v, g, beta, u, a, b, gv, dt, A, scale, initial_state, output_final_state, cu_seqlens = inputs
-            ctx.save_for_backward(q, k, v, g, beta, u, a, b, gv, dt, A, initial_state, cu_seqlens)
+            q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, scale, initial_state, output_final_state, cu_seqlens = inputs
+            ctx.save_for_backward(q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, initial_state, cu_seqlens)
             ctx.scale, ctx.output_final_state = scale, output_final_state
 
         def backward(ctx, grad_o, grad_final):
-            q, k, v, g, beta, u, a, b, gv, dt, A, initial_state, cu_seqlens = ctx.saved_tensors
-            grads = iter(backward_op(q, k, v, g, beta, u, a, b, gv, dt, A, ctx.scale, initial_state, cu_seqlens, grad_o,
+            q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, initial_state, cu_seqlens = ctx.saved_tensors
+            grads = iter(backward_op(q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, ctx.scale, initial_state, cu_seqlens, grad_o,
                                      grad_final if ctx.output_final_state else None))
             dq, dk, dv = next(grads), next(grads), next(grads)
             declared = {a: next(grads) for a in self.args}
@@ -186,15 +189,16 @@ class LSMOps:
     def _register_step(self, backend: str, impl):
         state_dtype = STATE_DTYPE[backend]
 
-        def forward(q, k, v, g, beta, u, a, b, gv, dt, A, state, scale):
-            extras = dict(g=g, beta=beta, u=u, a=a, b=b, gv=gv, dt=dt, A=A)
+        def forward(q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, state, scale):
+            extras = dict(g=g, beta=beta, u=u, a=a, b=b, gv=gv, dt=dt, A=A, theta=theta, eta=eta, alpha=alpha, ln_weight=ln_weight, ln_bias=ln_bias)
             o, new = impl.step(q, k, v, *self._positional(extras), state=state, scale=scale)
             new = new.clone() if new.data_ptr() == state.data_ptr() else new
             return o.contiguous(), new.contiguous()
 
-        def fake(q, k, v, g, beta, u, a, b, gv, dt, A, state, scale):
+        def fake(q, k, v, g, beta, u, a, b, gv, dt, A, theta, eta, alpha, ln_weight, ln_bias, state, scale):
             B, H, K = q.shape
-            return v.new_empty(B, H, v.shape[-1]), q.new_empty(B, H, K, v.shape[-1], dtype=state_dtype(q.dtype))
+            return v.new_empty(B, H, v.shape[-1]), q.new_empty(B, H, K + self.state_rows, self.state_width * v.shape[-1],
+                                                                dtype=state_dtype(q.dtype))
 
         step_op = torch.library.custom_op(self._qualname(backend, "step"), forward, mutates_args=(),
                                           schema=_STEP_SCHEMA)

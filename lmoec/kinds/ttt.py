@@ -1,0 +1,109 @@
+"""The TTT-Linear kind (Sun et al., 2024): mini-batch gradient descent on a LayerNorm inner model with a residual.
+
+Per head, the inner model is f(x) = x + LN(x W + b) with W [K, V], b [V] (K = V) and the LayerNorm's weight and
+bias (ln_weight, ln_bias [H, V]) learned by the outer model. Each token's loss is l = 1/2 |f(k) - v|^2, i.e. LN(k W + b)
+fitted to the target v - k. Within a mini-batch of N tokens every gradient is taken at the mini-batch's first
+(W, b) and token t's step scales it by its own learning rate theta_t:
+
+    (W, b)_t = (W, b)_{t-1} - theta_t grad l((W, b)_*; k_t, v_t)        o_t = q_t + LN(q_t W_t + b_t)
+
+the output reading every token's partial update (the "dual form"). The LayerNorm makes the update non-linear in
+the state, so mini-batches run in order (templates/torch/ttt.py.j2) and there is no affine map for LASP-2. Ops carry
+the state as [N, H, K + 1, V]: W, then b as the last row.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..ir.nodes import Family, Recurrence
+from . import Kind
+from .decay import read
+
+if TYPE_CHECKING:
+    from ..backends.context import LSMContext
+    from ..backends.stats import Sizes
+
+EPS = 1e-6  # the inner LayerNorm's epsilon
+GATES = ["theta", "ln_weight", "ln_bias"]  # the op's arguments: the lr [B, T, H], the LayerNorm's [H, V] params
+
+
+def layer_norm(z, weight, bias):
+    """(LN(z), z normalized, 1 / std) over the last dim."""
+    centered = z - z.mean(-1, keepdim=True)
+    inv_std = ((centered * centered).mean(-1, keepdim=True) + EPS).rsqrt()
+    normalized = centered * inv_std
+    return normalized * weight + bias, normalized, inv_std
+
+
+def inner_gradient(k, v, W, b, weight, bias):
+    """d l / d z at z = k W + b for l = 1/2 |LN(z) - (v - k)|^2: the LayerNorm's backward, written out."""
+    z = read(k, W) + b
+    out, normalized, inv_std = layer_norm(z, weight, bias)
+    d_normalized = (out - (v - k)) * weight
+    return inv_std * (d_normalized - d_normalized.mean(-1, keepdim=True)
+                      - normalized * (d_normalized * normalized).mean(-1, keepdim=True))
+
+
+def oracle_state_in(rec: Recurrence, state):
+    """The oracle's working state [.., K + 1, 2V]: (W; b) and the gradient point, set at each mini-batch start."""
+    import torch
+
+    return torch.cat([state, state], dim=-1)
+
+
+def oracle_state_out(rec: Recurrence, state):
+    return state[..., : state.shape[-1] // 2]
+
+
+def oracle_step(rec: Recurrence, state, q, k, v, inputs, scale):
+    """One token, exactly as the module docstring writes it (scale is 1: validate and the op check it)."""
+    import torch
+
+    V = state.shape[-1] // 2
+    current, anchor = state[..., :V], state[..., V:]
+    if inputs["position"] % rec.minibatch == 0:
+        anchor = current
+    weight, bias = inputs["ln_weight"], inputs["ln_bias"]
+    dz = inner_gradient(k, v, anchor[..., :-1, :], anchor[..., -1, :], weight, bias)
+    theta = inputs["theta"][..., None]
+    step = torch.cat([k[..., :, None] * dz[..., None, :], dz[..., None, :]], dim=-2)  # (grad W; grad b)
+    current = current - theta[..., None] * step
+    out = q + layer_norm(read(q, current[..., :-1, :]) + current[..., -1, :], weight, bias)[0]
+    return torch.cat([current, anchor], dim=-1), out
+
+
+def supports(ctx: "LSMContext") -> tuple[bool, str]:
+    return False, "the TTT-Linear kind has no Triton kernels yet: the torch path runs it on every device"
+
+
+def emit_triton(ctx: "LSMContext", header: str) -> str:
+    raise ValueError(supports(ctx)[1])
+
+
+def costs(ctx: "LSMContext", s: "Sizes", ends: int):
+    """templates/torch/ttt.py.j2, per mini-batch of N tokens (s.C is the chunk; the mini-batch is rec.minibatch):
+    k W_0 and q W_0 ([N, K] x [K, V]), the in-batch scores q k^T and their product with the gradients, the state's
+    update k^T dz; element-wise LayerNorms (forward, backward, output) at ~10 flops per value. The backward
+    (autograd) is counted as twice the forward's flops; bytes are the inputs and outputs once, and the mini-batch
+    entry states stored in fp32 for the backward."""
+    b = ctx.rec.minibatch
+    entries = -(-s.N // b) * s.H * (s.K + 1) * s.V * 4
+    matmul = 3 * s.inter + 2 * s.N * s.H * b * (s.K + s.V)
+    flops = matmul + 30 * s.N * s.H * s.V
+    nbytes = 3 * s.qk + s.vv + s.N * s.H * 4 + entries + ends
+    return [("ttt_minibatches", True, flops, nbytes), ("ttt_backward", False, 2 * flops, nbytes + s.vv + 3 * s.qk)]
+
+
+KIND = Kind(
+    family=Family.ttt,
+    matches=lambda rec: rec.update == "ttt",
+    oracle_step=oracle_step,
+    torch_template="torch/ttt.py.j2",
+    supports=supports,
+    emit_triton=emit_triton,
+    costs=costs,
+    lasp2_map=None,
+    state_rows=1,
+    oracle_state_in=oracle_state_in,
+    oracle_state_out=oracle_state_out,
+)
