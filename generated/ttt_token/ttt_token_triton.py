@@ -37,16 +37,23 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
 
 # Launch settings: V block of the walks (BV, halved down to 16 while fewer than seq_programs programs would walk),
-# whether the forward walk also computes the output (fuse_output; else _chunk_output_kernel does), segmenting
+# whether the forward walk also computes the output (fuse_output, while at least fuse_min_programs programs walk;
+# else _chunk_output_kernel does), where w and u are formed (wu: "tiles" in _ut_kernel, "kernel" in
+# _wu_kernel, "walk" inside the forward walk, "auto" the walk while at least wu_walk_programs programs walk, else
+# the kernel), pipeline stages of the forward's kernels (stages_fwd: 3 took Gated DeltaNet's one 64K sequence from
+# 2.31 to 1.81 ms on an H100) and the backward's (stages), segmenting
 # (while the walks would keep fewer than walk_programs programs busy, sequences are cut into about
 # segment_programs segments of at least segment_chunks chunks; 0: never), V / K blocks of the chunk-parallel
 # kernels, warps per kernel. On an H100 (bench/results/issue22.md) a delta segment's map, which walks K columns
 # more than the state has, cost more than it gained at 32K tokens against the halved V block (3.8 against 1.9 ms
-# forward), so segmenting is off by default: it stays for shapes where halving can't fill the GPU.
-CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": True, "walk_programs": 0, "segment_programs": 128,
-          "segment_chunks": 8, "BV_o": 128, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4,
-          "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4, "warps_wy_bwd": 4,
-          "warps_scan": 4, "stages": 2, "wide_wu": False}
+# forward), so segmenting is off by default: it stays for shapes where halving can't fill the GPU. The scalar decay
+# (Gated DeltaNet) takes the settings its H100 sweep chose (wu auto, UT at 1 warp, 3 forward stages); DeltaNet and
+# the vector decay keep the earlier ones, which no sweep of theirs has beaten yet (bench/results/issue22.md).
+CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": True, "fuse_min_programs": 128, "walk_programs": 0,
+          "segment_programs": 128, "segment_chunks": 8, "wu": "tiles", "wu_walk_programs": 128,
+          "BV_o": 128, "BK_wu": 64, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4,
+          "warps_wu": 4, "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4,
+          "warps_wy_bwd": 4, "warps_scan": 4, "stages_fwd": 2, "stages": 2}
 
 
 def _new(shape, dtype, device):
@@ -60,15 +67,15 @@ def _new(shape, dtype, device):
 @triton.jit
 def _ut_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-               WIDE_WU: tl.constexpr):
+               WU: tl.constexpr):
     """Per chunk: Tm = (I + A)^-1 (built in fp32, kept in the inputs' dtype, in which every product reads it),
     w = Tm (beta k) and u = Tm (beta v): everything of the chunk that does not depend on the state,
     chunk-parallel, so the walks do only the two products that do.
 
     Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
     all tiles at once), then each tile below the diagonal from the ones above it by matmuls,
-    T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products. WIDE_WU: w and u as two [BT, BT] x [BT, *]
-    products of the Tm just stored (read back after a barrier) instead of 20 [BS, BS] x [BS, *] ones.
+    T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products. w and u (WU): "tiles", 20
+    [BS, BS] x [BS, *] products of the tiles in registers; "kernel", left to _wu_kernel; "walk", to the walk.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
@@ -136,7 +143,7 @@ def _ut_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
     b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision="ieee") + tl.dot(b_A21, b_T10, input_precision="ieee"), input_precision="ieee")
     b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision="ieee") + tl.dot(b_A32, b_T21, input_precision="ieee"), input_precision="ieee")
     b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision="ieee") + tl.dot(b_A31, b_T10, input_precision="ieee") + tl.dot(b_A32, b_T20, input_precision="ieee"), input_precision="ieee")
-    if WIDE_WU:
+    if WU != "tiles":
         tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
         tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
         tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
@@ -153,19 +160,7 @@ def _ut_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
         tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
-        tl.debug_barrier()  # the rows of Tm this program stored are read back by other threads
-        o_t = tl.arange(0, BT)
-        tok = bos + i_c * BT + o_t
-        valid = i_c * BT + o_t < eos - bos
-        b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
-        b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-        b_k = tl.load(k + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
-        b_x = (b_k.to(tl.float32) * b_beta[:, None]).to(b_k.dtype)
-        tl.store(w + (tok[:, None] * H + i_h) * K + o_k[None, :], tl.dot(b_Tm, b_x).to(w.dtype.element_ty), mask=valid[:, None] & m_k[None, :])
-        b_bv = (tl.load(v + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                * b_beta[:, None]).to(b_k.dtype)
-        tl.store(u + (tok[:, None] * H + i_h) * V + o_v[None, :], tl.dot(b_Tm, b_bv).to(u.dtype.element_ty), mask=valid[:, None] & m_v[None, :])
-    else:
+    if WU == "tiles":
         b_x0 = (b_k0.to(tl.float32) * b_beta0[:, None]).to(b_k0.dtype)
         b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None] & m_v[None, :], other=0.0).to(tl.float32)
                   * b_beta0[:, None]).to(b_k0.dtype)
@@ -233,13 +228,48 @@ def _ut_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
 
 
 @triton.jit
-def _chunk_state_kernel(q, k, w, u, o, h, v_new, h0, ht, pm, rows, scale, H,
+def _wu_kernel(k, v, beta, w, u, tm, cu_seqlens, chunk_indices, H,
+               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, U: tl.constexpr):
+    """Per chunk (CONFIG["wu"] == "kernel"): w = Tm (beta k) and u = Tm (beta v) from the Tm _ut_kernel stored,
+    [BT, BT] x [BT, BK] products over blocks of K and V, so neither kernel holds all of a chunk's tiles at once.
+    Without U only w (the backward's, when the forward walk formed v' itself: "walk")."""
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_n = tl.load(chunk_indices + i_t * 2)
+    i_c = tl.load(chunk_indices + i_t * 2 + 1)
+    bos = tl.load(cu_seqlens + i_n)
+    eos = tl.load(cu_seqlens + i_n + 1)
+    o_t = tl.arange(0, BT)
+    valid = i_c * BT + o_t < eos - bos
+    tok = bos + i_c * BT + o_t
+    b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
+    b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+    b_beta_k = b_beta
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = valid[:, None] & (o_k < K)[None, :]
+        p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_x = (b_k.to(tl.float32) * b_beta_k[:, None]).to(b_k.dtype)
+        tl.store(w + p_k, tl.dot(b_Tm, b_x).to(w.dtype.element_ty), mask=m_tk)
+    if U:
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = valid[:, None] & (o_v < V)[None, :]
+            p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
+            b_bv = (tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32) * b_beta[:, None]).to(b_Tm.dtype)
+            tl.store(u + p_v, tl.dot(b_Tm, b_bv).to(u.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def _chunk_state_kernel(q, k, w, u, tm, v, beta, o, h, v_new, h0, ht, pm, rows, scale, H,
                         K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
                         USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE: tl.constexpr, FUSE_OUTPUT: tl.constexpr,
-                        MAP: tl.constexpr):
+                        MAP: tl.constexpr, WU_IN_WALK: tl.constexpr):
     """Per (V block, row, head), chunk after chunk from the row's entry state h0[row] (a row is a sequence or a
     segment): v' = u - w S and the next state, two products per chunk (w and u come from _ut_kernel).
 
+    WU_IN_WALK (CONFIG["wu"] == "walk"): v' = Tm (beta v - x S) with x = beta k, from Tm, v and k instead of the
+    stored w and u: one [BT, BT] product more per chunk, and neither w nor u written or read.
     STORE keeps the chunk-start states (h) and v' for the backward and an unfused output; FUSE_OUTPUT computes
     the output from the state in registers. MAP (segments): the programs past the V blocks walk the columns of P
     from the identity with u = 0, so at the row's end ht holds E (what the row adds to a zero entry) and pm holds P.
@@ -270,11 +300,18 @@ def _chunk_state_kernel(q, k, w, u, o, h, v_new, h0, ht, pm, rows, scale, H,
         p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
         m_tk = valid[:, None] & m_k[None, :]
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
 
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = valid[:, None] & m_v[None, :]
-        b_vn = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
+        if WU_IN_WALK:
+            b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
+            b_x = (b_k.to(tl.float32) * b_beta[:, None]).to(b_k.dtype)
+            b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
+            b_r = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32) * b_beta[:, None] - tl.dot(b_x, b_S.to(b_x.dtype))
+            b_vn = tl.dot(b_Tm, b_r.to(b_Tm.dtype))
+        else:
+            b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
+            b_vn = tl.load(u + p_v, mask=m_tv, other=0.0).to(tl.float32) - tl.dot(b_w, b_S.to(b_w.dtype))
         if STORE:
             tl.store(v_new + p_v, b_vn.to(v_new.dtype.element_ty), mask=m_tv)
         if FUSE_OUTPUT:
@@ -632,6 +669,14 @@ def _segment_starts(walk, x, start, lay, K, V, BV, want_end, **meta):
     return e, end
 
 
+def _wu(k, v, beta, w, u, tm, lay, H):
+    """w = Tm x (and u = Tm (beta v) unless u is None) by _wu_kernel."""
+    K, V = k.shape[-1], v.shape[-1]
+    _wu_kernel[(lay.chunk_indices.shape[0], H)](
+        k, v, beta, w, u, tm, lay.cu, lay.chunk_indices, H, K=K, V=V, BT=CHUNK, BK=min(CONFIG["BK_wu"], _pow2(K)),
+        BV=_block_v(V, "BK_wu"), U=u is not None, num_warps=CONFIG["warps_wu"], num_stages=CONFIG["stages_fwd"])
+
+
 def _forward(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens, store):
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -639,35 +684,47 @@ def _forward(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens
     BV, lay = _walk_layout(q, V, cu_seqlens)
     NT = lay.chunk_indices.shape[0]
     tm = _new((B, T, H, CHUNK), k.dtype, q.device)  # every product reads Tm in the inputs' dtype
-    w, u = _new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device)
+    programs = lay.rows.shape[0] * H * triton.cdiv(V, BV)  # of the walks
+    wu = CONFIG["wu"]
+    if wu == "auto":
+        # v' formed in the walk saves writing and reading w and u, but adds a product to the walk's loop: worth it
+        # while the walks fill the GPU (H100, Gated DeltaNet 2K / 8K: 0.92 / 1.09 ms against 1.12 / 1.13 with the
+        # w, u kernel), not for a latency-bound walk of few programs (one 64K sequence: 2.46 against 1.76 ms)
+        wu = "walk" if programs >= CONFIG["wu_walk_programs"] else "kernel"
+    in_walk = wu == "walk"
+    w, u = (None, None) if in_walk else (_new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device))
     _ut_kernel[(NT, H)](k, v, beta, w, u, tm, lay.cu, lay.chunk_indices, H, K=K, V=V, BK=BK, BVU=_pow2(V),
-                        BT=CHUNK, BS=BLOCK, WIDE_WU=CONFIG["wide_wu"], num_warps=CONFIG["warps_ut"],
-                        num_stages=CONFIG["stages"])
-    walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_fwd"], num_stages=CONFIG["stages"])
+                        BT=CHUNK, BS=BLOCK, WU=wu, num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages_fwd"])
+    if wu == "kernel":
+        _wu(k, v, beta, w, u, tm, lay, H)
+    walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, WU_IN_WALK=in_walk, num_warps=CONFIG["warps_fwd"],
+                     num_stages=CONFIG["stages_fwd"])
     if lay.segmented:
         def map_walk(programs, rows, e, pm):
             _chunk_state_kernel[(programs, rows)](
-                q, k, w, u, None, None, None, None, e, pm, lay.rows, scale, H, USE_H0=False, STORE_HT=True,
+                q, k, w, u, tm, v, beta, None, None, None, None, e, pm, lay.rows, scale, H, USE_H0=False, STORE_HT=True,
                 STORE=False, FUSE_OUTPUT=False, MAP=True, **walk_args)
 
         h0, final = _segment_starts(map_walk, q, initial_state, lay, K, V, BV, output_final_state, REVERSE=False)
     else:
         h0 = initial_state
         final = _new((lay.rows.shape[0], H, K, V), torch.float32, q.device) if output_final_state else None
-    fuse = CONFIG["fuse_output"]
+    # a walk of few programs is latency-bound: the output's products in its loop lengthen it more than the separate
+    # kernel's extra traffic costs (H100, DeltaNet one 32K / 64K sequence: 1.68 / 2.19 ms against 1.71 / 2.43 fused)
+    fuse = CONFIG["fuse_output"] and programs >= CONFIG["fuse_min_programs"]
     store = store or not fuse
     h = _new((NT, H, K, V), q.dtype, q.device) if store else None
     v_new = _new(v.shape, v.dtype, q.device) if store else None
     o = _new(v.shape, v.dtype, q.device)
     _chunk_state_kernel[(triton.cdiv(V, BV), lay.rows.shape[0] * H)](
-        q, k, w, u, o, h, v_new, h0, None if lay.segmented else final, None, lay.rows, scale, H,
+        q, k, w, u, tm, v, beta, o, h, v_new, h0, None if lay.segmented else final, None, lay.rows, scale, H,
         USE_H0=h0 is not None, STORE_HT=output_final_state and not lay.segmented, STORE=store, FUSE_OUTPUT=fuse,
         MAP=False, **walk_args)
     if not fuse:
         BVo = _block_v(V, "BV_o")
         _chunk_output_kernel[(triton.cdiv(V, BVo), NT, H)](q, k, h, v_new, o, lay.cu, lay.chunk_indices, scale, H,
                                                            K=K, V=V, BK=BK, BT=CHUNK, BV=BVo, num_warps=CONFIG["warps_o"],
-                                                           num_stages=CONFIG["stages"])
+                                                           num_stages=CONFIG["stages_fwd"])
     return o, final, (w, tm, h, v_new)
 
 
@@ -692,6 +749,9 @@ class _ChunkFunction(torch.autograd.Function):
         BV, lay = _walk_layout(q, V, cu_seqlens)
         NT = lay.chunk_indices.shape[0]
         do = do.contiguous()
+        if w is None:  # the forward walk formed v' from Tm itself ("walk"): the backward's walk reads w
+            w = _new(k.shape, k.dtype, q.device)
+            _wu(k, v, beta, w, None, tm, lay, H)
         walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, num_warps=CONFIG["warps_dstate"], num_stages=CONFIG["stages"])
         if lay.segmented:
             def map_walk(programs, rows, de, qm):
