@@ -22,6 +22,7 @@ COMMANDS = [
     "variants",
     "sweep",
     "bench",
+    "export",
 ]
 
 

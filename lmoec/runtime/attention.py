@@ -98,7 +98,9 @@ class KVCache:
             grown = old + max(old // 2, 64) if old else 0  # 1.5x: amortized O(1) copies per token
             capacity = max(n + T, self.reserved, grown)
             B, H, _, D = k.shape
-            K, V = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, v.shape[-1])
+            # zeros, not empty: a static decode step attends over the whole storage under a mask, and an
+            # uninitialized NaN in a slot not written yet would still leak through its zero weight (0 * NaN)
+            K, V = k.new_zeros(B, H, capacity, D), v.new_zeros(B, H, capacity, v.shape[-1])
             if n:
                 K[:, :, :n], V[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n]
         K[:, :, n : n + T] = k

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .attention import KVCache
 
 MODEL_TYPE = "lmoec"
 NUL = 0  # the byte models' end-of-text / padding id: the corpus reader skips files holding a NUL byte
@@ -67,14 +66,6 @@ class LmoecCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Keep the rows `beam_idx` of every state and KV cache (beam search)."""
-        for i, entry in enumerate(self.layers):
-            if isinstance(entry, dict):
-                self.layers[i] = {key: t.index_select(0, beam_idx.to(t.device)) for key, t in entry.items()}
-            elif isinstance(entry, KVCache) and entry.k is not None:
-                entry.k, entry.v = entry.k.index_select(0, beam_idx), entry.v.index_select(0, beam_idx)
 
 
 @dataclass
@@ -216,9 +207,12 @@ class LmoecAutoModel:
 
 
 def register() -> None:
-    """model_type "lmoec" with AutoConfig and AutoModelForCausalLM (idempotent)."""
+    """model_type "lmoec" with AutoConfig and AutoModelForCausalLM (idempotent; done when this module is imported)."""
     AutoConfig.register(MODEL_TYPE, LmoecConfig, exist_ok=True)
     AutoModelForCausalLM.register(LmoecConfig, LmoecAutoModel, exist_ok=True)
+
+
+register()
 
 
 def byte_tokenizer():
