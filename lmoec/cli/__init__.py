@@ -23,6 +23,7 @@ COMMANDS = [
     "sweep",
     "bench",
     "export",
+    "linearize",
 ]
 
 

@@ -119,6 +119,17 @@ class _Checker:
                 fail(f"groups = {lsm.groups} does not divide heads = {lsm.heads}", "groups")
             if lsm.tie_k_to_decay:
                 fail("groups share q and k over heads, but tie k makes k per head from the decay", "groups")
+        if lsm.kv_heads is not None:
+            if lsm.kv_heads < 1:
+                fail(f"kv_heads must be >= 1, got {lsm.kv_heads}", "kv_heads")
+            if lsm.heads is not None and lsm.heads % lsm.kv_heads:
+                fail(f"kv_heads = {lsm.kv_heads} does not divide heads = {lsm.heads}", "kv_heads")
+            for statement, present in (("groups", lsm.groups), ("tie k", lsm.tie_k_to_decay or None),
+                                       ("key = ...", lsm.key), ("memories", lsm.memories)):
+                if present is not None:
+                    fail(f"kv_heads (k and v shared by groups of q heads) goes without {statement}", "kv_heads")
+        if lsm.window_attention is not None:
+            self._window_attention(lsm, fail)
         for key in ("expand_k", "expand_v"):
             if not 0 < getattr(lsm, key) <= MAX_EXPAND:
                 fail(f"{key} must be > 0 and at most {MAX_EXPAND}, got {getattr(lsm, key)}", key)
@@ -251,6 +262,25 @@ class _Checker:
                     fail(f"element-wise gates (decay value / step) go without {other}", other)
 
     @staticmethod
+    def _window_attention(lsm: LSMSpec, fail) -> None:
+        """Liger Attention runs softmax attention on the layer's own q, k, v projections."""
+        w = lsm.window_attention
+        if w.window < 1:
+            fail(f"window_attention window must be >= 1, got {w.window}", "window_attention", "window")
+        if not 0 <= w.mix <= 1:
+            fail(f"window_attention mix (the attention's weight) must be between 0 and 1, got {w.mix}", "window_attention", "mix")
+        if not w.rope_theta > 0:
+            fail(f"window_attention rope_theta must be > 0, got {w.rope_theta}", "window_attention", "rope_theta")
+        for statement, present in (("groups", lsm.groups), ("query = ...", lsm.query), ("key = ...", lsm.key),
+                                    ("tie k", lsm.tie_k_to_decay or None), ("memories", lsm.memories),
+                                    ("short_conv", lsm.short_conv or None), ("head_k", lsm.head_k)):
+            if present is not None:
+                fail(f"window_attention (softmax attention over the layer's q, k, v projections) goes without {statement}",
+                     "window_attention")
+        if lsm.expand_k != lsm.expand_v:
+            fail("window_attention needs expand_k = expand_v (its attention reads q, k and v of one head width)", "window_attention")
+
+    @staticmethod
     def _memories(lsm: LSMSpec, fail) -> None:
         mem = lsm.memories
         # the memory layer (templates/modules/memories.py.j2) builds q, k, v and the gates of the families
@@ -332,6 +362,8 @@ class _Checker:
             heads = lsm.heads or model.heads
             if lsm.groups is not None and heads % lsm.groups:
                 fail(f"lsm {lsm.name!r}: groups = {lsm.groups} does not divide heads = {heads}", "lsm")
+            if lsm.kv_heads is not None and heads % lsm.kv_heads:
+                fail(f"lsm {lsm.name!r}: kv_heads = {lsm.kv_heads} does not divide heads = {heads}", "lsm")
             for key in (("expand_v",) if lsm.head_k is not None else ("expand_k", "expand_v")):
                 width = getattr(lsm, key) * model.hidden
                 if width != int(width) or int(width) % heads or int(width) < heads:

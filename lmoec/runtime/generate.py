@@ -97,6 +97,8 @@ class StaticDecoder:
 
     def _static(self, entry, steps: int):
         if isinstance(entry, dict):  # a recurrent layer's state (and conv tails): storage of our own
+            if not all(isinstance(t, torch.Tensor) for t in entry.values()):  # a Liger layer's window KV cache
+                raise ValueError("StaticDecoder: no static form for an LSM layer's window attention cache")
             return {key: t.clone() for key, t in entry.items()}
         if isinstance(entry, KVCache):
             return StaticKVCache.from_cache(entry, self.position, steps)

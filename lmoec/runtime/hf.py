@@ -249,16 +249,21 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def save_hf(package, model_config: dict, state_dict: dict, out_dir: str | os.PathLike) -> Path:
+def save_hf(package, model_config: dict, state_dict: dict, out_dir: str | os.PathLike,
+            token_ids: Optional[dict] = None) -> Path:
     """Write an HF folder from an imported package, the settings its CausalLM was built with and its weights:
-    config.json, model.safetensors, the package's files (auto_map), and for a byte vocabulary the tokenizer."""
+    config.json, model.safetensors, the package's files (auto_map). Without `token_ids` (bos/eos/pad ids) the model
+    is a byte model: NUL ends text and pads, and the byte tokenizer is written too."""
     out = Path(out_dir)
     ir = json.loads(Path(package.__file__).with_name("ir.json").read_text(encoding="utf-8"))
     hf = hf_module(package)
-    config = hf.Config(lmoec_model=model_config, lmoec_ir=ir, eos_token_id=NUL, bos_token_id=NUL, pad_token_id=NUL)
+    byte_model = token_ids is None
+    if byte_model:
+        token_ids = {"bos_token_id": NUL, "eos_token_id": NUL, "pad_token_id": NUL}
+    config = hf.Config(lmoec_model=model_config, lmoec_ir=ir, **token_ids)
     model = hf.ForCausalLM(config)
     model.model.load_state_dict(state_dict)
     model.save_pretrained(out)
-    if config.vocab_size == 256:
+    if byte_model and config.vocab_size == 256:
         byte_tokenizer().save_pretrained(out)
     return out
