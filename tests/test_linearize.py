@@ -5,6 +5,8 @@ on the source's own projections; GQA shapes; Liger Attention decodes (window KV 
 forward computes, and left-padded batches equal unpadded runs; bad input is one error line."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -112,3 +114,36 @@ def test_linearize_cli_errors(tmp_path, capsys):
     assert run_cli(linearize_cli, str(gpt2), "--attention", "size=3", "-o", str(tmp_path / "c")) == 2
     assert "--attention takes window=N and mix=W" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abc")
+
+
+def test_finetune_lora_adapter_and_merge(tmp_path, capsys):
+    """LoRA on a linearized byte-vocabulary Llama (Liger Attention, window 8 < seq_len): the held-out loss falls, the
+    adapter folder loads with peft over the base, and --merge writes a folder whose logits equal base + its adapter (kept in adapter/)."""
+    from peft import PeftModel
+
+    from lmoec.cli import finetune as finetune_cli
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**SIZES, "vocab_size": 256})
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    linearize(tmp_path / "src", tmp_path / "lin", attention={"window": 8, "mix": 0.5})
+    data = tmp_path / "data.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    common = ["--data", str(data), "--steps", "4", "--seq-len", "32", "--batch", "2", "--lr", "1e-2", "--lora", "r=4"]
+    assert run_cli(finetune_cli, str(tmp_path / "lin"), *common, "--merge", "-o", str(tmp_path / "merged")) == 0
+    result = json.loads((tmp_path / "merged" / "finetune.json").read_text())
+    assert result["held_out_after"] < result["held_out_before"]
+    assert (tmp_path / "merged" / "adapter" / "adapter_model.safetensors").exists() and (tmp_path / "merged" / "model.lsm").exists()
+    ids = torch.randint(0, 256, (2, 17))
+    with torch.no_grad():
+        base = load(tmp_path / "lin")
+        before = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / "merged" / "adapter").eval()(ids).logits
+        merged = load(tmp_path / "merged")(ids).logits
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
+    assert (merged - before).abs().max() > 1e-3  # the adapters changed the model
+    capsys.readouterr()
+    assert run_cli(finetune_cli, str(tmp_path / "lin"), "--lora", "targets=nope", "-o", str(tmp_path / "x")) == 2
+    assert "no linear map named 'nope'" in capsys.readouterr().err
+    assert run_cli(finetune_cli, str(tmp_path / "lin"), "--lora", "rank=4", "-o", str(tmp_path / "y")) == 2
+    assert "--lora takes r=N" in capsys.readouterr().err and not (tmp_path / "x").exists()
