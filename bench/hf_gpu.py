@@ -87,20 +87,26 @@ def checks(tmp: Path) -> dict:
     return out
 
 
+def cache_of(out):
+    """The cache of a model output: `cache` since transformers 5.2x, `past_key_values` before (5.17 on the GPU
+    machine); passing it back as `past_key_values` works in both."""
+    return out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+
+
 @torch.no_grad()
 def decode(model, context: int, steps: int = 32) -> dict:
     ids = torch.randint(1, 1000, (1, context), device=DEV)
     torch.cuda.reset_peak_memory_stats()
     out = model(ids, use_cache=True)
-    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     for _ in range(3):  # warm-up steps
-        out = model(token, cache=cache, use_cache=True)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        out = model(token, past_key_values=cache, use_cache=True)
+        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        out = model(token, cache=cache, use_cache=True)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        out = model(token, past_key_values=cache, use_cache=True)
+        cache, token = cache_of(out), out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     held = cache.layers if hasattr(cache, "seen") else [(layer.keys, layer.values) for layer in cache.layers]
     return {"context": context, "ms_per_token": 1000 * (time.perf_counter() - start) / steps,
