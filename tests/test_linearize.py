@@ -147,3 +147,33 @@ def test_finetune_lora_adapter_and_merge(tmp_path, capsys):
     assert "no linear map named 'nope'" in capsys.readouterr().err
     assert run_cli(finetune_cli, str(tmp_path / "lin"), "--lora", "rank=4", "-o", str(tmp_path / "y")) == 2
     assert "--lora takes r=N" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("base", ["gated_deltanet", "gla"])
+def test_kv_heads_equals_the_per_head_layer_with_shared_weights(base, tmp_path):
+    """kv_heads is a general lsm feature: a GQA layer (here with short convolutions, the delta rule and output gates)
+    computes what the per-head layer computes when its k and v weights (and conv filters) repeat each kv head's."""
+    from lmoec import compile_spec
+    from lmoec.paths import ROOT
+
+    spec = tmp_path / "gqa.lsm"
+    spec.write_text(f'import "{(ROOT / "specs" / "lsm" / f"{base}.lsm").as_posix()}"\n'
+                    f"lsm gqa extends {base} {{ kv_heads = 2 }}\nlsm mha extends {base} {{ }}\n")
+    program = compile_spec(spec)
+    torch.manual_seed(0)
+    gqa, mha = program.layer("gqa", hidden=32, heads=4).double(), program.layer("mha", hidden=32, heads=4).double()
+    with torch.no_grad():
+        for p in gqa.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        shared = gqa.state_dict()
+        for name, t in gqa.state_dict().items():
+            side = name.split("_")[0]
+            if side in ("k", "v") and name.endswith(("proj.weight", "conv.conv.weight")):
+                shared[name] = t.unflatten(0, (2, -1)).repeat_interleave(2, 0).flatten(0, 1)  # kv head j -> q heads 2j, 2j+1
+        mha.load_state_dict(shared)
+        x = torch.randn(2, 19, 32, dtype=torch.float64)
+        torch.testing.assert_close(gqa(x, backend="torch"), mha(x, backend="torch"), rtol=1e-10, atol=1e-10)
+        y, cache = gqa(x[:, :11], use_cache=True, backend="torch")
+        step, _ = gqa(x[:, 11:12], past=cache, use_cache=True)
+        torch.testing.assert_close(step[:, 0], gqa(x[:, :12], backend="torch")[:, 11], rtol=1e-10, atol=1e-10)
+    assert gqa.k_proj.weight.shape[0] == mha.k_proj.weight.shape[0] // 2

@@ -128,6 +128,8 @@ class _Checker:
                                        ("key = ...", lsm.key), ("memories", lsm.memories)):
                 if present is not None:
                     fail(f"kv_heads (k and v shared by groups of q heads) goes without {statement}", "kv_heads")
+        if lsm.qkv_bias and lsm.memories is not None:
+            fail("qkv_bias goes without memories (the per-memory projections have no bias)", "qkv_bias")
         if lsm.window_attention is not None:
             self._window_attention(lsm, fail)
         for key in ("expand_k", "expand_v"):
