@@ -37,6 +37,8 @@ LAYER_NAMES = frozenset({
     "k_features", "reset_parameters", "groups", "q_rebased_gamma", "q_rebased_beta", "k_rebased_gamma", "k_rebased_beta",
     # a layer with memories (templates/modules/memories.py.j2)
     "router", "mix_memories", "balancing_loss", "last_aux_loss", "last_z_loss", "last_tokens_per_memory",
+    # kv_heads, and a layer with window_attention (Liger Attention)
+    "kv_heads", "window_attention", "mix",
 })
 MODULE_NAMES = frozenset({
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
