@@ -1,10 +1,11 @@
-"""`lmoec linearize`: a pretrained softmax-attention LLM (Llama, Mistral, Qwen2) as a gated linear-recurrent one.
+"""`lmoec linearize`: a pretrained softmax-attention LLM (Llama, Mistral, Qwen2, Qwen3) as a gated linear-recurrent one.
 
 Liger (Lan et al., 2025): every attention layer becomes an LSM layer that reuses the layer's own q, k, v and o
 projections; the MLPs, norms and embeddings are kept as they are. The GLA gate is built from the key projection
 (log gate = logsigmoid(k) / 16: here a projection W_gk that starts as a copy of the key projection, repeated to
 the q heads, so fine-tuning can move it apart), q and k take a softmax over the head dim as their feature map,
-scale 1. With `window` the layer is Liger Attention: o = mix * sliding-window softmax attention (RoPE, the
+scale 1. Qwen3's per-head q and k norms become the spec's `qk_norm` (the gate reads the key projection before
+it). With `window` the layer is Liger Attention: o = mix * sliding-window softmax attention (RoPE, the
 model's own) + (1 - mix) * GLA.
 
 What it writes is ordinary lmoec: an editable `.lsm` spec (`model.lsm`) and an HF folder of its compiled package
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 LSMS = ("gla",)
 SPEC_FILE = "model.lsm"
 
@@ -43,6 +44,8 @@ class Source:
     rope_theta: float
     tie: bool
     qkv_bias: bool
+    qk_norm: bool  # Qwen3's RMSNorm of q and k per head
+    head_dim: int  # may differ from hidden / heads (Qwen3)
     max_seq_len: int
     token_ids: dict
 
@@ -50,19 +53,15 @@ class Source:
 def read_source(config, where: str) -> Source:
     """Check that the config is one lmoec maps exactly, and take its numbers."""
     arch = getattr(config, "model_type", None)
-    if arch == "qwen3":
-        raise LinearizeError(f"{where}: Qwen3's q_norm / k_norm are not mapped yet (supported: {', '.join(SUPPORTED)})")
     if arch not in SUPPORTED:
         raise LinearizeError(f"{where}: model_type {arch!r} is not supported (supported: {', '.join(SUPPORTED)})")
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    if head_dim * heads != config.hidden_size:
-        raise LinearizeError(f"{where}: head_dim {head_dim} x heads {heads} != hidden_size {config.hidden_size}")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise LinearizeError(f"{where}: hidden_act {config.hidden_act!r}: lmoec's dense FFN is SwiGLU (silu)")
     if getattr(config, "mlp_bias", False):
         raise LinearizeError(f"{where}: mlp_bias = true is not mapped (lmoec's FFN has no biases)")
-    if arch in ("llama", "mistral") and getattr(config, "attention_bias", False):
+    if arch != "qwen2" and getattr(config, "attention_bias", False):
         raise LinearizeError(f"{where}: attention_bias = true (a bias on o_proj) is not mapped")
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -75,6 +74,7 @@ def read_source(config, where: str) -> Source:
                   heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
                   ffn=config.intermediate_size, norm_eps=float(config.rms_norm_eps), rope_theta=float(theta),
                   tie=bool(getattr(config, "tie_word_embeddings", False)), qkv_bias=arch == "qwen2",
+                  qk_norm=arch == "qwen3", head_dim=head_dim,
                   max_seq_len=int(getattr(config, "max_position_embeddings", 4096) or 4096), token_ids=token_ids)
 
 
@@ -109,6 +109,11 @@ def spec_text(src: Source, attention: Optional[dict]) -> str:
     ]
     if src.kv_heads != src.heads:
         lines.append(f"    kv_heads = {src.kv_heads}")
+    if src.head_dim * src.heads != src.hidden:
+        expand = src.head_dim * src.heads / src.hidden
+        lines.append(f"    expand_k = {expand!r}  expand_v = {expand!r}")
+    if src.qk_norm:
+        lines.append(f"    qk_norm {{ eps = {src.norm_eps!r} }}")
     if src.qkv_bias:
         lines.append("    qkv_bias = true")
         lines.append("    param gk_bias[H, K] = 0")
@@ -149,6 +154,9 @@ def map_weights(source: dict[str, torch.Tensor], src: Source) -> dict[str, torch
             out[b + f"mixer.{name}_proj.weight"] = source[a + f"self_attn.{name}_proj.weight"]
             if src.qkv_bias and name != "o":
                 out[b + f"mixer.{name}_proj.bias"] = source[a + f"self_attn.{name}_proj.bias"]
+        if src.qk_norm:
+            for name in ("q", "k"):
+                out[b + f"mixer.{name}_norm.weight"] = source[a + f"self_attn.{name}_norm.weight"]
         k = source[a + "self_attn.k_proj.weight"]  # [kv_heads * D, hidden] -> per q head [heads * D, hidden]
         out[b + "mixer.W_gk.weight"] = k.unflatten(0, (src.kv_heads, -1)).repeat_interleave(group, 0).flatten(0, 1)
         if src.qkv_bias:

@@ -1,4 +1,4 @@
-"""`lmoec linearize` (Liger): tiny random Llama / Mistral / Qwen2 checkpoints built from configs (nothing downloaded).
+"""`lmoec linearize` (Liger): tiny random Llama / Mistral / Qwen2 / Qwen3 checkpoints built from configs (nothing downloaded).
 
 All weight on a window >= T reproduces the source model; all weight on the LSM is the float64 oracle recurrence
 on the source's own projections; GQA shapes; Liger Attention decodes (window KV cache + LSM state) as the full
@@ -25,9 +25,10 @@ SIZES = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_lay
 def source_model(arch: str, folder):
     """A tiny random checkpoint of `arch` saved to `folder`; every weight (biases too) off its init."""
     config_class, model_class = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-                                 "mistral": ("MistralConfig", "MistralForCausalLM")}[arch]
+                                 "mistral": ("MistralConfig", "MistralForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}[arch]
     torch.manual_seed(0)
-    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**SIZES)).eval()
+    sizes = {**SIZES, "head_dim": 16} if arch == "qwen3" else SIZES  # Qwen3: head_dim * heads != hidden, q/k norms
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**sizes)).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -39,19 +40,20 @@ def load(folder):
     return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
 def test_all_weight_on_a_full_window_reproduces_the_source(arch, tmp_path):
     source = source_model(arch, tmp_path / "src")
     out = linearize(tmp_path / "src", tmp_path / "lin", attention={"window": 64, "mix": 1.0})
     model = load(out)
     layer = model.model.blocks[0].mixer
-    assert layer.k_proj.weight.shape == (2 * 8, 32) and layer.q_proj.weight.shape == (4 * 8, 32)  # GQA: 2 kv heads
+    D = 16 if arch == "qwen3" else 8
+    assert layer.k_proj.weight.shape == (2 * D, 32) and layer.q_proj.weight.shape == (4 * D, 32)  # GQA: 2 kv heads
     ids = torch.randint(0, 64, (2, 23))
     with torch.no_grad():
         expected = source(ids).logits
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
         _, cache = model.model(ids[:, :5], use_cache=True)
-    assert cache[0]["state"].shape == (2, 4, 8, 8)  # the LSM state is per q head
+    assert cache[0]["state"].shape == (2, 4, D, D)  # the LSM state is per q head
     assert cache[0]["window"].k.shape[1] == 2  # the window KV cache per kv head
 
 
@@ -74,11 +76,12 @@ def test_all_weight_on_the_lsm_is_the_oracle_recurrence(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
-def test_liger_attention_decodes_and_pads_like_the_full_forward(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_liger_attention_decodes_and_pads_like_the_full_forward(arch, tmp_path):
     """Window 4 < the sequence, mix 0.5: prefill + one-token steps (window KV cache + LSM state) give the full
     forward's logits, greedy generate() equals the argmax of the full forward, and a left-padded batch (Qwen2's
-    biases included) gives each row's unpadded logits."""
-    source_model("qwen2", tmp_path / "src")
+    biases, Qwen3's q/k norms) gives each row's unpadded logits."""
+    source_model(arch, tmp_path / "src")
     model = load(linearize(tmp_path / "src", tmp_path / "lin", attention={"window": 4, "mix": 0.5}))
     ids = torch.randint(0, 64, (2, 13))
     with torch.no_grad():
@@ -105,7 +108,7 @@ def test_liger_attention_decodes_and_pads_like_the_full_forward(tmp_path):
 
 
 def test_linearize_cli_errors(tmp_path, capsys):
-    gpt2 = tmp_path / "gpt2"
+    gpt2 = tmp_path / "gpt2"  # an architecture linearize does not map
     transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2).save_pretrained(gpt2)
     assert run_cli(linearize_cli, str(gpt2), "-o", str(tmp_path / "a")) == 2
     assert "model_type 'gpt2' is not supported" in capsys.readouterr().err

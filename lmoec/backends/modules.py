@@ -124,6 +124,7 @@ class LayerContext(BaseModel):
     memories: Optional[MemoriesContext] = None  # Mixture-of-Memories; None: one state
     kv_heads: Optional[int] = None  # k and v projected for this many heads and repeated to the heads (None: per head)
     qkv_bias: bool = False  # the q, k and v projections have a bias
+    qk_norm_eps: Optional[float] = None  # RMSNorm of q and k per head after their projections (None: none)
     window: Optional[WindowContext] = None  # Liger Attention: mixed with sliding-window softmax attention
 
 
@@ -365,6 +366,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         memories=memories,
         kv_heads=lsm.kv_heads,
         qkv_bias=lsm.qkv_bias,
+        qk_norm_eps=None if lsm.qk_norm is None else lsm.qk_norm.eps,
         window=None if lsm.window_attention is None else WindowContext(**lsm.window_attention.model_dump()),
     )
 

@@ -10,8 +10,8 @@ from ..output import shown
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "linearize",
-        help="turn a Llama / Mistral / Qwen2 checkpoint into a gated linear-recurrent model (Liger)",
-        description="Read a Hugging Face checkpoint folder (Llama, Mistral or Qwen2: config.json and weights) and write OUT: "
+        help="turn a Llama / Mistral / Qwen2 / Qwen3 checkpoint into a gated linear-recurrent model (Liger)",
+        description="Read a Hugging Face checkpoint folder (Llama, Mistral, Qwen2 or Qwen3: config.json and weights) and write OUT: "
         "an editable spec (model.lsm) whose LSM layers reuse each attention layer's q, k, v and o projections "
         "(GLA gates from the key projection, softmax feature maps), and the HF folder of its compiled package with the "
         "mapped weights. --attention makes the layers Liger Attention: sliding-window softmax attention mixed in.",

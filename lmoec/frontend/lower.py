@@ -33,6 +33,7 @@ from ..ir.nodes import (
     MoESpec,
     ParallelSpec,
     Param,
+    QKNorm,
     SpecIR,
     WindowAttention,
 )
@@ -221,7 +222,9 @@ LSM_KEYS: dict[str, tuple] = {
     "kv_heads": (("assign",), None),
     "qkv_bias": (("assign",), None),
     "window_attention": (("block", "assign"), None),
+    "qk_norm": (("block", "assign"), None),
 }
+QK_NORM_KEYS = {k: (("assign",), None) for k in QKNorm.model_fields}
 WINDOW_KEYS = {k: (("assign",), None) for k in WindowAttention.model_fields}
 MEMORY_KEYS = {k: (("assign",), None) for k in Memories.model_fields}
 MEMORY_PARTS = ("k", "v", "beta", "decay")
@@ -312,6 +315,19 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
             f[key] = None if none else v.expr(symbols)
         elif key == "qkv_bias":
             f["qkv_bias"] = v.boolean()
+        elif key == "qk_norm":
+            if s.kind == "assign":
+                if not none:
+                    v.fail("write 'qk_norm { eps = 1e-6 }' (or 'qk_norm { }') or 'qk_norm = none'")
+                f["qk_norm"] = None
+            else:
+                where_block = f"{where} qk_norm"
+                _check_keys(s.body, src, where_block, QK_NORM_KEYS)
+                fields = spec.qk_norm.model_dump() if spec.qk_norm is not None else {}
+                for t in s.body:
+                    locs.set(at + ("qk_norm", str(t.key)), src.loc(t.key))
+                    fields[str(t.key)] = Values(t, src, where_block).real()
+                f["qk_norm"] = QKNorm(**fields)
         elif key == "window_attention":
             if s.kind == "assign":
                 if not none:

@@ -108,6 +108,7 @@ def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, i
     for p in lsm.params.values():
         total += int(sympy.Mul(*[d[s] for s in p.shape]))
     total += {"none": 0, "rmsnorm": V, "layernorm": 2 * V, "groupnorm": 2 * H * V}[lsm.output_norm]
+    total += 2 * K if lsm.qk_norm is not None else 0
     total += 2 * K * (lsm.feature_map_q.count("rebased") + lsm.feature_map_k.count("rebased"))
     if lsm.memories is None:
         return 0, total + per_memory, 0

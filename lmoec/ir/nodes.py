@@ -136,6 +136,12 @@ class DPLRTerms(Node):
 MemoryPart = Literal["k", "v", "beta", "decay"]
 
 
+class QKNorm(Node):
+    """RMSNorm over the head dim of q and k right after their projections, a weight per side (Qwen3)."""
+
+    eps: float = 1e-6
+
+
 class WindowAttention(Node):
     """Liger Attention (Lan et al., 2025): the layer's output mixes sliding-window softmax attention over its own
     q, k, v (RoPE, before feature maps) with the LSM's output: o = mix * attention + (1 - mix) * lsm."""
@@ -180,6 +186,7 @@ class LSMSpec(Node):
     groups: Optional[int] = None  # q and k projected once per group of heads and shared by its heads; None: per head
     kv_heads: Optional[int] = None  # k and v projected for this many heads, each shared by heads / kv_heads q heads (GQA)
     qkv_bias: bool = False  # the q, k and v projections have a bias (Qwen2)
+    qk_norm: Optional[QKNorm] = None  # RMSNorm of q and k per head after their projections (Qwen3)
     feature_map_q: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
     feature_map_k: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
     decay: Decay = Field(default_factory=Decay)

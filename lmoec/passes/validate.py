@@ -38,7 +38,7 @@ LAYER_NAMES = frozenset({
     # a layer with memories (templates/modules/memories.py.j2)
     "router", "mix_memories", "balancing_loss", "last_aux_loss", "last_z_loss", "last_tokens_per_memory",
     # kv_heads, and a layer with window_attention (Liger Attention)
-    "kv_heads", "window_attention", "mix",
+    "kv_heads", "window_attention", "mix", "q_norm", "k_norm",
 })
 MODULE_NAMES = frozenset({
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
@@ -50,6 +50,7 @@ MODULE_NAMES = frozenset({
     "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
     "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train",
     "training", "type", "xpu", "zero_grad",
+    "smart_apply",  # transformers adds it to every nn.Module once it builds a model (an HF-wrapped layer has it)
 })
 RESERVED_NAMES = LAYER_NAMES | MODULE_NAMES | set(ex.RESERVED_SYMBOLS) | {"i"}
 
@@ -132,6 +133,14 @@ class _Checker:
                     fail(f"kv_heads (k and v shared by groups of q heads) goes without {statement}", "kv_heads")
         if lsm.qkv_bias and lsm.memories is not None:
             fail("qkv_bias goes without memories (the per-memory projections have no bias)", "qkv_bias")
+        if lsm.qk_norm is not None:
+            if not lsm.qk_norm.eps > 0:
+                fail(f"qk_norm eps must be > 0, got {lsm.qk_norm.eps}", "qk_norm", "eps")
+            for statement, present in (("groups", lsm.groups), ("query = ...", lsm.query), ("key = ...", lsm.key),
+                                        ("tie k", lsm.tie_k_to_decay or None), ("memories", lsm.memories),
+                                        ("short_conv", lsm.short_conv or None)):
+                if present is not None:
+                    fail(f"qk_norm (per head, right after the q and k projections) goes without {statement}", "qk_norm")
         if lsm.window_attention is not None:
             self._window_attention(lsm, fail)
         for key in ("expand_k", "expand_v"):
