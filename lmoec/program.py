@@ -59,6 +59,21 @@ class Program:
             raise ValueError(f"{self.ir.source}: the spec defines no model (only lsms {sorted(self.ir.lsms)})")
         return self.package.model.build(**overrides)
 
+    def hf_model(self, model=None, **overrides):
+        """The spec's model as a Hugging Face causal LM (`<package>.hf.ForCausalLM`, needs transformers): the
+        weights of `model` (a CausalLM of this package) or of a fresh `self.model(**overrides)`."""
+        import json
+
+        from .runtime.hf import NUL, hf_module
+
+        model = self.model(**overrides) if model is None else model
+        hf = hf_module(self.package)
+        config = hf.Config(lmoec_model=model.config, lmoec_ir=json.loads(self.files["ir.json"]),
+                           eos_token_id=NUL, bos_token_id=NUL, pad_token_id=NUL)
+        wrapped = hf.ForCausalLM(config)
+        wrapped.model.load_state_dict(model.state_dict())
+        return wrapped.eval() if not model.training else wrapped
+
     def layer(
         self,
         name: Optional[str] = None,

@@ -164,3 +164,13 @@ def test_package_cache_entry_is_never_replaced(tmp_path, monkeypatch):
     loader.write_package(files, entry, replace=False)  # the late writer
     assert entry.stat().st_ino == inode
     assert [p.name for p in tmp_path.iterdir()] == [entry.name]  # its copy dropped, nothing left behind
+
+
+def test_a_missing_optional_dependency_names_its_extra():
+    """export, linearize and finetune import transformers / peft only when they run: without them, one line naming
+    the extra to install, not a traceback."""
+    from lmoec.cli import describe
+
+    message = describe(ModuleNotFoundError("No module named 'peft'", name="peft"))
+    assert message == "error: this command needs the [hf] extra (pip install 'lmoec[hf]'): no module named 'peft'"
+    assert describe(ModuleNotFoundError("No module named 'numpy'", name="numpy")) is None  # not ours to explain

@@ -59,8 +59,15 @@ class Block(nn.Module):
         self.ffn_norm = _norm(config)
         self.ffn = moe.build(config["hidden"])
 
-    def forward(self, x, past=None, use_cache=False):
-        h = self.mixer(self.mixer_norm(x), past=past, use_cache=use_cache)
+    def forward(self, x, past=None, use_cache=False, mask=None):
+        """mask [B, positions] (True: a real token) marks the padding of a left-padded batch: see CausalLM.forward."""
+        h = self.mixer_norm(x)
+        if mask is None:
+            h = self.mixer(h, past=past, use_cache=use_cache)
+        elif self.kind == "L":
+            h = self.mixer(h.masked_fill(~mask[:, -x.shape[1]:, None], 0), past=past, use_cache=use_cache)
+        else:
+            h = self.mixer(h, past=past, use_cache=use_cache, mask=mask)
         cache = None
         if use_cache:
             h, cache = h
@@ -118,21 +125,28 @@ class CausalLM(nn.Module):
                 if name.endswith("w_down"):
                     nn.init.normal_(param, std=out_std)
 
-    def forward(self, input_ids, cache=None, use_cache=False):
-        x, new_cache = self.hidden_states(input_ids, cache, use_cache)
+    def forward(self, input_ids, cache=None, use_cache=False, mask=None):
+        """mask [B, positions so far + T] (True: a real token) for a left-padded batch: padded keys are hidden
+        from attention layers, and LSM layers see zeros at padded positions. From a zero state a zero input
+        leaves an LSM state zero (its value, hence every write, is zero; its short convolutions see the zeros
+        they start from), so a row's real tokens give what they give unpadded, as long as the padding comes
+        before them (left padding); outputs at padded positions are meaningless."""
+        x, new_cache = self.hidden_states(input_ids, cache, use_cache, mask)
         logits = self.head(x)
         return (logits, new_cache) if use_cache else logits
 
-    def hidden_states(self, input_ids, cache=None, use_cache=False):
+    def hidden_states(self, input_ids, cache=None, use_cache=False, mask=None):
         """(the final norm's output [B, T, hidden] that the LM head reads, the new cache or None).
 
         lmoec.runtime.train.lm_loss starts from here, so that the [B, T, vocab] logits never exist at once.
         """
+        if mask is not None:
+            mask = mask.bool()
         x = self.embed(input_ids)
         new_cache = [] if use_cache else None
         aux = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, past=None if cache is None else cache[i], use_cache=use_cache)
+            x, layer_cache = block(x, past=None if cache is None else cache[i], use_cache=use_cache, mask=mask)
             if use_cache:
                 new_cache.append(layer_cache)
             aux.append(block.ffn.balancing_loss())

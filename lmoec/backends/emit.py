@@ -48,7 +48,9 @@ def emit_package(ir: SpecIR) -> dict[str, str]:
     files: dict[str, str] = {}
     for emitter in EMITTERS:
         files.update(emitter(ir))
-    files["__init__.py"] = render(
-        "package/__init__.py.j2", header=header(ir, "package"), ir=ir, modules=sorted(Path(f).stem for f in files if f.endswith(".py"))
-    )
+    modules = sorted(Path(f).stem for f in files if f.endswith(".py"))
+    if ir.model is not None:  # imported on demand only (it imports transformers), so not in __init__'s modules
+        files["hf.py"] = render("package/hf.py.j2", header=header(ir, f"model {ir.model.name}, Hugging Face classes"), ir=ir,
+                                modules=modules)
+    files["__init__.py"] = render("package/__init__.py.j2", header=header(ir, "package"), ir=ir, modules=modules)
     return files

@@ -40,6 +40,7 @@ class ModelContext(BaseModel):
     init_std: float
     max_seq_len: int
     lsm_memories: bool = False  # the L layers route tokens to memories: their router losses join aux_loss
+    lsm_mask: bool = False  # the L layers take the padding mask themselves (window attention, or q/k/v biases)
 
     @property
     def config(self) -> dict:
@@ -100,6 +101,7 @@ def model_context(ir: SpecIR) -> ModelContext:
         init_std=model.init_std,
         max_seq_len=model.max_seq_len,
         lsm_memories="L" in model.pattern and ir.lsm(model.lsm).memories is not None,
+        lsm_mask="L" in model.pattern and (ir.lsm(model.lsm).window_attention is not None or ir.lsm(model.lsm).qkv_bias),
     )
 
 

@@ -66,6 +66,16 @@ class MemoriesContext(BaseModel):
     z_loss: float
 
 
+class WindowContext(BaseModel):
+    """Liger Attention's numbers (templates/modules/layer.py.j2 pastes them as code)."""
+
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
+
+    window: int
+    mix: float
+    rope_theta: float
+
+
 class LayerContext(BaseModel):
     """What templates/modules/layer.py.j2 reads (and nothing else); `doc` is free text, the rest code or numbers."""
 
@@ -118,6 +128,10 @@ class LayerContext(BaseModel):
     recompute_imports: list[str]  # names the layer imports from lmoec.runtime.recompute
     uses_functional: bool  # whether the code calls torch.nn.functional (imported as F only then)
     memories: Optional[MemoriesContext] = None  # Mixture-of-Memories; None: one state
+    kv_heads: Optional[int] = None  # k and v projected for this many heads and repeated to the heads (None: per head)
+    qkv_bias: bool = False  # the q, k and v projections have a bias
+    qk_norm_eps: Optional[float] = None  # RMSNorm of q and k per head after their projections (None: none)
+    window: Optional[WindowContext] = None  # Liger Attention: mixed with sliding-window softmax attention
 
 
 def _feature_steps(side: str, maps: list[str], short_conv: int) -> tuple[list[FeatureStep], Optional[str], list[str]]:
@@ -135,6 +149,8 @@ def _feature_steps(side: str, maps: list[str], short_conv: int) -> tuple[list[Fe
             code = f"{side} = F.elu({side}) + 1"
         elif kind in ("relu", "silu"):
             code = f"{side} = F.{kind}({side})"
+        elif kind == "softmax":  # over the head dim (Liger's feature map)
+            code = f"{side} = {side}.softmax(-1)"
         elif kind == "l2norm":
             code, helpers = f"{side} = l2norm({side})", helpers + ["l2norm"]
         elif kind == "taylor2":
@@ -369,6 +385,10 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
                                       *(f.code for f in feature_q + feature_k)) if code
         ),
         memories=memories,
+        kv_heads=lsm.kv_heads,
+        qkv_bias=lsm.qkv_bias,
+        qk_norm_eps=None if lsm.qk_norm is None else lsm.qk_norm.eps,
+        window=None if lsm.window_attention is None else WindowContext(**lsm.window_attention.model_dump()),
     )
 
 

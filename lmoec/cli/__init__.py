@@ -22,7 +22,14 @@ COMMANDS = [
     "variants",
     "sweep",
     "bench",
+    "export",
+    "linearize",
+    "finetune",
 ]
+
+
+# optional dependencies, by the extra that installs them (export, linearize and finetune need [hf])
+OPTIONAL_MODULES = {"transformers": "hf", "safetensors": "hf", "peft": "hf", "tokenizers": "hf", "lm_eval": "eval"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,6 +59,9 @@ def describe(err: Exception) -> Optional[str]:
 
     if isinstance(err, SpecError):
         return str(err)
+    if isinstance(err, ModuleNotFoundError) and (err.name or "").split(".")[0] in OPTIONAL_MODULES:
+        extra = OPTIONAL_MODULES[err.name.split(".")[0]]
+        return f"error: this command needs the [{extra}] extra (pip install 'lmoec[{extra}]'): no module named {err.name!r}"
     if isinstance(err, FileNotFoundError):
         return f"{shown(err.filename or err)}: error: no such file"
     if isinstance(err, IsADirectoryError):

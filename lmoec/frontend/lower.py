@@ -33,15 +33,17 @@ from ..ir.nodes import (
     MoESpec,
     ParallelSpec,
     Param,
+    QKNorm,
     SpecIR,
     Update,
+    WindowAttention,
 )
 from ..passes.validate import MAX_LAYERS, Locs, validate
 from ..paths import ROOT
 from .expressions import lower_expr
 from .parse import Block, ParsedFile, Source, Stmt, Value, parse, read_source
 
-FEATURE_MAPS = ("identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "rebased")
+FEATURE_MAPS = ("identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "rebased", "softmax")
 DECAY_KINDS = ("none", "constant", "scalar", "vector")
 GATE_PARTS = ("value", "step", "rate")  # element-wise gates (lmoec.kinds.elementwise): `decay value`, `decay step`, `decay rate`
 PARAM_SYMBOLS = {"h", "i", "H", "K", "V", "layer"}
@@ -220,9 +222,15 @@ LSM_KEYS: dict[str, tuple] = {
     "chunk_size": (("assign",), None),
     "memories": (("block", "assign"), None),
     "update": (("block", "assign"), None),
+    "kv_heads": (("assign",), None),
+    "qkv_bias": (("assign",), None),
+    "window_attention": (("block", "assign"), None),
+    "qk_norm": (("block", "assign"), None),
 }
 UPDATE_KEYS = {k: (("assign",), None) for k in ("loss", "lr", "momentum", "weight_decay", "gradient")}
 INNER_LOSSES = ("mse", "ln_mse")
+QK_NORM_KEYS = {k: (("assign",), None) for k in QKNorm.model_fields}
+WINDOW_KEYS = {k: (("assign",), None) for k in WindowAttention.model_fields}
 MEMORY_KEYS = {k: (("assign",), None) for k in Memories.model_fields}
 MEMORY_PARTS = ("k", "v", "beta", "decay")
 
@@ -259,7 +267,7 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
             locs.set(at + (key,), src.loc(s.key))
             keys_here.add(key)
         none = v.is_none()
-        if key in ("heads", "head_k", "groups"):
+        if key in ("heads", "head_k", "groups", "kv_heads"):
             f[key] = None if none else v.integer()
         elif key in ("expand_k", "expand_v", ):
             f[key] = v.real()
@@ -310,6 +318,28 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
             f["output_norm"] = v.choice(("none", "rmsnorm", "layernorm", "groupnorm"))
         elif key in ("output_gate", "scale", "skip", "query", "key"):
             f[key] = None if none else v.expr(symbols)
+        elif key == "qkv_bias":
+            f["qkv_bias"] = v.boolean()
+        elif key == "qk_norm":
+            if s.kind == "assign":
+                if not none:
+                    v.fail("write 'qk_norm { eps = 1e-6 }' (or 'qk_norm { }') or 'qk_norm = none'")
+                f["qk_norm"] = None
+            else:
+                where_block = f"{where} qk_norm"
+                _check_keys(s.body, src, where_block, QK_NORM_KEYS)
+                fields = spec.qk_norm.model_dump() if spec.qk_norm is not None else {}
+                for t in s.body:
+                    locs.set(at + ("qk_norm", str(t.key)), src.loc(t.key))
+                    fields[str(t.key)] = Values(t, src, where_block).real()
+                f["qk_norm"] = QKNorm(**fields)
+        elif key == "window_attention":
+            if s.kind == "assign":
+                if not none:
+                    v.fail("write 'window_attention { window = 64 mix = 0.5 }' or 'window_attention = none'")
+                f["window_attention"] = None
+            else:
+                f["window_attention"] = _window_attention(spec.window_attention, s, src, where, locs, at)
         elif key == "memories":
             if s.kind == "assign":
                 if not none:
@@ -337,6 +367,21 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
         params["u"] = Param(name="u", shape=["H", "K"], init=sympy.Integer(0), loc=spec.loc)
     f["params"] = params
     return LSMSpec(**f)
+
+
+def _window_attention(base: Optional[WindowAttention], s: Stmt, src: Source, where: str, locs: Locs,
+                      at: tuple) -> WindowAttention:
+    """A `window_attention { }` block, merged over the base lsm's."""
+    where = f"{where} window_attention"
+    _check_keys(s.body, src, where, WINDOW_KEYS)
+    fields = base.model_dump() if base is not None else {}
+    for t in s.body:
+        v, key = Values(t, src, where), str(t.key)
+        locs.set(at + ("window_attention", key), src.loc(t.key))
+        fields[key] = v.integer() if key == "window" else v.real()
+    if "window" not in fields:
+        raise src.error(f"{where}: missing window", s.key)
+    return WindowAttention(**fields)
 
 
 def _memories(base: Optional[Memories], s: Stmt, src: Source, where: str, locs: Locs, at: tuple) -> Memories:

@@ -81,10 +81,13 @@ def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, i
     qk = H * K
     owned = set(lsm.memories.per_memory) if lsm.memories else set()
     n_k = 0 if lsm.tie_k_to_decay else 1
-    proj = {"q": hidden * qk, "k": hidden * qk * n_k, "v": hidden * H * V}
+    kv = lsm.kv_heads or H  # k and v are projected per kv head
+    proj = {"q": hidden * qk, "k": hidden * kv * K * n_k, "v": hidden * kv * V}
+    if lsm.qkv_bias:
+        proj = {"q": proj["q"] + qk, "k": proj["k"] + kv * K * n_k, "v": proj["v"] + kv * V}
     per_memory = sum(n for part, n in proj.items() if part in owned)
     shared = sum(n for part, n in proj.items() if part not in owned) + H * V * hidden
-    shared += lsm.short_conv * (qk * (1 + n_k) + H * V)
+    shared += lsm.short_conv * (qk + kv * K * n_k + kv * V)
     slots = []
     if lsm.decay.expr is not None and lsm.decay.kind in ("scalar", "vector"):
         slots.append((lsm.decay.expr, H if lsm.decay.kind == "scalar" else qk, "decay"))
@@ -107,6 +110,7 @@ def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, i
     for p in lsm.params.values():
         total += int(sympy.Mul(*[d[s] for s in p.shape]))
     total += {"none": 0, "rmsnorm": V, "layernorm": 2 * V, "groupnorm": 2 * H * V}[lsm.output_norm]
+    total += 2 * K if lsm.qk_norm is not None else 0
     total += 2 * K * (lsm.feature_map_q.count("rebased") + lsm.feature_map_k.count("rebased"))
     if lsm.memories is None:
         return 0, total + per_memory, 0

@@ -113,7 +113,7 @@ class Recurrence(Node):
         return "_".join(parts)
 
 
-FeatureMap = Literal["identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "rebased"]
+FeatureMap = Literal["identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "rebased", "softmax"]
 
 
 class Param(Node):
@@ -177,6 +177,21 @@ class Update(Node):
 MemoryPart = Literal["k", "v", "beta", "decay"]
 
 
+class QKNorm(Node):
+    """RMSNorm over the head dim of q and k right after their projections, a weight per side (Qwen3)."""
+
+    eps: float = 1e-6
+
+
+class WindowAttention(Node):
+    """Liger Attention (Lan et al., 2025): the layer's output mixes sliding-window softmax attention over its own
+    q, k, v (RoPE, before feature maps) with the LSM's output: o = mix * attention + (1 - mix) * lsm."""
+
+    window: int
+    mix: float = 0.5
+    rope_theta: float = 10000.0
+
+
 class Memories(Node):
     """Mixture-of-Memories (Du et al., 2025): `count` states, each token routed to `top_k` of them.
 
@@ -210,6 +225,9 @@ class LSMSpec(Node):
     expand_v: float = 1.0
     head_k: Optional[int] = None  # K itself, whatever hidden and heads (Mamba's state size N); None: from expand_k
     groups: Optional[int] = None  # q and k projected once per group of heads and shared by its heads; None: per head
+    kv_heads: Optional[int] = None  # k and v projected for this many heads, each shared by heads / kv_heads q heads (GQA)
+    qkv_bias: bool = False  # the q, k and v projections have a bias (Qwen2)
+    qk_norm: Optional[QKNorm] = None  # RMSNorm of q and k per head after their projections (Qwen3)
     feature_map_q: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
     feature_map_k: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
     decay: Decay = Field(default_factory=Decay)
@@ -228,6 +246,7 @@ class LSMSpec(Node):
     chunk_size: int = 64
     memories: Optional[Memories] = None  # None: one state (a plain layer)
     update: Optional[Update] = None  # a test-time-training memory instead of delta / decay statements
+    window_attention: Optional[WindowAttention] = None  # Liger Attention: mixed with sliding-window softmax attention
 
     # filled by passes
     recurrence: Optional[Recurrence] = None

@@ -37,6 +37,8 @@ LAYER_NAMES = frozenset({
     "k_features", "reset_parameters", "groups", "q_rebased_gamma", "q_rebased_beta", "k_rebased_gamma", "k_rebased_beta",
     # a layer with memories (templates/modules/memories.py.j2)
     "router", "mix_memories", "balancing_loss", "last_aux_loss", "last_z_loss", "last_tokens_per_memory",
+    # kv_heads, and a layer with window_attention (Liger Attention)
+    "kv_heads", "window_attention", "mix", "q_norm", "k_norm",
 })
 MODULE_NAMES = frozenset({
     "T_destination", "add_module", "apply", "bfloat16", "buffers", "call_super_init", "children", "compile", "cpu",
@@ -48,6 +50,7 @@ MODULE_NAMES = frozenset({
     "register_module", "register_parameter", "register_state_dict_post_hook", "register_state_dict_pre_hook",
     "requires_grad_", "set_extra_state", "set_submodule", "share_memory", "state_dict", "to", "to_empty", "train",
     "training", "type", "xpu", "zero_grad",
+    "smart_apply",  # transformers adds it to every nn.Module once it builds a model (an HF-wrapped layer has it)
 })
 RESERVED_NAMES = LAYER_NAMES | MODULE_NAMES | set(ex.RESERVED_SYMBOLS) | {"i"}
 
@@ -119,6 +122,27 @@ class _Checker:
                 fail(f"groups = {lsm.groups} does not divide heads = {lsm.heads}", "groups")
             if lsm.tie_k_to_decay:
                 fail("groups share q and k over heads, but tie k makes k per head from the decay", "groups")
+        if lsm.kv_heads is not None:
+            if lsm.kv_heads < 1:
+                fail(f"kv_heads must be >= 1, got {lsm.kv_heads}", "kv_heads")
+            if lsm.heads is not None and lsm.heads % lsm.kv_heads:
+                fail(f"kv_heads = {lsm.kv_heads} does not divide heads = {lsm.heads}", "kv_heads")
+            for statement, present in (("groups", lsm.groups), ("tie k", lsm.tie_k_to_decay or None),
+                                       ("key = ...", lsm.key), ("memories", lsm.memories)):
+                if present is not None:
+                    fail(f"kv_heads (k and v shared by groups of q heads) goes without {statement}", "kv_heads")
+        if lsm.qkv_bias and lsm.memories is not None:
+            fail("qkv_bias goes without memories (the per-memory projections have no bias)", "qkv_bias")
+        if lsm.qk_norm is not None:
+            if not lsm.qk_norm.eps > 0:
+                fail(f"qk_norm eps must be > 0, got {lsm.qk_norm.eps}", "qk_norm", "eps")
+            for statement, present in (("groups", lsm.groups), ("query = ...", lsm.query), ("key = ...", lsm.key),
+                                        ("tie k", lsm.tie_k_to_decay or None), ("memories", lsm.memories),
+                                        ("short_conv", lsm.short_conv or None)):
+                if present is not None:
+                    fail(f"qk_norm (per head, right after the q and k projections) goes without {statement}", "qk_norm")
+        if lsm.window_attention is not None:
+            self._window_attention(lsm, fail)
         for key in ("expand_k", "expand_v"):
             if not 0 < getattr(lsm, key) <= MAX_EXPAND:
                 fail(f"{key} must be > 0 and at most {MAX_EXPAND}, got {getattr(lsm, key)}", key)
@@ -282,6 +306,25 @@ class _Checker:
                  "(the chunkwise form keeps mini-batches inside chunks)", "update", "gradient")
 
     @staticmethod
+    def _window_attention(lsm: LSMSpec, fail) -> None:
+        """Liger Attention runs softmax attention on the layer's own q, k, v projections."""
+        w = lsm.window_attention
+        if w.window < 1:
+            fail(f"window_attention window must be >= 1, got {w.window}", "window_attention", "window")
+        if not 0 <= w.mix <= 1:
+            fail(f"window_attention mix (the attention's weight) must be between 0 and 1, got {w.mix}", "window_attention", "mix")
+        if not w.rope_theta > 0:
+            fail(f"window_attention rope_theta must be > 0, got {w.rope_theta}", "window_attention", "rope_theta")
+        for statement, present in (("groups", lsm.groups), ("query = ...", lsm.query), ("key = ...", lsm.key),
+                                    ("tie k", lsm.tie_k_to_decay or None), ("memories", lsm.memories),
+                                    ("short_conv", lsm.short_conv or None), ("head_k", lsm.head_k)):
+            if present is not None:
+                fail(f"window_attention (softmax attention over the layer's q, k, v projections) goes without {statement}",
+                     "window_attention")
+        if lsm.expand_k != lsm.expand_v:
+            fail("window_attention needs expand_k = expand_v (its attention reads q, k and v of one head width)", "window_attention")
+
+    @staticmethod
     def _memories(lsm: LSMSpec, fail) -> None:
         mem = lsm.memories
         # the memory layer (templates/modules/memories.py.j2) builds q, k, v and the gates of the families
@@ -363,6 +406,8 @@ class _Checker:
             heads = lsm.heads or model.heads
             if lsm.groups is not None and heads % lsm.groups:
                 fail(f"lsm {lsm.name!r}: groups = {lsm.groups} does not divide heads = {heads}", "lsm")
+            if lsm.kv_heads is not None and heads % lsm.kv_heads:
+                fail(f"lsm {lsm.name!r}: kv_heads = {lsm.kv_heads} does not divide heads = {heads}", "lsm")
             for key in (("expand_v",) if lsm.head_k is not None else ("expand_k", "expand_v")):
                 width = getattr(lsm, key) * model.hidden
                 if width != int(width) or int(width) % heads or int(width) < heads:

@@ -98,7 +98,9 @@ class KVCache:
             grown = old + max(old // 2, 64) if old else 0  # 1.5x: amortized O(1) copies per token
             capacity = max(n + T, self.reserved, grown)
             B, H, _, D = k.shape
-            K, V = k.new_empty(B, H, capacity, D), v.new_empty(B, H, capacity, v.shape[-1])
+            # zeros, not empty: a static decode step attends over the whole storage under a mask, and an
+            # uninitialized NaN in a slot not written yet would still leak through its zero weight (0 * NaN)
+            K, V = k.new_zeros(B, H, capacity, D), v.new_zeros(B, H, capacity, v.shape[-1])
             if n:
                 K[:, :, :n], V[:, :, :n] = self.k[:, :, :n], self.v[:, :, :n]
         K[:, :, n : n + T] = k
@@ -137,82 +139,61 @@ class StaticKVCache:
         return cls(k, v, position)
 
 
-class Attention(nn.Module):
-    """Causal multi-head (or grouped-query) attention with rotary positions."""
+class HeadAttention(nn.Module):
+    """Causal softmax attention over heads already projected: RoPE, GQA, a sliding window, a KV cache; no
+    parameters. `Attention` puts projections around it; an LSM layer with `window_attention` (Liger) runs it on
+    its own q, k, v."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: Optional[int] = None, rope_theta: float = 10000.0,
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, rope_theta: float = 10000.0,
                  window: Optional[int] = None, layer_idx: int = 0):
         super().__init__()
-        kv_heads = kv_heads or heads
-        if hidden % heads:
-            raise ValueError(f"attention: hidden = {hidden} is not divisible by heads = {heads}")
         if heads % kv_heads:
             raise ValueError(f"attention: heads = {heads} is not divisible by kv_heads = {kv_heads}")
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
-        if self.head_dim % 2:
-            raise ValueError(f"attention: RoPE needs an even head dim, got {self.head_dim}")
+        if head_dim % 2:
+            raise ValueError(f"attention: RoPE needs an even head dim, got {head_dim}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.rope_theta, self.window, self.layer_idx = rope_theta, window, layer_idx
-        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, past: Optional[KVCache] = None, use_cache: bool = False):
-        """x [B, T, hidden] -> y [B, T, hidden], or (y, KVCache) with use_cache.
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Optional[KVCache] = None,
+                use_cache: bool = False, mask: Optional[torch.Tensor] = None):
+        """q [B, T, H, D], k and v [B, T, H_kv, D] before RoPE -> o [B, T, H, D], or (o, KVCache) with use_cache.
 
         With use_cache the new keys and values are written into `past`'s storage (see KVCache), and the
         returned cache shares it; without, `past` is only read.
+
+        mask [B, past positions + T] (True or 1: a real token), over every absolute position from 0, hides padded
+        keys (a left-padded batch). Positions stay shared by the batch: RoPE scores depend only on the distance
+        between query and key, so a row's real tokens attend as they would unpadded.
         """
-        if isinstance(past, StaticKVCache):
-            y = self._static_step(x, past)
-            return (y, past) if use_cache else y
-        B, T, _ = x.shape
+        B, T = q.shape[:2]
         start = past.next_pos if past is not None else 0
-        positions = torch.arange(start, start + T, device=x.device)
-        if x.dtype == torch.float64:
+        positions = torch.arange(start, start + T, device=q.device)
+        if q.dtype == torch.float64:
             positions = positions.double()
         cos, sin = rope_frequencies(self.head_dim, positions, self.rope_theta)
-        q = apply_rope(self.q_proj(x).view(B, T, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, T, D]
         n = past.length if past is not None else 0
+        if mask is not None and tuple(mask.shape) != (B, start + T):
+            raise ValueError(f"attention: mask must be [B, positions] = [{B}, {start + T}], got {list(mask.shape)}")
+        real = None if mask is None else mask.bool()
         cache = None
         if self.window is not None and use_cache and n and T == 1:
-            o, cache = self._ring_step(q, k, v, past)
+            o, cache = self._ring_step(q, k, v, past, real)
         elif self.window is None and use_cache:
             cache = (past if past is not None else KVCache.reserve(0)).append(k, v)
-            o = self._attend(q, *self._as(q, cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]), start)
+            o = self._attend(q, *self._as(q, cache.k[:, :, : cache.length], cache.v[:, :, : cache.length]), start, real)
         else:  # no cache to write, or a window's prefill: the held keys (<= window of them) then these
             if n:
                 pk, pv = self._as(k, past.keys, past.values)
                 keys, values = torch.cat((pk, k), dim=2), torch.cat((pv, v), dim=2)
             else:
                 keys, values = k, v
-            o = self._attend(q, keys, values, start)
+            o = self._attend(q, keys, values, start, real)
             if use_cache:  # window: keep the last `window` positions in the ring
                 cache = self._ring_write(past, keys, values, start + T)
-        y = self.o_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
-        return (y, cache) if use_cache else y
-
-    def _static_step(self, x: torch.Tensor, past: StaticKVCache):
-        """One token per sequence (x [B, 1, hidden]) into static storage: see StaticKVCache."""
-        B, T, _ = x.shape
-        if T != 1:
-            raise ValueError(f"attention: a StaticKVCache takes one token per step, got T={T}")
-        position = past.position.double() if x.dtype == torch.float64 else past.position
-        cos, sin = rope_frequencies(self.head_dim, position, self.rope_theta)
-        q = apply_rope(self.q_proj(x).view(B, 1, self.heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_proj(x).view(B, 1, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-        slot = past.position if past.window is None else past.position % past.window
-        past.k.index_copy_(2, slot, k.to(past.k.dtype))
-        past.v.index_copy_(2, slot, v.to(past.v.dtype))
-        # slots written so far: those up to the position (a full ring: all)
-        mask = (torch.arange(past.k.shape[2], device=x.device) <= past.position)[None, :]
-        keys, values = self._as(q, past.k, past.v)
-        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
-        return self.o_proj(o.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim))
+        o = o.transpose(1, 2)
+        return (o, cache) if use_cache else o
 
     @staticmethod
     def _as(like: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,9 +216,11 @@ class Attention(nn.Module):
         V[:, :, slots] = values[:, :, S - keep :]
         return KVCache(K, V, next_pos, keep, window=w)
 
-    def _ring_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KVCache):
+    def _ring_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: KVCache,
+                   real: Optional[torch.Tensor] = None):
         """One token with a sliding window: its key overwrites the slot of the one key that leaves the window,
-        then it attends to the ring in place (slot order does not matter once RoPE is applied)."""
+        then it attends to the ring in place (slot order does not matter once RoPE is applied); `real` [B, positions]
+        hides the slots that hold padding."""
         w, pos = self.window, past.next_pos
         if past.window != w or past.k is None:  # a cache from elsewhere: reorder it into a ring once
             past = self._ring_write(None, *self._as(k, past.keys, past.values), pos)
@@ -246,17 +229,31 @@ class Attention(nn.Module):
         V[:, :, pos % w] = v[:, :, 0]
         cache = KVCache(K, V, pos + 1, min(past.length + 1, w), window=w)
         mask = None
+        slot = torch.arange(w, device=q.device)
+        held = pos - (pos - slot) % w  # the latest position <= pos in each slot
         if cache.length < w:  # a ring not yet full: only the slots written so far
-            slot = torch.arange(w, device=q.device)
-            held = pos - (pos - slot) % w  # the latest position <= pos in each slot
             mask = (held > pos - cache.length)[None, :]
+        if real is not None:  # and not padding (the new token's own slot always: it is real)
+            padded = real[:, held.clamp(min=0)] | (held == pos)
+            mask = padded[:, None, None, :] if mask is None else mask & padded[:, None, None, :]
         keys, values = self._as(q, K, V)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
         return o, cache
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
+                real: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Queries at start..start+T-1 over the last S positions' keys; `real` [B, positions] hides padded keys
+        (a padded query keeps its own key, so that its row is never empty: its output is unused but finite)."""
         T, S = q.shape[2], k.shape[2]
         gqa = self.heads != self.kv_heads
+        if real is not None:
+            q_pos = torch.arange(start, start + T, device=q.device)[:, None]
+            k_pos = torch.arange(start + T - S, start + T, device=q.device)[None, :]
+            visible = k_pos <= q_pos
+            if self.window is not None:
+                visible = visible & (q_pos - k_pos < self.window)
+            visible = (visible[None] & real[:, None, start + T - S:]) | (k_pos == q_pos)[None]
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], enable_gqa=gqa)
         if S == T and self.window is None:  # no cache: the fused causal kernels apply
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if T == 1 and self.window is None:  # one query after the whole context: every key is visible
@@ -268,3 +265,54 @@ class Attention(nn.Module):
         if self.window is not None:
             mask = mask & (q_pos - k_pos < self.window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class Attention(HeadAttention):
+    """Causal multi-head (or grouped-query) attention with rotary positions: projections around HeadAttention."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: Optional[int] = None, rope_theta: float = 10000.0,
+                 window: Optional[int] = None, layer_idx: int = 0):
+        kv_heads = kv_heads or heads
+        if hidden % heads:
+            raise ValueError(f"attention: hidden = {hidden} is not divisible by heads = {heads}")
+        super().__init__(heads, kv_heads, hidden // heads, rope_theta, window, layer_idx)
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, past: Optional[KVCache] = None, use_cache: bool = False,
+                mask: Optional[torch.Tensor] = None):
+        """x [B, T, hidden] -> y [B, T, hidden], or (y, KVCache) with use_cache; past and mask as in HeadAttention."""
+        if isinstance(past, StaticKVCache):
+            if mask is not None:
+                raise ValueError("attention: a StaticKVCache step takes no padding mask")
+            y = self._static_step(x, past)
+            return (y, past) if use_cache else y
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        o = super().forward(q, k, v, past, use_cache, mask)
+        o, cache = o if use_cache else (o, None)
+        y = self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
+        return (y, cache) if use_cache else y
+
+    def _static_step(self, x: torch.Tensor, past: StaticKVCache):
+        """One token per sequence (x [B, 1, hidden]) into static storage: see StaticKVCache."""
+        B, T, _ = x.shape
+        if T != 1:
+            raise ValueError(f"attention: a StaticKVCache takes one token per step, got T={T}")
+        position = past.position.double() if x.dtype == torch.float64 else past.position
+        cos, sin = rope_frequencies(self.head_dim, position, self.rope_theta)
+        q = apply_rope(self.q_proj(x).view(B, 1, self.heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_proj(x).view(B, 1, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+        v = self.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+        slot = past.position if past.window is None else past.position % past.window
+        past.k.index_copy_(2, slot, k.to(past.k.dtype))
+        past.v.index_copy_(2, slot, v.to(past.v.dtype))
+        # slots written so far: those up to the position (a full ring: all)
+        mask = (torch.arange(past.k.shape[2], device=x.device) <= past.position)[None, :]
+        keys, values = self._as(q, past.k, past.v)
+        o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.heads != self.kv_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(B, 1, self.heads * self.head_dim))

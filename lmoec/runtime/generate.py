@@ -98,9 +98,10 @@ class StaticDecoder:
     def _static(self, entry, steps: int):
         if isinstance(entry, dict):  # a recurrent layer's state (and conv tails): storage of our own
             if not all(isinstance(t, torch.Tensor) for t in entry.values()):
-                # a mini-batch update keeps its open mini-batch's inputs, one token longer at each step
+                # a mini-batch update keeps its open mini-batch's inputs (one token longer at each step); a Liger
+                # layer keeps its window's KV cache
                 raise ValueError("StaticDecoder: a recurrent cache holds more than fixed-size tensors (a mini-batch "
-                                 "update's open inputs grow each step)")
+                                 "update's open inputs, or an LSM layer's window attention cache)")
             return {key: t.clone() for key, t in entry.items()}
         if isinstance(entry, KVCache):
             return StaticKVCache.from_cache(entry, self.position, steps)

@@ -155,7 +155,9 @@ def _parallelize_attention(attn: Attention, group) -> None:
         empty = x.new_zeros(x.shape[0], attn.kv_heads, 0, attn.head_dim)
         return local_forward(x, past=KVCache(empty, empty, rank * x.shape[1]))
 
-    def attend(q, k, v, start):  # [B, H, T, D] in and out
+    def attend(q, k, v, start, real=None):  # [B, H, T, D] in and out; training batches are never padded
+        if real is not None:
+            raise ValueError("sequence parallel: attention takes no padding mask")
         return lasp2h_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), group=group).transpose(1, 2)
 
     attn.forward = forward
