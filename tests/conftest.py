@@ -13,6 +13,10 @@ import pytest
 import sympy
 import torch
 
+import torch.nn.functional as F
+
+import lmoec
+import lmoec.paths
 from lmoec.ir import expr as ex
 from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, Param, Recurrence, SpecIR
 from lmoec.program import Program, compile_ir
@@ -129,3 +133,36 @@ def random_inputs(rec: Recurrence, B=2, T=37, H=2, K=8, V=8, dtype=torch.float64
 def lsm_inputs():
     """(rec, **shape) -> fresh op inputs; see `random_inputs`."""
     return random_inputs
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Relative to the tensor's scale: max |got - want| <= rtol * max |want|, and nothing NaN."""
+    assert torch.isfinite(got).all(), "non-finite values"
+    err = (got.double() - want.double()).abs().max().item()
+    scale = want.double().abs().max().item()
+    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} x {scale:.3g}"
+
+
+def hybrid_trains_and_decodes(lsm: str, tmp_path) -> torch.nn.Module:
+    """The library spec `lsm` in a tiny hybrid Linear-MoE stack (LN), in float64: one training step gives finite
+    gradients to every parameter, and decoding 10 tokens through the caches gives the full forward's logits.
+    Returns the model (for checks of its own)."""
+    spec = tmp_path / f"{lsm}_tiny.lsm"
+    spec.write_text(f'import "{lmoec.paths.SPECS / "lsm" / f"{lsm}.lsm"}"\n'
+                    f'model {lsm}_tiny {{ vocab = 64 hidden = 32 layers = 2 heads = 2 pattern = "LN" lsm = {lsm}\n'
+                    '    moe { experts = 4 top_k = 2 expert_ffn = 32 } max_seq_len = 64 }\n')
+    torch.manual_seed(0)
+    model = lmoec.compile_spec(spec).model().double()
+    ids = torch.randint(0, 64, (2, 40))
+    logits = model(ids)
+    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    with torch.no_grad():
+        out, cache = model(ids[:, :30], use_cache=True)
+        steps = [out]
+        for t in range(30, 40):
+            out, cache = model(ids[:, t: t + 1], cache=cache, use_cache=True)
+            steps.append(out)
+    assert_close_to_scale(torch.cat(steps, dim=1), logits.detach(), 1e-9)
+    return model

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import lmoec
 import lmoec.paths
+from conftest import assert_close_to_scale, hybrid_trains_and_decodes
 
 F64 = torch.float64
 
@@ -39,12 +40,7 @@ def _inputs(kind, B, T, H, K, V, dtype=F64, strong=False, seed=0):
     return {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype), **{n: x.to(dtype) for n, x in gates.items()}}
 
 
-def _close(got, want, rtol):
-    """Relative to the tensor's scale: max |got - want| <= rtol * max |want|, and nothing NaN."""
-    assert torch.isfinite(got).all(), "non-finite values"
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} x {scale:.3g}"
+_close = assert_close_to_scale
 
 
 @pytest.mark.parametrize("name", ["mamba", "gfw"])
@@ -238,21 +234,4 @@ def test_contract_names_the_gate_arguments(programs):
 def test_hybrid_model_trains_a_step_and_decodes(tmp_path):
     """lsm = mamba in a hybrid Linear-MoE stack (LN): a training step gives finite gradients to every parameter,
     and decoding through the caches gives the logits of the full forward."""
-    spec = tmp_path / "mamba_tiny.lsm"
-    spec.write_text(f'import "{lmoec.paths.SPECS / "lsm" / "mamba.lsm"}"\n'
-                    'model mamba_tiny { vocab = 64 hidden = 32 layers = 2 heads = 2 pattern = "LN" lsm = mamba\n'
-                    '    moe { experts = 4 top_k = 2 expert_ffn = 32 } max_seq_len = 64 }\n')
-    torch.manual_seed(0)
-    model = lmoec.compile_spec(spec).model().double()
-    ids = torch.randint(0, 64, (2, 40))
-    logits = model(ids)
-    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    with torch.no_grad():
-        out, cache = model(ids[:, :30], use_cache=True)
-        steps = [out]
-        for t in range(30, 40):
-            out, cache = model(ids[:, t : t + 1], cache=cache, use_cache=True)
-            steps.append(out)
-    _close(torch.cat(steps, dim=1), logits.detach(), 1e-9)
+    hybrid_trains_and_decodes("mamba", tmp_path)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import lmoec
 import lmoec.paths
+from conftest import assert_close_to_scale, hybrid_trains_and_decodes
 from lmoec.ir.nodes import Family
 
 F64 = torch.float64
@@ -48,12 +49,7 @@ def _inputs(B, T, H, K, V, seed=0, gates=("theta", "eta", "alpha")):
     return {**inputs, **{n: draws[n] for n in gates}}
 
 
-def _close(got, want, rtol):
-    """Relative to the tensor's scale: max |got - want| <= rtol * max |want|, and nothing NaN."""
-    assert torch.isfinite(got).all(), "non-finite values"
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} x {scale:.3g}"
+_close = assert_close_to_scale
 
 
 def _titans_as_written(q, k, v, theta, eta, alpha, M, S, scale, minibatch=1):
@@ -222,24 +218,7 @@ def test_check_and_inspect_show_the_classification(tmp_path, capsys):
 def test_hybrid_model_trains_a_step_and_decodes(tmp_path):
     """lsm = titans in a hybrid Linear-MoE stack (LN): a training step gives finite gradients to every parameter,
     and decoding through the caches gives the logits of the full forward."""
-    spec = tmp_path / "titans_tiny.lsm"
-    spec.write_text(f'import "{lmoec.paths.SPECS / "lsm" / "titans.lsm"}"\n'
-                    'model titans_tiny { vocab = 64 hidden = 32 layers = 2 heads = 2 pattern = "LN" lsm = titans\n'
-                    '    moe { experts = 4 top_k = 2 expert_ffn = 32 } max_seq_len = 64 }\n')
-    torch.manual_seed(0)
-    model = lmoec.compile_spec(spec).model().double()
-    ids = torch.randint(0, 64, (2, 40))
-    logits = model(ids)
-    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    with torch.no_grad():
-        out, cache = model(ids[:, :30], use_cache=True)
-        steps = [out]
-        for t in range(30, 40):
-            out, cache = model(ids[:, t: t + 1], cache=cache, use_cache=True)
-            steps.append(out)
-    _close(torch.cat(steps, dim=1), logits.detach(), 1e-9)
+    hybrid_trains_and_decodes("titans", tmp_path)
 
 
 def test_lasp2_plan_carries_the_joint_state():

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import lmoec
 import lmoec.paths
+from conftest import assert_close_to_scale, hybrid_trains_and_decodes
 from lmoec.ir.nodes import Family
 from lmoec.kinds import ttt
 
@@ -36,11 +37,7 @@ def _inputs(B, T, H, D, seed=0):
             "ln_bias": 0.2 * randn(H, D)}
 
 
-def _close(got, want, rtol):
-    assert torch.isfinite(got).all(), "non-finite values"
-    err = (got.double() - want.double()).abs().max().item()
-    scale = want.double().abs().max().item()
-    assert err <= rtol * scale, f"max error {err:.3g} > {rtol} x {scale:.3g}"
+_close = assert_close_to_scale
 
 
 def _ttt_as_written(q, k, v, theta, ln_weight, ln_bias, W, b, minibatch):
@@ -146,25 +143,8 @@ def test_without_layernorm_per_token_is_deltanet():
 def test_hybrid_model_trains_a_step_and_decodes(tmp_path):
     """lsm = ttt_linear in a hybrid Linear-MoE stack (LN): a training step gives finite gradients to every parameter
     (the inner LayerNorm's included), and decoding through the caches gives the logits of the full forward."""
-    spec = tmp_path / "ttt_tiny.lsm"
-    spec.write_text(f'import "{lmoec.paths.SPECS / "lsm" / "ttt_linear.lsm"}"\n'
-                    'model ttt_tiny { vocab = 64 hidden = 32 layers = 2 heads = 2 pattern = "LN" lsm = ttt_linear\n'
-                    '    moe { experts = 4 top_k = 2 expert_ffn = 32 } max_seq_len = 64 }\n')
-    torch.manual_seed(0)
-    model = lmoec.compile_spec(spec).model().double()
-    ids = torch.randint(0, 64, (2, 40))
-    logits = model(ids)
-    F.cross_entropy(logits.flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
-    for name, p in model.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    model = hybrid_trains_and_decodes("ttt_linear", tmp_path)
     assert any("ln_weight" in name for name, _ in model.named_parameters())
-    with torch.no_grad():
-        out, cache = model(ids[:, :30], use_cache=True)
-        steps = [out]
-        for t in range(30, 40):
-            out, cache = model(ids[:, t: t + 1], cache=cache, use_cache=True)
-            steps.append(out)
-    _close(torch.cat(steps, dim=1), logits.detach(), 1e-9)
 
 
 def test_generation_falls_back_to_the_dynamic_step(tmp_path, capsys):
