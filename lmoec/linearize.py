@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-LSMS = ("gla",)
+LSMS = ("gla", "hgrn2")
 SPEC_FILE = "model.lsm"
 
 
@@ -99,8 +99,21 @@ def parse_attention(items: Optional[list[str]]) -> Optional[dict]:
     return found
 
 
-def spec_text(src: Source, attention: Optional[dict]) -> str:
+def spec_text(src: Source, attention: Optional[dict], lsm: str = "gla") -> str:
     """The editable spec of the linearized model (numbers and fixed names only)."""
+    if lsm == "hgrn2":  # HGRN2-style: the key projection is the forget gate's, and k = 1 - sigmoid(f)
+        lines = [
+            f"# Linearized from a {src.arch} checkpoint by `lmoec linearize --lsm hgrn2` (Liger, Lan et al., 2025): q, v and o",
+            "# projections, MLPs, norms and embeddings reused; the forget gate f = x W_gk starts as the key projection",
+            "# (repeated to the q heads, as v), the key is tied to it (k = 1 - sigmoid(f)). Edit and recompile freely.",
+            "lsm liger_hgrn2 {",
+        ]
+        if src.head_dim * src.heads != src.hidden:
+            expand = src.head_dim * src.heads / src.hidden
+            lines.append(f"    expand_k = {expand!r}  expand_v = {expand!r}")
+        lines += ["    decay vector = logsigmoid(x @ W_gk)", "    tie k = 1 - exp(g)", "    feature_map q = softmax",
+                  "    scale = 1", "}"]
+        return "\n".join(lines + _model_lines(src, "liger_hgrn2"))
     lines = [
         f"# Linearized from a {src.arch} checkpoint by `lmoec linearize` (Liger, Lan et al., 2025): q, k, v and o",
         "# projections, MLPs, norms and embeddings reused; W_gk (the GLA gate) starts as a copy of the key projection.",
@@ -124,23 +137,27 @@ def spec_text(src: Source, attention: Optional[dict]) -> str:
     if attention is not None:
         lines.append(f"    window_attention {{ window = {attention['window']} mix = {attention['mix']!r} "
                      f"rope_theta = {src.rope_theta!r} }}")
-    lines += [
-        "}",
+    lines.append("}")
+    return "\n".join(lines + _model_lines(src, "liger_gla"))
+
+
+def _model_lines(src: Source, lsm_name: str) -> list[str]:
+    return [
         "",
         "model linearized {",
         f"    vocab = {src.vocab}  hidden = {src.hidden}  layers = {src.layers}  heads = {src.heads}",
         f'    pattern = "L" * {src.layers}',
-        "    lsm = liger_gla",
+        f"    lsm = {lsm_name}",
         f"    ffn {{ ffn = {src.ffn} }}",
         f"    norm = rmsnorm  norm_eps = {src.norm_eps!r}  tie_embeddings = {str(src.tie).lower()}  max_seq_len = {src.max_seq_len}",
         "}",
         "",
     ]
-    return "\n".join(lines)
 
 
-def map_weights(source: dict[str, torch.Tensor], src: Source) -> dict[str, torch.Tensor]:
-    """The source model's state dict (transformers names) as the linearized CausalLM's."""
+def map_weights(source: dict[str, torch.Tensor], src: Source, lsm: str = "gla") -> dict[str, torch.Tensor]:
+    """The source model's state dict (transformers names) as the linearized CausalLM's (hgrn2: no k projection;
+    v, like the gate, repeated to the q heads, which gives each q head the values its kv head gave it)."""
     out = {"embed.weight": source["model.embed_tokens.weight"], "norm.weight": source["model.norm.weight"]}
     out["head.weight"] = source["model.embed_tokens.weight"] if src.tie else source["lm_head.weight"]
     group = src.heads // src.kv_heads
@@ -150,7 +167,7 @@ def map_weights(source: dict[str, torch.Tensor], src: Source) -> dict[str, torch
         out[b + "ffn_norm.weight"] = source[a + "post_attention_layernorm.weight"]
         for name in ("gate", "up", "down"):
             out[b + f"ffn.{name}.weight"] = source[a + f"mlp.{name}_proj.weight"]
-        for name in ("q", "k", "v", "o"):
+        for name in ("q", "k", "v", "o") if lsm == "gla" else ("q", "o"):
             out[b + f"mixer.{name}_proj.weight"] = source[a + f"self_attn.{name}_proj.weight"]
             if src.qkv_bias and name != "o":
                 out[b + f"mixer.{name}_proj.bias"] = source[a + f"self_attn.{name}_proj.bias"]
@@ -159,6 +176,9 @@ def map_weights(source: dict[str, torch.Tensor], src: Source) -> dict[str, torch
                 out[b + f"mixer.{name}_norm.weight"] = source[a + f"self_attn.{name}_norm.weight"]
         k = source[a + "self_attn.k_proj.weight"]  # [kv_heads * D, hidden] -> per q head [heads * D, hidden]
         out[b + "mixer.W_gk.weight"] = k.unflatten(0, (src.kv_heads, -1)).repeat_interleave(group, 0).flatten(0, 1)
+        if lsm == "hgrn2":
+            v = source[a + "self_attn.v_proj.weight"]
+            out[b + "mixer.v_proj.weight"] = v.unflatten(0, (src.kv_heads, -1)).repeat_interleave(group, 0).flatten(0, 1)
         if src.qkv_bias:
             bias = source[a + "self_attn.k_proj.bias"].unflatten(0, (src.kv_heads, -1))
             out[b + "mixer.gk_bias"] = bias.repeat_interleave(group, 0)
@@ -183,14 +203,20 @@ def linearize(path: str | Path, out: str | Path, lsm: str = "gla", attention: Op
     except (OSError, ValueError) as e:
         raise LinearizeError(f"{path / 'config.json'}: {' '.join(str(e).split())[:300]}") from None
     src = read_source(config, str(path / "config.json"))
+    if lsm == "hgrn2" and attention is not None:
+        raise LinearizeError("--lsm hgrn2 goes without --attention (its key is tied to the gate: window attention "
+                             "would have no key projection of its own)")
+    if lsm == "hgrn2" and (src.qkv_bias or src.qk_norm):
+        raise LinearizeError(f"{path / 'config.json'}: --lsm hgrn2 maps llama and mistral checkpoints; {src.arch}'s "
+                             f"{'k bias' if src.qkv_bias else 'k norm'} has no place in a gate tied to the key")
     tmp = new_folder(out, "lmoec linearize")
     try:
-        text = spec_text(src, attention)
+        text = spec_text(src, attention, lsm)
         (tmp / SPEC_FILE).write_text(text, encoding="utf-8")
         program = compile_spec(tmp / SPEC_FILE)
         source = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
         model = program.model()
-        model.load_state_dict(map_weights(source, src))
+        model.load_state_dict(map_weights(source, src, lsm))
         save_hf(program.package, model.config, model.state_dict(), tmp, token_ids=src.token_ids)
         try:
             AutoTokenizer.from_pretrained(path).save_pretrained(tmp)

@@ -76,6 +76,32 @@ def test_all_weight_on_the_lsm_is_the_oracle_recurrence(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+def test_hgrn2_style_is_the_oracle_recurrence(tmp_path):
+    """--lsm hgrn2 on a GQA Llama: the forget gate f = the key projection (repeated to the q heads, as v), log gate
+    logsigmoid(f), the key tied to it (k = 1 - sigmoid(f)), q softmax over the head dim, scale 1."""
+    source = source_model("llama", tmp_path / "src")
+    out = linearize(tmp_path / "src", tmp_path / "lin", lsm="hgrn2")
+    assert "tie k = 1 - exp(g)" in (out / "model.lsm").read_text()
+    model = load(out).double()
+    attn = source.model.layers[0].self_attn.double()
+    x = torch.randn(2, 21, 32, dtype=torch.float64)
+    B, T, H, D = 2, 21, 4, 8
+    q = attn.q_proj(x).view(B, T, H, D)
+    f = attn.k_proj(x).view(B, T, 2, D).repeat_interleave(2, dim=2)
+    v = attn.v_proj(x).view(B, T, 2, D).repeat_interleave(2, dim=2)
+    o = recurrent_reference(Recurrence(decay="vector", delta=False, dplr=False, bonus=False), q.softmax(-1),
+                            1 - torch.sigmoid(f), v, g=torch.nn.functional.logsigmoid(f), scale=1.0)[0]
+    with torch.no_grad():
+        got = model.model.blocks[0].mixer(x, backend="torch")
+    torch.testing.assert_close(got, attn.o_proj(o.reshape(B, T, H * D)), rtol=1e-10, atol=1e-10)
+    source_model("qwen2", tmp_path / "qwen2")
+    with pytest.raises(ValueError, match="hgrn2 maps llama and mistral"):
+        linearize(tmp_path / "qwen2", tmp_path / "lin2", lsm="hgrn2")
+    with pytest.raises(ValueError, match="goes without --attention"):
+        linearize(tmp_path / "src", tmp_path / "lin3", lsm="hgrn2", attention={"window": 8, "mix": 0.5})
+    assert not (tmp_path / "lin2").exists() and not (tmp_path / "lin3").exists()
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_liger_attention_decodes_and_pads_like_the_full_forward(arch, tmp_path):
     """Window 4 < the sequence, mix 0.5: prefill + one-token steps (window KV cache + LSM state) give the full

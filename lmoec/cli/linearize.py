@@ -1,4 +1,4 @@
-"""`lmoec linearize PATH --lsm gla [--attention window=64 mix=0.5] -o OUT`: a softmax-attention LLM as an LSM model."""
+"""`lmoec linearize PATH --lsm gla|hgrn2 [--attention window=64 mix=0.5] -o OUT`: a softmax-attention LLM as an LSM model."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "mapped weights. --attention makes the layers Liger Attention: sliding-window softmax attention mixed in.",
     )
     p.add_argument("path", metavar="PATH", help="the Hugging Face model folder")
-    p.add_argument("--lsm", default="gla", help="the recurrence to map to (gla)")
+    p.add_argument("--lsm", default="gla", help="the recurrence to map to: gla (gate from the key projection) or hgrn2 (the key tied to that gate)")
     p.add_argument("--attention", nargs="+", metavar="KEY=VALUE",
                    help="Liger Attention: window=N (sliding window, tokens) and mix=W (attention's weight, default 0.5)")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="the folder to create (must not exist, or be empty)")
