@@ -343,6 +343,9 @@ def check_model(program: Program, group, seed: int) -> list[str]:
     loss_full = loss_of(logits_full, targets)
     loss_full.backward()
     grads_full = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # the routers' aux losses (MoE layers; memories): the mean of the ranks' equals the whole batch's
+    aux_full = {n: m.last_aux_loss.detach().clone() for n, m in model.named_modules()
+                if getattr(m, "last_aux_loss", None) is not None}
     model.zero_grad(set_to_none=True)
 
     apply_sequence_parallel(model, group)
@@ -355,6 +358,12 @@ def check_model(program: Program, group, seed: int) -> list[str]:
     errors: list[str] = []
     _close(errors, "logits", logits.detach(), shard_sequence(logits_full.detach(), group))
     _close(errors, "loss", mean_loss / world, loss_full.detach())
+    if not aux_full:
+        errors.append("no router aux loss recorded")
+    for n, want in aux_full.items():
+        aux = dict(model.named_modules())[n].last_aux_loss.detach().clone()
+        dist.all_reduce(aux, group=group)
+        _close(errors, f"aux loss of {n}", aux / world, want)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     if sorted(got) != sorted(grads_full):
         errors.append(f"parameters with gradients differ: {sorted(set(got) ^ set(grads_full))}")

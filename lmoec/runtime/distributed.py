@@ -148,6 +148,9 @@ def parallelize(model: nn.Module, layout: Layout) -> set[str]:
             # under ep the counts are already summed over the ep group: add the other dp x sp ranks'
             _global_balancing_stats(moe, layout.expert_group)
     apply_sequence_parallel(model, layout.sp_group)
+    if layout.world > 1:
+        for _, moe in moe_layers(model):
+            moe.sequence_group = None  # its counts are summed over every dp x sp rank above already
     return expert_params
 
 

@@ -194,11 +194,15 @@ def _last_inputs(ext: torch.Tensor, slots: MemorySlots, keep: int, first_row: in
     return ext.index_select(0, index.reshape(-1)).view(slots.segments, keep, ext.shape[1])
 
 
-def balancing_losses(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor,
-                     memories: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def balancing_losses(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, memories: int,
+                     sequence_group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(aux, z, tokens per memory [M]): aux = M * sum_m f_m P_m (f_m: share of the routed slots memory m
-    gets, P_m: its mean router probability), z = mean(logsumexp(logits)^2): the MoE router's losses."""
+    gets, P_m: its mean router probability), z = mean(logsumexp(logits)^2): the MoE router's losses.
+    With `sequence_group` (sequence parallel) f_m counts every rank's slots, so the mean of the ranks' aux
+    losses is the whole sequence's."""
     counts = count_per_expert(chosen.reshape(-1), memories)
+    if sequence_group is not None:
+        torch.distributed.all_reduce(counts, group=sequence_group)
     f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
     aux = memories * (f * probs.mean(0)).sum()
     z = torch.logsumexp(logits, -1).square().mean()

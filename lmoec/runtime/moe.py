@@ -435,6 +435,9 @@ class MoE(nn.Module):
         self.shared = SharedExperts(hidden, expert_ffn, shared_experts, device=device, dtype=dtype) if shared_experts else None
         # set by lmoec.runtime.expert_parallel.shard_experts: this rank then holds a slice of the experts
         self.expert_parallel = None
+        # set by lmoec.runtime.parallelize.apply_sequence_parallel: the ranks holding the other slices of the
+        # sequence, whose routed slots count in the aux loss's f_i
+        self.sequence_group = None
         self.last_aux_loss: Optional[torch.Tensor] = None
         self.last_z_loss: Optional[torch.Tensor] = None
         self.last_tokens_per_expert: Optional[torch.Tensor] = None
@@ -501,9 +504,13 @@ class MoE(nn.Module):
         return y.view(shape)
 
     def _record(self, logits, probs, global_counts) -> None:
-        """Losses and stats of this call. Under EP, f_i is global and P_i local: the mean of the
+        """Losses and stats of this call. Under EP and SP, f_i is global and P_i local: the mean of the
         ranks' aux losses is the single-process aux loss over the whole batch."""
-        f = global_counts.to(probs.dtype) / global_counts.sum().clamp(min=1)
+        counts = global_counts
+        if self.sequence_group is not None:
+            counts = global_counts.clone()
+            torch.distributed.all_reduce(counts, group=self.sequence_group)
+        f = counts.to(probs.dtype) / counts.sum().clamp(min=1)
         self.last_aux_loss = self.experts * (f * probs.mean(0)).sum()
         self.last_z_loss = torch.logsumexp(logits, -1).square().mean()
         self.last_tokens_per_expert = global_counts.detach()

@@ -32,6 +32,7 @@ from torch import nn
 from .attention import Attention, KVCache
 from .lasp2 import _gather, lasp2_op, lasp2h_attention, recurrence_of
 from .memories import segment_tails
+from .moe import MoE
 
 _ACTIVE = threading.local()  # the sp group of the LSM layer running now (None: not under sp)
 
@@ -83,6 +84,8 @@ def _parallelize_lsm_layer(layer: nn.Module, group) -> None:
 
     if hasattr(layer_module, "segment_conv") and not hasattr(layer_module.segment_conv, "__wrapped__"):
         layer_module.segment_conv = _dispatching_segment_conv(layer_module.segment_conv)
+    if hasattr(layer_module, "balancing_losses") and not hasattr(layer_module.balancing_losses, "__wrapped__"):
+        layer_module.balancing_losses = _dispatching_balancing_losses(layer_module.balancing_losses)
     layer.register_forward_pre_hook(enter, with_kwargs=True)
     layer.register_forward_hook(leave, with_kwargs=True, always_call=True)
     for sub in layer.modules():
@@ -105,6 +108,16 @@ def _parallelize_short_conv(conv: nn.Module, group) -> None:
         return local_forward(x, state, features)
 
     conv.forward = forward
+
+
+def _dispatching_balancing_losses(original):
+    """Memory routing's losses with f over the whole sequence while a parallelized layer runs."""
+
+    def losses(logits, probs, chosen, memories):
+        return original(logits, probs, chosen, memories, sequence_group=getattr(_ACTIVE, "group", None))
+
+    losses.__wrapped__ = original
+    return losses
 
 
 def _dispatching_segment_conv(original):
@@ -174,6 +187,8 @@ def apply_sequence_parallel(model: nn.Module, mesh_or_group=None) -> nn.Module:
             _parallelize_attention(module, group)
         elif _is_lsm_layer(module):
             _parallelize_lsm_layer(module, group)
+        elif isinstance(module, MoE):
+            module.sequence_group = group
     return model
 
 
