@@ -1,7 +1,7 @@
 """`lmoec finetune`: LoRA fine-tuning (peft) of a Hugging Face folder of an lmoec model, e.g. what `linearize` wrote.
 
 The base stays frozen; LoRA adapters of rank r go on the linear maps named by `targets` (by default the mixers'
-q, k, v and o projections, as Liger does). Text is the default corpus (the Python standard library's sources)
+q, k, v and o projections, as Liger does; those the model has: an HGRN2-style layer has no k projection). Text is the default corpus (the Python standard library's sources)
 or `--data`, tokenized with the folder's tokenizer (bytes for a byte model), in random windows; the last 5% is
 held out. The result is a PEFT adapter folder (loaded with `PeftModel.from_pretrained(base, DIR)`), or with
 `merge` the adapters folded into the weights: a complete HF folder like the input, the adapters in its adapter/.
@@ -30,7 +30,7 @@ class FinetuneError(ValueError):
 class LoraSettings:
     r: int = 8
     alpha: float = 16.0
-    targets: tuple = DEFAULT_TARGETS
+    targets: Optional[tuple] = None  # None: those of DEFAULT_TARGETS the model has
 
 
 @dataclass
@@ -64,7 +64,7 @@ def parse_lora(items: list[str]) -> LoraSettings:
                 raise ValueError
         except ValueError:
             raise FinetuneError(f"--lora takes r=N, alpha=X and targets=NAME,NAME,..., got {item!r}") from None
-    if settings.r < 1 or not settings.alpha > 0 or not settings.targets:
+    if settings.r < 1 or not settings.alpha > 0 or settings.targets == ():
         raise FinetuneError("--lora: r must be >= 1, alpha > 0, and targets must name at least one module")
     return settings
 
@@ -153,9 +153,12 @@ def finetune(folder: str | Path, out: str | Path, config: FinetuneConfig,
         say(f"note: {note}")
     train, held_out = token_data(tokenizer, config, model.config.vocab_size)
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    if config.lora.targets is None:
+        config.lora.targets = tuple(t for t in DEFAULT_TARGETS if t in names)
     absent = [t for t in config.lora.targets if t not in names]
-    if absent:
-        raise FinetuneError(f"--lora targets: the model has no linear map named {absent[0]!r} (it has {', '.join(sorted(names))})")
+    if absent or not config.lora.targets:
+        missing = repr(absent[0]) if absent else f"any of {', '.join(DEFAULT_TARGETS)}"
+        raise FinetuneError(f"--lora targets: the model has no linear map named {missing} (it has {', '.join(sorted(names))})")
     tmp = new_folder(out, "lmoec finetune")
     try:
         torch.manual_seed(config.seed)

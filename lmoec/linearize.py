@@ -93,8 +93,8 @@ def parse_attention(items: Optional[list[str]]) -> Optional[dict]:
             raise LinearizeError(f"--attention {key} must be {'an integer' if key == 'window' else 'a number'}, got {value!r}") from None
     if "window" not in found:
         raise LinearizeError("--attention needs window=N")
-    if found["window"] < 1 or not 0 <= found.get("mix", 0.5) <= 1:
-        raise LinearizeError("--attention: window must be >= 1 and mix between 0 and 1")
+    if not 1 <= found["window"] <= 2**31 - 1 or not 0 <= found.get("mix", 0.5) <= 1:
+        raise LinearizeError("--attention: window must be between 1 and 2**31 - 1 and mix between 0 and 1")
     found.setdefault("mix", 0.5)
     return found
 

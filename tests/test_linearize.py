@@ -176,6 +176,10 @@ def test_finetune_lora_adapter_and_merge(tmp_path, capsys):
     assert "no linear map named 'nope'" in capsys.readouterr().err
     assert run_cli(finetune_cli, str(tmp_path / "lin"), "--lora", "rank=4", "-o", str(tmp_path / "y")) == 2
     assert "--lora takes r=N" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    # an HGRN2-style model has no k projection: the default targets are the q, v and o projections it has
+    linearize(tmp_path / "src", tmp_path / "hgrn2", lsm="hgrn2")
+    assert run_cli(finetune_cli, str(tmp_path / "hgrn2"), *common, "-o", str(tmp_path / "hgrn2-ft")) == 0
+    assert json.loads((tmp_path / "hgrn2-ft" / "finetune.json").read_text())["targets"] == ["q_proj", "v_proj", "o_proj"]
 
 
 @pytest.mark.parametrize("base", ["gated_deltanet", "gla"])

@@ -747,6 +747,8 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     tm = _new((B, T, H, CHUNK), k.dtype, q.device)  # every product reads Tm in the inputs' dtype
     programs = lay.rows.shape[0] * H * triton.cdiv(V, BV)  # of the walks
     wu = CONFIG["wu"]
+    if wu not in ("auto", "tiles", "kernel", "walk"):
+        raise ValueError(f"CONFIG['wu'] = {wu!r}: one of 'auto', 'tiles', 'kernel', 'walk'")
     if wu == "auto":
         # v' formed in the walk saves writing and reading w and u, but adds a product to the walk's loop: worth it
         # while the walks fill the GPU (H100, Gated DeltaNet 2K / 8K: 0.92 / 1.09 ms against 1.12 / 1.13 with the
