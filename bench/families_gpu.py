@@ -56,6 +56,12 @@ DELTA_VARIANTS = {
     "default": {},
     "previous default": {"wu": "tiles", "warps_ut": 4, "stages_fwd": 2},
     "scalar decay's settings": {"wu": "auto", "warps_ut": 1, "stages_fwd": 3},  # what Gated DeltaNet's sweep chose
+    "run 8 kernels": {"ut_dot": "ieee", "BK_ut": 128, "BK_o": 128},  # before the K loops and tf32 of the UT kernel
+    "UT ieee": {"ut_dot": "ieee"},
+    "UT K block 128": {"BK_ut": 128},
+    "UT K block 32": {"BK_ut": 32},
+    "output K block 128": {"BK_o": 128},
+    "output 8 warps": {"warps_o": 8},
     "wu kernel": {"wu": "kernel"},
     "wu in walk": {"wu": "walk"},
     "wu tiles": {"wu": "tiles"},

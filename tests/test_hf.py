@@ -97,7 +97,9 @@ def test_save_load_round_trip_with_and_without_lmoec(tmp_path):
         "assert 'lmoec' not in sys.modules or type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
         "torch.save((type(m).__module__, m(torch.load(sys.argv[2])).logits.detach()), sys.argv[3])\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(REPO)}
+    # the child's CPU kernels split their sums as ours do (bit-equal logits) only at our thread count
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
     done = subprocess.run([sys.executable, "-c", script, str(out), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

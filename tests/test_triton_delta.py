@@ -33,8 +33,9 @@ class Case(NamedTuple):
     Dv: int | None = None  # V when it differs from K = D
 
 
-# blocks smaller than K = V = 32: the backward's K split, every V loop over two blocks
-SPLIT = {"BV": 16, "BV_o": 16, "BK_dqk": 16, "BV_dqk": 16, "BV_wy": 16}
+# blocks smaller than K = V = 32: the backward's K split, every V loop over two blocks, the UT transform's and the
+# output kernel's K loops (and the UT tiles' w, u loops) over two blocks
+SPLIT = {"BV": 16, "BV_o": 16, "BK_dqk": 16, "BV_dqk": 16, "BV_wy": 16, "BK_ut": 16, "BK_o": 16, "BK_wu": 16}
 # sequences cut into segments of 1 or 2 chunks: the augmented walks, the prefix over segments (LASP-2 on one device)
 SEGMENTS = {"walk_programs": 10**9, "segment_chunks": 1}
 SEGMENTS2 = {"walk_programs": 10**9, "segment_chunks": 2}

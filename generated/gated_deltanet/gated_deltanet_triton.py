@@ -44,14 +44,15 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # 2.31 to 1.81 ms on an H100) and the backward's (stages), segmenting
 # (while the walks would keep fewer than walk_programs programs busy, sequences are cut into about
 # segment_programs segments of at least segment_chunks chunks; 0: never), V / K blocks of the chunk-parallel
-# kernels, warps per kernel. On an H100 (bench/results/issue22.md) a delta segment's map, which walks K columns
+# kernels, the precision of the UT transform's tile products for 16-bit inputs (ut_dot: tf32 as fla's kkt_solve;
+# fp32 inputs always take ieee), warps per kernel. On an H100 (bench/results/issue22.md) a delta segment's map, which walks K columns
 # more than the state has, cost more than it gained at 32K tokens against the halved V block (3.8 against 1.9 ms
 # forward), so segmenting is off by default: it stays for shapes where halving can't fill the GPU. The scalar decay
 # (Gated DeltaNet) takes the settings its H100 sweep chose (wu auto, UT at 1 warp, 3 forward stages); DeltaNet and
 # the vector decay keep the earlier ones, which no sweep of theirs has beaten yet (bench/results/issue22.md).
 CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": False, "fuse_min_programs": 128, "walk_programs": 0,
           "segment_programs": 128, "segment_chunks": 8, "wu": "auto", "wu_walk_programs": 128,
-          "BV_o": 128, "BK_wu": 64, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 1,
+          "BV_o": 128, "BK_o": 64, "BK_ut": 64, "ut_dot": "tf32", "BK_wu": 64, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 1,
           "warps_wu": 4, "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4,
           "warps_wy_bwd": 4, "warps_scan": 4, "stages_fwd": 3, "stages": 2}
 
@@ -66,17 +67,19 @@ def _new(shape, dtype, device):
 
 @triton.jit
 def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
-               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVU: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-               WU: tl.constexpr):
+               K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+               WU: tl.constexpr, DOT: tl.constexpr):
     """Per chunk: Tm = (I + A)^-1 (built in fp32, kept in the inputs' dtype, in which every product reads it),
     w = Tm (beta Gam k) and u = Tm (beta v): everything of the chunk that does not depend on the state,
     chunk-parallel, so the walks do only the two products that do; and G (gc), the in-chunk cumulative log decay
     every later kernel reads.
 
-    Tm is built in 4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS steps,
-    all tiles at once), then each tile below the diagonal from the ones above it by matmuls,
-    T_ij = -T_ii sum_{j <= m < i} A_im T_mj, in fp32 (ieee) products. w and u (WU): "tiles", 20
-    [BS, BS] x [BS, *] products of the tiles in registers; "kernel", left to _wu_kernel; "walk", to the walk.
+    A's 10 tiles accumulate over K blocks of BK columns (few registers at one warp). Tm is built in
+    4 x 4 tiles of BS rows: forward substitution inside the diagonal tiles (BS - 2 steps, all tiles at
+    once), then each tile below the diagonal from the ones above it by matmuls, T_ij = -T_ii sum_{j <= m < i} A_im T_mj,
+    in DOT precision (fp32 products, ieee or tf32: tf32's rounding is below that of the 16-bit Tm the other kernels
+    read). w and u (WU): "tiles", [BS, BS] x [BS, *] products of the tiles in registers over K and V blocks;
+    "kernel", left to _wu_kernel; "walk", to the walk.
     """
     i_t, i_h = tl.program_id(0), tl.program_id(1)
     i_n = tl.load(chunk_indices + i_t * 2)
@@ -84,59 +87,79 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     bos = tl.load(cu_seqlens + i_n)
     eos = tl.load(cu_seqlens + i_n + 1)
     o_s = tl.arange(0, BS)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_v = tl.arange(0, BVU)
-    m_v = o_v < V
     strict = o_s[:, None] > o_s[None, :]
     tok0 = bos + i_c * BT + 0 * BS + o_s
     valid0 = i_c * BT + 0 * BS + o_s < eos - bos
-    b_k0 = tl.load(k + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0)
     b_beta0 = tl.load(beta + tok0 * H + i_h, mask=valid0, other=0.0).to(tl.float32)
     # cumulative log decay from the chunk start (padded rows carry g = 0)
     b_G0 = tl.cumsum(tl.load(g + tok0 * H + i_h, mask=valid0, other=0.0).to(tl.float32), 0)
     b_Gend0 = tl.sum(tl.where(o_s == BS - 1, b_G0, 0.0), 0)
     tl.store(gc + tok0 * H + i_h, b_G0, mask=valid0)
+    b_A00 = tl.zeros([BS, BS], dtype=tl.float32)
     tok1 = bos + i_c * BT + 1 * BS + o_s
     valid1 = i_c * BT + 1 * BS + o_s < eos - bos
-    b_k1 = tl.load(k + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0)
     b_beta1 = tl.load(beta + tok1 * H + i_h, mask=valid1, other=0.0).to(tl.float32)
     # cumulative log decay from the chunk start (padded rows carry g = 0)
     b_G1 = tl.cumsum(tl.load(g + tok1 * H + i_h, mask=valid1, other=0.0).to(tl.float32), 0) + b_Gend0
     b_Gend1 = tl.sum(tl.where(o_s == BS - 1, b_G1, 0.0), 0)
     tl.store(gc + tok1 * H + i_h, b_G1, mask=valid1)
+    b_A10 = tl.zeros([BS, BS], dtype=tl.float32)
+    b_A11 = tl.zeros([BS, BS], dtype=tl.float32)
     tok2 = bos + i_c * BT + 2 * BS + o_s
     valid2 = i_c * BT + 2 * BS + o_s < eos - bos
-    b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0)
     b_beta2 = tl.load(beta + tok2 * H + i_h, mask=valid2, other=0.0).to(tl.float32)
     # cumulative log decay from the chunk start (padded rows carry g = 0)
     b_G2 = tl.cumsum(tl.load(g + tok2 * H + i_h, mask=valid2, other=0.0).to(tl.float32), 0) + b_Gend1
     b_Gend2 = tl.sum(tl.where(o_s == BS - 1, b_G2, 0.0), 0)
     tl.store(gc + tok2 * H + i_h, b_G2, mask=valid2)
+    b_A20 = tl.zeros([BS, BS], dtype=tl.float32)
+    b_A21 = tl.zeros([BS, BS], dtype=tl.float32)
+    b_A22 = tl.zeros([BS, BS], dtype=tl.float32)
     tok3 = bos + i_c * BT + 3 * BS + o_s
     valid3 = i_c * BT + 3 * BS + o_s < eos - bos
-    b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0)
     b_beta3 = tl.load(beta + tok3 * H + i_h, mask=valid3, other=0.0).to(tl.float32)
     # cumulative log decay from the chunk start (padded rows carry g = 0)
     b_G3 = tl.cumsum(tl.load(g + tok3 * H + i_h, mask=valid3, other=0.0).to(tl.float32), 0) + b_Gend2
     b_Gend3 = tl.sum(tl.where(o_s == BS - 1, b_G3, 0.0), 0)
     tl.store(gc + tok3 * H + i_h, b_G3, mask=valid3)
-    b_A00 = tl.dot(b_k0, tl.trans(b_k0)) * tl.exp(tl.where(strict, b_G0[:, None] - b_G0[None, :], float("-inf"))) * b_beta0[:, None]
-    b_A10 = tl.dot(b_k1, tl.trans(b_k0)) * tl.exp(b_G1[:, None] - b_G0[None, :]) * b_beta1[:, None]
-    b_A11 = tl.dot(b_k1, tl.trans(b_k1)) * tl.exp(tl.where(strict, b_G1[:, None] - b_G1[None, :], float("-inf"))) * b_beta1[:, None]
-    b_A20 = tl.dot(b_k2, tl.trans(b_k0)) * tl.exp(b_G2[:, None] - b_G0[None, :]) * b_beta2[:, None]
-    b_A21 = tl.dot(b_k2, tl.trans(b_k1)) * tl.exp(b_G2[:, None] - b_G1[None, :]) * b_beta2[:, None]
-    b_A22 = tl.dot(b_k2, tl.trans(b_k2)) * tl.exp(tl.where(strict, b_G2[:, None] - b_G2[None, :], float("-inf"))) * b_beta2[:, None]
-    b_A30 = tl.dot(b_k3, tl.trans(b_k0)) * tl.exp(b_G3[:, None] - b_G0[None, :]) * b_beta3[:, None]
-    b_A31 = tl.dot(b_k3, tl.trans(b_k1)) * tl.exp(b_G3[:, None] - b_G1[None, :]) * b_beta3[:, None]
-    b_A32 = tl.dot(b_k3, tl.trans(b_k2)) * tl.exp(b_G3[:, None] - b_G2[None, :]) * b_beta3[:, None]
-    b_A33 = tl.dot(b_k3, tl.trans(b_k3)) * tl.exp(tl.where(strict, b_G3[:, None] - b_G3[None, :], float("-inf"))) * b_beta3[:, None]
-    # diagonal tiles: row r of (T - I) is -A_r - sum_{m < r} A_rm (T - I)_m
+    b_A30 = tl.zeros([BS, BS], dtype=tl.float32)
+    b_A31 = tl.zeros([BS, BS], dtype=tl.float32)
+    b_A32 = tl.zeros([BS, BS], dtype=tl.float32)
+    b_A33 = tl.zeros([BS, BS], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_k0 = tl.load(k + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0)
+        b_k1 = tl.load(k + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0)
+        b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0)
+        b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0)
+
+        b_A00 = tl.dot(b_k0, tl.trans(b_k0), b_A00)
+        b_A10 = tl.dot(b_k1, tl.trans(b_k0), b_A10)
+        b_A11 = tl.dot(b_k1, tl.trans(b_k1), b_A11)
+        b_A20 = tl.dot(b_k2, tl.trans(b_k0), b_A20)
+        b_A21 = tl.dot(b_k2, tl.trans(b_k1), b_A21)
+        b_A22 = tl.dot(b_k2, tl.trans(b_k2), b_A22)
+        b_A30 = tl.dot(b_k3, tl.trans(b_k0), b_A30)
+        b_A31 = tl.dot(b_k3, tl.trans(b_k1), b_A31)
+        b_A32 = tl.dot(b_k3, tl.trans(b_k2), b_A32)
+        b_A33 = tl.dot(b_k3, tl.trans(b_k3), b_A33)
+    # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j); row r of the diagonal tiles of (T - I) is -A_r - sum_{m < r} A_rm (T - I)_m
+    b_A00 = b_A00 * tl.exp(tl.where(strict, b_G0[:, None] - b_G0[None, :], float("-inf"))) * b_beta0[:, None]
     b_T00 = -b_A00
+    b_A10 = b_A10 * tl.exp(b_G1[:, None] - b_G0[None, :]) * b_beta1[:, None]
+    b_A11 = b_A11 * tl.exp(tl.where(strict, b_G1[:, None] - b_G1[None, :], float("-inf"))) * b_beta1[:, None]
     b_T11 = -b_A11
+    b_A20 = b_A20 * tl.exp(b_G2[:, None] - b_G0[None, :]) * b_beta2[:, None]
+    b_A21 = b_A21 * tl.exp(b_G2[:, None] - b_G1[None, :]) * b_beta2[:, None]
+    b_A22 = b_A22 * tl.exp(tl.where(strict, b_G2[:, None] - b_G2[None, :], float("-inf"))) * b_beta2[:, None]
     b_T22 = -b_A22
+    b_A30 = b_A30 * tl.exp(b_G3[:, None] - b_G0[None, :]) * b_beta3[:, None]
+    b_A31 = b_A31 * tl.exp(b_G3[:, None] - b_G1[None, :]) * b_beta3[:, None]
+    b_A32 = b_A32 * tl.exp(b_G3[:, None] - b_G2[None, :]) * b_beta3[:, None]
+    b_A33 = b_A33 * tl.exp(tl.where(strict, b_G3[:, None] - b_G3[None, :], float("-inf"))) * b_beta3[:, None]
     b_T33 = -b_A33
-    for r in range(1, BS):
+    for r in range(2, BS):  # rows 0 and 1 of -A are already (T - I)'s
         sel = (o_s == r)[:, None]
         row = tl.sum(tl.where(sel, b_T00, 0.0), 0)
         row = row + tl.sum(row[:, None] * b_T00, 0) * (o_s < r)
@@ -154,94 +177,78 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     b_T11 += tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)
     b_T22 += tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)
     b_T33 += tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)
-    b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision="ieee"), input_precision="ieee")
-    b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision="ieee"), input_precision="ieee")
-    b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision="ieee"), input_precision="ieee")
-    b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision="ieee") + tl.dot(b_A21, b_T10, input_precision="ieee"), input_precision="ieee")
-    b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision="ieee") + tl.dot(b_A32, b_T21, input_precision="ieee"), input_precision="ieee")
-    b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision="ieee") + tl.dot(b_A31, b_T10, input_precision="ieee") + tl.dot(b_A32, b_T20, input_precision="ieee"), input_precision="ieee")
-    if WU != "tiles":
-        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
-        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10.to(tm.dtype.element_ty), mask=valid1[:, None])
-        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11.to(tm.dtype.element_ty), mask=valid1[:, None])
-        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
-        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
-        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20.to(tm.dtype.element_ty), mask=valid2[:, None])
-        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21.to(tm.dtype.element_ty), mask=valid2[:, None])
-        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22.to(tm.dtype.element_ty), mask=valid2[:, None])
-        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid2[:, None])
-        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30.to(tm.dtype.element_ty), mask=valid3[:, None])
-        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
-        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
-        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
+    b_T10 = -tl.dot(b_T11, tl.dot(b_A10, b_T00, input_precision=DOT), input_precision=DOT)
+    b_T21 = -tl.dot(b_T22, tl.dot(b_A21, b_T11, input_precision=DOT), input_precision=DOT)
+    b_T32 = -tl.dot(b_T33, tl.dot(b_A32, b_T22, input_precision=DOT), input_precision=DOT)
+    b_T20 = -tl.dot(b_T22, tl.dot(b_A20, b_T00, input_precision=DOT) + tl.dot(b_A21, b_T10, input_precision=DOT), input_precision=DOT)
+    b_T31 = -tl.dot(b_T33, tl.dot(b_A31, b_T11, input_precision=DOT) + tl.dot(b_A32, b_T21, input_precision=DOT), input_precision=DOT)
+    b_T30 = -tl.dot(b_T33, tl.dot(b_A30, b_T00, input_precision=DOT) + tl.dot(b_A31, b_T10, input_precision=DOT) + tl.dot(b_A32, b_T20, input_precision=DOT), input_precision=DOT)
+    b_T00 = b_T00.to(tm.dtype.element_ty)
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00, mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+    tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
+    b_T10 = b_T10.to(tm.dtype.element_ty)
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10, mask=valid1[:, None])
+    b_T11 = b_T11.to(tm.dtype.element_ty)
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11, mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+    tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
+    b_T20 = b_T20.to(tm.dtype.element_ty)
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20, mask=valid2[:, None])
+    b_T21 = b_T21.to(tm.dtype.element_ty)
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21, mask=valid2[:, None])
+    b_T22 = b_T22.to(tm.dtype.element_ty)
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22, mask=valid2[:, None])
+    tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid2[:, None])
+    b_T30 = b_T30.to(tm.dtype.element_ty)
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30, mask=valid3[:, None])
+    b_T31 = b_T31.to(tm.dtype.element_ty)
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31, mask=valid3[:, None])
+    b_T32 = b_T32.to(tm.dtype.element_ty)
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32, mask=valid3[:, None])
+    b_T33 = b_T33.to(tm.dtype.element_ty)
+    tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33, mask=valid3[:, None])
     if WU == "tiles":
-        b_x0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(b_k0.dtype)
-        b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                  * b_beta0[:, None]).to(b_k0.dtype)
-        b_x1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_G1))[:, None]).to(b_k1.dtype)
-        b_bv1 = (tl.load(v + (tok1[:, None] * H + i_h) * V + o_v[None, :], mask=valid1[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                  * b_beta1[:, None]).to(b_k1.dtype)
-        b_x2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_G2))[:, None]).to(b_k2.dtype)
-        b_bv2 = (tl.load(v + (tok2[:, None] * H + i_h) * V + o_v[None, :], mask=valid2[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                  * b_beta2[:, None]).to(b_k2.dtype)
-        b_x3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_G3))[:, None]).to(b_k3.dtype)
-        b_bv3 = (tl.load(v + (tok3[:, None] * H + i_h) * V + o_v[None, :], mask=valid3[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-                  * b_beta3[:, None]).to(b_k3.dtype)
-        b_w = tl.zeros([BS, BK], dtype=tl.float32)
-        b_u = tl.zeros([BS, BVU], dtype=tl.float32)
-        b_w = tl.dot(b_T00.to(b_x0.dtype), b_x0, b_w)
-        b_u = tl.dot(b_T00.to(b_bv0.dtype), b_bv0, b_u)
-        tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None] & m_k[None, :])
-        tl.store(u + (tok0[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid0[:, None] & m_v[None, :])
-        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T00.to(tm.dtype.element_ty), mask=valid0[:, None])
-        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-        tl.store(tm + (tok0[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid0[:, None])
-        b_w = tl.zeros([BS, BK], dtype=tl.float32)
-        b_u = tl.zeros([BS, BVU], dtype=tl.float32)
-        b_w = tl.dot(b_T10.to(b_x0.dtype), b_x0, b_w)
-        b_u = tl.dot(b_T10.to(b_bv0.dtype), b_bv0, b_u)
-        b_w = tl.dot(b_T11.to(b_x1.dtype), b_x1, b_w)
-        b_u = tl.dot(b_T11.to(b_bv1.dtype), b_bv1, b_u)
-        tl.store(w + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid1[:, None] & m_k[None, :])
-        tl.store(u + (tok1[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid1[:, None] & m_v[None, :])
-        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T10.to(tm.dtype.element_ty), mask=valid1[:, None])
-        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T11.to(tm.dtype.element_ty), mask=valid1[:, None])
-        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
-        tl.store(tm + (tok1[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid1[:, None])
-        b_w = tl.zeros([BS, BK], dtype=tl.float32)
-        b_u = tl.zeros([BS, BVU], dtype=tl.float32)
-        b_w = tl.dot(b_T20.to(b_x0.dtype), b_x0, b_w)
-        b_u = tl.dot(b_T20.to(b_bv0.dtype), b_bv0, b_u)
-        b_w = tl.dot(b_T21.to(b_x1.dtype), b_x1, b_w)
-        b_u = tl.dot(b_T21.to(b_bv1.dtype), b_bv1, b_u)
-        b_w = tl.dot(b_T22.to(b_x2.dtype), b_x2, b_w)
-        b_u = tl.dot(b_T22.to(b_bv2.dtype), b_bv2, b_u)
-        tl.store(w + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid2[:, None] & m_k[None, :])
-        tl.store(u + (tok2[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid2[:, None] & m_v[None, :])
-        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T20.to(tm.dtype.element_ty), mask=valid2[:, None])
-        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T21.to(tm.dtype.element_ty), mask=valid2[:, None])
-        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T22.to(tm.dtype.element_ty), mask=valid2[:, None])
-        tl.store(tm + (tok2[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], tl.zeros([BS, BS], dtype=tm.dtype.element_ty), mask=valid2[:, None])
-        b_w = tl.zeros([BS, BK], dtype=tl.float32)
-        b_u = tl.zeros([BS, BVU], dtype=tl.float32)
-        b_w = tl.dot(b_T30.to(b_x0.dtype), b_x0, b_w)
-        b_u = tl.dot(b_T30.to(b_bv0.dtype), b_bv0, b_u)
-        b_w = tl.dot(b_T31.to(b_x1.dtype), b_x1, b_w)
-        b_u = tl.dot(b_T31.to(b_bv1.dtype), b_bv1, b_u)
-        b_w = tl.dot(b_T32.to(b_x2.dtype), b_x2, b_w)
-        b_u = tl.dot(b_T32.to(b_bv2.dtype), b_bv2, b_u)
-        b_w = tl.dot(b_T33.to(b_x3.dtype), b_x3, b_w)
-        b_u = tl.dot(b_T33.to(b_bv3.dtype), b_bv3, b_u)
-        tl.store(w + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid3[:, None] & m_k[None, :])
-        tl.store(u + (tok3[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid3[:, None] & m_v[None, :])
-        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 0 * BS + o_s[None, :], b_T30.to(tm.dtype.element_ty), mask=valid3[:, None])
-        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 1 * BS + o_s[None, :], b_T31.to(tm.dtype.element_ty), mask=valid3[:, None])
-        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 2 * BS + o_s[None, :], b_T32.to(tm.dtype.element_ty), mask=valid3[:, None])
-        tl.store(tm + (tok3[:, None] * H + i_h) * BT + 3 * BS + o_s[None, :], b_T33.to(tm.dtype.element_ty), mask=valid3[:, None])
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            b_k0 = tl.load(k + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0)
+            b_k1 = tl.load(k + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0)
+            b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0)
+            b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0)
+
+            b_x0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(b_k0.dtype)
+            b_x1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_G1))[:, None]).to(b_k1.dtype)
+            b_x2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_G2))[:, None]).to(b_k2.dtype)
+            b_x3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_G3))[:, None]).to(b_k3.dtype)
+            b_w = tl.dot(b_T00, b_x0)
+            tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None] & m_k[None, :])
+            b_w = tl.dot(b_T10, b_x0) + tl.dot(b_T11, b_x1)
+            tl.store(w + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid1[:, None] & m_k[None, :])
+            b_w = tl.dot(b_T20, b_x0) + tl.dot(b_T21, b_x1) + tl.dot(b_T22, b_x2)
+            tl.store(w + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid2[:, None] & m_k[None, :])
+            b_w = tl.dot(b_T30, b_x0) + tl.dot(b_T31, b_x1) + tl.dot(b_T32, b_x2) + tl.dot(b_T33, b_x3)
+            tl.store(w + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid3[:, None] & m_k[None, :])
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            b_bv0 = (tl.load(v + (tok0[:, None] * H + i_h) * V + o_v[None, :], mask=valid0[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                      * b_beta0[:, None]).to(tm.dtype.element_ty)
+            b_bv1 = (tl.load(v + (tok1[:, None] * H + i_h) * V + o_v[None, :], mask=valid1[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                      * b_beta1[:, None]).to(tm.dtype.element_ty)
+            b_bv2 = (tl.load(v + (tok2[:, None] * H + i_h) * V + o_v[None, :], mask=valid2[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                      * b_beta2[:, None]).to(tm.dtype.element_ty)
+            b_bv3 = (tl.load(v + (tok3[:, None] * H + i_h) * V + o_v[None, :], mask=valid3[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+                      * b_beta3[:, None]).to(tm.dtype.element_ty)
+            b_u = tl.dot(b_T00, b_bv0)
+            tl.store(u + (tok0[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid0[:, None] & m_v[None, :])
+            b_u = tl.dot(b_T10, b_bv0) + tl.dot(b_T11, b_bv1)
+            tl.store(u + (tok1[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid1[:, None] & m_v[None, :])
+            b_u = tl.dot(b_T20, b_bv0) + tl.dot(b_T21, b_bv1) + tl.dot(b_T22, b_bv2)
+            tl.store(u + (tok2[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid2[:, None] & m_v[None, :])
+            b_u = tl.dot(b_T30, b_bv0) + tl.dot(b_T31, b_bv1) + tl.dot(b_T32, b_bv2) + tl.dot(b_T33, b_bv3)
+            tl.store(u + (tok3[:, None] * H + i_h) * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=valid3[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -386,7 +393,8 @@ def _segment_scan_kernel(e, pm, start, end, seq_segs, H,
 def _chunk_output_kernel(q, k, gc, h, v_new, o, cu_seqlens, chunk_indices, scale, H,
                          K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
     """Per (V block, chunk): o = scale (Gam * q S + tril(q k^T Gam_i / Gam_j) v') from the stored chunk-start state
-    (when the forward walk does not fuse it)."""
+    (when the forward walk does not fuse it); q S and q k^T accumulate over K blocks of BK, a loop the pipeline
+    stages can overlap."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n = tl.load(chunk_indices + i_t * 2)
     i_c = tl.load(chunk_indices + i_t * 2 + 1)
@@ -395,27 +403,27 @@ def _chunk_output_kernel(q, k, gc, h, v_new, o, cu_seqlens, chunk_indices, scale
     o_t = tl.arange(0, BT)
     valid = i_c * BT + o_t < eos - bos
     tok = bos + i_c * BT + o_t
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
-    b_q = tl.load(q + p_k, mask=valid[:, None] & m_k[None, :], other=0.0)
-    b_k = tl.load(k + p_k, mask=valid[:, None] & m_k[None, :], other=0.0)
-    b_S = tl.load(h + (i_t.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0)
-    p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
-    b_vn = tl.load(v_new + p_v, mask=valid[:, None] & m_v[None, :], other=0.0)
     causal = o_t[:, None] >= o_t[None, :]
-    # gc: the in-chunk cumulative log decay written by _ut_kernel; the chunk's whole decay sits at its last token
-    last = tl.minimum(eos - bos - i_c * BT, BT) - 1
     b_G = tl.load(gc + tok * H + i_h, mask=valid, other=0.0)
-    b_Glast = tl.sum(tl.where(o_t == last, b_G, 0.0), 0)
-
-    # o = scale (Gam * q S + M v') with M = tril(q k^T Gam_i / Gam_j)
-    b_M = tl.dot(b_q, tl.trans(b_k)) * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-    b_qS = (b_q.to(tl.float32) * tl.exp(b_G)[:, None]).to(b_q.dtype)
-    b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
-    tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None] & m_v[None, :])
+    b_qS = tl.zeros([BT, BV], dtype=tl.float32)
+    b_M = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = valid[:, None] & (o_k < K)[None, :]
+        p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
+        b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
+        b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
+        b_S = tl.load(h + (i_t.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                      mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
+        b_M = tl.dot(b_q, tl.trans(b_k), b_M)
+        b_qS = tl.dot(b_q, b_S.to(b_q.dtype), b_qS)
+    b_qS = b_qS * tl.exp(b_G)[:, None]
+    b_M = b_M * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_vn = tl.load(v_new + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0)
+    b_o = b_qS + tl.dot(b_M.to(b_vn.dtype), b_vn)
+    tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None] & m_v[None, :])
 
 
 @triton.jit
@@ -757,8 +765,11 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     in_walk = wu == "walk"
     w, u = (None, None) if in_walk else (_new(k.shape, k.dtype, q.device), _new(v.shape, v.dtype, q.device))
     gc = _new(g.shape, torch.float32, q.device)
-    _ut_kernel[(NT, H)](k, v, beta, g, w, u, tm, gc, lay.cu, lay.chunk_indices, H, K=K, V=V, BK=BK, BVU=_pow2(V),
-                        BT=CHUNK, BS=BLOCK, WU=wu, num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages_fwd"])
+    # tf32 products build Tm for 16-bit inputs (kept in their dtype, the rounding they add is below its own), ieee for fp32
+    ut_dot = "ieee" if k.dtype == torch.float32 else CONFIG["ut_dot"]
+    _ut_kernel[(NT, H)](k, v, beta, g, w, u, tm, gc, lay.cu, lay.chunk_indices, H, K=K, V=V,
+                        BK=min(CONFIG["BK_ut"], BK), BV=_block_v(V, "BK_wu"), BT=CHUNK, BS=BLOCK, WU=wu, DOT=ut_dot,
+                        num_warps=CONFIG["warps_ut"], num_stages=CONFIG["stages_fwd"])
     if wu == "kernel":
         _wu(k, v, beta, gc, w, u, tm, lay, H)
     walk_args = dict(K=K, V=V, BK=BK, BT=CHUNK, BV=BV, WU_IN_WALK=in_walk, num_warps=CONFIG["warps_fwd"],
@@ -787,7 +798,7 @@ def _forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seql
     if not fuse:
         BVo = _block_v(V, "BV_o")
         _chunk_output_kernel[(triton.cdiv(V, BVo), NT, H)](q, k, gc, h, v_new, o, lay.cu, lay.chunk_indices, scale, H,
-                                                           K=K, V=V, BK=BK, BT=CHUNK, BV=BVo, num_warps=CONFIG["warps_o"],
+                                                           K=K, V=V, BK=min(CONFIG["BK_o"], BK), BT=CHUNK, BV=BVo, num_warps=CONFIG["warps_o"],
                                                            num_stages=CONFIG["stages_fwd"])
     return o, final, (w, tm, gc, h, v_new)
 
