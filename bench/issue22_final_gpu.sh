@@ -3,7 +3,7 @@
 # products, output kernel over K blocks; Gated DeltaNet: wu auto, UT 1 warp, forward stages 3) and RWKV6's
 # whole-chunk bonus backward checked in bf16 against the float32 torch backend; one Gated DeltaNet forward profiled
 # kernel by kernel beside fla's; Gated DeltaNet timed against fla in one process with the new knobs as sweep rows;
-# DeltaNet at its defaults and at Gated DeltaNet's settings.
+# RWKV6 with and without the whole-chunk bonus backward; DeltaNet at its defaults and at Gated DeltaNet's settings.
 set -u
 OUT=${OUT:-out}
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -22,10 +22,12 @@ timeout $(left 120) $F check --families rwkv6 --set bonus_whole_chunk=true --cas
 grep -i "fail\|error\|ALL PASS" $OUT/cb/families.md | head
 step profile; timeout $(left 170) $F profile --profile-fwd --families gated_deltanet --profile-shapes 8K --out $OUT/p \
   > $OUT/p.log 2>&1; grep "profile " $OUT/p.log | cut -c1-600
-step bench; timeout $(left 380) $F bench sweep --no-sdpa --families gated_deltanet --shapes 8K,64K,2K,heads64,varlen \
+step bench; timeout $(left 360) $F bench sweep --no-sdpa --families gated_deltanet --shapes 8K,64K,2K,heads64,varlen \
   --sweep-shapes 8K,64K --variants "run 8 kernels,UT ieee,UT K block 128,UT K block 32,output K block 128,output 8 warps" \
   --out $OUT/g > /dev/null 2>&1
-step deltanet; timeout $(left 470) $F bench sweep --no-sdpa --families deltanet --shapes 8K,64K --sweep-shapes 8K,64K \
+step rwkv6; timeout $(left 420) $F sweep --families rwkv6 --sweep-shapes 8K,64K --variants "default,bonus whole-chunk" \
+  --out $OUT/r > /dev/null 2>&1
+step deltanet; timeout $(left 520) $F bench sweep --no-sdpa --families deltanet --shapes 8K,64K --sweep-shapes 8K,64K \
   --variants "run 8 kernels,scalar decay's settings" --out $OUT/d > /dev/null 2>&1
 step done
-for d in c cb p g d; do echo "#### $d"; grep -v "^$" $OUT/$d/families.md 2>/dev/null; done
+for d in c cb p g r d; do echo "#### $d"; grep -v "^$" $OUT/$d/families.md 2>/dev/null; done
