@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 22, one GPU call (~9 minutes), most wanted first (a call cut short keeps what it measured):
+#  1. the delta kernels' new defaults (UT transform over K blocks with tf32 tile products, output kernel over K
+#     blocks) checked in bf16 against the float32 torch backend (Gated DeltaNet, DeltaNet; T = 2085, varlen, K = 48);
+#  2. Gated DeltaNet against fla in one process at 8K / 64K / 2K / heads64, the run-8 kernels as a sweep row;
+#  3. the cells no run has measured: every family against its fla op on packed uneven sequences (varlen) and at
+#     V = 256 (expand_v = 2);
+#  4. RWKV6's whole-chunk bonus backward checked and timed; DeltaNet against fla with the run-8 kernels as a row.
+set -u
+OUT=${OUT:-out}
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit
+fi
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+left() { echo $(( $1 - ($(date +%s) - T0) )); }
+step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
+F="python3 bench/families_gpu.py"
+step check; timeout $(left 60) $F check --families gated_deltanet,deltanet \
+  --cases "default,varlen [,K=V=48" --out $OUT/c > /dev/null 2>&1
+grep -i "fail\|error\|ALL PASS" $OUT/c/families.md | head
+step gdn; timeout $(left 170) $F bench sweep --no-sdpa --families gated_deltanet --shapes 8K,64K,2K,heads64 \
+  --sweep-shapes 8K --variants "run 8 kernels,UT ieee,UT K block 128,output K block 128" --out $OUT/g > /dev/null 2>&1
+step rows; timeout $(left 400) $F bench --no-sdpa --shapes varlen,V256 --out $OUT/v > /dev/null 2>&1
+step rwkv6; timeout $(left 460) $F check --families rwkv6 --set bonus_whole_chunk=true --cases "default" --out $OUT/cb > /dev/null 2>&1
+grep -i "fail\|error\|ALL PASS" $OUT/cb/families.md | head
+timeout $(left 500) $F sweep --families rwkv6 --sweep-shapes 8K --variants "default,bonus whole-chunk" --out $OUT/r > /dev/null 2>&1
+step deltanet; timeout $(left 550) $F bench sweep --no-sdpa --families deltanet --shapes 8K,64K --sweep-shapes 64K \
+  --variants "run 8 kernels,scalar decay's settings" --out $OUT/d > /dev/null 2>&1
+step done
+for d in c g v cb r d; do echo "#### $d"; grep -v "^$" $OUT/$d/families.md 2>/dev/null; done
