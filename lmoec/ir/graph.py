@@ -14,7 +14,7 @@ embeddings and the head. They describe the layers lmoec emits:
   beta, H*K for vector gates and dplr terms, H*V for the output gate), the
   declared params, the output norm (weights shared over heads: V for rmsnorm,
   2V for layernorm, 2*H*V for groupnorm), Rebased's affine (2*K per map).
-- attention layer: q/o hidden x hidden, k/v hidden x kv_heads*D, no biases.
+- attention layer: q/o hidden x heads*D, k/v hidden x kv_heads*D (D: head_dim, or hidden / heads), no biases.
 - MoE: router hidden x experts, SwiGLU experts 3*hidden*expert_ffn each;
   active = top_k + shared experts. Dense FFN: one SwiGLU 3*hidden*ffn.
 - per block two norms; a final norm; embeddings vocab*hidden; an untied head
@@ -35,7 +35,8 @@ def _norm(kind: str, width: int) -> int:
 
 def lsm_dims(lsm: LSMSpec, hidden: int, model_heads: int) -> dict[str, int]:
     heads = lsm.heads or model_heads
-    return {"H": heads, "K": int(lsm.expand_k * hidden) // heads, "V": int(lsm.expand_v * hidden) // heads, "hidden": hidden}
+    return {"H": heads, "K": lsm.head_k or int(lsm.expand_k * hidden) // heads,
+            "V": lsm.head_v or int(lsm.expand_v * hidden) // heads, "hidden": hidden}
 
 
 def _linear_params(e: sympy.Expr, slot: int, d: dict[str, int], seen: dict[str, int]) -> None:
@@ -120,7 +121,7 @@ def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, i
 def attention_params(model: ModelSpec) -> int:
     heads = model.attention.heads or model.heads
     kv = model.attention.kv_heads or heads
-    head_dim = model.hidden // heads
+    head_dim = model.attention.head_dim or model.hidden // heads
     return 2 * model.hidden * heads * head_dim + 2 * model.hidden * kv * head_dim
 
 

@@ -117,8 +117,8 @@ def model_dims(model: ModelSpec, lsm: LSMSpec | None) -> dict[sympy.Symbol, int]
     if lsm is not None:
         heads = lsm.heads or model.heads
         dims[H] = heads
-        dims[K] = int(lsm.expand_k * model.hidden) // heads
-        dims[V] = int(lsm.expand_v * model.hidden) // heads
+        dims[K] = lsm.head_k or int(lsm.expand_k * model.hidden) // heads
+        dims[V] = lsm.head_v or int(lsm.expand_v * model.hidden) // heads
     return dims
 
 
