@@ -122,6 +122,7 @@ class LayerContext(BaseModel):
     h_in_forward: bool  # the forward expressions read the head index h
     reads_layers: bool  # some expression reads `layers` (the model's layer count): the layer needs it given
     output_norm: str
+    output_norm_eps: Optional[float]  # None: the norm's default (1e-6 for RMSNorm, 1e-5 for LayerNorm and GroupNorm)
     gate_code: Optional[str]
     scale_code: str
     helpers: list[str]  # names of module-level helpers the code uses (l2norm, taylor2, rebased)
@@ -381,6 +382,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         h_in_forward=h_in_forward,
         reads_layers=reads_layers,
         output_norm=lsm.output_norm,
+        output_norm_eps=lsm.output_norm_eps,
         gate_code=gate_code,
         scale_code=scale_code,
         helpers=sorted(helpers),

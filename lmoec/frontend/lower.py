@@ -219,6 +219,7 @@ LSM_KEYS: dict[str, tuple] = {
     "tie": (("assign",), ("k",)),
     "short_conv": (("assign",), None),
     "output_norm": (("assign",), None),
+    "output_norm_eps": (("assign",), None),
     "output_gate": (("assign",), None),
     "scale": (("assign",), None),
     "chunk_size": (("assign",), None),
@@ -317,7 +318,9 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
                     v.fail("only 'tie k = 1 - exp(g)' (HGRN2) is supported", s.values[0])
                 f["tie_k_to_decay"] = True
         elif key == "output_norm":
-            f["output_norm"] = v.choice(("none", "rmsnorm", "layernorm", "groupnorm"))
+            f["output_norm"] = v.choice(("none", "rmsnorm", "layernorm", "groupnorm", "rmsnorm_all_heads"))
+        elif key == "output_norm_eps":
+            f["output_norm_eps"] = None if none else v.real()
         elif key in ("output_gate", "scale", "skip", "query", "key"):
             f[key] = None if none else v.expr(symbols)
         elif key == "qkv_bias":

@@ -13,7 +13,7 @@ embeddings and the head. They describe the layers lmoec emits:
   expressions (an unsized `x @ W` is as wide as its slot: H for scalar gates and
   beta, H*K for vector gates and dplr terms, H*V for the output gate), the
   declared params, the output norm (weights shared over heads: V for rmsnorm,
-  2V for layernorm, 2*H*V for groupnorm), Rebased's affine (2*K per map).
+  2V for layernorm; 2*H*V for groupnorm, H*V for rmsnorm_all_heads), Rebased's affine (2*K per map).
 - attention layer: q/o hidden x heads*D, k/v hidden x kv_heads*D (D: head_dim, or hidden / heads), no biases.
 - MoE: router hidden x experts, SwiGLU experts 3*hidden*expert_ffn each;
   active = top_k + shared experts. Dense FFN: one SwiGLU 3*hidden*ffn.
@@ -110,7 +110,7 @@ def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, i
     total = shared + sum(n for w, n in weights.items() if w not in owned_weights)
     for p in lsm.params.values():
         total += int(sympy.Mul(*[d[s] for s in p.shape]))
-    total += {"none": 0, "rmsnorm": V, "layernorm": 2 * V, "groupnorm": 2 * H * V}[lsm.output_norm]
+    total += {"none": 0, "rmsnorm": V, "layernorm": 2 * V, "groupnorm": 2 * H * V, "rmsnorm_all_heads": H * V}[lsm.output_norm]
     total += 2 * K if lsm.qk_norm is not None else 0
     total += 2 * K * (lsm.feature_map_q.count("rebased") + lsm.feature_map_k.count("rebased"))
     if lsm.memories is None:

@@ -238,7 +238,10 @@ class LSMSpec(Node):
     bonus_u: bool = False
     tie_k_to_decay: bool = False  # HGRN2: k = 1 - exp(g)
     short_conv: int = 0  # causal depthwise conv kernel size on q/k/v; 0: none
-    output_norm: Literal["none", "rmsnorm", "layernorm", "groupnorm"] = "none"
+    # rmsnorm, layernorm: per head over V; groupnorm: one group per head; rmsnorm_all_heads: one RMSNorm over the
+    # H * V channels of all heads at once (MiniMax-01's lightning layers)
+    output_norm: Literal["none", "rmsnorm", "layernorm", "groupnorm", "rmsnorm_all_heads"] = "none"
+    output_norm_eps: Optional[float] = None  # None: 1e-6 for rmsnorm (either), 1e-5 for layernorm and groupnorm
     output_gate: Optional[Expr] = None  # o = norm(o) * gate(x)
     skip: Optional[Expr] = None  # o = o + skip * v before the norm (Mamba's D), per value channel
     query: Optional[Expr] = None  # the op's q from this expression instead of a projection (S4D's time-invariant C)

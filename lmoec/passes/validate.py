@@ -149,6 +149,8 @@ class _Checker:
         for key in ("expand_k", "expand_v"):
             if not 0 < getattr(lsm, key) <= MAX_EXPAND:
                 fail(f"{key} must be > 0 and at most {MAX_EXPAND}, got {getattr(lsm, key)}", key)
+        if lsm.output_norm_eps is not None and not lsm.output_norm_eps > 0:
+            fail(f"output_norm_eps must be > 0, got {lsm.output_norm_eps}", "output_norm_eps")
         if not 0 <= lsm.short_conv <= MAX_SHORT_CONV:
             fail(f"short_conv must be between 0 (none) and {MAX_SHORT_CONV}, got {lsm.short_conv}", "short_conv")
         if lsm.chunk_size not in CHUNK_SIZES:
