@@ -110,7 +110,8 @@ def moe_steps(layer: int) -> list[CommStep]:
 
 def model_dims(model: ModelSpec, lsm: LSMSpec | None) -> dict[sympy.Symbol, int]:
     """Numbers for the symbols, where the model fixes them."""
-    dims = {hidden: model.hidden, D: model.hidden // model.heads}
+    attention = model.attention
+    dims = {hidden: model.hidden, D: attention.head_dim or model.hidden // (attention.heads or model.heads)}
     if model.moe is not None:
         dims[topk] = model.moe.top_k
         dims[E] = model.moe.experts
