@@ -7,6 +7,7 @@ scale alpha. Each is written out here from the formulas, not from lmoec's code.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -15,10 +16,10 @@ import torch.nn.functional as F
 
 import lmoec
 from conftest import assert_close_to_scale
+from lmoec.cli import main
 from lmoec.ir.graph import embedding_params, param_counts
 from lmoec.paths import SPECS
 from lmoec.runtime.attention import Attention
-from lmoec.runtime.train import TrainConfig, train
 
 TEXT_01 = SPECS / "models" / "minimax-text-01.lsm"
 TINY = SPECS / "models" / "minimax-tiny.lsm"
@@ -181,11 +182,15 @@ def test_residual_blocks_match_their_formula_train_and_decode(residual, postnorm
     assert_close_to_scale(torch.cat(steps, dim=1), logits.detach(), 1e-10)
 
 
-def test_minimax_tiny_trains_on_the_default_corpus(tiny, tmp_path):
-    cfg = TrainConfig(steps=8, seq_len=64, batch=4, lr=3e-3, warmup=2, eval_every=8, save_every=8)  # data: the stdlib
-    result = train(tiny.files, tiny.ir.name, cfg, tmp_path, progress=False, say=lambda message: None)
-    losses = result.losses()
-    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+def test_lmoec_train_then_generate_minimax_tiny_on_the_default_corpus(tmp_path, capsys):
+    argv = ["train", str(TINY), "--steps", "6", "--seq-len", "32", "--batch", "4", "--warmup", "2", "--eval-every", "6",
+            "--save-every", "6", "--no-progress", "--out", str(tmp_path)]  # no --data: the Python stdlib's sources
+    assert main(argv) == 0, capsys.readouterr().err
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert losses[0] > math.log(256) - 0.5  # starts near uniform over bytes
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
-    assert (tmp_path / "checkpoint.pt").exists()
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "12", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
