@@ -145,6 +145,21 @@ def test_decay_slope_follows_the_layer_index_and_needs_layers(tiny):
         layer_module.Layer(32, 2, layer_idx=0)
 
 
+def test_head_v_alone_and_feature_map_v(tmp_path):
+    """head_v without head_k (K from expand_k), and a ReLU on v: additive linear attention written out."""
+    spec = tmp_path / "values.lsm"
+    spec.write_text("lsm values { expand_k = 0.25 head_v = 12 feature_map v = relu }\n")
+    torch.manual_seed(3)
+    layer = lmoec.compile_spec(spec).layer(hidden=32, heads=2).double()
+    assert (layer.key_proj_dim, layer.head_v) == (4, 12)
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    q, k = ((x @ p.weight.T).view(2, 7, 2, 4) for p in (layer.q_proj, layer.k_proj))
+    v = F.relu(x @ layer.v_proj.weight.T).view(2, 7, 2, 12)
+    scores = torch.einsum("bthk,bshk->bhts", q, k).tril() * 4 ** -0.5
+    want = torch.einsum("bhts,bshv->bthv", scores, v).reshape(2, 7, 24) @ layer.o_proj.weight.T
+    assert_close_to_scale(layer(x), want, 1e-12)
+
+
 def residual_reference(model, ids: torch.Tensor, postnorm: bool, alpha: float, beta: float) -> torch.Tensor:
     """The blocks composed by hand from the model's own sublayers: post-norm h = norm(x), x = alpha h + beta f(h);
     pre-norm x = alpha x + beta f(norm(x))."""
