@@ -431,6 +431,7 @@ class _Checker:
                 width = getattr(lsm, key) * model.hidden
                 if width != int(width) or int(width) % heads or int(width) < heads:
                     fail(f"lsm {lsm.name!r}: {key} * hidden = {width:g} is not a positive multiple of heads = {heads}", "lsm")
+            self._constant_decay_in_model(model, lsm)
         attn = model.attention
         heads = attn.heads or model.heads
         if heads < 1 or (attn.head_dim is None and model.hidden % heads):
@@ -472,6 +473,22 @@ class _Checker:
                 fail("moe capacity_factor must be > 0 (or none: dropless)", "moe", "capacity_factor")
         if model.ffn is not None and model.ffn.ffn < 1:
             fail(f"ffn must be >= 1, got {model.ffn.ffn}", "ffn", "ffn")
+
+    def _constant_decay_in_model(self, model: ModelSpec, lsm: LSMSpec) -> None:
+        """A constant decay that reads layer or layers gets its numbers only in a model: it must be finite at each
+        of the model's L layers (MiniMax's 1 - layer / (layers - 1) divides by zero in a one-layer stack)."""
+        decay = lsm.decay
+        if decay.kind != "constant" or decay.expr is None or not {"layer", "layers"} & ex.free_names(decay.expr):
+            return
+        heads = lsm.heads or model.heads
+        numbers = {"H": heads, "K": lsm.head_k or int(lsm.expand_k * model.hidden) // heads,
+                   "V": lsm.head_v or int(lsm.expand_v * model.hidden) // heads, "layers": model.layers}
+        fixed = decay.expr.subs({s: numbers[s.name] for s in decay.expr.free_symbols if s.name in numbers})
+        for i in (i for i, kind in enumerate(model.pattern) if kind == "L"):
+            g = fixed.subs({s: i for s in fixed.free_symbols if s.name == "layer"})
+            if g.has(sympy.nan, sympy.zoo, sympy.oo, -sympy.oo):
+                self.fail(f"lsm {lsm.name!r}: the constant decay is not finite at layer {i} of model {model.name!r} "
+                          f"(layers = {model.layers}): {g}", "lsm", lsm.name, "decay", fallback=lsm.loc)
 
     # ---- parallelism --------------------------------------------------------------
 
