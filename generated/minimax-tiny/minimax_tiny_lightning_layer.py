@@ -3,7 +3,8 @@
 
 MiniMax-01's lightning attention layer (Qin et al., Lightning Attention-2) as its modelling code has
 it: SiLU on q, k and v, no 1/sqrt(d) scale, a constant decay per head and layer: the ALiBi slopes
-2^(-8 (h + 1) / H) times (1 - layer / (layers - 1) + 1e-5), layer counting every layer of the stack
+2^(-8 (h + 1) / H) (ALiBi's rule for a power-of-two head count, which 64 is; other counts interleave
+two such series) times (1 - layer / (layers - 1) + 1e-5), layer counting every layer of the stack
 from 0; then an RMSNorm over all heads' channels at once (eps 1e-5) and a sigmoid output gate. One
 reading: MiniMax's fused q/k/v projection is three projections here (the same weights, split).
 
