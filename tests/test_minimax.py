@@ -197,6 +197,59 @@ def test_residual_blocks_match_their_formula_train_and_decode(residual, postnorm
     assert_close_to_scale(torch.cat(steps, dim=1), logits.detach(), 1e-10)
 
 
+def test_minimax_tiny_equals_transformers_minimax_with_the_same_weights(tmp_path):
+    """transformers' MiniMaxForCausalLM (its own port of MiniMax's code) with the weights mapped gives the same
+    logits, in float32 (transformers runs its norms, RoPE tables and router in float32 whatever the dtype) at the
+    DESIGN.md float32 tolerance. The port differs from MiniMax's code in three details, which this variant of
+    minimax-tiny adopts: slopes scaled by 1 - layer / (layers - 1 + 1e-5) + 1e-5, RoPE over the whole head, and
+    eps 1e-6 in the lightning layers' RMSNorm."""
+    transformers = pytest.importorskip("transformers", reason="transformers (the [hf] extra) is not installed")
+    if not hasattr(transformers, "MiniMaxForCausalLM"):
+        pytest.skip(f"transformers {transformers.__version__} has no MiniMax model")
+    spec = tmp_path / "hf_port.lsm"
+    spec.write_text(f'import "{TINY.as_posix()}"\n'
+                    "lsm port extends minimax_tiny_lightning {\n"
+                    "    decay constant = -(2 ** (-8 * (h + 1) / H)) * (1 - layer / (layers - 1 + 1e-5) + 1e-5)\n"
+                    "    output_norm_eps = 1e-6\n}\n"
+                    "model port extends minimax_tiny { lsm = port attention { rotary_dim = none } }\n")
+    torch.manual_seed(4)
+    ours = lmoec.compile_spec(spec).model().eval()
+    H, D, hidden, ffn = 4, 48, 128, 128
+    config = transformers.MiniMaxConfig(
+        vocab_size=256, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=8, num_attention_heads=H,
+        num_key_value_heads=2, head_dim=D, num_local_experts=8, num_experts_per_tok=2, rms_norm_eps=1e-5,
+        layer_types=["linear_attention"] * 7 + ["full_attention"], block_size=16, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        full_attn_alpha_factor=2.0, linear_attn_alpha_factor=2.0, mlp_alpha_factor=2.0)
+    theirs = transformers.MiniMaxForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():  # norm weights near 1, the rest small
+            p.copy_(0.1 * torch.randn_like(p) + (1.0 if p.dim() == 1 else 0.0))
+        weights = {"embed.weight": theirs.model.embed_tokens.weight, "norm.weight": theirs.model.norm.weight,
+                   "head.weight": theirs.lm_head.weight}
+        for i, layer in enumerate(theirs.model.layers):
+            ours_at, attn, moe = f"blocks.{i}.", layer.self_attn, layer.mlp
+            weights[ours_at + "mixer_norm.weight"] = layer.input_layernorm.weight
+            weights[ours_at + "ffn_norm.weight"] = layer.post_attention_layernorm.weight
+            if ours.blocks[i].kind == "L":  # one fused projection: per head q, then k, then v
+                qkv = attn.qkv_proj.weight.view(H, 3, D, hidden)
+                for j, side in enumerate("qkv"):
+                    weights[ours_at + f"mixer.{side}_proj.weight"] = qkv[:, j].reshape(H * D, hidden)
+                weights[ours_at + "mixer.W_og.weight"] = attn.output_gate.weight
+                weights[ours_at + "mixer.o_proj.weight"] = attn.out_proj.weight
+                weights[ours_at + "mixer.o_norm.weight"] = attn.norm.weight
+            else:
+                for side in "qkvo":
+                    weights[ours_at + f"mixer.{side}_proj.weight"] = getattr(attn, f"{side}_proj").weight
+            weights[ours_at + "ffn.router.weight"] = moe.gate.weight
+            weights[ours_at + "ffn.w_gate"] = moe.experts.gate_up_proj[:, :ffn].transpose(1, 2)
+            weights[ours_at + "ffn.w_up"] = moe.experts.gate_up_proj[:, ffn:].transpose(1, 2)
+            weights[ours_at + "ffn.w_down"] = moe.experts.down_proj.transpose(1, 2)
+        ours.load_state_dict(weights)
+        ids = torch.randint(0, 256, (2, 40))
+        assert_close_to_scale(ours(ids), theirs(ids).logits, 1e-5)
+
+
 def test_lmoec_train_then_generate_minimax_tiny_on_the_default_corpus(tmp_path, capsys):
     argv = ["train", str(TINY), "--steps", "6", "--seq-len", "32", "--batch", "4", "--warmup", "2", "--eval-every", "6",
             "--save-every", "6", "--no-progress", "--out", str(tmp_path)]  # no --data: the Python stdlib's sources
