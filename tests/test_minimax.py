@@ -250,7 +250,7 @@ def test_minimax_tiny_equals_transformers_minimax_with_the_same_weights(tmp_path
         assert_close_to_scale(ours(ids), theirs(ids).logits, 1e-5)
 
 
-def test_lmoec_train_then_generate_minimax_tiny_on_the_default_corpus(tmp_path, capsys):
+def test_lmoec_train_trains_minimax_tiny_on_the_default_corpus(tmp_path, capsys):
     argv = ["train", str(TINY), "--steps", "6", "--seq-len", "32", "--batch", "4", "--warmup", "2", "--eval-every", "6",
             "--save-every", "6", "--no-progress", "--out", str(tmp_path)]  # no --data: the Python stdlib's sources
     assert main(argv) == 0, capsys.readouterr().err
@@ -259,6 +259,4 @@ def test_lmoec_train_then_generate_minimax_tiny_on_the_default_corpus(tmp_path, 
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
     assert losses[0] > math.log(256) - 0.5  # starts near uniform over bytes
     assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
-    capsys.readouterr()
-    assert main(["generate", str(tmp_path), "--prompt", "def ", "--max-new-tokens", "12", "--seed", "1"]) == 0
-    assert capsys.readouterr().out.startswith("def ")
+    assert (tmp_path / "checkpoint.pt").exists()
