@@ -3,7 +3,8 @@
 The references follow MiniMax's modelling code (read in transformers' modeling_minimax.py and MiniMax's own):
 partial RoPE on the first rotary_dim dims of wider-than-hidden/heads heads; the lightning layer's SiLU on q, k
 and v, per-layer ALiBi slopes, RMSNorm over all heads and sigmoid gate; post-norm blocks with the residual
-scale alpha. Each is written out here from the formulas, not from lmoec's code.
+scale alpha. Each is written out here from the formulas, not from lmoec's code. The whole of minimax-tiny is
+also compared with transformers' MiniMaxForCausalLM given the same weights.
 """
 from __future__ import annotations
 
