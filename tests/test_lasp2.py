@@ -315,8 +315,10 @@ def model_programs(spec_dir: str) -> dict[str, Program]:
     """Three tiny hybrid models: GLA (vector decay) LLLN from specs/models/tiny.lsm, Gated DeltaNet
     (delta + scalar decay, width-4 short convolutions) LNL with grouped-query attention, and the same
     with Mixture-of-Memories (specs/lsm/mom.lsm: 4 memories, top-2, shared; segments of 0 to 4 tokens
-    per rank, so a segment's convolution reaches back over several ranks), and Titans LNL (the joint state)."""
-    programs = {"gla_llln": lmoec.compile_spec(SPECS / "models" / "tiny.lsm")}
+    per rank, so a segment's convolution reaches back over several ranks), Titans LNL (the joint state), and
+    minimax-tiny (lightning LLLLLLLN; attention heads wider than hidden / heads with partial RoPE, post-norm blocks)."""
+    programs = {"gla_llln": lmoec.compile_spec(SPECS / "models" / "tiny.lsm"),
+                "minimax_llllllln": lmoec.compile_spec(SPECS / "models" / "minimax-tiny.lsm")}
     for key, name in (("gdn_lnl", "gated_deltanet"), ("mom_lnl", "mom"), ("titans_lnl", "titans")):
         hybrid = Path(spec_dir, f"sp_hybrid_{name}.lsm")
         if not hybrid.exists():
@@ -423,7 +425,7 @@ def test_lasp2_segments_continue_across_ranks(world, family, tmp_path_factory):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("model", ["gla_llln", "gdn_lnl", "mom_lnl", "titans_lnl"])
+@pytest.mark.parametrize("model", ["gla_llln", "gdn_lnl", "mom_lnl", "titans_lnl", "minimax_llllllln"])
 def test_sequence_parallel_hybrid_model_matches_single_process(world, model, tmp_path_factory):
     res = results_for(world, tmp_path_factory)
     assert res[f"model_{model}"] == [], "\n".join(res[f"model_{model}"])

@@ -32,6 +32,11 @@ class ModelContext(BaseModel):
     attn_kv_heads: int
     rope_theta: float
     window: Optional[int]
+    attn_head_dim: Optional[int]  # None: hidden / attn_heads
+    rotary_dim: Optional[int]  # None: RoPE over the whole head
+    postnorm: bool  # the residual is the normed input (ResidualSpec)
+    residual_alpha: float  # x = alpha * residual + beta * f(...)
+    residual_beta: float
     moe: bool  # True: moe.py builds the FFN; False: dense SwiGLU of width ffn_width
     ffn_width: Optional[int]
     norm: Literal["rmsnorm", "layernorm"]
@@ -58,6 +63,10 @@ class ModelContext(BaseModel):
             "attn_kv_heads": self.attn_kv_heads,
             "rope_theta": self.rope_theta,
             "window": self.window,
+            **({"attn_head_dim": self.attn_head_dim} if self.attn_head_dim is not None else {}),
+            **({"rotary_dim": self.rotary_dim} if self.rotary_dim is not None else {}),
+            **({"postnorm": self.postnorm, "residual_alpha": self.residual_alpha, "residual_beta": self.residual_beta}
+               if self.scaled_residual else {}),
             "moe": self.moe,
             "ffn": self.ffn_width,
             "norm": self.norm,
@@ -66,6 +75,11 @@ class ModelContext(BaseModel):
             "init_std": self.init_std,
             "max_seq_len": self.max_seq_len,
         }
+
+    @property
+    def scaled_residual(self) -> bool:
+        """The blocks add their sublayers other than x + f(norm(x)): a post-norm, or a residual scale."""
+        return self.postnorm or self.residual_alpha != 1 or self.residual_beta != 1
 
     @property
     def config_literal(self) -> str:
@@ -93,6 +107,11 @@ def model_context(ir: SpecIR) -> ModelContext:
         attn_kv_heads=model.attention.kv_heads or model.attention.heads or model.heads,
         rope_theta=model.attention.rope_theta,
         window=model.attention.window,
+        attn_head_dim=model.attention.head_dim,
+        rotary_dim=model.attention.rotary_dim,
+        postnorm=model.residual.postnorm,
+        residual_alpha=model.residual.alpha,
+        residual_beta=model.residual.beta,
         moe=model.moe is not None,
         ffn_width=None if model.ffn is None else model.ffn.ffn,
         norm=model.norm,

@@ -25,7 +25,7 @@ from .printer import Projection, Slot, check_identifier, print_torch, projection
 
 # code names of the layer's dimensions, as the emitted module spells them
 DIMS = {"H": "self.heads", "K": "self.head_k", "V": "self.head_v", "hidden": "self.hidden"}
-NUMBERS = {**{k: v for k, v in DIMS.items() if k != "hidden"}, "layer": "self.layer_idx"}
+NUMBERS = {**{k: v for k, v in DIMS.items() if k != "hidden"}, "layer": "self.layer_idx", "layers": "self.layers"}
 
 SCALAR = Slot("self.heads")
 PER_KEY = Slot("self.heads * self.head_k", "(self.heads, self.head_k)")
@@ -91,11 +91,13 @@ class LayerContext(BaseModel):
     expand_k: float
     expand_v: float
     head_k: Optional[int]  # the q/k projection width per head, whatever hidden and heads (None: from expand_k)
+    head_v: Optional[int]  # V likewise (None: from expand_v)
     groups: Optional[int]  # q and k projected per group of heads and repeated to the heads (None: per head)
     tie_k: bool
     short_conv: int
     feature_q: list[FeatureStep]
     feature_k: list[FeatureStep]
+    feature_v: list[FeatureStep]  # width-keeping maps on v (after its short conv, if any)
     rebased_q: Optional[str]  # dim code of q's rebased gamma/beta, if q uses rebased
     rebased_k: Optional[str]
     projections: list[Projection]
@@ -118,7 +120,9 @@ class LayerContext(BaseModel):
     key_code: Optional[str]  # the op's k likewise, instead of k_proj
     u_name: Optional[Name]  # the bonus parameter passed as u
     h_in_forward: bool  # the forward expressions read the head index h
+    reads_layers: bool  # some expression reads `layers` (the model's layer count): the layer needs it given
     output_norm: str
+    output_norm_eps: Optional[float]  # None: the norm's default (1e-6 for RMSNorm, 1e-5 for LayerNorm and GroupNorm)
     gate_code: Optional[str]
     scale_code: str
     helpers: list[str]  # names of module-level helpers the code uses (l2norm, taylor2, rebased)
@@ -135,7 +139,7 @@ class LayerContext(BaseModel):
 
 
 def _feature_steps(side: str, maps: list[str], short_conv: int) -> tuple[list[FeatureStep], Optional[str], list[str]]:
-    """The code of a feature map chain on q or k, its dims, and the helpers it uses.
+    """The code of a feature map chain on q, k or v, its dims, and the helpers it uses.
 
     A short convolution ends in SiLU (as in fla), so a leading `silu` map is that same SiLU: applied once.
     """
@@ -187,7 +191,8 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
 
     feature_q, rebased_q, helpers_q = _feature_steps("q", lsm.feature_map_q, lsm.short_conv)
     feature_k, rebased_k, helpers_k = _feature_steps("k", lsm.feature_map_k, lsm.short_conv)
-    helpers = set(helpers_q) | set(helpers_k)
+    feature_v, _, helpers_v = _feature_steps("v", lsm.feature_map_v, lsm.short_conv)
+    helpers = set(helpers_q) | set(helpers_k) | set(helpers_v)
     dim_q = feature_q[-1].dim_after if feature_q else "self.key_proj_dim"
     dim_k = feature_k[-1].dim_after if feature_k else "self.key_proj_dim"
     if lsm.tie_k_to_decay:
@@ -325,6 +330,8 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         helpers.add("l2norm")
 
     h_in_forward = any("h" in ex.free_names(e) for e in forward_exprs)
+    every_expr = [e for e in (lsm.decay.expr, lsm.decay.rate, lsm.scale, *(p.init for p in lsm.params.values())) if e is not None]
+    reads_layers = any("layers" in ex.free_names(e) for e in every_expr + forward_exprs)
     # (a memory layer convolves per segment, lmoec.runtime.memories.segment_conv, then maps)
     conv_features = [side for side, steps, rebased in (("q", feature_q, rebased_q), ("k", feature_k, rebased_k))
                      if lsm.short_conv and memories is None and steps and rebased is None and not (side == "k" and lsm.tie_k_to_decay)]
@@ -343,11 +350,13 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         expand_k=lsm.expand_k,
         expand_v=lsm.expand_v,
         head_k=lsm.head_k,
+        head_v=lsm.head_v,
         groups=lsm.groups,
         tie_k=lsm.tie_k_to_decay,
         short_conv=lsm.short_conv,
         feature_q=feature_q,
         feature_k=feature_k,
+        feature_v=feature_v,
         rebased_q=rebased_q,
         rebased_k=rebased_k,
         projections=list(projections.values()),
@@ -371,7 +380,9 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         key_code=key_code,
         u_name=u_name,
         h_in_forward=h_in_forward,
+        reads_layers=reads_layers,
         output_norm=lsm.output_norm,
+        output_norm_eps=lsm.output_norm_eps,
         gate_code=gate_code,
         scale_code=scale_code,
         helpers=sorted(helpers),
@@ -382,7 +393,7 @@ def layer_context(ir: SpecIR, lsm: LSMSpec, header: str) -> LayerContext:
         uses_functional=bool(lsm.short_conv) or norm_gate or any(
             "F." in code for code in (g_code, beta_code, a_code, b_code, gate_code, skip_code, gv_code, dt_code, rate_code, query_code, key_code,
                                       *update_codes.values(),
-                                      *(f.code for f in feature_q + feature_k)) if code
+                                      *(f.code for f in feature_q + feature_k + feature_v)) if code
         ),
         memories=memories,
         kv_heads=lsm.kv_heads,

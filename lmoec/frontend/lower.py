@@ -34,6 +34,7 @@ from ..ir.nodes import (
     ParallelSpec,
     Param,
     QKNorm,
+    ResidualSpec,
     SpecIR,
     Update,
     WindowAttention,
@@ -46,7 +47,7 @@ from .parse import Block, ParsedFile, Source, Stmt, Value, parse, read_source
 FEATURE_MAPS = ("identity", "elu_p1", "relu", "silu", "l2norm", "taylor2", "rebased", "softmax")
 DECAY_KINDS = ("none", "constant", "scalar", "vector")
 GATE_PARTS = ("value", "step", "rate")  # element-wise gates (lmoec.kinds.elementwise): `decay value`, `decay step`, `decay rate`
-PARAM_SYMBOLS = {"h", "i", "H", "K", "V", "layer"}
+PARAM_SYMBOLS = {"h", "i", "H", "K", "V", "layer", "layers"}
 MAX_MINIBATCH = 256  # tokens per mini-batch of a test-time-training update (at most the largest chunk)
 MAX_INT = 2**31 - 1  # integer settings size tensors and loops
 MAX_IMPORT_DEPTH = 64  # files importing files; loading recurses once per level
@@ -205,11 +206,12 @@ LSM_KEYS: dict[str, tuple] = {
     "expand_k": (("assign",), None),
     "expand_v": (("assign",), None),
     "head_k": (("assign",), None),
+    "head_v": (("assign",), None),
     "groups": (("assign",), None),
     "skip": (("assign",), None),
     "query": (("assign",), None),
     "key": (("assign",), None),
-    "feature_map": (("assign",), ("q", "k")),
+    "feature_map": (("assign",), ("q", "k", "v")),
     "decay": (("assign",), DECAY_KINDS + GATE_PARTS),
     "delta": (("assign",), ("beta",)),
     "dplr": (("assign",), ("a", "b")),
@@ -217,6 +219,7 @@ LSM_KEYS: dict[str, tuple] = {
     "tie": (("assign",), ("k",)),
     "short_conv": (("assign",), None),
     "output_norm": (("assign",), None),
+    "output_norm_eps": (("assign",), None),
     "output_gate": (("assign",), None),
     "scale": (("assign",), None),
     "chunk_size": (("assign",), None),
@@ -267,7 +270,7 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
             locs.set(at + (key,), src.loc(s.key))
             keys_here.add(key)
         none = v.is_none()
-        if key in ("heads", "head_k", "groups", "kv_heads"):
+        if key in ("heads", "head_k", "head_v", "groups", "kv_heads"):
             f[key] = None if none else v.integer()
         elif key in ("expand_k", "expand_v", ):
             f[key] = v.real()
@@ -315,7 +318,9 @@ def apply_lsm(spec: LSMSpec, block: Block, locs: Locs) -> LSMSpec:
                     v.fail("only 'tie k = 1 - exp(g)' (HGRN2) is supported", s.values[0])
                 f["tie_k_to_decay"] = True
         elif key == "output_norm":
-            f["output_norm"] = v.choice(("none", "rmsnorm", "layernorm", "groupnorm"))
+            f["output_norm"] = v.choice(("none", "rmsnorm", "layernorm", "groupnorm", "rmsnorm_all_heads"))
+        elif key == "output_norm_eps":
+            f["output_norm_eps"] = None if none else v.real()
         elif key in ("output_gate", "scale", "skip", "query", "key"):
             f[key] = None if none else v.expr(symbols)
         elif key == "qkv_bias":
@@ -455,10 +460,12 @@ MODEL_KEYS: dict[str, tuple] = {
     **{k: (("assign",), None) for k in ("vocab", "hidden", "layers", "heads", "pattern", "lsm", "norm", "norm_eps",
                                          "tie_embeddings", "init_std", "max_seq_len")},
     "attention": (("block",), None),
+    "residual": (("block",), None),
     "moe": (("block", "assign"), None),
     "ffn": (("block", "assign"), None),
 }
-ATTENTION_KEYS = {k: (("assign",), None) for k in ("heads", "kv_heads", "rope_theta", "window")}
+ATTENTION_KEYS = {k: (("assign",), None) for k in AttentionSpec.model_fields}
+RESIDUAL_KEYS = {k: (("assign",), None) for k in ResidualSpec.model_fields}
 MOE_KEYS = {k: (("assign",), None) for k in MoESpec.model_fields}
 FFN_KEYS = {"ffn": (("assign",), None)}
 
@@ -468,7 +475,8 @@ _READERS: dict[str, Any] = {
     "score": ("softmax", "sigmoid"), "order": ("softmax_topk", "topk_softmax"), "bias_balancing": "boolean",
     "bias_update_rate": "real", "aux_loss": "real", "z_loss": "real", "capacity_factor": "real?",
     "normalize_topk": "boolean", "heads": "integer?", "kv_heads": "integer?", "rope_theta": "real",
-    "window": "integer?", "ffn": "integer", "vocab": "integer", "hidden": "integer", "layers": "integer",
+    "window": "integer?", "head_dim": "integer?", "rotary_dim": "integer?", "postnorm": "boolean", "alpha": "real",
+    "beta": "real", "ffn": "integer", "vocab": "integer", "hidden": "integer", "layers": "integer",
     "norm": ("rmsnorm", "layernorm"), "norm_eps": "real", "tie_embeddings": "boolean", "init_std": "real",
     "max_seq_len": "integer", "count": "integer", "shared": "boolean", "dp": "integer", "sp": "integer", "ep": "integer", "tp": "integer",
 }
@@ -518,6 +526,9 @@ def apply_model(spec: Optional[ModelSpec], block: Block, locs: Locs) -> tuple[di
             if key == "attention":
                 base = AttentionSpec(**f["attention"]) if "attention" in f else None
                 f["attention"] = _sub(AttentionSpec, base, s, src, where, ATTENTION_KEYS, locs, ("model", key)).model_dump()
+            elif key == "residual":
+                base = ResidualSpec(**f["residual"]) if "residual" in f else None
+                f["residual"] = _sub(ResidualSpec, base, s, src, where, RESIDUAL_KEYS, locs, ("model", key)).model_dump()
             elif key == "moe":
                 base = MoESpec(**f["moe"]) if f.get("moe") else None
                 f["moe"] = _sub(MoESpec, base, s, src, where, MOE_KEYS, locs, ("model", key)).model_dump()

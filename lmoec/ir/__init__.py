@@ -17,6 +17,7 @@ from .nodes import (  # noqa: F401
     Param,
     ParallelSpec,
     Recurrence,
+    ResidualSpec,
     SourceLoc,
     SpecIR,
     Update,

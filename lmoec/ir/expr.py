@@ -45,7 +45,7 @@ BUILTINS: dict[str, Any] = {
     "sqrt": sympy.sqrt,
 }
 
-RESERVED_SYMBOLS = ("x", "q", "k", "v", "h", "H", "K", "V", "layer")
+RESERVED_SYMBOLS = ("x", "q", "k", "v", "h", "H", "K", "V", "layer", "layers")
 
 # Every number in an expression is a finite float32 value (what kernels and layers compute in), and
 # exact fractions stay small enough to print as int64 literals (PyTorch can't take a larger int).

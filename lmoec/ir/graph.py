@@ -13,8 +13,8 @@ embeddings and the head. They describe the layers lmoec emits:
   expressions (an unsized `x @ W` is as wide as its slot: H for scalar gates and
   beta, H*K for vector gates and dplr terms, H*V for the output gate), the
   declared params, the output norm (weights shared over heads: V for rmsnorm,
-  2V for layernorm, 2*H*V for groupnorm), Rebased's affine (2*K per map).
-- attention layer: q/o hidden x hidden, k/v hidden x kv_heads*D, no biases.
+  2V for layernorm; 2*H*V for groupnorm, H*V for rmsnorm_all_heads), Rebased's affine (2*K per map).
+- attention layer: q/o hidden x heads*D, k/v hidden x kv_heads*D (D: head_dim, or hidden / heads), no biases.
 - MoE: router hidden x experts, SwiGLU experts 3*hidden*expert_ffn each;
   active = top_k + shared experts. Dense FFN: one SwiGLU 3*hidden*ffn.
 - per block two norms; a final norm; embeddings vocab*hidden; an untied head
@@ -35,7 +35,8 @@ def _norm(kind: str, width: int) -> int:
 
 def lsm_dims(lsm: LSMSpec, hidden: int, model_heads: int) -> dict[str, int]:
     heads = lsm.heads or model_heads
-    return {"H": heads, "K": int(lsm.expand_k * hidden) // heads, "V": int(lsm.expand_v * hidden) // heads, "hidden": hidden}
+    return {"H": heads, "K": lsm.head_k or int(lsm.expand_k * hidden) // heads,
+            "V": lsm.head_v or int(lsm.expand_v * hidden) // heads, "hidden": hidden}
 
 
 def _linear_params(e: sympy.Expr, slot: int, d: dict[str, int], seen: dict[str, int]) -> None:
@@ -109,7 +110,7 @@ def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, i
     total = shared + sum(n for w, n in weights.items() if w not in owned_weights)
     for p in lsm.params.values():
         total += int(sympy.Mul(*[d[s] for s in p.shape]))
-    total += {"none": 0, "rmsnorm": V, "layernorm": 2 * V, "groupnorm": 2 * H * V}[lsm.output_norm]
+    total += {"none": 0, "rmsnorm": V, "layernorm": 2 * V, "groupnorm": 2 * H * V, "rmsnorm_all_heads": H * V}[lsm.output_norm]
     total += 2 * K if lsm.qk_norm is not None else 0
     total += 2 * K * (lsm.feature_map_q.count("rebased") + lsm.feature_map_k.count("rebased"))
     if lsm.memories is None:
@@ -120,7 +121,7 @@ def lsm_param_split(lsm: LSMSpec, hidden: int, model_heads: int) -> tuple[int, i
 def attention_params(model: ModelSpec) -> int:
     heads = model.attention.heads or model.heads
     kv = model.attention.kv_heads or heads
-    head_dim = model.hidden // heads
+    head_dim = model.attention.head_dim or model.hidden // heads
     return 2 * model.hidden * heads * head_dim + 2 * model.hidden * kv * head_dim
 
 

@@ -224,19 +224,24 @@ class LSMSpec(Node):
     expand_k: float = 1.0  # head dim K = expand_k * hidden / heads
     expand_v: float = 1.0
     head_k: Optional[int] = None  # K itself, whatever hidden and heads (Mamba's state size N); None: from expand_k
+    head_v: Optional[int] = None  # V itself, whatever hidden and heads (MiniMax-01: 128 with 6144 / 64); None: from expand_v
     groups: Optional[int] = None  # q and k projected once per group of heads and shared by its heads; None: per head
     kv_heads: Optional[int] = None  # k and v projected for this many heads, each shared by heads / kv_heads q heads (GQA)
     qkv_bias: bool = False  # the q, k and v projections have a bias (Qwen2)
     qk_norm: Optional[QKNorm] = None  # RMSNorm of q and k per head after their projections (Qwen3)
     feature_map_q: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
     feature_map_k: list[FeatureMap] = Field(default_factory=lambda: ["identity"])
+    feature_map_v: list[FeatureMap] = Field(default_factory=lambda: ["identity"])  # width-keeping maps only (MiniMax: silu)
     decay: Decay = Field(default_factory=Decay)
     delta: Optional[Delta] = None
     dplr: Optional[DPLRTerms] = None
     bonus_u: bool = False
     tie_k_to_decay: bool = False  # HGRN2: k = 1 - exp(g)
     short_conv: int = 0  # causal depthwise conv kernel size on q/k/v; 0: none
-    output_norm: Literal["none", "rmsnorm", "layernorm", "groupnorm"] = "none"
+    # rmsnorm, layernorm: per head over V; groupnorm: one group per head; rmsnorm_all_heads: one RMSNorm over the
+    # H * V channels of all heads at once (MiniMax-01's lightning layers)
+    output_norm: Literal["none", "rmsnorm", "layernorm", "groupnorm", "rmsnorm_all_heads"] = "none"
+    output_norm_eps: Optional[float] = None  # None: 1e-6 for rmsnorm (either), 1e-5 for layernorm and groupnorm
     output_gate: Optional[Expr] = None  # o = norm(o) * gate(x)
     skip: Optional[Expr] = None  # o = o + skip * v before the norm (Mamba's D), per value channel
     query: Optional[Expr] = None  # the op's q from this expression instead of a projection (S4D's time-invariant C)
@@ -262,6 +267,21 @@ class AttentionSpec(Node):
     kv_heads: Optional[int] = None  # None: = heads (MHA); fewer: GQA
     rope_theta: float = 10000.0
     window: Optional[int] = None  # sliding window; None: full causal
+    head_dim: Optional[int] = None  # per-head width of q, k, v; None: hidden / heads (MiniMax-01: 128 with 6144 / 64)
+    rotary_dim: Optional[int] = None  # RoPE rotates only the first rotary_dim dims of a head; None: all of them
+
+
+class ResidualSpec(Node):
+    """How a block adds each sublayer f (mixer, then FFN) to its stream, with the residual scaled by alpha:
+
+    pre-norm (postnorm false):  x = alpha * x + beta * f(norm(x))
+    post-norm (postnorm true):  h = norm(x);  x = alpha * h + beta * f(h)   (MiniMax-01's `postnorm`: the residual is
+    the normed input, which is DeepNorm's x = LN(alpha x + f(x)) with each LN moved to the start of the next sublayer)
+    """
+
+    postnorm: bool = False
+    alpha: float = 1.0
+    beta: float = 1.0
 
 
 class MoESpec(Node):
@@ -302,6 +322,7 @@ class ModelSpec(Node):
     pattern: str  # one letter per layer: L (LSM) or N (softmax attention)
     lsm: Optional[str] = None  # name of the LSM the L layers use
     attention: AttentionSpec = Field(default_factory=AttentionSpec)
+    residual: ResidualSpec = Field(default_factory=ResidualSpec)
     moe: Optional[MoESpec] = None
     ffn: Optional[DenseFFNSpec] = None  # used when moe is None
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"

@@ -89,7 +89,7 @@ class _Shapes:
     def __init__(self, lsm: LSMSpec):
         self.lsm = lsm
         # V is K where the two are always equal: same expansion, and no feature map that changes K
-        same = (lsm.expand_k == lsm.expand_v and lsm.head_k is None
+        same = (lsm.expand_k == lsm.expand_v and lsm.head_k is None and lsm.head_v is None
                 and not {"taylor2", "rebased"} & set(lsm.feature_map_q + lsm.feature_map_k))
         self.v_dim = "K" if same else "V"
         self.weights: dict[str, tuple[Width, Width, str]] = {}  # name -> (in, out, where first used)
@@ -151,7 +151,7 @@ class _Shapes:
         if isinstance(e, sympy.Symbol):
             if e.name == "x":
                 return "hidden"
-            if e.name in ("H", "K", "V", "layer"):
+            if e.name in ("H", "K", "V", "layer", "layers"):
                 return None
             raise ShapeError(f"{slot.what}: a projection's input may read x and other projections, not '{e.name}' "
                              "(per-head tensors are not projected)", *slot.field)

@@ -110,15 +110,16 @@ def moe_steps(layer: int) -> list[CommStep]:
 
 def model_dims(model: ModelSpec, lsm: LSMSpec | None) -> dict[sympy.Symbol, int]:
     """Numbers for the symbols, where the model fixes them."""
-    dims = {hidden: model.hidden, D: model.hidden // model.heads}
+    attention = model.attention
+    dims = {hidden: model.hidden, D: attention.head_dim or model.hidden // (attention.heads or model.heads)}
     if model.moe is not None:
         dims[topk] = model.moe.top_k
         dims[E] = model.moe.experts
     if lsm is not None:
         heads = lsm.heads or model.heads
         dims[H] = heads
-        dims[K] = int(lsm.expand_k * model.hidden) // heads
-        dims[V] = int(lsm.expand_v * model.hidden) // heads
+        dims[K] = lsm.head_k or int(lsm.expand_k * model.hidden) // heads
+        dims[V] = lsm.head_v or int(lsm.expand_v * model.hidden) // heads
     return dims
 
 

@@ -23,7 +23,9 @@ CHUNK_SIZES = (16, 32, 64, 128, 256)
 MAX_NAME = 64  # an lsm's name names its files and modules (`<lsm>_triton.py`)
 MAX_SHORT_CONV = 64
 MAX_EXPAND = 64  # expand_k, expand_v
-MAX_HEAD_K = 256  # head_k: the state is [K, V] per head
+MAX_HEAD_K = 256  # head_k, head_v: the state is [K, V] per head
+MAX_HEAD_DIM = 1024  # an attention head's width
+VALUE_FEATURE_MAPS = ("identity", "silu", "relu", "elu_p1", "l2norm")  # feature_map v: maps that keep the width
 MAX_MEMORIES = 64  # memory states per layer; the decode cache holds all of them
 MAX_LAYERS = 1024  # a longer stack is a typo; passes run per layer (the frontend checks before building a pattern)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -113,8 +115,9 @@ class _Checker:
             fail(f"the name {problem}: it names the layer's files and modules")
         if lsm.heads is not None and lsm.heads < 1:
             fail(f"heads must be >= 1, got {lsm.heads}", "heads")
-        if lsm.head_k is not None and not 1 <= lsm.head_k <= MAX_HEAD_K:
-            fail(f"head_k must be between 1 and {MAX_HEAD_K}, got {lsm.head_k}", "head_k")
+        for key in ("head_k", "head_v"):
+            if getattr(lsm, key) is not None and not 1 <= getattr(lsm, key) <= MAX_HEAD_K:
+                fail(f"{key} must be between 1 and {MAX_HEAD_K}, got {getattr(lsm, key)}", key)
         if lsm.groups is not None:
             if lsm.groups < 1:
                 fail(f"groups must be >= 1, got {lsm.groups}", "groups")
@@ -146,6 +149,8 @@ class _Checker:
         for key in ("expand_k", "expand_v"):
             if not 0 < getattr(lsm, key) <= MAX_EXPAND:
                 fail(f"{key} must be > 0 and at most {MAX_EXPAND}, got {getattr(lsm, key)}", key)
+        if lsm.output_norm_eps is not None and not lsm.output_norm_eps > 0:
+            fail(f"output_norm_eps must be > 0, got {lsm.output_norm_eps}", "output_norm_eps")
         if not 0 <= lsm.short_conv <= MAX_SHORT_CONV:
             fail(f"short_conv must be between 0 (none) and {MAX_SHORT_CONV}, got {lsm.short_conv}", "short_conv")
         if lsm.chunk_size not in CHUNK_SIZES:
@@ -158,6 +163,7 @@ class _Checker:
         if lsm.tie_k_to_decay and lsm.feature_map_k != ["identity"]:
             fail("tie k = 1 - exp(g) makes k from the decay: it takes no feature map (feature_map q = ... only)",
                  "feature_map", "k")
+        self._value_features(lsm, fail)
         widths = {side: [m for m in getattr(lsm, f"feature_map_{side}") if m in ("taylor2", "rebased")] for side in "qk"}
         if widths["q"] != widths["k"] and not lsm.tie_k_to_decay:
             end = {side: widths[side][-1] if widths[side] else "no map that changes the width" for side in "qk"}
@@ -165,7 +171,7 @@ class _Checker:
                  "(taylor2 and rebased change it)", "feature_map")
 
         params = set(lsm.params)
-        data = {"x"} | params | {"h", "H", "K", "V", "layer"}
+        data = {"x"} | params | {"h", "H", "K", "V", "layer", "layers"}
         decay = lsm.decay
         if decay.kind == "none" and decay.expr is not None:
             fail("decay none takes no expression", "decay")
@@ -174,10 +180,11 @@ class _Checker:
                 fail(f"decay {decay.kind} needs an expression for the log decay g", "decay")
             names = ex.free_names(decay.expr)
             if decay.kind == "constant":
-                bad = names - {"h", "H", "K", "V", "layer"}
+                bad = names - {"h", "H", "K", "V", "layer", "layers"}
                 if bad or ex.linears(decay.expr):
                     what = f"'{sorted(bad)[0]}'" if bad else "a projection"
-                    fail(f"constant decay may read only h, H, K, V and layer, not {what} (use decay scalar or vector)", "decay")
+                    fail(f"constant decay may read only h, H, K, V, layer and layers, not {what} (use decay scalar or "
+                         "vector)", "decay")
             else:
                 self._reads(names, data, f"{decay.kind} decay", fail, "decay")
                 if "x" not in names:
@@ -227,7 +234,7 @@ class _Checker:
             for d in p.shape:
                 if d not in DIMS:
                     fail(f"param {name!r}: unknown dimension {d!r} (one of {', '.join(DIMS)})", "params", name)
-            bad = ex.free_names(p.init) - {"h", "i", "H", "K", "V", "layer"}
+            bad = ex.free_names(p.init) - {"h", "i", "H", "K", "V", "layer", "layers"}
             if bad or ex.linears(p.init):
                 fail(f"param {name!r}: an init may read only h, i, H, K, V and layer", "params", name)
             reads = ex.free_names(p.init)
@@ -265,10 +272,10 @@ class _Checker:
                 other = "value" if decay.kind == "none" else decay.kind
                 fail(f"decay step and rate are the whole gate (exp(dt A)); remove decay {other}", "decay", "step")
             self._reads(ex.free_names(decay.step), data, "decay step", fail, "decay", "step")
-            bad = ex.free_names(decay.rate) - (set(lsm.params) | {"H", "K", "V", "layer"})
+            bad = ex.free_names(decay.rate) - (set(lsm.params) | {"H", "K", "V", "layer", "layers"})
             if bad or ex.linears(decay.rate):
                 what = f"'{sorted(bad)[0]}'" if bad else "a projection"
-                fail(f"decay rate is a learned matrix [H, V, K]: it may read params, H, K, V and layer, not {what}",
+                fail(f"decay rate is a learned matrix [H, V, K]: it may read params, H, K, V, layer and layers, not {what}",
                      "decay", "rate")
         if decay.value is not None or decay.step is not None:
             for other, present in (("delta", lsm.delta), ("dplr", lsm.dplr), ("bonus", lsm.bonus_u or None),
@@ -290,9 +297,9 @@ class _Checker:
                 if e is not None:
                     fail(f"loss ln_mse (TTT-Linear) takes plain gradient steps: no {key}", "update", key)
             widening = {"taylor2", "rebased"} & set(lsm.feature_map_q + lsm.feature_map_k)
-            if lsm.expand_k != lsm.expand_v or lsm.head_k is not None or widening:
+            if lsm.expand_k != lsm.expand_v or lsm.head_k is not None or lsm.head_v is not None or widening:
                 fail("loss ln_mse fits k + LN(k W + b) to v and reads q + LN(q W + b): it needs K = V (equal "
-                     "expand_k and expand_v, no head_k, no feature map that changes the width)", "update", "loss")
+                     "expand_k and expand_v, no head_k or head_v, no feature map that changes the width)", "update", "loss")
             if lsm.scale is None or lsm.scale != 1:
                 fail("loss ln_mse reads o = q + LN(q W + b), which has no output scale: write scale = 1", "update", "loss")
             for name in ("ln_weight", "ln_bias"):
@@ -306,6 +313,18 @@ class _Checker:
                  "(the chunkwise form keeps mini-batches inside chunks)", "update", "gradient")
 
     @staticmethod
+    def _value_features(lsm: LSMSpec, fail) -> None:
+        """`feature_map v`: maps that keep the value width, on the plain layer's v (MiniMax-01's SiLU on q, k and v)."""
+        bad = [m for m in lsm.feature_map_v if m not in VALUE_FEATURE_MAPS]
+        if bad:
+            fail(f"feature_map v takes maps that keep the value width ({', '.join(VALUE_FEATURE_MAPS)}), not {bad[0]!r}",
+                 "feature_map", "v")
+        if lsm.feature_map_v != ["identity"]:
+            for statement, present in (("memories", lsm.memories), ("window_attention", lsm.window_attention)):
+                if present is not None:
+                    fail(f"feature_map v goes without {statement}", "feature_map", "v")
+
+    @staticmethod
     def _window_attention(lsm: LSMSpec, fail) -> None:
         """Liger Attention runs softmax attention on the layer's own q, k, v projections."""
         w = lsm.window_attention
@@ -317,7 +336,7 @@ class _Checker:
             fail(f"window_attention rope_theta must be > 0, got {w.rope_theta}", "window_attention", "rope_theta")
         for statement, present in (("groups", lsm.groups), ("query = ...", lsm.query), ("key = ...", lsm.key),
                                     ("tie k", lsm.tie_k_to_decay or None), ("memories", lsm.memories),
-                                    ("short_conv", lsm.short_conv or None), ("head_k", lsm.head_k)):
+                                    ("short_conv", lsm.short_conv or None), ("head_k", lsm.head_k), ("head_v", lsm.head_v)):
             if present is not None:
                 fail(f"window_attention (softmax attention over the layer's q, k, v projections) goes without {statement}",
                      "window_attention")
@@ -408,14 +427,27 @@ class _Checker:
                 fail(f"lsm {lsm.name!r}: groups = {lsm.groups} does not divide heads = {heads}", "lsm")
             if lsm.kv_heads is not None and heads % lsm.kv_heads:
                 fail(f"lsm {lsm.name!r}: kv_heads = {lsm.kv_heads} does not divide heads = {heads}", "lsm")
-            for key in (("expand_v",) if lsm.head_k is not None else ("expand_k", "expand_v")):
+            for key in [k for k, given in (("expand_k", lsm.head_k), ("expand_v", lsm.head_v)) if given is None]:
                 width = getattr(lsm, key) * model.hidden
                 if width != int(width) or int(width) % heads or int(width) < heads:
                     fail(f"lsm {lsm.name!r}: {key} * hidden = {width:g} is not a positive multiple of heads = {heads}", "lsm")
+            self._constant_decay_in_model(model, lsm)
         attn = model.attention
         heads = attn.heads or model.heads
-        if heads < 1 or model.hidden % heads:
-            fail(f"attention heads = {heads} does not divide hidden = {model.hidden}", "attention", "heads")
+        if heads < 1 or (attn.head_dim is None and model.hidden % heads):
+            fail(f"attention heads = {heads} does not divide hidden = {model.hidden} (or give head_dim)", "attention", "heads")
+        if attn.head_dim is not None and not 1 <= attn.head_dim <= MAX_HEAD_DIM:
+            fail(f"attention head_dim must be between 1 and {MAX_HEAD_DIM}, got {attn.head_dim}", "attention", "head_dim")
+        head_dim = attn.head_dim or model.hidden // heads
+        rotary = attn.rotary_dim if attn.rotary_dim is not None else head_dim
+        if rotary % 2 or not 2 <= rotary <= head_dim:
+            what = "rotary_dim" if attn.rotary_dim is not None else "head_dim"
+            fail(f"attention {what} = {rotary}: RoPE rotates pairs of dims, so it needs an even rotary_dim from 2 to "
+                 f"head_dim = {head_dim}", "attention", what)
+        residual = model.residual
+        for key in ("alpha", "beta"):
+            if not getattr(residual, key) > 0:
+                fail(f"residual {key} must be > 0, got {getattr(residual, key)}", "residual", key)
         kv = attn.kv_heads or heads
         if kv < 1 or heads % kv:
             fail(f"attention kv_heads = {kv} does not divide heads = {heads}", "attention", "kv_heads")
@@ -441,6 +473,22 @@ class _Checker:
                 fail("moe capacity_factor must be > 0 (or none: dropless)", "moe", "capacity_factor")
         if model.ffn is not None and model.ffn.ffn < 1:
             fail(f"ffn must be >= 1, got {model.ffn.ffn}", "ffn", "ffn")
+
+    def _constant_decay_in_model(self, model: ModelSpec, lsm: LSMSpec) -> None:
+        """A constant decay that reads layer or layers gets its numbers only in a model: it must be finite at each
+        of the model's L layers (MiniMax's 1 - layer / (layers - 1) divides by zero in a one-layer stack)."""
+        decay = lsm.decay
+        if decay.kind != "constant" or decay.expr is None or not {"layer", "layers"} & ex.free_names(decay.expr):
+            return
+        heads = lsm.heads or model.heads
+        numbers = {"H": heads, "K": lsm.head_k or int(lsm.expand_k * model.hidden) // heads,
+                   "V": lsm.head_v or int(lsm.expand_v * model.hidden) // heads, "layers": model.layers}
+        fixed = decay.expr.subs({s: numbers[s.name] for s in decay.expr.free_symbols if s.name in numbers})
+        for i in (i for i, kind in enumerate(model.pattern) if kind == "L"):
+            g = fixed.subs({s: i for s in fixed.free_symbols if s.name == "layer"})
+            if g.has(sympy.nan, sympy.zoo, sympy.oo, -sympy.oo):
+                self.fail(f"lsm {lsm.name!r}: the constant decay is not finite at layer {i} of model {model.name!r} "
+                          f"(layers = {model.layers}): {g}", "lsm", lsm.name, "decay", fallback=lsm.loc)
 
     # ---- parallelism --------------------------------------------------------------
 

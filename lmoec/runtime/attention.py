@@ -13,20 +13,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def rope_frequencies(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, head_dim/2] for the given absolute positions, computed in float32 (float64 if asked)."""
+def rope_frequencies(rotary_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, rotary_dim/2] for the given absolute positions, computed in float32 (float64 if asked); the
+    frequencies are spread over the rotated dims only (rotary_dim: the head dim, or fewer for partial RoPE)."""
     dtype = torch.float64 if positions.dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim)
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=positions.device, dtype=dtype) / rotary_dim)
     angles = positions.to(dtype)[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) of x [B, T, H, D] by the position angles (the rotate-half convention)."""
-    x1, x2 = (x if x.dtype == torch.float64 else x.float()).chunk(2, dim=-1)
+    """Rotate pairs (x_i, x_{i+R/2}) of the first R = 2 * cos.shape[-1] dims of x [B, T, H, D] by the position angles
+    (the rotate-half convention); the dims from R on pass through unrotated (partial RoPE, R < D)."""
+    rotated = 2 * cos.shape[-1]
+    wide = x if x.dtype == torch.float64 else x.float()
+    x1, x2 = wide[..., :rotated].chunk(2, dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    parts = (x1 * cos - x2 * sin, x2 * cos + x1 * sin) + ((wide[..., rotated:],) if rotated < x.shape[-1] else ())
+    return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 class KVCache:
@@ -145,13 +149,14 @@ class HeadAttention(nn.Module):
     its own q, k, v."""
 
     def __init__(self, heads: int, kv_heads: int, head_dim: int, rope_theta: float = 10000.0,
-                 window: Optional[int] = None, layer_idx: int = 0):
+                 window: Optional[int] = None, layer_idx: int = 0, rotary_dim: Optional[int] = None):
         super().__init__()
         if heads % kv_heads:
             raise ValueError(f"attention: heads = {heads} is not divisible by kv_heads = {kv_heads}")
-        if head_dim % 2:
-            raise ValueError(f"attention: RoPE needs an even head dim, got {head_dim}")
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 or not 2 <= rotary_dim <= head_dim:
+            raise ValueError(f"attention: RoPE needs an even rotary dim from 2 to head_dim = {head_dim}, got {rotary_dim}")
+        self.heads, self.kv_heads, self.head_dim, self.rotary_dim = heads, kv_heads, head_dim, rotary_dim
         self.rope_theta, self.window, self.layer_idx = rope_theta, window, layer_idx
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Optional[KVCache] = None,
@@ -170,7 +175,7 @@ class HeadAttention(nn.Module):
         positions = torch.arange(start, start + T, device=q.device)
         if q.dtype == torch.float64:
             positions = positions.double()
-        cos, sin = rope_frequencies(self.head_dim, positions, self.rope_theta)
+        cos, sin = rope_frequencies(self.rotary_dim, positions, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # SDPA wants [B, H, T, D]
         n = past.length if past is not None else 0
@@ -271,11 +276,14 @@ class Attention(HeadAttention):
     """Causal multi-head (or grouped-query) attention with rotary positions: projections around HeadAttention."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: Optional[int] = None, rope_theta: float = 10000.0,
-                 window: Optional[int] = None, layer_idx: int = 0):
+                 window: Optional[int] = None, layer_idx: int = 0, head_dim: Optional[int] = None,
+                 rotary_dim: Optional[int] = None):
+        """head_dim: the per-head width of q, k and v (None: hidden / heads); rotary_dim: how many of its leading
+        dims RoPE rotates (None: all)."""
         kv_heads = kv_heads or heads
-        if hidden % heads:
+        if head_dim is None and hidden % heads:
             raise ValueError(f"attention: hidden = {hidden} is not divisible by heads = {heads}")
-        super().__init__(heads, kv_heads, hidden // heads, rope_theta, window, layer_idx)
+        super().__init__(heads, kv_heads, head_dim or hidden // heads, rope_theta, window, layer_idx, rotary_dim)
         self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=False)
@@ -304,7 +312,7 @@ class Attention(HeadAttention):
         if T != 1:
             raise ValueError(f"attention: a StaticKVCache takes one token per step, got T={T}")
         position = past.position.double() if x.dtype == torch.float64 else past.position
-        cos, sin = rope_frequencies(self.head_dim, position, self.rope_theta)
+        cos, sin = rope_frequencies(self.rotary_dim, position, self.rope_theta)
         q = apply_rope(self.q_proj(x).view(B, 1, self.heads, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(self.k_proj(x).view(B, 1, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(B, 1, self.kv_heads, self.head_dim).transpose(1, 2)
