@@ -8,7 +8,6 @@ L2-normalized delta keys with beta in (0, 1), and RWKV7's DPLR terms a = -kk, b 
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import sympy
@@ -21,10 +20,6 @@ import lmoec.paths
 from lmoec.ir import expr as ex
 from lmoec.ir.nodes import Decay, Delta, DPLRTerms, LSMSpec, Param, Recurrence, SpecIR
 from lmoec.program import Program, compile_ir
-
-# pytest-xdist runs one worker per core: one intra-op thread each, so two workers do not fight over two cores
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)
 
 # every family the torch backend emits, by a readable id
 RECURRENCES = {
