@@ -13,6 +13,12 @@ affine map with rank-one parts, X_t = D_t X_{t-1} + theta_t [k_t; k_t] e_t^T, wi
 [0, eta_t]] (x) I_K and the error e_t = v_t - M_*^T k_t: chunkwise, a triangular solve per chunk gives the errors
 (templates/torch/titans.py.j2). Ops carry the joint state as one tensor [N, H, K, 2V]: M in [..., :V], S in
 [..., V:].
+
+Triton kernels (templates/triton/titans.py.j2), both gradient points: a chunk-parallel kernel forms the chunk's 2 x 2
+gate products, the solve Tm = (I + L)^-1 and the masked q k^T scores; a walk per (V block, sequence, head) carries
+(M, S) and forms the errors, the output and the next state; the backward mirrors it (a reverse walk for the state's
+and v's gradients, then a chunk-parallel kernel for q, k and the gates, the gates' through the products' loop in
+reverse).
 """
 from __future__ import annotations
 
@@ -65,11 +71,13 @@ def oracle_step(rec: Recurrence, state, q, k, v, inputs, scale):
 
 
 def supports(ctx: "LSMContext") -> tuple[bool, str]:
-    return False, "the Titans kind has no Triton kernels yet: the torch chunkwise path runs it on every device"
+    return True, ""  # both gradient points, any head dims; the chunk size is checked by lmoec.backends.triton
 
 
 def emit_triton(ctx: "LSMContext", header: str) -> str:
-    raise ValueError(supports(ctx)[1])
+    from ..backends.render import render
+
+    return render("triton/titans.py.j2", ctx=ctx, header=header)
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
@@ -102,4 +110,6 @@ KIND = Kind(
     state_width=STATE_WIDTH,
     oracle_state_in=oracle_state_in,
     oracle_state_out=oracle_state_out,
+    auto_torch_reason="the Titans Triton kernels have not run on a GPU yet (bench/titans_gpu.py); backend='triton' "
+                      "forces them",
 )
