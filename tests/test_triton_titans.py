@@ -38,13 +38,14 @@ MINIBATCH = "gradient = minibatch(4)"
 NO_MOMENTUM = "momentum = none"
 NO_DECAY = "weight_decay = none\n gradient = minibatch(4)"
 LR_ONLY = "momentum = none\n weight_decay = none\n gradient = minibatch(4)"  # per token, lr only: the delta kind
-SPLIT = {"BV": 16, "BV_bwd": 16}  # V = 24 in two blocks in the walks and in the chunk-parallel backward
+SPLIT = {"BV": 16}  # V = 24 in two blocks in the walks (the chunk-parallel backward's default BV_bwd = 16 splits it always)
+WHOLE_V = {"BV_bwd": 32}  # the chunk-parallel backward in one V block
 # every template branch (momentum, weight decay, mini-batch) and host path (varlen, V blocks, K not a power of two)
 # once; the decode step on the first case
 CASES = {
     "token": Case(FULL, False, H=2),
     "token_varlen_dims_20_split": Case(FULL, True, K=20, config=SPLIT, H=2),
-    "token_eta_zero": Case(FULL, False, eta_zero=True),
+    "token_eta_zero_whole_v": Case(FULL, False, eta_zero=True, config=WHOLE_V),
     "minibatch_varlen": Case(MINIBATCH, True),
     "no_momentum_final_state_loss": Case(NO_MOMENTUM, False, final_only=True),
     "no_decay_minibatch_split": Case(NO_DECAY, False, config=SPLIT),
