@@ -25,8 +25,7 @@ one program per (V block, sequence, head): E, the output and the next state from
 chunk-entry states and E are stored for the backward), `_bwd_walk_kernel` (the reverse walk: the gradient of E,
 then of v (dR = Tm^T dE) and of the chunk-entry state; each chunk's exit gradient is stored),
 `_bwd_chunk_kernel` (chunk-parallel: dq, dk and the gates' gradients from E, dR, the stored states and their
-gradients; the gates' by reverse-mode through the weights' loop). `_step_kernel` is the decode step.
-Sequences are packed: [B, T] is the varlen batch with cu_seqlens = [0, T, 2T, ...]; every sequence starts a chunk.
+gradients; the gates' by reverse-mode through the weights' loop). `_step_kernel` is the decode step.Sequences are packed: [B, T] is the varlen batch with cu_seqlens = [0, T, 2T, ...]; every sequence starts a chunk.
 Stability: with momentum near 1 and large learning rates the memory itself grows (so does the reference): the kernels
 solve the chunk's system exactly in fp32, they do not tame it.
 """
@@ -41,8 +40,10 @@ MINIBATCH = 1
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # Launch settings: the walks' V block (BV), the V block of the chunk-parallel backward (BV_bwd: at K = V = 128, 32
-# needs 303 KB of shared memory on sm_90, 16 needs 184 KB), warps per kernel.
-CONFIG = {"BV": 32, "BV_bwd": 16, "warps_prepare": 8, "warps_walk": 4, "warps_bwd": 8, "warps_step": 4}
+# needs 303 KB of shared memory on sm_90, 16 needs 184 KB), the precision of every tl.dot for 16-bit inputs (dot_16bit:
+# "tf32" or "ieee"; fp32 inputs always take "ieee"), warps per kernel.
+CONFIG = {"BV": 32, "BV_bwd": 16, "dot_16bit": "tf32", "warps_prepare": 8, "warps_walk": 4, "warps_bwd": 8,
+          "warps_step": 4}
 # the weights per chunk and head, wts [chunks, H, 7, C] (the kernels index these rows): p_g, r_g, p_after, r_after,
 # theta m_end, theta z_end, (p_end, r_end, c_end)
 WEIGHT_ROWS = 7
@@ -72,7 +73,8 @@ def _row(x, o_c, j):
 
 
 @triton.jit
-def _chunk_weights(a, eta, n, C: tl.constexpr, MB: tl.constexpr, BACKWARD: tl.constexpr):
+def _chunk_weights(eta, alpha, start, n, H, i_h, C: tl.constexpr, MB: tl.constexpr, BACKWARD: tl.constexpr,
+                   MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
     """The chunk's products of D_t = [[a_t, eta_t], [0, eta_t]] over its first n tokens (the rest leave the state as
     it is). Before token t: M = p_t M0 + r_t S0 + sum_s m[t, s] w_s, S = c_t S0 + sum_s z[t, s] w_s (w_s the write
     theta_s k_s e_s^T); `_g` are those rows at each token's gradient point, `_a` the rows after each token, `_end` after
@@ -101,8 +103,8 @@ def _chunk_weights(a, eta, n, C: tl.constexpr, MB: tl.constexpr, BACKWARD: tl.co
             mb = tl.where(row, m[None, :], mb)
             zb = tl.where(row, z[None, :], zb)
             mgT = tl.where(o_c[None, :] == j, m_at[:, None], mgT)
-        a_j, eta_j = _pick(a, o_c, j), _pick(eta, o_c, j)
         valid = j < n
+        a_j, eta_j = _gates_at(eta, alpha, start + j, valid, H, i_h, MOMENTUM, WEIGHT_DECAY)
         unit = (o_c == j).to(tl.float32)
         p, r, c = tl.where(valid, a_j * p, p), tl.where(valid, a_j * r + eta_j * c, r), tl.where(valid, eta_j * c, c)
         m, z = tl.where(valid, a_j * m + eta_j * z + unit, m), tl.where(valid, eta_j * z + unit, z)
@@ -115,18 +117,17 @@ def _chunk_weights(a, eta, n, C: tl.constexpr, MB: tl.constexpr, BACKWARD: tl.co
 
 
 @triton.jit
-def _gates(theta, eta, alpha, t, m_t, H, i_h, MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
-    """theta, a = 1 - alpha and eta of tokens t in fp32 (theta 0 where masked: no write)."""
-    th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+def _gates_at(eta, alpha, t, valid, H, i_h, MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+    """a = 1 - alpha and eta of token t in fp32, as scalars (a scalar load each: no reduction over the chunk)."""
     if WEIGHT_DECAY:
-        a = 1.0 - tl.load(alpha + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        a = 1.0 - tl.load(alpha + t * H + i_h, mask=valid, other=0.0).to(tl.float32)
     else:
-        a = tl.full(th.shape, 1.0, dtype=tl.float32)
+        a = 1.0
     if MOMENTUM:
-        e = tl.load(eta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+        e = tl.load(eta + t * H + i_h, mask=valid, other=0.0).to(tl.float32)
     else:
-        e = tl.zeros(th.shape, dtype=tl.float32)
-    return th, a, e
+        e = 0.0
+    return a, e
 
 
 @triton.jit
@@ -140,8 +141,9 @@ def _prepare_kernel(q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_en
     o_c = tl.arange(0, C)
     m_t = o_c < n
     t = start + o_c
-    th, a, e = _gates(theta, eta, alpha, t, m_t, H, i_h, MOMENTUM, WEIGHT_DECAY)
-    _, _, _, _, _, pg, rg, mg, _, pa, ra, ma, _, p_end, r_end, c_end, m_end, z_end = _chunk_weights(a, e, n, C, MB, False)
+    th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # 0 where masked: no write
+    _, _, _, _, _, pg, rg, mg, _, pa, ra, ma, _, p_end, r_end, c_end, m_end, z_end = _chunk_weights(
+        eta, alpha, start, n, H, i_h, C, MB, False, MOMENTUM, WEIGHT_DECAY)
     KK = tl.zeros([C, C], dtype=tl.float32)
     QK = tl.zeros([C, C], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -287,8 +289,9 @@ def _bwd_chunk_kernel(q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, d
     m_t = o_c < n
     t = start + o_c
     m_tk, m_kt = m_t[:, None] & m_k[None, :], m_k[:, None] & m_t[None, :]
-    th, a, eg = _gates(theta, eta, alpha, t, m_t, H, i_h, MOMENTUM, WEIGHT_DECAY)
-    pb, rb, cb, mb, zb, pg, rg, mg, mgT, pa, ra, ma, maT, p_end, r_end, c_end, m_end, z_end = _chunk_weights(a, eg, n, C, MB, True)
+    th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    pb, rb, cb, mb, zb, pg, rg, mg, mgT, pa, ra, ma, maT, p_end, r_end, c_end, m_end, z_end = _chunk_weights(
+        eta, alpha, start, n, H, i_h, C, MB, True, MOMENTUM, WEIGHT_DECAY)
     b_q = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
     b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
     b_kT = tl.load(k + (t[None, :] * H + i_h) * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
@@ -369,7 +372,7 @@ def _bwd_chunk_kernel(q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, d
         R += _pick(d_ra, o_c, j)
         Mv += _row(d_ma, o_c, j)
         valid = j < n
-        a_j, eta_j = _pick(a, o_c, j), _pick(eg, o_c, j)
+        a_j, eta_j = _gates_at(eta, alpha, start + j, valid, H, i_h, MOMENTUM, WEIGHT_DECAY)
         p_j, r_j, c_j = _pick(pb, o_c, j), _pick(rb, o_c, j), _pick(cb, o_c, j)
         m_j, z_j = _row(mb, o_c, j), _row(zb, o_c, j)
         da_j = P * p_j + R * r_j + tl.sum(Mv * m_j, axis=0)
@@ -433,8 +436,8 @@ def _layout(B, T, cu_seqlens, device):
 
 
 def _dot(x):
-    """tl.dot's precision: exact fp32 for fp32 inputs, tf32 for 16-bit ones."""
-    return "ieee" if x.dtype in (torch.float32, torch.float64) else "tf32"
+    """tl.dot's precision: exact fp32 for fp32 inputs, CONFIG's for 16-bit ones."""
+    return "ieee" if x.dtype in (torch.float32, torch.float64) else CONFIG["dot_16bit"]
 
 
 def _forward(q, k, v, theta, eta, alpha, scale, h0, output_final_state, layout, store):
