@@ -61,18 +61,6 @@ def _pow2(n):
 
 
 @triton.jit
-def _pick(x, o_c, j):
-    """Entry j of the vector x, as a scalar."""
-    return tl.sum(tl.where(o_c == j, x, 0.0), axis=0)
-
-
-@triton.jit
-def _row(x, o_c, j):
-    """Row j of the [C, C] tile x."""
-    return tl.sum(tl.where(o_c[:, None] == j, x, 0.0), axis=0)
-
-
-@triton.jit
 def _chunk_weights(eta, alpha, start, n, H, i_h, C: tl.constexpr, MB: tl.constexpr, BACKWARD: tl.constexpr,
                    MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
     """The chunk's products of D_t = [[a_t, eta_t], [0, eta_t]] over its first n tokens (the rest leave the state as
@@ -156,15 +144,20 @@ def _prepare_kernel(q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_en
         KK += tl.dot(b_k, b_kT, input_precision=DOT)
         QK += tl.dot(b_q, b_kT, input_precision=DOT)
     L = tl.where(o_c[:, None] > o_c[None, :], KK * mg * th[None, :], 0.0)
-    # forward substitution, row by row: Tm[j] = e_j - sum_{s < j} L[j, s] Tm[s]
+    # forward substitution, row by row: Tm[j] = e_j - sum_{s < j} L[j, s] Tm[s]; L's rows are read back from tm (a
+    # load per row instead of a reduction over the tile), which then takes Tm
+    tile = (i_c * H + i_h) * C * C + o_c[:, None] * C + o_c[None, :]
+    tl.store(tm + tile, L)
+    tl.debug_barrier()
     Tm = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
     for j in range(1, C):
-        new = (o_c == j).to(tl.float32) - tl.sum(_row(L, o_c, j)[:, None] * Tm, axis=0)
+        L_j = tl.load(tm + (i_c * H + i_h) * C * C + j * C + o_c)
+        new = (o_c == j).to(tl.float32) - tl.sum(L_j[:, None] * Tm, axis=0)
         Tm = tl.where(o_c[:, None] == j, new[None, :], Tm)
+    tl.debug_barrier()  # every row of L read before Tm overwrites it
     A = tl.where(o_c[:, None] >= o_c[None, :], QK * ma * th[None, :], 0.0)
-    base = (i_c * H + i_h) * C * C
-    tl.store(tm + base + o_c[:, None] * C + o_c[None, :], Tm)
-    tl.store(aqk + base + o_c[:, None] * C + o_c[None, :], A)
+    tl.store(tm + tile, Tm)
+    tl.store(aqk + tile, A)
     w = wts + (i_c * H + i_h) * 7 * C + o_c
     tl.store(w, pg)
     tl.store(w + C, rg)
@@ -275,7 +268,7 @@ def _bwd_walk_kernel(q, k, tm, aqk, wts, do, dht, dstates, dv, dh0, bounds, chun
 
 
 @triton.jit
-def _bwd_chunk_kernel(q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, dk, dtheta, deta, dalpha,
+def _bwd_chunk_kernel(q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, dk, dtheta, deta, dalpha, scratch,
                       chunk_start, chunk_end, scale, H,
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       MB: tl.constexpr, DOT: tl.constexpr, MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
@@ -361,32 +354,42 @@ def _bwd_chunk_kernel(q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, d
     d_pg, d_rg = -tl.sum(b_k * dRM, axis=1), -tl.sum(b_k * dRS, axis=1)
     d_pa, d_ra = tl.sum(b_q * dOM, axis=1) * scale, tl.sum(b_q * dOS, axis=1) * scale
     # reverse through the loop of _chunk_weights: (P, R, Cc, Mv, Zv) the gradient of (p, r, c, m, z) after token j;
-    # a gradient-point row's gradient waits (pending) until the loop reaches the point
+    # a gradient-point row's gradient waits until the loop reaches the point. The loop reads the direct gradients of
+    # each row back from scratch (a load per row instead of a reduction over the tile) and records the gradient
+    # after each token (P_at, R_at, RC_at, M_at, MZ_at) for one reduction per gate after the loop.
+    at = scratch + (i_c * H + i_h) * (2 * C * C + 4 * C)
+    tl.store(at + o_c[:, None] * C + o_c[None, :], d_ma)
+    tl.store(at + C * C + o_c[:, None] * C + o_c[None, :], d_mg)
+    tl.store(at + 2 * C * C + o_c, d_pa)
+    tl.store(at + 2 * C * C + C + o_c, d_ra)
+    tl.store(at + 2 * C * C + 2 * C + o_c, d_pg)
+    tl.store(at + 2 * C * C + 3 * C + o_c, d_rg)
+    tl.debug_barrier()
     P, R, Cc, Mv, Zv = dp_end, dr_end, dc_end, th * g_m_end, th * g_z_end
     P_wait, R_wait, M_wait = dp_end * 0.0, dp_end * 0.0, tl.zeros([C], dtype=tl.float32)
-    b_da = tl.zeros([C], dtype=tl.float32)
-    b_deta = tl.zeros([C], dtype=tl.float32)
+    P_at, R_at, RC_at = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
+    M_at, MZ_at = tl.zeros([C, C], dtype=tl.float32), tl.zeros([C, C], dtype=tl.float32)
     for i_r in range(C):
         j = C - 1 - i_r
-        P += _pick(d_pa, o_c, j)
-        R += _pick(d_ra, o_c, j)
-        Mv += _row(d_ma, o_c, j)
+        P += tl.load(at + 2 * C * C + j)
+        R += tl.load(at + 2 * C * C + C + j)
+        Mv += tl.load(at + j * C + o_c)
         valid = j < n
         a_j, eta_j = _gates_at(eta, alpha, start + j, valid, H, i_h, MOMENTUM, WEIGHT_DECAY)
-        p_j, r_j, c_j = _pick(pb, o_c, j), _pick(rb, o_c, j), _pick(cb, o_c, j)
-        m_j, z_j = _row(mb, o_c, j), _row(zb, o_c, j)
-        da_j = P * p_j + R * r_j + tl.sum(Mv * m_j, axis=0)
-        deta_j = (R + Cc) * c_j + tl.sum((Mv + Zv) * z_j, axis=0)
-        b_da = tl.where((o_c == j) & valid, da_j, b_da)
-        b_deta = tl.where((o_c == j) & valid, deta_j, b_deta)
+        # da_j = P p_j + R r_j + <Mv, m_j>, deta_j = (R + Cc) c_j + <Mv + Zv, z_j>: recorded, reduced after the loop
+        P_at, R_at, RC_at = tl.where(o_c == j, P, P_at), tl.where(o_c == j, R, R_at), tl.where(o_c == j, R + Cc, RC_at)
+        M_at = tl.where(o_c[:, None] == j, Mv[None, :], M_at)
+        MZ_at = tl.where(o_c[:, None] == j, (Mv + Zv)[None, :], MZ_at)
         P, R, Cc, Mv, Zv = (tl.where(valid, a_j * P, P), tl.where(valid, a_j * R, R), tl.where(valid, eta_j * (R + Cc), Cc),
                             tl.where(valid, a_j * Mv, Mv), tl.where(valid, eta_j * (Mv + Zv), Zv))
-        P_wait += _pick(d_pg, o_c, j)
-        R_wait += _pick(d_rg, o_c, j)
-        M_wait += _row(d_mg, o_c, j)
+        P_wait += tl.load(at + 2 * C * C + 2 * C + j)
+        R_wait += tl.load(at + 2 * C * C + 3 * C + j)
+        M_wait += tl.load(at + C * C + j * C + o_c)
         if j % MB == 0:
             P, R, Mv = P + P_wait, R + R_wait, Mv + M_wait
             P_wait, R_wait, M_wait = P_wait * 0.0, R_wait * 0.0, M_wait * 0.0
+    b_da = P_at * pb + R_at * rb + tl.sum(M_at * mb, axis=1)
+    b_deta = RC_at * cb + tl.sum(MZ_at * zb, axis=1)
     tl.store(dalpha + t * H + i_h, -b_da, mask=m_t)
     tl.store(deta + t * H + i_h, b_deta, mask=m_t)
 
@@ -492,8 +495,10 @@ class _ChunkFunction(torch.autograd.Function):
         dtheta = _new((N_TOKENS, H), **f32)
         deta = _new((N_TOKENS, H), **f32) if eta is not None else None
         dalpha = _new((N_TOKENS, H), **f32) if alpha is not None else None
+        # the gates' reverse loop reads rows from scratch ([chunks, H, 2C^2 + 4C] fp32)
+        scratch = torch.empty((NC, H, 2 * CHUNK * CHUNK + 4 * CHUNK), **f32) if eta is not None or alpha is not None else None
         _bwd_chunk_kernel[(NC, H)](q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, dk, dtheta, deta, dalpha,
-                                   chunk_start, chunk_end, ctx.scale, H, K=K, V=V, C=CHUNK, BK=BK,
+                                   scratch, chunk_start, chunk_end, ctx.scale, H, K=K, V=V, C=CHUNK, BK=BK,
                                    BV=min(CONFIG["BV_bwd"], _pow2(V)), MB=MINIBATCH, DOT=_dot(k),
                                    MOMENTUM=True, WEIGHT_DECAY=True, num_warps=CONFIG["warps_bwd"])
         cast = lambda grad, x: None if x is None else grad.to(x.dtype)
