@@ -144,19 +144,20 @@ def _prepare_kernel(q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_en
         KK += tl.dot(b_k, b_kT, input_precision=DOT)
         QK += tl.dot(b_q, b_kT, input_precision=DOT)
     L = tl.where(o_c[:, None] > o_c[None, :], KK * mg * th[None, :], 0.0)
-    # forward substitution, row by row: Tm[j] = e_j - sum_{s < j} L[j, s] Tm[s]; L's rows are read back from tm (a
-    # load per row instead of a reduction over the tile), which then takes Tm
+    # forward substitution, row by row: Tm[j] = e_j - sum_{s < j} L[j, s] Tm[s]. L's rows are read back from tm (a
+    # load per row instead of a reduction over the tile), which then takes Tm; Tm is held transposed so that the sum
+    # over s runs along a tile's rows (within a warp, no shared memory)
     tile = (i_c * H + i_h) * C * C + o_c[:, None] * C + o_c[None, :]
     tl.store(tm + tile, L)
     tl.debug_barrier()
-    Tm = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
+    TmT = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
     for j in range(1, C):
         L_j = tl.load(tm + (i_c * H + i_h) * C * C + j * C + o_c)
-        new = (o_c == j).to(tl.float32) - tl.sum(L_j[:, None] * Tm, axis=0)
-        Tm = tl.where(o_c[:, None] == j, new[None, :], Tm)
+        new = (o_c == j).to(tl.float32) - tl.sum(TmT * L_j[None, :], axis=1)
+        TmT = tl.where(o_c[None, :] == j, new[:, None], TmT)
     tl.debug_barrier()  # every row of L read before Tm overwrites it
     A = tl.where(o_c[:, None] >= o_c[None, :], QK * ma * th[None, :], 0.0)
-    tl.store(tm + tile, Tm)
+    tl.store(tm + (i_c * H + i_h) * C * C + o_c[None, :] * C + o_c[:, None], TmT)
     tl.store(aqk + tile, A)
     w = wts + (i_c * H + i_h) * 7 * C + o_c
     tl.store(w, pg)
