@@ -173,7 +173,8 @@ def _prepare_kernel(q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_en
 def _fwd_kernel(q, k, v, tm, aqk, wts, o, e, h0, ht, states, bounds, chunk_base, scale, H,
                 K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 DOT: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr):
-    """The walk: per chunk, E from the state in registers, the output, the next state."""
+    """The walk: per chunk, E from the state in registers, the output, the next state (E and the chunk-entry states
+    stored with STORE_STATES, for the backward)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
     first = tl.load(chunk_base + i_n)
@@ -207,7 +208,8 @@ def _fwd_kernel(q, k, v, tm, aqk, wts, o, e, h0, ht, states, bounds, chunk_base,
         b_aqk = tl.load(aqk + (i_c * H + i_h) * C * C + o_c[:, None] * C + o_c[None, :])
         X = b_v - tl.dot(b_k * pg[:, None], M, input_precision=DOT) - tl.dot(b_k * rg[:, None], S, input_precision=DOT)
         E = tl.dot(b_tm, X, input_precision=DOT)
-        tl.store(e + (t[:, None] * H + i_h) * V + o_v[None, :], E, mask=m_tv)
+        if STORE_STATES:
+            tl.store(e + (t[:, None] * H + i_h) * V + o_v[None, :], E, mask=m_tv)
         out = tl.dot(b_q * pa[:, None], M, input_precision=DOT) + tl.dot(b_q * ra[:, None], S, input_precision=DOT)
         out = (out + tl.dot(b_aqk, E, input_precision=DOT)) * scale
         tl.store(o + (t[:, None] * H + i_h) * V + o_v[None, :], out.to(o.dtype.element_ty), mask=m_tv)
@@ -458,7 +460,7 @@ def _forward(q, k, v, theta, eta, alpha, scale, h0, output_final_state, layout, 
     _prepare_kernel[(NC, H)](q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_end, H, K=K, C=CHUNK,
                              BK=min(BK, 64), MB=MINIBATCH, DOT=_dot(k), num_warps=CONFIG["warps_prepare"], **flags)
     o = _new((N_TOKENS, H, V), q.dtype, q.device)
-    e = _new((N_TOKENS, H, V), **f32)
+    e = _new((N_TOKENS, H, V), **f32) if store else None  # the errors, for the backward
     ht = _new((N, H, K, 2 * V), **f32) if output_final_state else None
     states = _new((NC, H, K, 2 * V), **f32) if store else None
     _fwd_kernel[(triton.cdiv(V, BV), N, H)](q, k, v, tm, aqk, wts, o, e, h0, ht, states, bounds, chunk_base, scale, H,
