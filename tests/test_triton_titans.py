@@ -3,9 +3,9 @@ under TRITON_INTERPRET=1.
 
 As in tests/test_triton_delta.py, Triton reads TRITON_INTERPRET when it is imported, so the checks run in one
 subprocess (this file run as a script) with that variable and LMOEC_POISON set; each test asserts one check's result.
-Shapes are tiny (K = 16 or 20, V = 24, T = 24 at chunk 16: the last chunk partial) and fp32 (the interpreter's fp32
-dot is exact); bf16 and the benchmark's shapes run in bench/titans_gpu.py on the GPU, the sm_90 compile in
-tests/test_hopper_compile.py.
+Shapes are tiny (K = 16 or 20, V = 24, T = 24 at chunk 16, T = 70 at chunk 64: the last chunk partial) and fp32
+(the interpreter's fp32 dot is exact); bf16 and the benchmark's shapes run in bench/titans_gpu.py on the GPU, the
+sm_90 compile in tests/test_hopper_compile.py.
 """
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ class Case(NamedTuple):
     config: dict | None = None  # launch settings other than the defaults
     eta_zero: bool = False  # a momentum of exactly 0 (Titans is then a gated delta rule): no division by a gate
     H: int = 1
+    chunk: int = 16
+    T: int = 24  # without varlen
     final_only: bool = False  # the loss reads the final state alone: o's gradient arrives as zeros, ht's expanded
 
 
@@ -50,19 +52,20 @@ CASES = {
     "no_momentum_final_state_loss": Case(NO_MOMENTUM, False, final_only=True),
     "no_decay_minibatch_split": Case(NO_DECAY, False, config=SPLIT),
     "lr_only_minibatch_varlen": Case(LR_ONLY, True),
+    "token_chunk64": Case(FULL, False, chunk=64, T=70),  # the library spec's chunk, the second chunk partial
 }
 
 
-def _build(update: str):
-    """The Titans library spec at chunk 16 with this update, compiled; its emitted Triton module and recurrence."""
+def _build(update: str, chunk: int = 16):
+    """The Titans library spec at this chunk size and update, compiled; its emitted Triton module and recurrence."""
     import tempfile
 
     import lmoec
 
     folder = Path(tempfile.mkdtemp())
-    spec = folder / "titans16.lsm"
+    spec = folder / f"titans{chunk}.lsm"
     spec.write_text(f'import "{ROOT / "specs" / "lsm" / "titans.lsm"}"\n'
-                    f"lsm titans16 extends titans {{\n chunk_size = 16\n update {{\n {update}\n }}\n}}\n")
+                    f"lsm titans{chunk} extends titans {{\n chunk_size = {chunk}\n update {{\n {update}\n }}\n}}\n")
     program = lmoec.compile_spec(spec)
     lsm = program.ir.lsm()
     assert f"{lsm.name}_triton.py" in program.files, "the Titans spec must get Triton kernels"
@@ -78,7 +81,7 @@ def _inputs(case: Case, args: list[str]):
         B, cu = 1, torch.tensor([0, 13, 33, 36], dtype=torch.int32)  # lengths 13, 20, 3: partial chunks
         T, N = 36, 3
     else:
-        T, cu, N = 24, None, B
+        T, cu, N = case.T, None, B
     inputs = {"q": torch.randn(B, T, H, case.K), "k": F.normalize(torch.randn(B, T, H, case.K), dim=-1),
               "v": torch.randn(B, T, H, case.V), "theta": torch.sigmoid(torch.randn(B, T, H)),
               "eta": torch.zeros(B, T, H) if case.eta_zero else torch.sigmoid(torch.randn(B, T, H)),
@@ -104,8 +107,8 @@ def check(name: str) -> dict:
 
     case = CASES[name]
     torch.manual_seed(sum(map(ord, name)))
-    mod, rec = _build(case.update)
-    assert mod.CHUNK == 16
+    mod, rec = _build(case.update, case.chunk)
+    assert mod.CHUNK == case.chunk
     if case.config:
         mod.CONFIG.update(case.config)
     gate_names = ["theta"] + (["eta"] if rec.momentum else []) + (["alpha"] if rec.weight_decay else [])
