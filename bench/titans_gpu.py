@@ -10,10 +10,12 @@ Parts (any subset, in this order):
   bench  median ms (triton.testing.do_bench), bf16 inputs, B*T = 32768 tokens, H = 16, K = V = 128, T in {2K, 8K},
          forward and forward+backward: Titans' Triton kernels (per token at the walks' V block 16, 32, 64; chunk-start),
          Titans' torch path, lmoec's Gated DeltaNet Triton kernels (the issue's target: Titans <= 2x its time).
+  profile  each Titans kernel's GPU time in one forward+backward at T = 8K (torch.profiler): where the time goes.
   fla    fla's chunk_gated_delta_rule at the same shapes, as a speed reference (run it last: fla autotunes and
          compiles for minutes; its backward is refused on Hopper with Triton < 3.7.1, the table then says so).
 
-    python bench/titans_gpu.py check bench fla --out $OUT
+    python bench/titans_gpu.py check bench profile --out $OUT
+    python bench/titans_gpu.py fla --out $OUT
 Writes titans.md and titans_log.txt to --out ($OUT when set). `--smoke` runs this script's Python on CPU at tiny sizes
 under TRITON_INTERPRET=1 (its numbers mean nothing).
 """
@@ -241,16 +243,42 @@ def bench(progs, device, parts):
         "<= 2x; the joint state (M, S) doubles the state traffic).")
 
 
+def profile(progs, device):
+    """GPU time per kernel of one Titans forward+backward (per token, Triton) at T = 8K, after a warm-up call."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    H, D = (2, 16) if SMOKE else (16, 128)
+    T = 64 if SMOKE else 8192
+    B = (128 if SMOKE else TOKENS) // T
+    op = progs["titans"].op()
+    leaves = {n: t.requires_grad_() for n, t in inputs(B, T, H, D, device, torch.bfloat16).items()}
+    do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
+    run = lambda: op(**leaves, backend="triton")[0].backward(do)
+    run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    say(f"## Profile: Titans (Triton, per token) forward+backward, bf16, B={B} T={T} H={H} K=V={D}")
+    say("```")
+    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    say(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=40))
+    say("```")
+    say()
+
+
 def main():
     global SMOKE
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("parts", nargs="*", help="check, bench and/or fla (default check bench)")
+    p.add_argument("parts", nargs="*", help="check, bench, profile and/or fla (default check bench)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (TRITON_INTERPRET=1): exercises the script")
     args = p.parse_args()
     args.parts = args.parts or ["check", "bench"]
-    if set(args.parts) - {"check", "bench", "fla"}:
-        p.error(f"parts are check, bench and fla, got {args.parts}")
+    if set(args.parts) - {"check", "bench", "profile", "fla"}:
+        p.error(f"parts are check, bench, profile and fla, got {args.parts}")
     SMOKE = args.smoke
     import torch
 
@@ -269,6 +297,8 @@ def main():
             failures += check(progs, device)
         if "bench" in args.parts or "fla" in args.parts:
             bench(progs, device, args.parts)
+        if "profile" in args.parts:
+            profile(progs, device)
     finally:
         with open(os.path.join(args.out, "titans.md"), "w") as f:
             f.write("\n".join(REPORT) + "\n")
