@@ -39,10 +39,10 @@ CHUNK = 64
 MINIBATCH = 1
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
-# Launch settings: the walks' V block (BV), the V block of the chunk-parallel backward (BV_bwd: at K = V = 128, 32
-# needs 303 KB of shared memory on sm_90, 16 needs 184 KB), the precision of every tl.dot for 16-bit inputs (dot_16bit:
+# Launch settings: the walks' V block (BV), the V and K blocks of the chunk-parallel backward (BV_bwd, BK_bwd: its six
+# [C, BK_bwd] accumulators stay in registers), the precision of every tl.dot for 16-bit inputs (dot_16bit:
 # "tf32" or "ieee"; fp32 inputs always take "ieee"), warps per kernel.
-CONFIG = {"BV": 32, "BV_bwd": 16, "dot_16bit": "tf32", "warps_prepare": 8, "warps_walk": 4, "warps_bwd": 8,
+CONFIG = {"BV": 32, "BV_bwd": 16, "BK_bwd": 32, "dot_16bit": "tf32", "warps_prepare": 8, "warps_walk": 4, "warps_bwd": 8,
           "warps_step": 4}
 # the weights per chunk and head, wts [chunks, H, 7, C] (the kernels index these rows): p_g, r_g, p_after, r_after,
 # theta m_end, theta z_end, (p_end, r_end, c_end)
@@ -61,12 +61,13 @@ def _pow2(n):
 
 
 @triton.jit
-def _chunk_weights(eta, alpha, start, n, H, i_h, C: tl.constexpr, MB: tl.constexpr, BACKWARD: tl.constexpr,
-                   MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
+def _chunk_weights(eta, alpha, start, n, H, i_h, C: tl.constexpr, MB: tl.constexpr, TRANSPOSED: tl.constexpr,
+                   BEFORE: tl.constexpr, MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
     """The chunk's products of D_t = [[a_t, eta_t], [0, eta_t]] over its first n tokens (the rest leave the state as
     it is). Before token t: M = p_t M0 + r_t S0 + sum_s m[t, s] w_s, S = c_t S0 + sum_s z[t, s] w_s (w_s the write
     theta_s k_s e_s^T); `_g` are those rows at each token's gradient point, `_a` the rows after each token, `_end` after
-    the n tokens. With BACKWARD the transposed tiles m_g^T and m_a^T are built as well (for dk, without tl.trans)."""
+    the n tokens. With TRANSPOSED the tiles m_g^T and m_a^T are built as well (for dk, without tl.trans), with BEFORE
+    the rows before each token (p_b, r_b, c_b, m_b, z_b, for the gates' gradients); the others are zeros."""
     o_c = tl.arange(0, C)
     zero = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)
     p, r, c = zero + 1.0, zero, zero + 1.0
@@ -84,12 +85,13 @@ def _chunk_weights(eta, alpha, start, n, H, i_h, C: tl.constexpr, MB: tl.constex
         pg = tl.where(o_c == j, p_at, pg)
         rg = tl.where(o_c == j, r_at, rg)
         mg = tl.where(row, m_at[None, :], mg)
-        if BACKWARD:
+        if BEFORE:
             pb = tl.where(o_c == j, p, pb)
             rb = tl.where(o_c == j, r, rb)
             cb = tl.where(o_c == j, c, cb)
             mb = tl.where(row, m[None, :], mb)
             zb = tl.where(row, z[None, :], zb)
+        if TRANSPOSED:
             mgT = tl.where(o_c[None, :] == j, m_at[:, None], mgT)
         valid = j < n
         a_j, eta_j = _gates_at(eta, alpha, start + j, valid, H, i_h, MOMENTUM, WEIGHT_DECAY)
@@ -99,7 +101,7 @@ def _chunk_weights(eta, alpha, start, n, H, i_h, C: tl.constexpr, MB: tl.constex
         pa = tl.where(o_c == j, p, pa)
         ra = tl.where(o_c == j, r, ra)
         ma = tl.where(row, m[None, :], ma)
-        if BACKWARD:
+        if TRANSPOSED:
             maT = tl.where(o_c[None, :] == j, m[:, None], maT)
     return pb, rb, cb, mb, zb, pg, rg, mg, mgT, pa, ra, ma, maT, p, r, c, m, z
 
@@ -131,7 +133,7 @@ def _prepare_kernel(q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_en
     t = start + o_c
     th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # 0 where masked: no write
     _, _, _, _, _, pg, rg, mg, _, pa, ra, ma, _, p_end, r_end, c_end, m_end, z_end = _chunk_weights(
-        eta, alpha, start, n, H, i_h, C, MB, False, MOMENTUM, WEIGHT_DECAY)
+        eta, alpha, start, n, H, i_h, C, MB, False, False, MOMENTUM, WEIGHT_DECAY)
     KK = tl.zeros([C, C], dtype=tl.float32)
     QK = tl.zeros([C, C], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -276,86 +278,111 @@ def _bwd_chunk_kernel(q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, d
                       K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       MB: tl.constexpr, DOT: tl.constexpr, MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
     """Per (chunk, head): dq, dk and the gates' gradients, from E, dR (= dv), the chunk's entry state and the gradient
-    of its exit state. The weights' gradients go back through `_chunk_weights`' loop in reverse."""
+    of its exit state. First the [C, C] products over V blocks, then per K block the [C, BK] ones with that block's dq
+    and dk (the accumulators stay [C, BK]: registers), then the weights' gradients back through `_chunk_weights`' loop
+    in reverse."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     start = tl.load(chunk_start + i_c)
     n = tl.minimum(tl.load(chunk_end + i_c) - start, C)
-    o_c, o_k = tl.arange(0, C), tl.arange(0, BK)
-    m_k = o_k < K
+    o_c = tl.arange(0, C)
     m_t = o_c < n
     t = start + o_c
-    m_tk, m_kt = m_t[:, None] & m_k[None, :], m_k[:, None] & m_t[None, :]
     th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-    pb, rb, cb, mb, zb, pg, rg, mg, mgT, pa, ra, ma, maT, p_end, r_end, c_end, m_end, z_end = _chunk_weights(
-        eta, alpha, start, n, H, i_h, C, MB, True, MOMENTUM, WEIGHT_DECAY)
-    b_q = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-    b_kT = tl.load(k + (t[None, :] * H + i_h) * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
-    QK = tl.dot(b_q, b_kT, input_precision=DOT)
-    KK = tl.dot(b_k, b_kT, input_precision=DOT)
+    causal, strict = o_c[:, None] >= o_c[None, :], o_c[:, None] > o_c[None, :]
 
     dMs = tl.zeros([C, C], dtype=tl.float32)  # dO E^T, and transposed
     dMsT = tl.zeros([C, C], dtype=tl.float32)
     dRE = tl.zeros([C, C], dtype=tl.float32)  # dR E^T, and transposed
     dRET = tl.zeros([C, C], dtype=tl.float32)
-    dOM = tl.zeros([C, BK], dtype=tl.float32)  # dO M0^T, dO S0^T, dR M0^T, dR S0^T, E dM1^T, E dS1^T
-    dOS = tl.zeros([C, BK], dtype=tl.float32)
-    dRM = tl.zeros([C, BK], dtype=tl.float32)
-    dRS = tl.zeros([C, BK], dtype=tl.float32)
-    EdM = tl.zeros([C, BK], dtype=tl.float32)
-    EdS = tl.zeros([C, BK], dtype=tl.float32)
-    dp_end = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)  # <M0, dM1>, <S0, dM1>, <S0, dS1>
-    dr_end = dp_end
-    dc_end = dp_end
-    state = (i_c * H + i_h) * K * 2 * V
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv, m_vt, m_vk = m_t[:, None] & m_v[None, :], m_v[:, None] & m_t[None, :], m_v[:, None] & m_k[None, :]
+        m_tv, m_vt = m_t[:, None] & (o_v < V)[None, :], (o_v < V)[:, None] & m_t[None, :]
         b_e = tl.load(e + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
         b_eT = tl.load(e + (t[None, :] * H + i_h) * V + o_v[:, None], mask=m_vt, other=0.0)
         b_do = tl.load(do + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         b_doT = tl.load(do + (t[None, :] * H + i_h) * V + o_v[:, None], mask=m_vt, other=0.0).to(tl.float32)
         b_dr = tl.load(dv + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
         b_drT = tl.load(dv + (t[None, :] * H + i_h) * V + o_v[:, None], mask=m_vt, other=0.0)
-        at_MT = o_k[None, :] * (2 * V) + o_v[:, None]  # [BV, BK]: the states loaded transposed
-        M0T = tl.load(states + state + at_MT, mask=m_vk, other=0.0)
-        S0T = tl.load(states + state + V + at_MT, mask=m_vk, other=0.0)
-        dM1T = tl.load(dstates + state + at_MT, mask=m_vk, other=0.0)
-        dS1T = tl.load(dstates + state + V + at_MT, mask=m_vk, other=0.0)
         dMs += tl.dot(b_do, b_eT, input_precision=DOT)
         dMsT += tl.dot(b_e, b_doT, input_precision=DOT)
         dRE += tl.dot(b_dr, b_eT, input_precision=DOT)
         dRET += tl.dot(b_e, b_drT, input_precision=DOT)
-        dOM += tl.dot(b_do, M0T, input_precision=DOT)
-        dOS += tl.dot(b_do, S0T, input_precision=DOT)
-        dRM += tl.dot(b_dr, M0T, input_precision=DOT)
-        dRS += tl.dot(b_dr, S0T, input_precision=DOT)
-        EdM += tl.dot(b_e, dM1T, input_precision=DOT)
-        EdS += tl.dot(b_e, dS1T, input_precision=DOT)
-        dp_end += tl.sum(tl.sum(M0T * dM1T, axis=1), axis=0)
-        dr_end += tl.sum(tl.sum(S0T * dM1T, axis=1), axis=0)
-        dc_end += tl.sum(tl.sum(S0T * dS1T, axis=1), axis=0)
     dMs, dMsT = dMs * scale, dMsT * scale  # the gradient of Aqk
-    causal, strict = o_c[:, None] >= o_c[None, :], o_c[:, None] > o_c[None, :]
     dL, dLT = tl.where(strict, -dRE, 0.0), tl.where(o_c[:, None] < o_c[None, :], -dRET, 0.0)  # the gradient of L
-
-    b_dq = (pa[:, None] * dOM + ra[:, None] * dOS) * scale + tl.dot(dMs * ma * th[None, :], b_k, input_precision=DOT)
-    b_dk = tl.dot(dMsT * maT * th[:, None], b_q, input_precision=DOT)
-    b_dk += tl.dot(dL * mg * th[None, :], b_k, input_precision=DOT) + tl.dot(dLT * mgT * th[:, None], b_k, input_precision=DOT)
-    b_dk += (th * m_end)[:, None] * EdM + (th * z_end)[:, None] * EdS - pg[:, None] * dRM - rg[:, None] * dRS
-    tl.store(dq + (t[:, None] * H + i_h) * K + o_k[None, :], b_dq, mask=m_tk)
-    tl.store(dk + (t[:, None] * H + i_h) * K + o_k[None, :], b_dk, mask=m_tk)
-
-    # the weights' gradients: rows at the gradient points (g), after each token (a), after the chunk (end)
-    g_m_end, g_z_end = tl.sum(b_k * EdM, axis=1), tl.sum(b_k * EdS, axis=1)  # k_s^T dM1 e_s, k_s^T dS1 e_s
+    QK = tl.zeros([C, C], dtype=tl.float32)
+    KK = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk, m_kt = m_t[:, None] & (o_k < K)[None, :], (o_k < K)[:, None] & m_t[None, :]
+        b_q = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_kT = tl.load(k + (t[None, :] * H + i_h) * K + o_k[:, None], mask=m_kt, other=0.0).to(tl.float32)
+        QK += tl.dot(b_q, b_kT, input_precision=DOT)
+        KK += tl.dot(b_k, b_kT, input_precision=DOT)
+    _, _, _, _, _, pg, rg, mg, mgT, pa, ra, ma, maT, p_end, r_end, c_end, m_end, z_end = _chunk_weights(
+        eta, alpha, start, n, H, i_h, C, MB, True, False, MOMENTUM, WEIGHT_DECAY)
+    # the score gradients weighted for dq and dk; the weights' own gradients (times theta)
+    Wq, WqT = dMs * ma * th[None, :], dMsT * maT * th[:, None]
+    Wl, WlT = dL * mg * th[None, :], dLT * mgT * th[:, None]
     d_ma = tl.where(causal, dMs * QK, 0.0)
     d_mg = tl.where(strict, dL * KK, 0.0)
-    b_dtheta = tl.sum(d_ma * ma, axis=0) + tl.sum(d_mg * mg, axis=0) + m_end * g_m_end + z_end * g_z_end
-    tl.store(dtheta + t * H + i_h, b_dtheta, mask=m_t)
+    b_dtheta = tl.sum(d_ma * ma, axis=0) + tl.sum(d_mg * mg, axis=0)
     d_ma, d_mg = d_ma * th[None, :], d_mg * th[None, :]
-    d_pg, d_rg = -tl.sum(b_k * dRM, axis=1), -tl.sum(b_k * dRS, axis=1)
-    d_pa, d_ra = tl.sum(b_q * dOM, axis=1) * scale, tl.sum(b_q * dOS, axis=1) * scale
+
+    # per K block: dO M0^T, dO S0^T, dR M0^T, dR S0^T, E dM1^T, E dS1^T; dq and dk; the rows' gradients
+    d_pg, d_rg = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
+    d_pa, d_ra = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
+    g_m_end, g_z_end = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)  # k_s^T dM1 e_s, k_s^T dS1 e_s
+    dp_end = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)  # <M0, dM1>, <S0, dM1>, <S0, dS1>
+    dr_end = dp_end
+    dc_end = dp_end
+    state = (i_c * H + i_h) * K * 2 * V
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        b_k = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+        dOM = tl.zeros([C, BK], dtype=tl.float32)
+        dOS = tl.zeros([C, BK], dtype=tl.float32)
+        dRM = tl.zeros([C, BK], dtype=tl.float32)
+        dRS = tl.zeros([C, BK], dtype=tl.float32)
+        EdM = tl.zeros([C, BK], dtype=tl.float32)
+        EdS = tl.zeros([C, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            m_tv, m_vk = m_t[:, None] & m_v[None, :], m_v[:, None] & m_k[None, :]
+            b_e = tl.load(e + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+            b_do = tl.load(do + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            b_dr = tl.load(dv + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0)
+            at_MT = o_k[None, :] * (2 * V) + o_v[:, None]  # [BV, BK]: the states loaded transposed
+            M0T = tl.load(states + state + at_MT, mask=m_vk, other=0.0)
+            S0T = tl.load(states + state + V + at_MT, mask=m_vk, other=0.0)
+            dM1T = tl.load(dstates + state + at_MT, mask=m_vk, other=0.0)
+            dS1T = tl.load(dstates + state + V + at_MT, mask=m_vk, other=0.0)
+            dOM += tl.dot(b_do, M0T, input_precision=DOT)
+            dOS += tl.dot(b_do, S0T, input_precision=DOT)
+            dRM += tl.dot(b_dr, M0T, input_precision=DOT)
+            dRS += tl.dot(b_dr, S0T, input_precision=DOT)
+            EdM += tl.dot(b_e, dM1T, input_precision=DOT)
+            EdS += tl.dot(b_e, dS1T, input_precision=DOT)
+            dp_end += tl.sum(tl.sum(M0T * dM1T, axis=1), axis=0)
+            dr_end += tl.sum(tl.sum(S0T * dM1T, axis=1), axis=0)
+            dc_end += tl.sum(tl.sum(S0T * dS1T, axis=1), axis=0)
+        b_dq = (pa[:, None] * dOM + ra[:, None] * dOS) * scale + tl.dot(Wq, b_k, input_precision=DOT)
+        b_dk = tl.dot(WqT, b_q, input_precision=DOT) + tl.dot(Wl, b_k, input_precision=DOT) + tl.dot(WlT, b_k, input_precision=DOT)
+        b_dk += (th * m_end)[:, None] * EdM + (th * z_end)[:, None] * EdS - pg[:, None] * dRM - rg[:, None] * dRS
+        tl.store(dq + (t[:, None] * H + i_h) * K + o_k[None, :], b_dq, mask=m_tk)
+        tl.store(dk + (t[:, None] * H + i_h) * K + o_k[None, :], b_dk, mask=m_tk)
+        d_pg -= tl.sum(b_k * dRM, axis=1)
+        d_rg -= tl.sum(b_k * dRS, axis=1)
+        d_pa += tl.sum(b_q * dOM, axis=1) * scale
+        d_ra += tl.sum(b_q * dOS, axis=1) * scale
+        g_m_end += tl.sum(b_k * EdM, axis=1)
+        g_z_end += tl.sum(b_k * EdS, axis=1)
+    b_dtheta += m_end * g_m_end + z_end * g_z_end
+    tl.store(dtheta + t * H + i_h, b_dtheta, mask=m_t)
     # reverse through the loop of _chunk_weights: (P, R, Cc, Mv, Zv) the gradient of (p, r, c, m, z) after token j;
     # a gradient-point row's gradient waits until the loop reaches the point. The loop reads the direct gradients of
     # each row back from scratch (a load per row instead of a reduction over the tile) and records the gradient
@@ -368,6 +395,8 @@ def _bwd_chunk_kernel(q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, d
     tl.store(at + 2 * C * C + 2 * C + o_c, d_pg)
     tl.store(at + 2 * C * C + 3 * C + o_c, d_rg)
     tl.debug_barrier()
+    pb, rb, cb, mb, zb, _, _, _, _, _, _, _, _, _, _, _, _, _ = _chunk_weights(
+        eta, alpha, start, n, H, i_h, C, MB, False, True, MOMENTUM, WEIGHT_DECAY)
     P, R, Cc, Mv, Zv = dp_end, dr_end, dc_end, th * g_m_end, th * g_z_end
     P_wait, R_wait, M_wait = dp_end * 0.0, dp_end * 0.0, tl.zeros([C], dtype=tl.float32)
     P_at, R_at, RC_at = tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32), tl.zeros([C], dtype=tl.float32)
@@ -501,7 +530,7 @@ class _ChunkFunction(torch.autograd.Function):
         # the gates' reverse loop reads rows from scratch ([chunks, H, 2C^2 + 4C] fp32)
         scratch = torch.empty((NC, H, 2 * CHUNK * CHUNK + 4 * CHUNK), **f32) if eta is not None or alpha is not None else None
         _bwd_chunk_kernel[(NC, H)](q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, dk, dtheta, deta, dalpha,
-                                   scratch, chunk_start, chunk_end, ctx.scale, H, K=K, V=V, C=CHUNK, BK=BK,
+                                   scratch, chunk_start, chunk_end, ctx.scale, H, K=K, V=V, C=CHUNK, BK=min(CONFIG["BK_bwd"], BK),
                                    BV=min(CONFIG["BV_bwd"], _pow2(V)), MB=MINIBATCH, DOT=_dot(k),
                                    MOMENTUM=True, WEIGHT_DECAY=True, num_warps=CONFIG["warps_bwd"])
         cast = lambda grad, x: None if x is None else grad.to(x.dtype)
