@@ -184,6 +184,22 @@ def test_minibatch_step_refuses():
         mod.step(*token, state=torch.zeros(B, H, K, 2 * V))
 
 
+def test_chunk_above_64_runs_on_torch(tmp_path):
+    """Beyond chunk 64 the walks' tiles outgrow an H100's shared memory: no Triton module, and forcing it says why."""
+    import torch
+
+    import lmoec
+
+    spec = tmp_path / "titans128.lsm"
+    spec.write_text(f'import "{ROOT / "specs" / "lsm" / "titans.lsm"}"\nlsm titans128 extends titans {{ chunk_size = 128 }}\n')
+    program = lmoec.compile_spec(spec)
+    assert "titans128_triton.py" not in program.files
+    x = torch.randn(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="chunk_size <= 64"):
+        program.op()(x, x, x, theta=torch.rand(1, 4, 1), eta=torch.rand(1, 4, 1), alpha=torch.rand(1, 4, 1),
+                     backend="triton")
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     out = {name: check(name) for name in sys.argv[1:]}

@@ -37,6 +37,7 @@ import triton.language as tl
 
 CHUNK = 64
 MINIBATCH = 1
+BLOCK = 16  # rows of the blocks Tm = (I + L)^-1 is built by
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # Launch settings: the walks' V block (BV), the V and K blocks of the chunk-parallel backward (BV_bwd, BK_bwd: its six
@@ -122,7 +123,7 @@ def _gates_at(eta, alpha, t, valid, H, i_h, MOMENTUM: tl.constexpr, WEIGHT_DECAY
 
 @triton.jit
 def _prepare_kernel(q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_end, H,
-                    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, MB: tl.constexpr, DOT: tl.constexpr,
+                    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BS: tl.constexpr, MB: tl.constexpr, DOT: tl.constexpr,
                     MOMENTUM: tl.constexpr, WEIGHT_DECAY: tl.constexpr):
     """Per (chunk, head): the weights, Tm = (I + L)^-1 and Aqk; nothing here depends on the state."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
@@ -146,20 +147,33 @@ def _prepare_kernel(q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_en
         KK += tl.dot(b_k, b_kT, input_precision=DOT)
         QK += tl.dot(b_q, b_kT, input_precision=DOT)
     L = tl.where(o_c[:, None] > o_c[None, :], KK * mg * th[None, :], 0.0)
-    # forward substitution, row by row: Tm[j] = e_j - sum_{s < j} L[j, s] Tm[s]. L's rows are read back from tm (a
-    # load per row instead of a reduction over the tile), which then takes Tm; Tm is held transposed so that the sum
-    # over s runs along a tile's rows (within a warp, no shared memory)
-    tile = (i_c * H + i_h) * C * C + o_c[:, None] * C + o_c[None, :]
-    tl.store(tm + tile, L)
+    # Tm = (I + L)^-1 by blocks of BS rows: L goes to aqk (scratch until the scores overwrite it). The diagonal blocks
+    # are inverted all at once by forward substitution on [C / BS, BS, BS] tiles (BS - 1 steps, each row of L a load);
+    # the blocks below follow block row by block row, T_ij = -T_ii sum_{j <= l < i} L_il T_lj (BS x BS products in fp32)
+    base = (i_c * H + i_h) * C * C
+    tile = base + o_c[:, None] * C + o_c[None, :]
+    tl.store(aqk + tile, L)
+    tl.store(tm + tile, tl.zeros([C, C], dtype=tl.float32))  # the blocks above the diagonal stay zero
     tl.debug_barrier()
-    TmT = tl.where(o_c[:, None] == o_c[None, :], 1.0, 0.0)
-    for j in range(1, C):
-        L_j = tl.load(tm + (i_c * H + i_h) * C * C + j * C + o_c)
-        new = (o_c == j).to(tl.float32) - tl.sum(TmT * L_j[None, :], axis=1)
-        TmT = tl.where(o_c[None, :] == j, new[:, None], TmT)
-    tl.debug_barrier()  # every row of L read before Tm overwrites it
+    o_b, o_s = tl.arange(0, C // BS), tl.arange(0, BS)
+    T = tl.where(o_s[:, None] == o_s[None, :], 1.0, 0.0)[None, :, :] + tl.zeros([C // BS, BS, BS], dtype=tl.float32)
+    for j in range(1, BS):
+        L_j = tl.load(aqk + base + (o_b[:, None] * BS + j) * C + o_b[:, None] * BS + o_s[None, :])  # row j of each block
+        new = (o_s == j).to(tl.float32)[None, :] - tl.sum(L_j[:, :, None] * T, axis=1)
+        T = tl.where(o_s[None, :, None] == j, new[:, None, :], T)
+    tl.store(tm + base + (o_b[:, None, None] * BS + o_s[None, :, None]) * C + o_b[:, None, None] * BS + o_s[None, None, :], T)
+    tl.debug_barrier()
+    block = o_s[:, None] * C + o_s[None, :]
+    for i in range(1, C // BS):
+        T_ii = tl.load(tm + base + i * BS * (C + 1) + block)
+        for j in range(0, i):
+            acc = tl.zeros([BS, BS], dtype=tl.float32)
+            for l in range(j, i):
+                acc += tl.dot(tl.load(aqk + base + (i * C + l) * BS + block), tl.load(tm + base + (l * C + j) * BS + block),
+                              input_precision="ieee")
+            tl.store(tm + base + (i * C + j) * BS + block, -tl.dot(T_ii, acc, input_precision="ieee"))
+        tl.debug_barrier()  # block row i done before the next one reads it (and before the scores overwrite L)
     A = tl.where(o_c[:, None] >= o_c[None, :], QK * ma * th[None, :], 0.0)
-    tl.store(tm + (i_c * H + i_h) * C * C + o_c[None, :] * C + o_c[:, None], TmT)
     tl.store(aqk + tile, A)
     w = wts + (i_c * H + i_h) * 7 * C + o_c
     tl.store(w, pg)
@@ -470,6 +484,13 @@ def _layout(B, T, cu_seqlens, device):
     return (bounds, chunk_base.to(torch.int32), chunk_start.to(torch.int32), bounds[1:][seq].contiguous())
 
 
+def _walk_block_v(K, V):
+    """The walks' V block: CONFIG's, at most 16 beyond K = 128 (at K = V = 256 and 32 they need 240 KB of shared
+    memory on sm_90)."""
+    BV = min(CONFIG["BV"], _pow2(V))
+    return min(BV, 16) if K > 128 else BV
+
+
 def _dot(x):
     """tl.dot's precision: exact fp32 for fp32 inputs, CONFIG's for 16-bit ones."""
     return "ieee" if x.dtype in (torch.float32, torch.float64) else CONFIG["dot_16bit"]
@@ -481,13 +502,13 @@ def _forward(q, k, v, theta, eta, alpha, scale, h0, output_final_state, layout, 
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
     N, NC = bounds.numel() - 1, chunk_start.numel()
-    BK, BV = _pow2(K), min(CONFIG["BV"], _pow2(V))
+    BK, BV = _pow2(K), _walk_block_v(K, V)
     f32 = dict(dtype=torch.float32, device=q.device)
     tm, aqk = _new((NC, H, CHUNK, CHUNK), **f32), _new((NC, H, CHUNK, CHUNK), **f32)
     wts = _new((NC, H, WEIGHT_ROWS, CHUNK), **f32)
     flags = dict(MOMENTUM=True, WEIGHT_DECAY=True)
     _prepare_kernel[(NC, H)](q, k, theta, eta, alpha, tm, aqk, wts, chunk_start, chunk_end, H, K=K, C=CHUNK,
-                             BK=min(BK, 64), MB=MINIBATCH, DOT=_dot(k), num_warps=CONFIG["warps_prepare"], **flags)
+                             BK=min(BK, 64), BS=BLOCK, MB=MINIBATCH, DOT=_dot(k), num_warps=CONFIG["warps_prepare"], **flags)
     o = _new((N_TOKENS, H, V), q.dtype, q.device)
     e = _new((N_TOKENS, H, V), **f32) if store else None  # the errors, for the backward
     ht = _new((N, H, K, 2 * V), **f32) if output_final_state else None
@@ -514,7 +535,7 @@ class _ChunkFunction(torch.autograd.Function):
         N_TOKENS, H, K = q.shape
         V = v.shape[-1]
         N, NC = bounds.numel() - 1, chunk_start.numel()
-        BK, BV = _pow2(K), min(CONFIG["BV"], _pow2(V))
+        BK, BV = _pow2(K), _walk_block_v(K, V)
         f32 = dict(dtype=torch.float32, device=q.device)
         do = do.contiguous()
         dstates = _new((NC, H, K, 2 * V), **f32)

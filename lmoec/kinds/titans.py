@@ -70,8 +70,15 @@ def oracle_step(rec: Recurrence, state, q, k, v, inputs, scale):
     return torch.cat([M, S, anchor], dim=-1), read(q, M) * scale
 
 
+MAX_TRITON_CHUNK = 64  # at chunk 128 the walks' [C, K] and [C, C] tiles need 514 KB of shared memory (K = V = 128)
+
+
 def supports(ctx: "LSMContext") -> tuple[bool, str]:
-    return True, ""  # both gradient points, any head dims; the chunk size is checked by lmoec.backends.triton
+    """Both gradient points and any head dims; chunks up to 64 (lmoec.backends.triton checks the power of two)."""
+    if ctx.chunk_size > MAX_TRITON_CHUNK:
+        return False, (f"the Titans Triton kernels take chunk_size <= {MAX_TRITON_CHUNK} (their walks' tiles outgrow "
+                       f"an H100's shared memory beyond it), got {ctx.chunk_size}: the torch path runs it")
+    return True, ""
 
 
 def emit_triton(ctx: "LSMContext", header: str) -> str:
