@@ -25,7 +25,9 @@ one program per (V block, sequence, head): E, the output and the next state from
 chunk-entry states and E are stored for the backward), `_bwd_walk_kernel` (the reverse walk: the gradient of E,
 then of v (dR = Tm^T dE) and of the chunk-entry state; each chunk's exit gradient is stored),
 `_bwd_chunk_kernel` (chunk-parallel: dq, dk and the gates' gradients from E, dR, the stored states and their
-gradients; the gates' by reverse-mode through the weights' loop). `_step_kernel` is the decode step.Sequences are packed: [B, T] is the varlen batch with cu_seqlens = [0, T, 2T, ...]; every sequence starts a chunk.
+gradients; the gates' by reverse-mode through the weights' loop).
+`_step_kernel` is the decode step.
+Sequences are packed: [B, T] is the varlen batch with cu_seqlens = [0, T, 2T, ...]; every sequence starts a chunk.
 Stability: with momentum near 1 and large learning rates the memory itself grows (so does the reference): the kernels
 solve the chunk's system exactly in fp32, they do not tame it.
 """
