@@ -39,7 +39,7 @@ FULL = "gradient = token"
 MINIBATCH = "gradient = minibatch(4)"
 NO_MOMENTUM = "momentum = none"
 NO_DECAY = "weight_decay = none\n gradient = minibatch(4)"
-LR_ONLY = "momentum = none\n weight_decay = none\n gradient = minibatch(4)"  # per token, lr only: the delta kind
+LR_ONLY = "momentum = none\n weight_decay = none\n gradient = minibatch(4)"  # (per token, lr alone is the delta kind)
 SPLIT = {"BV": 16, "BK_bwd": 16}  # V = 24 in two blocks in the walks, K = 20 in two in the chunk-parallel backward
 # (whose default BV_bwd = 16 splits V = 24 always)
 WHOLE_V = {"BV_bwd": 32}  # the chunk-parallel backward in one V block
