@@ -208,8 +208,8 @@ def _fwd_kernel(q, k, v, tm, aqk, wts, o, e, h0, ht, states, bounds, chunk_base,
     for i_t in range(0, tl.cdiv(eos - bos, C)):
         i_c = first + i_t
         if STORE_STATES:
-            tl.store(states + (i_c * H + i_h) * K * 2 * V + at_M, M, mask=m_kv)
-            tl.store(states + (i_c * H + i_h) * K * 2 * V + V + at_M, S, mask=m_kv)
+            tl.store(states + (i_c * H + i_h).to(tl.int64) * K * 2 * V + at_M, M, mask=m_kv)
+            tl.store(states + (i_c * H + i_h).to(tl.int64) * K * 2 * V + V + at_M, S, mask=m_kv)
         t = bos + i_t * C + o_c
         m_t = t < eos
         m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
@@ -259,8 +259,8 @@ def _bwd_walk_kernel(q, k, tm, aqk, wts, do, dht, dstates, dv, dh0, bounds, chun
     for i_r in range(0, n_chunks):
         i_t = n_chunks - 1 - i_r
         i_c = first + i_t
-        tl.store(dstates + (i_c * H + i_h) * K * 2 * V + at_M, dM, mask=m_kv)
-        tl.store(dstates + (i_c * H + i_h) * K * 2 * V + V + at_M, dS, mask=m_kv)
+        tl.store(dstates + (i_c * H + i_h).to(tl.int64) * K * 2 * V + at_M, dM, mask=m_kv)
+        tl.store(dstates + (i_c * H + i_h).to(tl.int64) * K * 2 * V + V + at_M, dS, mask=m_kv)
         t = bos + i_t * C + o_c
         m_t = t < eos
         m_tv = m_t[:, None] & m_v[None, :]
@@ -352,7 +352,7 @@ def _bwd_chunk_kernel(q, k, theta, eta, alpha, e, dv, do, states, dstates, dq, d
     dp_end = tl.sum(tl.zeros([C], dtype=tl.float32), axis=0)  # <M0, dM1>, <S0, dM1>, <S0, dS1>
     dr_end = dp_end
     dc_end = dp_end
-    state = (i_c * H + i_h) * K * 2 * V
+    state = (i_c * H + i_h).to(tl.int64) * K * 2 * V  # int64: the chunk states of long batches pass 2^31 elements
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
