@@ -41,7 +41,9 @@ CASES = {  # spec: launch settings to exercise besides the defaults
     "rwkv6": DECAY + [{"bonus_whole_chunk": True}],  # the whole-chunk dq/dk kernel is off by default
     "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": [{}, SEGMENTS, HALVED],
     **ELEMENTWISE,
-    "titans": [{}, {"BV": 64, "BK_bwd": 64, "BV_bwd": 32}, {"BV": 16, "warps_bwd": 4, "dot_16bit": "ieee"}],  # bench/titans_gpu.py sweeps the walks' V block
+    # the walks' V block 16 (halved at B * H = 2), 32 and 64 (bench/titans_gpu.py sweeps it)
+    "titans": [{}, {"seq_programs": 0}, {"seq_programs": 0, "BV": 64, "BK_bwd": 64, "BV_bwd": 32},
+               {"warps_bwd": 4, "dot_16bit": "ieee"}],
 }
 HEAD_DIMS = {"mamba": (16, 64), "gfw": (64, 128)}  # (K, V) the benchmarks run, where not (128, 128)
 

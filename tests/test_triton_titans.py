@@ -40,9 +40,10 @@ MINIBATCH = "gradient = minibatch(4)"
 NO_MOMENTUM = "momentum = none"
 NO_DECAY = "weight_decay = none\n gradient = minibatch(4)"
 LR_ONLY = "momentum = none\n weight_decay = none\n gradient = minibatch(4)"  # (per token, lr alone is the delta kind)
-SPLIT = {"BV": 16, "BK_bwd": 16}  # V = 24 in two blocks in the walks, K = 20 in two in the chunk-parallel backward
-# (whose default BV_bwd = 16 splits V = 24 always)
-WHOLE_V = {"BV_bwd": 32}  # the chunk-parallel backward in one V block
+# the walks' V block halves to 16 at these few rows, and the chunk-parallel backward's BV_bwd is 16: V = 24 in two
+# blocks by default; WHOLE_V runs every kernel in one V block, SPLIT also K = 20 in two in the chunk-parallel backward
+WHOLE_V = {"seq_programs": 0, "BV_bwd": 32}
+SPLIT = {"BK_bwd": 16}
 # every template branch (momentum, weight decay, mini-batch) and host path (varlen, V blocks, K not a power of two)
 # once; the decode step on the first case
 CASES = {

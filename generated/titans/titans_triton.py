@@ -42,10 +42,11 @@ MINIBATCH = 1
 BLOCK = 16  # rows of the blocks Tm = (I + L)^-1 is built by
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
-# Launch settings: the walks' V block (BV), the V and K blocks of the chunk-parallel backward (BV_bwd, BK_bwd: its six
-# [C, BK_bwd] accumulators stay in registers), the precision of every tl.dot for 16-bit inputs (dot_16bit:
-# "tf32" or "ieee"; fp32 inputs always take "ieee"), warps per kernel.
-CONFIG = {"BV": 32, "BV_bwd": 16, "BK_bwd": 32, "dot_16bit": "tf32", "warps_prepare": 8, "warps_walk": 4, "warps_bwd": 8,
+# Launch settings: the walks' V block (BV, halved while fewer than seq_programs programs would walk), the V and K
+# blocks of the chunk-parallel backward (BV_bwd, BK_bwd: its six [C, BK_bwd] accumulators stay in registers), the
+# precision of every tl.dot for 16-bit inputs (dot_16bit: "tf32" or "ieee"; fp32 inputs always take "ieee"), warps
+# per kernel.
+CONFIG = {"BV": 32, "seq_programs": 128, "BV_bwd": 16, "BK_bwd": 32, "dot_16bit": "tf32", "warps_prepare": 8, "warps_walk": 4, "warps_bwd": 8,
           "warps_step": 4}
 # the weights per chunk and head, wts [chunks, H, 7, C] (the kernels index these rows): p_g, r_g, p_after, r_after,
 # theta m_end, theta z_end, (p_end, r_end, c_end)
@@ -486,10 +487,13 @@ def _layout(B, T, cu_seqlens, device):
     return (bounds, chunk_base.to(torch.int32), chunk_start.to(torch.int32), bounds[1:][seq].contiguous())
 
 
-def _walk_block_v(K, V):
-    """The walks' V block: CONFIG's, at most 16 beyond K = 128 (at K = V = 256 and 32 they need 240 KB of shared
-    memory on sm_90)."""
+def _walk_block_v(K, V, rows, H):
+    """The walks' V block: CONFIG's, halved down to 16 while fewer than CONFIG["seq_programs"] programs would walk
+    (few long sequences: more, smaller walks keep more SMs busy; the delta walks measured this on an H100), and at
+    most 16 beyond K = 128 (at K = V = 256 and 32 the walks need 240 KB of shared memory on sm_90)."""
     BV = min(CONFIG["BV"], _pow2(V))
+    while BV > 16 and triton.cdiv(V, BV) * rows * H < CONFIG["seq_programs"]:
+        BV //= 2
     return min(BV, 16) if K > 128 else BV
 
 
@@ -504,7 +508,7 @@ def _forward(q, k, v, theta, eta, alpha, scale, h0, output_final_state, layout, 
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
     N, NC = bounds.numel() - 1, chunk_start.numel()
-    BK, BV = _pow2(K), _walk_block_v(K, V)
+    BK, BV = _pow2(K), _walk_block_v(K, V, N, H)
     f32 = dict(dtype=torch.float32, device=q.device)
     tm, aqk = _new((NC, H, CHUNK, CHUNK), **f32), _new((NC, H, CHUNK, CHUNK), **f32)
     wts = _new((NC, H, WEIGHT_ROWS, CHUNK), **f32)
@@ -537,7 +541,7 @@ class _ChunkFunction(torch.autograd.Function):
         N_TOKENS, H, K = q.shape
         V = v.shape[-1]
         N, NC = bounds.numel() - 1, chunk_start.numel()
-        BK, BV = _pow2(K), _walk_block_v(K, V)
+        BK, BV = _pow2(K), _walk_block_v(K, V, N, H)
         f32 = dict(dtype=torch.float32, device=q.device)
         do = do.contiguous()
         dstates = _new((NC, H, K, 2 * V), **f32)
