@@ -82,7 +82,7 @@ def test_inspect_stats(tmp_path):
 
 
 @pytest.mark.parametrize("name,B,H", [(n, 2, 4) for n in ["bla", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet",
-                                                             "gated_delta_vector", "rwkv7", "mamba", "gfw"]]
+                                                             "gated_delta_vector", "rwkv7", "mamba", "gfw", "titans"]]
                          # the delta walks at >= 128 programs: v' formed in the walk, DeltaNet's output fused
                          + [("deltanet", 4, 32), ("gated_deltanet", 4, 32)])
 def test_stats_rows_are_the_emitted_kernels(name, B, H):
@@ -95,11 +95,13 @@ def test_stats_rows_are_the_emitted_kernels(name, B, H):
     import lmoec
     from lmoec.backends.context import lsm_context
     from lmoec.backends.stats import kernel_costs
+    from lmoec.kinds import kind_of
 
     program = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm")
     lsm = program.ir.lsm()
     module = getattr(program.package, f"{lsm.name}_triton")
     seq, _, state_shape = _inputs(module, lsm.recurrence.decay, B=B, T=256, H=H, K=64, V=64)
+    state_shape = (B, H, 64, 64 * kind_of(lsm.recurrence).state_width)  # Titans: M and S side by side
 
     def run():
         leaves = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in seq.items()}

@@ -41,6 +41,9 @@ CASES = {  # spec: launch settings to exercise besides the defaults
     "rwkv6": DECAY + [{"bonus_whole_chunk": True}],  # the whole-chunk dq/dk kernel is off by default
     "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": [{}, SEGMENTS, HALVED],
     **ELEMENTWISE,
+    # the walks' V block 16 (halved at B * H = 2), 32 and 64 (bench/titans_gpu.py sweeps it)
+    "titans": [{}, {"seq_programs": 0}, {"seq_programs": 0, "BV": 64, "BK_bwd": 64, "BV_bwd": 32},
+               {"warps_bwd": 4, "dot_16bit": "ieee"}],
 }
 HEAD_DIMS = {"mamba": (16, 64), "gfw": (64, 128)}  # (K, V) the benchmarks run, where not (128, 128)
 
@@ -121,6 +124,8 @@ def _inputs(module, decay: str, B=1, T=128, H=2, K=128, V=128):
             seq[name] = torch.randn(B, T, H, V, **bf16)
         elif name == "A":
             seq["A"] = -torch.rand(H, V, K)
+        elif name in ("theta", "eta", "alpha"):  # Titans' gates: per token and head, in (0, 1)
+            seq[name] = torch.rand(B, T, H, **bf16)
         else:
             raise AssertionError(f"no input rule for chunk argument {name!r}")
     token = {n: (t if n in ("u", "A") or (n == "g" and t.dim() == 1) else t[:, 0]) for n, t in seq.items()}
@@ -137,12 +142,15 @@ def compile_spec_kernels(spec: str) -> dict:
     from triton.runtime.jit import JITFunction
 
     import lmoec
+    from lmoec.kinds import kind_of
 
     program = lmoec.compile_spec(ROOT / "specs" / "lsm" / f"{spec}.lsm")
     lsm = program.ir.lsm()
     module = getattr(program.package, f"{lsm.name}_triton")
     K, V = HEAD_DIMS.get(spec, (128, 128))
     seq, token, state_shape = _inputs(module, lsm.recurrence.decay, K=K, V=V)
+    kind = kind_of(lsm.recurrence)  # a joint state is wider (Titans: M and S side by side) or taller
+    state_shape = (*state_shape[:2], K + kind.state_rows, V * kind.state_width)
 
     def run():
         leaves = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in seq.items()}

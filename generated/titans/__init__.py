@@ -6,3 +6,4 @@ LSMs: titans (titans_momentum_wd).
 from . import titans_layer  # noqa: F401
 from . import titans_ops  # noqa: F401
 from . import titans_torch  # noqa: F401
+from . import titans_triton  # noqa: F401

@@ -12,20 +12,21 @@ from lmoec.runtime.contract import check_op_args
 from lmoec.runtime.library import LSMOps
 
 from . import titans_torch as _torch
+from . import titans_triton as _triton
 
 NAME = "titans"
 RECURRENCE = Recurrence(decay="none", delta=False, dplr=False, bonus=False, update="titans", momentum=True, weight_decay=True, minibatch=1)
-BACKENDS = ("reference", "torch")
+BACKENDS = ("reference", "torch", "triton")
 # torch.compile sees the chunkwise op and the decode step as registered custom ops (lmoec.runtime.library)
-LIBRARY = LSMOps(__package__ or __name__, NAME, ["theta", "eta", "alpha"], {"torch": _torch}, state_width=2)
+LIBRARY = LSMOps(__package__ or __name__, NAME, ["theta", "eta", "alpha"], {"torch": _torch, "triton": _triton}, state_width=2)
 
 
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        return "torch", "auto: the Titans kind has no Triton kernels yet: the torch chunkwise path runs it on every device"
+        return "torch", "auto: the Titans Triton kernels have not run on a GPU yet (bench/titans_gpu.py); backend='triton' forces them"
     if backend == "triton" and "triton" not in BACKENDS:
-        raise ValueError(f"{NAME}: backend='triton' is unavailable: the Titans kind has no Triton kernels yet: the torch chunkwise path runs it on every device")
+        raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend not in BACKENDS:
         raise ValueError(f"{NAME}: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     return backend, "forced by the caller"
@@ -43,7 +44,7 @@ def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_s
     if torch.compiler.is_compiling():  # one graph node; eager calls skip the dispatcher
         return LIBRARY.chunk(name, q, k, v, dict(theta=theta, eta=eta, alpha=alpha), scale, initial_state,
                              output_final_state, cu_seqlens)
-    impl = {"torch": _torch}[name]
+    impl = {"torch": _torch, "triton": _triton}[name]
     return impl.chunk(q, k, v, theta, eta, alpha, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 

@@ -13,6 +13,12 @@ affine map with rank-one parts, X_t = D_t X_{t-1} + theta_t [k_t; k_t] e_t^T, wi
 [0, eta_t]] (x) I_K and the error e_t = v_t - M_*^T k_t: chunkwise, a triangular solve per chunk gives the errors
 (templates/torch/titans.py.j2). Ops carry the joint state as one tensor [N, H, K, 2V]: M in [..., :V], S in
 [..., V:].
+
+Triton kernels (templates/triton/titans.py.j2), both gradient points: a chunk-parallel kernel forms the chunk's 2 x 2
+gate products, the solve Tm = (I + L)^-1 and the masked q k^T scores; a walk per (V block, sequence, head) carries
+(M, S) and forms the errors, the output and the next state; the backward mirrors it (a reverse walk for the state's
+and v's gradients, then a chunk-parallel kernel for q, k and the gates, the gates' through the products' loop in
+reverse).
 """
 from __future__ import annotations
 
@@ -64,30 +70,42 @@ def oracle_step(rec: Recurrence, state, q, k, v, inputs, scale):
     return torch.cat([M, S, anchor], dim=-1), read(q, M) * scale
 
 
+MAX_TRITON_CHUNK = 64  # at chunk 128 the walks' [C, K] and [C, C] tiles need 514 KB of shared memory (K = V = 128)
+
+
 def supports(ctx: "LSMContext") -> tuple[bool, str]:
-    return False, "the Titans kind has no Triton kernels yet: the torch chunkwise path runs it on every device"
+    """Both gradient points and any head dims; chunks up to 64 (lmoec.backends.triton checks the power of two)."""
+    if ctx.chunk_size > MAX_TRITON_CHUNK:
+        return False, (f"the Titans Triton kernels take chunk_size <= {MAX_TRITON_CHUNK} (their walks' tiles outgrow "
+                       f"an H100's shared memory beyond it), got {ctx.chunk_size}: the torch path runs it")
+    return True, ""
 
 
 def emit_triton(ctx: "LSMContext", header: str) -> str:
-    raise ValueError(supports(ctx)[1])
+    from ..backends.render import render
+
+    return render("triton/titans.py.j2", ctx=ctx, header=header)
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
-    """The chunkwise algorithm of templates/torch/titans.py.j2 (what a fused kernel set would also compute). Per chunk:
-    K K^T and the C x C solve, the solved U = T v and W = T k for both state halves (chunk-parallel); the walk's
-    error E = U - W_M M - W_S S and the two state updates (sequential); the outputs q M plus the in-chunk scores
-    (chunk-parallel). Bytes: the inputs once, U, W and E in fp32, the chunk-entry joint states. The backward (autograd
-    in the torch path) is counted as twice the forward's flops, reading what the forward read and stored."""
-    joint = 2 * s.states  # chunk-entry (M, S) in fp32
-    gates_bytes = s.N * s.H * 4 * len(gates(ctx.rec))
-    fp32 = s.N * s.H * 4
-    solve = (s.intra_qk + s.cube + s.intra_v + 2 * s.intra_qk, 2 * s.qk + s.vv + gates_bytes + fp32 * (s.V + 2 * s.K))
-    walk = (3 * s.inter + 2 * s.inter, fp32 * (s.V + 2 * s.K) + fp32 * s.V + joint + 2 * ends)
-    out = (2 * s.inter + s.intra_qk + s.intra_v, 2 * s.qk + fp32 * s.V + joint + s.vv)
-    forward = [("titans_solve", True, *solve), ("titans_walk", True, *walk), ("titans_output", True, *out)]
-    flops = sum(f for _, _, f, _ in forward)
-    nbytes = sum(b for _, _, _, b in forward)
-    return forward + [("titans_backward", False, 2 * flops, nbytes + 2 * s.qk + 2 * s.vv + gates_bytes)]
+    """templates/triton/titans.py.j2 (the torch path computes the same products; its backward is autograd's). The
+    chunk-parallel kernels' loops over the chunk's tokens (the 2 x 2 products, the forward substitution, the gates'
+    reverse pass) are C^2 element-wise flops per token, counted once as one C x C x C product per chunk. Bytes: the
+    inputs once per kernel that reads them, Tm and the masked scores in fp32, E and dv in fp32, the joint chunk-entry
+    states and their gradients in fp32 ([K, 2V] per chunk and head), the end states (M and S)."""
+    gates_in = s.N * s.H * s.elem * len(gates(ctx.rec))
+    gates_fp32 = s.N * s.H * 4 * len(gates(ctx.rec))
+    weights = s.N * s.H * 4 * 7  # wts: seven rows of C per chunk and head
+    values_fp32 = s.N * s.H * s.V * 4  # E or dv
+    joint = 2 * s.NC * s.H * s.K * s.V * 4  # the chunk-entry (M, S), or their gradients, in fp32
+    prepare = (2 * s.intra_qk + s.cube, 2 * s.qk + gates_in + 2 * s.squares + weights)
+    walk = (6 * s.inter + 2 * s.intra_v, 2 * s.qk + s.vv + 2 * s.squares + weights + s.vv + values_fp32 + joint + 4 * ends)
+    bwd_walk = (6 * s.inter + 2 * s.intra_v, 2 * s.qk + s.vv + 2 * s.squares + weights + values_fp32 + joint + 4 * ends)
+    bwd_chunk = (2 * s.intra_qk + 4 * s.intra_v + 6 * s.inter + 4 * s.intra_qk + 2 * s.cube,
+                 2 * s.qk + gates_in + 2 * values_fp32 + s.vv + 2 * joint + 2 * s.N * s.H * s.K * 4 + gates_fp32
+                 + 2 * s.squares)
+    return [("prepare", True, *prepare), ("fwd", True, *walk), ("bwd_walk", False, *bwd_walk),
+            ("bwd_chunk", False, *bwd_chunk)]
 
 
 KIND = Kind(
@@ -102,4 +120,6 @@ KIND = Kind(
     state_width=STATE_WIDTH,
     oracle_state_in=oracle_state_in,
     oracle_state_out=oracle_state_out,
+    auto_torch_reason="the Titans Triton kernels have not run on a GPU yet (bench/titans_gpu.py); backend='triton' "
+                      "forces them",
 )
