@@ -14,19 +14,20 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - T0) )); }
+left() { local r=$(( $1 - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  # timeout 0 would mean none
 step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 F="python3 bench/families_gpu.py"
+B=${BUDGET:-550}  # seconds the call may use: the later steps get what the earlier left
 step check; timeout $(left 60) $F check --families gated_deltanet,deltanet \
   --cases "default,varlen [,K=V=48" --out $OUT/c > /dev/null 2>&1
 grep -i "fail\|error\|ALL PASS" $OUT/c/families.md | head
 step gdn; timeout $(left 170) $F bench sweep --no-sdpa --families gated_deltanet --shapes 8K,64K,2K,heads64 \
   --sweep-shapes 8K --variants "run 8 kernels,UT ieee,UT K block 128,output K block 128" --out $OUT/g > /dev/null 2>&1
-step rows; timeout $(left 400) $F bench --no-sdpa --shapes varlen,V256 --out $OUT/v > /dev/null 2>&1
-step rwkv6; timeout $(left 460) $F check --families rwkv6 --set bonus_whole_chunk=true --cases "default" --out $OUT/cb > /dev/null 2>&1
+step rwkv6; timeout $(left 230) $F check --families rwkv6 --set bonus_whole_chunk=true --cases "default" --out $OUT/cb > /dev/null 2>&1
 grep -i "fail\|error\|ALL PASS" $OUT/cb/families.md | head
-timeout $(left 500) $F sweep --families rwkv6 --sweep-shapes 8K --variants "default,bonus whole-chunk" --out $OUT/r > /dev/null 2>&1
-step deltanet; timeout $(left 550) $F bench sweep --no-sdpa --families deltanet --shapes 8K,64K --sweep-shapes 64K \
+step rows; timeout $(left $(( B - 150 > 300 ? B - 150 : B - 10 ))) $F bench --no-sdpa --shapes varlen,V256 --out $OUT/v > /dev/null 2>&1
+timeout $(left $(( B - 90 ))) $F sweep --families rwkv6 --sweep-shapes 8K --variants "default,bonus whole-chunk" --out $OUT/r > /dev/null 2>&1
+step deltanet; timeout $(left $B) $F bench sweep --no-sdpa --families deltanet --shapes 8K,64K --sweep-shapes 64K \
   --variants "run 8 kernels,scalar decay's settings" --out $OUT/d > /dev/null 2>&1
 step done
-for d in c g v cb r d; do echo "#### $d"; grep -v "^$" $OUT/$d/families.md 2>/dev/null; done
+for d in c g cb v r d; do echo "#### $d"; grep -v "^$" $OUT/$d/families.md 2>/dev/null; done
