@@ -30,7 +30,7 @@ SEGMENTS = {"walk_programs": 10**9, "segment_chunks": 1}
 HALVED = {"seq_programs": 1000}  # at B*H = 2 the walks' V block halves to 16
 DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True, "fuse_min_programs": 0}, {"fuse_output": False}, {"fuse_output": False, **SEGMENTS},
          {"wu": "tiles"}, {"wu": "kernel"}, {"wu": "walk"}, {"wu": "walk", **SEGMENTS},
-         {"ut_dot": "ieee", "BK_ut": 128, "BK_o": 128}, {"BK_ut": 32, "warps_o": 8}]  # bench/issue22_final_gpu.sh's rows
+         {"ut_dot": "ieee", "BK_ut": 128, "BK_o": 128}]  # fp32 inputs' ieee UT tiles; the run-8 kernels (a sweep row)
 # the decay families' walks with and without the output / dv fused, and sequences cut into 1-chunk segments
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]

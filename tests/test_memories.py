@@ -9,9 +9,6 @@ cu_seqlens code with the layer it checks.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from lmoec.runtime.memories import MemoryLinear
 from lmoec.variants import render_variant
 
 from conftest import RECURRENCES, lsm_spec_for
+from interpreted import interpreted
 
 def _twin_program(spec):
     plain = spec.model_copy(update={"memories": None, "recurrence": None, "name": spec.name + "_twin"})
@@ -300,11 +298,7 @@ print(json.dumps(out))
 @pytest.fixture(scope="module")
 def triton_results():
     pytest.importorskip("triton", reason="the Triton backend needs triton installed")
-    env = dict(os.environ, TRITON_INTERPRET="1", LMOEC_POISON="1")
-    proc = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted(["-c", TRITON_CHECK], cwd=Path(__file__).resolve().parents[1])
 
 
 def test_triton_kernels_run_every_memory_in_one_varlen_call(triton_results):

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from interpreted import interpreted
 
 CHUNK = 16
 TOL = 1e-5  # fp32 against float64: max |err| / max |ref| per tensor
@@ -252,11 +253,7 @@ EXTRA = {"varlen_vs_separate": check_varlen_vs_separate, "fp16_dots": check_fp16
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1", LMOEC_POISON="1")
-    proc = subprocess.run([sys.executable, __file__, *CASES, *EXTRA], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted([__file__, *CASES, *EXTRA])
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -10,13 +10,13 @@ sm_90 compile in tests/test_hopper_compile.py.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+
+from interpreted import interpreted
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # fp32 kernels against float64: max |err| / max |ref| per tensor
@@ -154,10 +154,7 @@ def _decode_errors(mod, args, scale) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1", LMOEC_POISON="1")
-    proc = subprocess.run([sys.executable, __file__, *CASES], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted([__file__, *CASES])
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -1,0 +1,16 @@
+"""Interpreter checks run in a child process: TRITON_INTERPRET must be set before triton is imported, and every
+kernel output is poisoned (NaN) first (LMOEC_POISON), so an element a kernel fails to write fails the check."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def interpreted(argv: list[str], cwd=None) -> dict:
+    """Run `python argv...` under the interpreter; the JSON its last stdout line prints."""
+    env = dict(os.environ, TRITON_INTERPRET="1", LMOEC_POISON="1")
+    proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
