@@ -10,7 +10,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
-left() { echo $(( $1 - ($(date +%s) - T0) )); }
+left() { local r=$(( $1 - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  # timeout 0 would mean none
 step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 step elementwise; timeout $(left 150) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
 step mom; timeout $(left 270) python3 bench/mom_gpu.py check --out $OUT/m > /dev/null 2>&1
