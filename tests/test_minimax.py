@@ -175,6 +175,7 @@ def residual_reference(model, ids: torch.Tensor, postnorm: bool, alpha: float, b
 @pytest.mark.parametrize("residual, postnorm, alpha, beta", [
     ("", True, 2.0, 1.0),  # minimax-tiny as written: (2 * 8)^(1/4)
     ("residual { postnorm = false alpha = 1.5 beta = 0.75 }", False, 1.5, 0.75),
+    ("residual = none", False, 1.0, 1.0),  # the base's block removed: the plain pre-norm residual
 ])
 def test_residual_blocks_match_their_formula_train_and_decode(residual, postnorm, alpha, beta, tmp_path):
     spec = tmp_path / "variant.lsm"

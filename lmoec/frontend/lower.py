@@ -460,7 +460,7 @@ MODEL_KEYS: dict[str, tuple] = {
     **{k: (("assign",), None) for k in ("vocab", "hidden", "layers", "heads", "pattern", "lsm", "norm", "norm_eps",
                                          "tie_embeddings", "init_std", "max_seq_len")},
     "attention": (("block",), None),
-    "residual": (("block",), None),
+    "residual": (("block", "assign"), None),
     "moe": (("block", "assign"), None),
     "ffn": (("block", "assign"), None),
 }
@@ -541,6 +541,10 @@ def apply_model(spec: Optional[ModelSpec], block: Block, locs: Locs) -> tuple[di
             if not v.is_none():
                 v.fail(f"write '{key} {{ ... }}' or '{key} = none'")
             f[key] = None
+        elif key == "residual":  # `= none`: back to the plain pre-norm residual a base's block changed
+            if not v.is_none():
+                v.fail("write 'residual { postnorm = true alpha = ... }' or 'residual = none'")
+            f.pop("residual", None)
         elif key == "pattern":
             f["pattern"] = v.pattern()
         elif key == "lsm":
