@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 22, one GPU call (~9 minutes), most wanted first (a call cut short keeps what it measured):
 #  1. the delta kernels' new defaults (UT transform over K blocks with tf32 tile products, output kernel over K
-#     blocks) checked in bf16 against the float32 torch backend (Gated DeltaNet, DeltaNet; T = 2085, varlen, K = 48);
+#     blocks) checked in bf16 against the float32 torch backend (Gated DeltaNet, DeltaNet and the vector-decay delta
+#     spec, which no GPU has run yet; T = 2085, varlen, K = 48);
 #  2. Gated DeltaNet against fla in one process at 8K / 64K / 2K / heads64, the run-8 kernels as a sweep row;
 #  3. the cells no run has measured: every family against its fla op on packed uneven sequences (varlen) and at
 #     V = 256 (expand_v = 2);
@@ -18,7 +19,7 @@ left() { local r=$(( $1 - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  #
 step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 F="python3 bench/families_gpu.py"
 B=${BUDGET:-550}  # seconds the call may use: the later steps get what the earlier left
-step check; timeout $(left 60) $F check --families gated_deltanet,deltanet \
+step check; timeout $(left 60) $F check --families gated_deltanet,deltanet,gated_delta_vector \
   --cases "default,varlen [,K=V=48" --out $OUT/c > /dev/null 2>&1
 grep -i "fail\|error\|ALL PASS" $OUT/c/families.md | head
 step gdn; timeout $(left 170) $F bench sweep --no-sdpa --families gated_deltanet --shapes 8K,64K,2K,heads64 \
