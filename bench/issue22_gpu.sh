@@ -19,7 +19,7 @@ left() { local r=$(( $1 - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  #
 step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 F="python3 bench/families_gpu.py"
 B=${BUDGET:-550}  # seconds the call may use: the later steps get what the earlier left
-step check; timeout $(left 60) $F check --families gated_deltanet,deltanet,gated_delta_vector \
+step check; timeout $(left 80) $F check --families gated_deltanet,deltanet,gated_delta_vector \
   --cases "default,varlen [,K=V=48" --out $OUT/c > /dev/null 2>&1
 grep -i "fail\|error\|ALL PASS" $OUT/c/families.md | head
 step gdn; timeout $(left 170) $F bench sweep --no-sdpa --families gated_deltanet --shapes 8K,64K,2K,heads64 \
