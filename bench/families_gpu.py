@@ -51,6 +51,10 @@ DECAY_VARIANTS = {
     "unfused walks": {"fuse_output": False, "fuse_dv": False},
     "fused walks + 8 warps": {"fuse_output": True, "fuse_dv": True, "walk_fused": dict(BV=64, num_warps=8, num_stages=2)},
     "bonus whole-chunk": {"bonus_whole_chunk": True},  # RWKV6: dq/dk of chunks not marked slow by the whole-chunk kernel
+    # RWKV6, the whole-chunk dq/dk over the whole head dim (as it was when it failed its check at K = 128)
+    "bonus whole-chunk whole K": {"bonus_whole_chunk": True, "grad_qk": dict(BK=128, BV=64, num_warps=4, num_stages=2)},
+    # GLA (vector decay only): dq/dk in K blocks of 64, as RWKV6's whole-chunk kernel runs
+    "dq/dk K blocks of 64": {"grad_qk": dict(BK=64, BV=64, num_warps=4, num_stages=2)},
 }
 DELTA_VARIANTS = {
     "default": {},

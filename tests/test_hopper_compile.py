@@ -37,7 +37,8 @@ DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fu
 # the element-wise walks also at the settings bench/elementwise_gpu.py sweeps besides the defaults
 ELEMENTWISE = {"mamba": [{}, {"block_v": 32, "scan": 32}], "gfw": [{}, {"block_v": 8}]}
 CASES = {  # spec: launch settings to exercise besides the defaults
-    "bla": DECAY, "simple_gla": DECAY, "gla": DECAY, "retnet": DECAY,
+    "bla": DECAY, "simple_gla": DECAY, "retnet": DECAY,
+    "gla": DECAY + [{"grad_qk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2}}],  # dq/dk in K blocks (a sweep row)
     "rwkv6": DECAY + [{"bonus_whole_chunk": True}],  # the whole-chunk dq/dk kernel is off by default
     "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": [{}, SEGMENTS, HALVED],
     **ELEMENTWISE,

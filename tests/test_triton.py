@@ -133,8 +133,11 @@ CHILD = textwrap.dedent(
         "unfused, K split": dict(fuse_output=False, fuse_dv=False, walk=dict(BK=16, BV=16, num_warps=4, num_stages=2)),
         "fused walks": dict(fuse_output=True, fuse_dv=True),
     }
-    if "bonus_whole_chunk" in mod.CONFIG:  # RWKV6's dq/dk: the setting other than the default
-        settings["bonus_whole_chunk flipped"] = dict(bonus_whole_chunk=not defaults["bonus_whole_chunk"])
+    if kind == "vector":  # dq/dk in K blocks of 16 (two at K = 32)
+        settings["unfused, K split"]["grad_qk"] = dict(BK=16, BV=64, num_warps=4, num_stages=2)
+    if "bonus_whole_chunk" in mod.CONFIG:  # RWKV6's dq/dk: the setting other than the default, in K blocks of 16
+        settings["bonus_whole_chunk flipped"] = dict(bonus_whole_chunk=not defaults["bonus_whole_chunk"],
+                                                     grad_qk=dict(BK=16, BV=64, num_warps=4, num_stages=2))
     for label, setting in settings.items():
         mod.CONFIG.update(setting)
         out[f"fp32 T=40, {label}"] = case(2, 40, 2, 16, 16, torch.float32)

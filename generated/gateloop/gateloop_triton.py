@@ -341,11 +341,12 @@ def dg_chunk_kernel(
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     i_n = tl.load(chunk_info + i_c * 4 + 3)
+    eos = tl.load(seq_info + i_n * 3 + 1)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < GK
     o_v = tl.arange(0, BV)
     R = tl.zeros([BK], dtype=tl.float32)
-    if t1 == tl.load(seq_info + i_n * 3 + 1):  # the sequence's last chunk: its exit state is the final state
+    if t1 == eos:  # the sequence's last chunk: its exit state is the final state
         if HAS_FINAL:
             R += tl.load(dfinal + (i_n * H + i_h).to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
     else:

@@ -434,16 +434,16 @@ def grad_qk_kernel(
     q, k, v, do, g, dg, h, dh, dq, dk, slow, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dq, dk of one chunk through the chunk-start reference point (chunks not marked slow); q.dq and
-    -k.dk go into dg at the log-decay slot they depend on (dg_chunk sums over later tokens)."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """dq, dk of one chunk and K block through the chunk-start reference point (chunks not marked slow); the
+    in-chunk scores dA (whole K) are formed again by every K block.     q.dq - k.dk goes into dg at the log-decay slot it depends on (dg_chunk sums over later tokens)."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if tl.load(slow + i_c * H + i_h) != 0:
         return
     t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     rows = t0 + tl.arange(0, C)
     m_t = rows < t1
     tok = rows.to(tl.int64) * H + i_h
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k[None, :] < K)
     b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
     b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
@@ -593,11 +593,12 @@ def dg_chunk_kernel(
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     i_n = tl.load(chunk_info + i_c * 4 + 3)
+    eos = tl.load(seq_info + i_n * 3 + 1)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < GK
     o_v = tl.arange(0, BV)
     R = tl.zeros([BK], dtype=tl.float32)
-    if t1 == tl.load(seq_info + i_n * 3 + 1):  # the sequence's last chunk: its exit state is the final state
+    if t1 == eos:  # the sequence's last chunk: its exit state is the final state
         if HAS_FINAL:
             R += tl.load(dfinal + (i_n * H + i_h).to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
     else:
@@ -766,13 +767,14 @@ def _segment_starts(x, y, g, start, lay, scale, forward, want_end):
 
 def _launch_with_fallback(name, kernel, subchunk_kernel, grid, args, fast_only=None, whole_chunk=True, **meta):
     """The whole-chunk kernel over every chunk (unless a walk fused it: whole_chunk=False), then its sub-chunk
-    fallback, which acts only on the chunks the forward marked slow (each launch with its own CONFIG entry;
-    grid(BV) -> launch grid)."""
+    fallback, which acts only on the chunks the forward marked slow (each launch with its own CONFIG entry, whose
+    BK, where given, caps the K block, else the block is the whole head dim; grid(BK, BV) -> launch grid)."""
     launches = [(name, kernel, fast_only or {})] if whole_chunk else []
     for key, launch, extra in launches + [(name + "_subchunk", subchunk_kernel, dict(S=SUB))]:
         cfg = dict(CONFIG[key])
+        BK = _blocks(meta["K"], cfg.pop("BK", _pow2(meta["K"])))
         BV = _blocks(meta["V"], cfg.pop("BV"))
-        launch[grid(BV)](*args, BV=BV, **meta, **extra, **cfg)
+        launch[grid(BK, BV)](*args, BK=BK, BV=BV, **meta, **extra, **cfg)
 
 
 class ChunkFunction(torch.autograd.Function):
@@ -805,9 +807,9 @@ class ChunkFunction(torch.autograd.Function):
             STORE_FINAL=ht is not None and not lay.segmented, STORE_STATES=store_states, FUSE_OUTPUT=fuse, **cfg,
         )
         _launch_with_fallback(
-            "output", output_fwd_kernel, output_fwd_subchunk_kernel, lambda BV: (n_chunks, H, triton.cdiv(V, BV)),
+            "output", output_fwd_kernel, output_fwd_subchunk_kernel, lambda BK, BV: (n_chunks, H, triton.cdiv(V, BV)),
             (q, k, v, g, h, o, slow, lay.chunk_info, scale), fast_only=dict(SPAN=_SPAN[q.dtype]),
-            whole_chunk=not fuse, H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+            whole_chunk=not fuse, H=H, K=K, V=V, C=CHUNK,
         )
         ctx.save_for_backward(q, k, v, g, h, initial_state, ht, slow)
         ctx.shape, ctx.scale, ctx.bounds = (B, T), scale, bounds
@@ -838,16 +840,16 @@ class ChunkFunction(torch.autograd.Function):
             STORE_INITIAL_GRAD=dh0 is not None and not lay.segmented, FUSE_DV=fuse, **cfg,
         )
         _launch_with_fallback(
-            "grad_v", grad_v_kernel, grad_v_subchunk_kernel, lambda BV: (n_chunks, H, triton.cdiv(V, BV)),
+            "grad_v", grad_v_kernel, grad_v_subchunk_kernel, lambda BK, BV: (n_chunks, H, triton.cdiv(V, BV)),
             (q, k, do, g, dh, dv, slow, chunk_info, scale), whole_chunk=not fuse,
-            H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+            H=H, K=K, V=V, C=CHUNK,
         )
 
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device)
-        da = torch.zeros(g.shape, dtype=torch.float32, device=q.device)  # accumulated with atomics
+        da = torch.zeros(g.shape, dtype=torch.float32, device=q.device)  # the sub-chunk kernel accumulates (atomics)
         _launch_with_fallback(
-            "grad_qk", grad_qk_kernel, grad_qk_subchunk_kernel, lambda BV: (n_chunks, H),
-            (q, k, v, do, g, da, h, dh, dq, dk, slow, chunk_info, scale), H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+            "grad_qk", grad_qk_kernel, grad_qk_subchunk_kernel, lambda BK, BV: (n_chunks, H, triton.cdiv(K, BK)),
+            (q, k, v, do, g, da, h, dh, dq, dk, slow, chunk_info, scale), H=H, K=K, V=V, C=CHUNK,
         )
         # the final state's share of dg: d(loss)/d(cumulative decay at a sequence's last token)
         has_final = dht is not None and ht is not None

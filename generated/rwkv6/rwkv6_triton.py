@@ -464,22 +464,21 @@ def grad_v_subchunk_kernel(
 
 @triton.jit
 def grad_qk_kernel(
-    q, k, v, do, g, u, du, dg, h, dh, dq, dk, slow, chunk_info, scale,
+    q, k, v, do, g, u, du, daq, dg, h, dh, dq, dk, slow, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dq, dk of one chunk through the chunk-start reference point (chunks not marked slow); q.dq and
-    -k.dk go into dg at the log-decay slot they depend on (dg_chunk sums over later tokens).
-    With the bonus, q_t reads the decay through token t - 1: its share goes one slot back (atomics, as the slot
-    may lie in the previous chunk), and the bonus terms, which no decay touches, are added after."""
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    """dq, dk of one chunk and K block through the chunk-start reference point (chunks not marked slow); the
+    in-chunk scores dA (whole K) are formed again by every K block. -k.dk goes into dg at token t's
+    slot and q.dq into daq at t's: q_t reads the decay through token t - 1, so dg_chunk moves it one slot back;
+    plain stores, as each token is written once. The bonus terms, which no decay touches, are added after."""
+    i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if tl.load(slow + i_c * H + i_h) != 0:
         return
     t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
-    bos = tl.load(chunk_info + i_c * 4 + 2)
     rows = t0 + tl.arange(0, C)
     m_t = rows < t1
     tok = rows.to(tl.int64) * H + i_h
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     m_tk = m_t[:, None] & (o_k[None, :] < K)
     b_q = tl.load(q + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
     b_k = tl.load(k + tok[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
@@ -490,9 +489,9 @@ def grad_qk_kernel(
     b_dov = tl.zeros([C], dtype=tl.float32)
     hc = (i_c.to(tl.int64) * H + i_h) * K * V
     b_dA = tl.zeros([C, C], dtype=tl.float32)
-    # dA^T accumulated from the loaded tiles, not transposed from dA in registers: with Triton 3.6 on an H100,
-    # tl.dot(tl.trans(b_dA), ...) here gave dk 0.13 off at K = 128 (a Hopper dot-of-transposed-dot miscompile,
-    # cf. triton-lang/triton#6124), while the interpreter and K = 48 agreed with the reference
+    # dA^T accumulated from the loaded tiles, not transposed from dA in registers. On an H100 (Triton 3.6) the
+    # whole-K version of this kernel gave dk 0.11-0.13 off at K = 128 both ways (trans(dA) and dA^T), while K = 48
+    # (one K block of 64) and the interpreter agreed with the reference: hence K blocks of CONFIG's BK (64)
     b_dAt = tl.zeros([C, C], dtype=tl.float32)
     dq_inter = tl.zeros([C, BK], dtype=tl.float32)
     dk_inter = tl.zeros([C, BK], dtype=tl.float32)
@@ -516,8 +515,8 @@ def grad_qk_kernel(
     b_dAt = tl.where(tl.trans(keep), b_dAt * scale, 0.0).to(b_q.dtype)
     b_dk = tl.dot(b_dAt, b_qd) * tl.exp2(-b_b) + dk_inter * tl.exp2(tl.sum(b_g, 0)[None, :] - b_b)
     q32, k32 = b_q.to(tl.float32), b_k.to(tl.float32)
-    tl.atomic_add(dg + (tok[:, None] - H) * K + o_k[None, :], b_dq * q32, mask=m_tk & (rows[:, None] > bos))
-    tl.atomic_add(dg + tok[:, None] * K + o_k[None, :], -b_dk * k32, mask=m_tk)
+    tl.store(daq + tok[:, None] * K + o_k[None, :], b_dq * q32, mask=m_tk)
+    tl.store(dg + tok[:, None] * K + o_k[None, :], -b_dk * k32, mask=m_tk)
     b_u = tl.load(u + i_h * K + o_k, mask=o_k < K, other=0.0).to(tl.float32)
     b_dov = tl.where(m_t, b_dov * scale, 0.0)
     b_dq += b_dov[:, None] * b_u[None, :] * k32
@@ -529,16 +528,15 @@ def grad_qk_kernel(
 
 @triton.jit
 def grad_qk_subchunk_kernel(
-    q, k, v, do, g, u, du, dg, h, dh, dq, dk, slow, chunk_info, scale,
+    q, k, v, do, g, u, du, daq, dg, h, dh, dq, dk, slow, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, S: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr,
 ):
-    """dq (query sub-chunks) then dk (key sub-chunks) of a chunk marked slow; dg as in grad_qk_kernel."""
+    """dq (query sub-chunks) then dk (key sub-chunks) of a chunk marked slow; dg and daq as in grad_qk_kernel."""
     i_c, i_h = tl.program_id(0), tl.program_id(1)
     if tl.load(slow + i_c * H + i_h) == 0:
         return
     t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
-    bos = tl.load(chunk_info + i_c * 4 + 2)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
     cols = tl.arange(0, C)
@@ -593,8 +591,7 @@ def grad_qk_subchunk_kernel(
             keep = sub > s
             dA_col = tl.sum(tl.where(cols[None, :] == i * S + s, dA_i, 0.0), 1)
             dq_i += dA_col[:, None] * k_s[None, :] * tl.exp2(tl.where(keep[:, None], bq_i - b_s[None, :], float("-inf")))
-        # q_t . dq_t depends on the decay through token t - 1 (none for a sequence's first token)
-        tl.atomic_add(dg + (r_tok[:, None] - H) * K + o_k[None, :], dq_i * q_i, mask=m_rk & (r_rows[:, None] > bos))
+        tl.store(daq + r_tok[:, None] * K + o_k[None, :], dq_i * q_i, mask=m_rk)
         k_i = tl.load(k + r_tok[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
         dq_i += (dov_i * scale)[:, None] * b_u[None, :] * k_i
         du_acc += tl.sum((dov_i * scale)[:, None] * q_i * k_i, 0)
@@ -639,7 +636,7 @@ def grad_qk_subchunk_kernel(
             dAt_col = tl.sum(tl.where(cols[None, :] == j * S + t, dAt_j, 0.0), 1)
             dk_j += dAt_col[:, None] * q_t[None, :] * tl.exp2(tl.where(keep[:, None], bq_t[None, :] - b_j, float("-inf")))
             bq_t += g_t
-        tl.atomic_add(dg + r_tok[:, None] * K + o_k[None, :], -dk_j * k_j, mask=m_rk)
+        tl.store(dg + r_tok[:, None] * K + o_k[None, :], -dk_j * k_j, mask=m_rk)
         q_j = tl.load(q + r_tok[:, None] * K + o_k[None, :], mask=m_rk, other=0.0).to(tl.float32)
         dk_j += (dov_j * scale)[:, None] * b_u[None, :] * q_j
         tl.store(dk + r_tok[:, None] * K + o_k[None, :], dk_j.to(dk.dtype.element_ty), mask=m_rk)
@@ -648,11 +645,12 @@ def grad_qk_subchunk_kernel(
 
 @triton.jit
 def dg_chunk_kernel(
-    da, h, dh, dfinal, q, do, seq_info, chunk_info, scale,
+    da, h, dh, dfinal, daq, q, do, seq_info, chunk_info, scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, GK: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BS: tl.constexpr, BV: tl.constexpr, HAS_FINAL: tl.constexpr,
 ):
-    """One (chunk, head, decay block), in place: dg_t = sum over tau >= t in t's chunk of da_tau, plus the
+    """One (chunk, head, decay block), in place: dg_t = sum over tau >= t in t's chunk of da_tau (with
+    daq_{tau+1}, the next token's q.dq, while tau + 1 is in the sequence), plus the
     chunk's exit term R = d(loss)/d(log decay of every token after the chunk) = sum_v S_exit * dS_exit, read
     from the stored states. Summing da over the rest of the sequence instead would carry every token's
     rounding error into every earlier dg (8K tokens of bf16-operand products); R is exact up to the states'
@@ -660,11 +658,12 @@ def dg_chunk_kernel(
     i_c, i_h, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     t0, t1 = tl.load(chunk_info + i_c * 4), tl.load(chunk_info + i_c * 4 + 1)
     i_n = tl.load(chunk_info + i_c * 4 + 3)
+    eos = tl.load(seq_info + i_n * 3 + 1)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < GK
     o_v = tl.arange(0, BV)
     R = tl.zeros([BK], dtype=tl.float32)
-    if t1 == tl.load(seq_info + i_n * 3 + 1):  # the sequence's last chunk: its exit state is the final state
+    if t1 == eos:  # the sequence's last chunk: its exit state is the final state
         if HAS_FINAL:
             R += tl.load(dfinal + (i_n * H + i_h).to(tl.int64) * GK + o_k, mask=m_k, other=0.0)
     else:
@@ -682,6 +681,8 @@ def dg_chunk_kernel(
     ptr = da + (rows.to(tl.int64) * H + i_h)[:, None] * GK + o_k[None, :]
     m = (rows < t1)[:, None] & m_k[None, :]
     x = tl.load(ptr, mask=m, other=0.0)
+    x += tl.load(daq + ((rows + 1).to(tl.int64) * H + i_h)[:, None] * GK + o_k[None, :],
+                 mask=(rows + 1 < eos)[:, None] & m_k[None, :], other=0.0)
     tl.store(ptr, tl.sum(x, 0)[None, :] - tl.cumsum(x, 0) + x + R[None, :], mask=m)
 
 
@@ -726,9 +727,10 @@ CONFIG = {
     "segment_scan": dict(BK=32, BV=64, num_warps=4, num_stages=1),
     "output": dict(BV=64, num_warps=4, num_stages=2),
     "grad_v": dict(BV=64, num_warps=4, num_stages=2),
-    "grad_qk": dict(BV=64, num_warps=4, num_stages=2),
+    "grad_qk": dict(BK=64, BV=64, num_warps=4, num_stages=2),
     # RWKV6's dq/dk through the whole-chunk kernel (chunks not marked slow) instead of every chunk through the
-    # sub-chunk kernel: passes the interpreter and compiles for sm_90, not yet run on a GPU (bench/results/issue22.md)
+    # sub-chunk kernel: passes the interpreter and compiles for sm_90; off until a GPU check passes it at K = 128
+    # (its whole-K version failed there; bench/results/issue22.md)
     "bonus_whole_chunk": False,
     "output_subchunk": dict(BV=64, num_warps=4, num_stages=2),
     "grad_v_subchunk": dict(BV=64, num_warps=4, num_stages=2),
@@ -841,13 +843,14 @@ def _segment_starts(x, y, g, start, lay, scale, forward, want_end):
 
 def _launch_with_fallback(name, kernel, subchunk_kernel, grid, args, fast_only=None, whole_chunk=True, **meta):
     """The whole-chunk kernel over every chunk (unless a walk fused it: whole_chunk=False), then its sub-chunk
-    fallback, which acts only on the chunks the forward marked slow (each launch with its own CONFIG entry;
-    grid(BV) -> launch grid)."""
+    fallback, which acts only on the chunks the forward marked slow (each launch with its own CONFIG entry, whose
+    BK, where given, caps the K block, else the block is the whole head dim; grid(BK, BV) -> launch grid)."""
     launches = [(name, kernel, fast_only or {})] if whole_chunk else []
     for key, launch, extra in launches + [(name + "_subchunk", subchunk_kernel, dict(S=SUB))]:
         cfg = dict(CONFIG[key])
+        BK = _blocks(meta["K"], cfg.pop("BK", _pow2(meta["K"])))
         BV = _blocks(meta["V"], cfg.pop("BV"))
-        launch[grid(BV)](*args, BV=BV, **meta, **extra, **cfg)
+        launch[grid(BK, BV)](*args, BK=BK, BV=BV, **meta, **extra, **cfg)
 
 
 class ChunkFunction(torch.autograd.Function):
@@ -881,9 +884,9 @@ class ChunkFunction(torch.autograd.Function):
             STORE_FINAL=ht is not None and not lay.segmented, STORE_STATES=store_states, FUSE_OUTPUT=fuse, **cfg,
         )
         _launch_with_fallback(
-            "output", output_fwd_kernel, output_fwd_subchunk_kernel, lambda BV: (n_chunks, H, triton.cdiv(V, BV)),
+            "output", output_fwd_kernel, output_fwd_subchunk_kernel, lambda BK, BV: (n_chunks, H, triton.cdiv(V, BV)),
             (q, k, v, g, u, h, o, slow, lay.chunk_info, scale), fast_only=dict(SPAN=_SPAN[q.dtype]),
-            whole_chunk=not fuse, H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+            whole_chunk=not fuse, H=H, K=K, V=V, C=CHUNK,
         )
         ctx.save_for_backward(q, k, v, g, u, h, initial_state, ht, slow)
         ctx.shape, ctx.scale, ctx.bounds = (B, T), scale, bounds
@@ -914,19 +917,19 @@ class ChunkFunction(torch.autograd.Function):
             STORE_INITIAL_GRAD=dh0 is not None and not lay.segmented, FUSE_DV=fuse, **cfg,
         )
         _launch_with_fallback(
-            "grad_v", grad_v_kernel, grad_v_subchunk_kernel, lambda BV: (n_chunks, H, triton.cdiv(V, BV)),
+            "grad_v", grad_v_kernel, grad_v_subchunk_kernel, lambda BK, BV: (n_chunks, H, triton.cdiv(V, BV)),
             (q, k, do, g, u, dh, dv, slow, chunk_info, scale), whole_chunk=not fuse,
-            H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+            H=H, K=K, V=V, C=CHUNK,
         )
 
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device)
-        da = torch.zeros(g.shape, dtype=torch.float32, device=q.device)  # accumulated with atomics
+        da, daq = _new(g.shape, torch.float32, q.device), _new(g.shape, torch.float32, q.device)  # -k.dk, q.dq
         du = _new((n_chunks, H, K), torch.float32, q.device)
         # bonus_whole_chunk False: every chunk through the sub-chunk kernel (as if each were marked slow)
         _launch_with_fallback(
-            "grad_qk", grad_qk_kernel, grad_qk_subchunk_kernel, lambda BV: (n_chunks, H),
-            (q, k, v, do, g, u, du, da, h, dh, dq, dk, slow if CONFIG["bonus_whole_chunk"] else torch.ones_like(slow),
-             chunk_info, scale), whole_chunk=CONFIG["bonus_whole_chunk"], H=H, K=K, V=V, C=CHUNK, BK=_pow2(K),
+            "grad_qk", grad_qk_kernel, grad_qk_subchunk_kernel, lambda BK, BV: (n_chunks, H, triton.cdiv(K, BK)),
+            (q, k, v, do, g, u, du, daq, da, h, dh, dq, dk, slow if CONFIG["bonus_whole_chunk"] else torch.ones_like(slow),
+             chunk_info, scale), whole_chunk=CONFIG["bonus_whole_chunk"], H=H, K=K, V=V, C=CHUNK,
         )
         # the final state's share of dg: d(loss)/d(cumulative decay at a sequence's last token)
         has_final = dht is not None and ht is not None
@@ -934,7 +937,7 @@ class ChunkFunction(torch.autograd.Function):
         GK = g.shape[-1] if g.dim() == 4 else 1
         BKg = max(16, min(_pow2(GK), 32))
         dg_chunk_kernel[(n_chunks, H, triton.cdiv(GK, BKg))](
-            da, h, dh, dfinal, q, do, seq_info, chunk_info, scale,
+            da, h, dh, dfinal, daq, q, do, seq_info, chunk_info, scale,
             H=H, K=K, V=V, GK=GK, C=CHUNK, BK=BKg, BS=min(_pow2(K), 32), BV=_pow2(V), HAS_FINAL=has_final,
         )
         dg = da.view(B, T, *g.shape[2:]).to(g.dtype)
