@@ -3,12 +3,12 @@
 #  1. the delta kernels' new defaults (UT transform over K blocks with tf32 tile products, output kernel over K
 #     blocks) checked in bf16 against the float32 torch backend (Gated DeltaNet, DeltaNet and the vector-decay delta
 #     spec, which no GPU has run yet; T = 2085, varlen, K = 48);
-#  2. RWKV6's whole-chunk dq/dk, now in K blocks of 64 without atomics, checked (its whole-K version failed at
-#     K = 128), and GLA's dq/dk in K blocks checked;
-#  3. Gated DeltaNet against fla in one process at 8K / 64K / 2K / heads64, the run-8 kernels as a sweep row;
-#  4. RWKV6 whole-chunk / whole K / default and GLA K blocks timed (sweep at 8K);
+#  2. RWKV6's whole-chunk dq/dk, now in K blocks of 64 without atomics, checked (its whole-K version failed at K = 128);
+#  3. Gated DeltaNet, then DeltaNet, against fla in one process, with the run-8 kernels (and for DeltaNet Gated
+#     DeltaNet's launch settings) as sweep rows;
+#  4. RWKV6 whole-chunk / whole K / default timed (sweep at 8K);
 #  5. the cells no run has measured: every family against its fla op on packed uneven sequences (varlen) and at
-#     V = 256 (expand_v = 2); DeltaNet against fla with the run-8 kernels as a row.
+#     V = 256 (expand_v = 2); GLA's dq/dk in K blocks checked and timed.
 set -u
 OUT=${OUT:-out}
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -27,16 +27,16 @@ grep -i "fail\|error\|ALL PASS" $OUT/c/families.md | head
 step rwkv6; timeout $(left 150) $F check --families rwkv6 --set bonus_whole_chunk=true --cases "default,varlen [,K=V=64" \
   --out $OUT/cb > /dev/null 2>&1
 grep -i "fail\|error\|ALL PASS" $OUT/cb/families.md | head
-timeout $(left 200) $F check --families gla --set 'grad_qk={"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2}' \
+step gdn; timeout $(left 300) $F bench sweep --no-sdpa --families gated_deltanet --shapes 8K,64K,2K,heads64 \
+  --sweep-shapes 8K --variants "run 8 kernels,UT ieee,UT K block 128,output K block 128" --out $OUT/g > /dev/null 2>&1
+step deltanet; timeout $(left 400) $F bench sweep --no-sdpa --families deltanet --shapes 8K,64K --sweep-shapes 64K \
+  --variants "run 8 kernels,scalar decay's settings" --out $OUT/d > /dev/null 2>&1
+step sweep; timeout $(left 440) $F sweep --families rwkv6 --sweep-shapes 8K \
+  --variants "default,bonus whole-chunk,bonus whole-chunk whole K" --out $OUT/r > /dev/null 2>&1
+step rows; timeout $(left $(( B - 40 ))) $F bench --no-sdpa --shapes varlen,V256 --out $OUT/v > /dev/null 2>&1
+step gla; timeout $(left $B) $F check --families gla --set 'grad_qk={"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2}' \
   --cases "default,varlen [" --out $OUT/cg > /dev/null 2>&1
 grep -i "fail\|error\|ALL PASS" $OUT/cg/families.md | head
-step gdn; timeout $(left 360) $F bench sweep --no-sdpa --families gated_deltanet --shapes 8K,64K,2K,heads64 \
-  --sweep-shapes 8K --variants "run 8 kernels,UT ieee,UT K block 128,output K block 128" --out $OUT/g > /dev/null 2>&1
-step sweep; timeout $(left 400) $F sweep --families rwkv6 --sweep-shapes 8K \
-  --variants "default,bonus whole-chunk,bonus whole-chunk whole K" --out $OUT/r > /dev/null 2>&1
-timeout $(left 430) $F sweep --families gla --sweep-shapes 8K --variants "default,dq/dk K blocks of 64" --out $OUT/rg > /dev/null 2>&1
-step rows; timeout $(left $(( B - 60 ))) $F bench --no-sdpa --shapes varlen,V256 --out $OUT/v > /dev/null 2>&1
-step deltanet; timeout $(left $B) $F bench sweep --no-sdpa --families deltanet --shapes 8K,64K --sweep-shapes 64K \
-  --variants "run 8 kernels,scalar decay's settings" --out $OUT/d > /dev/null 2>&1
+timeout $(left $B) $F sweep --families gla --sweep-shapes 8K --variants "default,dq/dk K blocks of 64" --out $OUT/rg > /dev/null 2>&1
 step done
-for d in c cb cg g r rg v d; do echo "#### $d"; grep -v "^$" $OUT/$d/families.md 2>/dev/null; done
+for d in c cb g d r v cg rg; do echo "#### $d"; grep -v "^$" $OUT/$d/families.md 2>/dev/null; done
