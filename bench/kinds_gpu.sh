@@ -12,9 +12,10 @@ export PYTHONUNBUFFERED=1
 T0=$(date +%s)
 left() { local r=$(( $1 - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  # timeout 0 would mean none
 step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
+B=${BUDGET:-555}  # seconds the call may use: the benches get what the checks left
 step elementwise; timeout $(left 150) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
 step mom; timeout $(left 270) python3 bench/mom_gpu.py check --out $OUT/m > /dev/null 2>&1
-step benches; timeout $(left 420) python3 bench/elementwise_gpu.py bench --out $OUT/eb > /dev/null 2>&1
-timeout $(left 555) python3 bench/mom_gpu.py bench --shapes 8K,2K,32K --out $OUT/mb > /dev/null 2>&1
+step benches; timeout $(left $(( B - 135 ))) python3 bench/elementwise_gpu.py bench --out $OUT/eb > /dev/null 2>&1
+timeout $(left $B) python3 bench/mom_gpu.py bench --shapes 8K,2K,32K --out $OUT/mb > /dev/null 2>&1
 step done
 for f in e/elementwise m/mom eb/elementwise mb/mom; do echo "#### $f"; grep -v "^$" $OUT/$f.md 2>/dev/null | cut -c1-400; done
