@@ -10,6 +10,10 @@ fitted to the target v - k. Within a mini-batch of N tokens every gradient is ta
 the output reading every token's partial update (the "dual form"). The LayerNorm makes the update non-linear in
 the state, so mini-batches run in order (templates/torch/ttt.py.j2) and there is no affine map for LASP-2. Ops carry
 the state as [N, H, K + 1, V]: W, then b as the last row.
+
+Triton kernels (templates/triton/ttt.py.j2): a walk per (sequence, head) over the mini-batches holding (W, b) in
+registers, each mini-batch's steps, dual-form output and update in the walk; the backward a reverse walk from the
+stored mini-batch entry states.
 """
 from __future__ import annotations
 
@@ -72,12 +76,21 @@ def oracle_step(rec: Recurrence, state, q, k, v, inputs, scale):
     return torch.cat([current, anchor], dim=-1), out
 
 
+MAX_TRITON_MINIBATCH = 64  # a mini-batch is one tile of the walks: its [N, D] and [N, N] tiles sit in registers
+
+
 def supports(ctx: "LSMContext") -> tuple[bool, str]:
-    return False, "the TTT-Linear kind has no Triton kernels yet: the torch path runs it on every device"
+    """Mini-batches up to 64 tokens (templates/triton/ttt.py.j2; head dims up to 128 are checked when the op runs)."""
+    if ctx.rec.minibatch > MAX_TRITON_MINIBATCH:
+        return False, (f"the TTT-Linear Triton walks take minibatch(N) with N <= {MAX_TRITON_MINIBATCH} (a mini-batch is "
+                       f"one tile in registers), got {ctx.rec.minibatch}: the torch path runs it")
+    return True, ""
 
 
 def emit_triton(ctx: "LSMContext", header: str) -> str:
-    raise ValueError(supports(ctx)[1])
+    from ..backends.render import render
+
+    return render("triton/ttt.py.j2", ctx=ctx, header=header)
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
@@ -106,4 +119,6 @@ KIND = Kind(
     state_rows=1,
     oracle_state_in=oracle_state_in,
     oracle_state_out=oracle_state_out,
+    auto_torch_reason="the TTT-Linear Triton kernels have not run on a GPU yet (bench/ttt_gpu.py); backend='triton' "
+                      "forces them",
 )
