@@ -48,8 +48,9 @@ MAX_DIM = 128  # the walks hold W [D, D] fp32 in one program's registers
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # Launch settings: the precision of every tl.dot for 16-bit inputs (dot_16bit: "tf32" or "ieee"; fp32 inputs always
 # take "ieee"); warps of the walks at D <= 64 and beyond (their registers hold the [D, D] state, in the backward
-# its gradient as well).
-CONFIG = {"dot_16bit": "tf32", "warps_small": 4, "warps_large": 8}
+# its gradient as well); the backward's software-pipeline stages (it loads each entry state, [D, D] fp32, in the loop:
+# at D = 128 one stage needs 160 KB of shared memory on sm_90, two 225 KB of the 227, three more than there is).
+CONFIG = {"dot_16bit": "tf32", "warps_small": 4, "warps_large": 8, "stages_bwd": 1}
 
 
 def _new(shape, dtype, device):
@@ -285,7 +286,7 @@ class _ChunkFunction(torch.autograd.Function):
         _bwd_kernel[(N, H)](q, k, v, theta, ln_weight, ln_bias, do.contiguous(),
                             None if dht is None else dht.contiguous(), states, dq, dk, dv, dtheta, dw_seq, db_seq, dh0,
                             bounds, mb_base, H, EPS=EPS, D=D, BD=BD, BT=_pow2(MINIBATCH), MB=MINIBATCH, DOT=_dot(k),
-                            USE_DHT=dht is not None, num_warps=warps)
+                            USE_DHT=dht is not None, num_warps=warps, num_stages=CONFIG["stages_bwd"])
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta.to(theta.dtype),
                 dw_seq.sum(0).to(ln_weight.dtype), db_seq.sum(0).to(ln_bias.dtype), dh0 if ctx.has_h0 else None,
                 None, None, None)
