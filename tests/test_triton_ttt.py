@@ -27,17 +27,22 @@ class Case(NamedTuple):
     D: int = 16  # K = V
     final_state: bool = True  # the loss reads the final state as well (False: its gradient never arrives)
     T: int = 10  # without varlen: not a multiple of the mini-batch
+    config: dict | None = None  # launch settings other than the defaults
+
+
+# at these few walks the output has its own kernel by default; FUSED forms it in the walk
+FUSED = {"fuse_min_programs": 0}
 
 
 # every host path once: batch and varlen (a one-token sequence, partial last mini-batches), D padded to a tile, the
-# mini-batch of one (tiles of 16 rows, one valid) with the decode step, the library spec's mini-batch of 16, the
-# backward without the final state's gradient
+# mini-batch of one (tiles of 16 rows, one valid) with the decode step (whose walk forms the output), the library
+# spec's mini-batch of 16, the backward without the final state's gradient; the output in the walk and in its kernel
 CASES = {
-    "mb4": Case(4),
+    "mb4_fused": Case(4, config=FUSED),
     "mb4_varlen": Case(4, varlen=True),
     "mb4_dims_20_no_final_state": Case(4, D=20, final_state=False),
     "token": Case(1),
-    "mb16_varlen_dims_20": Case(16, varlen=True, D=20),
+    "mb16_varlen_dims_20_fused": Case(16, varlen=True, D=20, config=FUSED),
 }
 
 
@@ -92,6 +97,8 @@ def check(name: str) -> dict:
     torch.manual_seed(sum(map(ord, name)))
     mod, rec = _build(case.minibatch)
     assert mod.MINIBATCH == case.minibatch
+    if case.config:
+        mod.CONFIG.update(case.config)
     args, cu = _inputs(case)
     ours = {n: t.clone().requires_grad_() for n, t in args.items()}
     refs = {n: t.double().requires_grad_() for n, t in args.items()}

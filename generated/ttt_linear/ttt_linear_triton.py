@@ -13,14 +13,20 @@ mini-batch of n tokens (the rows of [n, D] tiles), from the entry state (W, b):
 
 The LayerNorm makes the step non-linear in (W, b): nothing carries a mini-batch's work over to the next but the state,
 and every product of a mini-batch but q k^T reads it. So each kernel is one walk per (sequence, head) over its
-mini-batches that holds (W, b) in registers and does the whole mini-batch there (q k^T is [MB, MB], cheaper in the
-walk than a round trip through memory). The inner LayerNorm normalizes over D, so one program holds the whole [D, D]
-state: the walks take D <= 128 (8 warps at D = 128).
+mini-batches that holds (W, b) in registers. The inner LayerNorm normalizes over D, so one program holds the whole
+[D, D] state: the walks take D <= 128 (8 warps at D = 128).
 
-Kernels: `_fwd_kernel` (the walk: the output, the final state; the mini-batch entry states stored when a gradient will
-be asked for) and `_bwd_kernel` (the reverse walk from the stored entry states: the mini-batch again, then the
-gradients of q, k, v, theta, the LayerNorm's weight and bias (per sequence, summed on the host) and of the entry
-state, from the exit state's). Its derivation, per mini-batch, given dO and the exit state's (dW, db):
+What runs where: the steps dz and the update need the state in order, so they run in the walk. The output needs only
+the mini-batch's entry state and steps: with enough walks to fill the GPU (CONFIG fuse_min_programs) the walk forms it
+too (q k^T is [MB, MB], cheaper there than a round trip through memory); with fewer, every product in the walk
+lengthens the critical path, so the walk stores the entry states and dz and `_output_kernel` forms the outputs, one
+program per (mini-batch, head), all in parallel.
+
+Kernels: `_fwd_kernel` (the walk: the steps, the output where fused, the final state; the mini-batch entry states
+stored when a gradient will be asked for or the output kernel reads them), `_output_kernel`, and `_bwd_kernel` (the
+reverse walk from the stored entry states: the mini-batch again, then the gradients of q, k, v, theta, the LayerNorm's
+weight and bias (per sequence, summed on the host) and of the entry state, from the exit state's). Its derivation,
+per mini-batch, given dO and the exit state's (dW, db):
 
     dZ  = LN backward of dO w at q W + b - A dz          ddz = -A^T dZ - k dW - db      dA = -tril(dZ dz^T)
     P   = theta ddz          dtheta = sum_D(ddz D_raw)   (D_raw = dz / theta)
@@ -50,7 +56,10 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # take "ieee"); warps of the walks at D <= 64 and beyond (their registers hold the [D, D] state, in the backward
 # its gradient as well); the backward's software-pipeline stages (it loads each entry state, [D, D] fp32, in the loop:
 # at D = 128 one stage needs 160 KB of shared memory on sm_90, two 225 KB of the 227, three more than there is).
-CONFIG = {"dot_16bit": "tf32", "warps_small": 4, "warps_large": 8, "stages_bwd": 1}
+# Whether the forward walk forms the output (fuse_output, while at least fuse_min_programs walks run; else
+# _output_kernel does).
+CONFIG = {"dot_16bit": "tf32", "warps_small": 4, "warps_large": 8, "stages_bwd": 1, "fuse_output": True,
+          "fuse_min_programs": 128}
 
 
 def _new(shape, dtype, device):
@@ -83,11 +92,21 @@ def _ln_backward(g, x, inv_std, m_d, D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, theta, ln_w, ln_b, o, h0, ht, states, bounds, mb_base, H, EPS: tl.constexpr,
+def _dual_output(b_q, b_kT, dz, W, b, w, beta, causal, m_d, D: tl.constexpr, EPS: tl.constexpr, DOT: tl.constexpr):
+    """o = q + LN(q W + b - tril(q k^T + 1) dz) of one mini-batch from its entry state (W, b) and steps dz."""
+    A = tl.where(causal, tl.dot(b_q, b_kT, input_precision=DOT) + 1.0, 0.0)
+    z = tl.dot(b_q, W, input_precision=DOT) + b[None, :] - tl.dot(A, dz, input_precision=DOT)
+    x, _ = _normalize(z, m_d, D, EPS)
+    return b_q + x * w + beta
+
+
+@triton.jit
+def _fwd_kernel(q, k, v, theta, ln_w, ln_b, o, steps, h0, ht, states, bounds, mb_base, H, EPS: tl.constexpr,
                 D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr, DOT: tl.constexpr,
-                USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr):
-    """The walk of one (sequence, head): per mini-batch its steps, the output and the next (W, b); the entry states
-    stored with STORE_STATES (for the backward)."""
+                USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+                FUSE_OUTPUT: tl.constexpr):
+    """The walk of one (sequence, head): per mini-batch its steps, the output (FUSE_OUTPUT; else the steps are stored
+    for `_output_kernel`) and the next (W, b); the entry states stored with STORE_STATES."""
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
     first = tl.load(mb_base + i_n)
@@ -113,7 +132,6 @@ def _fwd_kernel(q, k, v, theta, ln_w, ln_b, o, h0, ht, states, bounds, mb_base, 
         m_t = (o_t < MB) & (t < eos)
         m_td = m_t[:, None] & m_d[None, :]
         at_t = (t[:, None] * H + i_h) * D + o_d[None, :]
-        b_q = tl.load(q + at_t, mask=m_td, other=0.0).to(tl.float32)
         b_k = tl.load(k + at_t, mask=m_td, other=0.0).to(tl.float32)
         b_v = tl.load(v + at_t, mask=m_td, other=0.0).to(tl.float32)
         b_kT = tl.load(k + (t[None, :] * H + i_h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
@@ -121,16 +139,45 @@ def _fwd_kernel(q, k, v, theta, ln_w, ln_b, o, h0, ht, states, bounds, mb_base, 
         th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # 0 where masked: no step
         x0, inv0 = _normalize(tl.dot(b_k, W, input_precision=DOT) + b[None, :], m_d, D, EPS)
         dz = th[:, None] * _ln_backward((x0 * w + beta - b_v + b_k) * w, x0, inv0, m_d, D)
-        A = tl.where(causal, tl.dot(b_q, b_kT, input_precision=DOT) + 1.0, 0.0)
-        z = tl.dot(b_q, W, input_precision=DOT) + b[None, :] - tl.dot(A, dz, input_precision=DOT)
-        x, _ = _normalize(z, m_d, D, EPS)
-        tl.store(o + at_t, (b_q + x * w + beta).to(o.dtype.element_ty), mask=m_td)
+        if FUSE_OUTPUT:
+            b_q = tl.load(q + at_t, mask=m_td, other=0.0).to(tl.float32)
+            tl.store(o + at_t, _dual_output(b_q, b_kT, dz, W, b, w, beta, causal, m_d, D, EPS, DOT).to(o.dtype.element_ty),
+                     mask=m_td)
+        else:
+            tl.store(steps + at_t, dz, mask=m_td)
         W -= tl.dot(b_kT, dz, input_precision=DOT)
         b -= tl.sum(dz, axis=0)
     if STORE_FINAL:
         row = (i_n * H + i_h).to(tl.int64) * (D + 1) * D
         tl.store(ht + row + at_W, W, mask=m_dd)
         tl.store(ht + row + D * D + o_d, b, mask=m_d)
+
+
+@triton.jit
+def _output_kernel(q, k, steps, ln_w, ln_b, o, states, mb_start, mb_end, H, EPS: tl.constexpr, D: tl.constexpr,
+                   BD: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr, DOT: tl.constexpr):
+    """The outputs of one (mini-batch, head) from its stored entry state and steps."""
+    i_m, i_h = tl.program_id(0), tl.program_id(1)
+    start = tl.load(mb_start + i_m)
+    n = tl.minimum(tl.load(mb_end + i_m) - start, MB)
+    o_t, o_d = tl.arange(0, BT), tl.arange(0, BD)
+    m_d = o_d < D
+    t = start + o_t
+    m_t = o_t < n
+    m_td = m_t[:, None] & m_d[None, :]
+    at_t = (t[:, None] * H + i_h) * D + o_d[None, :]
+    entry = (i_m * H + i_h).to(tl.int64) * (D + 1) * D
+    W = tl.load(states + entry + o_d[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :], other=0.0)
+    b = tl.load(states + entry + D * D + o_d, mask=m_d, other=0.0)
+    w = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_q = tl.load(q + at_t, mask=m_td, other=0.0).to(tl.float32)
+    b_kT = tl.load(k + (t[None, :] * H + i_h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
+                   other=0.0).to(tl.float32)
+    dz = tl.load(steps + at_t, mask=m_td, other=0.0)
+    causal = o_t[:, None] >= o_t[None, :]
+    out = _dual_output(b_q, b_kT, dz, W, b, w, beta, causal, m_d, D, EPS, DOT)
+    tl.store(o + at_t, out.to(o.dtype.element_ty), mask=m_td)
 
 
 @triton.jit
@@ -225,14 +272,18 @@ def _bwd_kernel(q, k, v, theta, ln_w, ln_b, do, dht, states, dq, dk, dv, dtheta,
 
 
 def _layout(B, T, cu_seqlens, device):
-    """(bounds [N + 1] token offsets, mb_base [N + 1] each sequence's first mini-batch); the total on the host."""
+    """(bounds [N + 1] token offsets, mb_base [N + 1] each sequence's first mini-batch, mb_start and mb_end [mini-batches]
+    each mini-batch's first token and its sequence's end). The number of mini-batches is read on the host."""
     if cu_seqlens is None:
         bounds = torch.arange(0, B * T + 1, T, device=device, dtype=torch.int32)
     else:
         bounds = cu_seqlens.to(device=device, dtype=torch.int32)
-    minibatches = (bounds[1:] - bounds[:-1] + MINIBATCH - 1) // MINIBATCH
-    mb_base = torch.cat([minibatches.new_zeros(1), minibatches.cumsum(0)]).to(torch.int32)
-    return bounds, mb_base, int(mb_base[-1])
+    minibatches = ((bounds[1:] - bounds[:-1]).long() + MINIBATCH - 1) // MINIBATCH
+    mb_base = torch.cat([minibatches.new_zeros(1), minibatches.cumsum(0)])
+    total = int(mb_base[-1])
+    seq = torch.repeat_interleave(torch.arange(minibatches.numel(), device=device), minibatches, output_size=total)
+    mb_start = bounds[seq].long() + (torch.arange(total, device=device) - mb_base[seq]) * MINIBATCH
+    return bounds, mb_base.to(torch.int32), mb_start.to(torch.int32), bounds[1:][seq].contiguous()
 
 
 def _dot(x):
@@ -249,25 +300,32 @@ def _launch(D):
     return BD, CONFIG["warps_small"] if BD <= 64 else CONFIG["warps_large"]
 
 
-def _forward(q, k, v, theta, ln_weight, ln_bias, h0, output_final_state, layout, store):
-    """Launch the forward walk on packed [tokens, H, D] inputs: (o, final state or None, entry states or None)."""
-    bounds, mb_base, total = layout
+def _forward(q, k, v, theta, ln_weight, ln_bias, h0, output_final_state, layout, store, fuse):
+    """Launch the forward on packed [tokens, H, D] inputs: (o, final state or None, entry states or None). With
+    `fuse` the walk forms the outputs, else `_output_kernel` does from the entry states and steps the walk stores."""
+    bounds, mb_base, mb_start, mb_end = layout
     N_TOKENS, H, D = q.shape
-    N = bounds.numel() - 1
+    N, total = bounds.numel() - 1, mb_start.numel()
     BD, warps = _launch(D)
+    sizes = dict(EPS=EPS, D=D, BD=BD, BT=_pow2(MINIBATCH), MB=MINIBATCH, DOT=_dot(k))
     o = _new((N_TOKENS, H, D), q.dtype, q.device)
     ht = _new((N, H, D + 1, D), torch.float32, q.device) if output_final_state else None
-    states = _new((total, H, D + 1, D), torch.float32, q.device) if store else None
-    _fwd_kernel[(N, H)](q, k, v, theta, ln_weight, ln_bias, o, h0, ht, states, bounds, mb_base, H, EPS=EPS, D=D, BD=BD,
-                        BT=_pow2(MINIBATCH), MB=MINIBATCH, DOT=_dot(k), USE_H0=h0 is not None,
-                        STORE_FINAL=output_final_state, STORE_STATES=store, num_warps=warps)
+    states = _new((total, H, D + 1, D), torch.float32, q.device) if store or not fuse else None
+    steps = None if fuse else _new((N_TOKENS, H, D), torch.float32, q.device)
+    _fwd_kernel[(N, H)](q, k, v, theta, ln_weight, ln_bias, o, steps, h0, ht, states, bounds, mb_base, H, **sizes,
+                        USE_H0=h0 is not None, STORE_FINAL=output_final_state, STORE_STATES=states is not None,
+                        FUSE_OUTPUT=fuse, num_warps=warps)
+    if not fuse:
+        _output_kernel[(total, H)](q, k, steps, ln_weight, ln_bias, o, states, mb_start, mb_end, H, **sizes,
+                                   num_warps=warps)
     return o, ht, states
 
 
 class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, theta, ln_weight, ln_bias, h0, output_final_state, layout, store):
-        o, ht, states = _forward(q, k, v, theta, ln_weight, ln_bias, h0, output_final_state, layout, store)
+        fuse = CONFIG["fuse_output"] and (layout[0].numel() - 1) * q.shape[1] >= CONFIG["fuse_min_programs"]
+        o, ht, states = _forward(q, k, v, theta, ln_weight, ln_bias, h0, output_final_state, layout, store, fuse)
         ctx.save_for_backward(q, k, v, theta, ln_weight, ln_bias, states, layout[0], layout[1])
         ctx.has_h0 = h0 is not None
         return o, ht
