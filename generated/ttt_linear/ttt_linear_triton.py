@@ -16,17 +16,19 @@ and every product of a mini-batch but q k^T reads it. So each kernel is one walk
 mini-batches that holds (W, b) in registers. The inner LayerNorm normalizes over D, so one program holds the whole
 [D, D] state: the walks take D <= 128 (8 warps at D = 128).
 
-What runs where: the steps dz and the update need the state in order, so they run in the walk. The output needs only
-the mini-batch's entry state and steps: with enough walks to fill the GPU (CONFIG fuse_min_programs) the walk forms it
-too (q k^T is [MB, MB], cheaper there than a round trip through memory); with fewer, every product in the walk
-lengthens the critical path, so the walk stores the entry states and dz and `_output_kernel` forms the outputs, one
-program per (mini-batch, head), all in parallel.
+What runs where: the steps dz and the update need the state in order, so they run in the walk, and so does the
+backward's chain through the state's gradient (dW, db). The output and its backward (dZ, dA, dq, and the parts -A^T dZ
+and dA^T q of the steps' and k's gradients) need only the mini-batch's entry state and steps: with enough walks to fill
+the GPU (CONFIG fuse_min_programs) the walks do them too (q k^T is [MB, MB], cheaper there than a round trip through
+memory); with fewer, every product in a walk lengthens the critical path (13 products a mini-batch in the reverse walk
+against 6), so the walks store or read them and a kernel per (mini-batch, head) does them, all in parallel.
 
 Kernels: `_fwd_kernel` (the walk: the steps, the output where fused, the final state; the mini-batch entry states
-stored when a gradient will be asked for or the output kernel reads them), `_output_kernel`, and `_bwd_kernel` (the
-reverse walk from the stored entry states: the mini-batch again, then the gradients of q, k, v, theta, the LayerNorm's
-weight and bias (per sequence, summed on the host) and of the entry state, from the exit state's). Its derivation,
-per mini-batch, given dO and the exit state's (dW, db):
+stored when a gradient will be asked for or the output kernel reads them), `_output_kernel`, `_bwd_output_kernel` (the
+output's backward where not fused, before the reverse walk) and `_bwd_kernel` (the reverse walk from the stored entry
+states: the mini-batch's steps again, then the gradients of q, k, v, theta, the LayerNorm's weight and bias (per
+sequence and mini-batch, summed on the host) and of the entry state, from the exit state's). Its derivation, per
+mini-batch, given dO and the exit state's (dW, db):
 
     dZ  = LN backward of dO w at q W + b - A dz          ddz = -A^T dZ - k dW - db      dA = -tril(dZ dz^T)
     P   = theta ddz          dtheta = sum_D(ddz D_raw)   (D_raw = dz / theta)
@@ -56,8 +58,8 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # take "ieee"); warps of the walks at D <= 64 and beyond (their registers hold the [D, D] state, in the backward
 # its gradient as well); the backward's software-pipeline stages (it loads each entry state, [D, D] fp32, in the loop:
 # at D = 128 one stage needs 160 KB of shared memory on sm_90, two 225 KB of the 227, three more than there is).
-# Whether the forward walk forms the output (fuse_output, while at least fuse_min_programs walks run; else
-# _output_kernel does).
+# Whether the walks form the output and its backward (fuse_output, while at least fuse_min_programs walks run; else
+# _output_kernel and _bwd_output_kernel do).
 CONFIG = {"dot_16bit": "tf32", "warps_small": 4, "warps_large": 8, "stages_bwd": 1, "fuse_output": True,
           "fuse_min_programs": 128}
 
@@ -92,12 +94,24 @@ def _ln_backward(g, x, inv_std, m_d, D: tl.constexpr):
 
 
 @triton.jit
-def _dual_output(b_q, b_kT, dz, W, b, w, beta, causal, m_d, D: tl.constexpr, EPS: tl.constexpr, DOT: tl.constexpr):
-    """o = q + LN(q W + b - tril(q k^T + 1) dz) of one mini-batch from its entry state (W, b) and steps dz."""
+def _steps(b_k, b_v, th, W, b, w, beta, m_d, D: tl.constexpr, EPS: tl.constexpr, DOT: tl.constexpr):
+    """A mini-batch's steps at its entry state (W, b): (dz, and for the backward LN's normalized z0 and 1 / std, the
+    error LN(z0) - (v - k), its gradient G = error * w and dz / theta)."""
+    x0, inv0 = _normalize(tl.dot(b_k, W, input_precision=DOT) + b[None, :], m_d, D, EPS)
+    err = x0 * w + beta - b_v + b_k  # 0 in padded columns
+    g = err * w
+    raw = _ln_backward(g, x0, inv0, m_d, D)
+    return th[:, None] * raw, x0, inv0, err, g, raw
+
+
+@triton.jit
+def _dual_output(b_q, b_kT, dz, W, b, causal, m_d, D: tl.constexpr, EPS: tl.constexpr, DOT: tl.constexpr):
+    """(LN's normalized z, its 1 / std, the scores tril(q k^T + 1)) of z = q W + b - tril(q k^T + 1) dz, one
+    mini-batch's outputs before LN's weight and bias and the residual."""
     A = tl.where(causal, tl.dot(b_q, b_kT, input_precision=DOT) + 1.0, 0.0)
     z = tl.dot(b_q, W, input_precision=DOT) + b[None, :] - tl.dot(A, dz, input_precision=DOT)
-    x, _ = _normalize(z, m_d, D, EPS)
-    return b_q + x * w + beta
+    x, inv = _normalize(z, m_d, D, EPS)
+    return x, inv, A
 
 
 @triton.jit
@@ -137,12 +151,11 @@ def _fwd_kernel(q, k, v, theta, ln_w, ln_b, o, steps, h0, ht, states, bounds, mb
         b_kT = tl.load(k + (t[None, :] * H + i_h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
                        other=0.0).to(tl.float32)
         th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)  # 0 where masked: no step
-        x0, inv0 = _normalize(tl.dot(b_k, W, input_precision=DOT) + b[None, :], m_d, D, EPS)
-        dz = th[:, None] * _ln_backward((x0 * w + beta - b_v + b_k) * w, x0, inv0, m_d, D)
+        dz, _, _, _, _, _ = _steps(b_k, b_v, th, W, b, w, beta, m_d, D, EPS, DOT)
         if FUSE_OUTPUT:
             b_q = tl.load(q + at_t, mask=m_td, other=0.0).to(tl.float32)
-            tl.store(o + at_t, _dual_output(b_q, b_kT, dz, W, b, w, beta, causal, m_d, D, EPS, DOT).to(o.dtype.element_ty),
-                     mask=m_td)
+            x, _, _ = _dual_output(b_q, b_kT, dz, W, b, causal, m_d, D, EPS, DOT)
+            tl.store(o + at_t, (b_q + x * w + beta).to(o.dtype.element_ty), mask=m_td)
         else:
             tl.store(steps + at_t, dz, mask=m_td)
         W -= tl.dot(b_kT, dz, input_precision=DOT)
@@ -175,17 +188,70 @@ def _output_kernel(q, k, steps, ln_w, ln_b, o, states, mb_start, mb_end, H, EPS:
     b_kT = tl.load(k + (t[None, :] * H + i_h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
                    other=0.0).to(tl.float32)
     dz = tl.load(steps + at_t, mask=m_td, other=0.0)
-    causal = o_t[:, None] >= o_t[None, :]
-    out = _dual_output(b_q, b_kT, dz, W, b, w, beta, causal, m_d, D, EPS, DOT)
-    tl.store(o + at_t, out.to(o.dtype.element_ty), mask=m_td)
+    x, _, _ = _dual_output(b_q, b_kT, dz, W, b, o_t[:, None] >= o_t[None, :], m_d, D, EPS, DOT)
+    tl.store(o + at_t, (b_q + x * w + beta).to(o.dtype.element_ty), mask=m_td)
 
 
 @triton.jit
-def _bwd_kernel(q, k, v, theta, ln_w, ln_b, do, dht, states, dq, dk, dv, dtheta, dw_seq, db_seq, dh0, bounds, mb_base,
-                H, EPS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr,
-                DOT: tl.constexpr, USE_DHT: tl.constexpr):
-    """The reverse walk of one (sequence, head): per mini-batch (last first) its forward again from the stored entry
-    state, then every gradient (the module docstring's derivation); the state's gradient (dW, db) in registers."""
+def _output_backward(b_q, b_k, b_kT, b_do, dz, W, WT, b, w, causal, m_d, D: tl.constexpr, EPS: tl.constexpr,
+                     DOT: tl.constexpr):
+    """The output's backward within one mini-batch, from its entry state (W, b; WT = W^T) and steps dz: (dZ at
+    z = q W + b - A dz, the part -A^T dZ of the steps' gradient, dq, the part dA^T q of dk, sum_t dO x for ln_weight)."""
+    x, inv, A = _dual_output(b_q, b_kT, dz, W, b, causal, m_d, D, EPS, DOT)
+    dZ = _ln_backward(b_do * w, x, inv, m_d, D)
+    dA = tl.where(causal, -tl.dot(dZ, tl.trans(dz), input_precision=DOT), 0.0)
+    b_dq = b_do + tl.dot(dZ, WT, input_precision=DOT) + tl.dot(dA, b_k, input_precision=DOT)
+    ddz = -tl.dot(tl.trans(A), dZ, input_precision=DOT)
+    return dZ, ddz, b_dq, tl.dot(tl.trans(dA), b_q, input_precision=DOT), tl.sum(b_do * x, axis=0)
+
+
+@triton.jit
+def _bwd_output_kernel(q, k, v, theta, ln_w, ln_b, do, states, dq, dk, dZs, ddzs, dw_mb, db_mb, mb_start, mb_end, H,
+                       EPS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, MB: tl.constexpr,
+                       DOT: tl.constexpr):
+    """The output's backward of one (mini-batch, head), in parallel before the reverse walk: dq, the part dA^T q of dk
+    (the walk adds the rest), dZ and -A^T dZ for the walk, the LayerNorm params' output gradients per mini-batch."""
+    i_m, i_h = tl.program_id(0), tl.program_id(1)
+    start = tl.load(mb_start + i_m)
+    n = tl.minimum(tl.load(mb_end + i_m) - start, MB)
+    o_t, o_d = tl.arange(0, BT), tl.arange(0, BD)
+    m_d = o_d < D
+    m_dd = m_d[:, None] & m_d[None, :]
+    t = start + o_t
+    m_t = o_t < n
+    m_td = m_t[:, None] & m_d[None, :]
+    at_t = (t[:, None] * H + i_h) * D + o_d[None, :]
+    entry = (i_m * H + i_h).to(tl.int64) * (D + 1) * D
+    W = tl.load(states + entry + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0)
+    WT = tl.load(states + entry + o_d[None, :] * D + o_d[:, None], mask=m_dd, other=0.0)
+    b = tl.load(states + entry + D * D + o_d, mask=m_d, other=0.0)
+    w = tl.load(ln_w + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b + i_h * D + o_d, mask=m_d, other=0.0).to(tl.float32)
+    b_q = tl.load(q + at_t, mask=m_td, other=0.0).to(tl.float32)
+    b_k = tl.load(k + at_t, mask=m_td, other=0.0).to(tl.float32)
+    b_v = tl.load(v + at_t, mask=m_td, other=0.0).to(tl.float32)
+    b_kT = tl.load(k + (t[None, :] * H + i_h) * D + o_d[:, None], mask=m_d[:, None] & m_t[None, :],
+                   other=0.0).to(tl.float32)
+    b_do = tl.load(do + at_t, mask=m_td, other=0.0).to(tl.float32)
+    th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
+    dz, _, _, _, _, _ = _steps(b_k, b_v, th, W, b, w, beta, m_d, D, EPS, DOT)
+    dZ, ddz, b_dq, b_dk, dw = _output_backward(b_q, b_k, b_kT, b_do, dz, W, WT, b, w, o_t[:, None] >= o_t[None, :],
+                                               m_d, D, EPS, DOT)
+    tl.store(dq + at_t, b_dq, mask=m_td)
+    tl.store(dk + at_t, b_dk, mask=m_td)
+    tl.store(dZs + at_t, dZ, mask=m_td)
+    tl.store(ddzs + at_t, ddz, mask=m_td)
+    tl.store(dw_mb + (i_m * H + i_h) * D + o_d, dw, mask=m_d)
+    tl.store(db_mb + (i_m * H + i_h) * D + o_d, tl.sum(b_do, axis=0), mask=m_d)
+
+
+@triton.jit
+def _bwd_kernel(q, k, v, theta, ln_w, ln_b, do, dht, states, dq, dk, dv, dtheta, dZs, ddzs, dw_seq, db_seq, dh0,
+                bounds, mb_base, H, EPS: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+                MB: tl.constexpr, DOT: tl.constexpr, USE_DHT: tl.constexpr, FUSE_OUTPUT: tl.constexpr):
+    """The reverse walk of one (sequence, head): per mini-batch (last first) its steps again from the stored entry
+    state, the output's backward (FUSE_OUTPUT; else `_bwd_output_kernel` stored it), then the steps' gradients (the
+    module docstring's derivation); the state's gradient (dW, db) in registers."""
     i_n, i_h = tl.program_id(0), tl.program_id(1)
     bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
     first = tl.load(mb_base + i_n)
@@ -215,34 +281,32 @@ def _bwd_kernel(q, k, v, theta, ln_w, ln_b, do, dht, states, dq, dk, dv, dtheta,
         m_dt = m_d[:, None] & m_t[None, :]
         at_t = (t[:, None] * H + i_h) * D + o_d[None, :]
         at_tT = (t[None, :] * H + i_h) * D + o_d[:, None]
-        b_q = tl.load(q + at_t, mask=m_td, other=0.0).to(tl.float32)
         b_k = tl.load(k + at_t, mask=m_td, other=0.0).to(tl.float32)
         b_v = tl.load(v + at_t, mask=m_td, other=0.0).to(tl.float32)
         b_qT = tl.load(q + at_tT, mask=m_dt, other=0.0).to(tl.float32)
         b_kT = tl.load(k + at_tT, mask=m_dt, other=0.0).to(tl.float32)
-        b_do = tl.load(do + at_t, mask=m_td, other=0.0).to(tl.float32)
         th = tl.load(theta + t * H + i_h, mask=m_t, other=0.0).to(tl.float32)
-        # the mini-batch's forward again (W is live only for these products; the gradients read it transposed)
+        # the mini-batch's steps again (W is live only for these products; the gradients read it transposed)
         W = tl.load(states + entry + at_W, mask=m_dd, other=0.0)
         b = tl.load(states + entry + D * D + o_d, mask=m_d, other=0.0)
-        x0, inv0 = _normalize(tl.dot(b_k, W, input_precision=DOT) + b[None, :], m_d, D, EPS)
-        err = x0 * w + beta - b_v + b_k  # LN(z0) - (v - k); 0 in padded columns
-        g = err * w
-        step = _ln_backward(g, x0, inv0, m_d, D)  # D_raw: dz = theta D_raw
-        dz = th[:, None] * step
-        A = tl.where(causal, tl.dot(b_q, b_kT, input_precision=DOT) + 1.0, 0.0)
-        z = tl.dot(b_q, W, input_precision=DOT) + b[None, :] - tl.dot(A, dz, input_precision=DOT)
-        x, inv = _normalize(z, m_d, D, EPS)
-        # the output o = q + x w + beta
-        dw_acc += tl.sum(b_do * x, axis=0)
-        dbeta_acc += tl.sum(b_do, axis=0)
-        dZ = _ln_backward(b_do * w, x, inv, m_d, D)
-        # the dual form's scores and the state update
-        ddz = -tl.dot(tl.trans(A), dZ, input_precision=DOT) - tl.dot(b_k, dW, input_precision=DOT) - db[None, :]
-        dA = tl.where(causal, -tl.dot(dZ, tl.trans(dz), input_precision=DOT), 0.0)
+        dz, x0, inv0, err, g, step = _steps(b_k, b_v, th, W, b, w, beta, m_d, D, EPS, DOT)
+        if FUSE_OUTPUT:
+            b_q = tl.load(q + at_t, mask=m_td, other=0.0).to(tl.float32)
+            b_do = tl.load(do + at_t, mask=m_td, other=0.0).to(tl.float32)
+            dZ, ddz, b_dq, b_dk, dw = _output_backward(b_q, b_k, b_kT, b_do, dz, W, tl.load(states + entry + at_WT,
+                                                       mask=m_dd, other=0.0), b, w, causal, m_d, D, EPS, DOT)
+            tl.store(dq + at_t, b_dq, mask=m_td)
+            dw_acc += dw
+            dbeta_acc += tl.sum(b_do, axis=0)
+        else:
+            dZ = tl.load(dZs + at_t, mask=m_td, other=0.0)
+            ddz = tl.load(ddzs + at_t, mask=m_td, other=0.0)
+            b_dk = tl.load(dk + at_t, mask=m_td, other=0.0)
+        # the state update's: W' = W - k^T dz, b' = b - sum_t dz
+        ddz -= tl.dot(b_k, dW, input_precision=DOT) + db[None, :]
         tl.store(dtheta + t * H + i_h, tl.sum(ddz * step, axis=1), mask=m_t)
         P = th[:, None] * ddz
-        # the step's LayerNorm backward, differentiated
+        # the steps' LayerNorm backward, differentiated
         dG = _ln_backward(P, x0, inv0, m_d, D)
         dE = dG * w
         dw_acc += tl.sum(dG * err + dE * x0, axis=0)
@@ -254,10 +318,7 @@ def _bwd_kernel(q, k, v, theta, ln_w, ln_b, do, dht, states, dq, dk, dv, dtheta,
         dC = tl.where(m_d[None, :], inv0[:, None] * (dX - s[:, None] * x0), 0.0)
         dz0 = tl.where(m_d[None, :], dC - (tl.sum(dC, axis=1) / D)[:, None], 0.0)
         WT = tl.load(states + entry + at_WT, mask=m_dd, other=0.0)
-        b_dq = b_do + tl.dot(dZ, WT, input_precision=DOT) + tl.dot(dA, b_k, input_precision=DOT)
-        b_dk = tl.dot(tl.trans(dA), b_q, input_precision=DOT) - tl.dot(dz, tl.trans(dW), input_precision=DOT)
-        b_dk += dE + tl.dot(dz0, WT, input_precision=DOT)
-        tl.store(dq + at_t, b_dq, mask=m_td)
+        b_dk += dE - tl.dot(dz, tl.trans(dW), input_precision=DOT) + tl.dot(dz0, WT, input_precision=DOT)
         tl.store(dk + at_t, b_dk, mask=m_td)
         tl.store(dv + at_t, -dE, mask=m_td)
         dW += tl.dot(b_qT, dZ, input_precision=DOT) + tl.dot(b_kT, dz0, input_precision=DOT)
@@ -324,30 +385,41 @@ def _forward(q, k, v, theta, ln_weight, ln_bias, h0, output_final_state, layout,
 class _ChunkFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, theta, ln_weight, ln_bias, h0, output_final_state, layout, store):
+        # the output (and in the backward its gradient) in the walks only while enough of them run
         fuse = CONFIG["fuse_output"] and (layout[0].numel() - 1) * q.shape[1] >= CONFIG["fuse_min_programs"]
         o, ht, states = _forward(q, k, v, theta, ln_weight, ln_bias, h0, output_final_state, layout, store, fuse)
-        ctx.save_for_backward(q, k, v, theta, ln_weight, ln_bias, states, layout[0], layout[1])
-        ctx.has_h0 = h0 is not None
+        ctx.save_for_backward(q, k, v, theta, ln_weight, ln_bias, states, *layout)
+        ctx.has_h0, ctx.fuse = h0 is not None, fuse
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, theta, ln_weight, ln_bias, states, bounds, mb_base = ctx.saved_tensors
+        q, k, v, theta, ln_weight, ln_bias, states, bounds, mb_base, mb_start, mb_end = ctx.saved_tensors
         N_TOKENS, H, D = q.shape
-        N = bounds.numel() - 1
+        N, total = bounds.numel() - 1, mb_start.numel()
         BD, warps = _launch(D)
+        sizes = dict(EPS=EPS, D=D, BD=BD, BT=_pow2(MINIBATCH), MB=MINIBATCH, DOT=_dot(k))
         f32 = dict(dtype=torch.float32, device=q.device)
+        do = do.contiguous()
         dq, dk, dv = (_new((N_TOKENS, H, D), **f32) for _ in range(3))
         dtheta = _new((N_TOKENS, H), **f32)
         dw_seq, db_seq = _new((N, H, D), **f32), _new((N, H, D), **f32)  # per sequence, summed below
         dh0 = _new((N, H, D + 1, D), **f32)
-        _bwd_kernel[(N, H)](q, k, v, theta, ln_weight, ln_bias, do.contiguous(),
-                            None if dht is None else dht.contiguous(), states, dq, dk, dv, dtheta, dw_seq, db_seq, dh0,
-                            bounds, mb_base, H, EPS=EPS, D=D, BD=BD, BT=_pow2(MINIBATCH), MB=MINIBATCH, DOT=_dot(k),
-                            USE_DHT=dht is not None, num_warps=warps, num_stages=CONFIG["stages_bwd"])
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta.to(theta.dtype),
-                dw_seq.sum(0).to(ln_weight.dtype), db_seq.sum(0).to(ln_bias.dtype), dh0 if ctx.has_h0 else None,
-                None, None, None)
+        dZs = ddzs = None
+        if not ctx.fuse:  # the output's backward first, in parallel; the walk reads dZ, -A^T dZ and dk's part
+            dZs, ddzs = _new((N_TOKENS, H, D), **f32), _new((N_TOKENS, H, D), **f32)
+            dw_mb, db_mb = _new((total, H, D), **f32), _new((total, H, D), **f32)
+            _bwd_output_kernel[(total, H)](q, k, v, theta, ln_weight, ln_bias, do, states, dq, dk, dZs, ddzs, dw_mb,
+                                           db_mb, mb_start, mb_end, H, **sizes, num_warps=warps)
+        _bwd_kernel[(N, H)](q, k, v, theta, ln_weight, ln_bias, do, None if dht is None else dht.contiguous(), states,
+                            dq, dk, dv, dtheta, dZs, ddzs, dw_seq, db_seq, dh0, bounds, mb_base, H, **sizes,
+                            USE_DHT=dht is not None, FUSE_OUTPUT=ctx.fuse, num_warps=warps,
+                            num_stages=CONFIG["stages_bwd"])
+        dw, dbeta = dw_seq.sum(0), db_seq.sum(0)
+        if not ctx.fuse:
+            dw, dbeta = dw + dw_mb.sum(0), dbeta + db_mb.sum(0)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtheta.to(theta.dtype), dw.to(ln_weight.dtype),
+                dbeta.to(ln_bias.dtype), dh0 if ctx.has_h0 else None, None, None, None)
 
 
 def chunk(q, k, v, theta, ln_weight, ln_bias, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
