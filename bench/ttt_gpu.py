@@ -8,9 +8,9 @@ Parts (any subset, run in this order; default check bench):
           K = V = 64 and 128; specs/lsm/ttt_linear.lsm (minibatch 16) and its per-token form, whose decode step runs
           token by token against the chunked forward.
   bench   median ms (triton.testing.do_bench), bf16 inputs, B*T = 32768 tokens, H = 16, K = V = 128 and 64 (the
-          paper's), T in {2K, 8K, 32K}, forward and forward+backward: the Triton kernels (the default, then at D = 128
-          with 16 warps, then with the output where the default does not put it: in the walk or in its own kernel,
-          CONFIG fuse_min_programs decides by the walks' count), the torch path, and fla's chunk_ttt_linear where fla imports (its learning rate is per chunk and its
+          paper's), T in {2K, 8K, 32K}, forward and forward+backward: the Triton kernels (the default, then with the
+          output and its backward where the default does not put them: in the walks or in their own kernels, CONFIG
+          fuse_min_programs decides by the walks' count), the torch path, and fla's chunk_ttt_linear where fla imports (its learning rate is per chunk and its
           output norm a group norm: a timing peer, not the same function). The ratio is fla's time over ours.
   profile each kernel's GPU time in one forward+backward at T = 8K, D = 128 (torch.profiler).
   torch   the torch paths of Titans (per token, minibatch(64)) and TTT-Linear on CUDA (fp32, bf16) against float64 on
@@ -293,8 +293,6 @@ def bench(progs, device):
             fused = B * H >= defaults["fuse_min_programs"]  # the default at this shape; the other is a row too
             where = lambda f: "output in the walk" if f else "output kernel"
             variants = [(f"{where(fused)}", {})]
-            if D > 64:
-                variants.append((f"{where(fused)}, 16 warps", {"warps_large": 16}))
             variants.append((f"{where(not fused)}", {"fuse_min_programs": 0} if not fused else {"fuse_output": False}))
             for name, config in variants:
                 label = f"lmoec ttt_linear (triton, {name})"

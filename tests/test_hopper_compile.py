@@ -46,8 +46,8 @@ CASES = {  # spec: launch settings to exercise besides the defaults
     "titans": [{}, {"seq_programs": 0}, {"seq_programs": 0, "BV": 64, "BK_bwd": 64, "BV_bwd": 32},
                {"warps_bwd": 4, "dot_16bit": "ieee"}],
     # its walks hold the whole [D, D] state (the two head dims below are its variants); at B * H = 2 the output has its
-    # own kernel by default, fuse_min_programs 0 forms it in the walk; 16 warps a sweep row
-    "ttt_linear": [{}, {"warps_large": 16}, {"fuse_min_programs": 0}],
+    # own kernel by default, fuse_min_programs 0 forms it in the walk
+    "ttt_linear": [{}, {"fuse_min_programs": 0}],
 }
 # the (K, V) the benchmarks run, where not (128, 128) alone; TTT-Linear at the paper's 64 as well (4 warps there)
 HEAD_DIMS = {"mamba": [(16, 64)], "gfw": [(64, 128)], "ttt_linear": [(128, 128), (64, 64)]}
