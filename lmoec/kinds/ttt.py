@@ -94,18 +94,20 @@ def emit_triton(ctx: "LSMContext", header: str) -> str:
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
-    """templates/torch/ttt.py.j2, per mini-batch of N tokens (s.C is the chunk; the mini-batch is rec.minibatch):
-    k W_0 and q W_0 ([N, K] x [K, V]), the in-batch scores q k^T and their product with the gradients, the state's
-    update k^T dz; element-wise LayerNorms (forward, backward, output) at ~10 flops per value. The backward
-    (autograd) is counted as twice the forward's flops; bytes are the inputs and outputs once, and the mini-batch
-    entry states stored in fp32 for the backward."""
+    """templates/triton/ttt.py.j2 (the torch path computes the same products; its backward is autograd's), per
+    mini-batch of N tokens (s.C is the chunk; the mini-batch is rec.minibatch). Forward: k W and q W ([N, K] x [K, V]),
+    the in-batch scores q k^T and their product with the steps, the update k^T dz; element-wise LayerNorms (forward,
+    backward, output) at ~10 flops per value. Backward: the forward's again but the update, six more products of a
+    token by a state (k dW, dZ W^T, dz dW^T, dz0 W^T, q^T dZ, k^T dz0) and four more in-batch ones, the LayerNorms'
+    backwards at twice the forward's element-wise work. Bytes: the inputs and outputs once, the mini-batch entry
+    states in fp32 written by the forward and read by the backward."""
     b = ctx.rec.minibatch
     entries = -(-s.N // b) * s.H * (s.K + 1) * s.V * 4
-    matmul = 3 * s.inter + 2 * s.N * s.H * b * (s.K + s.V)
-    flops = matmul + 30 * s.N * s.H * s.V
+    in_batch = s.N * s.H * b * (s.K + s.V)  # one in-batch product ([N, K] x [K, N] or [N, N] x [N, V]; K = V)
+    forward = 3 * s.inter + 2 * in_batch + 30 * s.N * s.H * s.V
+    backward = 8 * s.inter + 6 * in_batch + 60 * s.N * s.H * s.V
     nbytes = 3 * s.qk + s.vv + s.N * s.H * 4 + entries + ends
-    return [("ttt_minibatches", True, flops, nbytes), ("ttt_backward", False, 2 * flops, nbytes + s.vv + 3 * s.qk)]
-
+    return [("ttt_fwd_walk", True, forward, nbytes), ("ttt_bwd_walk", False, backward, nbytes + s.vv + 3 * s.qk)]
 
 KIND = Kind(
     family=Family.ttt,
