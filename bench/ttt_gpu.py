@@ -4,9 +4,10 @@ Parts (any subset, run in this order; default check bench):
   check   the Triton kernels on CUDA (bf16 inputs with tf32 and with ieee products, and fp32 inputs) against the torch
           chunkwise path in float64 on the same GPU (itself tested against the float64 oracle by tests/test_ttt.py), on
           the same rounded inputs: o, the final (W, b) and every gradient (q, k, v, theta, ln_weight, ln_bias, the
-          initial state); T no multiple of the mini-batch, a packed batch with a one-token sequence, initial states,
-          K = V = 64 and 128; specs/lsm/ttt_linear.lsm (minibatch 16) and its per-token form, whose decode step runs
-          token by token against the chunked forward.
+          initial state), with the output and its backward in their own kernels and in the walks; T no multiple of
+          the mini-batch, a packed batch with a one-token sequence, initial states, K = V = 64 and 128;
+          specs/lsm/ttt_linear.lsm (minibatch 16) and its per-token form, whose decode step runs token by token
+          against the chunked forward.
   bench   median ms (triton.testing.do_bench), bf16 inputs, B*T = 32768 tokens, H = 16, K = V = 128 and 64 (the
           paper's), T in {2K, 8K, 32K}, forward and forward+backward: the Triton kernels (the default, then with the
           output and its backward where the default does not put them: in the walks or in their own kernels, CONFIG
@@ -143,7 +144,7 @@ def check(progs, device):
     import torch
 
     say("## Check: Triton on the GPU vs the torch path in float64 (relative norm of the difference)")
-    say("| spec | case | inputs | products | worst output / state | worst gradient | ok |")
+    say("| spec | case | inputs | products, output and its backward | worst output / state | worst gradient | ok |")
     say("|---|---|---|---|---|---|---|")
     failures = 0
     H = 2
@@ -155,24 +156,33 @@ def check(progs, device):
                                 "packed [700, 1, 299] D=64": (1, 1000, [0, 700, 701, 1000], 64),
                                 "B=1 T=600 D=128": (1, 600, None, 128)},
                  "ttt_token_ln": {"B=2 T=300 D=128": (2, 300, None, 128)}}
-    variants = [(torch.float32, "ieee")] if SMOKE else [(torch.bfloat16, "tf32"), (torch.bfloat16, "ieee"),
-                                                         (torch.float32, "ieee")]
+    # (inputs, products of 16-bit inputs, where the output and its backward run): at these few walks their own kernels
+    # by default (fuse_min_programs), in the walks as at the benchmark's short sequences
+    f32, bf16 = torch.float32, torch.bfloat16
+    variants = ([(f32, "ieee", "kernels"), (f32, "ieee", "walks")] if SMOKE else
+                [(bf16, "tf32", "kernels"), (bf16, "tf32", "walks"), (bf16, "ieee", "kernels"), (f32, "ieee", "kernels"),
+                 (f32, "ieee", "walks")])
     for name, program in progs.items():
         op, mod = program.op(), kernels(program)
+        defaults = dict(mod.CONFIG)
         for label, (B, T, cu, D) in cases[name].items():
             n_seq = B if cu is None else len(cu) - 1
             gen = torch.Generator().manual_seed(T + D)
             h0 = 0.1 * torch.randn(state_shape(name, n_seq, H, D), generator=gen)
             do = torch.randn(B, T, H, D, generator=gen)
             dht = torch.randn(state_shape(name, n_seq, H, D), generator=gen)
-            for dtype, dot in variants:
+            wanted = {}  # the float64 reference per input dtype
+            for dtype, dot, place in variants:
+                setting = f"{dot}, {'own kernels' if place == 'kernels' else 'in the walks'}"
                 if over(30):
-                    say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {dot} | skipped: budget | | |")
+                    say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {setting} | skipped: budget | | |")
                     continue
-                mod.CONFIG["dot_16bit"] = dot
+                mod.CONFIG.update(defaults, dot_16bit=dot, **({"fuse_min_programs": 0} if place == "walks" else {}))
                 x = inputs(name, B, T, H, D, "cpu", dtype, seed=T)  # the same rounded inputs on both sides
                 try:
-                    want = _run(op, x, h0, do, dht, cu, device, torch.float64, "torch")
+                    if dtype not in wanted:
+                        wanted[dtype] = _run(op, x, h0, do, dht, cu, device, torch.float64, "torch")
+                    want = wanted[dtype]
                     got = _run(op, x, h0, do, dht, cu, device, dtype, "triton")
                     errs = {n: rel(got[n], w) for n, w in want.items()}
                 except Exception:  # noqa: BLE001 - a failed launch is a failed check, and the rest still runs
@@ -183,10 +193,10 @@ def check(progs, device):
                 tol_o, tol_g = TOL[str(dtype).removeprefix("torch.")]
                 ok = worst_o <= tol_o and worst_g <= tol_g
                 failures += not ok
-                log(name, label, dtype, dot, errs)
-                say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {dot} | {worst_o:.2e} | {worst_g:.2e} | "
-                    f"{'yes' if ok else 'NO'} |")
-            mod.CONFIG["dot_16bit"] = "tf32"
+                log(name, label, dtype, setting, errs)
+                say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {setting} | {worst_o:.2e} | "
+                    f"{worst_g:.2e} | {'yes' if ok else 'NO'} |")
+            mod.CONFIG.update(defaults)
     failures += check_decode(progs["ttt_token_ln"], device)
     say()
     return failures
