@@ -11,8 +11,9 @@ Parts (any subset, run in this order; default check bench):
   bench   median ms (triton.testing.do_bench), bf16 inputs, B*T = 32768 tokens, H = 16, K = V = 128 and 64 (the
           paper's), T in {2K, 8K, 32K}, forward and forward+backward: the Triton kernels (the default, then with the
           output and its backward where the default does not put them: in the walks or in their own kernels, CONFIG
-          fuse_min_programs decides by the walks' count), the torch path, and fla's chunk_ttt_linear where fla imports (its learning rate is per chunk and its
-          output norm a group norm: a timing peer, not the same function). The ratio is fla's time over ours.
+          fuse_min_programs decides by the walks' count), the torch path, and fla's chunk_ttt_linear where fla
+          imports (its learning rate is per chunk and its output norm a group norm: a timing peer, not the same
+          function). The ratio is fla's time over ours.
   profile each kernel's GPU time in one forward+backward at T = 8K, D = 128 (torch.profiler).
   torch   the torch paths of Titans (per token, minibatch(64)) and TTT-Linear on CUDA (fp32, bf16) against float64 on
           CPU (what `backend="auto"` runs on a GPU until the kernels pass here).

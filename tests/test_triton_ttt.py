@@ -55,7 +55,8 @@ def _build(minibatch: int):
     gradient = "token" if minibatch == 1 else f"minibatch({minibatch})"
     spec = Path(tempfile.mkdtemp()) / f"ttt_mb{minibatch}.lsm"
     spec.write_text(f'import "{ROOT / "specs" / "lsm" / "ttt_linear.lsm"}"\n'
-                    f"lsm ttt_mb{minibatch} extends ttt_linear {{\n chunk_size = 16\n update {{ gradient = {gradient} }}\n}}\n")
+                    f"lsm ttt_mb{minibatch} extends ttt_linear {{\n chunk_size = 16\n"
+                    f" update {{ gradient = {gradient} }}\n}}\n")
     program = lmoec.compile_spec(spec)
     lsm = program.ir.lsm()
     assert f"{lsm.name}_triton.py" in program.files, "the TTT-Linear spec must get Triton kernels"
