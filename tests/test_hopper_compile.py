@@ -45,8 +45,12 @@ CASES = {  # spec: launch settings to exercise besides the defaults
     # the walks' V block 16 (halved at B * H = 2), 32 and 64 (bench/titans_gpu.py sweeps it)
     "titans": [{}, {"seq_programs": 0}, {"seq_programs": 0, "BV": 64, "BK_bwd": 64, "BV_bwd": 32},
                {"warps_bwd": 4, "dot_16bit": "ieee"}],
+    # its walks hold the whole [D, D] state (the two head dims below are its variants); at B * H = 2 the output has its
+    # own kernel by default, fuse_min_programs 0 forms it in the walk
+    "ttt_linear": [{}, {"fuse_min_programs": 0}],
 }
-HEAD_DIMS = {"mamba": (16, 64), "gfw": (64, 128)}  # (K, V) the benchmarks run, where not (128, 128)
+# the (K, V) the benchmarks run, where not (128, 128) alone; TTT-Linear at the paper's 64 as well (4 warps there)
+HEAD_DIMS = {"mamba": [(16, 64)], "gfw": [(64, 128)], "ttt_linear": [(128, 128), (64, 64)]}
 
 
 # ---- the child: record launches, compile them ------------------------------------
@@ -125,11 +129,14 @@ def _inputs(module, decay: str, B=1, T=128, H=2, K=128, V=128):
             seq[name] = torch.randn(B, T, H, V, **bf16)
         elif name == "A":
             seq["A"] = -torch.rand(H, V, K)
-        elif name in ("theta", "eta", "alpha"):  # Titans' gates: per token and head, in (0, 1)
+        elif name in ("theta", "eta", "alpha"):  # Titans' and TTT's gates: per token and head, in (0, 1)
             seq[name] = torch.rand(B, T, H, **bf16)
+        elif name in ("ln_weight", "ln_bias"):  # TTT-Linear's inner LayerNorm: per head
+            seq[name] = torch.randn(H, V, **bf16)
         else:
             raise AssertionError(f"no input rule for chunk argument {name!r}")
-    token = {n: (t if n in ("u", "A") or (n == "g" and t.dim() == 1) else t[:, 0]) for n, t in seq.items()}
+    per_head = ("u", "A", "ln_weight", "ln_bias")
+    token = {n: (t if n in per_head or (n == "g" and t.dim() == 1) else t[:, 0]) for n, t in seq.items()}
     return seq, token, (B, H, K, V)
 
 
@@ -148,23 +155,24 @@ def compile_spec_kernels(spec: str) -> dict:
     program = lmoec.compile_spec(ROOT / "specs" / "lsm" / f"{spec}.lsm")
     lsm = program.ir.lsm()
     module = getattr(program.package, f"{lsm.name}_triton")
-    K, V = HEAD_DIMS.get(spec, (128, 128))
-    seq, token, state_shape = _inputs(module, lsm.recurrence.decay, K=K, V=V)
     kind = kind_of(lsm.recurrence)  # a joint state is wider (Titans: M and S side by side) or taller
-    state_shape = (*state_shape[:2], K + kind.state_rows, V * kind.state_width)
 
-    def run():
+    def run(seq, token, state_shape):
         leaves = {n: t.clone().requires_grad_(t.is_floating_point()) for n, t in seq.items()}
         h0 = torch.randn(state_shape).requires_grad_()
         o, ht = module.chunk(**leaves, initial_state=h0, output_final_state=True)
         (o.float().sum() + ht.sum()).backward()
-        module.step(**token, state=torch.randn(state_shape))
+        if getattr(module, "MINIBATCH", 1) == 1:  # a mini-batch update's step refuses (its test says so)
+            module.step(**token, state=torch.randn(state_shape))
 
     launches = []
     defaults = dict(module.CONFIG)
-    for config in CASES[spec]:
-        module.CONFIG.update(defaults, **config)
-        launches += _record_launches(module, run)
+    for K, V in HEAD_DIMS.get(spec, [(128, 128)]):
+        seq, token, state_shape = _inputs(module, lsm.recurrence.decay, K=K, V=V)
+        state_shape = (*state_shape[:2], K + kind.state_rows, V * kind.state_width)
+        for config in CASES[spec]:
+            module.CONFIG.update(defaults, **config)
+            launches += _record_launches(module, lambda: run(seq, token, state_shape))
     module.CONFIG.update(defaults)
     shared = {}
     for fn, args, kwargs in launches:
@@ -215,6 +223,6 @@ if __name__ == "__main__":
     specs = sys.argv[1:]
     if specs[:1] == ["--dims"]:
         dims, specs = (int(specs[1]), int(specs[2])), specs[3:]
-        HEAD_DIMS.update({spec: dims for spec in specs})
+        HEAD_DIMS.update({spec: [dims] for spec in specs})
         CASES.update({spec: [{}] for spec in specs})
     print(json.dumps({spec: compile_spec_kernels(spec) for spec in specs}))

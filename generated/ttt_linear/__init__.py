@@ -6,3 +6,4 @@ LSMs: ttt_linear (ttt_mb16).
 from . import ttt_linear_layer  # noqa: F401
 from . import ttt_linear_ops  # noqa: F401
 from . import ttt_linear_torch  # noqa: F401
+from . import ttt_linear_triton  # noqa: F401

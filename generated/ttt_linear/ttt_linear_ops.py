@@ -12,20 +12,21 @@ from lmoec.runtime.contract import check_op_args
 from lmoec.runtime.library import LSMOps
 
 from . import ttt_linear_torch as _torch
+from . import ttt_linear_triton as _triton
 
 NAME = "ttt_linear"
 RECURRENCE = Recurrence(decay="none", delta=False, dplr=False, bonus=False, update="ttt", minibatch=16)
-BACKENDS = ("reference", "torch")
+BACKENDS = ("reference", "torch", "triton")
 # torch.compile sees the chunkwise op and the decode step as registered custom ops (lmoec.runtime.library)
-LIBRARY = LSMOps(__package__ or __name__, NAME, ["theta", "ln_weight", "ln_bias"], {"torch": _torch}, state_rows=1)
+LIBRARY = LSMOps(__package__ or __name__, NAME, ["theta", "ln_weight", "ln_bias"], {"torch": _torch, "triton": _triton}, state_rows=1)
 
 
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        return "torch", "auto: the TTT-Linear kind has no Triton kernels yet: the torch path runs it on every device"
+        return "torch", "auto: the TTT-Linear Triton kernels have not run on a GPU yet (bench/ttt_gpu.py); backend='triton' forces them"
     if backend == "triton" and "triton" not in BACKENDS:
-        raise ValueError(f"{NAME}: backend='triton' is unavailable: the TTT-Linear kind has no Triton kernels yet: the torch path runs it on every device")
+        raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend not in BACKENDS:
         raise ValueError(f"{NAME}: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     return backend, "forced by the caller"
@@ -43,7 +44,7 @@ def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_s
     if torch.compiler.is_compiling():  # one graph node; eager calls skip the dispatcher
         return LIBRARY.chunk(name, q, k, v, dict(theta=theta, ln_weight=ln_weight, ln_bias=ln_bias), scale, initial_state,
                              output_final_state, cu_seqlens)
-    impl = {"torch": _torch}[name]
+    impl = {"torch": _torch, "triton": _triton}[name]
     return impl.chunk(q, k, v, theta, ln_weight, ln_bias, scale=scale, initial_state=initial_state,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 

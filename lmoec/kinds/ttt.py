@@ -10,6 +10,10 @@ fitted to the target v - k. Within a mini-batch of N tokens every gradient is ta
 the output reading every token's partial update (the "dual form"). The LayerNorm makes the update non-linear in
 the state, so mini-batches run in order (templates/torch/ttt.py.j2) and there is no affine map for LASP-2. Ops carry
 the state as [N, H, K + 1, V]: W, then b as the last row.
+
+Triton kernels (templates/triton/ttt.py.j2): a walk per (sequence, head) over the mini-batches holding (W, b) in
+registers, each mini-batch's steps, dual-form output and update in the walk; the backward a reverse walk from the
+stored mini-batch entry states.
 """
 from __future__ import annotations
 
@@ -72,27 +76,38 @@ def oracle_step(rec: Recurrence, state, q, k, v, inputs, scale):
     return torch.cat([current, anchor], dim=-1), out
 
 
+MAX_TRITON_MINIBATCH = 64  # a mini-batch is one tile of the walks: its [N, D] and [N, N] tiles sit in registers
+
+
 def supports(ctx: "LSMContext") -> tuple[bool, str]:
-    return False, "the TTT-Linear kind has no Triton kernels yet: the torch path runs it on every device"
+    """Mini-batches up to 64 tokens (templates/triton/ttt.py.j2; head dims up to 128 are checked when the op runs)."""
+    if ctx.rec.minibatch > MAX_TRITON_MINIBATCH:
+        return False, (f"the TTT-Linear Triton walks take minibatch(N) with N <= {MAX_TRITON_MINIBATCH} (a mini-batch is "
+                       f"one tile in registers), got {ctx.rec.minibatch}: the torch path runs it")
+    return True, ""
 
 
 def emit_triton(ctx: "LSMContext", header: str) -> str:
-    raise ValueError(supports(ctx)[1])
+    from ..backends.render import render
+
+    return render("triton/ttt.py.j2", ctx=ctx, header=header)
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
-    """templates/torch/ttt.py.j2, per mini-batch of N tokens (s.C is the chunk; the mini-batch is rec.minibatch):
-    k W_0 and q W_0 ([N, K] x [K, V]), the in-batch scores q k^T and their product with the gradients, the state's
-    update k^T dz; element-wise LayerNorms (forward, backward, output) at ~10 flops per value. The backward
-    (autograd) is counted as twice the forward's flops; bytes are the inputs and outputs once, and the mini-batch
-    entry states stored in fp32 for the backward."""
+    """templates/triton/ttt.py.j2 (the torch path computes the same products; its backward is autograd's), per
+    mini-batch of N tokens (s.C is the chunk; the mini-batch is rec.minibatch). Forward: k W and q W ([N, K] x [K, V]),
+    the in-batch scores q k^T and their product with the steps, the update k^T dz; element-wise LayerNorms (forward,
+    backward, output) at ~10 flops per value. Backward: the forward's again but the update, six more products of a
+    token by a state (k dW, dZ W^T, dz dW^T, dz0 W^T, q^T dZ, k^T dz0) and four more in-batch ones, the LayerNorms'
+    backwards at twice the forward's element-wise work. Bytes: the inputs and outputs once, the mini-batch entry
+    states in fp32 written by the forward and read by the backward."""
     b = ctx.rec.minibatch
     entries = -(-s.N // b) * s.H * (s.K + 1) * s.V * 4
-    matmul = 3 * s.inter + 2 * s.N * s.H * b * (s.K + s.V)
-    flops = matmul + 30 * s.N * s.H * s.V
+    in_batch = s.N * s.H * b * (s.K + s.V)  # one in-batch product ([N, K] x [K, N] or [N, N] x [N, V]; K = V)
+    forward = 3 * s.inter + 2 * in_batch + 30 * s.N * s.H * s.V
+    backward = 8 * s.inter + 6 * in_batch + 60 * s.N * s.H * s.V
     nbytes = 3 * s.qk + s.vv + s.N * s.H * 4 + entries + ends
-    return [("ttt_minibatches", True, flops, nbytes), ("ttt_backward", False, 2 * flops, nbytes + s.vv + 3 * s.qk)]
-
+    return [("ttt_fwd_walk", True, forward, nbytes), ("ttt_bwd_walk", False, backward, nbytes + s.vv + 3 * s.qk)]
 
 KIND = Kind(
     family=Family.ttt,
@@ -106,4 +121,6 @@ KIND = Kind(
     state_rows=1,
     oracle_state_in=oracle_state_in,
     oracle_state_out=oracle_state_out,
+    auto_torch_reason="the TTT-Linear Triton kernels have not run on a GPU yet (bench/ttt_gpu.py); backend='triton' "
+                      "forces them",
 )
