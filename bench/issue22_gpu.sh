@@ -17,10 +17,10 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 export PYTHONUNBUFFERED=1
 T0=$(date +%s)
-left() { local r=$(( $1 - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  # timeout 0 would mean none
+B=${BUDGET:-550}  # seconds the call may use: the later steps get what the earlier left
+left() { local d=$(( $1 < B ? $1 : B )); local r=$(( d - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  # until min(deadline, B); timeout 0 would mean none
 step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 F="python3 bench/families_gpu.py"
-B=${BUDGET:-550}  # seconds the call may use: the later steps get what the earlier left
 step check; timeout $(left 80) $F check --families gated_deltanet,deltanet,gated_delta_vector \
   --cases "default,varlen [,K=V=48" --out $OUT/c > /dev/null 2>&1
 grep -i "fail\|error\|ALL PASS" $OUT/c/families.md | head
