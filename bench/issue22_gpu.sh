@@ -9,17 +9,8 @@
 #  4. RWKV6 whole-chunk / whole K / default timed (sweep at 8K);
 #  5. the cells no run has measured: every family against its fla op on packed uneven sequences (varlen) and at
 #     V = 256 (expand_v = 2); GLA's dq/dk in K blocks checked and timed.
-set -u
-OUT=${OUT:-out}
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit
-fi
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
 B=${BUDGET:-550}  # seconds the call may use: the later steps get what the earlier left
-left() { local d=$(( $1 < B ? $1 : B )); local r=$(( d - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  # until min(deadline, B); timeout 0 would mean none
-step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
+. bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
 step check; timeout $(left 80) $F check --families gated_deltanet,deltanet,gated_delta_vector \
   --cases "default,varlen [,K=V=48" --out $OUT/c > /dev/null 2>&1

@@ -2,17 +2,8 @@
 # Issues 17 and 19, one GPU call (~9 minutes): the element-wise kind's Triton kernels (Mamba, GFW) and the
 # Mixture-of-Memories layer checked in bf16 against their float32 torch backends, then timed (Mamba vs its memory
 # floor and mamba_ssm where it imports, GFW vs fla's chunk_gla; MoM vs fla's MomAttention and a plain Gated DeltaNet).
-set -u
-OUT=${OUT:-out}
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit
-fi
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-left() { local r=$(( $1 - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  # timeout 0 would mean none
-step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 B=${BUDGET:-555}  # seconds the call may use: the benches get what the checks left
+. bench/gpu_call.sh
 step elementwise; timeout $(left 150) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
 step mom; timeout $(left 270) python3 bench/mom_gpu.py check --out $OUT/m > /dev/null 2>&1
 step benches; timeout $(left $(( B - 135 ))) python3 bench/elementwise_gpu.py bench --out $OUT/eb > /dev/null 2>&1

@@ -5,17 +5,8 @@
 # scripts (bench/kinds_gpu.sh, bench/titans_gpu.py bench, bench/ttt_gpu.py bench).
 #   Titans (bench/titans_gpu.py check), TTT-Linear (bench/ttt_gpu.py check), the element-wise kind: Mamba, GFW
 #   (bench/elementwise_gpu.py check), Mixture-of-Memories (bench/mom_gpu.py check).
-set -u
-OUT=${OUT:-out}
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit
-fi
-export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-left() { local r=$(( $1 - ($(date +%s) - T0) )); echo $(( r > 1 ? r : 1 )); }  # timeout 0 would mean none
-step() { echo "== $1 at $(( $(date +%s) - T0 )) s"; }
 B=${BUDGET:-360}  # seconds the call may use, split evenly between the four checks
+. bench/gpu_call.sh
 step titans; timeout $(left $(( B / 4 ))) python3 bench/titans_gpu.py check --out $OUT/t > /dev/null 2>&1
 step ttt; BUDGET=$(( B / 4 - 10 )) timeout $(left $(( B / 2 ))) python3 bench/ttt_gpu.py check --out $OUT/tt > /dev/null 2>&1
 step elementwise; timeout $(left $(( 3 * B / 4 ))) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
