@@ -347,7 +347,7 @@ def bench(progs, device):
 def profile(progs, device):
     """GPU time per kernel of one TTT-Linear forward+backward (Triton) at T = 8K, D = 128, after a warm-up call."""
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from lmoec.bench import kernel_profile
 
     if over(60):
         say("## Profile: skipped (budget)")
@@ -360,15 +360,10 @@ def profile(progs, device):
     do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
     run = lambda: op(**leaves, backend="triton")[0].backward(do)
     run()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch_profile(activities=activities) as prof:
-        run()
-        if device == "cuda":
-            torch.cuda.synchronize()
+    table = kernel_profile(run, device, rows=12)
     say(f"## Profile: TTT-Linear (Triton) forward+backward, bf16, B={B} T={T} H={H} K=V={D}")
     say("```")
-    sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    say(prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40))
+    say(table)
     say("```")
     say()
 

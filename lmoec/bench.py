@@ -205,6 +205,19 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return min(times) if device.type == "cpu" else statistics.median(times)
 
 
+def kernel_profile(run: Callable[[], object], device, rows: int = 12) -> str:
+    """torch.profiler's table of one call of `run` (warm it up first): per kernel on a GPU, sorted by GPU time;
+    per op on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.device(device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        run()
+        synchronize(torch.device(device))
+    sort = "cuda_time_total" if on_gpu else "cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=40)
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
