@@ -109,6 +109,7 @@ def costs(ctx: "LSMContext", s: "Sizes", ends: int):
     nbytes = 3 * s.qk + s.vv + s.N * s.H * 4 + entries + ends
     return [("ttt_fwd_walk", True, forward, nbytes), ("ttt_bwd_walk", False, backward, nbytes + s.vv + 3 * s.qk)]
 
+
 KIND = Kind(
     family=Family.ttt,
     matches=lambda rec: rec.update == "ttt",
