@@ -147,7 +147,7 @@ def _layout(B, T, cu_seqlens, device):
     """(bounds [N + 1] token offsets into the packed batch, chunk_base [N + 1] each sequence's first stored state)."""
     scan = CONFIG["scan"]
     if cu_seqlens is None:
-        bounds = torch.arange(0, B * T + 1, T, device=device, dtype=torch.int32)
+        bounds = torch.arange(B + 1, device=device, dtype=torch.int32) * T  # T = 0: every sequence empty
     else:
         bounds = cu_seqlens.to(device=device, dtype=torch.int32)
     chunks = (bounds[1:] - bounds[:-1] + scan - 1) // scan
@@ -210,7 +210,7 @@ def chunk(q, k, v, dt, A, scale=None, initial_state=None, output_final_state=Fal
     if scale is None:
         scale = K ** -0.5
     bounds, chunk_base = _layout(B, T, cu_seqlens, q.device)
-    packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v, dt)]
+    packed = [x.reshape(B * T, H, x.shape[2:].numel() // H).contiguous() for x in (q, k, v, dt)]
     A = A.contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # the chunk-entry states are stored only for a backward (autograd's forward runs without grad mode)

@@ -475,7 +475,7 @@ def _layout(B, T, cu_seqlens, device):
     """(bounds [N + 1] token offsets, chunk_base [N + 1] each sequence's first chunk, chunk_start and chunk_end [chunks]:
     each chunk's first token and its sequence's end). The number of chunks is read on the host."""
     if cu_seqlens is None:
-        bounds = torch.arange(0, B * T + 1, T, device=device, dtype=torch.int32)
+        bounds = torch.arange(B + 1, device=device, dtype=torch.int32) * T  # T = 0: every sequence empty
     else:
         bounds = cu_seqlens.to(device=device, dtype=torch.int32)
     lengths = (bounds[1:] - bounds[:-1]).long()
@@ -572,7 +572,7 @@ def chunk(q, k, v, theta, eta, alpha, scale=None, initial_state=None, output_fin
     if scale is None:
         scale = K ** -0.5
     layout = _layout(B, T, cu_seqlens, q.device)
-    packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
+    packed = [x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v)]
     gate_args = [None if x is None else x.reshape(B * T, H).contiguous() for x in (theta, eta, alpha)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # the chunk-entry states are stored only for a backward (autograd's forward runs without grad mode)

@@ -336,7 +336,7 @@ def _layout(B, T, cu_seqlens, device):
     """(bounds [N + 1] token offsets, mb_base [N + 1] each sequence's first mini-batch, mb_start and mb_end [mini-batches]
     each mini-batch's first token and its sequence's end). The number of mini-batches is read on the host."""
     if cu_seqlens is None:
-        bounds = torch.arange(0, B * T + 1, T, device=device, dtype=torch.int32)
+        bounds = torch.arange(B + 1, device=device, dtype=torch.int32) * T  # T = 0: every sequence empty
     else:
         bounds = cu_seqlens.to(device=device, dtype=torch.int32)
     minibatches = ((bounds[1:] - bounds[:-1]).long() + MINIBATCH - 1) // MINIBATCH
@@ -429,7 +429,7 @@ def chunk(q, k, v, theta, ln_weight, ln_bias, scale=None, initial_state=None, ou
     if scale is not None and scale != 1:
         raise ValueError(f"ttt_linear: TTT-Linear's output q + LN(q W + b) has no scale, got scale={scale}")
     layout = _layout(B, T, cu_seqlens, q.device)
-    packed = [x.reshape(B * T, H, -1).contiguous() for x in (q, k, v)]
+    packed = [x.reshape(B * T, H, x.shape[-1]).contiguous() for x in (q, k, v)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # the mini-batch entry states are stored only for a backward (autograd's forward runs without grad mode)
     store = torch.is_grad_enabled() and any(x is not None and x.requires_grad
