@@ -31,6 +31,8 @@ import traceback
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from lmoec.bench import kernel_profile, outputs_and_grads, relative_error as rel  # noqa: E402 (after the path)
+
 TOKENS = 32768
 LENGTHS = [2048, 8192]
 CHUNK_START = 'import "{}"\nlsm titans_chunk extends titans {{ update {{ gradient = minibatch(64) }} }}\n'
@@ -83,27 +85,6 @@ def inputs(B, T, H, D, device, dtype, seed=0):
     return {n: t.to(device=device, dtype=dtype) for n, t in x.items()}
 
 
-def rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    if not a.isfinite().all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _run(op, x, h0, do, dht, cu, where, dtype, backend):
-    """o, final state and every gradient of one call on `where` in `dtype` (states in fp32, or fp64 for fp64)."""
-    import torch
-
-    leaves = {n: t.to(where, dtype).clone().requires_grad_() for n, t in x.items()}
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    leaves["initial_state"] = h0.to(where, state_dtype).clone().requires_grad_()
-    cu_t = None if cu is None else torch.tensor(cu, device=where, dtype=torch.int32)
-    o, ht = op(**leaves, output_final_state=True, cu_seqlens=cu_t, backend=backend)
-    loss = (o.double() * do.to(where, torch.float64)).sum() + (ht.double() * dht.to(where, torch.float64)).sum()
-    loss.backward()
-    return {"o": o, "final_state": ht, **{f"d{n}": t.grad for n, t in leaves.items()}}
-
-
 def check(progs, device):
     import torch
 
@@ -128,8 +109,8 @@ def check(progs, device):
             for dtype, dot in variants:
                 mod.CONFIG["dot_16bit"] = dot
                 x = inputs(B, T, H, D, "cpu", dtype, seed=T)  # the same rounded inputs on both sides
-                want = _run(op, x, h0, do, dht, cu, "cpu", torch.float64, "torch")
-                got = _run(op, x, h0, do, dht, cu, device, dtype, "triton")
+                want = outputs_and_grads(op, x, h0, do, dht, cu, "cpu", torch.float64, "torch")
+                got = outputs_and_grads(op, x, h0, do, dht, cu, device, dtype, "triton")
                 errs = {n: rel(got[n], w) for n, w in want.items()}
                 worst_o = max(errs["o"], errs["final_state"])
                 worst_g = max(e for n, e in errs.items() if n.startswith("d"))
@@ -246,7 +227,6 @@ def bench(progs, device, parts):
 def profile(progs, device):
     """GPU time per kernel of one Titans forward+backward (per token, Triton) at T = 8K, after a warm-up call."""
     import torch
-    from lmoec.bench import kernel_profile
 
     H, D = (2, 16) if SMOKE else (16, 128)
     T = 64 if SMOKE else 8192

@@ -40,6 +40,8 @@ import traceback
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from lmoec.bench import kernel_profile, outputs_and_grads, relative_error as rel  # noqa: E402 (after the path)
+
 TOKENS = 32768
 LENGTHS = [2048, 8192, 32768]
 PER_TOKEN = 'import "{}"\nlsm ttt_token_ln extends ttt_linear {{ update {{ gradient = token }} }}\n'
@@ -120,27 +122,6 @@ def state_shape(name, N, H, D):
     return (N, H, D, 2 * D) if name.startswith("titans") else (N, H, D + 1, D)
 
 
-def rel(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    if not a.isfinite().all():
-        return float("inf")
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _run(op, x, h0, do, dht, cu, where, dtype, backend):
-    """o, final state and every gradient of one call on `where` in `dtype` (states in fp32, or fp64 for fp64)."""
-    import torch
-
-    leaves = {n: t.to(where, dtype).clone().requires_grad_() for n, t in x.items()}
-    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    leaves["initial_state"] = h0.to(where, state_dtype).clone().requires_grad_()
-    cu_t = None if cu is None else torch.tensor(cu, device=where, dtype=torch.int32)
-    o, ht = op(**leaves, output_final_state=True, cu_seqlens=cu_t, backend=backend)
-    loss = (o.double() * do.to(where, torch.float64)).sum() + (ht.double() * dht.to(where, torch.float64)).sum()
-    loss.backward()
-    return {"o": o, "final_state": ht, **{f"d{n}": t.grad for n, t in leaves.items()}}
-
-
 def check(progs, device):
     import torch
 
@@ -182,9 +163,9 @@ def check(progs, device):
                 x = inputs(name, B, T, H, D, "cpu", dtype, seed=T)  # the same rounded inputs on both sides
                 try:
                     if dtype not in wanted:
-                        wanted[dtype] = _run(op, x, h0, do, dht, cu, device, torch.float64, "torch")
+                        wanted[dtype] = outputs_and_grads(op, x, h0, do, dht, cu, device, torch.float64, "torch")
                     want = wanted[dtype]
-                    got = _run(op, x, h0, do, dht, cu, device, dtype, "triton")
+                    got = outputs_and_grads(op, x, h0, do, dht, cu, device, dtype, "triton")
                     errs = {n: rel(got[n], w) for n, w in want.items()}
                 except Exception:  # noqa: BLE001 - a failed launch is a failed check, and the rest still runs
                     log(traceback.format_exc())
@@ -347,7 +328,6 @@ def bench(progs, device):
 def profile(progs, device):
     """GPU time per kernel of one TTT-Linear forward+backward (Triton) at T = 8K, D = 128, after a warm-up call."""
     import torch
-    from lmoec.bench import kernel_profile
 
     if over(60):
         say("## Profile: skipped (budget)")
@@ -399,8 +379,8 @@ def check_torch_paths(device):
                     say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | skipped: budget | | |")
                     continue
                 x = inputs(name, B, T, H, D, "cpu", dtype, seed=T)
-                want = _run(op, x, h0, do, dht, cu, "cpu", torch.float64, "torch")
-                got = _run(op, x, h0, do, dht, cu, device, dtype, "torch")
+                want = outputs_and_grads(op, x, h0, do, dht, cu, "cpu", torch.float64, "torch")
+                got = outputs_and_grads(op, x, h0, do, dht, cu, device, dtype, "torch")
                 errs = {n: rel(got[n], w) for n, w in want.items()}
                 worst_o = max(errs["o"], errs["final_state"])
                 worst_g = max(e for n, e in errs.items() if n.startswith("d"))

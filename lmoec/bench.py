@@ -205,6 +205,27 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
     return min(times) if device.type == "cpu" else statistics.median(times)
 
 
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in the Frobenius norm, in float64 on the CPU; inf when a holds a NaN or inf."""
+    a, b = a.double().cpu(), b.double().cpu()
+    if not a.isfinite().all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def outputs_and_grads(op, x: dict, h0, do, dht, cu, where, dtype, backend: str) -> dict:
+    """o, final state and every gradient of one call of an emitted op on `where` in `dtype` (states in fp32, or fp64
+    for fp64), the loss reading o and the final state through the fixed cotangents do and dht."""
+    leaves = {n: t.to(where, dtype).clone().requires_grad_() for n, t in x.items()}
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    leaves["initial_state"] = h0.to(where, state_dtype).clone().requires_grad_()
+    cu_t = None if cu is None else torch.tensor(cu, device=where, dtype=torch.int32)
+    o, ht = op(**leaves, output_final_state=True, cu_seqlens=cu_t, backend=backend)
+    loss = (o.double() * do.to(where, torch.float64)).sum() + (ht.double() * dht.to(where, torch.float64)).sum()
+    loss.backward()
+    return {"o": o, "final_state": ht, **{f"d{n}": t.grad for n, t in leaves.items()}}
+
+
 def kernel_profile(run: Callable[[], object], device, rows: int = 12) -> str:
     """torch.profiler's table of one call of `run` (warm it up first): per kernel on a GPU, sorted by GPU time;
     per op on CPU."""

@@ -14,3 +14,12 @@ def interpreted(argv: list[str], cwd=None) -> dict:
     proc = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def max_relative_error(x, ref) -> float:
+    """max |x - ref| / max |ref| (ref in float64); inf when x is missing or holds a NaN or inf."""
+    import torch
+
+    if x is None or not torch.isfinite(x).all():
+        return float("inf")
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

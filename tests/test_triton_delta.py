@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
-from interpreted import interpreted
+from interpreted import interpreted, max_relative_error as _rel
 
 # fp32 kernels (the interpreter's fp32 dot is exact) against float64: max |err| / max |ref| per tensor
 TOL = 1e-5
@@ -164,14 +164,6 @@ def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16, Dv=None):
 def triton_blocks(mod, V):
     """V blocks of the module's walks at value dim V."""
     return -(-V // mod._block_v(V))
-
-
-def _rel(x, ref):
-    import torch
-
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def check(name: str) -> dict:

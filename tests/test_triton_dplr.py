@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from interpreted import interpreted
+from interpreted import interpreted, max_relative_error as _rel
 
 CHUNK = 16
 TOL = 1e-5  # fp32 against float64: max |err| / max |ref| per tensor
@@ -123,14 +123,6 @@ def _inputs(decay, varlen, B=2, T=40, H=2, D=16, V=16):
         "initial_state": torch.randn(N, H, D, V) * 0.5,
     }
     return args, cu
-
-
-def _rel(x, ref):
-    import torch
-
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def check(name: str) -> dict:

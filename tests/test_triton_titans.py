@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
-from interpreted import interpreted
+from interpreted import interpreted, max_relative_error as _rel
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # fp32 kernels against float64: max |err| / max |ref| per tensor
@@ -91,14 +91,6 @@ def _inputs(case: Case, args: list[str]):
     inputs = {n: inputs[n] for n in ("q", "k", "v", *args)}
     inputs["initial_state"] = torch.randn(N, H, case.K, 2 * case.V) * 0.5
     return inputs, cu
-
-
-def _rel(x, ref):
-    import torch
-
-    if x is None or not torch.isfinite(x).all():
-        return float("inf")
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def check(name: str) -> dict:

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import pytest
 
-from interpreted import interpreted
+from interpreted import interpreted, max_relative_error as _rel
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # fp32 kernels against float64: max |err| / max |ref| per tensor
@@ -78,14 +78,6 @@ def _inputs(case: Case):
               "theta": torch.sigmoid(torch.randn(B, T, H)) / D * 4, "ln_weight": 1 + 0.2 * torch.randn(H, D),
               "ln_bias": 0.2 * torch.randn(H, D), "initial_state": 0.3 * torch.randn(N, H, D + 1, D)}
     return inputs, cu
-
-
-def _rel(x, ref):
-    import torch
-
-    if x is None or not torch.isfinite(x).all():
-        return float("inf")
-    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
 def check(name: str) -> dict:
