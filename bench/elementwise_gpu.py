@@ -27,6 +27,8 @@ import traceback
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from lmoec.bench import kernel_ms  # noqa: E402 (after the path)
+
 TOKENS = 32768
 LENGTHS = [2048, 8192, 32768]
 MAMBA = dict(H=32, K=16, V=64)  # d_inner 2048, N 16
@@ -126,13 +128,7 @@ SMOKE = False
 
 
 def ms(fn):
-    import triton
-
-    if SMOKE:  # CPU: one timed call (no CUDA events)
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return kernel_ms(fn, SMOKE, warmup=25, rep=100)
 
 
 def bench(programs, device):

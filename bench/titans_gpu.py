@@ -25,13 +25,11 @@ import argparse
 import datetime
 import os
 import sys
-import time
-import traceback
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from lmoec.bench import kernel_profile, outputs_and_grads, relative_error as rel  # noqa: E402 (after the path)
+from lmoec.bench import fwd_and_fwd_bwd_ms, kernel_profile, outputs_and_grads, relative_error as rel, step_through  # noqa: E402 (after the path)
 
 TOKENS = 32768
 LENGTHS = [2048, 8192]
@@ -135,36 +133,15 @@ def check_decode(program, device):
     x = inputs(B, T, H, D, device, torch.float32, seed=7)
     state = 0.1 * torch.randn(B, H, D, 2 * D, device=device)
     o, ht = mod.chunk(**x, initial_state=state, output_final_state=True)
-    outs = []
-    for t in range(T):
-        out, state = mod.step(**{n: v[:, t] for n, v in x.items()}, state=state)
-        outs.append(out)
-    err = max(rel(torch.stack(outs, 1), o), rel(state, ht))
+    o_step, state = step_through(mod.step, x, state, list(x))
+    err = max(rel(o_step, o), rel(state, ht))
     ok = err <= 1e-4
     say(f"| titans | decode {T} tokens vs chunked, D={D} | float32 | ieee | {err:.2e} | | {'yes' if ok else 'NO'} |")
     return int(not ok)
 
 
-def ms(fn):
-    import triton
-
-    if SMOKE:  # CPU: one timed call (no CUDA events)
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
-
-
-def timed(fn, grads):
-    """(fwd ms, fwd+bwd ms) of fn() -> output tensor, each None on an error (logged)."""
-    out = []
-    for run in (fn, lambda: fn().backward(grads)):
-        try:
-            out.append(ms(run))
-        except Exception:  # noqa: BLE001 - record and go on
-            log(traceback.format_exc())
-            out.append(None)
-    return tuple(out)
+def timed_rows(fn, grads):
+    return fwd_and_fwd_bwd_ms(fn, grads, SMOKE, log)
 
 
 def _fla_gated_delta():
@@ -200,21 +177,21 @@ def bench(progs, device, parts):
               "beta": x["theta"]}
         rows = []
         leaves = {n: t.clone().requires_grad_() for n, t in gd.items()}
-        base = timed(lambda: gdn(**leaves, backend="triton")[0], do)
+        base = timed_rows(lambda: gdn(**leaves, backend="triton")[0], do)
         rows.append(("lmoec gated_deltanet (triton)", base))
         if "bench" in parts:
             leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
             for bv in (16, 32, 64):
                 mod.CONFIG["BV"] = bv
                 rows.append((f"lmoec titans (triton, walk BV {bv})",
-                             timed(lambda: titans(**leaves, backend="triton")[0], do)))
+                             timed_rows(lambda: titans(**leaves, backend="triton")[0], do)))
             mod.CONFIG["BV"] = 32
             rows.append(("lmoec titans minibatch(64) (triton)",
-                         timed(lambda: titans_chunk(**leaves, backend="triton")[0], do)))
-            rows.append(("lmoec titans (torch path)", timed(lambda: titans(**leaves, backend="torch")[0], do)))
+                         timed_rows(lambda: titans_chunk(**leaves, backend="triton")[0], do)))
+            rows.append(("lmoec titans (torch path)", timed_rows(lambda: titans(**leaves, backend="torch")[0], do)))
         if fla_gdn is not None:
             leaves = {n: t.clone().requires_grad_() for n, t in gd.items()}
-            rows.append(("fla chunk_gated_delta_rule", timed(lambda: fla_gdn(**leaves)[0], do)))
+            rows.append(("fla chunk_gated_delta_rule", timed_rows(lambda: fla_gdn(**leaves)[0], do)))
         for label, (t_f, t_fb) in rows:
             fmt = lambda t: "failed (log)" if t is None else f"{t:.3f}"
             ratio = lambda t, b: f"{t / b:.2f}" if t and b else ""

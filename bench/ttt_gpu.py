@@ -40,7 +40,7 @@ import traceback
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from lmoec.bench import kernel_profile, outputs_and_grads, relative_error as rel  # noqa: E402 (after the path)
+from lmoec.bench import fwd_and_fwd_bwd_ms, kernel_profile, outputs_and_grads, relative_error as rel, step_through  # noqa: E402 (after the path)
 
 TOKENS = 32768
 LENGTHS = [2048, 8192, 32768]
@@ -194,12 +194,9 @@ def check_decode(program, device):
     state = 0.1 * torch.randn(B, H, D + 1, D, device=device)
     try:
         o, ht = mod.chunk(**x, initial_state=state, output_final_state=True)
-        outs = []
-        for t in range(T):
-            token = {n: v[:, t] for n, v in x.items() if n in ("q", "k", "v", "theta")}
-            out, state = mod.step(**token, ln_weight=x["ln_weight"], ln_bias=x["ln_bias"], state=state)
-            outs.append(out)
-        err = max(rel(torch.stack(outs, 1), o), rel(state, ht))
+        o_step, state = step_through(mod.step, x, state, ("q", "k", "v", "theta"), ln_weight=x["ln_weight"],
+                                     ln_bias=x["ln_bias"])
+        err = max(rel(o_step, o), rel(state, ht))
     except Exception:  # noqa: BLE001
         log(traceback.format_exc())
         err = float("inf")
@@ -208,26 +205,8 @@ def check_decode(program, device):
     return int(not ok)
 
 
-def ms(fn):
-    import triton
-
-    if SMOKE:  # CPU: one timed call (no CUDA events)
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median")
-
-
 def timed(fn, grads):
-    """(fwd ms, fwd+bwd ms) of fn() -> output tensor, each None on an error (logged)."""
-    out = []
-    for run in (fn, lambda: fn().backward(grads)):
-        try:
-            out.append(ms(run))
-        except Exception:  # noqa: BLE001 - record and go on
-            log(traceback.format_exc())
-            out.append(None)
-    return tuple(out)
+    return fwd_and_fwd_bwd_ms(fn, grads, SMOKE, log)
 
 
 def _fla(path, name):

@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import time
+import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -224,6 +225,42 @@ def outputs_and_grads(op, x: dict, h0, do, dht, cu, where, dtype, backend: str) 
     loss = (o.double() * do.to(where, torch.float64)).sum() + (ht.double() * dht.to(where, torch.float64)).sum()
     loss.backward()
     return {"o": o, "final_state": ht, **{f"d{n}": t.grad for n, t in leaves.items()}}
+
+
+def kernel_ms(fn: Callable[[], object], cpu: bool = False, warmup: int = 5, rep: int = 40) -> float:
+    """Median milliseconds of fn() by triton.testing.do_bench (CUDA events, L2 flushed); on the CPU (a bench
+    script's smoke run) one call by the wall clock, which only shows that the timed code runs."""
+    if cpu:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton
+
+    return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def fwd_and_fwd_bwd_ms(fn: Callable[[], torch.Tensor], grads: torch.Tensor, cpu: bool, log: Callable) -> tuple:
+    """(forward ms, forward+backward ms) of fn() -> output tensor, each None where it raised (the traceback goes
+    to `log`, and the benchmark goes on to its next row)."""
+    out = []
+    for run in (fn, lambda: fn().backward(grads)):
+        try:
+            out.append(kernel_ms(run, cpu))
+        except Exception:  # noqa: BLE001 - a failed row is recorded, not fatal
+            log(traceback.format_exc())
+            out.append(None)
+    return tuple(out)
+
+
+def step_through(step: Callable, x: dict, state: torch.Tensor, per_token, **fixed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outputs [B, T, ...], last state) of a decode step run token by token from `state` over the sequences of x
+    [B, T, ...] (the inputs named in per_token; `fixed` goes to every call as is): what a chunked call must equal."""
+    outs = []
+    with torch.no_grad():
+        for t in range(x["q"].shape[1]):
+            out, state = step(**{n: x[n][:, t] for n in per_token}, **fixed, state=state)
+            outs.append(out)
+    return torch.stack(outs, 1), state
 
 
 def kernel_profile(run: Callable[[], object], device, rows: int = 12) -> str:

@@ -130,15 +130,13 @@ def _decode_errors(mod, args, scale) -> dict:
     """Decoding token by token from the initial state equals the chunked forward."""
     import torch
 
-    state = args["initial_state"]
-    outs = []
-    for t in range(args["q"].shape[1]):
-        out, state = mod.step(**{n: x[:, t] for n, x in args.items() if n != "initial_state"}, state=state,
-                              scale=scale)
-        outs.append(out)
+    from lmoec.bench import step_through
+
+    per_token = [n for n in args if n != "initial_state"]
+    o_step, state = step_through(mod.step, args, args["initial_state"], per_token, scale=scale)
     with torch.no_grad():
         o_chunk, ht_chunk = mod.chunk(**args, scale=scale, output_final_state=True)
-    return {"step_o": _rel(torch.stack(outs, 1), o_chunk.double()), "step_state": _rel(state, ht_chunk.double())}
+    return {"step_o": _rel(o_step, o_chunk.double()), "step_state": _rel(state, ht_chunk.double())}
 
 
 # ---- the tests ---------------------------------------------------------------
