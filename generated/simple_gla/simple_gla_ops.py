@@ -8,7 +8,7 @@ import torch
 
 from lmoec.backends.reference import recurrent_reference
 from lmoec.ir.nodes import Recurrence
-from lmoec.runtime.contract import check_op_args
+from lmoec.runtime.contract import check_op_args, check_step_args
 from lmoec.runtime.library import LSMOps
 
 from . import simple_gla_torch as _torch
@@ -36,7 +36,8 @@ def backend_for(backend, q):
 
 def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_state=None,
        output_final_state=False, cu_seqlens=None, backend="auto"):
-    check_op_args(RECURRENCE, NAME, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens)
+    check_op_args(RECURRENCE, NAME, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens,
+                  scale=scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     name, _ = backend_for(backend, q)
@@ -53,6 +54,7 @@ def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_s
 
 def step(q, k, v, g, state, scale=None):
     """One decode token: q, k, v [B, H, D]; state [B, H, K, V] fp32 -> (o [B, H, V], new state)."""
+    check_step_args(RECURRENCE, NAME, q, k, v, dict(g=g), state, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():

@@ -8,7 +8,7 @@ import torch
 
 from lmoec.backends.reference import recurrent_reference
 from lmoec.ir.nodes import Recurrence
-from lmoec.runtime.contract import check_op_args
+from lmoec.runtime.contract import check_op_args, check_step_args
 from lmoec.runtime.library import LSMOps
 
 from . import titans_torch as _torch
@@ -34,7 +34,8 @@ def backend_for(backend, q):
 
 def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_state=None,
        output_final_state=False, cu_seqlens=None, theta=None, eta=None, alpha=None, backend="auto"):
-    check_op_args(RECURRENCE, NAME, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens, theta=theta, eta=eta, alpha=alpha)
+    check_op_args(RECURRENCE, NAME, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens, theta=theta, eta=eta, alpha=alpha,
+                  scale=scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     name, _ = backend_for(backend, q)
@@ -51,6 +52,7 @@ def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_s
 
 def step(q, k, v, theta, eta, alpha, state, scale=None):
     """One decode token: q, k, v [B, H, D]; state [B, H, K, 2V] fp32 -> (o [B, H, V], new state)."""
+    check_step_args(RECURRENCE, NAME, q, k, v, dict(theta=theta, eta=eta, alpha=alpha), state, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():

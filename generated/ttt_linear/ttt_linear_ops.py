@@ -8,7 +8,7 @@ import torch
 
 from lmoec.backends.reference import recurrent_reference
 from lmoec.ir.nodes import Recurrence
-from lmoec.runtime.contract import check_op_args
+from lmoec.runtime.contract import check_op_args, check_step_args
 from lmoec.runtime.library import LSMOps
 
 from . import ttt_linear_torch as _torch
@@ -34,7 +34,8 @@ def backend_for(backend, q):
 
 def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_state=None,
        output_final_state=False, cu_seqlens=None, theta=None, ln_weight=None, ln_bias=None, backend="auto"):
-    check_op_args(RECURRENCE, NAME, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens, theta=theta, ln_weight=ln_weight, ln_bias=ln_bias)
+    check_op_args(RECURRENCE, NAME, q, k, v, g, beta, u, a, b, initial_state, cu_seqlens, theta=theta, ln_weight=ln_weight, ln_bias=ln_bias,
+                  scale=scale)
     if scale is None:
         scale = 1.0  # TTT-Linear's output q + LN(q W + b) has no scale
     name, _ = backend_for(backend, q)
@@ -51,6 +52,7 @@ def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_s
 
 def step(q, k, v, theta, ln_weight, ln_bias, state, scale=None):
     """One decode token: q, k, v [B, H, D]; state [B, H, K + 1, V] fp32 -> (o [B, H, V], new state)."""
+    check_step_args(RECURRENCE, NAME, q, k, v, dict(theta=theta, ln_weight=ln_weight, ln_bias=ln_bias), state, scale)
     if scale is None:
         scale = 1.0  # TTT-Linear's output q + LN(q W + b) has no scale
     if torch.compiler.is_compiling():

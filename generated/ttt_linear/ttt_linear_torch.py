@@ -99,10 +99,3 @@ def step(q, k, v, theta, ln_weight, ln_bias, state, scale=None):
     raise ValueError("ttt_linear.step: gradient = minibatch(16) takes each token's gradient at "
                      "its mini-batch's first (W, b), which one decode step does not keep: decode with the chunked op "
                      "on the whole prefix instead")
-
-
-def _expect(name, x, shapes):
-    if not isinstance(x, torch.Tensor) or tuple(x.shape) not in shapes:
-        want = " or ".join("[" + ", ".join(map(str, s)) + "]" for s in shapes)
-        got = "[" + ", ".join(map(str, x.shape)) + "]" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"ttt_linear.step: {name} must have shape {want}, got {got}")
