@@ -84,7 +84,7 @@ def test_contract_names_the_bad_argument():
         check_op_args(rec, "gla", q, q, q, g=torch.randn(1, 8, 2))
     with pytest.raises(ValueError, match="beta is not accepted"):
         check_op_args(rec, "gla", q, q, q, g=q, beta=q[..., 0])
-    with pytest.raises(ValueError, match="initial_state must be"):
+    with pytest.raises(ValueError, match="initial_state must have shape"):
         check_op_args(rec, "gla", q, q, q, g=q, initial_state=torch.zeros(1, 2, 4, 5))
 
 

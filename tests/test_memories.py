@@ -57,7 +57,7 @@ def _memory_params(layer, twin, m):
     return out
 
 
-def reference(layer, twin, xs, top_k, count, shared):
+def reference(layer, twin, xs, top_k, count, shared, skip_param=None):
     """y [B, T, hidden] of `layer` on xs, from the semantics (see the module docstring); differentiable."""
     twin_module = sys.modules[type(twin).__module__]
     real_op = twin_module.op
@@ -71,8 +71,12 @@ def reference(layer, twin, xs, top_k, count, shared):
     def capture(*args, **kwargs):
         kwargs["backend"] = "reference"
         out, state = real_op(*args, **kwargs)
-        captured["o"] = out
+        captured["o"], captured["v"] = out, args[2]
         return out, state
+
+    # a skip term (Mamba's `skip = D`, a [H, V] parameter named by skip_param) belongs to each memory:
+    # o_m + D v_m with v_m its own values; the twin's tail below then runs with D = 0, adding none of its own
+    skip = None if skip_param is None else dict(layer.named_parameters())[skip_param]
 
     try:
         twin_module.op = capture
@@ -89,12 +93,16 @@ def reference(layer, twin, xs, top_k, count, shared):
                     continue
                 torch.func.functional_call(twin, _memory_params(layer, twin, m), (xs[b : b + 1, idx],),
                                            {"backend": "reference"})
-                o_m = captured["o"][0] * w[:, None, None]
+                o_m = captured["o"][0] + (0 if skip is None else skip * captured["v"][0])
+                o_m = o_m * w[:, None, None]
                 o_b = o_b + torch.zeros(T, *o_m.shape[1:], dtype=xs.dtype).index_add(0, idx, o_m)
             rows.append(o_b)
         combined = torch.stack(rows)
         twin_module.op = lambda *args, **kwargs: (combined, None)  # the twin's tail: norm, gate, o_proj
-        return torch.func.functional_call(twin, _memory_params(layer, twin, 0), (xs,), {"backend": "reference"})
+        tail = _memory_params(layer, twin, 0)
+        if skip is not None:
+            tail[skip_param] = torch.zeros_like(skip)
+        return torch.func.functional_call(twin, tail, (xs,), {"backend": "reference"})
     finally:
         twin_module.op = real_op
 
@@ -119,7 +127,8 @@ def _check(prog, twin_prog, hidden, heads, B, T, seed, never=None, backend="torc
         assert counts[never] == 0 and counts.sum() == B * T * mem.top_k
     grad_out = torch.randn(y.shape, generator=gen, dtype=torch.float64)
     got = torch.autograd.grad(y, [xs, *layer.parameters()], grad_out)
-    want_y = reference(layer, twin, xs, mem.top_k, mem.count, mem.shared)
+    skip = prog.ir.lsm().skip
+    want_y = reference(layer, twin, xs, mem.top_k, mem.count, mem.shared, None if skip is None else str(skip))
     want = torch.autograd.grad(want_y, [xs, *layer.parameters()], grad_out, allow_unused=True)
     torch.testing.assert_close(y, want_y, rtol=1e-9, atol=1e-10)
     names = ["x"] + [n for n, _ in layer.named_parameters()]
@@ -144,6 +153,42 @@ def test_library_specs_with_memories_match_reference(name):
     spec = spec.model_copy(update={"chunk_size": 16, "recurrence": None, "memories": Memories(count=3, top_k=2)})
     prog, twin = _programs(spec)
     _check(prog, twin, hidden=16, heads=2, B=2, T=19, seed=4)
+
+
+@pytest.mark.parametrize("name, update", [
+    ("titans", {}),  # the joint state (M, S) [K, 2V] per memory
+    ("ttt_linear", {"minibatch": 1}),  # TTT-Linear's inner model per memory, its LayerNorm shared
+    ("mamba", {}),  # the outer-product gate exp(dt A), groups = 1, the D skip per memory
+    ("gfw", {}),  # the outer-sum gate g 1^T + 1 gv^T
+], ids=["titans", "ttt_linear_token", "mamba", "gfw"])
+def test_new_kinds_with_memories_match_reference(name, update):
+    spec = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm").ir.lsm()
+    if update:
+        spec = spec.model_copy(update={"update": spec.update.model_copy(update=update)})
+    spec = spec.model_copy(update={"chunk_size": 16, "recurrence": None, "memories": Memories(count=3, top_k=2)})
+    prog, twin = _programs(spec)
+    _check(prog, twin, hidden=16, heads=2, B=2, T=19, seed=6, never=1)
+
+
+@pytest.mark.parametrize("name, update", [("titans", {}), ("ttt_linear", {"minibatch": 1}), ("mamba", {})],
+                         ids=["titans", "ttt_linear_token", "mamba"])
+def test_new_kinds_with_memories_decode_as_the_full_forward(name, update):
+    """Prefill, then one token at a time through the routed memories' steps (the joint Titans state, TTT's (W, b),
+    Mamba's skip per memory) == one full forward."""
+    spec = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm").ir.lsm()
+    if update:
+        spec = spec.model_copy(update={"update": spec.update.model_copy(update=update)})
+    spec = spec.model_copy(update={"recurrence": None, "memories": Memories(count=3, top_k=2)})
+    prog = compile_ir(SpecIR(name=f"t_mem_decode_{name}", source="<test>", lsms={name: spec}))
+    layer = _perturbed(prog.layer(hidden=16, heads=2).double())
+    xs = torch.randn(2, 9, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    full = layer(xs, backend="torch")
+    y, cache = layer(xs[:, :4], use_cache=True, backend="torch")
+    outs = [y]
+    for t in range(4, 9):
+        y, cache = layer(xs[:, t : t + 1], past=cache, use_cache=True, backend="torch")
+        outs.append(y)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-10)
 
 
 def _family_spec(family, **memories):
@@ -257,13 +302,17 @@ TRITON_CHECK = r"""
 import json, sys
 import torch
 import lmoec
-from lmoec.ir.nodes import SpecIR
+from lmoec.ir.nodes import Memories, SpecIR
 from lmoec.paths import SPECS
 from lmoec.program import compile_ir
 
-# Gated DeltaNet with memories; the decay families' kernels on packed batches with empty sequences are
-# tests/test_triton.py's
-specs = {"mom": lmoec.compile_spec(SPECS / "lsm" / "mom.lsm").ir.lsm().model_copy(update={"chunk_size": 16, "recurrence": None})}
+# Gated DeltaNet with memories, and two of the new kinds (their kernels' own varlen checks are
+# tests/test_triton_titans.py's and tests/test_triton_elementwise.py's; the decay families' kernels on packed
+# batches with empty sequences are tests/test_triton.py's)
+library = lambda name: lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm").ir.lsm()
+specs = {name: library(base).model_copy(update={"chunk_size": 16, "recurrence": None, **extra})
+         for name, base, extra in (("mom", "mom", {}), ("titans", "titans", {"memories": Memories(count=3, top_k=2)}),
+                                   ("mamba", "mamba", {"memories": Memories(count=3, top_k=2)}))}
 out = {}
 for name, spec in specs.items():
     torch.manual_seed(0)  # the layer's own init too: the check is the same every run
@@ -301,9 +350,10 @@ def triton_results():
     return interpreted(["-c", TRITON_CHECK], cwd=Path(__file__).resolve().parents[1])
 
 
-def test_triton_kernels_run_every_memory_in_one_varlen_call(triton_results):
+@pytest.mark.parametrize("name", ["mom", "titans", "mamba"])
+def test_triton_kernels_run_every_memory_in_one_varlen_call(triton_results, name):
     """fp32 Triton (interpreter) layer vs the float64 oracle backend: forward, final states, every gradient."""
-    errors = dict(triton_results["mom"])
+    errors = dict(triton_results[name])
     assert errors.pop("empty_memory_tokens") == 0
     assert len(errors) > 10
     bad = {what: err for what, err in errors.items() if not err <= 1e-5}

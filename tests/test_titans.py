@@ -196,7 +196,7 @@ def test_contract_names_the_update_arguments(programs):
     x = _inputs(1, 8, 2, 4, 6)
     with pytest.raises(ValueError, match="eta is required"):
         op(**{n: t for n, t in x.items() if n != "eta"})
-    with pytest.raises(ValueError, match="initial_state must be \\[N, H, K, 2V\\] = \\[1, 2, 4, 12\\]"):
+    with pytest.raises(ValueError, match="initial_state must have shape \\[N, H, K, 2V\\] = \\[1, 2, 4, 12\\]"):
         op(**x, initial_state=torch.zeros(1, 2, 4, 6, dtype=F64))
 
 

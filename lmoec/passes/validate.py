@@ -287,9 +287,13 @@ class _Checker:
         """A test-time-training memory: the update is the whole transition, and its gates are per token and head."""
         upd = lsm.update
         for other, present in (("delta", lsm.delta), ("dplr", lsm.dplr), ("bonus", lsm.bonus_u or None),
-                               ("tie", lsm.tie_k_to_decay or None), ("memories", lsm.memories)):
+                               ("tie", lsm.tie_k_to_decay or None)):
             if present is not None:
                 fail(f"update is the whole transition (a gradient step on the inner loss): remove {other}", other)
+        if lsm.memories is not None and upd.minibatch > 1:
+            fail(f"memories go with gradient = token only: with minibatch({upd.minibatch}) a decoding layer keeps each "
+                 "open mini-batch's inputs, which a layer with memories would need per memory (not supported yet)",
+                 "memories")
         if lsm.decay.kind != "none" or any(getattr(lsm.decay, p) is not None for p in ("value", "step", "rate")):
             fail("update is the whole transition: forgetting is its weight_decay, not a decay statement", "decay")
         if upd.loss == "ln_mse":
@@ -346,11 +350,9 @@ class _Checker:
     @staticmethod
     def _memories(lsm: LSMSpec, fail) -> None:
         mem = lsm.memories
-        # the memory layer (templates/modules/memories.py.j2) builds q, k, v and the gates of the families
-        # before the element-wise kind; these statements have no per-memory form there yet
-        for statement, present in (("decay value", lsm.decay.value), ("decay step", lsm.decay.step),
-                                    ("groups", lsm.groups), ("skip", lsm.skip), ("query", lsm.query),
-                                    ("key", lsm.key)):
+        # the memory layer (templates/modules/memories.py.j2) projects q and k from each slot's input; a q or k
+        # the spec gives itself (S4's learned B and C) has no per-memory form there yet
+        for statement, present in (("query", lsm.query), ("key", lsm.key)):
             if present is not None:
                 fail(f"memories go without {statement} (not supported in a layer with memories yet)", "memories")
         if not 1 <= mem.count <= MAX_MEMORIES:

@@ -117,16 +117,17 @@ class _Checker:
         if rec.update == "ttt" and K != V:
             self.fail(f"TTT-Linear's inner model k + LN(k W + b) needs K = V, got K={K}, V={V}")
 
-    def state(self, arg: str, rec: Recurrence, t, n: int, H: int, K: int, V: int, device) -> None:
+    def state(self, arg: str, rec: Recurrence, t, n: int, H: int, K: int, V: int, device, n_dim: str = "N") -> None:
+        """A state of `n` sequences (n_dim names that dim: N sequences for the op, B for the step)."""
         self.real_tensor(arg, t, device)
         if rec.update == "titans":
-            want, what = (n, H, K, 2 * V), "[N, H, K, 2V] = [{}, {}, {}, {}] (the memory, then its momentum)"
+            want, what = (n, H, K, 2 * V), "[{}, H, K, 2V] = [{}, {}, {}, {}] (the memory, then its momentum)"
         elif rec.update == "ttt":
-            want, what = (n, H, K + 1, V), "[N, H, K + 1, V] = [{}, {}, {}, {}] (W, then the inner bias b)"
+            want, what = (n, H, K + 1, V), "[{}, H, K + 1, V] = [{}, {}, {}, {}] (W, then the inner bias b)"
         else:
-            want, what = (n, H, K, V), "[N, H, K, V] = [{}, {}, {}, {}]"
+            want, what = (n, H, K, V), "[{}, H, K, V] = [{}, {}, {}, {}]"
         if tuple(t.shape) != want:
-            self.fail(f"{arg} must be {what.format(*want)}, got {_shape(t)}")
+            self.fail(f"{arg} must have shape {what.format(n_dim, *want)}, got {_shape(t)}")
 
 
 def _argument_table(rec: Recurrence, tokens: tuple, H: int, K: int, V: int) -> list[tuple]:
@@ -214,4 +215,4 @@ def check_step_args(rec: Recurrence, name: str, q, k, v, gates: dict, state, sca
     H = q.shape[1]
     check.scale(scale)
     check.arguments(rec, gates, (B,), H, K, V, q.device)
-    check.state("state", rec, state, B, H, K, V, q.device)
+    check.state("state", rec, state, B, H, K, V, q.device, n_dim="B")
