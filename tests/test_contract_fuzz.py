@@ -154,3 +154,21 @@ def test_step_checks_like_the_op():
         ops.step(**token, state=state.to(torch.complex64))
     with pytest.raises(ValueError, match=r"gla.step: q must be \[B, H, D\], got shape \[1, 5, 2, 8\]"):
         ops.step(**{**token, "q": args["q"]}, state=state)
+
+
+def test_float64_never_reaches_the_triton_kernels():
+    """The Triton kernels compute in fp32 at most, and some failed deep inside on float64 inputs (a KeyError, an
+    operand dtype assertion): backend="triton" refuses float64 with one message, and "auto" sends float64 CUDA
+    tensors to the torch path (checked here through backend_for, on a CPU tensor claiming CUDA)."""
+    ops, args = _gla()
+    with pytest.raises(ValueError, match=r"gla: backend='triton' takes float32, bfloat16 or float16 inputs, got float64"):
+        ops.op(**{n: t.double() for n, t in args.items()}, backend="triton")
+
+    class OnCuda:  # what backend_for reads of q
+        is_cuda = True
+
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+    assert ops.backend_for("auto", OnCuda(torch.float64))[0] == "torch"
+    assert ops.backend_for("auto", OnCuda(torch.bfloat16))[0] == "triton"

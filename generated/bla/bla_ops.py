@@ -24,11 +24,16 @@ LIBRARY = LSMOps(__package__ or __name__, NAME, [], {"torch": _torch, "triton": 
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        if q.is_cuda:
+        if q.is_cuda and q.dtype != torch.float64:
             return "triton", "auto: CUDA tensors use the emitted Triton kernels"
+        if q.is_cuda:
+            return "torch", "auto: float64 runs the torch chunkwise path (the Triton kernels compute in fp32 at most)"
         return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
+    if backend == "triton" and q.dtype == torch.float64:
+        raise ValueError(f"{NAME}: backend='triton' takes float32, bfloat16 or float16 inputs, got float64 (its kernels "
+                         "compute in fp32 at most): use backend='torch' or 'reference'")
     if backend not in BACKENDS:
         raise ValueError(f"{NAME}: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     return backend, "forced by the caller"
@@ -58,8 +63,8 @@ def step(q, k, v, state, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
-        backend = "triton" if q.is_cuda else "torch"
+        backend = "triton" if q.is_cuda and q.dtype != torch.float64 else "torch"
         return LIBRARY.step(backend, q, k, v, dict(), state, scale)
-    if q.is_cuda:  # the emitted one-token Triton kernel
+    if q.is_cuda and q.dtype != torch.float64:  # the emitted one-token Triton kernel (float64 takes the torch step)
         return _triton.step(q, k, v, state=state, scale=scale)
     return _torch.step(q, k, v, state=state, scale=scale)

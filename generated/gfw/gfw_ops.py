@@ -27,6 +27,9 @@ def backend_for(backend, q):
         return "torch", "auto: the element-wise Triton kernels have not run on a GPU yet (bench/elementwise_gpu.py); backend='triton' forces them"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
+    if backend == "triton" and q.dtype == torch.float64:
+        raise ValueError(f"{NAME}: backend='triton' takes float32, bfloat16 or float16 inputs, got float64 (its kernels "
+                         "compute in fp32 at most): use backend='torch' or 'reference'")
     if backend not in BACKENDS:
         raise ValueError(f"{NAME}: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     return backend, "forced by the caller"
