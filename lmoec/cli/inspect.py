@@ -46,8 +46,11 @@ def _memories_note(lsm, per_memory: int) -> str:
     mem = lsm.memories
     if mem is None:
         return ""
+    present = {"k": not lsm.tie_k_to_decay and lsm.key is None, "v": True, "beta": lsm.delta is not None,
+               "decay": lsm.decay.kind in ("scalar", "vector")}  # the parts this layer has to own
+    owned = [part for part in mem.per_memory if present[part]]
     return (f", {mem.count} memories{' + shared' if mem.shared else ''}, {_count(per_memory)} each"
-            f" ({', '.join(mem.per_memory) or 'nothing'}), top-{mem.top_k}")
+            f" ({', '.join(owned) or 'nothing'}), top-{mem.top_k}")
 
 
 def show_graph(ir) -> None:
