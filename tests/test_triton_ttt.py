@@ -180,9 +180,12 @@ def test_auto_keeps_the_torch_path_until_a_gpu_checked_it():
 
     ops = lmoec.compile_spec(ROOT / "specs" / "lsm" / "ttt_linear.lsm").package.ttt_linear_ops
     assert "triton" in ops.BACKENDS
-    name, reason = ops.backend_for("auto", None)
+    import torch
+
+    q = torch.empty(1, 1, 1, 64)
+    name, reason = ops.backend_for("auto", q)
     assert name == "torch" and "GPU" in reason
-    assert ops.backend_for("triton", None)[0] == "triton"
+    assert ops.backend_for("triton", q)[0] == "triton"
 
 
 def test_minibatch_above_64_runs_on_torch(tmp_path):
@@ -206,3 +209,31 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     out = {name: check(name) for name in sys.argv[1:]}
     print(json.dumps(out))
+
+
+def test_auto_sends_head_dims_beyond_the_walks_to_torch(monkeypatch):
+    """Once a GPU has checked the kernels (auto_torch_reason cleared), "auto" still runs the torch path where the
+    walks cannot hold W [D, D] (D > 128), instead of the Triton module's error; D = 64 takes the kernels."""
+    import dataclasses
+
+    import torch
+
+    import lmoec
+    import lmoec.kinds
+    from lmoec.ir.nodes import Family, SpecIR
+    from lmoec.program import compile_ir
+
+    kinds = [dataclasses.replace(k, auto_torch_reason="") if k.family is Family.ttt else k for k in lmoec.kinds.KINDS]
+    monkeypatch.setattr(lmoec.kinds, "KINDS", kinds)
+    spec = lmoec.compile_spec(ROOT / "specs" / "lsm" / "ttt_linear.lsm").ir.lsm()
+    ops = compile_ir(SpecIR(name="t_ttt_auto", source="<test>", lsms={spec.name: spec})).package.ttt_linear_ops
+
+    class OnCuda:  # what backend_for reads of q
+        is_cuda, dtype = True, torch.bfloat16
+
+        def __init__(self, D):
+            self.shape = (1, 8, 2, D)
+
+    assert ops.backend_for("auto", OnCuda(64))[0] == "triton"
+    name, reason = ops.backend_for("auto", OnCuda(256))
+    assert name == "torch" and "up to 128" in reason

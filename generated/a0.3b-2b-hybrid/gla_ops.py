@@ -24,11 +24,11 @@ LIBRARY = LSMOps(__package__ or __name__, NAME, ["g"], {"torch": _torch, "triton
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        if q.is_cuda and q.dtype != torch.float64:
-            return "triton", "auto: CUDA tensors use the emitted Triton kernels"
-        if q.is_cuda:
+        if not q.is_cuda:
+            return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
+        if q.dtype == torch.float64:
             return "torch", "auto: float64 runs the torch chunkwise path (the Triton kernels compute in fp32 at most)"
-        return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
+        return "triton", "auto: CUDA tensors use the emitted Triton kernels"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend == "triton" and q.dtype == torch.float64:

@@ -39,6 +39,8 @@ class Kind:
     # why backend="auto" keeps CUDA tensors on the torch path ("": it takes the Triton kernels): kernels that
     # pass the interpreter but have not yet been checked on a GPU stay opt-in (backend="triton")
     auto_torch_reason: str = ""
+    # the largest head dim the Triton kernels take (0: any the validator allows); beyond it "auto" runs the torch path
+    triton_max_head_dim: int = 0
     state_width: int = 1  # the op's state is [N, H, K + state_rows, state_width * V] (Titans: memory and momentum;
     state_rows: int = 0  # TTT-Linear: the inner bias as one more row)
     # the oracle's working state from the op's state and back (a kind that keeps more while it steps)

@@ -90,7 +90,7 @@ def supports(ctx: "LSMContext") -> tuple[bool, str]:
 def emit_triton(ctx: "LSMContext", header: str) -> str:
     from ..backends.render import render
 
-    return render("triton/ttt.py.j2", ctx=ctx, header=header)
+    return render("triton/ttt.py.j2", ctx=ctx, header=header, max_dim=KIND.triton_max_head_dim)
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
@@ -120,6 +120,7 @@ KIND = Kind(
     costs=costs,
     lasp2_map=None,
     state_rows=1,
+    triton_max_head_dim=128,  # the walks hold W [D, D] fp32 in one program's registers
     oracle_state_in=oracle_state_in,
     oracle_state_out=oracle_state_out,
     auto_torch_reason="the TTT-Linear Triton kernels have not run on a GPU yet (bench/ttt_gpu.py); backend='triton' "
