@@ -74,7 +74,8 @@ CHILD = textwrap.dedent(
 
     # the walks' layout code is the same for both gates (only _gate differs): each spec takes one layout
     if name == "mamba":
-        out = {"varlen [20, 1, 3], K=3 V=12 (two V blocks, padded tiles)": case(1, 24, 1, 3, 12, lens=[20, 1, 3])}
+        out = {"varlen [20, 0, 1, 3], K=3 V=12 (two V blocks, padded tiles, an empty sequence)":
+           case(1, 24, 1, 3, 12, lens=[20, 0, 1, 3])}
     else:
         out = {"batch B=2 T=19, a strong gate, K=4 V=8": case(2, 19, 1, 4, 8, strong=True)}
     out["step"] = step_case()

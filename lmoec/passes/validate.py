@@ -290,10 +290,6 @@ class _Checker:
                                ("tie", lsm.tie_k_to_decay or None)):
             if present is not None:
                 fail(f"update is the whole transition (a gradient step on the inner loss): remove {other}", other)
-        if lsm.memories is not None and upd.minibatch > 1:
-            fail(f"memories go with gradient = token only: with minibatch({upd.minibatch}) a decoding layer keeps each "
-                 "open mini-batch's inputs, which a layer with memories would need per memory (not supported yet)",
-                 "memories")
         if lsm.decay.kind != "none" or any(getattr(lsm.decay, p) is not None for p in ("value", "step", "rate")):
             fail("update is the whole transition: forgetting is its weight_decay, not a decay statement", "decay")
         if upd.loss == "ln_mse":

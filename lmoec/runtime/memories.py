@@ -17,7 +17,7 @@ Nothing here loops over memories in Python or pads a segment.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -192,6 +192,59 @@ def _last_inputs(ext: torch.Tensor, slots: MemorySlots, keep: int, first_row: in
     seg = torch.arange(slots.segments, device=ext.device)[:, None]
     index = torch.where(p >= 0, ends[:, None] + back + first_row, seg * keep + keep + p)
     return ext.index_select(0, index.reshape(-1)).view(slots.segments, keep, ext.shape[1])
+
+
+def minibatch_segments(run: Callable, tokens: dict, slots: MemorySlots, minibatch: int, state: Optional[torch.Tensor],
+                       past_open: Optional[dict], use_cache: bool):
+    """A mini-batch update (`gradient = minibatch(N)`) over the call's (memory, batch) segments, continuing the
+    mini-batches the cache left open: (o [S, ...] of the call's rows, state at each segment's last closed
+    mini-batch, the open mini-batches for the cache or None).
+
+    tokens: the op's per-token inputs, rows [S, ...] in segment order; run(part, cu_seqlens, initial_state,
+    output_final_state) calls the op on packed rows. past_open: {"count": [segments], name: [segments, N - 1, ...]},
+    each segment's inputs since its last closed mini-batch. Each segment's rows are that open part, then the
+    call's rows; its complete mini-batches run first (their end is the new state) and the rest from there, whose
+    inputs become the new open part: a token's gradient point is the state at its mini-batch's start, counted from
+    the memory's first token, however the tokens arrive. Without a cache the rows run in one call.
+    """
+    if past_open is None and not use_cache:
+        o, _ = run(tokens, slots.cu_seqlens, state, False)
+        return o, None, None
+    device, segments, keep = slots.cu_seqlens.device, slots.segments, minibatch - 1
+    new = slots.cu_seqlens[1:] - slots.cu_seqlens[:-1]
+    count = torch.zeros_like(new) if past_open is None else past_open["count"].to(new)
+    length = count + new
+    closed = torch.div(length, minibatch, rounding_mode="floor") * minibatch
+    seg = torch.repeat_interleave(torch.arange(segments, device=device), length)
+    start = torch.cumsum(length, 0) - length
+    pos = torch.arange(seg.numel(), device=device) - start.index_select(0, seg)  # within the segment's rows
+    opened = pos < count.index_select(0, seg)
+    # each row's source in (the open parts, [segments * keep], then the call's rows)
+    source = torch.where(opened, seg * keep + pos,
+                         segments * keep + slots.cu_seqlens[:-1].index_select(0, seg) + pos - count.index_select(0, seg))
+
+    def rows(name):
+        x = tokens[name]
+        before = (x.new_zeros(segments * keep, *x.shape[1:]) if past_open is None
+                  else past_open[name].to(x.dtype).reshape(segments * keep, *x.shape[1:]))
+        return torch.cat([before, x]).index_select(0, source)
+
+    combined = {name: rows(name) for name in tokens}
+    in_closed = pos < closed.index_select(0, seg)
+    first, rest = in_closed.nonzero()[:, 0], (~in_closed).nonzero()[:, 0]
+    offsets = lambda n: torch.cat([n.new_zeros(1), torch.cumsum(n, 0)])
+    o_first, state = run({n: x.index_select(0, first) for n, x in combined.items()}, offsets(closed), state, True)
+    o_rest, _ = run({n: x.index_select(0, rest) for n, x in combined.items()}, offsets(length - closed), state, False)
+    o = torch.cat([o_first, o_rest]).index_select(0, inverse_permutation(torch.cat([first, rest])))
+    o = o.index_select(0, (~opened).nonzero()[:, 0])  # the call's rows, in segment order
+    if not use_cache:
+        return o, state, None
+    slot = seg.index_select(0, rest) * keep + pos.index_select(0, rest) - closed.index_select(0, seg.index_select(0, rest))
+    open_next = {"count": length - closed}
+    for name, x in combined.items():
+        padded = x.new_zeros(segments * keep, *x.shape[1:]).index_copy(0, slot, x.index_select(0, rest))
+        open_next[name] = padded.view(segments, keep, *x.shape[1:])
+    return o, state, open_next
 
 
 def balancing_losses(logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor, memories: int,
