@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from lmoec.ir.nodes import DenseFFNSpec, ModelSpec, MoESpec, ParallelSpec, SpecIR
 from lmoec.passes.comm import plan
 from lmoec.program import compile_ir
-from lmoec.runtime.moe import MoE, grouped_mm_available
+from lmoec.runtime.moe import MoE, grouped_matmul, grouped_mm_available, grouped_weight_grad
 
 HIDDEN, FFN = 16, 12
 
@@ -166,6 +166,20 @@ def test_grouped_gemm_path_float32(capacity_factor):
     moe = make_moe(dtype=torch.float32, grouped_backend="grouped", capacity_factor=capacity_factor, experts=8)
     x = torch.randn(2, 13, HIDDEN)
     check_against_reference(moe, x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not grouped_mm_available(), reason="this torch has neither grouped_mm nor _grouped_mm")
+@pytest.mark.parametrize("width", [2, 3, 8])
+def test_grouped_gemm_takes_narrow_outputs(width):
+    """grouped_mm wants 16-byte aligned strides: a narrow output (a memory layer's per-memory decay projection to H
+    heads crashed on an H100 with "strides should be multiple of 16 bytes") is padded, forward and weight gradient,
+    and equals the loop; an empty group and a float32 CPU run included."""
+    gen = torch.Generator().manual_seed(width)
+    rows, weight = torch.randn(13, 16, generator=gen), torch.randn(3, 16, width, generator=gen)
+    grad, counts = torch.randn(13, width, generator=gen), torch.tensor([5, 0, 8])
+    torch.testing.assert_close(grouped_matmul(rows, weight, counts, "grouped"), grouped_matmul(rows, weight, counts, "loop"))
+    torch.testing.assert_close(grouped_weight_grad(rows, grad, counts, "grouped"),
+                               grouped_weight_grad(rows, grad, counts, "loop"))
 
 
 def test_bias_update_moves_load_towards_balance():

@@ -255,6 +255,26 @@ def test_dplr_goes_to_its_own_kernels():
     assert "_fwd_state_kernel" in triton_backend.emit(ctx, "# test build")
 
 
+def test_auto_keeps_the_vector_decay_delta_off_the_kernels():
+    """The vector-decay delta kernels failed their GPU check (an illegal memory access in _ut_kernel on an H100,
+    2026-12-07), so backend="auto" keeps CUDA tensors of that spec on the torch path and says why; the scalar decay
+    (Gated DeltaNet, which passed) takes the kernels; backend="triton" still forces them."""
+    import torch
+
+    import lmoec
+    from lmoec.paths import SPECS
+
+    class OnCuda:  # what backend_for reads of q
+        is_cuda, dtype, shape = True, torch.bfloat16, (1, 8, 2, 64)
+
+    vector = lmoec.compile_spec(SPECS / "lsm" / "gated_delta_vector.lsm").package.gated_delta_vector_ops
+    name, reason = vector.backend_for("auto", OnCuda())
+    assert name == "torch" and "illegal memory access" in reason
+    assert vector.backend_for("triton", OnCuda())[0] == "triton"
+    scalar = lmoec.compile_spec(SPECS / "lsm" / "gated_deltanet.lsm").package.gated_deltanet_ops
+    assert scalar.backend_for("auto", OnCuda())[0] == "triton"
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = {name: check(name) for name in sys.argv[1:]}

@@ -174,20 +174,6 @@ def test_epsilon_is_the_oracle_s():
     assert mod.EPS == ttt.EPS
 
 
-def test_auto_keeps_the_torch_path_until_a_gpu_checked_it():
-    """backend='auto' stays on the torch path (the kernels have not run on a GPU yet) and says why; 'triton' opts in."""
-    import lmoec
-
-    ops = lmoec.compile_spec(ROOT / "specs" / "lsm" / "ttt_linear.lsm").package.ttt_linear_ops
-    assert "triton" in ops.BACKENDS
-    import torch
-
-    q = torch.empty(1, 1, 1, 64)
-    name, reason = ops.backend_for("auto", q)
-    assert name == "torch" and "GPU" in reason
-    assert ops.backend_for("triton", q)[0] == "triton"
-
-
 def test_minibatch_above_64_runs_on_torch(tmp_path):
     """A mini-batch beyond 64 tokens outgrows the walks' register tiles: no Triton module, and forcing it says why."""
     import torch
@@ -211,29 +197,26 @@ if __name__ == "__main__":
     print(json.dumps(out))
 
 
-def test_auto_sends_head_dims_beyond_the_walks_to_torch(monkeypatch):
-    """Once a GPU has checked the kernels (auto_torch_reason cleared), "auto" still runs the torch path where the
-    walks cannot hold W [D, D] (D > 128), instead of the Triton module's error; D = 64 takes the kernels."""
-    import dataclasses
-
+def test_auto_takes_the_kernels_where_they_run():
+    """The kernels passed their GPU check (H100, 2026-12-07), so backend="auto" takes them for CUDA tensors, but
+    runs the torch path where the walks cannot hold W [D, D] (D > 128) instead of the Triton module's error, for
+    float64, and off CUDA; backend="triton" forces them."""
     import torch
 
     import lmoec
-    import lmoec.kinds
-    from lmoec.ir.nodes import Family, SpecIR
-    from lmoec.program import compile_ir
 
-    kinds = [dataclasses.replace(k, auto_torch_reason="") if k.family is Family.ttt else k for k in lmoec.kinds.KINDS]
-    monkeypatch.setattr(lmoec.kinds, "KINDS", kinds)
-    spec = lmoec.compile_spec(ROOT / "specs" / "lsm" / "ttt_linear.lsm").ir.lsm()
-    ops = compile_ir(SpecIR(name="t_ttt_auto", source="<test>", lsms={spec.name: spec})).package.ttt_linear_ops
+    ops = lmoec.compile_spec(ROOT / "specs" / "lsm" / "ttt_linear.lsm").package.ttt_linear_ops
 
     class OnCuda:  # what backend_for reads of q
-        is_cuda, dtype = True, torch.bfloat16
+        is_cuda = True
 
-        def __init__(self, D):
-            self.shape = (1, 8, 2, D)
+        def __init__(self, D, dtype=torch.bfloat16):
+            self.shape, self.dtype = (1, 8, 2, D), dtype
 
     assert ops.backend_for("auto", OnCuda(64))[0] == "triton"
+    assert ops.backend_for("auto", OnCuda(128, torch.float32))[0] == "triton"
     name, reason = ops.backend_for("auto", OnCuda(256))
     assert name == "torch" and "up to 128" in reason
+    assert ops.backend_for("auto", OnCuda(64, torch.float64))[0] == "torch"
+    assert ops.backend_for("auto", torch.empty(1, 8, 2, 64))[0] == "torch"
+    assert ops.backend_for("triton", torch.empty(1, 8, 2, 64))[0] == "triton"

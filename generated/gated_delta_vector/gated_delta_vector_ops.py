@@ -24,11 +24,7 @@ LIBRARY = LSMOps(__package__ or __name__, NAME, ["g", "beta"], {"torch": _torch,
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        if not q.is_cuda:
-            return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
-        if q.dtype == torch.float64:
-            return "torch", "auto: float64 runs the torch chunkwise path (the Triton kernels compute in fp32 at most)"
-        return "triton", "auto: CUDA tensors use the emitted Triton kernels"
+        return "torch", "auto: the vector-decay delta Triton kernels failed their GPU check (an illegal memory access in _ut_kernel on an H100, bench/results/issue22.md); backend='triton' forces them"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend == "triton" and q.dtype == torch.float64:
@@ -63,8 +59,6 @@ def step(q, k, v, g, beta, state, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
-        backend = "triton" if q.is_cuda and q.dtype != torch.float64 else "torch"
+        backend = "torch"
         return LIBRARY.step(backend, q, k, v, dict(g=g, beta=beta), state, scale)
-    if q.is_cuda and q.dtype != torch.float64:  # the emitted one-token Triton kernel (float64 takes the torch step)
-        return _triton.step(q, k, v, g, beta, state=state, scale=scale)
     return _torch.step(q, k, v, g, beta, state=state, scale=scale)

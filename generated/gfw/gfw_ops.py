@@ -24,7 +24,11 @@ LIBRARY = LSMOps(__package__ or __name__, NAME, ["g", "gv"], {"torch": _torch, "
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        return "torch", "auto: the element-wise Triton kernels have not run on a GPU yet (bench/elementwise_gpu.py); backend='triton' forces them"
+        if not q.is_cuda:
+            return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
+        if q.dtype == torch.float64:
+            return "torch", "auto: float64 runs the torch chunkwise path (the Triton kernels compute in fp32 at most)"
+        return "triton", "auto: CUDA tensors use the emitted Triton kernels"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend == "triton" and q.dtype == torch.float64:
@@ -59,6 +63,8 @@ def step(q, k, v, g, gv, state, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
-        backend = "torch"
+        backend = "triton" if q.is_cuda and q.dtype != torch.float64 else "torch"
         return LIBRARY.step(backend, q, k, v, dict(g=g, gv=gv), state, scale)
+    if q.is_cuda and q.dtype != torch.float64:  # the emitted one-token Triton kernel (float64 takes the torch step)
+        return _triton.step(q, k, v, g, gv, state=state, scale=scale)
     return _torch.step(q, k, v, g, gv, state=state, scale=scale)

@@ -24,7 +24,13 @@ LIBRARY = LSMOps(__package__ or __name__, NAME, ["theta", "ln_weight", "ln_bias"
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        return "torch", "auto: the TTT-Linear Triton kernels have not run on a GPU yet (bench/ttt_gpu.py); backend='triton' forces them"
+        if not q.is_cuda:
+            return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
+        if q.dtype == torch.float64:
+            return "torch", "auto: float64 runs the torch chunkwise path (the Triton kernels compute in fp32 at most)"
+        if q.shape[-1] > 128:
+            return "torch", "auto: the Triton kernels take head dims up to 128"
+        return "triton", "auto: CUDA tensors use the emitted Triton kernels"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend == "triton" and q.dtype == torch.float64:
@@ -59,6 +65,8 @@ def step(q, k, v, theta, ln_weight, ln_bias, state, scale=None):
     if scale is None:
         scale = 1.0  # TTT-Linear's output q + LN(q W + b) has no scale
     if torch.compiler.is_compiling():
-        backend = "torch"
+        backend = "triton" if q.is_cuda and q.dtype != torch.float64 else "torch"
         return LIBRARY.step(backend, q, k, v, dict(theta=theta, ln_weight=ln_weight, ln_bias=ln_bias), state, scale)
+    if q.is_cuda and q.dtype != torch.float64:  # the emitted one-token Triton kernel (float64 takes the torch step)
+        return _triton.step(q, k, v, theta, ln_weight, ln_bias, state=state, scale=scale)
     return _torch.step(q, k, v, theta, ln_weight, ln_bias, state=state, scale=scale)

@@ -77,6 +77,4 @@ KIND = Kind(
     emit_triton=emit_triton,
     costs=costs,
     lasp2_map=["B", "H", "K", "V"],
-    auto_torch_reason="the element-wise Triton kernels have not run on a GPU yet (bench/elementwise_gpu.py); "
-                      "backend='triton' forces them",
-)
+)  # on by default since bench/correctness_gpu.sh passed on an H100 (2026-12-07: Mamba, GFW, bf16 and fp32, packed)

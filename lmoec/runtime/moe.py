@@ -53,7 +53,9 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
     CPU in float32.
     """
     if _resolve(backend, rows) == "grouped" and rows.shape[0] > 0:
-        return _GROUPED_MM(rows, weight, offs=torch.cumsum(counts, 0, dtype=torch.int32))
+        n, pad = weight.shape[-1], _pad_to_16_bytes(weight.shape[-1], weight)
+        out = _GROUPED_MM(rows, F.pad(weight, (0, pad)) if pad else weight, offs=torch.cumsum(counts, 0, dtype=torch.int32))
+        return out[:, :n] if pad else out
     segments = torch.split(rows, counts.tolist())
     return torch.cat([seg @ weight[e] for e, seg in enumerate(segments)])
 
@@ -61,15 +63,27 @@ def grouped_matmul(rows: torch.Tensor, weight: torch.Tensor, counts: torch.Tenso
 def grouped_weight_grad(rows: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor, backend: GroupedBackend = "auto") -> torch.Tensor:
     """The gradient of grouped_matmul's weight: rows [M, K], grad [M, N] -> [E, K, N], expert e's rows^T grad."""
     if _resolve(backend, rows) == "grouped" and rows.shape[0] > 0:
-        return _GROUPED_MM(rows.t(), grad, offs=torch.cumsum(counts, 0, dtype=torch.int32))
+        n, pad = grad.shape[-1], _pad_to_16_bytes(grad.shape[-1], grad)
+        out = _GROUPED_MM(rows.t(), F.pad(grad, (0, pad)) if pad else grad, offs=torch.cumsum(counts, 0, dtype=torch.int32))
+        return out[..., :n] if pad else out
     pairs = zip(torch.split(rows, counts.tolist()), torch.split(grad, counts.tolist()))
     return torch.stack([seg.t() @ g for seg, g in pairs])
 
 
 def _resolve(backend: GroupedBackend, rows: torch.Tensor) -> str:
+    """The path that runs: "auto" takes grouped GEMMs for bf16 on CUDA whose rows' width is 16-byte aligned (the
+    kernel's stride rule; an output width that is not gets padded, _pad_to_16_bytes), else the loop."""
     if backend == "auto":
-        return "grouped" if rows.is_cuda and rows.dtype == torch.bfloat16 and _GROUPED_MM is not None else "loop"
+        aligned = rows.shape[-1] * rows.element_size() % 16 == 0
+        return "grouped" if rows.is_cuda and rows.dtype == torch.bfloat16 and aligned and _GROUPED_MM is not None else "loop"
     return backend
+
+
+def _pad_to_16_bytes(width: int, x: torch.Tensor) -> int:
+    """Columns to add so that rows of `width` elements of x's dtype span a multiple of 16 bytes: grouped_mm wants
+    16-byte aligned strides, which a narrow output (a per-memory decay projection to H heads) does not have."""
+    per = 16 // x.element_size()
+    return -width % per
 
 
 # ---- SwiGLU: one Triton kernel each way on CUDA -------------------------------------------
