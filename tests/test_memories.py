@@ -195,8 +195,8 @@ def test_new_kinds_with_memories_decode_as_the_full_forward(name, update):
     y, cache = layer(xs[:, 21:], past=cache, use_cache=True, backend="torch")
     torch.testing.assert_close(torch.cat([*outs, y], 1), full, rtol=1e-9, atol=1e-10)
     flat = lambda c: {f"{n}.{k}": t for n, x in c.items() for k, t in (x.items() if isinstance(x, dict) else [("", x)])}
-    for name, got in flat(cache).items():
-        torch.testing.assert_close(got, flat(full_cache)[name], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    for key, got in flat(cache).items():
+        torch.testing.assert_close(got, flat(full_cache)[key], rtol=1e-9, atol=1e-10, msg=lambda m: f"{key}: {m}")
 
 
 def _family_spec(family, **memories):
