@@ -8,6 +8,7 @@ L2-normalized delta keys with beta in (0, 1), and RWKV7's DPLR terms a = -kk, b 
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import sympy
@@ -133,6 +134,11 @@ def random_inputs(rec: Recurrence, B=2, T=37, H=2, K=8, V=8, dtype=torch.float64
 def lsm_inputs():
     """(rec, **shape) -> fresh op inputs; see `random_inputs`."""
     return random_inputs
+
+
+def cuda_like(head_dim: int = 64, dtype=torch.bfloat16) -> SimpleNamespace:
+    """What an op's `backend_for` reads of q, as a CUDA tensor [1, 8, 2, head_dim] would show it (no GPU here)."""
+    return SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim))
 
 
 def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:

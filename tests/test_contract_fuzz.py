@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import lmoec
+from conftest import cuda_like
 from lmoec.bench import op_inputs
 from lmoec.paths import SPECS
 
@@ -159,16 +160,9 @@ def test_step_checks_like_the_op():
 def test_float64_never_reaches_the_triton_kernels():
     """The Triton kernels compute in fp32 at most, and some failed deep inside on float64 inputs (a KeyError, an
     operand dtype assertion): backend="triton" refuses float64 with one message, and "auto" sends float64 CUDA
-    tensors to the torch path (checked here through backend_for, on a CPU tensor claiming CUDA)."""
+    tensors to the torch path (checked here through backend_for)."""
     ops, args = _gla()
     with pytest.raises(ValueError, match=r"gla: backend='triton' takes float32, bfloat16 or float16 inputs, got float64"):
         ops.op(**{n: t.double() for n, t in args.items()}, backend="triton")
-
-    class OnCuda:  # what backend_for reads of q
-        is_cuda = True
-
-        def __init__(self, dtype):
-            self.dtype = dtype
-
-    assert ops.backend_for("auto", OnCuda(torch.float64))[0] == "torch"
-    assert ops.backend_for("auto", OnCuda(torch.bfloat16))[0] == "triton"
+    assert ops.backend_for("auto", cuda_like(dtype=torch.float64))[0] == "torch"
+    assert ops.backend_for("auto", cuda_like())[0] == "triton"

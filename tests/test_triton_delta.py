@@ -259,20 +259,17 @@ def test_auto_keeps_the_vector_decay_delta_off_the_kernels():
     """The vector-decay delta kernels failed their GPU check (an illegal memory access in _ut_kernel on an H100,
     2026-12-07), so backend="auto" keeps CUDA tensors of that spec on the torch path and says why; the scalar decay
     (Gated DeltaNet, which passed) takes the kernels; backend="triton" still forces them."""
-    import torch
+    from conftest import cuda_like
 
     import lmoec
     from lmoec.paths import SPECS
 
-    class OnCuda:  # what backend_for reads of q
-        is_cuda, dtype, shape = True, torch.bfloat16, (1, 8, 2, 64)
-
     vector = lmoec.compile_spec(SPECS / "lsm" / "gated_delta_vector.lsm").package.gated_delta_vector_ops
-    name, reason = vector.backend_for("auto", OnCuda())
+    name, reason = vector.backend_for("auto", cuda_like())
     assert name == "torch" and "illegal memory access" in reason
-    assert vector.backend_for("triton", OnCuda())[0] == "triton"
+    assert vector.backend_for("triton", cuda_like())[0] == "triton"
     scalar = lmoec.compile_spec(SPECS / "lsm" / "gated_deltanet.lsm").package.gated_deltanet_ops
-    assert scalar.backend_for("auto", OnCuda())[0] == "triton"
+    assert scalar.backend_for("auto", cuda_like())[0] == "triton"
 
 
 if __name__ == "__main__":

@@ -202,21 +202,15 @@ def test_auto_takes_the_kernels_where_they_run():
     runs the torch path where the walks cannot hold W [D, D] (D > 128) instead of the Triton module's error, for
     float64, and off CUDA; backend="triton" forces them."""
     import torch
+    from conftest import cuda_like
 
     import lmoec
 
     ops = lmoec.compile_spec(ROOT / "specs" / "lsm" / "ttt_linear.lsm").package.ttt_linear_ops
-
-    class OnCuda:  # what backend_for reads of q
-        is_cuda = True
-
-        def __init__(self, D, dtype=torch.bfloat16):
-            self.shape, self.dtype = (1, 8, 2, D), dtype
-
-    assert ops.backend_for("auto", OnCuda(64))[0] == "triton"
-    assert ops.backend_for("auto", OnCuda(128, torch.float32))[0] == "triton"
-    name, reason = ops.backend_for("auto", OnCuda(256))
+    assert ops.backend_for("auto", cuda_like(64))[0] == "triton"
+    assert ops.backend_for("auto", cuda_like(128, torch.float32))[0] == "triton"
+    name, reason = ops.backend_for("auto", cuda_like(256))
     assert name == "torch" and "up to 128" in reason
-    assert ops.backend_for("auto", OnCuda(64, torch.float64))[0] == "torch"
+    assert ops.backend_for("auto", cuda_like(64, torch.float64))[0] == "torch"
     assert ops.backend_for("auto", torch.empty(1, 8, 2, 64))[0] == "torch"
     assert ops.backend_for("triton", torch.empty(1, 8, 2, 64))[0] == "triton"

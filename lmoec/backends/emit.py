@@ -34,7 +34,7 @@ def emit_lsm_ops(ir: SpecIR) -> dict[str, str]:
             files[f"{lsm.name}_triton.py"] = triton_backend.emit(ctx, header(ir, f"lsm {lsm.name}, triton kernels"))
         files[f"{lsm.name}_ops.py"] = render(
             "package/ops.py.j2", ctx=ctx, triton_reason=triton_backend.supports(ctx)[1],
-            auto_torch_reason=kind_of(ctx.rec).auto_torch(ctx.rec), max_head_dim=kind_of(ctx.rec).triton_max_head_dim, state_width=kind_of(ctx.rec).state_width, state_rows=kind_of(ctx.rec).state_rows, header=header(ir, f"lsm {lsm.name}, op")
+            auto_torch_reason=kind_of(ctx.rec).auto_torch_reason(ctx.rec), max_head_dim=kind_of(ctx.rec).triton_max_head_dim, state_width=kind_of(ctx.rec).state_width, state_rows=kind_of(ctx.rec).state_rows, header=header(ir, f"lsm {lsm.name}, op")
         )
     return files
 

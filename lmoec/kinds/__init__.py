@@ -36,11 +36,9 @@ class Kind:
     # dims of A_r in LASP-2's affine map S -> A_r S + M_r ([]: nothing to send; None: the transition is not affine in
     # the state, so LASP-2 does not apply)
     lasp2_map: Optional[list[str]]
-    # why backend="auto" keeps CUDA tensors on the torch path ("": it takes the Triton kernels): kernels that
-    # pass the interpreter but have not yet been checked on a GPU stay opt-in (backend="triton")
-    auto_torch_reason: str = ""
-    # the same for only some recurrences of the kind: rec -> reason, or "" where "auto" takes the kernels
-    auto_torch_for: Callable[[Recurrence], str] = lambda rec: ""
+    # rec -> why backend="auto" keeps CUDA tensors of that recurrence on the torch path ("": it takes the Triton
+    # kernels): kernels that have not passed a GPU check stay opt-in (backend="triton")
+    auto_torch_reason: Callable[[Recurrence], str] = lambda rec: ""
     # the largest head dim the Triton kernels take (0: any the validator allows); beyond it "auto" runs the torch path
     triton_max_head_dim: int = 0
     state_width: int = 1  # the op's state is [N, H, K + state_rows, state_width * V] (Titans: memory and momentum;
@@ -48,10 +46,6 @@ class Kind:
     # the oracle's working state from the op's state and back (a kind that keeps more while it steps)
     oracle_state_in: Callable[[Recurrence, Any], Any] = lambda rec, state: state
     oracle_state_out: Callable[[Recurrence, Any], Any] = lambda rec, state: state
-
-    def auto_torch(self, rec: Recurrence) -> str:
-        """Why backend="auto" keeps CUDA tensors of this recurrence on the torch path ("": it takes the kernels)."""
-        return self.auto_torch_reason or self.auto_torch_for(rec)
 
 
 def _registry() -> list[Kind]:

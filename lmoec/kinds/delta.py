@@ -109,7 +109,7 @@ KIND = Kind(
     lasp2_map=["B", "H", "K", "K"],
     # the vector-decay delta kernels (specs/lsm/gated_delta_vector.lsm) pass the interpreter and compile for sm_90,
     # but on an H100 _ut_kernel hit an illegal memory access at every case (bench/results/issue22.md, 2026-12-07)
-    auto_torch_for=lambda rec: ("the vector-decay delta Triton kernels failed their GPU check (an illegal memory access "
+    auto_torch_reason=lambda rec: ("the vector-decay delta Triton kernels failed their GPU check (an illegal memory access "
                                 "in _ut_kernel on an H100, bench/results/issue22.md); backend='triton' forces them"
                                 if rec.decay == "vector" else ""),
 )
