@@ -187,16 +187,9 @@ def test_new_kinds_with_memories_decode_as_the_full_forward(name, update):
     layer = _perturbed(prog.layer(hidden=16, heads=2).double())
     xs = torch.randn(2, 40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
     full, full_cache = layer(xs, use_cache=True, backend="torch")
-    y, cache = layer(xs[:, :4], use_cache=True, backend="torch")
-    outs = [y]
-    for t in range(4, 21):
-        y, cache = layer(xs[:, t : t + 1], past=cache, use_cache=True, backend="torch")
-        outs.append(y)
-    y, cache = layer(xs[:, 21:], past=cache, use_cache=True, backend="torch")
-    torch.testing.assert_close(torch.cat([*outs, y], 1), full, rtol=1e-9, atol=1e-10)
-    flat = lambda c: {f"{n}.{k}": t for n, x in c.items() for k, t in (x.items() if isinstance(x, dict) else [("", x)])}
-    for key, got in flat(cache).items():
-        torch.testing.assert_close(got, flat(full_cache)[key], rtol=1e-9, atol=1e-10, msg=lambda m: f"{key}: {m}")
+    y, cache = _in_parts(layer, xs, prefill=4, stepped=21)
+    torch.testing.assert_close(y, full, rtol=1e-9, atol=1e-10)
+    _assert_same_cache(cache, full_cache)
 
 
 def _family_spec(family, **memories):
@@ -224,24 +217,45 @@ def test_prefill_then_decode_equals_full_forward():
     layer = _perturbed(prog.layer(hidden=16, heads=2).double())
     xs = torch.randn(3, 11, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     full, full_cache = layer(xs, use_cache=True, backend="torch")
-    y, cache = layer(xs[:, :5], use_cache=True, backend="torch")
-    outs = [y]
-    for t in range(5, 11):
-        before = cache["state"].clone()
-        y, cache = layer(xs[:, t : t + 1], past=cache, use_cache=True, backend="torch")
-        outs.append(y)
-        # exactly the routed (memory, sequence) states changed: top_k of the 4 and the shared one, per sequence
-        changed = (cache["state"] != before).flatten(2).any(-1)  # [M', B]
+
+    def routed_states_only(before, after):  # top_k of the 4 memories and the shared one change, per sequence
+        changed = (after["state"] != before["state"]).flatten(2).any(-1)  # [M', B]
         assert changed.sum(0).tolist() == [3] * 3 and changed[-1].all()
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-10)
-    for name in full_cache:
-        torch.testing.assert_close(cache[name], full_cache[name], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+    y, cache = _in_parts(layer, xs, prefill=5, stepped=11, on_step=routed_states_only)
+    torch.testing.assert_close(y, full, rtol=1e-9, atol=1e-10)
+    _assert_same_cache(cache, full_cache)
     # a chunk that starts from the cache: every memory's initial state and conv state
-    y1, c1 = layer(xs[:, :5], use_cache=True, backend="torch")
-    y2, c2 = layer(xs[:, 5:], past=c1, use_cache=True, backend="torch")
-    torch.testing.assert_close(torch.cat([y1, y2], 1), full, rtol=1e-9, atol=1e-10)
-    for name in full_cache:
-        torch.testing.assert_close(c2[name], full_cache[name], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    y, cache = _in_parts(layer, xs, prefill=5, stepped=5)
+    torch.testing.assert_close(y, full, rtol=1e-9, atol=1e-10)
+    _assert_same_cache(cache, full_cache)
+
+
+def _in_parts(layer, xs, prefill, stepped, on_step=None):
+    """The layer on xs[:, :prefill] with a cache, then one token at a time up to `stepped`, then the rest as one
+    chunk from the cache: (the outputs joined, the last cache). on_step(cache before, cache after) checks each step."""
+    y, cache = layer(xs[:, :prefill], use_cache=True, backend="torch")
+    outs = [y]
+    for t in range(prefill, stepped):
+        before = cache
+        y, cache = layer(xs[:, t : t + 1], past=cache, use_cache=True, backend="torch")
+        if on_step is not None:
+            on_step(before, cache)
+        outs.append(y)
+    if stepped < xs.shape[1]:
+        y, cache = layer(xs[:, stepped:], past=cache, use_cache=True, backend="torch")
+        outs.append(y)
+    return torch.cat(outs, 1), cache
+
+
+def _assert_same_cache(got, want):
+    """Every cache entry, and every entry of a nested one (a mini-batch update's open inputs), equal."""
+    assert got.keys() == want.keys()
+    for name in want:
+        if isinstance(want[name], dict):
+            _assert_same_cache(got[name], want[name])
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
 def test_balancing_losses_are_the_moe_routers():
