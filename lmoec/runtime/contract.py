@@ -16,6 +16,7 @@ runs, not while tracing.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import weakref
@@ -130,9 +131,16 @@ class _Checker:
             self.fail(f"{arg} must have shape {what.format(n_dim, *want)}, got {_shape(t)}")
 
 
-def _argument_table(rec: Recurrence, tokens: tuple, H: int, K: int, V: int) -> list[tuple]:
+def _argument_table(rec: Recurrence, tokens: tuple, H: int, K: int, V: int) -> tuple:
     """(argument, taken by this recurrence, why, allowed shapes) of every argument beyond q, k, v; `tokens` is
-    (B, T) for the op and (B,) for the decode step."""
+    (B, T) for the op and (B,) for the decode step. Cached for plain int dims (a layer calls the op with the same
+    shapes every step; torch.compile's symbolic sizes do not hash)."""
+    if all(type(d) is int for d in (*tokens, H, K, V)):
+        return _cached_table(rec, tokens, H, K, V)
+    return _table(rec, tokens, H, K, V)
+
+
+def _table(rec: Recurrence, tokens: tuple, H: int, K: int, V: int) -> tuple:
     family = rec.family.value
     if rec.decay == "none":
         g = (False, f"this {family} recurrence has no decay", [])
@@ -148,7 +156,7 @@ def _argument_table(rec: Recurrence, tokens: tuple, H: int, K: int, V: int) -> l
               else "the spec declares no step and rate (Mamba's outer-product gate)")
     titans, ttt = rec.update == "titans", rec.update == "ttt"
     why_ln = "ln_weight and ln_bias are TTT-Linear's inner LayerNorm" if ttt else "the spec's update has no inner LayerNorm"
-    return [
+    return (
         ("g", *g),
         ("beta", rec.delta and not rec.dplr, "beta belongs to the delta rule" if rec.delta
          else f"the {family} recurrence has no delta rule", [(*tokens, H)]),
@@ -167,7 +175,10 @@ def _argument_table(rec: Recurrence, tokens: tuple, H: int, K: int, V: int) -> l
          else "the spec's update has no momentum", [(*tokens, H)]),
         ("alpha", titans and rec.weight_decay, "alpha is the weight decay of the update" if rec.weight_decay
          else "the spec's update has no weight decay", [(*tokens, H)]),
-    ]
+    )
+
+
+_cached_table = functools.lru_cache(maxsize=256)(_table)
 
 
 def check_op_args(
