@@ -50,11 +50,9 @@ DECAY_VARIANTS = {
     "fused walks": {"fuse_output": True, "fuse_dv": True},
     "unfused walks": {"fuse_output": False, "fuse_dv": False},
     "fused walks + 8 warps": {"fuse_output": True, "fuse_dv": True, "walk_fused": dict(BV=64, num_warps=8, num_stages=2)},
-    "bonus whole-chunk": {"bonus_whole_chunk": True},  # RWKV6: dq/dk of chunks not marked slow by the whole-chunk kernel
-    # RWKV6, the whole-chunk dq/dk over the whole head dim (as it was when it failed its check at K = 128)
-    "bonus whole-chunk whole K": {"bonus_whole_chunk": True, "grad_qk": dict(BK=128, BV=64, num_warps=4, num_stages=2)},
-    # GLA (vector decay only): dq/dk in K blocks of 64, as RWKV6's whole-chunk kernel runs
-    "dq/dk K blocks of 64": {"grad_qk": dict(BK=64, BV=64, num_warps=4, num_stages=2)},
+    "bonus sub-chunk": {"bonus_whole_chunk": False},  # RWKV6: every chunk's dq/dk through the sub-chunk kernel (before run 11)
+    # GLA: dq/dk over the whole head dim at K = 128 (its default before run 11: K blocks of 64)
+    "dq/dk whole K": {"grad_qk": dict(BK=128, BV=64, num_warps=4, num_stages=2)},
 }
 DELTA_VARIANTS = {
     "default": {},
@@ -123,7 +121,15 @@ def build(spec):
     pkg = program.package
     tri = getattr(pkg, f"{lsm.name}_triton")
     tri.CONFIG.update({key: value for key, value in OVERRIDES.items() if key in tri.CONFIG})
-    return tri, getattr(pkg, f"{lsm.name}_torch"), lsm.recurrence
+    ref = getattr(pkg, f"{lsm.name}_torch")
+    RECURRENCE_OF.update({tri.__name__: lsm.recurrence, ref.__name__: lsm.recurrence})
+    return tri, ref, lsm.recurrence
+
+
+# the recurrence of each built backend module: make_inputs checks its inputs against the op's contract, which the
+# backend modules (called directly here, to time the kernels alone) do not check (run 10's "illegal memory access"
+# in the vector-decay delta spec was this harness feeding it a per-head gate where the kernels read one per key)
+RECURRENCE_OF: dict = {}
 
 
 def arg_names(module):
@@ -148,10 +154,10 @@ def make_inputs(spec, module, B, T, H, K, V, dtype):
         if name == "g":
             if spec == "retnet":
                 x["g"] = torch.log(1 - 2.0 ** (-5 - torch.arange(H, device=device, dtype=torch.float32)))
-            elif spec in ("gla", "rwkv6"):
-                x["g"] = F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16
             elif spec == "rwkv7":
                 x["g"] = -0.6065 * torch.sigmoid(torch.randn(B, T, H, K, device=device))
+            elif RECURRENCE_OF[module.__name__].decay == "vector":  # gla, rwkv6, gated_delta_vector
+                x["g"] = F.logsigmoid(torch.randn(B, T, H, K, device=device)) / 16
             elif spec == "gated_deltanet":
                 x["g"] = F.logsigmoid(torch.randn(B, T, H, device=device) + 3)
             else:
@@ -166,6 +172,9 @@ def make_inputs(spec, module, B, T, H, K, V, dtype):
             x["a"], x["b"] = (-alpha * kk).to(dtype), kk.to(dtype)
         else:
             raise AssertionError(f"no input rule for {name}")
+    from lmoec.runtime.contract import check_op_args
+
+    check_op_args(RECURRENCE_OF[module.__name__], spec, **x, scale=K ** -0.5)
     return x
 
 

@@ -25,6 +25,7 @@ import argparse
 import datetime
 import os
 import sys
+import traceback
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -36,6 +37,7 @@ LENGTHS = [2048, 8192]
 CHUNK_START = 'import "{}"\nlsm titans_chunk extends titans {{ update {{ gradient = minibatch(64) }} }}\n'
 TOL = {"bfloat16": (2e-3, 1e-2), "float32": (1e-4, 1e-4)}  # (outputs, gradients): relative norm against float64
 SMOKE = False
+CASES = ""  # --cases: only the check cases whose label contains one of these (comma list)
 REPORT: list[str] = []
 LOG: list[str] = []
 
@@ -94,11 +96,17 @@ def check(progs, device):
     cases = ({"B=2 T=40 D=16": (2, 40, None, 16), "packed [25, 1, 14] D=16": (1, 40, [0, 25, 26, 40], 16)} if SMOKE else
              {"B=2 T=1000 D=64": (2, 1000, None, 64), "packed [700, 1, 299] D=64": (1, 1000, [0, 700, 701, 1000], 64),
               "B=1 T=600 D=128": (1, 600, None, 128)})
-    variants = [(torch.float32, "ieee")] if SMOKE else [(torch.bfloat16, "tf32"), (torch.bfloat16, "ieee"),
-                                                         (torch.float32, "ieee")]
+    # the default products first; a row of the other setting is shown but does not decide the check (tf32: 2.2e-3
+    # against the 2e-3 bound on an H100, run 10, so ieee became the default)
+    default = kernels(next(iter(progs.values()))).CONFIG["dot_16bit"]
+    other = "tf32" if default == "ieee" else "ieee"
+    variants = [(torch.float32, "ieee")] if SMOKE else [(torch.bfloat16, default), (torch.float32, "ieee"),
+                                                         (torch.bfloat16, other)]
     for name, program in progs.items():
         op, mod = program.op(), kernels(program)
         for label, (B, T, cu, D) in cases.items():
+            if CASES and not any(w in label for w in CASES.split(",")):
+                continue
             n_seq = B if cu is None else len(cu) - 1
             gen = torch.Generator().manual_seed(T + D)
             h0 = 0.1 * torch.randn(n_seq, H, D, 2 * D, generator=gen)
@@ -108,17 +116,24 @@ def check(progs, device):
                 mod.CONFIG["dot_16bit"] = dot
                 x = inputs(B, T, H, D, "cpu", dtype, seed=T)  # the same rounded inputs on both sides
                 want = outputs_and_grads(op, x, h0, do, dht, cu, "cpu", torch.float64, "torch")
-                got = outputs_and_grads(op, x, h0, do, dht, cu, device, dtype, "triton")
+                try:
+                    got = outputs_and_grads(op, x, h0, do, dht, cu, device, dtype, "triton")
+                except Exception as e:  # noqa: BLE001 - a launch that fails (e.g. out of shared memory) is a failed row
+                    failures += 1
+                    log(name, label, dtype, dot, traceback.format_exc())
+                    say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {dot} | {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''} | | NO |")
+                    continue
                 errs = {n: rel(got[n], w) for n, w in want.items()}
                 worst_o = max(errs["o"], errs["final_state"])
                 worst_g = max(e for n, e in errs.items() if n.startswith("d"))
                 tol_o, tol_g = TOL[str(dtype).removeprefix("torch.")]
                 ok = worst_o <= tol_o and worst_g <= tol_g
-                failures += not ok
+                failures += not ok and (dtype == torch.float32 or dot == default)
                 log(name, label, dtype, dot, errs)
-                say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {dot} | {worst_o:.2e} | {worst_g:.2e} | "
-                    f"{'yes' if ok else 'NO'} |")
-            mod.CONFIG["dot_16bit"] = "tf32"
+                say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {dot}{'' if dot == default else ' (not the default)'} | "
+                    f"{worst_o:.2e} | {worst_g:.2e} | {'yes' if ok else 'NO'} |")
+            mod.CONFIG["dot_16bit"] = default
     failures += check_decode(progs["titans"], device)
     say()
     return failures
@@ -222,16 +237,17 @@ def profile(progs, device):
 
 
 def main():
-    global SMOKE
+    global SMOKE, CASES
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("parts", nargs="*", help="check, bench, profile and/or fla (default check bench)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (TRITON_INTERPRET=1): exercises the script")
+    p.add_argument("--cases", default="", help="check only the cases whose label contains one of these (comma list)")
     args = p.parse_args()
     args.parts = args.parts or ["check", "bench"]
     if set(args.parts) - {"check", "bench", "profile", "fla"}:
         p.error(f"parts are check, bench, profile and fla, got {args.parts}")
-    SMOKE = args.smoke
+    SMOKE, CASES = args.smoke, args.cases
     import torch
 
     device = "cpu" if SMOKE else "cuda"

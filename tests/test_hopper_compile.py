@@ -39,7 +39,7 @@ ELEMENTWISE = {"mamba": [{}, {"block_v": 32, "scan": 32}], "gfw": [{}, {"block_v
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": DECAY, "simple_gla": DECAY, "retnet": DECAY,
     "gla": DECAY + [{"grad_qk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2}}],  # dq/dk in K blocks (a sweep row)
-    "rwkv6": DECAY + [{"bonus_whole_chunk": True}],  # the whole-chunk dq/dk kernel is off by default
+    "rwkv6": DECAY,
     "deltanet": DELTA, "gated_deltanet": DELTA, "gated_delta_vector": DELTA, "rwkv7": [{}, SEGMENTS, HALVED],
     **ELEMENTWISE,
     # the walks' V block 16 (halved at B * H = 2), 32 and 64 (bench/titans_gpu.py sweeps it)
@@ -107,13 +107,14 @@ def _signature(fn, args, kwargs):
     return signature, constexprs, options
 
 
-def _inputs(module, decay: str, B=1, T=128, H=2, K=128, V=128):
-    """(chunk inputs, step inputs, state shape) for the module's chunk(q, k, v, <recurrence args>, ...)."""
+def _inputs(module, decay: str, B=1, T=128, H=2, K=128, V=128, dtype="bfloat16"):
+    """(chunk inputs, step inputs, state shape) for the module's chunk(q, k, v, <recurrence args>, ...), the
+    activations in `dtype`."""
     import torch
 
     names = list(inspect.signature(module.chunk).parameters)
     extra = names[3:names.index("scale")]
-    bf16 = dict(dtype=torch.bfloat16)
+    bf16 = dict(dtype=getattr(torch, dtype))
     g_shape = {"vector": (K,), "scalar": (), "constant": None}[decay] if decay != "none" else None
     seq = {"q": torch.randn(B, T, H, K, **bf16), "k": torch.randn(B, T, H, K, **bf16), "v": torch.randn(B, T, H, V, **bf16)}
     for name in extra:
@@ -168,16 +169,18 @@ def compile_spec_kernels(spec: str) -> dict:
     launches = []
     defaults = dict(module.CONFIG)
     for K, V in HEAD_DIMS.get(spec, [(128, 128)]):
-        seq, token, state_shape = _inputs(module, lsm.recurrence.decay, K=K, V=V)
-        state_shape = (*state_shape[:2], K + kind.state_rows, V * kind.state_width)
-        for config in CASES[spec]:
-            module.CONFIG.update(defaults, **config)
-            launches += _record_launches(module, lambda: run(seq, token, state_shape))
+        # fp32 activations take other kernels (fp32 tiles, ieee products): at the default settings
+        for dtype, configs in (("bfloat16", CASES[spec]), ("float32", [{}])):
+            seq, token, state_shape = _inputs(module, lsm.recurrence.decay, K=K, V=V, dtype=dtype)
+            state_shape = (*state_shape[:2], K + kind.state_rows, V * kind.state_width)
+            for config in configs:
+                module.CONFIG.update(defaults, **config)
+                launches += _record_launches(module, lambda: run(seq, token, state_shape))
     module.CONFIG.update(defaults)
     shared = {}
     for fn, args, kwargs in launches:
         signature, constexprs, options = _signature(fn, args, kwargs)
-        key = f"{fn.__name__} {sorted(constexprs.items(), key=str)} {sorted(options.items())}"
+        key = f"{fn.__name__} {sorted(signature.items())} {sorted(constexprs.items(), key=str)} {sorted(options.items())}"
         if key not in shared:
             kernel = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
                                     options=options)

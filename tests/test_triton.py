@@ -138,6 +138,8 @@ CHILD = textwrap.dedent(
     if "bonus_whole_chunk" in mod.CONFIG:  # RWKV6's dq/dk: the setting other than the default, in K blocks of 16
         settings["bonus_whole_chunk flipped"] = dict(bonus_whole_chunk=not defaults["bonus_whole_chunk"],
                                                      grad_qk=dict(BK=16, BV=64, num_warps=4, num_stages=2))
+        # a V block below V: the whole-chunk kernel would need two passes over V, so every chunk takes the sub-chunk one
+        settings["bonus V block below V"] = dict(bonus_whole_chunk=True, grad_qk=dict(BK=16, BV=8, num_warps=4, num_stages=2))
     for label, setting in settings.items():
         mod.CONFIG.update(setting)
         out[f"fp32 T=40, {label}"] = case(2, 40, 2, 16, 16, torch.float32)

@@ -24,7 +24,7 @@ LIBRARY = LSMOps(__package__ or __name__, NAME, ["g", "beta"], {"torch": _torch,
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        return "torch", "auto: the vector-decay delta Triton kernels failed their GPU check (an illegal memory access in _ut_kernel on an H100, bench/results/issue22.md); backend='triton' forces them"
+        return "torch", "auto: the vector-decay delta Triton kernels failed their GPU check (bf16 backward: the state walk's gradients go non-finite on an H100 with Triton 3.6, bench/results/run11); backend='triton' forces them"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend == "triton" and q.dtype == torch.float64:

@@ -727,11 +727,13 @@ CONFIG = {
     "segment_scan": dict(BK=32, BV=64, num_warps=4, num_stages=1),
     "output": dict(BV=64, num_warps=4, num_stages=2),
     "grad_v": dict(BV=64, num_warps=4, num_stages=2),
-    "grad_qk": dict(BK=64, BV=64, num_warps=4, num_stages=2),
+    # dq/dk of a chunk in K blocks of 64 and one pass over V (V block 128; beyond V = 128 the sub-chunk kernel takes
+    # every chunk): with two passes (V block 64) the whole-chunk kernel's dk drifted on an H100 with Triton 3.6
+    # (1.8e-3 from the sub-chunk kernel in fp32 against 5.6e-4 for dq), with one pass it agrees (bench/results/run11)
+    "grad_qk": dict(BK=64, BV=128, num_warps=4, num_stages=2),
     # RWKV6's dq/dk through the whole-chunk kernel (chunks not marked slow) instead of every chunk through the
-    # sub-chunk kernel: passes the interpreter and compiles for sm_90; off until a GPU check passes it at K = 128
-    # (its whole-K version failed there; bench/results/issue22.md)
-    "bonus_whole_chunk": False,
+    # sub-chunk kernel: H100, 8K tokens x 4 sequences, 10.98 -> 5.04 ms fwd+bwd at V block 64 (bench/results/run11)
+    "bonus_whole_chunk": True,
     "output_subchunk": dict(BV=64, num_warps=4, num_stages=2),
     "grad_v_subchunk": dict(BV=64, num_warps=4, num_stages=2),
     "grad_qk_subchunk": dict(BV=64, num_warps=4, num_stages=2),
@@ -925,11 +927,13 @@ class ChunkFunction(torch.autograd.Function):
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, k.device)
         da, daq = _new(g.shape, torch.float32, q.device), _new(g.shape, torch.float32, q.device)  # -k.dk, q.dq
         du = _new((n_chunks, H, K), torch.float32, q.device)
-        # bonus_whole_chunk False: every chunk through the sub-chunk kernel (as if each were marked slow)
+        # without the whole-chunk kernel (bonus_whole_chunk False, or V beyond one pass of its V block) every chunk
+        # goes through the sub-chunk kernel, as if each were marked slow
+        whole_chunk = CONFIG["bonus_whole_chunk"] and V <= CONFIG["grad_qk"]["BV"]
         _launch_with_fallback(
             "grad_qk", grad_qk_kernel, grad_qk_subchunk_kernel, lambda BK, BV: (n_chunks, H, triton.cdiv(K, BK)),
-            (q, k, v, do, g, u, du, daq, da, h, dh, dq, dk, slow if CONFIG["bonus_whole_chunk"] else torch.ones_like(slow),
-             chunk_info, scale), whole_chunk=CONFIG["bonus_whole_chunk"], H=H, K=K, V=V, C=CHUNK,
+            (q, k, v, do, g, u, du, daq, da, h, dh, dq, dk, slow if whole_chunk else torch.ones_like(slow),
+             chunk_info, scale), whole_chunk=whole_chunk, H=H, K=K, V=V, C=CHUNK,
         )
         # the final state's share of dg: d(loss)/d(cumulative decay at a sequence's last token)
         has_final = dht is not None and ht is not None

@@ -62,6 +62,12 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _fp32_stages(x, stages):
+    """fp32 tiles take twice the shared memory of 16-bit ones: kernels that multi-buffer them run one pipeline stage
+    for fp32 inputs (_bwd_dv_kernel needs more than an H100's 227 KB at two; tests/test_hopper_compile.py)."""
+    return 1 if x.dtype == torch.float32 else stages
+
+
 @triton.jit
 def _ut_fwd_kernel(k, v, g, a, b, w, u, tm, ae, ke, gc, cu_seqlens, chunk_indices, H,
                    K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
@@ -675,7 +681,7 @@ class _ChunkFunction(torch.autograd.Function):
         dr, dv = _new(v.shape, v.dtype, q.device), _new(v.shape, v.dtype, q.device)
         _bwd_dv_kernel[(NT, H)](q, k, g, b, v, tm, ae, ke, h, dh, drl, dr, do, dv, dl, drm, cu, chunk_indices,
                                 ctx.scale, H, K=K, V=V, BT=CHUNK, BV=_block_v(V, "BV_dv"),
-                                num_warps=CONFIG["warps_dv"], num_stages=CONFIG["stages"])
+                                num_warps=CONFIG["warps_dv"], num_stages=_fp32_stages(q, CONFIG["stages"]))
         del drl
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, q.device)
         da, db = _new(a.shape, a.dtype, q.device), _new(b.shape, b.dtype, q.device)

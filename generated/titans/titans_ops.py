@@ -24,7 +24,11 @@ LIBRARY = LSMOps(__package__ or __name__, NAME, ["theta", "eta", "alpha"], {"tor
 def backend_for(backend, q):
     """(name, reason): the backend that runs, and why it was chosen."""
     if backend == "auto":
-        return "torch", "auto: the Titans Triton kernels' GPU check is not complete (H100, 2026-12-07: bf16 with tf32 products 2.2e-3 off against the 2e-3 bound, with ieee products within it; the fp32 D = 128 and decode rows did not run: bench/titans_gpu.py); backend='triton' forces them"
+        if not q.is_cuda:
+            return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
+        if q.dtype == torch.float64:
+            return "torch", "auto: float64 runs the torch chunkwise path (the Triton kernels compute in fp32 at most)"
+        return "triton", "auto: CUDA tensors use the emitted Triton kernels"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend == "triton" and q.dtype == torch.float64:
@@ -59,6 +63,8 @@ def step(q, k, v, theta, eta, alpha, state, scale=None):
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling():
-        backend = "torch"
+        backend = "triton" if q.is_cuda and q.dtype != torch.float64 else "torch"
         return LIBRARY.step(backend, q, k, v, dict(theta=theta, eta=eta, alpha=alpha), state, scale)
+    if q.is_cuda and q.dtype != torch.float64:  # the emitted one-token Triton kernel (float64 takes the torch step)
+        return _triton.step(q, k, v, theta, eta, alpha, state=state, scale=scale)
     return _torch.step(q, k, v, theta, eta, alpha, state=state, scale=scale)

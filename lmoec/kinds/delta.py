@@ -107,9 +107,11 @@ KIND = Kind(
     emit_triton=emit_triton,
     costs=costs,
     lasp2_map=["B", "H", "K", "K"],
-    # the vector-decay delta kernels (specs/lsm/gated_delta_vector.lsm) pass the interpreter and compile for sm_90,
-    # but on an H100 _ut_kernel hit an illegal memory access at every case (bench/results/issue22.md, 2026-12-07)
-    auto_torch_reason=lambda rec: ("the vector-decay delta Triton kernels failed their GPU check (an illegal memory access "
-                                "in _ut_kernel on an H100, bench/results/issue22.md); backend='triton' forces them"
+    # the vector-decay delta kernels (specs/lsm/gated_delta_vector.lsm) pass the interpreter, compile for sm_90 and, on
+    # an H100 (Triton 3.6), give the forward, final state, dq and the decode step within bounds and every gradient in
+    # fp32; with bf16 inputs the backward's state walk turns some V columns non-finite (bench/results/run11)
+    auto_torch_reason=lambda rec: ("the vector-decay delta Triton kernels failed their GPU check (bf16 backward: the "
+                                   "state walk's gradients go non-finite on an H100 with Triton 3.6, bench/results/run11); "
+                                   "backend='triton' forces them"
                                 if rec.decay == "vector" else ""),
 )

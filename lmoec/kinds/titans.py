@@ -120,8 +120,4 @@ KIND = Kind(
     state_width=STATE_WIDTH,
     oracle_state_in=oracle_state_in,
     oracle_state_out=oracle_state_out,
-    auto_torch_reason=lambda rec: ("the Titans Triton kernels' GPU check is not complete (H100, 2026-12-07: bf16 with "
-                                   "tf32 products 2.2e-3 off against the 2e-3 bound, with ieee products within it; the "
-                                   "fp32 D = 128 and decode rows did not run: bench/titans_gpu.py); backend='triton' "
-                                   "forces them"),
 )
