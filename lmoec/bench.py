@@ -501,7 +501,7 @@ def bench_kernels(programs: dict[str, Program], device: torch.device, size: Size
             rec = ops.RECURRENCE
             (q, k, v), args = op_inputs(rec, B, T, H, D, dtype, device)
             op = program.op(lsm)
-            backend = ops.backend_for("auto", q)[0]
+            backend = ops.backend_for("auto", q, v)[0]
             rows.append(kernel_case(f"lmoec {lsm}", f"lmoec ({backend})", lambda: op(q, k, v, **args)[0],
                                     [q, k, v, *args.values()], T, B, device, size.warmup, size.iters, say))
             # fla has no element-wise gates (GFW's chunk_gla peer is GLA's: bench/elementwise_gpu.py times it)

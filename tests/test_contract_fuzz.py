@@ -166,3 +166,19 @@ def test_float64_never_reaches_the_triton_kernels():
         ops.op(**{n: t.double() for n, t in args.items()}, backend="triton")
     assert ops.backend_for("auto", cuda_like(dtype=torch.float64))[0] == "torch"
     assert ops.backend_for("auto", cuda_like())[0] == "triton"
+
+
+def test_fp32_beyond_head_dim_128_never_reaches_the_triton_kernels():
+    """fp32 tiles at head dim 256 need up to 557 KB of shared memory (an H100 has 227 KB: the sm_90 compile of every
+    family's kernels at --dims 256 256), which fails at launch: "auto" sends such inputs to the torch path and
+    backend="triton" refuses them with one message; fp32 at 128 and bf16 at 256 keep the kernels."""
+    ops, args = _gla()
+    wide = {n: (t.repeat_interleave(32, -2 if n == "initial_state" else -1) if n in ("q", "k", "g", "initial_state")
+                else t) for n, t in args.items()}  # K = 256
+    with pytest.raises(ValueError, match=r"gla: backend='triton' takes fp32 inputs up to head dim 128"):
+        ops.op(**wide, backend="triton")
+    name, reason = ops.backend_for("auto", cuda_like(256, torch.float32))
+    assert name == "torch" and "beyond head dim 128" in reason
+    assert ops.backend_for("auto", cuda_like(128, torch.float32), cuda_like(256, torch.float32))[0] == "torch"  # V
+    assert ops.backend_for("auto", cuda_like(128, torch.float32))[0] == "triton"
+    assert ops.backend_for("auto", cuda_like(256, torch.bfloat16))[0] == "triton"

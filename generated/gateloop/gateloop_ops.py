@@ -21,19 +21,30 @@ BACKENDS = ("reference", "torch", "triton")
 LIBRARY = LSMOps(__package__ or __name__, NAME, ["g"], {"torch": _torch, "triton": _triton})
 
 
-def backend_for(backend, q):
+# fp32 inputs beyond this head dim: the Triton kernels' fp32 tiles need more than an H100's 227 KB of shared memory
+# per block (tests/test_hopper_compile.py compiles them at 256: up to 557 KB), so fp32 runs them up to 128 only
+FP32_MAX_HEAD_DIM = 128
+
+
+def backend_for(backend, q, v=None):
     """(name, reason): the backend that runs, and why it was chosen."""
+    wide_fp32 = q.dtype == torch.float32 and max(q.shape[-1], 0 if v is None else v.shape[-1]) > FP32_MAX_HEAD_DIM
     if backend == "auto":
         if not q.is_cuda:
             return "torch", "auto: tensors not on CUDA use the portable chunkwise path"
         if q.dtype == torch.float64:
             return "torch", "auto: float64 runs the torch chunkwise path (the Triton kernels compute in fp32 at most)"
+        if wide_fp32:
+            return "torch", f"auto: fp32 inputs beyond head dim {FP32_MAX_HEAD_DIM} run the torch chunkwise path"
         return "triton", "auto: CUDA tensors use the emitted Triton kernels"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend == "triton" and q.dtype == torch.float64:
         raise ValueError(f"{NAME}: backend='triton' takes float32, bfloat16 or float16 inputs, got float64 (its kernels "
                          "compute in fp32 at most): use backend='torch' or 'reference'")
+    if backend == "triton" and wide_fp32:
+        raise ValueError(f"{NAME}: backend='triton' takes fp32 inputs up to head dim {FP32_MAX_HEAD_DIM} (beyond it their "
+                         "tiles exceed an H100's shared memory); use bfloat16 / float16, or backend='torch'")
     if backend not in BACKENDS:
         raise ValueError(f"{NAME}: unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     return backend, "forced by the caller"
@@ -45,7 +56,7 @@ def op(q, k, v, g=None, beta=None, u=None, a=None, b=None, scale=None, initial_s
                   scale=scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    name, _ = backend_for(backend, q)
+    name, _ = backend_for(backend, q, v)
     if name == "reference":
         return recurrent_reference(RECURRENCE, q, k, v, g, beta, u, a, b, scale, initial_state,
                                    output_final_state, cu_seqlens)
