@@ -172,6 +172,25 @@ def test_minibatch_step_refuses():
         mod.step(*token, state=torch.zeros(B, H, K, 2 * V))
 
 
+def test_auto_takes_the_kernels_per_token(tmp_path):
+    """The per-token kernels passed every row of their GPU check (H100, run 11), so backend="auto" takes them for CUDA
+    tensors; at chunk-start gradients only D = 128 ran there, so "auto" keeps those on the torch path and says why;
+    backend="triton" forces them."""
+    from conftest import cuda_like
+
+    import lmoec
+
+    per_token = lmoec.compile_spec(ROOT / "specs" / "lsm" / "titans.lsm").package.titans_ops
+    assert per_token.backend_for("auto", cuda_like(64))[0] == "triton"
+    spec = tmp_path / "titans_mb.lsm"
+    spec.write_text(f'import "{ROOT / "specs" / "lsm" / "titans.lsm"}"\n'
+                    f'lsm titans_mb extends titans {{ update {{ gradient = minibatch(16) }} }}\n')
+    chunk_start = lmoec.compile_spec(spec).package.titans_mb_ops
+    name, reason = chunk_start.backend_for("auto", cuda_like(64))
+    assert name == "torch" and "chunk-start gradients" in reason
+    assert chunk_start.backend_for("triton", cuda_like(64))[0] == "triton"
+
+
 def test_chunk_above_64_runs_on_torch(tmp_path):
     """Beyond chunk 64 the walks' tiles outgrow an H100's shared memory: no Triton module, and forcing it says why."""
     import torch

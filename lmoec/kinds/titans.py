@@ -120,4 +120,9 @@ KIND = Kind(
     state_width=STATE_WIDTH,
     oracle_state_in=oracle_state_in,
     oracle_state_out=oracle_state_out,
+    # per token, every row of bench/titans_gpu.py's check passed on an H100 (bench/results/run11); at chunk-start
+    # gradients only D = 128 has run there (its D = 64 and packed-sequence rows never did)
+    auto_torch_reason=lambda rec: ("the Titans Triton kernels at chunk-start gradients (minibatch) have passed their "
+                                   "GPU check at D = 128 only, not yet on packed sequences (bench/results/run11); "
+                                   "backend='triton' forces them" if rec.minibatch > 1 else ""),
 )
