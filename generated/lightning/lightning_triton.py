@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from lmoec.runtime.contract import sequence_offsets
+from lmoec.runtime.launch import fp32_stages
 
 CHUNK = 64
 LOG2E = tl.constexpr(1.4426950408889634)  # g * LOG2E: exp(g) == exp2(g * LOG2E)
@@ -418,12 +419,6 @@ def _new(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _fp32_stages(x, stages):
-    """fp32 tiles take twice the shared memory of 16-bit ones: kernels that multi-buffer them run one pipeline stage
-    for fp32 inputs (grad_qk_kernel needs more than an H100's 227 KB at two; tests/test_hopper_compile.py)."""
-    return 1 if x.dtype == torch.float32 else stages
-
-
 class _Layout:
     """Index tables of packed sequences (int32, on the device). seq_info [N, 3] = (bos, eos, first chunk);
     chunk_info [NC, 4] = (start, end, bos, sequence); rows [R, 3]: what each walk program walks, the segments
@@ -592,7 +587,7 @@ class ChunkFunction(torch.autograd.Function):
         da = _new(g.shape, torch.float32, q.device)
         cfg = dict(CONFIG["grad_qk"])
         BV = _blocks(V, cfg.pop("BV"))
-        cfg["num_stages"] = _fp32_stages(q, cfg["num_stages"])
+        cfg["num_stages"] = fp32_stages(q, cfg["num_stages"])
         grad_qk_kernel[(n_chunks, H)](
             q, k, v, do, g, da, h, dh, dq, dk, chunk_info, scale,
             H=H, K=K, V=V, C=CHUNK, BK=_pow2(K), BV=BV, **cfg,

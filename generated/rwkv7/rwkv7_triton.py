@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from lmoec.runtime.contract import sequence_offsets
+from lmoec.runtime.launch import fp32_stages
 
 CHUNK = 64
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
@@ -60,12 +61,6 @@ def _new(shape, dtype, device):
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _fp32_stages(x, stages):
-    """fp32 tiles take twice the shared memory of 16-bit ones: kernels that multi-buffer them run one pipeline stage
-    for fp32 inputs (_bwd_dv_kernel needs more than an H100's 227 KB at two; tests/test_hopper_compile.py)."""
-    return 1 if x.dtype == torch.float32 else stages
 
 
 @triton.jit
@@ -681,7 +676,7 @@ class _ChunkFunction(torch.autograd.Function):
         dr, dv = _new(v.shape, v.dtype, q.device), _new(v.shape, v.dtype, q.device)
         _bwd_dv_kernel[(NT, H)](q, k, g, b, v, tm, ae, ke, h, dh, drl, dr, do, dv, dl, drm, cu, chunk_indices,
                                 ctx.scale, H, K=K, V=V, BT=CHUNK, BV=_block_v(V, "BV_dv"),
-                                num_warps=CONFIG["warps_dv"], num_stages=_fp32_stages(q, CONFIG["stages"]))
+                                num_warps=CONFIG["warps_dv"], num_stages=fp32_stages(q, CONFIG["stages"]))
         del drl
         dq, dk = _new(q.shape, q.dtype, q.device), _new(k.shape, k.dtype, q.device)
         da, db = _new(a.shape, a.dtype, q.device), _new(b.shape, b.dtype, q.device)

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lmoec.runtime.launch import fp32_stages
+
 CHUNK = 64
 MINIBATCH = 1
 BLOCK = 16  # rows of the blocks Tm = (I + L)^-1 is built by
@@ -46,7 +48,7 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # blocks of the chunk-parallel backward (BV_bwd, BK_bwd: its six [C, BK_bwd] accumulators stay in registers), the
 # precision of every tl.dot for 16-bit inputs (dot_16bit: "tf32" or "ieee"; fp32 inputs always take "ieee": on an
 # H100, bf16 inputs with tf32 products came 2.2e-3 from the float64 path against the check's 2e-3 bound, with ieee
-# 1.7e-3: bench/results/run10), warps per kernel.
+# 1.7e-3: bench/results/run10), the walks' pipeline stages for 16-bit inputs (fp32 ones take one), warps per kernel.
 CONFIG = {"BV": 32, "seq_programs": 128, "BV_bwd": 16, "BK_bwd": 32, "dot_16bit": "ieee", "stages_walk": 3, "warps_prepare": 8, "warps_walk": 4, "warps_bwd": 8,
           "warps_step": 4}
 # the weights per chunk and head, wts [chunks, H, 7, C] (the kernels index these rows): p_g, r_g, p_after, r_after,
@@ -498,12 +500,6 @@ def _walk_block_v(K, V, rows, H):
     return min(BV, 16) if K > 128 else BV
 
 
-def _walk_stages(x):
-    """The walks' pipeline stages: Triton's default 3 for 16-bit inputs; 1 for fp32 ones, whose tiles multi-buffered
-    need about 310 KB of shared memory at K = V = 128 (an H100 has 227 KB per block; tests/test_hopper_compile.py)."""
-    return CONFIG["stages_walk"] if x.dtype in (torch.float16, torch.bfloat16) else 1
-
-
 def _dot(x):
     """tl.dot's precision: exact fp32 for fp32 inputs, CONFIG's for 16-bit ones."""
     return "ieee" if x.dtype in (torch.float32, torch.float64) else CONFIG["dot_16bit"]
@@ -529,7 +525,7 @@ def _forward(q, k, v, theta, eta, alpha, scale, h0, output_final_state, layout, 
     _fwd_kernel[(triton.cdiv(V, BV), N, H)](q, k, v, tm, aqk, wts, o, e, h0, ht, states, bounds, chunk_base, scale, H,
                                             K=K, V=V, C=CHUNK, BK=BK, BV=BV, DOT=_dot(k), USE_H0=h0 is not None,
                                             STORE_FINAL=output_final_state, STORE_STATES=store,
-                                            num_warps=CONFIG["warps_walk"], num_stages=_walk_stages(k))
+                                            num_warps=CONFIG["warps_walk"], num_stages=fp32_stages(k, CONFIG["stages_walk"]))
     return o, ht, (tm, aqk, wts, e, states)
 
 
@@ -556,7 +552,7 @@ class _ChunkFunction(torch.autograd.Function):
         _bwd_walk_kernel[(triton.cdiv(V, BV), N, H)](q, k, tm, aqk, wts, do, None if dht is None else dht.contiguous(),
                                                      dstates, dv, dh0, bounds, chunk_base, ctx.scale, H, K=K, V=V,
                                                      C=CHUNK, BK=BK, BV=BV, DOT=_dot(k), USE_DHT=dht is not None,
-                                                     num_warps=CONFIG["warps_walk"], num_stages=_walk_stages(k))
+                                                     num_warps=CONFIG["warps_walk"], num_stages=fp32_stages(k, CONFIG["stages_walk"]))
         dq, dk = _new((N_TOKENS, H, K), **f32), _new((N_TOKENS, H, K), **f32)
         dtheta = _new((N_TOKENS, H), **f32)
         deta = _new((N_TOKENS, H), **f32) if eta is not None else None
