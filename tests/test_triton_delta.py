@@ -32,6 +32,7 @@ class Case(NamedTuple):
     D: int = 16
     config: dict | None = None  # launch settings other than the defaults (blocks smaller than the head dims)
     Dv: int | None = None  # V when it differs from K = D
+    strong: bool = False  # log decay about -4 a token: a chunk's whole decay (~ -250) is far past exp()'s fp32 range
 
 
 # blocks smaller than K = V = 32: the backward's K split, every V loop over two blocks, the UT transform's and the
@@ -85,6 +86,9 @@ CASES = {
     "deltanet_wu_walk_varlen_fused": Case("none", True, None, 32, None, config={**WU_WALK, **FUSED}),
     "gated_scalar_wu_walk_segments": Case("scalar", False, None, 16, 100, D=24, Dv=40, config={**WU_WALK, **SEGMENTS}),
     "gated_vector_wu_walk_chunk64": Case("vector", False, None, 64, 100, config=WU_WALK),
+    # strong decays with partial chunks: a padded row must not meet exp(-G) of the chunk's valid rows
+    "gated_scalar_strong": Case("scalar", False, None, 64, 100, strong=True),
+    "gated_scalar_strong_varlen_unfused": Case("scalar", True, None, 32, None, strong=True, config=UNFUSED),
 }
 SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs", "lsm", "gated_delta_vector.lsm")
 
@@ -137,7 +141,7 @@ def _build(decay: str, chunk: int):
     return module, ctx.rec
 
 
-def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16, Dv=None):
+def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16, Dv=None, strong=False):
     import torch
 
     Dv = Dv or D
@@ -151,7 +155,7 @@ def _inputs(decay, varlen, k_scale, T, B=2, H=2, D=16, Dv=None):
     k = k * k_scale if k_scale is not None else torch.nn.functional.normalize(k, dim=-1)
     args = {"q": q, "k": k, "v": torch.randn(B, T, H, Dv)}
     if decay == "scalar":
-        args["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H) + 2)
+        args["g"] = torch.nn.functional.logsigmoid(torch.randn(B, T, H) + (-4 if strong else 2))
     elif decay == "constant":
         args["g"] = torch.nn.functional.logsigmoid(torch.randn(H) + 2)
     elif decay == "vector":
@@ -179,7 +183,7 @@ def check(name: str) -> dict:
     assert mod.CHUNK == case.chunk
     if case.config:
         mod.CONFIG.update(case.config)
-    args, cu = _inputs(decay, case.varlen, case.k_scale, case.T, D=case.D, Dv=case.Dv)
+    args, cu = _inputs(decay, case.varlen, case.k_scale, case.T, D=case.D, Dv=case.Dv, strong=case.strong)
     if name.endswith("few_programs"):
         assert mod._walk_layout(args["q"], case.D, cu)[0] == 16
     if "segments" in name:  # the case must take the segmented path
