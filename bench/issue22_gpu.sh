@@ -4,7 +4,8 @@
 # them in the background while the foreground checks (untimed); every timing runs on an otherwise idle GPU.
 #  1. time the defaults run 11 changed against the previous ones (lmoec only, 8K): RWKV6's dq/dk through the
 #     whole-chunk kernel at V block 128, GLA's dq/dk in K blocks of 64; and DeltaNet at Gated DeltaNet's settings;
-#  2. check them (RWKV6's whole-chunk default agreed with the sub-chunk kernel in a probe; no family check has run it);
+#  2. check them (RWKV6's whole-chunk default agreed with the sub-chunk kernel in a probe; no family check has run it),
+#     and Gated DeltaNet, whose walks now give padded rows the chunk's whole decay;
 #  3. against fla at the cells no run has measured: Gated DeltaNet and DeltaNet at small heads (H = 32, K = V = 64),
 #     packed uneven sequences and V = 256, then simple GLA and GLA at small heads and packed sequences.
 B=${BUDGET:-560}
@@ -22,7 +23,7 @@ FLA_CACHE_RESULTS=0 timeout $(left 400) python3 bench/fla_warm.py --families gat
   --shapes heads64,varlen,V256 > $OUT/warm.txt 2>&1 &
 FLA_CACHE_RESULTS=0 timeout $(left 400) python3 bench/fla_warm.py --families simple_gla,gla \
   --shapes heads64,varlen > $OUT/warm2.txt 2>&1 &
-step check; timeout $(left 300) $F check --families rwkv6,gla --cases "default,varlen [,K=V=64,K=128, V=256" \
+step check; timeout $(left 300) $F check --families gated_deltanet,rwkv6,gla --cases "default,varlen [,K=V=64,K=128, V=256" \
   --out $OUT/c > /dev/null 2>&1
 grep "FAIL\|ALL PASS" $OUT/c/families.md | cut -c1-300
 wait

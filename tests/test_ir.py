@@ -26,6 +26,37 @@ def test_expression_json_rejects_unknown_ops():
         ex.from_json({"op": "__import__", "args": ["os"]})
 
 
+def test_expression_bounds():
+    """Interval bounds of spec expressions: what decides whether a decay can leave a kernel's exp() range."""
+    x, K, A = sympy.symbols("x K A_log")
+    lin = ex.linear(x, "W")
+    f = ex.function
+    inf = float("inf")
+    cases = {
+        -0.606531 * f("sigmoid")(lin): (-0.606531, 0.0),  # RWKV7's log decay
+        f("logsigmoid")(lin) / 16: (-inf, 0.0),  # GLA's
+        -f("softplus")(lin) * sympy.exp(A): (-inf, 0.0),  # Mamba2's / Gated DeltaNet's
+        2 * f("tanh")(lin) - 1: (-3.0, 1.0),
+        sympy.Max(f("logsigmoid")(lin), -2): (-2.0, 0.0),
+        sympy.Min(f("logsigmoid")(lin), -0.5): (-inf, -0.5),
+        1 / K: (0.0, 1.0),
+        sympy.Integer(3): (3.0, 3.0),
+        f("relu")(lin) ** 2: (0.0, inf),
+        lin - lin + x: (-inf, inf),
+    }
+    for expr, want in cases.items():
+        got = ex.bounds(expr)
+        assert got == pytest.approx(want), f"{expr}: {got} != {want}"
+    # sound on samples: every value lies inside the bounds
+    w = torch.linspace(-40, 40, 801, dtype=torch.float64)
+    samples = {-0.606531 * f("sigmoid")(lin): -0.606531 * torch.sigmoid(w),
+               f("logsigmoid")(lin) / 16: torch.nn.functional.logsigmoid(w) / 16,
+               2 * f("tanh")(lin) - 1: 2 * torch.tanh(w) - 1,
+               f("silu")(lin): torch.nn.functional.silu(w), f("elu")(lin): torch.nn.functional.elu(w)}
+    for expr, values in samples.items():
+        lo, hi = ex.bounds(expr)
+        assert lo <= values.min().item() and values.max().item() <= hi, expr
+
 def test_ir_json_round_trip():
     ir = SpecIR(name="t", source="<test>", lsms={"t": LSMSpec(name="t", decay=Decay(kind="scalar", expr=ex.function("logsigmoid")(ex.linear(sympy.Symbol("x"), "W")) / 16), delta=Delta(beta=ex.function("sigmoid")(ex.linear(sympy.Symbol("x"), "W_b"))))})
     ir = run_passes(ir)

@@ -296,6 +296,29 @@ def test_supports_and_dispatch():
     assert not ok and "DPLR" in reason and "decay" in reason
 
 
+
+@pytest.mark.parametrize("decay, reason", [("logsigmoid(x @ W_d)", "has no lower bound"),
+                                           ("-2 * sigmoid(x @ W_d)", "reaches -2 a token (-128 a chunk)"),
+                                           (None, "")])
+def test_auto_keeps_unbounded_decays_off_the_kernels(tmp_path, decay, reason):
+    """The DPLR kernels factor a chunk's decay as exp(G_i) exp(-G_j) (NaN in the interpreter from a log decay of 96 a
+    chunk): backend="auto" takes them only where the spec's decay expression keeps a chunk above -80 (RWKV7's
+    -0.606531 * sigmoid(...): -38.8 a chunk of 64), and says why otherwise; backend="triton" still forces them."""
+    from conftest import cuda_like
+
+    import lmoec
+
+    spec = tmp_path / "strong.lsm"
+    body = f"decay vector = {decay}" if decay else "scale = 1"
+    spec.write_text(f'import "{SPEC}"\nlsm strong extends rwkv7 {{ {body} }}\n')
+    ops = lmoec.compile_spec(spec).package.strong_ops
+    name, why = ops.backend_for("auto", cuda_like())
+    if reason:
+        assert name == "torch" and reason in why and "backend='triton' forces them" in why
+    else:
+        assert name == "triton"
+    assert ops.backend_for("triton", cuda_like())[0] == "triton"
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = {name: EXTRA[name]() if name in EXTRA else check(name) for name in sys.argv[1:]}

@@ -30,7 +30,7 @@ def backend_for(backend, q, v=None):
     """(name, reason): the backend that runs, and why it was chosen."""
     wide_fp32 = q.dtype == torch.float32 and max(q.shape[-1], 0 if v is None else v.shape[-1]) > FP32_MAX_HEAD_DIM
     if backend == "auto":
-        return "torch", "auto: the vector-decay delta Triton kernels failed their GPU check (bf16 backward: the state walk's gradients go non-finite on an H100 with Triton 3.6, bench/results/run11) and overflow where a key column's log decay within one chunk passes ~88; backend='triton' forces them"
+        return "torch", "auto: the vector-decay delta Triton kernels failed their GPU check (bf16 backward: the state walk's gradients go non-finite on an H100 with Triton 3.6, bench/results/run11); backend='triton' forces them"
     if backend == "triton" and "triton" not in BACKENDS:
         raise ValueError(f"{NAME}: backend='triton' is unavailable: ")
     if backend == "triton" and q.dtype == torch.float64:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..ir.nodes import SpecIR
-from ..kinds import kind_of
+from ..kinds import decay_reason, kind_of
 from . import triton as triton_backend
 from .context import lsm_context
 from .model_emit import emit_model
@@ -32,10 +32,12 @@ def emit_lsm_ops(ir: SpecIR) -> dict[str, str]:
         triton_ok, _ = triton_backend.supports(ctx)
         if triton_ok:
             files[f"{lsm.name}_triton.py"] = triton_backend.emit(ctx, header(ir, f"lsm {lsm.name}, triton kernels"))
+        kind = kind_of(ctx.rec)
+        auto_torch_reason = kind.auto_torch_reason(ctx.rec) or decay_reason(kind, ctx.rec, lsm.decay.expr, ctx.chunk_size)
         files[f"{lsm.name}_ops.py"] = render(
-            "package/ops.py.j2", ctx=ctx, triton_reason=triton_backend.supports(ctx)[1],
-            auto_torch_reason=kind_of(ctx.rec).auto_torch_reason(ctx.rec), max_head_dim=kind_of(ctx.rec).triton_max_head_dim, state_width=kind_of(ctx.rec).state_width, state_rows=kind_of(ctx.rec).state_rows, header=header(ir, f"lsm {lsm.name}, op")
-        )
+            "package/ops.py.j2", ctx=ctx, triton_reason=triton_backend.supports(ctx)[1], auto_torch_reason=auto_torch_reason,
+            max_head_dim=kind.triton_max_head_dim, state_width=kind.state_width, state_rows=kind.state_rows,
+            header=header(ir, f"lsm {lsm.name}, op"))
     return files
 
 

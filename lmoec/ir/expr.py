@@ -17,6 +17,7 @@ Vocabulary
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import sympy
@@ -94,6 +95,84 @@ def free_names(expr: sympy.Expr) -> set[str]:
 
     walk(expr)
     return names
+
+
+# ---- value bounds -----------------------------------------------------------
+
+_INF = float("inf")
+
+
+def _monotone(f):
+    """Bounds of an increasing function over an interval."""
+    return lambda lo, hi: (f(lo), f(hi))
+
+
+def _softplus(z: float) -> float:
+    return max(z, 0.0) + math.log1p(math.exp(-abs(z))) if math.isfinite(z) else max(z, 0.0)
+
+
+def _sigmoid(z: float) -> float:
+    return 1 / (1 + math.exp(-z)) if z > -700 else 0.0
+
+
+# the functions a spec may call, as maps of an input interval to an output interval (silu and elu dip below 0 and
+# rise again: their minimum over the reals bounds them from below)
+_FUNCTION_BOUNDS = {
+    "sigmoid": _monotone(_sigmoid),
+    "logsigmoid": _monotone(lambda z: -_softplus(-z)),
+    "softplus": _monotone(_softplus),
+    "tanh": _monotone(math.tanh),
+    "relu": _monotone(lambda z: max(z, 0.0)),
+    "silu": lambda lo, hi: (-0.2785, hi if hi <= 0 or not math.isfinite(hi) else hi * _sigmoid(hi)),
+    "swish": lambda lo, hi: (-0.2785, hi if hi <= 0 or not math.isfinite(hi) else hi * _sigmoid(hi)),
+    "elu": lambda lo, hi: (max(-1.0, math.expm1(lo)) if math.isfinite(lo) else -1.0, hi),
+}
+_POSITIVE = {"H": 1.0, "K": 1.0, "V": 1.0, "layers": 1.0, "h": 0.0, "layer": 0.0}  # dims and indices: lower ends
+
+
+def _mul(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    products = [x * y if x and y else 0.0 for x in a for y in b]  # 0 * inf is 0 here: an exact zero factor
+    return min(products), max(products)
+
+
+def bounds(expr: sympy.Expr) -> tuple[float, float]:
+    """An interval (lo, hi) that holds every value `expr` takes, whatever its inputs and parameters (+-inf where
+    nothing bounds it). Interval arithmetic over the vocabulary: sound, not tight (x - x gets (-inf, inf))."""
+    if expr.is_Number or expr in (sympy.pi, sympy.E):
+        value = float(expr)
+        return value, value
+    if isinstance(expr, sympy.Symbol):
+        return (_POSITIVE[expr.name], _INF) if expr.name in _POSITIVE else (-_INF, _INF)
+    parts = [bounds(a) for a in expr.args] if not (isinstance(expr, sympy.Function) and expr.func == Linear) else []
+    if isinstance(expr, sympy.Add):
+        return sum(p[0] for p in parts), sum(p[1] for p in parts)
+    if isinstance(expr, sympy.Mul):
+        out = (1.0, 1.0)
+        for p in parts:
+            out = _mul(out, p)
+        return out
+    if isinstance(expr, sympy.Pow) and expr.exp.is_Number:
+        (lo, hi), e = parts[0], float(expr.exp)
+        if lo > 0:  # a positive base: monotone in it
+            ends = sorted([lo ** e if math.isfinite(lo) else (0.0 if e < 0 else _INF), hi ** e if math.isfinite(hi) else (0.0 if e < 0 else _INF)])
+            return ends[0], ends[1]
+        if e > 0 and e == int(e) and int(e) % 2 == 0:
+            return 0.0, _INF
+        return -_INF, _INF
+    if isinstance(expr, sympy.exp):
+        lo, hi = parts[0]
+        return math.exp(min(lo, 709.0)), math.exp(min(hi, 709.0)) if hi < 709 else _INF
+    if isinstance(expr, sympy.log) and parts[0][0] > 0:
+        return math.log(parts[0][0]), math.log(parts[0][1]) if math.isfinite(parts[0][1]) else _INF
+    if isinstance(expr, sympy.Abs):
+        lo, hi = parts[0]
+        return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+    if isinstance(expr, (sympy.Min, sympy.Max)):
+        pick = min if isinstance(expr, sympy.Min) else max
+        return pick(p[0] for p in parts), pick(p[1] for p in parts)
+    if isinstance(expr, sympy.Function) and expr.func.__name__ in _FUNCTION_BOUNDS and len(parts) == 1:
+        return _FUNCTION_BOUNDS[expr.func.__name__](*parts[0])
+    return -_INF, _INF
 
 
 # ---- JSON form -------------------------------------------------------------

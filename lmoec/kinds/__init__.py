@@ -39,6 +39,10 @@ class Kind:
     # rec -> why backend="auto" keeps CUDA tensors of that recurrence on the torch path ("": it takes the Triton
     # kernels): kernels that have not passed a GPU check stay opt-in (backend="triton")
     auto_torch_reason: Callable[[Recurrence], str] = lambda rec: ""
+    # rec -> the largest log decay one chunk may take in the Triton kernels (0: no limit). Kernels that factor a chunk's
+    # decay as exp(G_i) exp(-G_j) (on the matrix units) overflow past ~88; where the spec's decay expression does
+    # not bound a chunk's decay within this, backend="auto" keeps the layer on the torch path (see `decay_reason`)
+    chunk_log_decay_limit: Callable[[Recurrence], float] = lambda rec: 0.0
     # the largest head dim the Triton kernels take (0: any the validator allows); beyond it "auto" runs the torch path
     triton_max_head_dim: int = 0
     state_width: int = 1  # the op's state is [N, H, K + state_rows, state_width * V] (Titans: memory and momentum;
@@ -57,6 +61,23 @@ def _registry() -> list[Kind]:
 
 
 KINDS: list[Kind] = _registry()
+
+
+def decay_reason(kind: Kind, rec: Recurrence, log_decay, chunk_size: int) -> str:
+    """Why backend="auto" keeps an lsm off `kind`'s Triton kernels for its decay (log_decay: the spec's expression of
+    the per-token log decay, a sympy tree), or "" where every value the expression can take is within the limit."""
+    from ..ir.expr import bounds  # sympy: not for `lmoec check`'s import path
+
+    limit = kind.chunk_log_decay_limit(rec)
+    if not limit or log_decay is None:
+        return ""
+    floor = bounds(log_decay)[0]
+    if floor * chunk_size >= -limit:
+        return ""
+    what = "has no lower bound" if floor == float("-inf") else f"reaches {floor:.4g} a token ({floor * chunk_size:.4g} a chunk)"
+    return (f"the {kind.family.value} Triton kernels factor a chunk's decay as exp(G_i) exp(-G_j), exact while a chunk's "
+            f"log decay stays above -{limit:g}; this spec's log decay {what} (chunk_size {chunk_size}). "
+            "backend='triton' forces them")
 
 
 def kind_of(rec: Recurrence) -> Kind:

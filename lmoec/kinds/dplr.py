@@ -73,4 +73,6 @@ KIND = Kind(
     emit_triton=emit_triton,
     costs=costs,
     lasp2_map=["B", "H", "K", "K"],
+    # the chunk's decay factored as exp(G_i) exp(-G_j): NaN in the interpreter from 96 a chunk, exact at 86
+    chunk_log_decay_limit=lambda rec: 80.0,
 )
