@@ -265,7 +265,7 @@ def _forward(program) -> dict:
         if shape is None:
             out["no_tiny_shape"] += 1
             continue
-        layer = program.layer(name, hidden=shape[0], heads=shape[1])
+        layer = program.layer(name, hidden=shape[0], heads=shape[1], layers=2)  # a spec may read `layers`
         module, seen = sys.modules[type(layer).__module__], {}
         op = module.op
 

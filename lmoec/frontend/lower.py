@@ -449,7 +449,8 @@ def _gradient_point(v: Values) -> int:
     if len(args) != 1 or not (isinstance(args[0], lark.Tree) and args[0].data == "number"):
         v.fail(usage, node)
     text = str(args[0].children[0])
-    if not text.isdigit() or not 1 <= int(text) <= MAX_MINIBATCH:
+    # the length test first: int() of thousands of digits raises (Python's integer-string limit)
+    if not text.isdigit() or len(text.lstrip("0")) > len(str(MAX_MINIBATCH)) or not 1 <= int(text) <= MAX_MINIBATCH:
         v.fail(f"minibatch(N) takes a whole N from 1 to {MAX_MINIBATCH}, got {_abbrev(text)}", args[0])
     return int(text)
 
