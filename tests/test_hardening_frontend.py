@@ -171,6 +171,7 @@ def test_reserved_names_cover_the_layer_and_torch():
     ("param p[H] = (2 * h) ** 999999999", 18, "constant factor out of range: 2 ** 999999999"),
     ("scale = 2 ** 100000", 13, "constant out of range"),  # also past Python's int-to-string digit limit
     ("scale = 1" + "0" * 5000, 13, "number out of range"),
+    ("update { gradient = minibatch(" + "9" * 5000 + ") lr = sigmoid(x @ W_lr) }", 35, "minibatch(N) takes a whole N"),
 ])
 def test_big_numbers(tmp_path, capsys, stmt, col, message):
     rejected(tmp_path, capsys, LSM.format(stmt), f"2:{col}", message)
