@@ -74,6 +74,7 @@ DELTA_VARIANTS = {
     "output BV 64": {"BV_o": 64},
     "V block never halved": {"seq_programs": 0},
     "V block halved while < 256 programs": {"seq_programs": 256},
+    "output unfused + V block halved while < 256 programs": {"fuse_output": False, "seq_programs": 256},
     "segments below 128 programs": {"walk_programs": 128},
     "walks 8 warps": {"warps_fwd": 8, "warps_dstate": 8},
 }
