@@ -46,8 +46,8 @@ FEW_PROGRAMS = {"seq_programs": 1000}
 # the output computed in the sequential kernel (DeltaNet's default), or by its own kernel (the decays' default)
 FUSED = {"fuse_output": True, "fuse_min_programs": 0}
 UNFUSED = {"fuse_output": False}
-# where w and u are formed: in the UT kernel's tiles (the default but for the scalar decay), by their own kernel, or
-# (v' = Tm (beta v - x S)) in the walk, w then by the backward ("auto", the scalar decay's default, picks between
+# where w and u are formed: in the UT kernel's tiles (the vector decay's default), by their own kernel, or
+# (v' = Tm (beta v - x S)) in the walk, w then by the backward ("auto", the default of DeltaNet and the scalar decay, picks between
 # the last two by the walk's programs: the tiny cases here take the kernel)
 TILES = {"wu": "tiles"}
 WU_KERNEL = {"wu": "kernel"}

@@ -47,14 +47,15 @@ POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 # kernels, the precision of the UT transform's tile products for 16-bit inputs (ut_dot: tf32 as fla's kkt_solve;
 # fp32 inputs always take ieee), warps per kernel. On an H100 (bench/results/issue22.md) a delta segment's map, which walks K columns
 # more than the state has, cost more than it gained at 32K tokens against the halved V block (3.8 against 1.9 ms
-# forward), so segmenting is off by default: it stays for shapes where halving can't fill the GPU. The scalar decay
-# (Gated DeltaNet) takes the settings its H100 sweep chose (wu auto, UT at 1 warp, 3 forward stages); DeltaNet and
-# the vector decay keep the earlier ones, which no sweep of theirs has beaten yet (bench/results/issue22.md).
+# forward), so segmenting is off by default: it stays for shapes where halving can't fill the GPU. Gated DeltaNet
+# and DeltaNet take the settings Gated DeltaNet's H100 sweep chose (wu auto, UT at 1 warp, 3 forward stages; for
+# DeltaNet they took the forward from 1.28 to 0.66 ms at 8K and from 2.41 to 1.46 ms at one 64K sequence, run 12);
+# the vector decay keeps the earlier ones, which no sweep of its own has timed (bench/results/issue22.md).
 CONFIG = {"BV": 64, "seq_programs": 64, "fuse_output": True, "fuse_min_programs": 128, "walk_programs": 0,
-          "segment_programs": 128, "segment_chunks": 8, "wu": "tiles", "wu_walk_programs": 128,
-          "BV_o": 128, "BK_o": 64, "BK_ut": 64, "ut_dot": "tf32", "BK_wu": 64, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 4,
+          "segment_programs": 128, "segment_chunks": 8, "wu": "auto", "wu_walk_programs": 128,
+          "BV_o": 128, "BK_o": 64, "BK_ut": 64, "ut_dot": "tf32", "BK_wu": 64, "BK_dqk": 64, "BV_dqk": 64, "BV_wy": 64, "BV_scan": 32, "warps_ut": 1,
           "warps_wu": 4, "warps_fwd": 4, "warps_o": 4, "warps_dstate": 4, "warps_dqk": 4,
-          "warps_wy_bwd": 4, "warps_scan": 4, "stages_fwd": 2, "stages": 2}
+          "warps_wy_bwd": 4, "warps_scan": 4, "stages_fwd": 3, "stages": 2}
 
 
 def _new(shape, dtype, device):

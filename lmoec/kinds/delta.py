@@ -57,8 +57,8 @@ def walk_programs(s: "Sizes") -> int:
 
 
 def costs(ctx: "LSMContext", s: "Sizes", ends: int):
-    """templates/triton/delta.py.j2 at its default launch settings. With a scalar decay they depend on the walks'
-    programs (>= 128: v' formed in the walk from Tm, else w and u by their own kernel); otherwise the UT kernel
+    """templates/triton/delta.py.j2 at its default launch settings. Without a vector decay they depend on the walks'
+    programs (>= 128: v' formed in the walk from Tm, else w and u by their own kernel); with one the UT kernel
     forms w and u. DeltaNet's output is fused in the walk while >= 128 programs walk. The UT transform's 16 x 16
     forward substitutions are left out (C * 16 flops per token, off the matrix units); its tile products are
     bounded by one C x C x C product per chunk."""
@@ -71,7 +71,7 @@ def costs(ctx: "LSMContext", s: "Sizes", ends: int):
     writes = s.vv + s.states + ends  # v' and the chunk-start states (and the final state)
     ut = (s.intra_qk + s.cube, s.qk + beta + 2 * g + tm)  # A, Tm and G: reads k, beta, g; writes Tm, G
     w_kernel = (s.intra_qk, tm + s.qk + beta + g + s.qk)  # w = Tm x: reads Tm, k, beta, G; writes w
-    if ctx.rec.decay not in ("scalar", "constant"):  # w and u from the UT kernel's tiles; the walk reads k, w, u
+    if ctx.rec.decay == "vector":  # w and u from the UT kernel's tiles; the walk reads k, w, u
         ut = (ut[0] + s.intra_qk + s.intra_v, ut[1] + s.vv + s.qk + s.vv)
         state = (2 * s.inter, 2 * s.qk + s.vv + g + writes)
         w_and_u = []
