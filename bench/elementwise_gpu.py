@@ -42,15 +42,28 @@ REPORT: list[str] = []
 LOG: list[str] = []
 
 
+OUT_DIR = ""  # --out: the report and the log are rewritten there after every line (a call cut off keeps them)
+
+
+def _flush():
+    if OUT_DIR:
+        with open(os.path.join(OUT_DIR, "elementwise.md"), "w") as f:
+            f.write("\n".join(REPORT) + "\n")
+        with open(os.path.join(OUT_DIR, "elementwise_log.txt"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+
+
 def say(line=""):
     print(line, flush=True)
     REPORT.append(line)
+    _flush()
 
 
 def log(*args):
     line = " ".join(str(a) for a in args)
     print(line, flush=True)
     LOG.append(line)
+    _flush()
 
 
 def inputs(name, B, T, H, K, V, dtype, device, seed=0):
@@ -241,8 +254,10 @@ def main():
 
     import lmoec
 
-    global SMOKE, TOKENS, LENGTHS
+    global SMOKE, TOKENS, LENGTHS, OUT_DIR
     device = "cuda"
+    os.makedirs(args.out, exist_ok=True)
+    OUT_DIR = args.out
     if args.smoke:
         SMOKE, TOKENS, LENGTHS, device = True, 64, [32, 64], "cpu"
         MAMBA.update(H=2, K=4, V=8)
@@ -259,11 +274,6 @@ def main():
     if "bench" in args.parts:
         bench(programs, device)
     log(f"took {time.time() - start:.0f} s")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "elementwise.md"), "w") as f:
-        f.write("\n".join(REPORT) + "\n")
-    with open(os.path.join(args.out, "elementwise_log.txt"), "w") as f:
-        f.write("\n".join(LOG) + "\n")
     sys.exit(1 if failures else 0)
 
 

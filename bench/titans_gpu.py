@@ -42,15 +42,28 @@ REPORT: list[str] = []
 LOG: list[str] = []
 
 
+OUT_DIR = ""  # --out: the report and the log are rewritten there after every line (a call cut off keeps them)
+
+
+def _flush():
+    if OUT_DIR:
+        with open(os.path.join(OUT_DIR, "titans.md"), "w") as f:
+            f.write("\n".join(REPORT) + "\n")
+        with open(os.path.join(OUT_DIR, "titans_log.txt"), "w") as f:
+            f.write("\n".join(LOG) + "\n")
+
+
 def say(line=""):
     print(line, flush=True)
     REPORT.append(line)
+    _flush()
 
 
 def log(*args):
     line = " ".join(str(a) for a in args)
     print(line, flush=True)
     LOG.append(line)
+    _flush()
 
 
 def programs(folder):
@@ -190,27 +203,27 @@ def bench(progs, device, parts):
         do = torch.randn(B, T, H, D, device=device, dtype=torch.bfloat16)
         gd = {"q": x["q"], "k": x["k"], "v": x["v"], "g": F.logsigmoid(x["eta"].float() + 2).to(x["q"].dtype),
               "beta": x["theta"]}
-        rows = []
         leaves = {n: t.clone().requires_grad_() for n, t in gd.items()}
         base = timed_rows(lambda: gdn(**leaves, backend="triton")[0], do)
-        rows.append(("lmoec gated_deltanet (triton)", base))
-        if "bench" in parts:
-            leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
-            for bv in (16, 32, 64):
-                mod.CONFIG["BV"] = bv
-                rows.append((f"lmoec titans (triton, walk BV {bv})",
-                             timed_rows(lambda: titans(**leaves, backend="triton")[0], do)))
-            mod.CONFIG["BV"] = 32
-            rows.append(("lmoec titans minibatch(64) (triton)",
-                         timed_rows(lambda: titans_chunk(**leaves, backend="triton")[0], do)))
-            rows.append(("lmoec titans (torch path)", timed_rows(lambda: titans(**leaves, backend="torch")[0], do)))
-        if fla_gdn is not None:
-            leaves = {n: t.clone().requires_grad_() for n, t in gd.items()}
-            rows.append(("fla chunk_gated_delta_rule", timed_rows(lambda: fla_gdn(**leaves)[0], do)))
-        for label, (t_f, t_fb) in rows:
+
+        def row(label, times):  # each row as soon as it is measured: a call cut off keeps the rows before
             fmt = lambda t: "failed (log)" if t is None else f"{t:.3f}"
             ratio = lambda t, b: f"{t / b:.2f}" if t and b else ""
-            say(f"| {label} | {T} | {fmt(t_f)} | {fmt(t_fb)} | {ratio(t_f, base[0])} | {ratio(t_fb, base[1])} |")
+            say(f"| {label} | {T} | {fmt(times[0])} | {fmt(times[1])} | {ratio(times[0], base[0])} | {ratio(times[1], base[1])} |")
+
+        row("lmoec gated_deltanet (triton)", base)
+        if "bench" in parts:
+            leaves = {n: t.clone().requires_grad_() for n, t in x.items()}
+            for bv in (32, 16, 64):
+                mod.CONFIG["BV"] = bv
+                row(f"lmoec titans (triton, walk BV {bv})", timed_rows(lambda: titans(**leaves, backend="triton")[0], do))
+            mod.CONFIG["BV"] = 32
+            row("lmoec titans minibatch(64) (triton)", timed_rows(lambda: titans_chunk(**leaves, backend="triton")[0], do))
+        if fla_gdn is not None:
+            fleaves = {n: t.clone().requires_grad_() for n, t in gd.items()}
+            row("fla chunk_gated_delta_rule", timed_rows(lambda: fla_gdn(**fleaves)[0], do))
+        if "bench" in parts:  # last: minutes a row at these sizes
+            row("lmoec titans (torch path)", timed_rows(lambda: titans(**leaves, backend="torch")[0], do))
     say()
     say("Ratios are against lmoec's Gated DeltaNet Triton kernels at the same shape (the issue's target for Titans: "
         "<= 2x; the joint state (M, S) doubles the state traffic).")
@@ -237,7 +250,7 @@ def profile(progs, device):
 
 
 def main():
-    global SMOKE, CASES
+    global SMOKE, CASES, OUT_DIR
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("parts", nargs="*", help="check, bench, profile and/or fla (default check bench)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -252,6 +265,7 @@ def main():
 
     device = "cpu" if SMOKE else "cuda"
     os.makedirs(args.out, exist_ok=True)
+    OUT_DIR = args.out
     import triton
 
     say(f"# issue 18: Titans' Triton kernels on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (smoke)'}")
@@ -260,18 +274,12 @@ def main():
     say()
     failures = 0
     progs = programs(args.out)
-    try:
-        if "check" in args.parts:
-            failures += check(progs, device)
-        if "bench" in args.parts or "fla" in args.parts:
-            bench(progs, device, args.parts)
-        if "profile" in args.parts:
-            profile(progs, device)
-    finally:
-        with open(os.path.join(args.out, "titans.md"), "w") as f:
-            f.write("\n".join(REPORT) + "\n")
-        with open(os.path.join(args.out, "titans_log.txt"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
+    if "check" in args.parts:
+        failures += check(progs, device)
+    if "bench" in args.parts or "fla" in args.parts:
+        bench(progs, device, args.parts)
+    if "profile" in args.parts:
+        profile(progs, device)
     sys.exit(1 if failures else 0)
 
 
