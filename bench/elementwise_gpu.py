@@ -4,6 +4,7 @@ Parts (any subset, in this order):
   check  bf16 Triton (specs/lsm/mamba.lsm, gfw.lsm) vs the same spec's float32 torch chunkwise backend (itself tested
          against the float64 oracle on CPU): o, final state and every gradient, T no multiple of the scan, initial
          state, a packed batch with a one-token sequence; fp32 Triton too. Outputs are poisoned (NaN) first.
+  sweep  Mamba's walk over a grid of launch settings (SWEEP) at T = 8K and 32K: forward, then fwd+bwd of the fastest.
   bench  median ms (triton.testing.do_bench) at B*T = 32K tokens, T in {2K, 8K, 32K}, bf16:
          Mamba's selective scan (d_inner 2048 = 32 heads x V 64, N = K = 16) forward and forward+backward against the
          memory floor (u, dt, B, C, z read once and y written once, bf16, at 3.0 TB/s) and against mamba_ssm's CUDA
@@ -205,6 +206,50 @@ def bench(programs, device):
         "chunk_gla (q, k, v, g at the same K, V; no value gate) for GFW. Empty: the peer did not import (log).")
 
 
+# Mamba's forward sat at 19x its memory floor in run 12 with either timed setting: a grid of the walk's launch settings
+# (tokens per scan step, V block, warps; the [scan, K, V block] tiles kept under 2^14 elements), forward first
+SWEEP = [dict(scan=s, block_v=b, num_warps=w) for s in (8, 16, 32, 64) for b in (4, 8, 16, 32) for w in (1, 2, 4)
+         if 2 ** 9 <= s * 16 * b <= 2 ** 14 and w * 32 <= s * b]
+
+
+def sweep(programs, device):
+    """Mamba's walk at the SWEEP settings, T = 8K and 32K: forward ms of each, then fwd+bwd of the five fastest."""
+    import torch
+
+    program = programs["mamba"]
+    op, module = program.op(), getattr(program.package, "mamba_triton")
+    H, K, V = MAMBA["H"], MAMBA["K"], MAMBA["V"]
+    defaults = dict(module.CONFIG)
+    say("## Mamba's walk: launch settings (median ms, bf16, B*T = 32768 tokens)")
+    say()
+    say("| T | scan | block_v | warps | fwd ms | fwd+bwd ms |")
+    say("|---|---|---|---|---|---|")
+    for T in ([64] if SMOKE else [8192, 32768]):
+        B = TOKENS // T
+        leaves = {n: t.requires_grad_() for n, t in inputs("mamba", B, T, H, K, V, torch.bfloat16, device).items()}
+        do = torch.randn(B, T, H, V, device=device, dtype=torch.bfloat16)
+        forward = []
+        for setting in (SWEEP[:3] if SMOKE else SWEEP):
+            module.CONFIG.update(defaults, **setting)
+            try:
+                forward.append((ms(lambda: op(**leaves, backend="triton")), setting))
+            except Exception:  # noqa: BLE001 - a setting that does not compile or run: logged, the next one
+                log(setting, traceback.format_exc())
+                continue
+            say(f"| {T} | {setting['scan']} | {setting['block_v']} | {setting['num_warps']} | {forward[-1][0]:.3f} | |")
+        for t_f, setting in sorted(forward, key=lambda r: r[0])[:5]:
+            module.CONFIG.update(defaults, **setting)
+            try:
+                t_fb = f"{ms(lambda: op(**leaves, backend='triton')[0].backward(do)):.3f}"
+            except Exception:  # noqa: BLE001
+                log(setting, traceback.format_exc())
+                t_fb = "failed (log)"
+            say(f"| {T} | {setting['scan']} | {setting['block_v']} | {setting['num_warps']} | {t_f:.3f} | {t_fb} |")
+        module.CONFIG.update(defaults)
+    say()
+    say(f"Default: {defaults}. Forward rows first, then fwd+bwd of the five fastest forwards.")
+
+
 def _mamba_peer(selective_scan_fn, x, B, T, H, K, V, device):
     """(fwd ms, fwd+bwd ms) of mamba_ssm's CUDA selective scan on the same tokens: u, delta [B, D, T], B, C [B, N, T]."""
     import torch
@@ -245,7 +290,7 @@ def _gla_peer(chunk_gla, x, do):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("parts", nargs="+", choices=["check", "bench"])
+    parser.add_argument("parts", nargs="+", choices=["check", "bench", "sweep"])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny sizes: the script's Python only")
     args = parser.parse_args()
@@ -273,6 +318,8 @@ def main():
         failures = check(programs, device)
     if "bench" in args.parts:
         bench(programs, device)
+    if "sweep" in args.parts:
+        sweep(programs, device)
     log(f"took {time.time() - start:.0f} s")
     sys.exit(1 if failures else 0)
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issues 17, 18 and 19: the new kinds' kernels against their peers, in two GPU calls (~9.5 minutes each; every
+# Issues 17, 18 and 19: the new kinds' kernels against their peers, in three GPU calls (~9.5 minutes each; every
 # kernel here passed its bf16 check in runs 10-12). Each part writes its table a row at a time, so a call cut
 # short keeps what it measured. Run 12 learned the costs: fla compiles MomAttention for minutes before its first row,
 # Titans' kernels at four launch settings take about two minutes to compile, Mamba's rows about 20 s each.
 #   PART=1: the MoM layer against fla's MomAttention and a plain Gated DeltaNet layer (issue 19: >= 1.2x fla,
-#           <= 1.5x GDN), then Mamba against its memory floor and GFW against fla's chunk_gla (issue 17).
+#           <= 1.5x GDN), then Mamba's walk over a grid of launch settings (its forward was 19x its memory floor).
+#   PART=3: Mamba against its memory floor and GFW against fla's chunk_gla (issue 17), at the default settings.
 #   PART=2: Titans at chunk-start gradients at D = 64 and packed (the check rows that decide its backend="auto"
 #           default), Titans against lmoec's Gated DeltaNet (issue 18: <= 2x), TTT-Linear against fla's
 #           chunk_ttt_linear (>= 1.0x).
@@ -12,8 +13,11 @@ B=${BUDGET:-560}
 . bench/gpu_call.sh
 if [ "${PART:-1}" = 1 ]; then
   step mom; timeout $(left 300) python3 bench/mom_gpu.py bench --shapes 8K,2K,32K --out $OUT/m > /dev/null 2>&1
-  step elementwise; timeout $(left $B) python3 bench/elementwise_gpu.py bench --out $OUT/e > /dev/null 2>&1
+  step mamba; timeout $(left $B) python3 bench/elementwise_gpu.py sweep --out $OUT/e > /dev/null 2>&1
   files="m/mom e/elementwise"
+elif [ "$PART" = 3 ]; then
+  step elementwise; timeout $(left $B) python3 bench/elementwise_gpu.py bench --out $OUT/e > /dev/null 2>&1
+  files="e/elementwise"
 else
   step titans; timeout $(left 330) python3 bench/titans_gpu.py check bench --cases "D=64" --out $OUT/t > /dev/null 2>&1
   step ttt; timeout $(left $B) python3 bench/ttt_gpu.py bench --budget $(( $(left $B) - 15 )) --out $OUT/x > /dev/null 2>&1
