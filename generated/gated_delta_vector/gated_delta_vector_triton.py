@@ -352,8 +352,9 @@ def _chunk_state_kernel(q, k, w, u, tm, v, beta, gc, o, h, v_new, h0, ht, pm, ro
         m_tk = valid[:, None] & m_k[None, :]
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
         last = bos + i_c * BT + tl.minimum(eos - bos - i_c * BT, BT) - 1  # the chunk's last token: G there is its whole decay
+        # padded rows keep G = 0: every vector-decay product factors exp(G_i) exp(-G_j) with their k or q (zero there)
+        b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
         b_Glast = tl.load(gc + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
-        b_G = tl.where(valid[:, None], tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0), b_Glast[None, :])
 
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = valid[:, None] & m_v[None, :]
@@ -490,8 +491,9 @@ def _chunk_bwd_dstate_kernel(q, k, w, gc, do, dh, dv_new, dht, dh0, qm, rows, sc
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
         b_w = tl.load(w + p_k, mask=m_tk, other=0.0)
         last = bos + i_c * BT + tl.minimum(eos - bos - i_c * BT, BT) - 1  # the chunk's last token: G there is its whole decay
+        # padded rows keep G = 0: every vector-decay product factors exp(G_i) exp(-G_j) with their k or q (zero there)
+        b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0)
         b_Glast = tl.load(gc + (last * H + i_h) * K + o_k, mask=m_k, other=0.0)
-        b_G = tl.where(valid[:, None], tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & m_k[None, :], other=0.0), b_Glast[None, :])
 
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = valid[:, None] & m_v[None, :]
@@ -538,7 +540,6 @@ def _bwd_dqk_kernel(q, k, gc, h, dh, v_new, dv_new, do, dq, dk_part, dw, dg_part
     last = tl.minimum(eos - bos - i_c * BT, BT) - 1
     b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & (o_k[None, :] < K), other=0.0)
     b_Glast = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), 0)
-    b_G = tl.where(valid[:, None], b_G, b_Glast[None, :])  # padded rows carry the chunk's whole decay
 
     b_dGlast = tl.zeros([BK], dtype=tl.float32)
     b_dQ = tl.zeros([BT, BK], dtype=tl.float32)  # d(q seen by the state)
@@ -607,7 +608,6 @@ def _bwd_wy_kernel(k, v, beta, gc, tm, dw, dv_new, dk_part, dg_part, dk, dv, dbe
     last = tl.minimum(eos - bos - i_c * BT, BT) - 1
     b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & (o_k[None, :] < K), other=0.0)
     b_Glast = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), 0)
-    b_G = tl.where(valid[:, None], b_G, b_Glast[None, :])  # padded rows carry the chunk's whole decay
 
     # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j) over the whole chunk (the backward's form)
     strict = o_t[:, None] > o_t[None, :]
