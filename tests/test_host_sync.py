@@ -1,5 +1,9 @@
-"""No host sync in the decode step (what a CUDA graph needs), and the op contract reads cu_seqlens back once
-per tensor: counted on CPU with lmoec.runtime.syncs.HostSyncs."""
+"""No host sync in the decode step (what a CUDA graph needs), none in the Triton kernels' forward and backward for a
+batch of equal-length sequences, and the op contract reads cu_seqlens back once per tensor: counted on CPU with
+lmoec.runtime.syncs.HostSyncs."""
+import json
+import sys
+
 import pytest
 import torch
 
@@ -81,3 +85,39 @@ def test_bad_cu_seqlens_still_fail_clearly():
     for bad in ([0, 12, 7, 20], [0, 7, 19], [1, 20]):
         with pytest.raises(ValueError, match=r"gla: cu_seqlens must rise from 0 to T=20, got \[" + str(bad[0])):
             op(q, k, v, g=g, cu_seqlens=torch.tensor(bad))
+
+
+# one spec per Triton template: the element-wise, Titans and TTT kernels read their number of chunks back until run 12's
+# session; the others never did
+TRAINING_SPECS = ["mamba", "titans", "ttt_linear", "gated_deltanet", "rwkv7", "gla"]
+
+
+def _training_syncs(names: list[str]) -> dict:
+    """{spec: the host syncs of one forward and backward of its op on the Triton kernels}, B = 2 sequences of 20 tokens."""
+    from lmoec.bench import op_inputs
+
+    out = {}
+    for name in names:
+        program = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm")
+        rec = program.ir.lsm().recurrence
+        (q, k, v), args = op_inputs(rec, 2, 20, 2, 16, torch.float32, "cpu")
+        leaves = [t.requires_grad_() for t in (q, k, v, *args.values()) if t.is_floating_point()]
+        with HostSyncs() as syncs:
+            o, ht = program.op()(q, k, v, **args, output_final_state=True, backend="triton")
+            torch.autograd.backward([o.sum() + ht.sum()], inputs=leaves)
+        out[name] = syncs.calls
+    return out
+
+
+def test_triton_training_step_has_no_host_sync():
+    """A training step of equal-length sequences launches the kernels without reading anything back (packed batches
+    read cu_seqlens once per tensor, above)."""
+    from interpreted import interpreted
+
+    syncs = interpreted([__file__, *TRAINING_SPECS])
+    assert set(syncs) == set(TRAINING_SPECS)
+    assert not any(syncs.values()), syncs
+
+
+if __name__ == "__main__":
+    print(json.dumps(_training_syncs(sys.argv[1:])))

@@ -144,7 +144,8 @@ def _bwd_kernel(q, k, v, dt, A, do, dht, states, bounds, chunk_base, scale,
 
 
 def _layout(B, T, cu_seqlens, device):
-    """(bounds [N + 1] token offsets into the packed batch, chunk_base [N + 1] each sequence's first stored state)."""
+    """(bounds [N + 1] token offsets into the packed batch, chunk_base [N + 1] each sequence's first stored state,
+    the number of stored states: known on the host for B sequences of T tokens, read back for a packed batch)."""
     scan = CONFIG["scan"]
     if cu_seqlens is None:
         bounds = torch.arange(B + 1, device=device, dtype=torch.int32) * T  # T = 0: every sequence empty
@@ -152,10 +153,10 @@ def _layout(B, T, cu_seqlens, device):
         bounds = cu_seqlens.to(device=device, dtype=torch.int32)
     chunks = (bounds[1:] - bounds[:-1] + scan - 1) // scan
     chunk_base = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)]).to(torch.int32)
-    return bounds, chunk_base
+    return bounds, chunk_base, (B * triton.cdiv(T, scan) if cu_seqlens is None else None)
 
 
-def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, chunk_base, store_states):
+def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, chunk_base, n_states, store_states):
     """Launch the forward walk on packed [tokens, H, D] inputs: (o, final state or None, chunk-entry states or None)."""
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
@@ -163,8 +164,9 @@ def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, c
     BV = min(CONFIG["block_v"], _pow2(V))
     o = _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
     ht = _empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
-    # chunk_base[-1] is the number of chunk-entry states (a host read, only when a gradient needs them)
-    states = _empty(int(chunk_base[-1]), H, K, V, device=q.device, dtype=torch.float32) if store_states else None
+    if store_states and n_states is None:  # a packed batch: chunk_base[-1] is the number of states (a host read)
+        n_states = int(chunk_base[-1])
+    states = _empty(n_states, H, K, V, device=q.device, dtype=torch.float32) if store_states else None
     _fwd_kernel[(triton.cdiv(V, BV), N, H)](
         q, k, v, dt, A, o, initial_state, ht, states, bounds, chunk_base, scale,
         H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_H0=initial_state is not None,
@@ -174,8 +176,9 @@ def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, c
 
 class _Chunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, dt, A, scale, initial_state, output_final_state, bounds, chunk_base, store_states):
-        o, ht, states = _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, chunk_base, store_states)
+    def forward(ctx, q, k, v, dt, A, scale, initial_state, output_final_state, bounds, chunk_base, n_states, store_states):
+        o, ht, states = _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, chunk_base, n_states,
+                                 store_states)
         ctx.save_for_backward(q, k, v, dt, A, states, bounds, chunk_base)
         ctx.scale, ctx.has_h0 = scale, initial_state is not None
         return o, ht
@@ -200,7 +203,7 @@ class _Chunk(torch.autograd.Function):
             H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_DHT=dht is not None, num_warps=CONFIG["num_warps"])
         d_gates = (ddt.to(dt.dtype), dA.sum(0).to(A.dtype))
         return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.to(v.dtype), *d_gates, None,
-                dh0 if ctx.has_h0 else None, None, None, None, None)
+                dh0 if ctx.has_h0 else None, None, None, None, None, None)
 
 
 def chunk(q, k, v, dt, A, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -209,13 +212,13 @@ def chunk(q, k, v, dt, A, scale=None, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     if scale is None:
         scale = K ** -0.5
-    bounds, chunk_base = _layout(B, T, cu_seqlens, q.device)
+    bounds, chunk_base, n_states = _layout(B, T, cu_seqlens, q.device)
     packed = [x.reshape(B * T, H, x.shape[2:].numel() // H).contiguous() for x in (q, k, v, dt)]
     A = A.contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # the chunk-entry states are stored only for a backward (autograd's forward runs without grad mode)
     store = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, dt, A, initial_state))
-    o, ht = _Chunk.apply(*packed, A, float(scale), h0, output_final_state, bounds, chunk_base, store)
+    o, ht = _Chunk.apply(*packed, A, float(scale), h0, output_final_state, bounds, chunk_base, n_states, store)
     return o.view(B, T, H, V), ht
 
 
@@ -224,8 +227,8 @@ def step(q, k, v, dt, A, state, scale=None):
     B, H, K = q.shape
     if scale is None:
         scale = K ** -0.5
-    bounds, chunk_base = _layout(B, 1, None, q.device)
+    bounds, chunk_base, _ = _layout(B, 1, None, q.device)
     tokens = [x.contiguous() for x in (q, k, v, dt)]
     o, new, _ = _forward(*tokens, A.contiguous(), float(scale), state.float().contiguous(), True,
-                         bounds, chunk_base, False)
+                         bounds, chunk_base, None, False)
     return o, new

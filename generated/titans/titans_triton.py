@@ -476,7 +476,8 @@ def _step_kernel(q, k, v, theta, eta, alpha, state, o, new_state, scale, H,
 
 def _layout(B, T, cu_seqlens, device):
     """(bounds [N + 1] token offsets, chunk_base [N + 1] each sequence's first chunk, chunk_start and chunk_end [chunks]:
-    each chunk's first token and its sequence's end). The number of chunks is read on the host."""
+    each chunk's first token and its sequence's end). The number of chunks is known on the host for B sequences of T
+    tokens and read back for a packed batch."""
     if cu_seqlens is None:
         bounds = torch.arange(B + 1, device=device, dtype=torch.int32) * T  # T = 0: every sequence empty
     else:
@@ -484,7 +485,7 @@ def _layout(B, T, cu_seqlens, device):
     lengths = (bounds[1:] - bounds[:-1]).long()
     chunks = (lengths + CHUNK - 1) // CHUNK
     chunk_base = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)])
-    total = int(chunk_base[-1])
+    total = B * triton.cdiv(T, CHUNK) if cu_seqlens is None else int(chunk_base[-1])
     seq = torch.repeat_interleave(torch.arange(chunks.numel(), device=device), chunks, output_size=total)
     chunk_start = bounds[seq].long() + (torch.arange(total, device=device) - chunk_base[seq]) * CHUNK
     return (bounds, chunk_base.to(torch.int32), chunk_start.to(torch.int32), bounds[1:][seq].contiguous())

@@ -334,14 +334,15 @@ def _bwd_kernel(q, k, v, theta, ln_w, ln_b, do, dht, states, dq, dk, dv, dtheta,
 
 def _layout(B, T, cu_seqlens, device):
     """(bounds [N + 1] token offsets, mb_base [N + 1] each sequence's first mini-batch, mb_start and mb_end [mini-batches]
-    each mini-batch's first token and its sequence's end). The number of mini-batches is read on the host."""
+    each mini-batch's first token and its sequence's end). The number of mini-batches is known on the host for B
+    sequences of T tokens and read back for a packed batch."""
     if cu_seqlens is None:
         bounds = torch.arange(B + 1, device=device, dtype=torch.int32) * T  # T = 0: every sequence empty
     else:
         bounds = cu_seqlens.to(device=device, dtype=torch.int32)
     minibatches = ((bounds[1:] - bounds[:-1]).long() + MINIBATCH - 1) // MINIBATCH
     mb_base = torch.cat([minibatches.new_zeros(1), minibatches.cumsum(0)])
-    total = int(mb_base[-1])
+    total = B * triton.cdiv(T, MINIBATCH) if cu_seqlens is None else int(mb_base[-1])
     seq = torch.repeat_interleave(torch.arange(minibatches.numel(), device=device), minibatches, output_size=total)
     mb_start = bounds[seq].long() + (torch.arange(total, device=device) - mb_base[seq]) * MINIBATCH
     return bounds, mb_base.to(torch.int32), mb_start.to(torch.int32), bounds[1:][seq].contiguous()
