@@ -276,6 +276,27 @@ def test_auto_keeps_the_vector_decay_delta_off_the_kernels():
     assert scalar.backend_for("auto", cuda_like())[0] == "triton"
 
 
+def test_decay_limits_of_the_delta_kernels():
+    """The vector decay's kernels factor exp(G_i) exp(-G_j) over a chunk (limit 80), the scalar decay's take
+    exp(G_i - G_j) (no limit): Gated DeltaNet's unbounded -softplus(.) * exp(A_log) is fine, an unbounded vector
+    decay is not, and a bounded one within the limit is."""
+    import sympy
+
+    import lmoec
+    from lmoec.ir import expr as ex
+    from lmoec.kinds import decay_reason, kind_of
+    from lmoec.paths import SPECS
+
+    for name, reason in (("gated_deltanet", ""), ("gated_delta_vector", "has no lower bound")):
+        lsm = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm").ir.lsm()
+        got = decay_reason(kind_of(lsm.recurrence), lsm.recurrence, lsm.decay.expr, lsm.chunk_size)
+        assert (reason in got) if reason else got == "", got
+    lsm = lmoec.compile_spec(SPECS / "lsm" / "gated_delta_vector.lsm").ir.lsm()
+    bounded = -ex.function("sigmoid")(ex.linear(sympy.Symbol("x"), "W"))  # >= -1 a token: -64 a chunk of 64
+    assert decay_reason(kind_of(lsm.recurrence), lsm.recurrence, bounded, 64) == ""
+    assert "-128 a chunk" in decay_reason(kind_of(lsm.recurrence), lsm.recurrence, 2 * bounded, 64)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = {name: check(name) for name in sys.argv[1:]}
