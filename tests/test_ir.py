@@ -1,5 +1,6 @@
 """The IR core: expression JSON round trips, the oracle, the op contract, the comm plan."""
 import json
+import math
 
 import pytest
 import sympy
@@ -43,6 +44,9 @@ def test_expression_bounds():
         sympy.Integer(3): (3.0, 3.0),
         f("relu")(lin) ** 2: (0.0, inf),
         lin - lin + x: (-inf, inf),
+        sympy.log(1 - 2 ** (-sympy.Symbol("h") - 5)): (math.log(31 / 32), 0.0),  # RetNet's constant decay
+        -2 ** ((-8 * sympy.Symbol("h") - 8) / sympy.Symbol("H")): (-1.0, 0.0),  # Lightning's
+        sympy.Integer(10) ** (1000 * x): (0.0, inf),
     }
     for expr, want in cases.items():
         got = ex.bounds(expr)

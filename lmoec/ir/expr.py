@@ -130,6 +130,18 @@ _FUNCTION_BOUNDS = {
 _POSITIVE = {"H": 1.0, "K": 1.0, "V": 1.0, "layers": 1.0, "h": 0.0, "layer": 0.0}  # dims and indices: lower ends
 
 
+def _power(base: float, exponent: float) -> float:
+    """base ** exponent for base > 0, saturating at 0 and inf instead of raising."""
+    if base == 1:
+        return 1.0
+    if math.isinf(exponent):
+        return _INF if (base > 1) == (exponent > 0) else 0.0
+    try:
+        return base ** exponent
+    except OverflowError:
+        return _INF
+
+
 def _mul(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
     products = [x * y if x and y else 0.0 for x in a for y in b]  # 0 * inf is 0 here: an exact zero factor
     return min(products), max(products)
@@ -159,6 +171,10 @@ def bounds(expr: sympy.Expr) -> tuple[float, float]:
         if e > 0 and e == int(e) and int(e) % 2 == 0:
             return 0.0, _INF
         return -_INF, _INF
+    if isinstance(expr, sympy.Pow) and expr.base.is_Number and float(expr.base) > 0:  # b ** e: monotone in e
+        b, (lo, hi) = float(expr.base), parts[1]
+        ends = sorted(_power(b, x) for x in (lo, hi))
+        return ends[0], ends[1]
     if isinstance(expr, sympy.exp):
         lo, hi = parts[0]
         return math.exp(min(lo, 709.0)), math.exp(min(hi, 709.0)) if hi < 709 else _INF
