@@ -28,7 +28,7 @@ import traceback
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from lmoec.bench import kernel_ms  # noqa: E402 (after the path)
+from lmoec.bench import kernel_ms, write_report  # noqa: E402 (after the path)
 
 TOKENS = 32768
 LENGTHS = [2048, 8192, 32768]
@@ -48,10 +48,7 @@ OUT_DIR = ""  # --out: the report and the log are rewritten there after every li
 
 def _flush():
     if OUT_DIR:
-        with open(os.path.join(OUT_DIR, "elementwise.md"), "w") as f:
-            f.write("\n".join(REPORT) + "\n")
-        with open(os.path.join(OUT_DIR, "elementwise_log.txt"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
+        write_report(OUT_DIR, "elementwise", REPORT, LOG)
 
 
 def say(line=""):

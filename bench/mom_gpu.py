@@ -39,17 +39,23 @@ REPORT: list[str] = []
 START = time.time()
 
 
+def _flush():
+    if OUT_DIR:
+        from lmoec.bench import write_report
+
+        write_report(OUT_DIR, "mom", REPORT, LOG)
+
+
 def log(*args):
     line = f"[{time.time() - START:5.0f} s] " + " ".join(str(a) for a in args)
     print(line, flush=True)
     LOG.append(line)
+    _flush()
 
 
 def say(line=""):
     REPORT.append(line)
-    if OUT_DIR:
-        with open(os.path.join(OUT_DIR, "mom.md"), "w") as f:
-            f.write("\n".join(REPORT) + "\n")
+    _flush()
 
 
 def lmoec_layer(spec, hidden, heads, dtype):
@@ -261,19 +267,14 @@ def main():
     say(f"GPU: {torch.cuda.get_device_name()}; {versions}. Command: `python bench/mom_gpu.py {' '.join(sys.argv[1:])}`")
     say()
     log(f"GPU {torch.cuda.get_device_name()} {versions}")
-    try:
-        if "check" in opts.parts:
-            try:
-                part_check()
-            except Exception as e:  # noqa: BLE001 - the timings still run
-                say(f"**check crashed**: {type(e).__name__}: {e}")
-                log(traceback.format_exc())
-        if "bench" in opts.parts:
-            part_bench(opts.shapes.split(","))
-    finally:
-        with open(os.path.join(opts.out, "mom_log.txt"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
-
+    if "check" in opts.parts:
+        try:
+            part_check()
+        except Exception as e:  # noqa: BLE001 - the timings still run
+            say(f"**check crashed**: {type(e).__name__}: {e}")
+            log(traceback.format_exc())
+    if "bench" in opts.parts:
+        part_bench(opts.shapes.split(","))
 
 if __name__ == "__main__":
     main()

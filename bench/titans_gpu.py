@@ -30,7 +30,8 @@ import traceback
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from lmoec.bench import fwd_and_fwd_bwd_ms, kernel_profile, outputs_and_grads, relative_error as rel, step_through  # noqa: E402 (after the path)
+from lmoec.bench import (fwd_and_fwd_bwd_ms, kernel_profile, outputs_and_grads, relative_error as rel,  # noqa: E402
+                         step_through, write_report)
 
 TOKENS = 32768
 LENGTHS = [2048, 8192]
@@ -47,10 +48,7 @@ OUT_DIR = ""  # --out: the report and the log are rewritten there after every li
 
 def _flush():
     if OUT_DIR:
-        with open(os.path.join(OUT_DIR, "titans.md"), "w") as f:
-            f.write("\n".join(REPORT) + "\n")
-        with open(os.path.join(OUT_DIR, "titans_log.txt"), "w") as f:
-            f.write("\n".join(LOG) + "\n")
+        write_report(OUT_DIR, "titans", REPORT, LOG)
 
 
 def say(line=""):

@@ -40,7 +40,8 @@ import traceback
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from lmoec.bench import fwd_and_fwd_bwd_ms, kernel_profile, outputs_and_grads, relative_error as rel, step_through  # noqa: E402 (after the path)
+from lmoec.bench import (fwd_and_fwd_bwd_ms, kernel_profile, outputs_and_grads, relative_error as rel,  # noqa: E402
+                         step_through, write_report)
 
 TOKENS = 32768
 LENGTHS = [2048, 8192, 32768]
@@ -56,10 +57,7 @@ LOG: list[str] = []
 
 
 def _flush():
-    with open(os.path.join(OUT, "ttt.md"), "w") as f:
-        f.write("\n".join(REPORT) + "\n")
-    with open(os.path.join(OUT, "ttt_log.txt"), "w") as f:
-        f.write("\n".join(LOG) + "\n")
+    write_report(OUT, "ttt", REPORT, LOG)
 
 
 def say(line=""):

@@ -227,6 +227,14 @@ def outputs_and_grads(op, x: dict, h0, do, dht, cu, where, dtype, backend: str) 
     return {"o": o, "final_state": ht, **{f"d{n}": t.grad for n, t in leaves.items()}}
 
 
+def write_report(out_dir: str, name: str, report: list[str], log: list[str]) -> None:
+    """Rewrite `<name>.md` (the report) and `<name>_log.txt` under out_dir: the GPU scripts call it after every line,
+    so a call cut off by its time limit keeps what it measured."""
+    for suffix, lines in ((".md", report), ("_log.txt", log)):
+        with open(os.path.join(out_dir, name + suffix), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
 def kernel_ms(fn: Callable[[], object], cpu: bool = False, warmup: int = 5, rep: int = 40) -> float:
     """Median milliseconds of fn() by triton.testing.do_bench (CUDA events, L2 flushed); on the CPU (a bench
     script's smoke run) one call by the wall clock, which only shows that the timed code runs."""
