@@ -221,7 +221,9 @@ SLOW_S = 2.0  # no check or compile of a mutant may take more CPU time
 
 def _tiny_shape(lsm):
     """(hidden, heads) of a small layer of `lsm`: head dims 2..32, or None if the spec allows none."""
-    heads = lsm.heads or 2
+    heads = lsm.heads or max(2, lsm.groups or 1)  # a layer's heads must be a multiple of the spec's groups
+    if lsm.groups and heads % lsm.groups:
+        return None
     if heads > 8:
         return None
     for hidden in range(heads, 513, heads):
