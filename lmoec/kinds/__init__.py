@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ..ir.expr import bounds
 from ..ir.nodes import Family, Recurrence
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ KINDS: list[Kind] = _registry()
 def decay_reason(kind: Kind, rec: Recurrence, log_decay, chunk_size: int) -> str:
     """Why backend="auto" keeps an lsm off `kind`'s Triton kernels for its decay (log_decay: the spec's expression of
     the per-token log decay, a sympy tree), or "" where every value the expression can take is within the limit."""
-    from ..ir.expr import bounds  # sympy: not for `lmoec check`'s import path
-
     limit = kind.chunk_log_decay_limit(rec)
     if not limit or log_decay is None:
         return ""
