@@ -209,6 +209,8 @@ def test_check_finds_what_compile_finds(tmp_path, capsys, stmts, where, message)
     ["decay vector = logsigmoid(sigmoid(x @ W1) @ W2)"],  # a projection of a projection through a function
     ["param A[H] = h + 1", "decay vector = -A * sigmoid(x @ W)"],  # a per-head param in a per-key slot
     ["decay scalar = logsigmoid(x @ W / 10**30)"],  # past int64: folded to a float
+    # the compiler bounds a DPLR decay to pick its backend: 1e-30 ** -20 overflows a float there (a traceback once)
+    ["decay vector = -(sigmoid(x @ W_d) + 1e-30) ** -20", "dplr a = -0.5 * k", "dplr b = k"],
 ])
 def test_accepted_specs_run(tmp_path, capsys, stmts):
     accepted(tmp_path, capsys, "lsm a {\n" + "".join(f"    {s}\n" for s in stmts) + "}\n")

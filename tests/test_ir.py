@@ -51,7 +51,14 @@ def test_expression_bounds():
     for expr, want in cases.items():
         got = ex.bounds(expr)
         assert got == pytest.approx(want), f"{expr}: {got} != {want}"
-    # sound on samples: every value lies inside the bounds
+    # float arithmetic that overflows or meets inf - inf gives the whole line (sound), never an exception or NaN
+    overflowing = [sympy.Pow(sympy.Float(1e-30), -20, evaluate=False), sympy.Pow(10, sympy.Float(3e38), evaluate=False),
+                   f("elu")(sympy.exp(sympy.Float(88.0) * sympy.exp(K), evaluate=False)),
+                   sympy.Add(sympy.exp(sympy.exp(lin), evaluate=False), -sympy.exp(sympy.exp(lin), evaluate=False),
+                             evaluate=False)]
+    for expr in overflowing:
+        lo, hi = ex.bounds(expr)
+        assert lo <= hi, expr    # sound on samples: every value lies inside the bounds
     w = torch.linspace(-40, 40, 801, dtype=torch.float64)
     samples = {-0.606531 * f("sigmoid")(lin): -0.606531 * torch.sigmoid(w),
                f("logsigmoid")(lin) / 16: torch.nn.functional.logsigmoid(w) / 16,

@@ -149,7 +149,17 @@ def _mul(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
 
 def bounds(expr: sympy.Expr) -> tuple[float, float]:
     """An interval (lo, hi) that holds every value `expr` takes, whatever its inputs and parameters (+-inf where
-    nothing bounds it). Interval arithmetic over the vocabulary: sound, not tight (x - x gets (-inf, inf))."""
+    nothing bounds it). Interval arithmetic over the vocabulary: sound, not tight (x - x gets (-inf, inf)). Where
+    float arithmetic fails (an overflow, inf - inf), the answer is the whole line, which is always sound."""
+    try:
+        lo, hi = _node_bounds(expr)
+    except (OverflowError, ValueError, ZeroDivisionError):
+        return -_INF, _INF
+    return (lo, hi) if lo <= hi else (-_INF, _INF)  # NaN compares false
+
+
+def _node_bounds(expr: sympy.Expr) -> tuple[float, float]:
+    """bounds() of one node from its arguments' bounds."""
     if expr.is_Number or expr in (sympy.pi, sympy.E):
         value = float(expr)
         return value, value
