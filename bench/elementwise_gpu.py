@@ -3,8 +3,10 @@
 Parts (any subset, in this order):
   check  bf16 Triton (specs/lsm/mamba.lsm, gfw.lsm) vs the same spec's float32 torch chunkwise backend (itself tested
          against the float64 oracle on CPU): o, final state and every gradient, T no multiple of the scan, initial
-         state, a packed batch with a one-token sequence; fp32 Triton too. Outputs are poisoned (NaN) first.
-  sweep  Mamba's walk over a grid of launch settings (SWEEP) at T = 8K and 32K: forward, then fwd+bwd of the fastest.
+         state, a packed batch with a one-token sequence; fp32 Triton too; the default walk and the rows walk
+         (CHECK_SETTINGS). Outputs are poisoned (NaN) first.
+  sweep  Mamba's walks (rows, tile) over a grid of launch settings (SWEEP) at T = 2K and 32K: forward, then fwd+bwd
+         of the fastest.
   bench  median ms (triton.testing.do_bench) at B*T = 32K tokens, T in {2K, 8K, 32K}, bf16:
          Mamba's selective scan (d_inner 2048 = 32 heads x V 64, N = K = 16) forward and forward+backward against the
          memory floor (u, dt, B, C, z read once and y written once, bf16, at 3.0 TB/s) and against mamba_ssm's CUDA
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import sys
 import time
@@ -106,7 +109,10 @@ def check(programs, device):
         dims = MAMBA if name == "mamba" else GFW
         cases = ({"B=2 T=40": (2, 40, None), "packed [25, 1, 14]": (1, 40, [0, 25, 26, 40])} if SMOKE else
                  {"B=2 T=1000": (2, 1000, None), "packed [700, 1, 299]": (1, 1000, [0, 700, 701, 1000])})
-        for label, (B, T, cu) in cases.items():
+        defaults = dict(module.CONFIG)
+        for (label, (B, T, cu)), (config, setting) in itertools.product(cases.items(), CHECK_SETTINGS.items()):
+            module.CONFIG.update(defaults, **setting)
+            label = label if config == "default" else f"{label}, {config}"
             for dtype in (torch.bfloat16, torch.float32):
                 x = inputs(name, B, T, dims["H"], dims["K"], dims["V"], dtype, device, seed=T)
                 n_seq = B if cu is None else len(cu) - 1
@@ -131,6 +137,7 @@ def check(programs, device):
                 say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {worst_o:.2e} | {worst_g:.2e} | "
                     f"{'yes' if ok else 'NO'} |")
         module.POISON = False
+        module.CONFIG.update(defaults)
     say()
     return failures
 
@@ -203,48 +210,62 @@ def bench(programs, device):
         "chunk_gla (q, k, v, g at the same K, V; no value gate) for GFW. Empty: the peer did not import (log).")
 
 
-# Mamba's forward sat at 19x its memory floor in run 12 with either timed setting: a grid of the walk's launch settings
-# (tokens per scan step, V block, warps; the [scan, K, V block] tiles kept under 2^14 elements), forward first
-SWEEP = [dict(scan=s, block_v=b, num_warps=w) for s in (8, 16, 32, 64) for b in (4, 8, 16, 32) for w in (1, 2, 4)
-         if 2 ** 9 <= s * 16 * b <= 2 ** 14 and w * 32 <= s * b]
+# Mamba's forward sat at 19x its memory floor in run 12 with either timed setting of the tile walk. The sweep times
+# the rows walk (one [scan, V block] scan per state row) over a grid of launch settings beside two tile settings:
+# forward at T = 2K and 32K first (each setting compiles once), then fwd+bwd of the four fastest.
+TILE_SWEEP = [dict(walk="tile", scan=16, block_v=16, num_warps=4), dict(walk="tile", scan=8, block_v=16, num_warps=2)]
+ROWS_SWEEP = [dict(walk="rows", scan=s, block_v=b, num_warps=w) for s in (64, 128, 256, 32) for b in (16, 8, 32, 64)
+              for w in (4, 8) if 1024 <= s * b <= 8192 and (w == 4) == (s * b <= 4096) or s * b == 4096]
+SWEEP = ROWS_SWEEP + TILE_SWEEP
+CHECK_SETTINGS = {"default": {}, "rows walk, scan 64, block_v 16": dict(walk="rows", scan=64, block_v=16)}
+
+
+def _label(setting):
+    return " | ".join(str(setting.get(key, "")) for key in ("walk", "scan", "block_v", "num_warps"))
 
 
 def sweep(programs, device):
-    """Mamba's walk at the SWEEP settings, T = 8K and 32K: forward ms of each, then fwd+bwd of the five fastest."""
+    """Mamba's walks at the SWEEP settings, T = 2K and 32K: forward ms of each, then fwd+bwd of the four fastest."""
     import torch
 
     program = programs["mamba"]
     op, module = program.op(), getattr(program.package, "mamba_triton")
     H, K, V = MAMBA["H"], MAMBA["K"], MAMBA["V"]
     defaults = dict(module.CONFIG)
-    say("## Mamba's walk: launch settings (median ms, bf16, B*T = 32768 tokens)")
+    lengths = [64] if SMOKE else [2048, 32768]
+    say(f"## Mamba's walks: launch settings (median ms, bf16, B*T = {TOKENS} tokens)")
     say()
-    say("| T | scan | block_v | warps | fwd ms | fwd+bwd ms |")
-    say("|---|---|---|---|---|---|")
-    for T in ([64] if SMOKE else [8192, 32768]):
-        B = TOKENS // T
-        leaves = {n: t.requires_grad_() for n, t in inputs("mamba", B, T, H, K, V, torch.bfloat16, device).items()}
-        do = torch.randn(B, T, H, V, device=device, dtype=torch.bfloat16)
-        forward = []
-        for setting in (SWEEP[:3] if SMOKE else SWEEP):
-            module.CONFIG.update(defaults, **setting)
+    say("| walk | scan | block_v | warps | " + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
+    say("|---|---|---|---|" + "---|---|" * len(lengths))
+    data = {}
+    for T in lengths:
+        leaves = {n: t.requires_grad_() for n, t in inputs("mamba", TOKENS // T, T, H, K, V, torch.bfloat16, device).items()}
+        data[T] = leaves, torch.randn(TOKENS // T, T, H, V, device=device, dtype=torch.bfloat16)
+    timed = []
+    for setting in (SWEEP[:2] + TILE_SWEEP[:1] if SMOKE else SWEEP):
+        module.CONFIG.update(defaults, **setting)
+        try:
+            forward = [ms(lambda: op(**data[T][0], backend="triton")) for T in lengths]
+        except Exception:  # noqa: BLE001 - a setting that does not compile or run: logged, the next one
+            log(setting, traceback.format_exc())
+            continue
+        timed.append((sum(forward), setting))
+        say(f"| {_label(setting)} | " + " | ".join(f"{t:.3f} | " for t in forward) + " |")
+    for _, setting in sorted(timed, key=lambda r: r[0])[:4]:
+        module.CONFIG.update(defaults, **setting)
+        cells = []
+        for T in lengths:
+            leaves, do = data[T]
             try:
-                forward.append((ms(lambda: op(**leaves, backend="triton")), setting))
-            except Exception:  # noqa: BLE001 - a setting that does not compile or run: logged, the next one
-                log(setting, traceback.format_exc())
-                continue
-            say(f"| {T} | {setting['scan']} | {setting['block_v']} | {setting['num_warps']} | {forward[-1][0]:.3f} | |")
-        for t_f, setting in sorted(forward, key=lambda r: r[0])[:5]:
-            module.CONFIG.update(defaults, **setting)
-            try:
-                t_fb = f"{ms(lambda: op(**leaves, backend='triton')[0].backward(do)):.3f}"
+                cells.append(f"{ms(lambda: op(**leaves, backend='triton')):.3f} | "
+                             f"{ms(lambda: op(**leaves, backend='triton')[0].backward(do)):.3f}")
             except Exception:  # noqa: BLE001
                 log(setting, traceback.format_exc())
-                t_fb = "failed (log)"
-            say(f"| {T} | {setting['scan']} | {setting['block_v']} | {setting['num_warps']} | {t_f:.3f} | {t_fb} |")
-        module.CONFIG.update(defaults)
+                cells.append("failed (log) |")
+        say(f"| {_label(setting)} | " + " | ".join(cells) + " |")
+    module.CONFIG.update(defaults)
     say()
-    say(f"Default: {defaults}. Forward rows first, then fwd+bwd of the five fastest forwards.")
+    say(f"Default: {defaults}. Forward rows first, then forward and fwd+bwd of the four fastest forwards.")
 
 
 def _mamba_peer(selective_scan_fn, x, B, T, H, K, V, device):

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Issues 17, 18 and 19: the new kinds' kernels against their peers, in three GPU calls (~9.5 minutes each; every
+# Issues 17, 18 and 19: the new kinds' kernels against their peers, in four GPU calls (~9.5 minutes each; every
 # kernel here passed its bf16 check in runs 10-12). Each part writes its table a row at a time, so a call cut
 # short keeps what it measured. Run 12 learned the costs: fla compiles MomAttention for minutes before its first row,
 # Titans' kernels at four launch settings take about two minutes to compile, Mamba's rows about 20 s each.
-#   PART=1: the MoM layer against fla's MomAttention and a plain Gated DeltaNet layer (issue 19: >= 1.2x fla,
-#           <= 1.5x GDN), then Mamba's walk over a grid of launch settings (its forward was 19x its memory floor).
+#   PART=1: the element-wise check (the default walk and the rows walk, bf16 and fp32), then Mamba's walks over a grid
+#           of launch settings (its forward was 19x its memory floor with the tile walk).
+#   PART=4: the MoM layer against fla's MomAttention and a plain Gated DeltaNet layer (issue 19: >= 1.2x fla,
+#           <= 1.5x GDN).
 #   PART=3: Mamba against its memory floor and GFW against fla's chunk_gla (issue 17), at the default settings.
 #   PART=2: Titans at chunk-start gradients at D = 64 and packed (the check rows that decide its backend="auto"
 #           default), Titans against lmoec's Gated DeltaNet (issue 18: <= 2x), TTT-Linear against fla's
@@ -12,9 +14,12 @@
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 if [ "${PART:-1}" = 1 ]; then
-  step mom; timeout $(left 300) python3 bench/mom_gpu.py bench --shapes 8K,2K,32K --out $OUT/m > /dev/null 2>&1
+  step check; timeout $(left 200) python3 bench/elementwise_gpu.py check --out $OUT/c > /dev/null 2>&1
   step mamba; timeout $(left $B) python3 bench/elementwise_gpu.py sweep --out $OUT/e > /dev/null 2>&1
-  files="m/mom e/elementwise"
+  files="c/elementwise e/elementwise"
+elif [ "$PART" = 4 ]; then
+  step mom; timeout $(left $B) python3 bench/mom_gpu.py bench --shapes 8K,2K,32K --out $OUT/m > /dev/null 2>&1
+  files="m/mom"
 elif [ "$PART" = 3 ]; then
   step elementwise; timeout $(left $B) python3 bench/elementwise_gpu.py bench --out $OUT/e > /dev/null 2>&1
   files="e/elementwise"

@@ -35,7 +35,10 @@ DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True, "fuse_min_programs": 0}, {"
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]
 # the element-wise walks also at the settings bench/elementwise_gpu.py sweeps besides the defaults
-ELEMENTWISE = {"mamba": [{}, {"block_v": 32, "scan": 32}], "gfw": [{}, {"block_v": 8}]}
+# (bench/elementwise_gpu.py's SWEEP: all of them compiled here once, 2026-12-07, 64 s; three stand for them)
+ROWS = [{"walk": "rows", "scan": 64, "block_v": 16}, {"walk": "rows", "scan": 256, "block_v": 32, "num_warps": 8},
+        {"walk": "rows", "scan": 128, "block_v": 8}]
+ELEMENTWISE = {"mamba": [{}, {"block_v": 32, "scan": 32}, *ROWS], "gfw": [{}, {"block_v": 8}, ROWS[0]]}
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": DECAY, "simple_gla": DECAY, "retnet": DECAY,
     "gla": DECAY + [{"grad_qk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2}}],  # dq/dk in K blocks (a sweep row)
