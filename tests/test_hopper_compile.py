@@ -35,10 +35,8 @@ DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True, "fuse_min_programs": 0}, {"
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]
 # the element-wise walks also at the settings bench/elementwise_gpu.py sweeps besides the defaults
-# (bench/elementwise_gpu.py's SWEEP: all of them compiled here once, 2026-12-07, 64 s; three stand for them)
-ROWS = [{"walk": "rows", "scan": 64, "block_v": 16}, {"walk": "rows", "scan": 256, "block_v": 32, "num_warps": 8},
-        {"walk": "rows", "scan": 128, "block_v": 8}]
-ELEMENTWISE = {"mamba": [{}, {"block_v": 32, "scan": 32}, *ROWS], "gfw": [{}, {"block_v": 8}, ROWS[0]]}
+ELEMENTWISE = {"mamba": [{}, {"block_v": 16, "scan": 16, "num_warps": 4}, {"block_v": 4, "scan": 32, "num_warps": 2}],
+               "gfw": [{}, {"block_v": 8}]}
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": DECAY, "simple_gla": DECAY, "retnet": DECAY,
     "gla": DECAY + [{"grad_qk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2}}],  # dq/dk in K blocks (a sweep row)
@@ -52,6 +50,7 @@ CASES = {  # spec: launch settings to exercise besides the defaults
     # own kernel by default, fuse_min_programs 0 forms it in the walk
     "ttt_linear": [{}, {"fuse_min_programs": 0}],
 }
+RUNTIME = "runtime short_conv"  # the kernels lmoec.runtime launches itself (not emitted per spec)
 # the (K, V) the benchmarks run, where not (128, 128) alone; TTT-Linear at the paper's 64 as well (4 warps there)
 HEAD_DIMS = {"mamba": [(16, 64)], "gfw": [(64, 128)], "ttt_linear": [(128, 128), (64, 64)]}
 
@@ -148,10 +147,6 @@ def compile_spec_kernels(spec: str) -> dict:
     """{"launched": kernel names launched, "defined": the module's kernels (jit functions named *_kernel; the
     others are device helpers they call), "shared": {launch: bytes}}."""
     import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
     import lmoec
     from lmoec.kinds import kind_of
@@ -180,6 +175,33 @@ def compile_spec_kernels(spec: str) -> dict:
                 module.CONFIG.update(defaults, **config)
                 launches += _record_launches(module, lambda: run(seq, token, state_shape))
     module.CONFIG.update(defaults)
+    return _compiled(module, launches)
+
+
+def compile_runtime_kernels() -> dict:
+    """compile_spec_kernels for lmoec.runtime.short_conv (the layers' short convolutions on the GPU): bf16 rows in
+    packed segments with a state, and in equal-length segments without one, forward and backward, width 4."""
+    import torch
+
+    from lmoec.runtime import short_conv
+
+    def run():
+        for segments in ({"cu_seqlens": torch.tensor([0, 5, 5, 40]), "segment": torch.zeros(40, dtype=torch.long)},
+                         {"length": 20}):
+            x = torch.randn(40, 300, dtype=torch.bfloat16, requires_grad=True)
+            weight = torch.randn(300, 4, requires_grad=True)
+            state = torch.randn(3, 3, 300, requires_grad=True) if "cu_seqlens" in segments else None
+            short_conv.conv_silu(x, weight, state, **segments).float().sum().backward()
+
+    return _compiled(short_conv, _record_launches(short_conv, run))
+
+
+def _compiled(module, launches) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
     shared = {}
     for fn, args, kwargs in launches:
         signature, constexprs, options = _signature(fn, args, kwargs)
@@ -201,7 +223,7 @@ def compiled():
     """Each spec compiled in a child of its own, as many at once as there are cores (compiling is CPU-bound)."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton without its NVIDIA backend cannot compile for sm_90")
     env = {n: x for n, x in os.environ.items() if n != "TRITON_INTERPRET"}
-    pending, running, results = list(CASES), [], {}
+    pending, running, results = [*CASES, RUNTIME], [], {}
     while pending or running:
         while pending and len(running) < (os.cpu_count() or 1):
             spec = pending.pop(0)
@@ -214,7 +236,7 @@ def compiled():
     return results
 
 
-@pytest.mark.parametrize("spec", list(CASES))
+@pytest.mark.parametrize("spec", [*CASES, RUNTIME])
 def test_every_kernel_compiles_for_hopper(compiled, spec):
     result = compiled[spec]
     assert result["launched"] == result["defined"], "a kernel of the module was never launched, so never compiled"
@@ -231,4 +253,4 @@ if __name__ == "__main__":
         dims, specs = (int(specs[1]), int(specs[2])), specs[3:]
         HEAD_DIMS.update({spec: [dims] for spec in specs})
         CASES.update({spec: [{}] for spec in specs})
-    print(json.dumps({spec: compile_spec_kernels(spec) for spec in specs}))
+    print(json.dumps({spec: compile_runtime_kernels() if spec == RUNTIME else compile_spec_kernels(spec) for spec in specs}))

@@ -3,7 +3,7 @@
 Mamba (outer-product gate) and GFW (outer-sum gate) against the float64 oracle: the output, the final state and every
 gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (one of a single token), two V blocks and
 K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
-both with the decode step against the torch step; each with both walks (CONFIG["walk"]). Outputs start as
+both with the decode step against the torch step. Outputs start as
 NaN (POISON), so an element no kernel writes fails. fp32 here; bf16 runs on the GPU (bench/elementwise_gpu.py).
 
 Why a subprocess: TRITON_INTERPRET=1 must be set before triton is first imported.
@@ -29,14 +29,14 @@ CHILD = textwrap.dedent(
     sys.path.insert(0, "tests")
     from test_elementwise import _inputs
 
-    name, walk = sys.argv[1], sys.argv[2]
+    name = sys.argv[1]
     program = lmoec.compile_spec(f"specs/lsm/{name}.lsm")
     op = program.op()
     triton_mod = getattr(program.package, f"{name}_triton")
     torch_mod = getattr(program.package, f"{name}_torch")
     triton_mod.POISON = True
     # small tiles: the interpreter calls the scan's combine once per element and step (8-token scans, V blocks of 8)
-    triton_mod.CONFIG.update(walk=walk, scan=8, block_v=8)
+    triton_mod.CONFIG.update(scan=8, block_v=8)
 
     def rel(a, b):
         a, b = a.double(), b.double()
@@ -86,11 +86,10 @@ CHILD = textwrap.dedent(
 TOL = 1e-5  # fp32 against float64: relative norm of the difference (measured: below 3e-7)
 
 
-@pytest.mark.parametrize("walk", ["tile", "rows"])
 @pytest.mark.parametrize("name", ["mamba", "gfw"])
-def test_triton_matches_oracle(name, walk):
+def test_triton_matches_oracle(name):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", CHILD, name, walk], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", CHILD, name], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     errors = json.loads(lines[-1][len("RESULT "):])

@@ -19,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-# launch settings (tests and benchmarks may change them): the walk ("tile": one scan of the [SCAN, K, V block] state
-# tile per chunk; "rows": one [SCAN, V block] scan per state row), V block of a program, tokens per scan, warps
-CONFIG = {"walk": "tile", "block_v": 16, "scan": 16, "num_warps": 4}
+# launch settings (tests and benchmarks may change them): V block of a program, tokens per scan, warps (the
+# outer-product gate's: the fastest of 39 settings for Mamba's fwd and fwd+bwd on an H100, bench/results/run13)
+CONFIG = {"block_v": 8, "scan": 16, "num_warps": 1}
 POISON = False  # tests: every output starts as NaN, so an element no kernel writes fails
 
 
@@ -141,137 +141,6 @@ def _bwd_kernel(q, k, v, dt, A, do, dht, states, bounds, chunk_base, scale,
     tl.store(dA + ((i_n * H + i_h) * V + o_v[None, :]) * K + o_k[:, None], dA_sum, mask=m_kv)
 
 
-
-# ---- the rows walks: a [SCAN, V block] tile of one state row at a time ---------------------------------------------
-# The same walks with the state's K rows taken one after another (mamba_ssm's order): per row n, one scan over time of
-# a [SCAN, V block] tile instead of one scan of a [SCAN, K, V block] tile. The tile is K times smaller, so a chunk can
-# hold K times more tokens: fewer stored states, longer scans, more of the time axis in parallel.
-
-
-@triton.jit
-def _value_gate(t, m_t, dt, A, i_h, o_v, m_v, H: tl.constexpr, V: tl.constexpr):
-    """The value side of the log gate of tokens t, read once per chunk: [SCAN, BV] steps dt (zero where masked)."""
-    return tl.load(dt + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _row_gate(side, t, m_t, dt, A, n, i_h, o_v, m_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """Row n of the log gate [SCAN, BV] from the value side (_value_gate) of the same tokens."""
-    return side * tl.load(A + (i_h * V + o_v) * K + n, mask=m_v, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit
-def _fwd_rows_kernel(q, k, v, dt, A, o, h0, ht, states, bounds, chunk_base, scale,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     SCAN: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr):
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
-    base = tl.load(chunk_base + i_n)
-    o_k, o_v, o_c = tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, SCAN)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        S = tl.load(h0 + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
-    first = (o_c == 0)[:, None]
-    for i_c in range(0, tl.cdiv(eos - bos, SCAN)):
-        if STORE_STATES:
-            tl.store(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
-        t = bos + i_c * SCAN + o_c
-        m_t = t < eos
-        m_tv = m_t[:, None] & m_v[None, :]
-        side = _value_gate(t, m_t, dt, A, i_h, o_v, m_v, H, V)
-        w = tl.load(v + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        w = w * side
-        out = tl.zeros([SCAN, BV], dtype=tl.float32)
-        for n in range(0, K):
-            row = tl.sum(tl.where(o_k[:, None] == n, S, 0.0), axis=0)
-            k_n = tl.load(k + (t * H + i_h) * K + n, mask=m_t, other=0.0).to(tl.float32)
-            q_n = tl.load(q + (t * H + i_h) * K + n, mask=m_t, other=0.0).to(tl.float32)
-            decay = tl.exp(_row_gate(side, t, m_t, dt, A, n, i_h, o_v, m_v, H, K, V))
-            write = k_n[:, None] * w
-            _, h = tl.associative_scan((decay, tl.where(first, write + decay * row[None, :], write)), 0, _combine)
-            out += q_n[:, None] * h
-            last = tl.sum(tl.where((o_c == SCAN - 1)[:, None], h, 0.0), axis=0)  # masked tokens keep the state
-            S = tl.where(o_k[:, None] == n, last[None, :], S)
-        tl.store(o + (t[:, None] * H + i_h) * V + o_v[None, :], (out * scale).to(o.dtype.element_ty), mask=m_tv)
-    if STORE_FINAL:
-        tl.store(ht + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
-
-
-@triton.jit
-def _bwd_rows_kernel(q, k, v, dt, A, do, dht, states, bounds, chunk_base, scale,
-                     dq, dk, dv, ddt, dA, dh0,
-                     N_TOKENS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     SCAN: tl.constexpr, USE_DHT: tl.constexpr):
-    """_bwd_kernel's outputs, row by row: per chunk in reverse and per row n, the row's states by the forward scan
-    from the stored entry state, its dH by the scan over the tokens in reverse order, then the row's share of every
-    gradient (dq, dk columns n; dv and the step's gradient summed over rows in registers)."""
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
-    base = tl.load(chunk_base + i_n)
-    o_k, o_v, o_c = tl.arange(0, BK), i_v * BV + tl.arange(0, BV), tl.arange(0, SCAN)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    dS = tl.zeros([BK, BV], dtype=tl.float32)  # the gradient of the state after the chunk
-    if USE_DHT:
-        dS = tl.load(dht + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
-    dA_sum = tl.zeros([BK, BV], dtype=tl.float32)
-    first = (o_c == 0)[:, None]
-    n_chunks = tl.cdiv(eos - bos, SCAN)
-    for j in range(0, n_chunks):
-        i_c = n_chunks - 1 - j
-        t = bos + i_c * SCAN + o_c
-        r = bos + i_c * SCAN + (SCAN - 1 - o_c)  # the chunk's tokens in reverse order
-        m_t, m_r = t < eos, r < eos
-        m_tv = m_t[:, None] & m_v[None, :]
-        S = tl.load(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
-        v_t = tl.load(v + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        do_t = tl.load(do + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        do_r = tl.load(do + (r[:, None] * H + i_h) * V + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-        side = _value_gate(t, m_t, dt, A, i_h, o_v, m_v, H, V)
-        side_next = _value_gate(r + 1, (r + 1) < eos, dt, A, i_h, o_v, m_v, H, V)  # the sequence's end: no decay
-        step = side
-        w = v_t * step
-        d_step = tl.zeros([SCAN, BV], dtype=tl.float32)  # sum over rows of dG * A
-        dw = tl.zeros([SCAN, BV], dtype=tl.float32)
-        for n in range(0, K):
-            row = tl.sum(tl.where(o_k[:, None] == n, S, 0.0), axis=0)
-            d_row = tl.sum(tl.where(o_k[:, None] == n, dS, 0.0), axis=0)
-            k_n = tl.load(k + (t * H + i_h) * K + n, mask=m_t, other=0.0).to(tl.float32)
-            q_n = tl.load(q + (t * H + i_h) * K + n, mask=m_t, other=0.0).to(tl.float32)
-            q_r = tl.load(q + (r * H + i_h) * K + n, mask=m_r, other=0.0).to(tl.float32)
-            decay = tl.exp(_row_gate(side, t, m_t, dt, A, n, i_h, o_v, m_v, H, K, V))
-            write = k_n[:, None] * w
-            _, h = tl.associative_scan((decay, tl.where(first, write + decay * row[None, :], write)), 0, _combine)
-            # dH_t = scale q_t do_t^T + exp(G_t+1) dH_t+1 over the reversed tokens
-            carry = tl.exp(_row_gate(side_next, r + 1, (r + 1) < eos, dt, A, n, i_h, o_v, m_v, H, K, V))
-            seed = q_r[:, None] * do_r * scale
-            _, dH_r = tl.associative_scan((carry, tl.where(first, seed + carry * d_row[None, :], seed)), 0, _combine)
-            d_row = tl.sum(tl.where((o_c == SCAN - 1)[:, None], dH_r, 0.0), axis=0)  # dH of the chunk's first token
-            dS = tl.where(o_k[:, None] == n, d_row[None, :], dS)
-            dH = tl.flip(dH_r, 0)
-            tl.store(dq + ((i_v * N_TOKENS + t) * H + i_h) * K + n, tl.sum(do_t * h, axis=1) * scale, mask=m_t)
-            tl.store(dk + ((i_v * N_TOKENS + t) * H + i_h) * K + n, tl.sum(dH * w, axis=1), mask=m_t)
-            dw += dH * k_n[:, None]
-            dG = tl.where(m_tv, dH * (h - write), 0.0)  # dH_t * exp(G_t) S_t-1
-            rate = tl.load(A + (i_h * V + o_v) * K + n, mask=m_v, other=0.0).to(tl.float32)
-            d_step += dG * rate[None, :]
-            dA_sum = tl.where(o_k[:, None] == n, dA_sum + tl.sum(dG * step, axis=0)[None, :], dA_sum)
-        tl.store(dv + (t[:, None] * H + i_h) * V + o_v[None, :], dw * step, mask=m_tv)
-        tl.store(ddt + (t[:, None] * H + i_h) * V + o_v[None, :], d_step + dw * v_t, mask=m_tv)
-    # S_0 enters the first token's state as exp(G_first) * S_0 (an empty sequence: dh0 = dht)
-    t = bos + o_c
-    m_t = t < eos
-    side = _value_gate(t, m_t, dt, A, i_h, o_v, m_v, H, V)
-    first_decay = tl.full([BK, BV], 1.0, dtype=tl.float32)
-    for n in range(0, K):
-        G = tl.sum(tl.where(first, _row_gate(side, t, m_t, dt, A, n, i_h, o_v, m_v, H, K, V), 0.0), axis=0)
-        first_decay = tl.where(o_k[:, None] == n, tl.exp(G)[None, :], first_decay)
-    tl.store(dh0 + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], first_decay * dS, mask=m_kv)
-    tl.store(dA + ((i_n * H + i_h) * V + o_v[None, :]) * K + o_k[:, None], dA_sum, mask=m_kv)
-
-
 # ---- host ------------------------------------------------------------------------------------------
 
 
@@ -299,8 +168,7 @@ def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, c
     if store_states and n_states is None:  # a packed batch: chunk_base[-1] is the number of states (a host read)
         n_states = int(chunk_base[-1])
     states = _empty(n_states, H, K, V, device=q.device, dtype=torch.float32) if store_states else None
-    kernel = _fwd_rows_kernel if CONFIG["walk"] == "rows" else _fwd_kernel
-    kernel[(triton.cdiv(V, BV), N, H)](
+    _fwd_kernel[(triton.cdiv(V, BV), N, H)](
         q, k, v, dt, A, o, initial_state, ht, states, bounds, chunk_base, scale,
         H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_H0=initial_state is not None,
         STORE_FINAL=output_final_state, STORE_STATES=store_states, num_warps=CONFIG["num_warps"])
@@ -330,8 +198,7 @@ class _Chunk(torch.autograd.Function):
         ddt, dA = _empty(N_TOKENS, H, V, **f32), _empty(N, H, V, K, **f32)
         gate_grads = (ddt, dA)
         dh0 = _empty(N, H, K, V, **f32)
-        kernel = _bwd_rows_kernel if CONFIG["walk"] == "rows" else _bwd_kernel
-        kernel[(NV, N, H)](
+        _bwd_kernel[(NV, N, H)](
             q, k, v, dt, A, do.contiguous(), dht, states, bounds, chunk_base, ctx.scale,
             dq, dk, dv, *gate_grads, dh0, N_TOKENS,
             H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_DHT=dht is not None, num_warps=CONFIG["num_warps"])

@@ -30,6 +30,8 @@ from torch import nn
 
 from lmoec.runtime.recompute import recompute
 
+from lmoec.runtime import short_conv
+
 from lmoec.runtime.memories import MemoryLinear, MemorySlots, balancing_losses, route_memories, segment_conv, segment_conv_step
 from lmoec.runtime.moe import Router
 from .mom_ops import op, step
@@ -54,11 +56,21 @@ class ShortConv(nn.Module):
         Only the conv's input is kept for the backward: conv, SiLU and features run again there (recompute),
         instead of keeping each of their outputs.
         """
+        if short_conv.fused(x):  # one kernel over the rows, channels last (lmoec.runtime.short_conv)
+            return self.fused(x, state, features)
         if state is None:
             state = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
         window = torch.cat([state.to(x.dtype), x], dim=1)
         y = recompute(lambda w, weight: self.chain(w, weight, features), window, self.conv.weight)
         return y, window[:, window.shape[1] - (self.kernel - 1):]
+
+    def fused(self, x, state, features):
+        B, T, C = x.shape
+        keep = self.kernel - 1
+        rows = lambda x, weight, *state: short_conv.conv_silu(x.reshape(B * T, C), weight, *state, length=T).view(B, T, C)
+        inputs = (x, self.conv.weight.view(C, self.kernel), *(() if state is None else (state,)))
+        y = rows(*inputs) if features is None else recompute(lambda *a: features(rows(*a)).contiguous(), *inputs)
+        return y, short_conv.last_inputs(x.reshape(B * T, C), state, keep, length=T)
 
     @staticmethod
     def chain(window, weight, features):

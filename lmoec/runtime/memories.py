@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import short_conv
 from .moe import (
     count_per_expert,
     gather_rows,
@@ -145,12 +146,17 @@ def segment_conv(rows: torch.Tensor, weight: torch.Tensor, slots: MemorySlots,
     convolution sees only its own tokens (fla's training path convolves across them). The new state is
     each segment's last W-1 inputs (the old state's rows where the segment is shorter).
 
-    One depthwise conv1d runs over the packed rows as if they were one sequence: right for every row at
-    least W-1 into its segment. The first W-1 rows of each segment (at most W-1 per segment) are then
-    made again from the segment's own rows and state, and written over.
+    On the GPU, one kernel (lmoec.runtime.short_conv) reads each row once. Elsewhere one depthwise conv1d runs over
+    the packed rows as if they were one sequence: right for every row at least W-1 into its segment. The first W-1
+    rows of each segment (at most W-1 per segment) are then made again from the segment's own rows and state, and
+    written over.
     """
     width, channels = weight.shape[-1], rows.shape[1]
     keep, segments = width - 1, slots.segments
+    if short_conv.fused(rows):
+        y = short_conv.conv_silu(rows, weight.view(channels, width), state, cu_seqlens=slots.cu_seqlens,
+                                 segment=slots.segment)
+        return y, short_conv.last_inputs(rows, state, keep, cu_seqlens=slots.cu_seqlens)
     if state is None:
         state = rows.new_zeros(segments, keep, channels)
     packed = F.conv1d(F.pad(rows.t()[None], (keep, 0)), weight.to(rows.dtype), groups=channels)[0].t()
