@@ -48,14 +48,14 @@ class ShortConv(nn.Module):
         instead of keeping each of their outputs.
         """
         if short_conv.fused(x):  # one kernel over the rows, channels last (lmoec.runtime.short_conv)
-            return self.fused(x, state, features)
+            return self._on_rows(x, state, features)
         if state is None:
             state = x.new_zeros(x.shape[0], self.kernel - 1, x.shape[2])
         window = torch.cat([state.to(x.dtype), x], dim=1)
         y = recompute(lambda w, weight: self.chain(w, weight, features), window, self.conv.weight)
         return y, window[:, window.shape[1] - (self.kernel - 1):]
 
-    def fused(self, x, state, features):
+    def _on_rows(self, x, state, features):
         B, T, C = x.shape
         keep = self.kernel - 1
         rows = lambda x, weight, *state: short_conv.conv_silu(x.reshape(B * T, C), weight, *state, length=T).view(B, T, C)

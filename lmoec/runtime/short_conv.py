@@ -126,7 +126,7 @@ def _dstate_kernel(dz, w, cu, dstate, C, LENGTH, W: tl.constexpr, BC: tl.constex
         length = tl.load(cu + seg + 1).to(tl.int64) - start
     for j in tl.static_range(W - 1):
         acc = tl.zeros([BC], dtype=tl.float32)
-        for p in tl.static_range(j + 1):
+        for p in range(0, j + 1):
             tap = tl.load(w + c * W + (j - p), mask=m_c, other=0.0).to(tl.float32)  # weight[:, W-1-s]
             acc += tl.load(dz + (start + p) * C + c, mask=m_c & (c * 0 + p < length), other=0.0) * tap
         tl.store(dstate + (seg * (W - 1) + j) * C + c, acc, mask=m_c)
