@@ -5,7 +5,9 @@ rows): packed segments with an empty one and ones shorter than the kernel, equal
 a state, kernel widths 1, 2 and 4, the output and the gradients of the rows, the weight and the state; last_inputs
 against the same windows. Then whole layers with the kernels on (ON_CPU) against the same layer on torch's conv1d
 path: a plain Gated DeltaNet layer (equal-length rows, with a cache state) and the MoM layer (its (memory, batch)
-segments), output, cache and every gradient. fp32 against float64: relative errors below 1e-5 (measured ~1e-7).
+segments), output, cache and every gradient; and a layer compiled with fullgraph=True, where the kernels are
+registered ops (no graph break), equal to the eager layer. fp32 against float64: relative errors below 1e-5
+(measured ~1e-7).
 Outputs are not poisoned here: every kernel writes torch.empty buffers fully or the comparison fails on garbage.
 """
 from __future__ import annotations
@@ -90,6 +92,26 @@ for name in ("gated_deltanet", "mom"):
     errs.update({n: rel(convs[n], convs_t[n]) for n in convs_t})
     errs.update({"d" + n: rel(a, b) for (n, _), a, b in zip([("x", None), *layer.named_parameters()], g, g_t)})
     out[name + " layer"] = errs
+
+# the kernels enter torch.compile's graph as registered ops: a Gated DeltaNet layer traces whole (fullgraph) and
+# equals the eager layer, forward and gradients
+from torch._dynamo.utils import counters
+short_conv.ON_CPU = True
+layer = lmoec.compile_spec(SPECS / "lsm" / "gated_deltanet.lsm").layer(hidden=32, heads=2)
+graphs = []
+def recording(graph_module, example_inputs):
+    graphs.append(graph_module)
+    return graph_module.forward
+counters.clear()
+runs = []
+for model in (torch.compile(layer, fullgraph=True, backend=recording), layer):
+    x = torch.randn(2, 13, 32, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    y = model(x)
+    runs.append((y, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])))
+out["compiled layer"] = {"graph breaks": sum(counters["graph_break"].values()),
+                         "conv ops in the graph": sum(str(n.target).startswith("lmoec_runtime.conv_silu")
+                                                      for g in graphs for n in g.graph.nodes),
+                         **{f"{i}": rel(a, b) for i, (a, b) in enumerate(zip(*runs))}}
 print(json.dumps(out))
 """
 
@@ -106,6 +128,14 @@ def test_conv_kernels_match_the_definition(results):
     assert "dstate" in cases["packed [5, 0, 1, 2, 9, 3], W=4, state"]
     bad = {f"{case}: {n}": e for case, errs in cases.items() for n, e in errs.items() if not e <= 1e-5}
     assert not bad, bad
+
+
+def test_layer_with_the_kernels_compiles_in_one_graph(results):
+    errs = dict(results["compiled layer"])
+    assert errs.pop("graph breaks") == 0
+    assert errs.pop("conv ops in the graph") == 3  # q, k, v: each one registered op
+    bad = {n: e for n, e in errs.items() if not e <= 1e-6}
+    assert len(errs) > 10 and not bad, bad
 
 
 @pytest.mark.parametrize("name", ["gated_deltanet", "mom"])

@@ -132,41 +132,78 @@ def _dstate_kernel(dz, w, cu, dstate, C, LENGTH, W: tl.constexpr, BC: tl.constex
         tl.store(dstate + (seg * (W - 1) + j) * C + c, acc, mask=m_c)
 
 
-class _ConvSilu(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, state, cu_seqlens, segment, length, segments):
-        S, C = x.shape
-        W = weight.shape[1]
-        y = torch.empty_like(x)
-        args = dict(W=W, HAS_STATE=state is not None, EQUAL=cu_seqlens is None)
-        grid = (triton.cdiv(S, BLOCK_ROWS), triton.cdiv(C, BLOCK_C))
-        _fwd_kernel[grid](x, weight, state, cu_seqlens, segment, y, S, C, length, BR=BLOCK_ROWS, BC=BLOCK_C, **args)
-        ctx.save_for_backward(x, weight, state, cu_seqlens, segment)
-        ctx.length, ctx.segments, ctx.args = length, segments, args
-        return y
+def _forward(x, weight, state, cu_seqlens, segment, length):
+    S, C = x.shape
+    y = torch.empty_like(x)
+    _fwd_kernel[(triton.cdiv(S, BLOCK_ROWS), triton.cdiv(C, BLOCK_C))](
+        x, weight, state, cu_seqlens, segment, y, S, C, length, W=weight.shape[1], BR=BLOCK_ROWS, BC=BLOCK_C,
+        HAS_STATE=state is not None, EQUAL=cu_seqlens is None)
+    return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, state, cu_seqlens, segment = ctx.saved_tensors
-        S, C = x.shape
-        W, length, args = weight.shape[1], ctx.length, ctx.args
-        dy = dy.contiguous()
-        dz = torch.empty(S, C, device=x.device, dtype=torch.float32)
-        programs = triton.cdiv(S, ROWS_PER_WEIGHT_SUM)
-        dw = torch.empty(programs, W, C, device=x.device, dtype=torch.float32)
-        _dz_kernel[(programs, triton.cdiv(C, BLOCK_C))](
-            x, weight, state, cu_seqlens, segment, dy, dz, dw, S, C, length, BR=BLOCK_ROWS, BC=BLOCK_C,
-            BW=triton.next_power_of_2(W), ROWS=ROWS_PER_WEIGHT_SUM, **args)
-        dx = torch.empty_like(x)
-        _dx_kernel[(triton.cdiv(S, BLOCK_ROWS), triton.cdiv(C, BLOCK_C))](
-            dz, weight, cu_seqlens, segment, dx, S, C, length, W=W, BR=BLOCK_ROWS, BC=BLOCK_C, EQUAL=args["EQUAL"])
-        dstate = None
-        if state is not None and ctx.needs_input_grad[2]:
-            dstate = torch.empty(ctx.segments, W - 1, C, device=x.device, dtype=torch.float32)
-            _dstate_kernel[(ctx.segments, triton.cdiv(C, BLOCK_C))](
-                dz, weight, cu_seqlens, dstate, C, length, W=W, BC=BLOCK_C, EQUAL=args["EQUAL"])
-            dstate = dstate.to(state.dtype)
-        return dx, dw.sum(0).t().to(weight.dtype), dstate, None, None, None, None
+
+def _backward(dy, x, weight, state, cu_seqlens, segment, length, segments, state_grad):
+    S, C = x.shape
+    W, equal = weight.shape[1], cu_seqlens is None
+    dz = torch.empty(S, C, device=x.device, dtype=torch.float32)
+    programs = triton.cdiv(S, ROWS_PER_WEIGHT_SUM)
+    dw = torch.empty(programs, W, C, device=x.device, dtype=torch.float32)
+    _dz_kernel[(programs, triton.cdiv(C, BLOCK_C))](
+        x, weight, state, cu_seqlens, segment, dy.contiguous(), dz, dw, S, C, length, W=W, BR=BLOCK_ROWS, BC=BLOCK_C,
+        BW=triton.next_power_of_2(W), ROWS=ROWS_PER_WEIGHT_SUM, HAS_STATE=state is not None, EQUAL=equal)
+    dx = torch.empty_like(x)
+    _dx_kernel[(triton.cdiv(S, BLOCK_ROWS), triton.cdiv(C, BLOCK_C))](
+        dz, weight, cu_seqlens, segment, dx, S, C, length, W=W, BR=BLOCK_ROWS, BC=BLOCK_C, EQUAL=equal)
+    dstate = torch.empty(segments if state_grad else 0, W - 1, C, device=x.device, dtype=torch.float32)
+    if state_grad:
+        _dstate_kernel[(segments, triton.cdiv(C, BLOCK_C))](
+            dz, weight, cu_seqlens, dstate, C, length, W=W, BC=BLOCK_C, EQUAL=equal)
+    return dx, dw.sum(0).t().to(weight.dtype), dstate.to(x.dtype if state is None else state.dtype)
+
+
+# Registered ops (torch.library, as the emitted ops are: lmoec.runtime.library), so torch.compile traces a layer
+# with a short conv as one graph; their fakes give the compiler shapes without a kernel.
+@torch.library.custom_op("lmoec_runtime::conv_silu", mutates_args=())
+def _conv_silu_op(x: torch.Tensor, weight: torch.Tensor, state: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+                  segment: Optional[torch.Tensor], length: int) -> torch.Tensor:
+    return _forward(x, weight, state, cu_seqlens, segment, length)
+
+
+@_conv_silu_op.register_fake
+def _(x, weight, state, cu_seqlens, segment, length):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lmoec_runtime::conv_silu_backward", mutates_args=())
+def _conv_silu_backward_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, state: Optional[torch.Tensor],
+                           cu_seqlens: Optional[torch.Tensor], segment: Optional[torch.Tensor], length: int,
+                           segments: int, state_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dstate: [0, W-1, C] unless state_grad)."""
+    return _backward(dy, x, weight, state, cu_seqlens, segment, length, segments, state_grad)
+
+
+@_conv_silu_backward_op.register_fake
+def _(dy, x, weight, state, cu_seqlens, segment, length, segments, state_grad):
+    dstate = x.new_empty(segments if state_grad else 0, weight.shape[1] - 1, x.shape[1],
+                         dtype=x.dtype if state is None else state.dtype)
+    return torch.empty_like(x), torch.empty_like(weight), dstate
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, state, cu_seqlens, segment, length = inputs
+    ctx.save_for_backward(x, weight, state, cu_seqlens, segment)
+    ctx.length = length
+    ctx.segments = (x.shape[0] // length if length else 0) if cu_seqlens is None else cu_seqlens.shape[0] - 1
+
+
+def _conv_silu_grad(ctx, dy):
+    x, weight, state, cu_seqlens, segment = ctx.saved_tensors
+    state_grad = state is not None and ctx.needs_input_grad[2]
+    dx, dweight, dstate = _conv_silu_backward_op(dy, x, weight, state, cu_seqlens, segment, ctx.length, ctx.segments,
+                                                 state_grad)
+    return dx, dweight, dstate if state_grad else None, None, None, None
+
+
+_conv_silu_op.register_autograd(_conv_silu_grad, setup_context=_setup_context)
 
 
 ON_CPU = False  # tests (under TRITON_INTERPRET=1): CPU tensors take the kernels too
@@ -206,7 +243,6 @@ def conv_silu(x: torch.Tensor, weight: torch.Tensor, state: Optional[torch.Tenso
     weight [C, W] (an nn.Conv1d's weight viewed [C, W]); segments: `length` rows each, or `cu_seqlens` with each
     row's `segment`; state [segments, W-1, C] or None (zeros). Differentiable in x, weight and state.
     """
-    segments = (x.shape[0] // length if length else 0) if cu_seqlens is None else cu_seqlens.numel() - 1
     has_state = state is not None and weight.shape[1] > 1
-    return _ConvSilu.apply(x.contiguous(), weight.contiguous(), state.contiguous() if has_state else None,
-                           cu_seqlens, segment, length, segments)
+    return _conv_silu_op(x.contiguous(), weight.contiguous(), state.contiguous() if has_state else None, cu_seqlens,
+                         segment, length)
