@@ -23,3 +23,19 @@ def max_relative_error(x, ref) -> float:
     if x is None or not torch.isfinite(x).all():
         return float("inf")
     return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def interpreted_cases(script: str, names: list[str], cwd=None) -> dict:
+    """interpreted([script, *names]) for a script that prints {name: result}, with the names dealt round-robin
+    over one child per core, run at once: the same checks in a fraction of the wall time."""
+    env = dict(os.environ, TRITON_INTERPRET="1", LMOEC_POISON="1")
+    parts = max(1, min(os.cpu_count() or 1, len(names)))
+    shares = [names[i::parts] for i in range(parts)]
+    children = [subprocess.Popen([sys.executable, script, *share], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=cwd) for share in shares]
+    results = {}
+    for child in children:
+        out, err = child.communicate(timeout=900)
+        assert child.returncode == 0, err[-4000:]
+        results.update(json.loads(out.strip().splitlines()[-1]))
+    return results

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
-from interpreted import interpreted, max_relative_error as _rel
+from interpreted import interpreted_cases, max_relative_error as _rel
 
 # fp32 kernels (the interpreter's fp32 dot is exact) against float64: max |err| / max |ref| per tensor
 TOL = 1e-5
@@ -226,7 +226,7 @@ def check(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return interpreted([__file__, *CASES])
+    return interpreted_cases(__file__, list(CASES))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from interpreted import interpreted, max_relative_error as _rel
+from interpreted import interpreted_cases, max_relative_error as _rel
 
 CHUNK = 16
 TOL = 1e-5  # fp32 against float64: max |err| / max |ref| per tensor
@@ -245,7 +245,7 @@ EXTRA = {"varlen_vs_separate": check_varlen_vs_separate, "fp16_dots": check_fp16
 
 @pytest.fixture(scope="module")
 def results():
-    return interpreted([__file__, *CASES, *EXTRA])
+    return interpreted_cases(__file__, [*CASES, *EXTRA])
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 
-from interpreted import interpreted, max_relative_error as _rel
+from interpreted import interpreted_cases, max_relative_error as _rel
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-5  # fp32 kernels against float64: max |err| / max |ref| per tensor
@@ -144,7 +144,7 @@ def _decode_errors(mod, args, scale) -> dict:
 
 @pytest.fixture(scope="module")
 def results():
-    return interpreted([__file__, *CASES])
+    return interpreted_cases(__file__, list(CASES))
 
 
 @pytest.mark.parametrize("name", list(CASES))
