@@ -14,8 +14,8 @@ Backward: `_dz_kernel` recomputes the pre-activation, writes dz = dy * silu'(z) 
 per program (the host adds the programs' partial sums); `_dx_kernel` gives dx[r] = sum_s weight[:, W-1-s] dz[r + s]
 within the segment, and `_dstate_kernel` the state's gradient from each segment's first W-1 rows of dz.
 """
-from __future__ import annotations
-
+# (no `from __future__ import annotations`: torch.library reads the registered ops' annotations as objects; as
+# strings it would compile them when a generated package imports this module)
 from typing import Optional
 
 import torch
