@@ -4,8 +4,8 @@ Parts (any subset, in this order):
   check  bf16 Triton (specs/lsm/mamba.lsm, gfw.lsm) vs the same spec's float32 torch chunkwise backend (itself tested
          against the float64 oracle on CPU): o, final state and every gradient, T no multiple of the scan, initial
          state, a packed batch with a one-token sequence; fp32 Triton too. Outputs are poisoned (NaN) first.
-  sweep  Mamba's walk over a grid of launch settings (SWEEP) at T = 2K and 32K: forward, then fwd+bwd of the
-         fastest.
+  sweep  Mamba's walk over a grid of launch settings (SWEEP: segments of 512 to 4096 tokens first) at T = 2K and
+         32K: forward, then fwd+bwd of the fastest.
   bench  median ms (triton.testing.do_bench) at B*T = 32K tokens, T in {2K, 8K, 32K}, bf16:
          Mamba's selective scan (d_inner 2048 = 32 heads x V 64, N = K = 16) forward and forward+backward against the
          memory floor (u, dt, B, C, z read once and y written once, bf16, at 3.0 TB/s) and against mamba_ssm's CUDA
@@ -35,7 +35,8 @@ TOKENS = 32768
 LENGTHS = [2048, 8192, 32768]
 MAMBA = dict(H=32, K=16, V=64)  # d_inner 2048, N 16
 GFW = dict(H=16, K=64, V=128)
-SETTINGS = {"mamba": {"default": {}, "run-12 default (block_v 16, 4 warps)": {"block_v": 16, "num_warps": 4}},
+SETTINGS = {"mamba": {"default": {}, "run-12 default (block_v 16, 4 warps)": {"block_v": 16, "num_warps": 4},
+                      "segments of 2048 tokens": {"segment_tokens": 2048}},
             "gfw": {"default": {}, "block_v 8": {"block_v": 8}}}
 BANDWIDTH = 3.0e12  # H100 device copy, bytes/s (DESIGN.md)
 TOL_O, TOL_GRAD = 2e-3, 1e-2  # bf16 against fp32 (DESIGN.md); fp32 Triton (tf32-free: no tl.dot here) gets 1e-4
@@ -208,12 +209,14 @@ def bench(programs, device):
 # of launch settings (tokens per scan step, V block, warps; the [scan, K, V block] tiles between 2^8 and 2^14
 # elements): forward at T = 2K and 32K first (each setting compiles once), then fwd+bwd of the four fastest.
 # (Run 13 also timed a walk over one state row at a time, mamba_ssm's order: slower at all 15 of its settings.)
-SWEEP = [dict(scan=s, block_v=b, num_warps=w) for s in (4, 8, 16, 32) for b in (4, 8, 16, 32) for w in (1, 2, 4)
-         if 2 ** 8 <= s * 16 * b <= 2 ** 14 and w * 32 <= s * b]
+# Then, at the default launch settings, sequences cut into segments walked at once (docs/STATE_PASS.md), first.
+SEGMENTS = [dict(scan=16, block_v=8, num_warps=1, segment_tokens=n) for n in (512, 1024, 2048, 4096)]
+SWEEP = SEGMENTS + [dict(scan=s, block_v=b, num_warps=w, segment_tokens=0) for s in (4, 8, 16, 32)
+                    for b in (4, 8, 16, 32) for w in (1, 2, 4) if 2 ** 8 <= s * 16 * b <= 2 ** 14 and w * 32 <= s * b]
 
 
 def _label(setting):
-    return " | ".join(str(setting[key]) for key in ("scan", "block_v", "num_warps"))
+    return " | ".join(str(setting[key]) for key in ("scan", "block_v", "num_warps", "segment_tokens"))
 
 
 def sweep(programs, device):
@@ -227,8 +230,8 @@ def sweep(programs, device):
     lengths = [64] if SMOKE else [2048, 32768]
     say(f"## Mamba's walk: launch settings (median ms, bf16, B*T = {TOKENS} tokens)")
     say()
-    say("| scan | block_v | warps | " + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
-    say("|---|---|---|" + "---|---|" * len(lengths))
+    say("| scan | block_v | warps | segment tokens | " + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
+    say("|---|---|---|---|" + "---|---|" * len(lengths))
     data = {}
     for T in lengths:
         leaves = {n: t.requires_grad_() for n, t in inputs("mamba", TOKENS // T, T, H, K, V, torch.bfloat16, device).items()}

@@ -35,7 +35,8 @@ DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True, "fuse_min_programs": 0}, {"
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]
 # the element-wise walks also at the settings bench/elementwise_gpu.py sweeps besides the defaults
-ELEMENTWISE = {"mamba": [{}, {"block_v": 16, "scan": 16, "num_warps": 4}, {"block_v": 4, "scan": 32, "num_warps": 2}],
+ELEMENTWISE = {"mamba": [{}, {"block_v": 16, "scan": 16, "num_warps": 4}, {"block_v": 4, "scan": 32, "num_warps": 2},
+                         {"segment_tokens": 32}],
                "gfw": [{}, {"block_v": 8}]}
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": DECAY, "simple_gla": DECAY, "retnet": DECAY,

@@ -3,7 +3,8 @@
 Mamba (outer-product gate) and GFW (outer-sum gate) against the float64 oracle: the output, the final state and every
 gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (one of a single token), two V blocks and
 K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
-both with the decode step against the torch step. Outputs start as
+both cut into segments walked at once (CONFIG["segment_tokens"]); both with the decode step against the torch step.
+Outputs start as
 NaN (POISON), so an element no kernel writes fails. fp32 here; bf16 runs on the GPU (bench/elementwise_gpu.py).
 
 Why a subprocess: TRITON_INTERPRET=1 must be set before triton is first imported.
@@ -78,6 +79,11 @@ CHILD = textwrap.dedent(
            case(1, 24, 1, 3, 12, lens=[20, 0, 1, 3])}
     else:
         out = {"batch B=2 T=19, a strong gate, K=4 V=8": case(2, 19, 1, 4, 8, strong=True)}
+    # one long sequence per row cut into segments walked at once (CONFIG["segment_tokens"]): 37 tokens in 16s
+    triton_mod.CONFIG.update(segment_tokens=16)
+    assert triton_mod._layout(2, 37, None, "cpu")[3] == 3
+    out["B=2 T=37 in segments of 16 tokens, K=3 V=12"] = case(2, 37, 1, 3, 12, strong=name == "gfw")
+    triton_mod.CONFIG.update(segment_tokens=0)
     out["step"] = step_case()
     print("RESULT " + json.dumps(out))
     '''

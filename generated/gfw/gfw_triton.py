@@ -19,8 +19,10 @@ import triton
 import triton.language as tl
 
 # launch settings (tests and benchmarks may change them): V block of a program, tokens per scan, warps (the
-# outer-product gate's: the fastest of 39 settings for Mamba's fwd and fwd+bwd on an H100, bench/results/run13)
-CONFIG = {"block_v": 16, "scan": 16, "num_warps": 4}
+# outer-product gate's: the fastest of 39 settings for Mamba's fwd and fwd+bwd on an H100, bench/results/run13);
+# segment_tokens > 0 cuts sequences of a batch without cu_seqlens into segments of that many tokens (rounded up to
+# a multiple of scan) walked at once (_segment_entries; off until a GPU has timed it)
+CONFIG = {"block_v": 16, "scan": 16, "num_warps": 4, "segment_tokens": 0}
 POISON = False  # tests: every output starts as NaN, so an element no kernel writes fails
 
 
@@ -140,16 +142,24 @@ def _bwd_kernel(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale,
 
 
 def _layout(B, T, cu_seqlens, device):
-    """(bounds [N + 1] token offsets into the packed batch, chunk_base [N + 1] each sequence's first stored state,
-    the number of stored states: known on the host for B sequences of T tokens, read back for a packed batch)."""
+    """(bounds [N + 1] token offsets of the walks' rows into the packed batch, chunk_base [N + 1] each row's first
+    stored state, the number of stored states (known on the host for B sequences of T tokens, read back for a packed
+    batch), segments per sequence, segment length). Rows are the sequences, or with CONFIG["segment_tokens"] the
+    segments of each of B sequences of T tokens."""
     scan = CONFIG["scan"]
-    if cu_seqlens is None:
+    length = triton.cdiv(CONFIG["segment_tokens"], scan) * scan
+    segments = triton.cdiv(T, length) if cu_seqlens is None and length and T > length else 1
+    if segments > 1:
+        starts = (torch.arange(segments, device=device) * length).clamp_max(T)
+        bounds = torch.cat([(torch.arange(B, device=device)[:, None] * T + starts).flatten(),
+                            torch.full((1,), B * T, device=device)]).to(torch.int32)
+    elif cu_seqlens is None:
         bounds = torch.arange(B + 1, device=device, dtype=torch.int32) * T  # T = 0: every sequence empty
     else:
         bounds = cu_seqlens.to(device=device, dtype=torch.int32)
     chunks = (bounds[1:] - bounds[:-1] + scan - 1) // scan
     chunk_base = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)]).to(torch.int32)
-    return bounds, chunk_base, (B * triton.cdiv(T, scan) if cu_seqlens is None else None)
+    return bounds, chunk_base, (B * triton.cdiv(T, scan) if cu_seqlens is None else None), segments, length
 
 
 def _forward(q, k, v, g, gv, scale, initial_state, output_final_state, bounds, chunk_base, n_states, store_states):
@@ -170,37 +180,86 @@ def _forward(q, k, v, g, gv, scale, initial_state, output_final_state, bounds, c
     return o, ht, states
 
 
+def _backward(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale):
+    """Launch the backward walk: (dq, dk, dv, the gates' gradients, dh0 per row), fp32, dq/dk/dg summed over V blocks."""
+    N_TOKENS, H, K = q.shape
+    V = v.shape[-1]
+    N = bounds.numel() - 1
+    BV = min(CONFIG["block_v"], _pow2(V))
+    NV = triton.cdiv(V, BV)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq, dk = _empty(NV, N_TOKENS, H, K, **f32), _empty(NV, N_TOKENS, H, K, **f32)
+    dv = _empty(N_TOKENS, H, V, **f32)
+    dgv = _empty(N_TOKENS, H, V, **f32)
+    dg = _empty(NV, N_TOKENS, H, K, **f32)
+    gate_grads = (dg, dgv)
+    dh0 = _empty(N, H, K, V, **f32)
+    _bwd_kernel[(NV, N, H)](
+        q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale,
+        dq, dk, dv, *gate_grads, dh0, N_TOKENS,
+        H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_DHT=dht is not None, num_warps=CONFIG["num_warps"])
+    return dq.sum(0), dk.sum(0), dv, (dg.sum(0), dgv), dh0
+
+
+def _segment_decay(g, gv, B, segments, length):
+    """exp of each segment's total log gate: [B, segments, H, K, V] fp32 (segments of `length` tokens, the last one
+    shorter; padding adds nothing)."""
+    def totals(x):  # [B * T, H, D] -> [B, segments, H, D]: sums over each segment's tokens
+        x = x.float().view(B, -1, *x.shape[1:])
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, segments * length - x.shape[1]))
+        return x.view(B, segments, length, *x.shape[2:]).sum(2)
+    return torch.exp(totals(g)[..., :, None] + totals(gv)[..., None, :])
+
+
+def _segment_entries(q, k, v, g, gv, scale, initial_state, bounds, chunk_base, decay):
+    """Each segment's entry state [B * segments, H, K, V]: every segment walked from zero at once (its end state E),
+    then S <- decay * S + E over the segments in order (LASP-2's prefix over affine maps, on one GPU)."""
+    _, ends, _ = _forward(q, k, v, g, gv, scale, None, True, bounds, chunk_base, None, False)
+    ends = ends.view(*decay.shape[:2], *ends.shape[1:])
+    state = torch.zeros_like(ends[:, 0]) if initial_state is None else initial_state
+    entries = []
+    for s in range(decay.shape[1]):
+        entries.append(state)
+        state = decay[:, s] * state + ends[:, s]
+    return torch.stack(entries, 1).flatten(0, 1)
+
+
 class _Chunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, gv, scale, initial_state, output_final_state, bounds, chunk_base, n_states, store_states):
-        o, ht, states = _forward(q, k, v, g, gv, scale, initial_state, output_final_state, bounds, chunk_base, n_states,
-                                 store_states)
-        ctx.save_for_backward(q, k, v, g, gv, states, bounds, chunk_base)
-        ctx.scale, ctx.has_h0 = scale, initial_state is not None
+    def forward(ctx, q, k, v, g, gv, scale, initial_state, output_final_state, bounds, chunk_base, n_states, store_states,
+                segments, segment_length):
+        decay, has_h0 = None, initial_state is not None
+        if segments > 1:  # rows are segments: their entry states first, then the walk from them
+            B = (bounds.numel() - 1) // segments
+            decay = _segment_decay(g, gv, B, segments, segment_length)
+            initial_state = _segment_entries(q, k, v, g, gv, scale, initial_state, bounds, chunk_base, decay)
+        o, ht, states = _forward(q, k, v, g, gv, scale, initial_state, output_final_state or segments > 1, bounds,
+                                 chunk_base, n_states, store_states)
+        if segments > 1:
+            ht = ht.view(-1, segments, *ht.shape[1:])[:, -1] if output_final_state else None
+        ctx.save_for_backward(q, k, v, g, gv, states, bounds, chunk_base, decay)
+        ctx.scale, ctx.has_h0, ctx.segments = scale, has_h0, segments
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gv, states, bounds, chunk_base = ctx.saved_tensors
-        N_TOKENS, H, K = q.shape
-        V = v.shape[-1]
-        N = bounds.numel() - 1
-        BV = min(CONFIG["block_v"], _pow2(V))
-        NV = triton.cdiv(V, BV)
-        f32 = dict(device=q.device, dtype=torch.float32)
-        dq, dk = _empty(NV, N_TOKENS, H, K, **f32), _empty(NV, N_TOKENS, H, K, **f32)
-        dv = _empty(N_TOKENS, H, V, **f32)
-        dgv = _empty(N_TOKENS, H, V, **f32)
-        dg = _empty(NV, N_TOKENS, H, K, **f32)
-        gate_grads = (dg, dgv)
-        dh0 = _empty(N, H, K, V, **f32)
-        _bwd_kernel[(NV, N, H)](
-            q, k, v, g, gv, do.contiguous(), dht, states, bounds, chunk_base, ctx.scale,
-            dq, dk, dv, *gate_grads, dh0, N_TOKENS,
-            H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_DHT=dht is not None, num_warps=CONFIG["num_warps"])
-        d_gates = (dg.sum(0).to(g.dtype), dgv.to(gv.dtype))
-        return (dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv.to(v.dtype), *d_gates, None,
-                dh0 if ctx.has_h0 else None, None, None, None, None, None)
+        q, k, v, g, gv, states, bounds, chunk_base, decay = ctx.saved_tensors
+        do = do.contiguous()
+        if ctx.segments > 1:  # each segment's exit gradient: its own gradient of the entry (from zero), in reverse
+            *_, entry_grads = _backward(q, k, v, g, gv, do, None, states, bounds, chunk_base, ctx.scale)
+            entry_grads = entry_grads.view(*decay.shape[:2], *entry_grads.shape[1:])
+            grad = torch.zeros_like(entry_grads[:, 0]) if dht is None else dht.float()
+            exits = [None] * ctx.segments
+            for s in reversed(range(ctx.segments)):
+                exits[s] = grad
+                grad = decay[:, s] * grad + entry_grads[:, s]
+            dht = torch.stack(exits, 1).flatten(0, 1)
+        dq, dk, dv, d_gates, dh0 = _backward(q, k, v, g, gv, do, dht, states, bounds, chunk_base, ctx.scale)
+        if ctx.segments > 1:
+            dh0 = dh0.view(-1, ctx.segments, *dh0.shape[1:])[:, 0]
+        d_gates = tuple(d.to(x.dtype) for d, x in zip(d_gates, (g, gv,)))
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_gates, None,
+                dh0 if ctx.has_h0 else None, None, None, None, None, None, None, None)
 
 
 def chunk(q, k, v, g, gv, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -209,12 +268,13 @@ def chunk(q, k, v, g, gv, scale=None, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     if scale is None:
         scale = K ** -0.5
-    bounds, chunk_base, n_states = _layout(B, T, cu_seqlens, q.device)
+    bounds, chunk_base, n_states, segments, length = _layout(B, T, cu_seqlens, q.device)
     packed = [x.reshape(B * T, H, x.shape[2:].numel() // H).contiguous() for x in (q, k, v, g, gv)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # the chunk-entry states are stored only for a backward (autograd's forward runs without grad mode)
     store = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, gv, initial_state))
-    o, ht = _Chunk.apply(*packed, float(scale), h0, output_final_state, bounds, chunk_base, n_states, store)
+    o, ht = _Chunk.apply(*packed, float(scale), h0, output_final_state, bounds, chunk_base, n_states, store,
+                         segments, length)
     return o.view(B, T, H, V), ht
 
 
@@ -223,7 +283,7 @@ def step(q, k, v, g, gv, state, scale=None):
     B, H, K = q.shape
     if scale is None:
         scale = K ** -0.5
-    bounds, chunk_base, _ = _layout(B, 1, None, q.device)
+    bounds, chunk_base, *_ = _layout(B, 1, None, q.device)
     tokens = [x.contiguous() for x in (q, k, v, g, gv)]
     o, new, _ = _forward(*tokens, float(scale), state.float().contiguous(), True,
                          bounds, chunk_base, None, False)
