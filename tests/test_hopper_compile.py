@@ -34,7 +34,8 @@ DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True, "fuse_min_programs": 0}, {"
 # the decay families' walks with and without the output / dv fused, and sequences cut into 1-chunk segments
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]
-# the element-wise walks also at the settings bench/elementwise_gpu.py sweeps besides the defaults
+# the element-wise walks also at the run-12 default, a setting of the launch grid bench/elementwise_gpu.py sweeps (all
+# of which ran on an H100 in run 13), and cut into segments (CONFIG["segment_tokens"], which no GPU has run yet)
 ELEMENTWISE = {"mamba": [{}, {"block_v": 16, "scan": 16, "num_warps": 4}, {"block_v": 4, "scan": 32, "num_warps": 2},
                          {"segment_tokens": 32}],
                "gfw": [{}, {"block_v": 8}]}
