@@ -83,6 +83,12 @@ CHILD = textwrap.dedent(
     triton_mod.CONFIG.update(segment_tokens=16)
     assert triton_mod._layout(2, 37, None, "cpu")[3] == 3
     out["B=2 T=37 in segments of 16 tokens, K=3 V=12"] = case(2, 37, 1, 3, 12, strong=name == "gfw")
+    for B, T in ((0, 40), (2, 5), (2, 0)):  # no sequence, shorter than a segment, empty: the plain walk's results
+        x = _inputs(name, B, T, 1, 3, 12, dtype=torch.float32)
+        got = [op(**x, output_final_state=True, backend="triton") for segment_tokens in (16, 0)
+               if not triton_mod.CONFIG.update(segment_tokens=segment_tokens)]
+        out[f"B={B} T={T} with segment_tokens 16"] = {
+            what: 0.0 if torch.equal(a, b) else float("inf") for what, a, b in zip(("o", "final_state"), *got)}
     triton_mod.CONFIG.update(segment_tokens=0)
     out["step"] = step_case()
     print("RESULT " + json.dumps(out))
@@ -100,6 +106,7 @@ def test_triton_matches_oracle(name):
     assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     errors = json.loads(lines[-1][len("RESULT "):])
     assert errors["step"] and all(errs.keys() >= {"o", "final_state", "dq", "dk", "dv", "dinitial_state"}
-                                  for case, errs in errors.items() if case != "step")
+                                  for case, errs in errors.items() if case != "step" and "segment_tokens" not in case)
+    assert sum("segment_tokens" in case for case in errors) == 3
     bad = {f"{case}: {n}": e for case, errs in errors.items() for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"

@@ -152,8 +152,8 @@ def _layout(B, T, cu_seqlens, device):
     batch), segments per sequence, segment length). Rows are the sequences, or with CONFIG["segment_tokens"] the
     segments of each of B sequences of T tokens."""
     scan = CONFIG["scan"]
-    length = triton.cdiv(CONFIG["segment_tokens"], scan) * scan
-    segments = triton.cdiv(T, length) if cu_seqlens is None and length and T > length else 1
+    length = triton.cdiv(max(CONFIG["segment_tokens"], 0), scan) * scan
+    segments = triton.cdiv(T, length) if cu_seqlens is None and B and length and T > length else 1
     if segments > 1:
         starts = (torch.arange(segments, device=device) * length).clamp_max(T)
         bounds = torch.cat([(torch.arange(B, device=device)[:, None] * T + starts).flatten(),

@@ -170,7 +170,7 @@ def segment_conv(rows: torch.Tensor, weight: torch.Tensor, slots: MemorySlots,
         term = ext.index_select(0, index) * weight[:, 0, width - 1 - s].to(rows.dtype)
         near = term if near is None else near + term
     y = packed.index_copy(0, row, near.to(packed.dtype))
-    return F.silu(y), _last_inputs(ext, slots, keep, segments * keep)
+    return F.silu(y), short_conv.last_inputs(rows, state, keep, cu_seqlens=slots.cu_seqlens)
 
 
 def segment_conv_step(rows: torch.Tensor, weight: torch.Tensor, slots: MemorySlots,
@@ -184,20 +184,7 @@ def segment_conv_step(rows: torch.Tensor, weight: torch.Tensor, slots: MemorySlo
 
 def segment_tails(rows: torch.Tensor, slots: MemorySlots, keep: int) -> torch.Tensor:
     """[segments, keep, C]: each segment's last `keep` rows, zeros in front where it has fewer."""
-    ext = torch.cat([rows.new_zeros(slots.segments * keep, rows.shape[1]), rows])
-    return _last_inputs(ext, slots, keep, slots.segments * keep)
-
-
-def _last_inputs(ext: torch.Tensor, slots: MemorySlots, keep: int, first_row: int) -> torch.Tensor:
-    """Each segment's last `keep` inputs from ext = (each segment's `keep` state rows, then the rows from
-    `first_row` on): the segment's own rows where it has them, its state's before."""
-    ends = slots.cu_seqlens[1:]
-    lengths = ends - slots.cu_seqlens[:-1]
-    back = torch.arange(-keep, 0, device=ext.device)  # p = length + back: the last keep positions
-    p = lengths[:, None] + back
-    seg = torch.arange(slots.segments, device=ext.device)[:, None]
-    index = torch.where(p >= 0, ends[:, None] + back + first_row, seg * keep + keep + p)
-    return ext.index_select(0, index.reshape(-1)).view(slots.segments, keep, ext.shape[1])
+    return short_conv.last_inputs(rows, None, keep, cu_seqlens=slots.cu_seqlens)
 
 
 def minibatch_segments(run: Callable, tokens: dict, slots: MemorySlots, minibatch: int, state: Optional[torch.Tensor],

@@ -226,6 +226,8 @@ def last_inputs(x: torch.Tensor, state: Optional[torch.Tensor], keep: int, *, le
     else:
         ends, lengths = cu_seqlens[1:], cu_seqlens[1:] - cu_seqlens[:-1]
     segments = ends.numel()
+    if x.shape[0] == 0:  # every segment empty: its state (or zeros) is all it has seen
+        return x.new_zeros(segments, keep, C) if state is None else state.to(x.dtype)
     back = torch.arange(-keep, 0, device=x.device)
     p = lengths[:, None] + back  # each kept input's position in its segment: < 0 in the state
     own = x.index_select(0, (ends[:, None] + back).clamp_min(0).reshape(-1)).view(segments, keep, C)
