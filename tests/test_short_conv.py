@@ -112,6 +112,18 @@ out["compiled layer"] = {"graph breaks": sum(counters["graph_break"].values()),
                          "conv ops in the graph": sum(str(n.target).startswith("lmoec_runtime.conv_silu")
                                                       for g in graphs for n in g.graph.nodes),
                          **{f"{i}": rel(a, b) for i, (a, b) in enumerate(zip(*runs))}}
+# torch.library.opcheck of both registered ops: fakes give the kernels' shapes, dtypes and strides (a compiled
+# training step asserts the strides; the weight's gradient once came back transposed), autograd is registered.
+# The weight is fp32, as the master weights under autocast are (where the cast of the gradient is a no-op).
+short_conv.ON_CPU = True
+x, w = torch.randn(9, 37, requires_grad=True), torch.randn(37, 4, requires_grad=True)
+st = torch.randn(2, 3, 37, requires_grad=True)
+cu, seg = torch.tensor([0, 4, 9]), torch.tensor([0] * 4 + [1] * 5)
+checks = {"conv_silu": (short_conv._conv_silu_op, (x, w, st, cu, seg, 0)),
+          "conv_silu_backward": (short_conv._conv_silu_backward_op,
+                                 (torch.randn(9, 37), x.detach(), w.detach(), st.detach(), cu, seg, 0, 2, True))}
+out["opcheck"] = {name: [f"{test}: {result}" for test, result in torch.library.opcheck(op, args, raise_exception=False).items()
+                         if result != "SUCCESS"] for name, (op, args) in checks.items()}
 print(json.dumps(out))
 """
 
@@ -123,7 +135,7 @@ def results():
 
 
 def test_conv_kernels_match_the_definition(results):
-    cases = {k: v for k, v in results.items() if not k.endswith(" layer")}
+    cases = {k: v for k, v in results.items() if not k.endswith(" layer") and k != "opcheck"}
     assert len(cases) == 4 and all({"y", "dx", "dweight"} <= set(e) for e in cases.values())
     assert "dstate" in cases["packed [5, 0, 1, 2, 9, 3], W=4, state"]
     bad = {f"{case}: {n}": e for case, errs in cases.items() for n, e in errs.items() if not e <= 1e-5}
@@ -143,4 +155,11 @@ def test_layers_with_the_kernels_equal_torch_conv1d(results, name):
     errs = results[name + " layer"]
     assert {"o", "o after the cache", "dx"} <= set(errs) and any(n.startswith("conv_") for n in errs)
     bad = {n: e for n, e in errs.items() if not e <= 1e-5}
+    assert not bad, bad
+
+
+def test_registered_ops_pass_opcheck(results):
+    """Schema, fake tensors (shapes, dtypes, strides), autograd registration, dynamic-shape AOT dispatch."""
+    assert set(results["opcheck"]) == {"conv_silu", "conv_silu_backward"}
+    bad = {name: failed for name, failed in results["opcheck"].items() if failed}
     assert not bad, bad

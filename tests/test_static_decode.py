@@ -91,3 +91,22 @@ def test_a_cache_without_static_form_is_refused():
         StaticDecoder(model, [(1, 2)], position=0, steps=1)
     with pytest.raises(ValueError, match="prefill first"):
         StaticKVCache.from_cache(KVCache.reserve(8), torch.zeros(1, dtype=torch.long), 1)
+
+
+def test_warm_up_takes_no_room_and_steps_stop_at_the_reserved_room():
+    """What the CUDA path runs before capturing (two warm-up steps) leaves the states, the position and the KV
+    storage as they were: a decoder with room for exactly one step still equals the dynamic step after it. A
+    step past the room is refused on the host (on CUDA the KV write would be a device-side assert)."""
+    model = _model(SPECS / "models" / "tiny.lsm")
+    vocab = model.embed.num_embeddings
+    gen = torch.Generator().manual_seed(4)
+    prompt, tokens = torch.randint(0, vocab, (2, 6), generator=gen), torch.randint(0, vocab, (2,), generator=gen)
+    with torch.no_grad():
+        _, cache = model(prompt, cache=reserve_cache(model, 7), use_cache=True)
+        decoder = StaticDecoder(model, cache, position=6, steps=1)
+        decoder._warm_up()
+        assert int(decoder.position) == 6
+        want, _ = model(tokens[:, None], cache=cache, use_cache=True)
+        torch.testing.assert_close(decoder.step(tokens), want[:, -1], rtol=1e-10, atol=1e-12)
+        with pytest.raises(ValueError, match="every step the decoder was built for has run"):
+            decoder.step(tokens)

@@ -7,6 +7,7 @@ per token at any context length.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import os
 import sys
 from typing import Iterator, Optional
@@ -88,6 +89,7 @@ class StaticDecoder:
         self.cache = [self._static(entry, steps) for entry in cache]
         self.batch = next(t.shape[0] for t in self._tensors(self.cache))
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=device)
+        self.steps_left = steps  # counted on the host: a KV write past the storage is a device assert on CUDA
         self.graph = None
         self.logits: Optional[torch.Tensor] = None
         if cuda_graph is None:
@@ -120,38 +122,57 @@ class StaticDecoder:
         self.position += 1
         return logits[:, -1]
 
+    def _warm_up(self, checked=contextlib.nullcontext) -> None:
+        """Run the step twice, the second time inside `checked()`, putting the states and the position back
+        after each run: a warm-up's key goes to the slot the first real step writes again, so warm-ups need
+        no room in the KV storage (a decoder with room for one step captures too)."""
+        mutable = [t for entry in self.cache if isinstance(entry, dict) for t in entry.values()] + [self.position]
+        saved = [t.clone() for t in mutable]
+        for context in (contextlib.nullcontext, checked):
+            with context():
+                self._run()
+            for t, s in zip(mutable, saved):
+                t.copy_(s)
+
     def _capture(self) -> None:
-        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), put the states back, capture.
+        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture.
 
         The second warm-up step runs with CUDA's sync debug mode raising (the first one compiles and allocates):
         a step that reads a value back (the per-expert loop of float32 MoE layers, say) fails there, before a
         capture it would invalidate."""
-        states = [t for entry in self.cache if isinstance(entry, dict) for t in entry.values()]
-        saved = [t.clone() for t in states] + [self.position.clone()]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        previous = torch.cuda.get_sync_debug_mode()
         try:
             with torch.cuda.stream(stream):
-                self._run()
-                torch.cuda.set_sync_debug_mode("error")
-                self._run()
+                self._warm_up(_sync_errors)
         finally:
-            torch.cuda.set_sync_debug_mode(previous)
             torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip(states + [self.position], saved):
-            t.copy_(s)  # the warm-up's key went to the slot the first real step writes again
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._run()
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.steps_left <= 0:
+            raise ValueError("StaticDecoder: every step the decoder was built for has run (its KV storage is full); "
+                             "build it with more steps")
+        self.steps_left -= 1
         self.tokens.copy_(tokens.view(self.batch, 1))
         if self.graph is None:
             return self._run()
         self.graph.replay()
         return self.logits
+
+
+@contextlib.contextmanager
+def _sync_errors():
+    """CUDA's sync debug mode set to raise, and put back after."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 @torch.no_grad()

@@ -258,8 +258,12 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
 
 
 def count_per_expert(row_expert: torch.Tensor, experts: int) -> torch.Tensor:
-    """bincount(row_expert, minlength=experts) without its host sync (it reads the max back)."""
-    return torch.zeros(experts, dtype=torch.long, device=row_expert.device).index_add_(0, row_expert, torch.ones_like(row_expert))
+    """bincount(row_expert, minlength=experts) without its host sync (it reads the max back), as int64.
+
+    Summed in int32: torch.compile has no atomic add for int64 and runs an int64 index_add as a sort-based
+    index_put (1.1 ms per call for 131K slots on an H100, run 14); int32 becomes one atomic-add kernel."""
+    ones = torch.ones_like(row_expert, dtype=torch.int32)
+    return torch.zeros(experts, dtype=torch.int32, device=row_expert.device).index_add_(0, row_expert, ones).long()
 
 
 def capacity_of(capacity_factor: Optional[float], slots: int, experts: int) -> Optional[int]:
@@ -329,6 +333,7 @@ def run_grouped(
     capacity: Optional[int],
     experts_fn: ExpertsFn,
     row_weight: Optional[torch.Tensor] = None,
+    counts: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run rows through their experts, grouped by expert.
 
@@ -338,11 +343,12 @@ def run_grouped(
     (deterministic: by position). Without `row_weight` the result is [M, hidden] in the rows'
     order. With row_weight [M] (the combine weights) the experts scale each row by its weight and
     each source row gets the sum of its `repeats` rows, [M / repeats, hidden]: the combine is then
-    the way back to slot order, with no weighted pass of its own.
+    the way back to slot order, with no weighted pass of its own. `counts` (count_per_expert of row_expert),
+    when the caller has it already.
     """
     order = torch.argsort(row_expert, stable=True)
     inverse = inverse_permutation(order)
-    counts = count_per_expert(row_expert, experts)
+    counts = count_per_expert(row_expert, experts) if counts is None else counts
     source_row = order // repeats
     if capacity is None:
         weight = None if row_weight is None else gather_rows(row_weight, order, inverse)
@@ -505,7 +511,7 @@ class MoE(nn.Module):
             global_counts = counts
             capacity = capacity_of(self.capacity_factor, n * k, e)
             # the experts apply the combine weights and their rows come back summed per token
-            y = run_grouped(tokens, k, slot_expert, e, capacity, self._experts, weights.reshape(-1))
+            y = run_grouped(tokens, k, slot_expert, e, capacity, self._experts, weights.reshape(-1), counts)
         else:
             counts_by_rank = ep.exchange_counts(counts)
             global_counts = counts_by_rank.sum(0)

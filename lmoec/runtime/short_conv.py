@@ -157,7 +157,9 @@ def _backward(dy, x, weight, state, cu_seqlens, segment, length, segments, state
     if state_grad:
         _dstate_kernel[(segments, triton.cdiv(C, BLOCK_C))](
             dz, weight, cu_seqlens, dstate, C, length, W=W, BC=BLOCK_C, EQUAL=equal)
-    return dx, dw.sum(0).t().to(weight.dtype), dstate.to(x.dtype if state is None else state.dtype)
+    # contiguous, as the fake says: a compiled graph asserts it (.to() alone keeps the transpose, or is a no-op)
+    dweight = dw.sum(0).t().contiguous().to(weight.dtype)
+    return dx, dweight, dstate.to(x.dtype if state is None else state.dtype)
 
 
 # Registered ops (torch.library, as the emitted ops are: lmoec.runtime.library), so torch.compile traces a layer

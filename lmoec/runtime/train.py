@@ -137,11 +137,14 @@ def loss_function(model, compile: bool = False) -> Callable[[torch.Tensor, torch
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norm gains, biases, per-head decay parameters) do not."""
+    """AdamW; matrices decay, vectors (norm gains, biases, per-head decay parameters) do not. On CUDA the fused
+    implementation (one kernel over all parameters, the same update): the multi-tensor one took 68 ms of a 250 ms
+    A0.3B-2B step (run 14)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    fused = all(p.is_cuda for p in decay + no_decay) or None
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
 def update_router_biases(model) -> None:
