@@ -134,8 +134,9 @@ class _Checker:
 def _argument_table(rec: Recurrence, tokens: tuple, H: int, K: int, V: int) -> tuple:
     """(argument, taken by this recurrence, why, allowed shapes) of every argument beyond q, k, v; `tokens` is
     (B, T) for the op and (B,) for the decode step. Cached for plain int dims (a layer calls the op with the same
-    shapes every step; torch.compile's symbolic sizes do not hash)."""
-    if all(type(d) is int for d in (*tokens, H, K, V)):
+    shapes every step; torch.compile's symbolic sizes do not hash, and under tracing the cache only adds a
+    warning: a traced graph checks the shapes once)."""
+    if all(type(d) is int for d in (*tokens, H, K, V)) and not torch.compiler.is_compiling():
         return _cached_table(rec, tokens, H, K, V)
     return _table(rec, tokens, H, K, V)
 
