@@ -1,25 +1,26 @@
 """A0.3B-2B end to end on one GPU: training eager vs torch.compile, decoding eager vs a CUDA graph (issue 21).
 
-    python bench/model_gpu.py --part train     # ~6-8 min on one H100: training, every variant, both modes
-    python bench/model_gpu.py --part decode    # ~2 min: decoding
-    python bench/model_gpu.py                  # both in one call when the budget allows (--budget, default 520 s)
+    python bench/model_gpu.py --part train     # ~9 min on one H100: training, every variant, both modes
+    python bench/model_gpu.py --part decode    # ~3 min: decoding
+    python bench/model_gpu.py --part train --variants "GLA,Qwen2-MoE (transformers)"   # some variants
     python bench/model_gpu.py --smoke          # tiny shapes on CPU: checks the script, measures nothing
 
-training   GLA, Gated DeltaNet and the hybrid GLA LLLN stack at A0.3B-2B (hidden 1024, 12 layers, 64 experts of
-           896, top-8), 16K tokens per step at T = 2K x 8, 8K x 2, 16K x 1. One full `lmoec train` step (bf16
-           autocast, fp32 master weights, cross-entropy + MoE aux losses, backward, clipping, AdamW), eager and
-           with `lmoec train --compile` (each block through torch.compile, inductor). Cells: tokens/s, model
-           TFLOP/s, MFU against the bf16 matmul ceiling measured in this process (8192^3), allocator peak.
-           The FLOP count per token is written out in the results, and one step at 8K is profiled (GPU busy
-           time vs wall time, top kernels). Checked in the same process: the compiled step's first loss equals
-           the eager one (same init, same batch) to bf16 rounding.
-decoding   GLA, Gated DeltaNet and the hybrid, batch 1 and 16, one token after a context of 1K and 32K: the
-           eager step, the StaticDecoder step replayed as a CUDA graph, and the same step compiled (inductor,
-           fullgraph) before the capture. The floor is the bytes one step must
-           read (every weight it touches: the dense ones, the experts the batch routes to on average, the LM
-           head; the recurrent states read and written; the KV caches) over the copy bandwidth measured in this
-           process. Checked: the graph's logits equal the eager step's, and one static step runs under
-           torch.cuda.set_sync_debug_mode("error") (no host sync).
+training   GLA, Gated DeltaNet, the hybrid GLA LLLN stack and the attention baseline at A0.3B-2B (hidden 1024,
+           12 layers, 64 experts of 896, top-8), 16K tokens per step at T = 2K x 8, 8K x 2, 16K x 1. One full
+           `lmoec train` step (bf16 autocast, fp32 master weights, cross-entropy + MoE aux losses, backward,
+           clipping, the fused AdamW), eager and with `lmoec train --compile` (each block through torch.compile,
+           inductor). The comparison row: transformers' Qwen2MoeForCausalLM at the same shape (random init, eager,
+           the same step). Cells: tokens/s, model TFLOP/s, MFU against the bf16 matmul ceiling measured in this
+           process (8192^3), allocator peak. The FLOP count per token is written out in the results, and one step
+           at 8K is profiled (kernel time vs wall time, top kernels). Checked in the same process: the compiled
+           step's first loss equals the eager one (same init, same batch) to bf16 rounding.
+decoding   GLA, Gated DeltaNet, the hybrid and the Qwen2-MoE row, batch 1 and 16, one token after a context of 1K
+           and 32K: the eager step, the StaticDecoder step replayed as a CUDA graph, and the same step compiled
+           (inductor, fullgraph) before the capture; Qwen2-MoE's eager step with transformers' DynamicCache.
+           The floor is the bytes one step must read (every weight it touches: the dense ones, the experts the
+           batch routes to on average, the LM head; the recurrent states read and written; the KV caches) over
+           the copy bandwidth measured in this process. Checked: the graphs' logits equal the eager step's, and
+           one static step runs under torch.cuda.set_sync_debug_mode("error") (no host sync).
 
 Writes markdown and JSON to $OUT (model_gpu_<part>[-<variants>].md / .json); prints the markdown. The budget is
 checked before each variant and training mode; what is left when it runs out is skipped and said.
@@ -45,8 +46,8 @@ from lmoec.runtime.generate import StaticDecoder
 from lmoec.runtime.moe import MoE
 from lmoec.runtime.train import TrainConfig, autocast_for, loss_function, make_optimizer
 
-TRAIN_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN"]
-DECODE_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN"]
+TRAIN_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "attention baseline", "Qwen2-MoE (transformers)"]
+DECODE_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "Qwen2-MoE (transformers)"]
 PAPER = dict(base="models/a0.3b-2b.lsm", shapes=[(2048, 8), (8192, 2), (16384, 1)], profile_seq=8192,
              batches=[1, 16], contexts=[1024, 32768], model={}, moe={}, warmup=2, iters=3, decode_iters=20)
 SMOKE = dict(base="models/a0.3b-2b.lsm", shapes=[(64, 2), (128, 1)], profile_seq=64, batches=[1, 2],
@@ -147,21 +148,29 @@ def decode_floor_bytes(model, cache, batch: int) -> tuple[int, str]:
 # ---- training ----------------------------------------------------------------------------------------------
 
 
-def bench_training(name, program, device, cfg, ceiling, rows, log, over_budget):
-    for mode in ("eager", "compiled"):
+def lmoec_trainee(program, device, mode):
+    """(model, loss(inputs, targets), flops(seq)) of an lmoec model; compiled: each block through torch.compile."""
+    with torch.device(device):
+        model = program.model()
+    step_loss = loss_function(model, compile=mode == "compiled")
+    return model, lambda inputs, targets: step_loss(inputs, targets)[1], lambda seq: flops_per_token(model, program, seq)
+
+
+def bench_training(name, trainee, device, cfg, ceiling, rows, log, over_budget, modes=("eager", "compiled")):
+    """trainee(mode) -> (model, loss(inputs, targets), flops(seq)); one step: bf16 autocast, fp32 master weights,
+    backward, clipping, the fused AdamW of `lmoec train` (make_optimizer)."""
+    for mode in modes:
         if over_budget():
             log(f"skipped train {name} {mode}: over the budget")
             continue
         torch.manual_seed(0)
         torch._dynamo.reset()
-        with torch.device(device):
-            model = program.model()
+        model, step_loss, flops_of = trainee(mode)
         optimizer = make_optimizer(model, TrainConfig())
-        step_loss = loss_function(model, compile=mode == "compiled")
 
         def step(inputs, targets):
             with autocast_for(device):
-                _, loss = step_loss(inputs, targets)
+                loss = step_loss(inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -170,9 +179,9 @@ def bench_training(name, program, device, cfg, ceiling, rows, log, over_budget):
 
         for seq, batch in cfg["shapes"]:
             gen = torch.Generator(device=device).manual_seed(seq)
-            inputs, targets = (torch.randint(0, model.config["vocab"], (batch, seq), device=device, generator=gen)
-                               for _ in range(2))
-            flops, how = flops_per_token(model, program, seq)
+            vocab = model.config["vocab"] if isinstance(model.config, dict) else model.config.vocab_size
+            inputs, targets = (torch.randint(0, vocab, (batch, seq), device=device, generator=gen) for _ in range(2))
+            flops, how = flops_of(seq)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -191,6 +200,92 @@ def bench_training(name, program, device, cfg, ceiling, rows, log, over_budget):
             log(f"train  {name:16s} {mode:8s} T {seq:6d} x {batch:2d}: {tok_s:9,.0f} tok/s, {row['tflops']:6.1f} TFLOP/s, "
                 f"MFU {row['mfu']:.1%}, peak {fmt_gib(row['peak_gib'])}, first step {first:.1f} s, loss {first_loss:.4f}")
         del model, optimizer, step_loss
+
+
+# ---- the comparison row: the same shape as a transformers Qwen2-MoE ---------------------------------------
+
+HF_VARIANT = "Qwen2-MoE (transformers)"
+
+
+def hf_qwen2_moe(program, device):
+    """transformers' Qwen2MoeForCausalLM at the lmoec model's shape (hidden, layers, heads, KV heads, vocab,
+    experts, top-k, expert width, RoPE theta, aux-loss weight), random init, bf16 weights for decoding is the
+    caller's: what a user would pick instead of lmoec. Qwen2-MoE always builds a gated shared expert; its width
+    is 0 here (the lmoec model has none), which leaves one [hidden -> 1] gate per layer."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    with torch.device("meta"):
+        ref = program.model()
+    c, moe = ref.config, next(m for m in ref.modules() if isinstance(m, MoE))
+    config = Qwen2MoeConfig(
+        vocab_size=c["vocab"], hidden_size=c["hidden"], num_hidden_layers=c["layers"], num_attention_heads=c["attn_heads"],
+        num_key_value_heads=c["attn_kv_heads"],
+        num_experts=moe.experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.w_gate.shape[-1],
+        shared_expert_intermediate_size=0, intermediate_size=moe.w_gate.shape[-1], decoder_sparse_step=1,
+        mlp_only_layers=[], norm_topk_prob=False, output_router_logits=True, router_aux_loss_coef=0.01,
+        rope_theta=c["rope_theta"], max_position_embeddings=1 << 18, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    with torch.device(device):
+        return Qwen2MoeForCausalLM(config)
+
+
+def hf_trainee(program, device, mode):
+    model = hf_qwen2_moe(program, device)
+    loss = lambda inputs, targets: model(input_ids=inputs, labels=inputs).loss  # noqa: E731 - HF shifts labels itself
+    return model, loss, lambda seq: hf_flops_per_token(model, seq)
+
+
+def hf_flops_per_token(model, seq: int) -> tuple[float, str]:
+    """As flops_per_token: 6 x active matmul parameters (top_k of the experts, the LM head, not the embedding) +
+    3 x causal attention's 2 T d per layer."""
+    c = model.config
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." not in n and "embed_tokens" not in n)
+    matmul = dense + experts * c.num_experts_per_tok / c.num_experts
+    mixing = c.num_hidden_layers * 2 * c.num_attention_heads * (c.hidden_size // c.num_attention_heads) * seq
+    total = 6 * matmul + 3 * mixing
+    return total, (f"6 x {matmul / 1e6:.1f}M active matmul parameters (incl. LM head {c.vocab_size} x {c.hidden_size}) "
+                   f"+ 3 x {mixing / 1e6:.1f}M attention FLOPs (forward) = {total / 1e9:.3f} GFLOP per token at T = {seq}")
+
+
+@torch.no_grad()
+def bench_decoding_hf(name, program, device, cfg, bandwidth, rows, log):
+    """The eager step with transformers' default DynamicCache (what generate() uses unless told otherwise), the
+    cache filled with `context` random positions and cropped back after every step; floor as decode_floor_bytes."""
+    from transformers import DynamicCache
+
+    model = hf_qwen2_moe(program, device).to(torch.bfloat16).eval()
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    weights = {n: p.numel() * p.element_size() for n, p in model.named_parameters()}
+    experts = sum(b for n, b in weights.items() if ".mlp.experts." in n)
+    dense = sum(b for n, b in weights.items() if ".mlp.experts." not in n and "embed_tokens" not in n)
+    for batch in cfg["batches"]:
+        token = torch.randint(0, c.vocab_size, (batch, 1), device=device)
+        for context in cfg["contexts"]:
+            cache = DynamicCache(config=c)
+            for layer in range(c.num_hidden_layers):
+                kv = [torch.randn(batch, c.num_key_value_heads, context, head_dim, device=device, dtype=torch.bfloat16)
+                      for _ in range(2)]
+                cache.update(*kv, layer)
+            kv_bytes = 2 * c.num_hidden_layers * batch * c.num_key_value_heads * context * head_dim * 2
+
+            def step():
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+                cache.crop(-1)  # the step's own position: every step sees `context` cached ones
+
+            touched = c.num_experts * (1 - (1 - c.num_experts_per_tok / c.num_experts) ** batch)
+            floor_bytes = dense + int(experts * touched / c.num_experts) + kv_bytes
+            how = (f"dense weights {dense / 2**20:.0f} MiB + experts touched {experts * touched / c.num_experts / 2**20:.0f} "
+                   f"MiB + KV read {kv_bytes / 2**20:.1f} MiB")
+            eager = median_seconds(step, device, 3, cfg["decode_iters"])
+            rows.append(dict(part="decode", model=name, batch=batch, context=context, eager_ms=eager * 1e3,
+                             graph_ms=None, floor_ms=floor_bytes / bandwidth * 1e3, floor_bytes=floor_bytes,
+                             floor_count=how, no_graph="transformers' eager step (DynamicCache)"))
+            log(f"decode {name:16s} batch {batch:2d} context {context:6d}: eager {eager * 1e3:.2f} ms, floor "
+                f"{floor_bytes / bandwidth * 1e3:.3f} ms ({how})")
+            del cache
+    del model
 
 
 def profile_step(step, seconds: float) -> dict:
@@ -330,9 +425,12 @@ def markdown(rows, checks, header: list[str]) -> str:
                   "| model | batch | context | eager | CUDA graph | compiled + CUDA graph | floor | best / floor |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in decode:
-            graph = "failed" if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
-            compiled = "failed" if r.get("compiled_graph_ms") is None else f"{r['compiled_graph_ms']:.2f} ms"
+            missing = "-" if r.get("no_graph") else "failed"
+            graph = missing if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
+            compiled = missing if r.get("compiled_graph_ms") is None else f"{r['compiled_graph_ms']:.2f} ms"
             timed = [t for t in (r["graph_ms"], r.get("compiled_graph_ms")) if t is not None]
+            if r.get("no_graph"):
+                timed = [r["eager_ms"]]
             ratio = f"{min(timed) / r['floor_ms']:.1f}x" if timed else "-"
             lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['eager_ms']:.2f} ms | {graph} | {compiled} | "
                          f"{r['floor_ms']:.3f} ms | {ratio} |")
@@ -364,13 +462,13 @@ def main() -> int:
     variants = model_variants(base, layers)
     overrides = {k: v for k, v in cfg["model"].items() if k != "layers"}
     wanted = args.variants.split(",") if args.variants else None
-    unknown = [v for v in wanted or [] if v not in variants]
+    unknown = [v for v in wanted or [] if v not in variants and v != HF_VARIANT]
     if unknown:
         print(f"model_gpu.py: unknown variant {unknown[0]!r}: choose from {', '.join(variants)}", file=sys.stderr)
         return 2
 
-    def build(name):
-        lsm, pattern = variants[name]
+    def build(name):  # the HF row takes the shape of the attention baseline (the same attention and MoE)
+        lsm, pattern = variants["attention baseline" if name == HF_VARIANT else name]
         return program_for(lsm, pattern, base=base, moe=cfg["moe"], **overrides)
 
     log_lines = []
@@ -398,10 +496,17 @@ def main() -> int:
                 log(f"skipped {part} {name}: over the {args.budget:.0f} s budget")
                 continue
             try:
-                if part == "train":
-                    bench_training(name, build(name), device, cfg, ceiling, rows, log, over_budget)
+                program = build(name)
+                if part == "train" and name == HF_VARIANT:  # eager: what transformers users run by default
+                    bench_training(name, lambda mode: hf_trainee(program, device, mode), device, cfg, ceiling, rows,
+                                   log, over_budget, modes=("eager",))
+                elif part == "train":
+                    bench_training(name, lambda mode: lmoec_trainee(program, device, mode), device, cfg, ceiling,
+                                   rows, log, over_budget)
+                elif name == HF_VARIANT:
+                    bench_decoding_hf(name, program, device, cfg, bandwidth, rows, log)
                 else:
-                    bench_decoding(name, build(name), device, cfg, bandwidth, rows, checks, log)
+                    bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log)
             except Exception as err:  # noqa: BLE001 - one variant's failure is logged, the others run
                 log(f"{part} {name}: FAILED: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
             gc.collect()  # a failed variant's traceback holds its model and activations in a reference cycle
