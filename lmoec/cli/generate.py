@@ -25,7 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="decode step by step from Python on CUDA too (default there: one captured CUDA graph per token)")
     p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile (inductor) before capturing it: fewer, fused kernels "
+                   help="on CUDA, compile the decode step with torch.compile (inductor) before capturing it: fewer, fused kernels "
                    "per token; the first token waits for the compile")
     p.add_argument("--trust-checkpoint-code", action="store_true",
                    help="run the checkpoint's package even if it is not what this lmoec emits from its IR")
