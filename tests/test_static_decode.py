@@ -110,6 +110,10 @@ def test_warm_up_takes_no_room_and_steps_stop_at_the_reserved_room():
         torch.testing.assert_close(decoder.step(tokens), want[:, -1], rtol=1e-10, atol=1e-12)
         with pytest.raises(ValueError, match="every step the decoder was built for has run"):
             decoder.step(tokens)
+        # no room at all (generate's last token needs no step): nothing to warm up or capture, every step refused
+        empty = StaticDecoder(model, cache, position=7, steps=0)
+        with pytest.raises(ValueError, match="every step the decoder was built for has run"):
+            empty.step(tokens)
 
 
 def test_compiled_static_step_equals_the_eager_one():

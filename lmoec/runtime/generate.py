@@ -101,7 +101,7 @@ class StaticDecoder:
             self._forward = torch.compile(self._model_step, fullgraph=True, dynamic=False, backend=compile_backend)
         if cuda_graph is None:
             cuda_graph = device.type == "cuda"
-        if cuda_graph:
+        if cuda_graph and steps > 0:  # the warm-up writes the first step's KV slot: none exists without a step
             self._capture()
 
     def _static(self, entry, steps: int):
@@ -200,7 +200,7 @@ def generate_ids(model, prompt_ids: torch.Tensor, max_new_tokens: int, temperatu
     reserved = reserve_cache(model, prompt_ids.shape[1] + steps)
     logits, cache = model(prompt_ids, cache=reserved, use_cache=True)
     decoder = None
-    if static if static is not None else prompt_ids.is_cuda:
+    if steps and (static if static is not None else prompt_ids.is_cuda):
         try:
             decoder = StaticDecoder(model, cache, prompt_ids.shape[1], steps,
                                     compile_backend="inductor" if compile_step else None)
