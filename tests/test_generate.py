@@ -68,6 +68,16 @@ def test_generate_cli_from_checkpoint(trained_run, capsys):
     assert state["step"] == 10 and not model.training
 
 
+def test_generate_cli_prompt_that_is_not_utf8(trained_run, capsysbinary):
+    """A shell argument need not be UTF-8 (Python holds such bytes as surrogate escapes): the byte-level model reads
+    the prompt's own bytes, echoed as they came, with --compile too (it acts on CUDA only)."""
+    prompt = b"\xff\xfe deep (((("
+    assert run_cli(generate_cli, str(trained_run), "--prompt", prompt.decode("utf-8", "surrogateescape"),
+                   "--max-new-tokens", "4", "--temperature", "0", "--compile") == 0
+    out = capsysbinary.readouterr()
+    assert out.err == b"" and out.out.startswith(prompt) and len(out.out) > len(prompt)
+
+
 def test_generate_cli_errors(trained_run, tmp_path, capsys):
     torn = tmp_path / "torn.pt"
     torn.write_bytes((trained_run / ckpt.FILENAME).read_bytes()[:1000])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import flags
@@ -46,8 +47,12 @@ def run(args) -> int:
         model, _ = load_model(args.checkpoint, pick_device(args.device), trust_code=args.trust_checkpoint_code)
     except (CheckpointError, ValueError) as e:
         return fail(str(e))
-    sys.stdout.write(args.prompt)
-    for piece in generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+    # the prompt's own bytes (a shell argument need not be UTF-8: Python holds such bytes as surrogate escapes)
+    prompt = os.fsencode(args.prompt)
+    sys.stdout.flush()
+    sys.stdout.buffer.write(prompt)
+    sys.stdout.buffer.flush()
+    for piece in generate_text(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
                                static=False if args.no_cuda_graph else None, compile_step=args.compile):
         sys.stdout.write(piece)
         sys.stdout.flush()

@@ -231,13 +231,14 @@ def cache_nbytes(cache) -> int:
     return 0
 
 
-def generate_text(model, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None, seed: int = 0, static: Optional[bool] = None,
-                  compile_step: bool = False) -> Iterator[str]:
+def generate_text(model, prompt: str | bytes, max_new_tokens: int = 200, temperature: float = 0.8,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+                  static: Optional[bool] = None, compile_step: bool = False) -> Iterator[str]:
     """Yield decoded text pieces as they are generated (byte tokens; incomplete UTF-8 waits for its next byte);
-    `static` and `compile_step` as in generate_ids."""
+    a bytes prompt is fed as it is (the models read bytes, UTF-8 or not); `static` and `compile_step` as in
+    generate_ids."""
     device = next(model.parameters()).device
-    ids = encode(prompt) or [ord("\n")]
+    ids = (list(prompt) if isinstance(prompt, bytes) else encode(prompt)) or [ord("\n")]
     prompt_ids = torch.tensor([ids], device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for token in generate_ids(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, static, compile_step):
