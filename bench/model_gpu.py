@@ -209,8 +209,8 @@ HF_VARIANT = "Qwen2-MoE (transformers)"
 
 def hf_qwen2_moe(program, device):
     """transformers' Qwen2MoeForCausalLM at the lmoec model's shape (hidden, layers, heads, KV heads, vocab,
-    experts, top-k, expert width, RoPE theta, aux-loss weight), random init, bf16 weights for decoding is the
-    caller's: what a user would pick instead of lmoec. Qwen2-MoE always builds a gated shared expert; its width
+    experts, top-k, expert width, RoPE theta, aux-loss weight), random init, fp32 (the caller casts it for
+    decoding): what a user would pick instead of lmoec. Qwen2-MoE always builds a gated shared expert; its width
     is 0 here (the lmoec model has none), which leaves one [hidden -> 1] gate per layer."""
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
