@@ -142,6 +142,9 @@ def main() -> None:
     moe_loop.load_state_dict(moe.state_dict())
     variants["lmoec MoE, loop over segments"] = (moe_loop, None)
     variants["per-expert loop (Mixtral-style)"] = (moe, loop_peer)
+    if not args.smoke:  # what `lmoec train --compile` runs: the layer through inductor (routing, permutation fused)
+        compiled = torch.compile(moe, fullgraph=True)
+        variants["lmoec MoE, torch.compile"] = (moe, lambda layer, inp: compiled(inp))
     for name, (layer, fn) in variants.items():
         rows_m[name] = (timed(fwd(layer, fn), device, iters=args.iters), timed(fwd_bwd(layer, fn), device, iters=args.iters))
 
@@ -214,8 +217,10 @@ def main() -> None:
         f"Dense-equivalent matmul [{n * k} x {h}] @ [{h} x {f}]: {dense_ms:.3f} ms, {2 * n * k * h * f / dense_ms / 1e9:.0f} TFLOP/s.",
         "",
         f"**Targets.** Speed-up over the per-expert loop (fwd+bwd): **{loop / base:.2f}x** (target >= 4x). "
-        f"Layer / grouped GEMMs alone (fwd+bwd): **{base / gemm:.2f}x** (target <= 1.25x); "
-        f"forward only: {rows_m['lmoec MoE'][0] / rows_m['grouped GEMMs alone (lower bound)'][0]:.2f}x.",
+        f"Layer / grouped GEMMs alone (fwd+bwd): **{base / gemm:.2f}x** (issue 21: <= 1.15x); "
+        f"forward only: {rows_m['lmoec MoE'][0] / rows_m['grouped GEMMs alone (lower bound)'][0]:.2f}x (<= 1.3x)"
+        + ("".join(f"; compiled: {rows_m[c][1] / gemm:.2f}x, forward {rows_m[c][0] / rows_m['grouped GEMMs alone (lower bound)'][0]:.2f}x"
+                   for c in rows_m if c.endswith("torch.compile")) + "."),
         "",
         "Correctness on this device (bf16 grouped path vs the same layer in float64 on CPU; 600 tokens, hidden 256, "
         "16 experts, top-4); relative L2 errors:",
