@@ -1,6 +1,7 @@
 """A0.3B-2B end to end on one GPU: training eager vs torch.compile, decoding eager vs a CUDA graph (issue 21).
 
-    python bench/model_gpu.py --part train     # ~9 min on one H100: training, every variant, both modes
+    python bench/model_gpu.py --part train     # ~12 min on one H100: training, every variant, every mode
+    python bench/model_gpu.py --part train --modes compiled,compiled+recompute   # some modes
     python bench/model_gpu.py --part decode    # ~3 min: decoding
     python bench/model_gpu.py --part train --variants "GLA,Qwen2-MoE (transformers)"   # some variants
     python bench/model_gpu.py --smoke          # tiny shapes on CPU: checks the script, measures nothing
@@ -8,8 +9,8 @@
 training   GLA, Gated DeltaNet, the hybrid GLA LLLN stack and the attention baseline at A0.3B-2B (hidden 1024,
            12 layers, 64 experts of 896, top-8), 16K tokens per step at T = 2K x 8, 8K x 2, 16K x 1. One full
            `lmoec train` step (bf16 autocast, fp32 master weights, cross-entropy + MoE aux losses, backward,
-           clipping, the fused AdamW), eager and with `lmoec train --compile` (each block through torch.compile,
-           inductor). The comparison row: transformers' Qwen2MoeForCausalLM at the same shape (random init, eager,
+           clipping, the fused AdamW), eager, with `lmoec train --compile` (each block through torch.compile,
+           inductor) and with `--compile --recompute` (activation checkpointing per block). The comparison row: transformers' Qwen2MoeForCausalLM at the same shape (random init, eager,
            the same step). Cells: tokens/s, model TFLOP/s, MFU against the bf16 matmul ceiling measured in this
            process (8192^3), allocator peak. The FLOP count per token is written out in the results, and one step
            at 8K is profiled (kernel time vs wall time, top kernels). Checked in the same process: the compiled
@@ -149,10 +150,11 @@ def decode_floor_bytes(model, cache, batch: int) -> tuple[int, str]:
 
 
 def lmoec_trainee(program, device, mode):
-    """(model, loss(inputs, targets), flops(seq)) of an lmoec model; compiled: each block through torch.compile."""
+    """(model, loss(inputs, targets), flops(seq)) of an lmoec model; compiled: each block through torch.compile;
+    compiled+recompute: also activation checkpointing per block (`lmoec train --compile --recompute`)."""
     with torch.device(device):
         model = program.model()
-    step_loss = loss_function(model, compile=mode == "compiled")
+    step_loss = loss_function(model, compile=mode.startswith("compiled"), recompute=mode.endswith("+recompute"))
     return model, lambda inputs, targets: step_loss(inputs, targets)[1], lambda seq: flops_per_token(model, program, seq)
 
 
@@ -197,7 +199,7 @@ def bench_training(name, trainee, device, cfg, ceiling, rows, log, over_budget, 
             if device.type == "cuda" and seq == cfg["profile_seq"]:
                 row["profile"] = profile_step(lambda: step(inputs, targets), seconds)
             rows.append(row)
-            log(f"train  {name:16s} {mode:8s} T {seq:6d} x {batch:2d}: {tok_s:9,.0f} tok/s, {row['tflops']:6.1f} TFLOP/s, "
+            log(f"train  {name:16s} {mode:18s} T {seq:6d} x {batch:2d}: {tok_s:9,.0f} tok/s, {row['tflops']:6.1f} TFLOP/s, "
                 f"MFU {row['mfu']:.1%}, peak {fmt_gib(row['peak_gib'])}, first step {first:.1f} s, loss {first_loss:.4f}")
         del model, optimizer, step_loss
 
@@ -311,7 +313,7 @@ def profile_step(step, seconds: float) -> dict:
 
 
 def check_training(rows, cfg) -> list[str]:
-    """The compiled and eager first losses agree to bf16 rounding at each model's first shape, the one step both
+    """The compiled (and compiled+recompute) and eager first losses agree to bf16 rounding at each model's first shape, the one step both
     modes take from the same weights (same init, same batch); later shapes start from weights the two modes have
     trained apart for several steps, so their losses are not compared."""
     out = []
@@ -319,9 +321,9 @@ def check_training(rows, cfg) -> list[str]:
     eager = {(r["model"], r["seq"]): r["first_loss"] for r in rows if r["mode"] == "eager" and r["seq"] == first_seq}
     for r in rows:
         want = eager.get((r["model"], r["seq"]))
-        if r["mode"] == "compiled" and want is not None:
+        if r["mode"] != "eager" and want is not None:
             ok = abs(r["first_loss"] - want) <= 1e-2 * abs(want)
-            out.append(f"{'ok' if ok else 'MISMATCH'}: {r['model']} T {r['seq']} compiled first loss {r['first_loss']:.5f}"
+            out.append(f"{'ok' if ok else 'MISMATCH'}: {r['model']} T {r['seq']} {r['mode']} first loss {r['first_loss']:.5f}"
                        f" vs eager {want:.5f}")
     return out
 
@@ -447,7 +449,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("train", "decode", "all"), default="all")
     ap.add_argument("--variants", help=f"comma-separated, from {', '.join(TRAIN_VARIANTS)}")
-    ap.add_argument("--modes", default="eager,compiled", help="lmoec training modes to run (the HF row runs eager)")
+    ap.add_argument("--modes", default="eager,compiled,compiled+recompute",
+                    help="lmoec training modes to run (the HF row runs eager)")
     ap.add_argument("--budget", type=float, default=520, help="seconds; cases left when it runs out are skipped (logged)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (aot_eager instead of inductor)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -489,8 +492,9 @@ def main() -> int:
     log(" ".join(header))
     rows, checks = [], []
     modes = tuple(args.modes.split(","))
-    if set(modes) - {"eager", "compiled"}:
-        print(f"model_gpu.py: unknown mode in {args.modes!r}: choose from eager, compiled", file=sys.stderr)
+    if set(modes) - {"eager", "compiled", "compiled+recompute"}:
+        print(f"model_gpu.py: unknown mode in {args.modes!r}: choose from eager, compiled, compiled+recompute",
+              file=sys.stderr)
         return 2
     parts = ["train", "decode"] if args.part == "all" else [args.part]
 

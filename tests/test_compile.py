@@ -178,6 +178,52 @@ def test_compiled_training_loss_equals_eager(monkeypatch):
         assert ((g.float() - w.float()).norm() / w.float().norm()).item() < 1e-2, name
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_recompute_equals_storing_and_saves_only_block_inputs(monkeypatch, compile):
+    """lmoec train --recompute: the LN hybrid (GLA, attention, MoE with its aux losses, read after each block)
+    gives the loss and every gradient it gives without recompute: eager, bit for bit in float64 (the backward reruns
+    the same forward); compiled (bf16, the grouped-GEMM experts, as on CUDA), bit for bit what the compiled
+    blocks give without recompute, with no graph break. What the forward keeps for the backward shrinks to the
+    blocks' inputs plus what lies outside the blocks (embedding, final norm, LM head)."""
+    from lmoec.runtime import train
+    from lmoec.runtime.moe import MoE
+
+    monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    model = lmoec.compile_spec(SPECS / "models" / "tiny.lsm").model(layers=2, pattern="LN")
+    model = model.to(torch.bfloat16) if compile else model.double()
+    for m in model.modules():
+        if compile and isinstance(m, MoE):
+            m.grouped_backend = "grouped"
+    ids = torch.randint(0, 256, (2, 71))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def run(model, recompute):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ce, loss = train.loss_function(model, compile, recompute)(inputs, targets)
+        kept = sum(saved)
+        loss.backward()
+        assert dict(counters["graph_break"]) == {}
+        return kept, [ce.detach(), loss.detach()] + [p.grad for p in model.parameters()]
+
+    plain = copy.deepcopy(model)
+    kept, got = run(model, recompute=True)
+    kept_plain, want = run(plain, recompute=False)
+    assert got[1] != got[0]  # the aux losses are in the total
+    for (name, _), g, w in zip([("ce", 0), ("loss", 0), *model.named_parameters()], got, want):
+        assert w is not None and torch.count_nonzero(w) > 0, name
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+    assert kept < kept_plain / 3, (kept, kept_plain)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_swiglu_gradients_written_out(weighted):
     """The SwiGLU backward the compiled MoE traces equals autograd's (float64)."""

@@ -228,3 +228,15 @@ def test_parallel_flags_without_torchrun_fail_clearly(tmp_path, capsys, monkeypa
     path = write_specs(tmp_path)["hybrid"]
     assert main(["train", str(path), "--sp", "2", "--out", str(tmp_path / "run")]) == 2
     assert "torchrun --nproc-per-node" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["compile", "recompute"])
+def test_single_process_flags_are_refused_before_any_process_group(flag, tmp_path):
+    """--compile and --recompute are single-process: the distributed trainer says so before it starts anything."""
+    from lmoec.runtime.distributed import train_distributed
+    from lmoec.runtime.train import RunError
+
+    program = lmoec.compile_spec(write_specs(tmp_path)["hybrid"])
+    with pytest.raises(RunError, match=f"--{flag}: single-process training only"):
+        train_distributed(program.files, program.ir.name, TrainConfig(**{flag: True}), tmp_path / "run", None)
+    assert not (tmp_path / "run").exists()

@@ -46,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --resume: run the checkpoint's package even if it is not what this lmoec emits from its IR")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model and losses around the emitted ops (single process; the first steps compile)")
+    p.add_argument("--recompute", action="store_true", default=None,
+                   help="keep only each block's input and run its forward again in the backward (activation "
+                        "checkpointing): less memory for about one more forward")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
     p.add_argument("--dp", type=flags.positive_int, default=1, help="data-parallel degree (default: what is left of the world size after sp * ep)")

@@ -355,6 +355,8 @@ def train_distributed(
 
     if cfg.compile:  # LASP-2 and expert-parallel collectives are not traced yet
         raise RunError("--compile: single-process training only (drop --compile, or train without --sp/--ep/--dp)")
+    if cfg.recompute:  # a recomputed block would run its LASP-2 and expert-parallel collectives again: untested
+        raise RunError("--recompute: single-process training only (drop --recompute, or train without --sp/--ep/--dp)")
     dev = init_process_group(device)
     rank0 = dist.get_rank() == 0
     say = say if rank0 else (lambda message: None)

@@ -9,6 +9,7 @@ from outside (the model never knows about ranks).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from . import checkpoint as ckpt
 from .data import BYTE_VOCAB, DataError, TokenData, load_tokens, sample_batch
@@ -42,7 +44,7 @@ class TrainResult:
         return [r["eval_loss"] for r in self.records if "eval_loss" in r]
 
 
-RESUME_CAN_CHANGE = {"steps", "eval_every", "save_every", "compile"}
+RESUME_CAN_CHANGE = {"steps", "eval_every", "save_every", "compile", "recompute"}
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same graphs, forward and backward, without code generation
 
 
@@ -117,22 +119,35 @@ def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return ce, ce if aux is None else ce + aux.to(ce.dtype)
 
 
-def loss_function(model, compile: bool = False) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def loss_function(model, compile: bool = False, recompute: bool = False
+                  ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """lm_loss of `model` as a function of (inputs, targets). With compile, each block of the model goes
     through torch.compile (regional compilation: the blocks of one kind share one compiled graph, so a deep
     stack compiles in the time of one block): norms, gates, projections, routing and the SwiGLU experts fuse
     around the emitted ops, which enter the graph as their registered custom ops (lmoec.runtime.library).
-    A model without `blocks` is compiled whole."""
+    A model without `blocks` is compiled whole.
+
+    With recompute, each block keeps only its input for the backward and runs its forward again there
+    (activation checkpointing, non-reentrant): a block's activations (the MoE's routed rows above all) then
+    exist for one block at a time, for about one more forward of compute. The checkpoint stays outside the
+    compiled graph, so the blocks compile as without it and their side outputs (the MoE's aux losses, read
+    after the block) keep their gradients."""
     def loss(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return lm_loss(model, inputs, targets)
 
-    if not compile:
-        return loss
     blocks = getattr(model, "blocks", None)
+    if recompute and blocks is None:
+        raise ValueError("recompute needs a model made of blocks (an emitted CausalLM)")
+    if not compile and not recompute:
+        return loss
     if blocks is None:
         return torch.compile(loss, backend=COMPILE_BACKEND)
     for block in blocks:
-        block.compile(backend=COMPILE_BACKEND)
+        if not recompute:
+            block.compile(backend=COMPILE_BACKEND)
+            continue
+        forward = torch.compile(block.forward, backend=COMPILE_BACKEND) if compile else block.forward
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
     return loss
 
 
@@ -270,7 +285,7 @@ def train(
     dev = pick_device(device)
     model.to(dev).train()
     optimizer = make_optimizer(model, cfg)
-    step_loss = loss_function(model, cfg.compile)
+    step_loss = loss_function(model, cfg.compile, cfg.recompute)
     records: list[dict] = []
     start = 0
     if state is not None:

@@ -26,6 +26,7 @@ class TrainConfig:
     seed: int = 0
     data: Optional[str] = None  # None: the Python standard library's sources
     compile: bool = False  # torch.compile the loss (model, LM head, losses) around the emitted ops
+    recompute: bool = False  # activation checkpointing: each block's forward runs again in the backward
 
     def lr_at(self, step: int) -> float:
         """Linear warmup over `warmup` steps, then cosine to lr * min_lr_ratio at `steps`."""
