@@ -5,7 +5,8 @@
 # the current defaults (see bench/results/issue22.md, "Run 13"):
 #  1. check Gated DeltaNet and GLA at their defaults (T = 2085, packed, K = V = 64, K = 128 / V = 256);
 #  2. against fla in one process: Gated DeltaNet and GLA at 8K, small heads, packed and V = 256; DeltaNet, RWKV6,
-#     GLA and Gated DeltaNet at one 64K sequence; RWKV7 and SDPA at 32K.
+#     GLA and Gated DeltaNet at one 64K sequence; RWKV7 and SDPA at 32K;
+#  3. what limits the cells below 1.5x: Gated DeltaNet's and GLA's forward kernel by kernel against fla's (8K, packed).
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
@@ -21,6 +22,8 @@ step bench; timeout $(left 420) $F bench --no-sdpa --families gated_deltanet,gla
   --out $OUT/b > /dev/null 2>&1
 step bench2; timeout $(left $B) $F bench --families deltanet,rwkv6,gla,gated_deltanet,rwkv7 --shapes 64K,32K \
   --out $OUT/l > /dev/null 2>&1
+step profile; timeout $(left $B) $F profile --profile-fwd --families gated_deltanet,gla --profile-shapes 8K,varlen \
+  --out $OUT/p > /dev/null 2>&1
 step done
-for d in c b l; do echo "#### $d"; grep "^| \|^###\|speedup" $OUT/$d/families.md 2>/dev/null | cut -c1-260; done
+for d in c b l p; do echo "#### $d"; grep "^| \|^###\|speedup" $OUT/$d/families.md 2>/dev/null | cut -c1-260; done
 tail -3 $OUT/warm.txt $OUT/warm2.txt
