@@ -33,6 +33,7 @@ import datetime
 import gc
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -331,11 +332,31 @@ def check_training(rows, cfg) -> list[str]:
 # ---- decoding ----------------------------------------------------------------------------------------------
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def cache_in(cache: list, dtype: torch.dtype) -> list:
+    """A copy of a prefill's cache in `dtype` (KV caches and recurrent states), for the float32 reference step."""
+    out = []
+    for entry in cache:
+        if isinstance(entry, KVCache):
+            out.append(KVCache(entry.k.to(dtype), entry.v.to(dtype), entry.next_pos, entry.length, window=entry.window))
+        elif isinstance(entry, dict):
+            out.append({k: t.to(dtype) if t.is_floating_point() else t.clone() for k, t in entry.items()})
+        else:
+            out.append(entry)
+    return out
+
+
 @torch.no_grad()
 def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
     torch.manual_seed(0)
     with torch.device(device):
         model = program.model().to(torch.bfloat16).eval()
+        # the reference of the checks: the same (bf16-rounded) weights in float32
+        reference = program.model().eval()
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     if device.type != "cuda":  # the smoke run: the grouped experts CUDA takes in bf16 (the float loop syncs)
         for m in model.modules():
             if isinstance(m, MoE):
@@ -350,6 +371,8 @@ def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
             eager = median_seconds(lambda: model(token[:, None], cache=cache, use_cache=True), device, 3,
                                    cfg["decode_iters"])
             want = model(token[:, None], cache=cache, use_cache=True)[0][:, -1].float()
+            exact = reference(token[:, None], cache=cache_in(cache, torch.float32), use_cache=True)[0][:, -1]
+            eager_error = relative_error(want, exact)
             row = dict(part="decode", model=name, batch=batch, context=context, eager_ms=eager * 1e3, graph_ms=None,
                        floor_ms=floor_bytes / bandwidth * 1e3, floor_bytes=floor_bytes, floor_count=how)
             try:
@@ -365,10 +388,12 @@ def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
                 # the same step compiled (fused kernels) before the capture
                 compiled = StaticDecoder(model, cache, position=context, steps=1 + 3 + cfg["decode_iters"],
                                          compile_backend=train_runtime.COMPILE_BACKEND)
-                got = compiled.step(token).float()
-                error = ((got - want).norm() / want.norm()).item()
-                checks.append(f"{'ok' if error < 1e-2 else 'MISMATCH'}: {name} batch {batch} context {context}: compiled "
-                              f"static step logits vs eager, relative error {error:.2e}")
+                # inductor rounds to bf16 at other places than eager's op-by-op bf16 does, so it is held to eager's own
+                # distance from the float32 step, not to eager's logits
+                error = relative_error(compiled.step(token).float(), exact)
+                ok = error <= 1.25 * eager_error + 1e-3
+                checks.append(f"{'ok' if ok else 'MISMATCH'}: {name} batch {batch} context {context}: compiled static "
+                              f"step logits vs float32, relative error {error:.2e} (eager bf16 {eager_error:.2e})")
                 row["compiled_graph_ms"] = median_seconds(lambda: compiled.step(token), device, 3, cfg["decode_iters"]) * 1e3
                 del compiled
                 if device.type == "cuda":
@@ -391,7 +416,7 @@ def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
             log(f"decode {name:16s} batch {batch:2d} context {context:6d}: eager {row['eager_ms']:.2f} ms, static/graph "
                 f"{graph}, compiled {compiled_graph}, floor {row['floor_ms']:.3f} ms ({how})")
             del cache
-    del model
+    del model, reference
 
 
 # ---- output ------------------------------------------------------------------------------------------------
@@ -528,7 +553,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, checks, header)
-    tag = args.part + ("-" + "+".join(v.replace(" ", "_") for v in wanted) if wanted else "")
+    # letters, digits, "_" and "-" only: the device tool does not bring back files with other characters (run 15)
+    tag = re.sub(r"[^A-Za-z0-9_-]+", "_", args.part + ("-" + "-".join(wanted) if wanted else ""))
     (out / f"model_gpu_{tag}.md").write_text(text)
     (out / f"model_gpu_{tag}.json").write_text(json.dumps({"rows": rows, "checks": checks, "log": log_lines}, indent=1))
     print(text)
