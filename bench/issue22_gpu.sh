@@ -1,29 +1,32 @@
 #!/usr/bin/env bash
-# Issue 22, one GPU call (~9.5 minutes), most wanted first (a call cut short keeps what it measured). fla compiles its
-# kernels for minutes per shape, so bench/fla_warm.py compiles them in the background while the foreground checks
-# (untimed); every timing runs on an otherwise idle GPU. The rows are the cells no same-process run has measured at
-# the current defaults (see bench/results/issue22.md, "Run 13"):
-#  1. check Gated DeltaNet and GLA at their defaults (T = 2085, packed, K = V = 64, K = 128 / V = 256);
-#  2. against fla in one process: Gated DeltaNet and GLA at 8K, small heads, packed and V = 256; DeltaNet, RWKV6,
-#     GLA and Gated DeltaNet at one 64K sequence; RWKV7 and SDPA at 32K;
+# Issue 22, one GPU call (~9.5 minutes), most wanted first (a call cut short keeps what it measured). fla compiles and
+# autotunes its kernels for 1-2 minutes per (op, shape) in one process (run 15: two warm-up processes compiled two
+# cells in 300 s), so bench/fla_warm.py compiles each cell in a process of its own, all at once, while the
+# foreground checks (untimed); every timing runs on an otherwise idle GPU. The rows are the cells no same-process
+# run has measured at the current defaults (bench/results/issue22.md, "Run 15"):
+#  1. check RWKV7 and DeltaNet at their defaults (T = 2085, packed, K = V = 64, K = 128 / V = 256);
+#  2. against fla in one process: Gated DeltaNet at small heads, packed and V = 256; GLA at 8K and V = 256;
+#     GLA, Gated DeltaNet and RWKV7 at one 64K sequence; every family and SDPA at 32K;
 #  3. what limits the cells below 1.5x: Gated DeltaNet's and GLA's forward kernel by kernel against fla's (8K, packed).
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
-FLA_CACHE_RESULTS=0 timeout $(left 300) python3 bench/fla_warm.py --families gated_deltanet,gla \
-  --shapes 8K,heads64,varlen,V256 > $OUT/warm.txt 2>&1 &
-FLA_CACHE_RESULTS=0 timeout $(left 300) python3 bench/fla_warm.py --families deltanet,rwkv6,gla,gated_deltanet,rwkv7 \
-  --shapes 64K,32K > $OUT/warm2.txt 2>&1 &
-step check; timeout $(left 240) $F check --families gated_deltanet,gla --cases "default,varlen [,K=V=64,K=128, V=256" \
+CELLS="gated_deltanet:heads64 gated_deltanet:varlen gated_deltanet:V256 gla:8K gla:V256 gla:64K gated_deltanet:64K
+rwkv7:64K deltanet:32K rwkv6:32K gla:32K gated_deltanet:32K rwkv7:32K gated_deltanet:8K"
+for cell in $CELLS; do
+  FLA_CACHE_RESULTS=0 timeout $(left 330) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
+    > $OUT/warm_${cell/:/_}.txt 2>&1 &
+done
+step check; timeout $(left 200) $F check --families rwkv7,deltanet --cases "default,varlen [,K=V=64,K=128, V=256" \
   --out $OUT/c > /dev/null 2>&1
 grep "FAIL\|ALL PASS" $OUT/c/families.md | cut -c1-300
 wait
-step bench; timeout $(left 420) $F bench --no-sdpa --families gated_deltanet,gla --shapes 8K,heads64,varlen,V256 \
+step bench; timeout $(left 420) $F bench --no-sdpa --families gated_deltanet,gla --shapes heads64,varlen,V256,8K \
   --out $OUT/b > /dev/null 2>&1
-step bench2; timeout $(left $B) $F bench --families deltanet,rwkv6,gla,gated_deltanet,rwkv7 --shapes 64K,32K \
+step bench2; timeout $(left $B) $F bench --families gla,gated_deltanet,rwkv7,deltanet,rwkv6 --shapes 64K,32K \
   --out $OUT/l > /dev/null 2>&1
 step profile; timeout $(left $B) $F profile --profile-fwd --families gated_deltanet,gla --profile-shapes 8K,varlen \
   --out $OUT/p > /dev/null 2>&1
 step done
 for d in c b l p; do echo "#### $d"; grep "^| \|^###\|speedup" $OUT/$d/families.md 2>/dev/null | cut -c1-260; done
-tail -3 $OUT/warm.txt $OUT/warm2.txt
+tail -qn1 $OUT/warm_*.txt
