@@ -97,18 +97,43 @@ def test_swiglu_experts_match_plain_autograd_exactly(backend, autocast):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_linear_cross_entropy_in_chunks(monkeypatch):
+@pytest.mark.parametrize("needs", ["both", "x", "weight"])
+def test_linear_cross_entropy_in_chunks(monkeypatch, needs):
+    """Loss and gradients equal the whole-logits cross-entropy's, with an ignored target, a chunk that is not full,
+    an incoming gradient other than 1, either input alone needing a gradient, and under no_grad (loss only)."""
     monkeypatch.setattr(rc, "LOSS_CHUNK_BYTES", 4 * 50 * 7)  # 7 rows of a 50-word vocabulary per chunk
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(30, 16, generator=gen, requires_grad=True)
-    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    x = torch.randn(30, 16, generator=gen, requires_grad=needs in ("both", "x"))
+    weight = torch.randn(50, 16, generator=gen, requires_grad=needs in ("both", "weight"))
     targets = torch.randint(0, 50, (30,), generator=gen)
     targets[3] = -100  # ignored, as F.cross_entropy ignores it
     loss = rc.linear_cross_entropy(x, weight, targets)
     want = F.cross_entropy(F.linear(x, weight), targets)
     torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-6)
-    for got, expected in zip(torch.autograd.grad(loss, [x, weight]), torch.autograd.grad(want, [x, weight])):
+    leaves = [t for t in (x, weight) if t.requires_grad]
+    for got, expected in zip(torch.autograd.grad(2.5 * loss, leaves), torch.autograd.grad(2.5 * want, leaves)):
+        assert torch.count_nonzero(expected) > 0
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(rc.linear_cross_entropy(x, weight, targets), want.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_cross_entropy_under_autocast(monkeypatch):
+    """bf16 autocast: the logits as F.linear under autocast makes them, the loss in float32, and gradients within
+    bf16's rounding of the whole-logits path's."""
+    monkeypatch.setattr(rc, "LOSS_CHUNK_BYTES", 4 * 50 * 7)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(50, 16, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (30,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = rc.linear_cross_entropy(x, weight, targets)
+        want = F.cross_entropy(F.linear(x, weight).float(), targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    for got, expected in zip(torch.autograd.grad(loss, [x, weight]), torch.autograd.grad(want, [x, weight])):
+        assert got.dtype == expected.dtype == torch.float32
+        assert ((got - expected).norm() / expected.norm()).item() < 1e-2
 
 
 def saved_per_token(model, loss_fn=lm_loss):
@@ -150,6 +175,8 @@ def test_moe_and_loss_save_less_by_shapes():
     moe_bound = 4 * (HIDDEN + 3 * EXPERTS + slots * (HIDDEN + 2 * FFN + 1)) + 8 * 4 * slots + 16 * EXPERTS / T
     assert new["MoE FFN"] <= moe_bound, (new["MoE FFN"], moe_bound)
     assert plain["MoE FFN"] >= new["MoE FFN"] + 4 * slots * FFN  # the SwiGLU output, at least
-    # loss: the final norm's input and output and the hidden states; never a [tokens, vocab] tensor
-    assert new["final norm + LM head + loss"] <= 4 * 4 * HIDDEN
+    # loss: the final norm's input and output, the hidden states' gradient, and the head weight's gradient that
+    # linear_cross_entropy forms in the forward (its size does not grow with T: here VOCAB * HIDDEN / T a token);
+    # never a [tokens, vocab] tensor (4 * VOCAB a token, more than the bound)
+    assert new["final norm + LM head + loss"] <= 4 * 4 * HIDDEN + 4 * VOCAB * HIDDEN / T < 4 * VOCAB
     assert plain["final norm + LM head + loss"] >= 4 * VOCAB

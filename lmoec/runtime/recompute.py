@@ -8,7 +8,7 @@ of the plain path. Unlike torch.utils.checkpoint, the inputs are saved with save
 saved-tensor hooks (lmoec.memory) see them.
 
 `linear_cross_entropy(x, weight, targets)` is cross_entropy(x @ weight.T, targets) over rows of at
-most LOSS_CHUNK_BYTES of float32 logits at a time; the backward makes each chunk's logits again. With a
+most LOSS_CHUNK_BYTES of float32 logits at a time, with the gradients formed in the same pass. With a
 50K vocabulary the float32 logits, their log-softmax and their gradient would each take 200 KB a token.
 """
 from __future__ import annotations
@@ -75,37 +75,46 @@ def autocast_input(x: torch.Tensor) -> torch.Tensor:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of x @ weight.T, and with `grads` its gradients as well, in one pass over the
+    chunks: d(mean CE)/d logits = (softmax - onehot) / count is known as soon as a chunk's log-softmax is, so
+    the forward makes dx and dw there and the backward only scales them by the incoming gradient (1 in
+    training: exact). Against making each chunk's logits again in the backward, that saves one head GEMM and
+    one softmax pass per chunk, and keeps one head-weight-sized gradient from the forward to the backward."""
+
     @staticmethod
-    def forward(ctx, x, weight, targets, rows, dtype):
-        ctx.save_for_backward(x, weight, targets)
-        ctx.rows, ctx.dtype = rows, dtype
+    def forward(ctx, x, weight, targets, rows, dtype, grads):
         w = weight.to(dtype)
-        total = x.new_zeros((), dtype=torch.promote_types(dtype, torch.float32))
+        loss_dtype = torch.promote_types(dtype, torch.float32)
+        total = x.new_zeros((), dtype=loss_dtype)
+        kept_all = targets != -100
+        scale = 1 / kept_all.sum().clamp(min=1).to(loss_dtype)
+        dx = torch.empty_like(x) if grads and ctx.needs_input_grad[0] else None  # x is in `dtype` already
+        dw = torch.zeros_like(weight) if grads and ctx.needs_input_grad[1] else None
         for start in range(0, x.shape[0], rows):
-            logits = F.linear(x[start : start + rows], w).to(total.dtype)
-            total += F.cross_entropy(logits, targets[start : start + rows], reduction="sum")
-        return total
+            xc, tc = x[start : start + rows], targets[start : start + rows]
+            logits = F.linear(xc, w).to(loss_dtype)
+            if dx is None and dw is None:
+                total += F.cross_entropy(logits, tc, reduction="sum")
+                continue
+            kept = kept_all[start : start + rows]
+            logp = torch.log_softmax(logits, -1)
+            picked = tc.clamp(min=0)[:, None]
+            total -= (logp.gather(1, picked).squeeze(1) * kept).sum()
+            # softmax - onehot on kept rows, zero on ignored ones (-100), divided by the kept count
+            dlogits = logp.exp_().scatter_add_(1, picked, -kept[:, None].to(loss_dtype))
+            dlogits = (dlogits * (kept[:, None] * scale)).to(dtype)
+            if dx is not None:
+                dx[start : start + rows] = dlogits @ w
+            if dw is not None:
+                dw += dlogits.t() @ xc
+        ctx.save_for_backward(dx, dw)
+        return total * scale
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, targets = ctx.saved_tensors
-        dtype = ctx.dtype
-        w = weight.to(dtype)
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None  # x is in `dtype` already
-        dw = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        for start in range(0, x.shape[0], ctx.rows):
-            xc, tc = x[start : start + ctx.rows], targets[start : start + ctx.rows]
-            logits = F.linear(xc, w).to(grad.dtype)
-            # d(sum of cross-entropies)/d logits = softmax - onehot; ignored targets (-100) give zero rows
-            dlogits = torch.softmax(logits, -1)
-            kept = tc != -100
-            dlogits.scatter_add_(1, tc.clamp(min=0)[:, None], -kept[:, None].to(dlogits.dtype))
-            dlogits = (dlogits * kept[:, None] * grad).to(dtype)
-            if dx is not None:
-                dx[start : start + ctx.rows] = dlogits @ w
-            if dw is not None:
-                dw += dlogits.t() @ xc
-        return dx, dw, None, None, None
+        dx, dw = ctx.saved_tensors
+        return (None if dx is None else dx * grad.to(dx.dtype), None if dw is None else dw * grad.to(dw.dtype),
+                None, None, None, None)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,5 +127,5 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.promote_types(x.dtype, weight.dtype)
     rows = max(1, LOSS_CHUNK_BYTES // (4 * weight.shape[0]))
-    total = _LinearCrossEntropy.apply(x.to(dtype), weight, targets, rows, dtype)  # x kept in the dtype the head reads
-    return total / (targets != -100).sum().clamp(min=1)
+    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # none for evaluation
+    return _LinearCrossEntropy.apply(x.to(dtype), weight, targets, rows, dtype, grads)
