@@ -21,9 +21,9 @@ step check; timeout $(left 200) $F check --families rwkv7,deltanet --cases "defa
   --out $OUT/c > /dev/null 2>&1
 grep "FAIL\|ALL PASS" $OUT/c/families.md | cut -c1-300
 wait
-step bench; timeout $(left 420) $F bench --no-sdpa --families gated_deltanet,gla --shapes heads64,varlen,V256,8K \
+step bench; timeout $(left 360) $F bench --no-sdpa --families gated_deltanet,gla --shapes heads64,varlen,V256,8K \
   --out $OUT/b > /dev/null 2>&1
-step bench2; timeout $(left $B) $F bench --families gla,gated_deltanet,rwkv7,deltanet,rwkv6 --shapes 64K,32K \
+step bench2; timeout $(left $(( B - 70 ))) $F bench --families gla,gated_deltanet,rwkv7,deltanet,rwkv6 --shapes 64K,32K \
   --out $OUT/l > /dev/null 2>&1
 step profile; timeout $(left $B) $F profile --profile-fwd --families gated_deltanet,gla --profile-shapes 8K,varlen \
   --out $OUT/p > /dev/null 2>&1
