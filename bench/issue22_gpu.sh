@@ -12,7 +12,7 @@ B=${BUDGET:-560}
 . bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
 CELLS="gated_deltanet:heads64 gated_deltanet:varlen gated_deltanet:V256 gla:8K gla:V256 gla:64K gated_deltanet:64K
-rwkv7:64K deltanet:32K rwkv6:32K gla:32K gated_deltanet:32K rwkv7:32K gated_deltanet:8K"
+rwkv7:64K deltanet:32K rwkv6:32K gla:32K gated_deltanet:32K rwkv7:32K gated_deltanet:8K gla:varlen"
 for cell in $CELLS; do
   FLA_CACHE_RESULTS=0 timeout $(left 330) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
     > $OUT/warm_${cell/:/_}.txt 2>&1 &
