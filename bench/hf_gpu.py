@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import lmoec  # noqa: E402,F401  (registers the HF classes)
 from lmoec.linearize import linearize  # noqa: E402
-from lmoec.runtime.generate import cache_nbytes, generate_ids  # noqa: E402
+from lmoec.trainer.generate import cache_nbytes, generate_ids  # noqa: E402
 
 DEV = "cuda"
 

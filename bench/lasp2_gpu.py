@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from lmoec import compile_spec
 from lmoec.program import compile_ir
-from lmoec.runtime.distributed import shutdown_process_group
-from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
-from lmoec.runtime.parallelize import apply_sequence_parallel, shard_sequence
+from lmoec.trainer.distributed import shutdown_process_group
+from lmoec.trainer.lasp2 import lasp2_op, lasp2h_attention
+from lmoec.trainer.parallelize import apply_sequence_parallel, shard_sequence
 
 SPEC = "specs/models/a0.3b-2b-hybrid.lsm"
 

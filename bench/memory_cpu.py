@@ -1,7 +1,7 @@
 """Where the activation memory of an A0.3B-2B training step goes, counted on CPU (issue #6).
 
 For each pure stack of bench/model_gpu.py (GLA, Gated DeltaNet, BLA; attention baseline) a one-layer
-model at the A0.3B-2B widths runs the forward and loss of one training step (lmoec.runtime.train.lm_loss)
+model at the A0.3B-2B widths runs the forward and loss of one training step (lmoec.trainer.train.lm_loss)
 under bf16 autocast with CUDA's float32 ops (lmoec.memory.cuda_like_autocast), at two short lengths;
 lmoec.memory.count_saved counts the bytes autograd saves per component. Bytes linear in the tokens give
 the per-token column, the rest (autocast copies of weights) the fixed one; the step total scales per-layer
@@ -22,7 +22,7 @@ import torch
 
 from lmoec.bench import load_base, program_for
 from lmoec.memory import count_saved, cuda_like_autocast
-from lmoec.runtime.train import lm_loss
+from lmoec.trainer.train import lm_loss
 
 STACKS = {"GLA": "gla", "Gated DeltaNet": "gated_deltanet", "BLA": "bla", "attention baseline": None}
 ROWS = ("LSM layer", "attention layer", "MoE FFN", "norms (2 per layer)", "final norm + LM head + loss", "embedding")

@@ -42,11 +42,11 @@ from pathlib import Path
 import torch
 
 from lmoec.bench import device_name, fmt_gib, load_base, long_cache, model_variants, program_for, versions
-from lmoec.runtime import train as train_runtime
 from lmoec.runtime.attention import Attention, KVCache
-from lmoec.runtime.generate import StaticDecoder
 from lmoec.runtime.moe import MoE
-from lmoec.runtime.train import TrainConfig, autocast_for, loss_function, make_optimizer
+from lmoec.trainer import train as train_runtime
+from lmoec.trainer.generate import StaticDecoder
+from lmoec.trainer.train import TrainConfig, autocast_for, loss_function, make_optimizer
 
 TRAIN_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "attention baseline", "Qwen2-MoE (transformers)"]
 DECODE_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "Qwen2-MoE (transformers)"]

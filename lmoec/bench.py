@@ -37,8 +37,8 @@ from .ir.nodes import SpecIR
 from .paths import SPECS
 from .program import Program, compile_ir
 from .runtime.attention import KVCache
-from .runtime.generate import cache_nbytes
-from .runtime.train import TrainConfig, autocast_for, lm_loss, make_optimizer, pick_device
+from .trainer.generate import cache_nbytes
+from .trainer.train import TrainConfig, autocast_for, lm_loss, make_optimizer, pick_device
 
 FIGURES = ("train", "decode", "kernels")
 PRETTY = {"bla": "BLA", "gla": "GLA", "gated_deltanet": "Gated DeltaNet", "retnet": "RetNet", "deltanet": "DeltaNet",

@@ -106,7 +106,7 @@ def load_base(folder: Path):
 def token_data(tokenizer, config: FinetuneConfig, vocab: int):
     """(train, held-out) token tensors: the corpus as bytes, or through the tokenizer (only as much text as the
     run reads, so a large corpus is not tokenized whole)."""
-    from .runtime.data import load_tokens
+    from .trainer.data import load_tokens
 
     data = load_tokens(config.data, config.seq_len)
     if tokenizer is None:
@@ -129,7 +129,7 @@ def token_data(tokenizer, config: FinetuneConfig, vocab: int):
 @torch.no_grad()
 def held_out_loss(model, tokens: torch.Tensor, config: FinetuneConfig) -> float:
     """Mean next-token loss over `eval_batches` fixed windows of the held-out tokens."""
-    from .runtime.data import sample_batch
+    from .trainer.data import sample_batch
 
     was_training = model.training
     model.eval()
@@ -145,7 +145,7 @@ def finetune(folder: str | Path, out: str | Path, config: FinetuneConfig,
     from peft import LoraConfig, get_peft_model
 
     from .cli.export import new_folder, publish
-    from .runtime.data import sample_batch
+    from .trainer.data import sample_batch
 
     folder, out = Path(folder), Path(out)
     model, tokenizer, notes = load_base(folder)

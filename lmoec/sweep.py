@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import compile_spec
-from .runtime.train import TrainConfig, autocast_for, make_optimizer, pick_device, train
+from .trainer.train import TrainConfig, autocast_for, make_optimizer, pick_device, train
 from .tasks.mqar import IGNORE, MQARConfig, mqar_batch, recall_accuracy
 from .variants import load_manifest
 

@@ -1,7 +1,7 @@
 """`torchrun --nproc-per-node N -m lmoec.train SPEC --sp 2 --ep 2 ...`: distributed `lmoec train`.
 
 The same flags as `lmoec train` (plus --dp / --sp / --ep); each rank runs this module and
-lmoec.runtime.distributed lays the ranks out as a (dp, sp, ep) mesh. Run without torchrun it
+lmoec.trainer.distributed lays the ranks out as a (dp, sp, ep) mesh. Run without torchrun it
 trains on one process, exactly as `lmoec train`.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Optional
 
 from .cli import Parser
 from .cli import train as train_cli
-from .runtime.distributed import shutdown_process_group
+from .trainer.distributed import shutdown_process_group
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lmoec.runtime.distributed import shutdown_process_group
+from lmoec.trainer.distributed import shutdown_process_group
 
 Record = Callable[..., None]
 

@@ -18,7 +18,7 @@ from lmoec.bench import program_for
 from lmoec.memory import count_saved
 from lmoec.runtime import moe as moe_mod
 from lmoec.runtime import recompute as rc
-from lmoec.runtime.train import lm_loss
+from lmoec.trainer.train import lm_loss
 
 HIDDEN, HEADS, VOCAB, EXPERTS, TOP_K, FFN = 64, 2, 4096, 4, 2, 32
 T = 128

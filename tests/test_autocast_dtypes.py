@@ -1,6 +1,6 @@
 """bf16 autocast training of every LSM in specs/lsm: the layer hands its op q, k, v in one dtype.
 
-CUDA training runs under bf16 autocast (lmoec.runtime.train.autocast_for): linears and convs run in bf16,
+CUDA training runs under bf16 autocast (lmoec.trainer.train.autocast_for): linears and convs run in bf16,
 while rsqrt, sum, exp, log, softplus run in fp32, so an L2-normalized q/k (Gated DeltaNet, DeltaNet, RWKV7)
 left the feature map in fp32 while v came from a bf16 linear, and the op contract refused them. CPU autocast
 casts linears and convs alike but keeps rsqrt & co. in the input dtype; the `cuda_like` variant makes those
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lmoec.ir.nodes import AttentionSpec, DenseFFNSpec, ModelSpec, SpecIR
 from lmoec.paths import SPECS
 from lmoec.program import compile_ir, compile_spec
-from lmoec.runtime.train import lm_loss
+from lmoec.trainer.train import lm_loss
 
 LSM_SPECS = sorted(p.stem for p in (SPECS / "lsm").glob("*.lsm"))
 

@@ -148,7 +148,7 @@ def test_compiled_training_loss_equals_eager(monkeypatch):
     compiled with no graph break, in bf16 with the grouped-GEMM experts, as on CUDA; loss and gradients as eager
     (the compiled SwiGLU backward computes in fp32, eager autograd in bf16: gradients within the 1e-2 relative
     error DESIGN.md allows bf16; test_swiglu_gradients_written_out checks those formulas exactly)."""
-    from lmoec.runtime import train
+    from lmoec.trainer import train
     from lmoec.runtime.moe import MoE
 
     monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")
@@ -185,7 +185,7 @@ def test_recompute_equals_storing_and_saves_only_block_inputs(monkeypatch, compi
     the same forward); compiled (bf16, the grouped-GEMM experts, as on CUDA), bit for bit what the compiled
     blocks give without recompute, with no graph break. What the forward keeps for the backward shrinks to the
     blocks' inputs plus what lies outside the blocks (embedding, final norm, LM head)."""
-    from lmoec.runtime import train
+    from lmoec.trainer import train
     from lmoec.runtime.moe import MoE
 
     monkeypatch.setattr(train, "COMPILE_BACKEND", "aot_eager")

@@ -4,7 +4,7 @@ One spawned run per world size checks every case (spawn is slow); each rank writ
 a JSON file and the tests below read them, one test per case. Gradient cases are float64: every
 rank builds the model from one seed, computes the single-process loss, gradients and clipped
 gradients on the whole global batch as the oracle, then the same step under the layout
-(lmoec.runtime.distributed.forward_backward + clip_grad_norm). The total loss (cross-entropy plus the
+(lmoec.trainer.distributed.forward_backward + clip_grad_norm). The total loss (cross-entropy plus the
 MoE balancing losses, made global by `parallelize`) and every gradient must match: replicated ones
 whole, expert shards against their slice. The resume case trains in float32 through
 `train_distributed`, interrupted and resumed from its distributed checkpoint, against an
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 import lmoec
 from lmoec.ir.nodes import ParallelSpec
 from lmoec.paths import SPECS
-from lmoec.runtime import checkpoint as ckpt
-from lmoec.runtime.distributed import build_layout, clip_grad_norm, forward_backward, parallelize, train_distributed
-from lmoec.runtime.train import TrainConfig, train
+from lmoec.trainer import checkpoint as ckpt
+from lmoec.trainer.distributed import build_layout, clip_grad_norm, forward_backward, parallelize, train_distributed
+from lmoec.trainer.train import TrainConfig, train
 from ranks import recording_rank, run_ranks
 
 # pure: Gated DeltaNet (delta + scalar decay, width-4 short convolutions) in both layers;
@@ -233,8 +233,8 @@ def test_parallel_flags_without_torchrun_fail_clearly(tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("flag", ["compile", "recompute"])
 def test_single_process_flags_are_refused_before_any_process_group(flag, tmp_path):
     """--compile and --recompute are single-process: the distributed trainer says so before it starts anything."""
-    from lmoec.runtime.distributed import train_distributed
-    from lmoec.runtime.train import RunError
+    from lmoec.trainer.distributed import train_distributed
+    from lmoec.trainer.train import RunError
 
     program = lmoec.compile_spec(write_specs(tmp_path)["hybrid"])
     with pytest.raises(RunError, match=f"--{flag}: single-process training only"):

@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lmoec.runtime.distributed import shutdown_process_group
-from lmoec.runtime.expert_parallel import shard_experts
 from lmoec.runtime.moe import MoE
+from lmoec.trainer.distributed import shutdown_process_group
+from lmoec.trainer.expert_parallel import shard_experts
 from ranks import free_port
 
 HIDDEN, FFN, EXPERTS, TOKENS = 8, 6, 8, 24

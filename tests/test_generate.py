@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from lmoec.cli import generate as generate_cli
-from lmoec.runtime import checkpoint as ckpt
-from lmoec.runtime.generate import cache_nbytes, generate_ids, load_model, sample_next
-from lmoec.runtime.train import TrainConfig, train
+from lmoec.trainer import checkpoint as ckpt
+from lmoec.trainer.generate import cache_nbytes, generate_ids, load_model, sample_next
+from lmoec.trainer.train import TrainConfig, train
 from test_model import tiny_program
 from test_train import QUIET, run_cli
 

@@ -15,8 +15,8 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
 from lmoec.cli import export as export_cli  # noqa: E402
-from lmoec.runtime import checkpoint as ckpt  # noqa: E402
-from lmoec.runtime.generate import generate_ids  # noqa: E402
+from lmoec.trainer import checkpoint as ckpt  # noqa: E402
+from lmoec.trainer.generate import generate_ids  # noqa: E402
 from test_model import tiny_program  # noqa: E402
 from test_train import run_cli  # noqa: E402
 

@@ -1,6 +1,6 @@
 """No host sync in the decode step (what a CUDA graph needs), none in the Triton kernels' forward and backward for a
 batch of equal-length sequences, and the op contract reads cu_seqlens back once per tensor: counted on CPU with
-lmoec.runtime.syncs.HostSyncs."""
+lmoec.trainer.syncs.HostSyncs."""
 import json
 import sys
 
@@ -10,7 +10,7 @@ import torch
 import lmoec
 from lmoec.paths import SPECS
 from lmoec.runtime.moe import MoE
-from lmoec.runtime.syncs import HostSyncs
+from lmoec.trainer.syncs import HostSyncs
 
 LSM_SPECS = sorted((SPECS / "lsm").glob("*.lsm"))
 

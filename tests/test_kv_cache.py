@@ -15,7 +15,7 @@ from lmoec.bench import long_cache
 from lmoec.ir.nodes import AttentionSpec, DenseFFNSpec, ModelSpec, SpecIR
 from lmoec.program import compile_ir
 from lmoec.runtime.attention import Attention, KVCache, apply_rope, rope_frequencies
-from lmoec.runtime.generate import cache_nbytes, generate_ids, reserve_cache
+from lmoec.trainer.generate import cache_nbytes, generate_ids, reserve_cache
 
 
 def old_forward(attn: Attention, x: torch.Tensor, past: Optional[tuple]):

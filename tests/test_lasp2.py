@@ -30,7 +30,7 @@ from lmoec.program import Program
 from conftest import RECURRENCES
 from ranks import recording_rank, run_ranks
 from lmoec.runtime.contract import check_op_args
-from lmoec.runtime.lasp2 import lasp2_op, lasp2h_attention
+from lmoec.trainer.lasp2 import lasp2_op, lasp2h_attention
 
 # one family per kind of transition the all-gather carries (RWKV7's DPLR with its vector decay)
 FAMILIES = {name: RECURRENCES[name] for name in ("additive", "constant", "scalar", "vector", "vector_bonus", "delta", "delta_scalar")}
@@ -276,7 +276,7 @@ def check_attention(group, seed: int) -> list[str]:
 
 def check_mesh_subgroups() -> list[str]:
     """World 4 as dp=1, sp=2, ep=2: the sp groups are {0,1} and {2,3}, and LASP-2 runs inside each."""
-    from lmoec.runtime.mesh import build_mesh, sample_rank
+    from lmoec.trainer.mesh import build_mesh, sample_rank
 
     mesh = build_mesh(ParallelSpec(sp=2, ep=2), seq_len=2 * T_LOCAL, experts=4, batch_size=2, device_type="cpu")
     errors = []
@@ -329,7 +329,7 @@ def model_programs(spec_dir: str) -> dict[str, Program]:
 
 def check_model(program: Program, group, seed: int) -> list[str]:
     """Loss, logits and every parameter gradient of a hybrid model under sp equal one process on the whole batch."""
-    from lmoec.runtime.parallelize import apply_sequence_parallel, average_gradients, shard_sequence
+    from lmoec.trainer.parallelize import apply_sequence_parallel, average_gradients, shard_sequence
 
     world = dist.get_world_size(group)
     torch.manual_seed(seed)

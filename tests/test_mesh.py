@@ -7,7 +7,7 @@ inside the spawned run it already pays for.
 import pytest
 
 from lmoec.ir.nodes import ParallelSpec, SourceLoc
-from lmoec.runtime.mesh import check_layout
+from lmoec.trainer.mesh import check_layout
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def test_attention_decode_equals_full_forward_gqa_and_window():
 
 
 def test_window_cache_stays_bounded():
-    from lmoec.runtime.generate import cache_nbytes
+    from lmoec.trainer.generate import cache_nbytes
 
     model = tiny_program("N", window=3).model().double()
     ids = torch.randint(0, 256, (1, 10))

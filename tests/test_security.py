@@ -31,9 +31,9 @@ from lmoec.backends.literal import comment, docstring
 from lmoec.cli import generate as generate_cli
 from lmoec.cli import train as train_cli
 from lmoec.paths import ROOT, SPECS
-from lmoec.runtime import checkpoint as ckpt
 from lmoec.runtime import loader
-from lmoec.runtime.generate import load_model
+from lmoec.trainer import checkpoint as ckpt
+from lmoec.trainer.generate import load_model
 from lmoec.variants import make_variants, parse_axes
 from test_model import tiny_program
 from test_train import run_cli

@@ -5,9 +5,9 @@ import torch
 import lmoec
 from lmoec.paths import SPECS
 from lmoec.runtime.attention import KVCache, StaticKVCache
-from lmoec.runtime.generate import StaticDecoder, generate_ids, reserve_cache
 from lmoec.runtime.moe import MoE
-from lmoec.runtime.syncs import HostSyncs
+from lmoec.trainer.generate import StaticDecoder, generate_ids, reserve_cache
+from lmoec.trainer.syncs import HostSyncs
 
 # gated DeltaNet with short convolutions (conv tails in the cache) and a sliding-window attention layer whose
 # ring wraps during the test's decode

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from lmoec.cli import train as train_cli
-from lmoec.runtime import checkpoint as ckpt
-from lmoec.runtime.data import DataError, load_tokens, sample_batch
-from lmoec.runtime.train import RunError, TrainConfig, train
+from lmoec.trainer import checkpoint as ckpt
+from lmoec.trainer.data import DataError, load_tokens, sample_batch
+from lmoec.trainer.train import RunError, TrainConfig, train
 from test_model import tiny_program
 
 QUIET = dict(progress=False, say=lambda message: None)

@@ -150,7 +150,7 @@ def test_hybrid_model_trains_a_step_and_decodes(tmp_path):
 def test_generation_falls_back_to_the_dynamic_step(tmp_path, capsys):
     """A mini-batch update's cache grows with its open mini-batch, so it has no static (CUDA-graph) form: generation
     says so and decodes with the dynamic path, the same tokens as asked for directly."""
-    from lmoec.runtime.generate import generate_ids
+    from lmoec.trainer.generate import generate_ids
 
     spec = tmp_path / "ttt_gen.lsm"
     spec.write_text(f'import "{lmoec.paths.SPECS / "lsm" / "ttt_linear.lsm"}"\n'

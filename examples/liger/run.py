@@ -3,7 +3,7 @@
     python examples/liger/run.py --work /tmp/liger-work      # writes results.md, results.json, loss.png here
 
 1. A Llama-style softmax teacher (byte vocabulary, hidden 128, 4 layers, 4 heads with 2 KV heads) trained from
-   scratch on the default corpus (the Python standard library's sources, lmoec.runtime.data).
+   scratch on the default corpus (the Python standard library's sources, lmoec.trainer.data).
 2. `lmoec linearize` to GLA alone and to Liger Attention (window 64, mix 0.5).
 3. `lmoec finetune` with LoRA (r 8 on q, k, v, o) on a fixed token budget, the rest frozen.
 4. Held-out loss of each (the same windows), the fraction of the teacher's gain over a uniform guess that is
@@ -28,8 +28,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from lmoec.finetune import FinetuneConfig, LoraSettings, finetune, held_out_loss  # noqa: E402
 from lmoec.linearize import linearize  # noqa: E402
-from lmoec.runtime.data import load_tokens, sample_batch  # noqa: E402
-from lmoec.runtime.generate import cache_nbytes  # noqa: E402
+from lmoec.trainer.data import load_tokens, sample_batch  # noqa: E402
+from lmoec.trainer.generate import cache_nbytes  # noqa: E402
 
 TEACHER = dict(vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0)

@@ -3,7 +3,7 @@
 
 Router: softmax scores (softmax_topk).
 Dropless.
-Expert parallel degree in the spec: 1 (apply lmoec.runtime.expert_parallel.shard_experts).
+Expert parallel degree in the spec: 1 (apply lmoec.trainer.expert_parallel.shard_experts).
 """
 from lmoec.runtime.moe import MoE
 

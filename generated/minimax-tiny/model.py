@@ -148,7 +148,7 @@ class CausalLM(nn.Module):
     def hidden_states(self, input_ids, cache=None, use_cache=False, mask=None):
         """(the final norm's output [B, T, hidden] that the LM head reads, the new cache or None).
 
-        lmoec.runtime.train.lm_loss starts from here, so that the [B, T, vocab] logits never exist at once.
+        lmoec.trainer.train.lm_loss starts from here, so that the [B, T, vocab] logits never exist at once.
         """
         if mask is not None:
             mask = mask.bool()

@@ -42,8 +42,8 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 def run(args) -> int:
-    from ..runtime.checkpoint import CheckpointError
-    from ..runtime.generate import load_model
+    from ..trainer.checkpoint import CheckpointError
+    from ..trainer.generate import load_model
 
     out = Path(args.out)
     try:

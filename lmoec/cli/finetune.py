@@ -32,7 +32,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from ..finetune import FinetuneConfig, FinetuneError, finetune, parse_lora
-    from ..runtime.data import DataError
+    from ..trainer.data import DataError
 
     try:
         config = FinetuneConfig(lora=parse_lora(args.lora), data=args.data, steps=args.steps, seq_len=args.seq_len,

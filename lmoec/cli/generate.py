@@ -34,9 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from ..runtime.checkpoint import CheckpointError
-    from ..runtime.generate import generate_text, load_model
-    from ..runtime.train import pick_device
+    from ..trainer.checkpoint import CheckpointError
+    from ..trainer.generate import generate_text, load_model
+    from ..trainer.train import pick_device
 
     def fail(message: str) -> int:
         print(f"lmoec generate: error: {message}", file=sys.stderr)

@@ -37,7 +37,7 @@ def _learning_rates(text: str) -> tuple[float, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime.data import check_path
+    from ..trainer.data import check_path
     from ..sweep import SweepConfig, run_sweep
     from ..tasks.mqar import MQARConfig
     from ..variants import load_manifest

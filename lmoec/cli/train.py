@@ -9,7 +9,7 @@ import time
 from dataclasses import fields, replace
 from pathlib import Path
 
-from ..runtime.train_config import TrainConfig
+from ..trainer.train_config import TrainConfig
 from . import flags
 
 _DEFAULTS = TrainConfig()
@@ -82,7 +82,7 @@ def distributed_run(args) -> bool:
     if "WORLD_SIZE" in os.environ:
         return True
     if asked:
-        from ..runtime.train import RunError
+        from ..trainer.train import RunError
 
         raise RunError("--dp / --sp / --ep need several processes: launch with "
                        "`torchrun --nproc-per-node N -m lmoec.train SPEC --sp 2 ...`")
@@ -94,10 +94,10 @@ def run(args) -> int:
 
     from ..errors import SpecError
     from ..ir.nodes import ParallelSpec
-    from ..runtime.checkpoint import CheckpointError
-    from ..runtime.checkpoint import load as load_checkpoint
-    from ..runtime.data import DataError, check_path
-    from ..runtime.train import Interrupted, RunError, saved_config, train
+    from ..trainer.checkpoint import CheckpointError
+    from ..trainer.checkpoint import load as load_checkpoint
+    from ..trainer.data import DataError, check_path
+    from ..trainer.train import Interrupted, RunError, saved_config, train
 
     rank0 = int(os.environ.get("RANK", 0)) == 0  # under torchrun every rank fails alike: say it once
 
@@ -122,7 +122,7 @@ def run(args) -> int:
         torch.set_flush_denormal(True)  # on CPU, decays underflowing to denormals cost up to 1.5x per step
         started = time.perf_counter()
         if distributed_run(args):
-            from ..runtime.distributed import train_distributed
+            from ..trainer.distributed import train_distributed
 
             parallel = ParallelSpec(dp=args.dp, sp=args.sp, ep=args.ep)
             result = train_distributed(files, name, cfg, out, parallel, resume=args.resume, device=args.device,

@@ -3,7 +3,7 @@
 An LSM layer's local slice acts on the incoming state as an affine map
 S -> A_r S + M_r (DESIGN.md). LASP-2 all-gathers (A_r, M_r) over the
 sequence-parallel group forward; backward reduce-scatters their gradients
-(same shapes) back to the rank that sent them (lmoec.runtime.lasp2). The
+(same shapes) back to the rank that sent them (lmoec.trainer.lasp2). The
 shape of A_r follows from the kind alone (`Kind.lasp2_map`):
 
     additive   A_r = I              nothing to send but M_r
@@ -65,7 +65,7 @@ def lsm_steps(layer: int, lsm: LSMSpec) -> list[CommStep]:
     if lsm.memories is not None:
         nbytes = nbytes.subs(M, lsm.memories.states)
     what = " + ".join(f"{n} [{', '.join(s)}]" for n, s in sorted(shapes.items())) + " fp32"
-    # backward (lmoec.runtime.lasp2): the gradients of every rank's gathered (A_r, M_r) are
+    # backward (lmoec.trainer.lasp2): the gradients of every rank's gathered (A_r, M_r) are
     # reduce-scattered back to their owner, the same shapes in reverse
     return [
         CommStep(layer=layer, kind="lsm", direction="forward", collective="all_gather", group="sp", what=what,
@@ -88,7 +88,7 @@ def attention_steps(layer: int) -> list[CommStep]:
 
 
 def moe_steps(layer: int) -> list[CommStep]:
-    """Expert parallel (lmoec.runtime.expert_parallel): a token-count exchange, then tokens to their
+    """Expert parallel (lmoec.trainer.expert_parallel): a token-count exchange, then tokens to their
     experts' ranks and back. Forward: all_gather of every rank's [E] slot counts (the all_to_all
     split sizes, plus the global load for capacity, router stats and the aux loss), dispatch and
     combine all_to_all. Backward: the two all_to_all in reverse, reusing the forward's counts.

@@ -8,7 +8,7 @@ For N tokens routed to k experts each there are N*k (token, expert) *slots*:
               the slot's combine weight w applied inside the SwiGLU (one fused kernel on CUDA)
     combine   every slot's (already weighted) output gathered back to slot order, summed over the k slots
 
-Expert parallel (lmoec.runtime.expert_parallel) only replaces `dispatch`/`experts` by an all_to_all
+Expert parallel (lmoec.trainer.expert_parallel) only replaces `dispatch`/`experts` by an all_to_all
 round trip; routing, losses and the combine (there a batched weighted sum) stay on the token's
 rank, so the model code never knows about ranks.
 
@@ -453,9 +453,9 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(experts, hidden, expert_ffn, device=device, dtype=dtype))
         self.w_down = nn.Parameter(torch.empty(experts, expert_ffn, hidden, device=device, dtype=dtype))
         self.shared = SharedExperts(hidden, expert_ffn, shared_experts, device=device, dtype=dtype) if shared_experts else None
-        # set by lmoec.runtime.expert_parallel.shard_experts: this rank then holds a slice of the experts
+        # set by lmoec.trainer.expert_parallel.shard_experts: this rank then holds a slice of the experts
         self.expert_parallel = None
-        # set by lmoec.runtime.parallelize.apply_sequence_parallel: the ranks holding the other slices of the
+        # set by lmoec.trainer.parallelize.apply_sequence_parallel: the ranks holding the other slices of the
         # sequence, whose routed slots count in the aux loss's f_i
         self.sequence_group = None
         self.last_aux_loss: Optional[torch.Tensor] = None

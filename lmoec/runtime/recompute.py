@@ -79,7 +79,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     chunks: d(mean CE)/d logits = (softmax - onehot) / count is known as soon as a chunk's log-softmax is, so
     the forward makes dx and dw there and the backward only scales them by the incoming gradient (1 in
     training: exact). Against making each chunk's logits again in the backward, that saves one head GEMM and
-    one softmax pass per chunk, and keeps one head-weight-sized gradient from the forward to the backward."""
+    two float32 passes over the chunk's logits (a cast and a scaling; the backward's softmax becomes the
+    forward's exp of the log-softmax), and keeps one head-weight-sized gradient from the forward to the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, rows, dtype, grads):

@@ -31,7 +31,7 @@ equals one process on the global batch, and the router-bias update sees the glob
 every rank. A capacity factor is the exception: capacity and drops are decided per ep group
 (per dp x sp coordinate), not over the whole batch, so runs with drops differ from one process.
 
-Checkpoints are the single-process format (lmoec.runtime.checkpoint): the expert shards are
+Checkpoints are the single-process format (lmoec.trainer.checkpoint): the expert shards are
 all_gathered over ep into full tensors (model and AdamW moments) and rank 0 writes one file, so
 a distributed checkpoint resumes on any layout, on one process, and loads in `lmoec generate`.
 Gathering a full copy on every rank suits the model sizes this trainer runs on CPU and a few
@@ -53,12 +53,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..ir.nodes import ParallelSpec
+from ..runtime.loader import load_package
+from ..runtime.moe import MoE
 from . import checkpoint as ckpt
 from .data import BYTE_VOCAB, TokenData, load_tokens, sample_batch
 from .expert_parallel import shard_experts
-from .loader import load_package
 from .mesh import build_mesh, sample_rank
-from .moe import MoE
 from .parallelize import apply_sequence_parallel
 from .train import (
     RESUME_CAN_CHANGE,
@@ -346,7 +346,7 @@ def train_distributed(
     say: Callable[[str], None] = print,
     trust_code: bool = False,
 ) -> TrainResult:
-    """`lmoec.runtime.train.train` over the mesh `parallel` describes, one call per rank (under torchrun).
+    """`lmoec.trainer.train.train` over the mesh `parallel` describes, one call per rank (under torchrun).
 
     Same arguments, files and log as the single-process trainer; rank 0 writes them and prints
     (`say` is silenced elsewhere). The process group must be initialized or torchrun's environment set.

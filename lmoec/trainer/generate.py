@@ -14,17 +14,17 @@ from typing import Iterator, Optional
 
 import torch
 
+from ..runtime.attention import Attention, KVCache, StaticKVCache
+from ..runtime.loader import load_package
 from . import checkpoint as ckpt
-from .attention import Attention, KVCache, StaticKVCache
 from .data import encode
-from .loader import load_package
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", trust_code: bool = False):
     """(model in eval mode, checkpoint payload) from a checkpoint file or run directory.
 
     The checkpoint's package is imported only if this lmoec emits it from the checkpoint's IR, or if
-    trust_code (see lmoec.runtime.checkpoint.package)."""
+    trust_code (see lmoec.trainer.checkpoint.package)."""
     state = ckpt.load(path)
     name, files = ckpt.package(state, path, trust_code)
     try:

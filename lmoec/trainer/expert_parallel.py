@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .moe import ExpertsFn, MoE, gather_rows, inverse_permutation, run_grouped
+from ..runtime.moe import ExpertsFn, MoE, gather_rows, inverse_permutation, run_grouped
 
 
 class _AllToAll(torch.autograd.Function):

@@ -4,7 +4,7 @@
 emitted CausalLM work on this rank's contiguous slice of the sequence
 (torchtitan's model.py / parallelize.py split):
 
-* LSM layers: their package's `op` becomes LASP-2 (lmoec.runtime.lasp2) while
+* LSM layers: their package's `op` becomes LASP-2 (lmoec.trainer.lasp2) while
   such a layer runs; short convolutions start from the previous rank's last
   kernel - 1 inputs (a small halo all_gather) instead of zeros. A layer with
   memories runs LASP-2 over its (memory, batch) segments, and each segment's
@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attention import Attention, KVCache
+from ..runtime.attention import Attention, KVCache
 from .lasp2 import _gather, lasp2_op, lasp2h_attention, recurrence_of
-from .memories import segment_tails
-from .moe import MoE
+from ..runtime.memories import segment_tails
+from ..runtime.moe import MoE
 
 _ACTIVE = threading.local()  # the sp group of the LSM layer running now (None: not under sp)
 

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from ..runtime.loader import load_package
+from ..runtime.recompute import linear_cross_entropy
 from . import checkpoint as ckpt
 from .data import BYTE_VOCAB, DataError, TokenData, load_tokens, sample_batch
-from .loader import load_package
-from .recompute import linear_cross_entropy
 from .train_config import TrainConfig
 
 
@@ -251,7 +251,7 @@ def train(
     schedule still spans cfg.steps), which is how tests check that resuming is exact. stop_on_interrupt (the
     command line): Ctrl-C ends the run after the current step with a checkpoint of it, raising Interrupted.
     trust_code: resume even if the checkpoint's package is not what this lmoec emits from its IR
-    (lmoec.runtime.checkpoint.package).
+    (lmoec.trainer.checkpoint.package).
     """
     from tqdm import tqdm
 
