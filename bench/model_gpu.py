@@ -341,13 +341,15 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def cache_in(cache: list, dtype: torch.dtype) -> list:
-    """A copy of a prefill's cache in `dtype` (KV caches and recurrent states), for the float32 reference step."""
+    """A copy of a prefill's cache in `dtype` (KV caches and recurrent states), for the float32 reference step: its
+    own storage always (the states are float32 already, and a step may write its cache in place)."""
     out = []
     for entry in cache:
         if isinstance(entry, KVCache):
-            out.append(KVCache(entry.k.to(dtype), entry.v.to(dtype), entry.next_pos, entry.length, window=entry.window))
+            out.append(KVCache(entry.k.to(dtype, copy=True), entry.v.to(dtype, copy=True), entry.next_pos, entry.length,
+                               window=entry.window))
         elif isinstance(entry, dict):
-            out.append({k: t.to(dtype) if t.is_floating_point() else t.clone() for k, t in entry.items()})
+            out.append({k: t.to(dtype, copy=True) if t.is_floating_point() else t.clone() for k, t in entry.items()})
         else:
             out.append(entry)
     return out
