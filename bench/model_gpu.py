@@ -20,8 +20,10 @@ decoding   GLA, Gated DeltaNet, the hybrid and the Qwen2-MoE row, batch 1 and 16
            (inductor, fullgraph) before the capture; Qwen2-MoE's eager step with transformers' DynamicCache.
            The floor is the bytes one step must read (every weight it touches: the dense ones, the experts the
            batch routes to on average, the LM head; the recurrent states read and written; the KV caches) over
-           the copy bandwidth measured in this process. Checked: the graphs' logits equal the eager step's, and
-           one static step runs under torch.cuda.set_sync_debug_mode("error") (no host sync).
+           the copy bandwidth measured in this process. Prefill tokens/s where batch x context <= 64K tokens (the
+           forward that fills the cache, the LM head on the last position). Checked: the uncompiled graph's logits
+           equal the eager step's, the compiled step is as close to a float32 step of the same weights as eager
+           bf16 is (<= 1.25x), and one static step runs under torch.cuda.set_sync_debug_mode("error") (no host sync).
 
 Writes markdown and JSON to $OUT (model_gpu_<part>[-<variants>].md / .json); prints the markdown. The budget is
 checked before each variant and training mode; what is left when it runs out is skipped and said.
@@ -51,10 +53,12 @@ from lmoec.trainer.train import TrainConfig, autocast_for, loss_function, make_o
 TRAIN_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "attention baseline", "Qwen2-MoE (transformers)"]
 DECODE_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "Qwen2-MoE (transformers)"]
 PAPER = dict(base="models/a0.3b-2b.lsm", shapes=[(2048, 8), (8192, 2), (16384, 1)], profile_seq=8192,
-             batches=[1, 16], contexts=[1024, 32768], model={}, moe={}, warmup=2, iters=3, decode_iters=20)
+             batches=[1, 16], contexts=[1024, 32768], model={}, moe={}, warmup=2, iters=3, decode_iters=20,
+             prefill_tokens=65536)
 SMOKE = dict(base="models/a0.3b-2b.lsm", shapes=[(64, 2), (128, 1)], profile_seq=64, batches=[1, 2],
              contexts=[32, 96], model=dict(hidden=64, heads=2, layers=4, vocab=256),
-             moe=dict(experts=4, top_k=2, expert_ffn=64), warmup=1, iters=1, decode_iters=2)
+             moe=dict(experts=4, top_k=2, expert_ffn=64), warmup=1, iters=1, decode_iters=2,
+             prefill_tokens=256)
 
 
 # ---- ceilings, FLOPs, bytes ------------------------------------------------------------------------------
@@ -355,6 +359,18 @@ def cache_in(cache: list, dtype: torch.dtype) -> list:
     return out
 
 
+def prefill_seconds(model, batch: int, context: int, device) -> float:
+    """Median seconds of a prefill of [batch, context] random tokens: the chunked forward that fills the cache,
+    and the LM head on the last position only (what generation needs of it)."""
+    ids = torch.randint(0, model.config["vocab"], (batch, context), device=device)
+
+    def prefill():
+        hidden, _ = model.hidden_states(ids, use_cache=True)
+        return model.head(hidden[:, -1])
+
+    return median_seconds(prefill, device, 1, 3)
+
+
 @torch.no_grad()
 def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
     torch.manual_seed(0)
@@ -381,6 +397,8 @@ def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
             eager_error = relative_error(want, exact)
             row = dict(part="decode", model=name, batch=batch, context=context, eager_ms=eager * 1e3, graph_ms=None,
                        floor_ms=floor_bytes / bandwidth * 1e3, floor_bytes=floor_bytes, floor_count=how)
+            if batch * context <= cfg["prefill_tokens"]:
+                row["prefill_tok_s"] = batch * context / prefill_seconds(model, batch, context, device)
             try:
                 # room for the checked step, then consecutive steps: 3 warm-up and the timed ones
                 decoder = StaticDecoder(model, cache, position=context, steps=1 + 3 + cfg["decode_iters"])
@@ -419,8 +437,9 @@ def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
             rows.append(row)
             graph = "-" if row["graph_ms"] is None else f"{row['graph_ms']:.2f} ms"
             compiled_graph = f"{row['compiled_graph_ms']:.2f} ms" if row.get("compiled_graph_ms") else "-"
+            prefill = f", prefill {row['prefill_tok_s']:,.0f} tok/s" if row.get("prefill_tok_s") else ""
             log(f"decode {name:16s} batch {batch:2d} context {context:6d}: eager {row['eager_ms']:.2f} ms, static/graph "
-                f"{graph}, compiled {compiled_graph}, floor {row['floor_ms']:.3f} ms ({how})")
+                f"{graph}, compiled {compiled_graph}, floor {row['floor_ms']:.3f} ms ({how}){prefill}")
             del cache
     del model, reference
 
@@ -457,8 +476,8 @@ def markdown(rows, checks, header: list[str]) -> str:
     decode = [r for r in rows if r["part"] == "decode"]
     if decode:
         lines += ["## Decoding: ms per token, eager vs static step (CUDA graph), and the floor", "",
-                  "| model | batch | context | eager | CUDA graph | compiled + CUDA graph | floor | best / floor |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | batch | context | eager | CUDA graph | compiled + CUDA graph | floor | best / floor | prefill |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for r in decode:
             missing = "-" if r.get("no_graph") else "failed"
             graph = missing if r["graph_ms"] is None else f"{r['graph_ms']:.2f} ms"
@@ -467,8 +486,9 @@ def markdown(rows, checks, header: list[str]) -> str:
             if r.get("no_graph"):
                 timed = [r["eager_ms"]]
             ratio = f"{min(timed) / r['floor_ms']:.1f}x" if timed else "-"
+            prefill = f"{r['prefill_tok_s']:,.0f} tok/s" if r.get("prefill_tok_s") else "-"
             lines.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['eager_ms']:.2f} ms | {graph} | {compiled} | "
-                         f"{r['floor_ms']:.3f} ms | {ratio} |")
+                         f"{r['floor_ms']:.3f} ms | {ratio} | {prefill} |")
         lines += ["", "Floor bytes: " + "; ".join(f"{r['model']} b{r['batch']} c{r['context']}: {r['floor_count']}"
                                                   for r in decode), ""]
     if checks:
