@@ -25,8 +25,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default=",".join(fg.FAMILIES))
     ap.add_argument("--shapes", default=",".join(fg.SHAPES))
+    ap.add_argument("--memory-fraction", type=float, default=None,
+                    help="cap this process's share of GPU memory (many warm-ups at once beside a foreground check)")
     opts = ap.parse_args()
     import torch
+
+    if opts.memory_fraction:
+        torch.cuda.set_per_process_memory_fraction(opts.memory_fraction)
 
     t0 = time.time()
     for shape in opts.shapes.split(","):

@@ -2,7 +2,8 @@
 # Issue 22, one GPU call (~9.5 minutes), most wanted first (a call cut short keeps what it measured). fla compiles and
 # autotunes its kernels for 1-2 minutes per (op, shape) in one process (run 15: two warm-up processes compiled two
 # cells in 300 s), so bench/fla_warm.py compiles each cell in a process of its own, all at once, while the
-# foreground checks (untimed); every timing runs on an otherwise idle GPU. The rows are the cells no same-process
+# foreground checks (untimed; each warm-up may take 5% of the GPU's memory, a cell that needs more fails alone);
+# every timing runs on an otherwise idle GPU. The rows are the cells no same-process
 # run has measured at the current defaults (bench/results/issue22.md, "Run 15"):
 #  1. check RWKV7 and DeltaNet at their defaults (T = 2085, packed, K = V = 64, K = 128 / V = 256);
 #  2. against fla in one process: Gated DeltaNet at small heads, packed and V = 256; GLA at 8K and V = 256;
@@ -15,7 +16,7 @@ CELLS="gated_deltanet:heads64 gated_deltanet:varlen gated_deltanet:V256 gla:8K g
 rwkv7:64K deltanet:32K rwkv6:32K gla:32K gated_deltanet:32K rwkv7:32K gated_deltanet:8K gla:varlen"
 for cell in $CELLS; do
   FLA_CACHE_RESULTS=0 timeout $(left 330) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
-    > $OUT/warm_${cell/:/_}.txt 2>&1 &
+    --memory-fraction 0.05 > $OUT/warm_${cell/:/_}.txt 2>&1 &
 done
 step check; timeout $(left 200) $F check --families rwkv7,deltanet --cases "default,varlen [,K=V=64,K=128, V=256" \
   --out $OUT/c > /dev/null 2>&1
