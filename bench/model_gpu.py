@@ -46,7 +46,7 @@ import torch
 from lmoec.bench import device_name, fmt_gib, load_base, long_cache, model_variants, program_for, versions
 from lmoec.runtime.attention import Attention, KVCache
 from lmoec.runtime.moe import MoE
-from lmoec.trainer import train as train_runtime
+from lmoec.trainer import train as trainer
 from lmoec.trainer.generate import StaticDecoder
 from lmoec.trainer.train import TrainConfig, autocast_for, loss_function, make_optimizer
 
@@ -411,7 +411,7 @@ def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
                 del decoder
                 # the same step compiled (fused kernels) before the capture
                 compiled = StaticDecoder(model, cache, position=context, steps=1 + 3 + cfg["decode_iters"],
-                                         compile_backend=train_runtime.COMPILE_BACKEND)
+                                         compile_backend=trainer.COMPILE_BACKEND)
                 # inductor rounds to bf16 at other places than eager's op-by-op bf16 does, so it is held to eager's own
                 # distance from the float32 step, not to eager's logits
                 error = relative_error(compiled.step(token).float(), exact)
@@ -513,7 +513,7 @@ def main() -> int:
         print("model_gpu.py: no CUDA device (use --smoke on CPU)", file=sys.stderr)
         return 2
     if args.smoke:
-        train_runtime.COMPILE_BACKEND = "aot_eager"
+        trainer.COMPILE_BACKEND = "aot_eager"
     base = load_base(cfg["base"])
     layers = cfg["model"].get("layers", base.model.layers)
     variants = model_variants(base, layers)
