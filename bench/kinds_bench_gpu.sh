@@ -7,7 +7,8 @@
 #           of launch settings (its forward was 19x its memory floor with the tile walk).
 #   PART=4: the MoM layer against fla's MomAttention and a plain Gated DeltaNet layer (issue 19: >= 1.2x fla,
 #           <= 1.5x GDN).
-#   PART=3: Mamba against its memory floor and GFW against fla's chunk_gla (issue 17), at the default settings.
+#   PART=3: Mamba against its memory floor and GFW against fla's chunk_gla (issue 17), at the default settings; then
+#           A0.3B-2B with lsm = mamba training beside GLA (compiled).
 #   PART=2: Titans at chunk-start gradients at D = 64 and packed (the check rows that decide its backend="auto"
 #           default), Titans against lmoec's Gated DeltaNet (issue 18: <= 2x), TTT-Linear against fla's
 #           chunk_ttt_linear (>= 1.0x).
@@ -21,8 +22,10 @@ elif [ "$PART" = 4 ]; then
   step mom; timeout $(left $B) python3 bench/mom_gpu.py bench --shapes 8K,2K,32K --out $OUT/m > /dev/null 2>&1
   files="m/mom"
 elif [ "$PART" = 3 ]; then
-  step elementwise; timeout $(left $B) python3 bench/elementwise_gpu.py bench --out $OUT/e > /dev/null 2>&1
-  files="e/elementwise"
+  step elementwise; timeout $(left 380) python3 bench/elementwise_gpu.py bench --out $OUT/e > /dev/null 2>&1
+  step model; PYTHONPATH=.:$PYTHONPATH timeout $(left $B) python3 bench/model_gpu.py --part train --variants "Mamba,GLA" \
+    --modes compiled --budget $(( $(left $B) - 20 )) --out $OUT/a > /dev/null 2>&1
+  files="e/elementwise a/model_gpu_train-Mamba-GLA"
 else
   step titans; timeout $(left 330) python3 bench/titans_gpu.py check bench --cases "D=64" --out $OUT/t > /dev/null 2>&1
   step ttt; timeout $(left $B) python3 bench/ttt_gpu.py bench --budget $(( $(left $B) - 15 )) --out $OUT/x > /dev/null 2>&1

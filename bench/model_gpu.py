@@ -51,6 +51,7 @@ from lmoec.trainer.generate import StaticDecoder
 from lmoec.trainer.train import TrainConfig, autocast_for, loss_function, make_optimizer
 
 TRAIN_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "attention baseline", "Qwen2-MoE (transformers)"]
+OPT_IN_VARIANTS = {"Mamba": "mamba"}  # run when named (--variants): issue 17 asks for A0.3B-2B with lsm = mamba
 DECODE_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "Qwen2-MoE (transformers)"]
 PAPER = dict(base="models/a0.3b-2b.lsm", shapes=[(2048, 8), (8192, 2), (16384, 1)], profile_seq=8192,
              batches=[1, 16], contexts=[1024, 32768], model={}, moe={}, warmup=2, iters=3, decode_iters=20,
@@ -499,7 +500,7 @@ def markdown(rows, checks, header: list[str]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("train", "decode", "all"), default="all")
-    ap.add_argument("--variants", help=f"comma-separated, from {', '.join(TRAIN_VARIANTS)}")
+    ap.add_argument("--variants", help=f"comma-separated, from {', '.join(TRAIN_VARIANTS + list(OPT_IN_VARIANTS))}")
     ap.add_argument("--modes", default="eager,compiled,compiled+recompute",
                     help="lmoec training modes to run (the HF row runs eager)")
     ap.add_argument("--budget", type=float, default=520, help="seconds; cases left when it runs out are skipped (logged)")
@@ -517,6 +518,7 @@ def main() -> int:
     base = load_base(cfg["base"])
     layers = cfg["model"].get("layers", base.model.layers)
     variants = model_variants(base, layers)
+    variants.update({name: (lsm, "L" * layers) for name, lsm in OPT_IN_VARIANTS.items()})
     overrides = {k: v for k, v in cfg["model"].items() if k != "layers"}
     wanted = args.variants.split(",") if args.variants else None
     unknown = [v for v in wanted or [] if v not in variants and v != HF_VARIANT]
