@@ -403,8 +403,7 @@ def bench_decoding(name, program, device, cfg, bandwidth, rows, checks, log):
             try:
                 # room for the checked step, then consecutive steps: 3 warm-up and the timed ones
                 decoder = StaticDecoder(model, cache, position=context, steps=1 + 3 + cfg["decode_iters"])
-                got = decoder.step(token).float()
-                error = ((got - want).norm() / want.norm()).item()
+                error = relative_error(decoder.step(token), want)
                 checks.append(f"{'ok' if error < 1e-2 else 'MISMATCH'}: {name} batch {batch} context {context}: static "
                               f"step logits vs eager, relative error {error:.2e} ({'CUDA graph' if decoder.graph else 'eager'})")
                 row["graph_ms"] = median_seconds(lambda: decoder.step(token), device, 3, cfg["decode_iters"]) * 1e3
@@ -507,6 +506,11 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (aot_eager instead of inductor)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    modes = tuple(args.modes.split(","))
+    if set(modes) - {"eager", "compiled", "compiled+recompute"}:
+        print(f"model_gpu.py: unknown mode in {args.modes!r}: choose from eager, compiled, compiled+recompute",
+              file=sys.stderr)
+        return 2
     started = time.perf_counter()
     cfg = SMOKE if args.smoke else PAPER
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -544,11 +548,6 @@ def main() -> int:
               f"decode: median of {cfg['decode_iters']} steps after 3."]
     log(" ".join(header))
     rows, checks = [], []
-    modes = tuple(args.modes.split(","))
-    if set(modes) - {"eager", "compiled", "compiled+recompute"}:
-        print(f"model_gpu.py: unknown mode in {args.modes!r}: choose from eager, compiled, compiled+recompute",
-              file=sys.stderr)
-        return 2
     parts = ["train", "decode"] if args.part == "all" else [args.part]
 
     def over_budget():
