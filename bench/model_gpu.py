@@ -48,7 +48,7 @@ from lmoec.runtime.attention import Attention, KVCache
 from lmoec.runtime.moe import MoE
 from lmoec.trainer import train as trainer
 from lmoec.trainer.generate import StaticDecoder
-from lmoec.trainer.train import TrainConfig, autocast_for, loss_function, make_optimizer
+from lmoec.trainer.train import TrainConfig, autocast_for, clipped_step, loss_function, make_optimizer
 
 TRAIN_VARIANTS = ["GLA", "Gated DeltaNet", "hybrid GLA LLLN", "attention baseline", "Qwen2-MoE (transformers)"]
 OPT_IN_VARIANTS = {"Mamba": "mamba"}  # run when named (--variants): issue 17 asks for A0.3B-2B with lsm = mamba
@@ -166,7 +166,7 @@ def lmoec_trainee(program, device, mode):
 
 def bench_training(name, trainee, device, cfg, ceiling, rows, log, over_budget, modes=("eager", "compiled")):
     """trainee(mode) -> (model, loss(inputs, targets), flops(seq)); one step: bf16 autocast, fp32 master weights,
-    backward, clipping, the fused AdamW of `lmoec train` (make_optimizer)."""
+    backward, clipping folded into the fused AdamW of `lmoec train` (make_optimizer, clipped_step)."""
     for mode in modes:
         if over_budget():
             log(f"skipped train {name} {mode}: over the budget")
@@ -181,8 +181,7 @@ def bench_training(name, trainee, device, cfg, ceiling, rows, log, over_budget, 
                 loss = step_loss(inputs, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            clipped_step(optimizer, 1.0)
             return loss.detach()
 
         for seq, batch in cfg["shapes"]:

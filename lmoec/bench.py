@@ -38,7 +38,7 @@ from .paths import SPECS
 from .program import Program, compile_ir
 from .runtime.attention import KVCache
 from .trainer.generate import cache_nbytes
-from .trainer.train import TrainConfig, autocast_for, lm_loss, make_optimizer, pick_device
+from .trainer.train import TrainConfig, autocast_for, clipped_step, lm_loss, make_optimizer, pick_device
 
 FIGURES = ("train", "decode", "kernels")
 PRETTY = {"bla": "BLA", "gla": "GLA", "gated_deltanet": "Gated DeltaNet", "retnet": "RetNet", "deltanet": "DeltaNet",
@@ -329,8 +329,7 @@ def bench_training(name: str, program: Program, device: torch.device, shapes, wa
             _, loss = lm_loss(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clipped_step(optimizer, 1.0)
 
     for seq, batch in shapes:
         inputs = torch.randint(0, vocab, (batch, seq), device=device)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import compile_spec
-from .trainer.train import TrainConfig, autocast_for, make_optimizer, pick_device, train
+from .trainer.train import TrainConfig, autocast_for, clipped_step, make_optimizer, pick_device, train
 from .tasks.mqar import IGNORE, MQARConfig, mqar_batch, recall_accuracy
 from .variants import load_manifest
 
@@ -66,8 +66,7 @@ def _mqar_run(program, cfg: SweepConfig, lr: float) -> dict:
         aux = getattr(model, "aux_loss", None)
         optimizer.zero_grad(set_to_none=True)
         (loss if aux is None else loss + aux.float()).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clipped_step(optimizer, 1.0)
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
     model.eval()

@@ -4,7 +4,7 @@ One spawned run per world size checks every case (spawn is slow); each rank writ
 a JSON file and the tests below read them, one test per case. Gradient cases are float64: every
 rank builds the model from one seed, computes the single-process loss, gradients and clipped
 gradients on the whole global batch as the oracle, then the same step under the layout
-(lmoec.trainer.distributed.forward_backward + clip_grad_norm). The total loss (cross-entropy plus the
+(lmoec.trainer.distributed.forward_backward, then clipping by global_grad_norm). The total loss (cross-entropy plus the
 MoE balancing losses, made global by `parallelize`) and every gradient must match: replicated ones
 whole, expert shards against their slice. The resume case trains in float32 through
 `train_distributed`, interrupted and resumed from its distributed checkpoint, against an
@@ -25,7 +25,7 @@ import lmoec
 from lmoec.ir.nodes import ParallelSpec
 from lmoec.paths import SPECS
 from lmoec.trainer import checkpoint as ckpt
-from lmoec.trainer.distributed import build_layout, clip_grad_norm, forward_backward, parallelize, train_distributed
+from lmoec.trainer.distributed import build_layout, forward_backward, global_grad_norm, parallelize, train_distributed
 from lmoec.trainer.train import TrainConfig, train
 from ranks import recording_rank, run_ranks
 
@@ -102,7 +102,8 @@ def check_gradients(program, spec: ParallelSpec, seed: int) -> list[str]:
     layout = build_layout(spec, SEQ, BATCH, experts=8, device_type="cpu")
     expert_params = parallelize(model, layout)
     ce, loss = forward_backward(model, inputs, targets, layout, expert_params, torch.device("cpu"))
-    norm = clip_grad_norm(model, MAX_NORM, layout, expert_params)
+    norm = global_grad_norm(model, layout, expert_params)
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), MAX_NORM, norm)
     errors: list[str] = []
     if layout.degrees["ep"] > 1 and len(expert_params) != 3 * 2:
         errors.append(f"expert shards {sorted(expert_params)}")

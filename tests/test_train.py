@@ -12,7 +12,7 @@ import torch
 from lmoec.cli import train as train_cli
 from lmoec.trainer import checkpoint as ckpt
 from lmoec.trainer.data import DataError, load_tokens, sample_batch
-from lmoec.trainer.train import RunError, TrainConfig, train
+from lmoec.trainer.train import RunError, TrainConfig, clipped_step, train
 from test_model import tiny_program
 
 QUIET = dict(progress=False, say=lambda message: None)
@@ -100,6 +100,35 @@ def test_schedule_warms_up_then_decays_to_floor():
     lrs = [cfg.lr_at(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])  # the gradients' norm is ~1: clipped, then not
+def test_clipped_step_equals_clip_then_step(fused, max_norm):
+    """clipped_step folds the clipping into a fused AdamW (its grad_scale): the same norm, parameters, moments and
+    clipped gradients as clip_grad_norm_ followed by the step; the unfused path is clip_grad_norm_ itself."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(33, 17), (17,), (5, 4, 3)]
+    params = [[torch.randn(s, generator=gen, dtype=torch.float32).requires_grad_() for s in shapes] for _ in range(2)]
+    params[1] = [p.detach().clone().requires_grad_() for p in params[0]]
+    grads = [torch.randn(s, generator=gen) / 8 for s in shapes]
+    optimizers = []
+    for group in params:
+        for p, g in zip(group, grads):
+            p.grad = g.clone()
+        optimizers.append(torch.optim.AdamW(group, lr=0.1, weight_decay=0.1, fused=fused))
+    want_norm = torch.nn.utils.clip_grad_norm_(params[0], max_norm)
+    optimizers[0].step()
+    got_norm = clipped_step(optimizers[1], max_norm)
+    assert not hasattr(optimizers[1], "grad_scale")
+    exact = not fused or max_norm > want_norm  # fused + clipping divides by the factor where clipping multiplies
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(got_norm, want_norm, rtol=0, atol=0)
+    for want, got in zip(params[0], params[1]):
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(got.grad, want.grad, **tol)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optimizers[1].state[got][key], optimizers[0].state[want][key], **tol)
 
 
 def test_unreadable_data_paths(tmp_path, monkeypatch):

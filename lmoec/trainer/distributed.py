@@ -66,6 +66,7 @@ from .train import (
     TrainConfig,
     TrainResult,
     autocast_for,
+    clipped_step,
     lm_loss,
     make_optimizer,
     plot_losses,
@@ -192,8 +193,8 @@ def _sum_of_squares(grads: list[torch.Tensor], like: torch.Tensor) -> torch.Tens
     return total
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, layout: Layout, expert_params: set[str]) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ of the whole model, with expert shards spread over ep; returns the total norm.
+def global_grad_norm(model: nn.Module, layout: Layout, expert_params: set[str]) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient, with expert shards spread over ep (clipped_step clips by it).
 
     Call after `reduce_gradients`: replicated gradients are then equal on every rank and each
     expert shard's on its dp x sp group, so the ep group's shards sum to the experts' squared norm.
@@ -206,11 +207,7 @@ def clip_grad_norm(model: nn.Module, max_norm: float, layout: Layout, expert_par
     expert_square = _sum_of_squares(experts, like)
     if expert_params:
         dist.all_reduce(expert_square, group=layout.ep_group)
-    total = (_sum_of_squares(replicated, like) + expert_square).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in replicated + experts:
-        g.mul_(coef.to(g.dtype))
-    return total
+    return (_sum_of_squares(replicated, like) + expert_square).sqrt()
 
 
 def global_mean(value: torch.Tensor) -> torch.Tensor:
@@ -438,8 +435,7 @@ def train_distributed(
         inputs, targets = sample_batch(data.train, cfg.batch, cfg.seq_len, cfg.seed, step)
         optimizer.zero_grad(set_to_none=True)
         ce, loss = forward_backward(model, inputs, targets, layout, expert_params, dev)
-        grad_norm = clip_grad_norm(model, cfg.grad_clip, layout, expert_params)
-        optimizer.step()
+        grad_norm = clipped_step(optimizer, cfg.grad_clip, global_grad_norm(model, layout, expert_params))
         update_router_biases(model)
         done = step + 1
         record = {"step": done, "loss": ce.item(), "lr": lr, "grad_norm": grad_norm.item()}
@@ -466,5 +462,5 @@ def train_distributed(
     return TrainResult(records=records, checkpoint=ckpt_path, plot=plot_path if plot_path.exists() else None)
 
 
-__all__ = ["Layout", "build_layout", "parallelize", "shard_batch", "reduce_gradients", "clip_grad_norm",
+__all__ = ["Layout", "build_layout", "parallelize", "shard_batch", "reduce_gradients", "global_grad_norm",
            "forward_backward", "full_state", "load_full_state", "train_distributed", "init_process_group"]

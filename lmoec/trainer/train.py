@@ -162,6 +162,30 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
+def clipped_step(optimizer: torch.optim.Optimizer, max_norm: float, norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Scale the gradients of the optimizer's parameters to a global L2 norm of at most max_norm, then step; returns
+    the norm before clipping (torch.nn.utils.clip_grad_norm_'s rule, with its 1e-6 guard).
+
+    A fused AdamW divides the gradients by the clipping factor in its own pass over them (its `grad_scale`, the hook
+    torch.amp.GradScaler unscales through), so clipping costs the norm's read of the gradients, not one more read and
+    write of all of them (a 6.6 ms kernel of a 187 ms A0.3B-2B step on an H100, run 15). Other optimizers clip first.
+    `norm`: the global norm where the caller has it (distributed training sums its parts over ranks).
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if norm is None:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if not optimizer.defaults.get("fused"):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        optimizer.step()
+        return norm
+    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
+    return norm
+
+
 def update_router_biases(model) -> None:
     """Aux-loss-free balancing: MoE layers with a router bias nudge it by the step's expert load."""
     for module in model.modules():
@@ -332,8 +356,7 @@ def train(
                 ce, loss = step_loss(inputs.to(dev), targets.to(dev))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            grad_norm = clipped_step(optimizer, cfg.grad_clip)
             update_router_biases(model)
             done = step + 1
             record = {"step": done, "loss": ce.item(), "lr": lr, "grad_norm": grad_norm.item()}
@@ -362,4 +385,4 @@ def train(
 
 
 __all__ = ["TrainConfig", "TrainResult", "RunError", "Interrupted", "DataError", "train", "evaluate", "lm_loss",
-           "loss_function", "pick_device"]
+           "loss_function", "pick_device", "clipped_step"]
