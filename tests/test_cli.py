@@ -1,7 +1,6 @@
 """The `lmoec` command end to end: compile, inspect (each mode), check, and errors (exit 2, no traceback)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -73,12 +72,8 @@ def test_inspect_graph_and_plan(capsys):
 
 def test_inspect_stats(tmp_path):
     r = lmoec("inspect", SPECS / "lsm" / "gla.lsm", "--kernels", "--stats", "--shape", "1,256,2,32,32", cwd=tmp_path)
-    assert "Traceback" not in r.stderr
-    if importlib.util.find_spec("lmoec.backends.stats") is None:
-        assert r.returncode == 2 and "lmoec.backends.stats" in r.stderr
-    else:
-        assert r.returncode == 0, r.stderr
-        assert "kernel stats of gla" in r.stdout
+    assert r.returncode == 0, r.stderr
+    assert "kernel stats of gla" in r.stdout and "| op floor" in r.stdout
 
 
 @pytest.mark.parametrize("name,B,H", [(n, 2, 4) for n in ["bla", "simple_gla", "gla", "rwkv6", "deltanet", "gated_deltanet",
@@ -94,7 +89,7 @@ def test_stats_rows_are_the_emitted_kernels(name, B, H):
 
     import lmoec
     from lmoec.backends.context import lsm_context
-    from lmoec.backends.stats import kernel_costs
+    from lmoec.backends.stats import kernel_costs, op_bytes
     from lmoec.kinds import kind_of
 
     program = lmoec.compile_spec(SPECS / "lsm" / f"{name}.lsm")
@@ -116,6 +111,10 @@ def test_stats_rows_are_the_emitted_kernels(name, B, H):
     assert rows == launched
     assert all(flops > 0 and nbytes > 0 for _, _, flops, nbytes in costs)
     assert {forward for _, forward, _, _ in costs} == {True, False}
+    # the kernels move at least what the op itself must: its inputs once, its outputs once
+    op_forward, op_backward = op_bytes(lsm_context(program.ir, lsm), B, 256, H, 64, 64)
+    assert sum(nbytes for _, forward, _, nbytes in costs if forward) >= op_forward
+    assert sum(nbytes for _, _, _, nbytes in costs) >= op_forward + op_backward
 
 
 def test_check(tmp_path):

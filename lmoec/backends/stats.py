@@ -8,7 +8,9 @@ follow what each kernel computes (templates/triton/*.py.j2): matrix products cou
 bytes are the least the kernel must move (each tensor it reads read once, each it writes written once) at
 the dtypes the kernels use: q/k/v/o and chunk states in 2 bytes (bf16), gates and fp32 intermediates in 4.
 The floor of a kernel is the larger of flops / peak and bytes / bandwidth: no implementation of that kernel
-runs much faster.
+runs much faster. The op floor is what any implementation of the whole op must move: its inputs read once and its
+outputs written once (log decays in fp32, the rest in bf16), as one fused kernel would; the gap between it and the
+kernels' sum is the traffic of intermediates between kernels.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 from ..kinds import kind_of
+from ..runtime.contract import gate_shapes
 from .context import LSMContext
 
 GPUS = {  # bf16 dense matmul peak (FLOP/s), memory bandwidth (B/s)
@@ -77,6 +80,19 @@ def kernel_costs(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: 
     return kind_of(ctx.rec).costs(ctx, s, ends)
 
 
+LOG_GATES = {"g", "gv", "dt"}  # log decays: fp32 inputs of the ops
+
+
+def op_bytes(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, elem: int = 2) -> tuple[int, int]:
+    """(forward, backward) bytes of the op's own inputs and outputs, each moved once: forward q, k, v and the gates
+    in, o out; backward q, k, v, the gates and do in, their gradients out (initial and final states not counted)."""
+    qkv = B * T * H * (2 * K + V) * elem
+    gates = sum(math.prod(shape) * (4 if name in LOG_GATES else elem)
+                for name, shape in gate_shapes(ctx.rec, B, T, H, K, V).items())
+    o = B * T * H * V * elem
+    return qkv + gates + o, 2 * (qkv + gates) + o
+
+
 def kernel_stats(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, gpu: str = "h100") -> str:
     """A markdown table: each kernel's GFLOP, MB moved and floor time at the GPU's peak rates."""
     if gpu not in GPUS:
@@ -97,4 +113,7 @@ def kernel_stats(ctx: LSMContext, B: int, T: int, H: int, K: int, V: int, gpu: s
                      f"{floor * 1e3:.3f} | {'compute' if t_f > t_b else 'memory'} |")
     lines.append(f"| forward total | | | | {total[True] * 1e3:.3f} | |")
     lines.append(f"| forward + backward total | | | | {(total[True] + total[False]) * 1e3:.3f} | |")
+    fwd, bwd = op_bytes(ctx, B, T, H, K, V)
+    lines.append(f"| op floor: inputs read once, outputs written once | fwd | | {fwd / 1e6:.0f} | {fwd / bw * 1e3:.3f} | memory |")
+    lines.append(f"| op floor | fwd + bwd | | {(fwd + bwd) / 1e6:.0f} | {(fwd + bwd) / bw * 1e3:.3f} | memory |")
     return "\n".join(lines) + "\n"

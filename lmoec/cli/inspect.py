@@ -123,11 +123,8 @@ def show_kernels(program, stats: bool, shape: tuple[int, ...], gpu: str) -> None
             print(f"# ===== {fname} =====")
             print(files[fname], end="")
         if stats:
-            try:
-                from ..backends.stats import kernel_stats
-            except ImportError:
-                raise ValueError("--stats needs lmoec.backends.stats, which this version does not have yet") from None
             from ..backends.context import lsm_context
+            from ..backends.stats import kernel_stats
 
             print(f"# ===== kernel stats of {name} at B,T,H,K,V={','.join(map(str, shape))} on {gpu} =====")
             print(kernel_stats(lsm_context(program.ir, program.ir.lsms[name]), *shape, gpu))

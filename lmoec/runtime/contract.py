@@ -182,6 +182,11 @@ def _table(rec: Recurrence, tokens: tuple, H: int, K: int, V: int) -> tuple:
 _cached_table = functools.lru_cache(maxsize=256)(_table)
 
 
+def gate_shapes(rec: Recurrence, B: int, T: int, H: int, K: int, V: int) -> dict[str, tuple]:
+    """The shape of every argument beyond q, k, v that the op takes for `rec` (its first allowed shape)."""
+    return {name: shapes[0] for name, taken, _, shapes in _table(rec, (B, T), H, K, V) if taken}
+
+
 def check_op_args(
     rec: Recurrence,
     name: str,
