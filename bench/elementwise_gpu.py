@@ -3,9 +3,10 @@
 Parts (any subset, in this order):
   check  bf16 Triton (specs/lsm/mamba.lsm, gfw.lsm) vs the same spec's float32 torch chunkwise backend (itself tested
          against the float64 oracle on CPU): o, final state and every gradient, T no multiple of the scan, initial
-         state, a packed batch with a one-token sequence; fp32 Triton too. Outputs are poisoned (NaN) first.
-  sweep  Mamba's walk over a grid of launch settings (SWEEP: segments of 512 to 4096 tokens first) at T = 2K and
-         32K: forward, then fwd+bwd of the fastest.
+         state, a packed batch with a one-token sequence; fp32 Triton too; both forward walks (CONFIG["fwd_walk"]). Outputs
+         are poisoned (NaN) first.
+  sweep  Mamba's forward walked token by token over a grid of launch settings (SWEEP), beside the default, at T = 2K
+         and 32K: forward, then fwd+bwd of the fastest.
   bench  median ms (triton.testing.do_bench) at B*T = 32K tokens, T in {2K, 8K, 32K}, bf16:
          Mamba's selective scan (d_inner 2048 = 32 heads x V 64, N = K = 16) forward and forward+backward against the
          memory floor (u, dt, B, C, z read once and y written once, bf16, at 3.0 TB/s) and against mamba_ssm's CUDA
@@ -36,8 +37,9 @@ LENGTHS = [2048, 8192, 32768]
 MAMBA = dict(H=32, K=16, V=64)  # d_inner 2048, N 16
 GFW = dict(H=16, K=64, V=128)
 SETTINGS = {"mamba": {"default": {}, "run-12 default (block_v 16, 4 warps)": {"block_v": 16, "num_warps": 4},
-                      "segments of 2048 tokens": {"segment_tokens": 2048}},
-            "gfw": {"default": {}, "block_v 8": {"block_v": 8}}}
+                      "segments of 2048 tokens": {"segment_tokens": 2048},
+                      "forward token by token": {"fwd_walk": "tokens"}},
+            "gfw": {"default": {}, "block_v 8": {"block_v": 8}, "forward token by token": {"fwd_walk": "tokens"}}}
 BANDWIDTH = 3.0e12  # H100 device copy, bytes/s (DESIGN.md)
 TOL_O, TOL_GRAD = 2e-3, 1e-2  # bf16 against fp32 (DESIGN.md); fp32 Triton (tf32-free: no tl.dot here) gets 1e-4
 
@@ -108,7 +110,11 @@ def check(programs, device):
         dims = MAMBA if name == "mamba" else GFW
         cases = ({"B=2 T=40": (2, 40, None), "packed [25, 1, 14]": (1, 40, [0, 25, 26, 40])} if SMOKE else
                  {"B=2 T=1000": (2, 1000, None), "packed [700, 1, 299]": (1, 1000, [0, 700, 701, 1000])})
-        for label, (B, T, cu) in cases.items():
+        walks = [(label, walk) for label in cases for walk in ("scan", "tokens")]  # CONFIG["fwd_walk"]
+        for case, walk in walks:
+            module.CONFIG.update(fwd_walk=walk)
+            B, T, cu = cases[case]
+            label = f"{case}, {walk} walk"
             for dtype in (torch.bfloat16, torch.float32):
                 x = inputs(name, B, T, dims["H"], dims["K"], dims["V"], dtype, device, seed=T)
                 n_seq = B if cu is None else len(cu) - 1
@@ -133,6 +139,7 @@ def check(programs, device):
                 say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {worst_o:.2e} | {worst_g:.2e} | "
                     f"{'yes' if ok else 'NO'} |")
         module.POISON = False
+        module.CONFIG.update(fwd_walk="scan")
     say()
     return failures
 
@@ -209,14 +216,20 @@ def bench(programs, device):
 # of launch settings (tokens per scan step, V block, warps; the [scan, K, V block] tiles between 2^8 and 2^14
 # elements): forward at T = 2K and 32K first (each setting compiles once), then fwd+bwd of the four fastest.
 # (Run 13 also timed a walk over one state row at a time, mamba_ssm's order: slower at all 15 of its settings.)
-# Then, at the default launch settings, sequences cut into segments walked at once (docs/STATE_PASS.md), first.
-SEGMENTS = [dict(scan=16, block_v=8, num_warps=1, segment_tokens=n) for n in (512, 1024, 2048, 4096)]
-SWEEP = SEGMENTS + [dict(scan=s, block_v=b, num_warps=w, segment_tokens=0) for s in (4, 8, 16, 32)
-                    for b in (4, 8, 16, 32) for w in (1, 2, 4) if 2 ** 8 <= s * 16 * b <= 2 ** 14 and w * 32 <= s * b]
+# Run 13 timed that grid (bench/results/run13/mamba_sweep_*.md: the default since is its fastest). This sweep times the
+# forward walked token by token (CONFIG["fwd_walk"] "tokens": one multiply-add per state element and token carries the
+# state, where the scan's combines take several), over its V block, warps and tokens per unrolled chunk, whole and in
+# segments, beside the default (the first row, the reference in this process).
+TOKENS_SWEEP = ([{}]
+                + [dict(fwd_walk="tokens", scan=s, tokens_block_v=b, tokens_num_warps=w) for s in (8, 16)
+                   for b in (8, 16, 32, 64) for w in (1, 2) if w * 32 <= 16 * b]
+                + [dict(fwd_walk="tokens", scan=16, tokens_block_v=16, tokens_num_warps=1, segment_tokens=n) for n in (1024, 4096)])
+SWEEP = TOKENS_SWEEP
+SETTING_KEYS = ("fwd_walk", "scan", "block_v", "num_warps", "tokens_block_v", "tokens_num_warps", "segment_tokens")
 
 
-def _label(setting):
-    return " | ".join(str(setting[key]) for key in ("scan", "block_v", "num_warps", "segment_tokens"))
+def _label(setting, defaults):
+    return " | ".join(str(setting.get(key, defaults[key])) for key in SETTING_KEYS)
 
 
 def sweep(programs, device):
@@ -230,8 +243,9 @@ def sweep(programs, device):
     lengths = [64] if SMOKE else [2048, 32768]
     say(f"## Mamba's walk: launch settings (median ms, bf16, B*T = {TOKENS} tokens)")
     say()
-    say("| scan | block_v | warps | segment tokens | " + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
-    say("|---|---|---|---|" + "---|---|" * len(lengths))
+    say("| forward walk | scan | block_v | warps | tokens block_v | tokens warps | segment tokens | "
+        + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
+    say("|---|---|---|---|---|---|---|" + "---|---|" * len(lengths))
     data = {}
     for T in lengths:
         leaves = {n: t.requires_grad_() for n, t in inputs("mamba", TOKENS // T, T, H, K, V, torch.bfloat16, device).items()}
@@ -245,7 +259,7 @@ def sweep(programs, device):
             log(setting, traceback.format_exc())
             continue
         timed.append((sum(forward), setting))
-        say(f"| {_label(setting)} | " + " | ".join(f"{t:.3f} | " for t in forward) + " |")
+        say(f"| {_label(setting, defaults)} | " + " | ".join(f"{t:.3f} | " for t in forward) + " |")
     for _, setting in sorted(timed, key=lambda r: r[0])[:4]:
         module.CONFIG.update(defaults, **setting)
         cells = []
@@ -257,7 +271,7 @@ def sweep(programs, device):
             except Exception:  # noqa: BLE001
                 log(setting, traceback.format_exc())
                 cells.append("failed (log) |")
-        say(f"| {_label(setting)} | " + " | ".join(cells) + " |")
+        say(f"| {_label(setting, defaults)} | " + " | ".join(cells) + " |")
     module.CONFIG.update(defaults)
     say()
     say(f"Default: {defaults}. Forward rows first, then forward and fwd+bwd of the four fastest forwards.")

@@ -5,7 +5,7 @@ head dims, under every launch setting that test exercises, plus the overrides gi
 by Triton for sm_90 and its cubin's resource usage read by cuobjdump. Spills show before a GPU is at hand
 (the local Triton may differ from the GPU machine's, so treat them as leads); time still needs a GPU.
 
-    python bench/resources_cpu.py gated_deltanet [gla ...] [--set KEY=JSON ...] [--dims K,V]
+    python bench/resources_cpu.py gated_deltanet [gla ...] [--set KEY=JSON ...]
 """
 from __future__ import annotations
 
