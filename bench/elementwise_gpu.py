@@ -218,12 +218,14 @@ def bench(programs, device):
 # (Run 13 also timed a walk over one state row at a time, mamba_ssm's order: slower at all 15 of its settings.)
 # Run 13 timed that grid (bench/results/run13/mamba_sweep_*.md: the default since is its fastest). This sweep times the
 # forward walked token by token (CONFIG["fwd_walk"] "tokens": one multiply-add per state element and token carries the
-# state, where the scan's combines take several), over its V block, warps and tokens per unrolled chunk, whole and in
-# segments, beside the default (the first row, the reference in this process).
+# state, where the scan's combines take several; sm_90 SASS counts 10-16 instructions per element and token against the
+# scan walk's 18), over its V block, warps and tokens per unrolled chunk, whole and in segments, beside the default
+# (the first row, the reference in this process).
 TOKENS_SWEEP = ([{}]
                 + [dict(fwd_walk="tokens", scan=s, tokens_block_v=b, tokens_num_warps=w) for s in (8, 16)
                    for b in (8, 16, 32, 64) for w in (1, 2) if w * 32 <= 16 * b]
-                + [dict(fwd_walk="tokens", scan=16, tokens_block_v=16, tokens_num_warps=1, segment_tokens=n) for n in (1024, 4096)])
+                + [dict(fwd_walk="tokens", scan=16, tokens_block_v=b, tokens_num_warps=1, segment_tokens=n) for b in (16, 64)
+                   for n in (1024, 4096)])
 SWEEP = TOKENS_SWEEP
 SETTING_KEYS = ("fwd_walk", "scan", "block_v", "num_warps", "tokens_block_v", "tokens_num_warps", "segment_tokens")
 
