@@ -1,4 +1,5 @@
-"""Registers, local memory (spills) and shared memory of every emitted Triton kernel launch, for sm_90, without a GPU.
+"""Registers, local memory (spills), shared memory and SASS instruction counts of every emitted Triton kernel launch, for
+sm_90, without a GPU.
 
 The launches are those tests/test_hopper_compile.py records (host code run on CPU tensors at the benchmark's
 head dims, under every launch setting that test exercises, plus the overrides given here); each is compiled
@@ -24,8 +25,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """{registers, local (bytes of local memory per thread: spills and stack arrays), stack} of one compiled kernel,
-    read from its cubin by the cuobjdump that ships with Triton."""
+    """{registers, local (bytes of local memory per thread: spills and stack arrays), stack, instructions (SASS, per
+    thread, as compiled: a loop's body once), shuffles, shared (shared-memory loads, stores and barriers: layout
+    conversions, mostly)} of one compiled kernel, read from its cubin by the cuobjdump that ships with Triton. Counts
+    of instructions are a static lead for element-wise kernels, whose time is instruction issue, not a time."""
     import triton
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -33,8 +36,11 @@ def resource_usage(cubin: bytes) -> dict:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         text = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
+        sass = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True).stdout
     number = lambda name: int(m.group(1)) if (m := re.search(name + r":(\d+)", text)) else -1
-    return {"registers": number("REG"), "local": number("LOCAL"), "stack": number("STACK")}
+    opcodes = [m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
+    return {"registers": number("REG"), "local": number("LOCAL"), "stack": number("STACK"), "instructions": len(opcodes),
+            "shuffles": opcodes.count("SHFL"), "shared": sum(opcodes.count(op) for op in ("LDS", "STS", "BAR"))}
 
 
 def main() -> None:
@@ -68,7 +74,8 @@ def main() -> None:
         defaults = dict(module.CONFIG)
         settings = [extra] if extra else thc.CASES.get(spec, [{}])
         seen = set()
-        print(f"## {spec}\n\n| kernel | constexprs | warps | regs | local bytes | shared |\n|---|---|---|---|---|---|")
+        print(f"## {spec}\n\n| kernel | constexprs | warps | regs | local bytes | shared bytes | SASS instructions | SHFL | "
+              f"LDS + STS + BAR |\n|---|---|---|---|---|---|---|---|---|")
         for config in settings:
             module.CONFIG.update(defaults, **config)
             for fn, args, kwargs in thc._record_launches(module, run):
@@ -82,7 +89,8 @@ def main() -> None:
                 rep = resource_usage(kernel.asm["cubin"])
                 shown = {n: v for n, v in constexprs.items() if v is not None and n not in ("H", "C", "K", "V")}
                 print(f"| {fn.__name__} | {shown} | {options.get('num_warps', 4)} | {rep['registers']} | "
-                      f"{rep['local']} | {kernel.metadata.shared} |")
+                      f"{rep['local']} | {kernel.metadata.shared} | {rep['instructions']} | {rep['shuffles']} | "
+                      f"{rep['shared']} |", flush=True)
         module.CONFIG.update(defaults)
         print()
 
