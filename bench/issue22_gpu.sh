@@ -9,11 +9,33 @@
 #  2. against fla in one process: Gated DeltaNet at small heads, packed and V = 256; GLA at 8K and V = 256;
 #     GLA, Gated DeltaNet and RWKV7 at one 64K sequence; every family and SDPA at 32K;
 #  3. what limits the cells below 1.5x: Gated DeltaNet's and GLA's forward kernel by kernel against fla's (8K, packed).
+# PART=2 (the next call): the cells whose newest same-process row timed kernels that changed since (the starred rows
+# of bench/results/issue22_floors.md) at 2K and small heads, and the decay families' packed rows, against fla; while
+# fla compiles, the element-wise kind's check of both forward walks.
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
 CELLS="gated_deltanet:heads64 gated_deltanet:varlen gated_deltanet:V256 gla:8K gla:V256 gla:64K gated_deltanet:64K
 rwkv7:64K deltanet:32K rwkv6:32K gla:32K gated_deltanet:32K rwkv7:32K gated_deltanet:8K gla:varlen"
+if [ "${PART:-1}" = 2 ]; then
+  CELLS="deltanet:2K gla:2K rwkv6:2K gated_deltanet:2K gla:heads64 rwkv6:heads64 simple_gla:varlen rwkv6:varlen rwkv7:varlen"
+  for cell in $CELLS; do
+    FLA_CACHE_RESULTS=0 timeout $(left 330) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
+      --memory-fraction 0.05 > $OUT/warm_${cell/:/_}.txt 2>&1 &
+  done
+  # untimed while fla compiles: the element-wise kind's bf16 check of both forward walks (issue 17's token walk)
+  step check; timeout $(left 200) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
+  grep "| NO |" $OUT/e/elementwise.md | cut -c1-200
+  wait
+  step bench; timeout $(left $(( B - 150 ))) $F bench --no-sdpa --families deltanet,gla,rwkv6,gated_deltanet --shapes 2K,heads64 \
+    --out $OUT/b > /dev/null 2>&1
+  step varlen; timeout $(left $B) $F bench --no-sdpa --families simple_gla,rwkv6,rwkv7 --shapes varlen --out $OUT/v > /dev/null 2>&1
+  step done
+  for d in b v; do echo "#### $d"; grep "^| \|^###" $OUT/$d/families.md 2>/dev/null | cut -c1-260; done
+  echo "#### e"; grep "^| " $OUT/e/elementwise.md 2>/dev/null | cut -c1-200
+  tail -qn1 $OUT/warm_*.txt
+  exit 0
+fi
 for cell in $CELLS; do
   FLA_CACHE_RESULTS=0 timeout $(left 330) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
     --memory-fraction 0.05 > $OUT/warm_${cell/:/_}.txt 2>&1 &
