@@ -227,6 +227,7 @@ TOKENS_SWEEP = ([{}]
                 + [dict(fwd_walk="tokens", scan=16, tokens_block_v=b, tokens_num_warps=1, segment_tokens=n) for b in (16, 64)
                    for n in (1024, 4096)])
 SWEEP = TOKENS_SWEEP
+BACKWARD_SETTINGS = [(4, 1), (8, 1), (8, 2), (16, 1), (16, 2)]  # (block_v, num_warps) of the backward's scan walk
 SETTING_KEYS = ("fwd_walk", "scan", "block_v", "num_warps", "tokens_block_v", "tokens_num_warps", "segment_tokens")
 
 
@@ -262,7 +263,12 @@ def sweep(programs, device):
             continue
         timed.append((sum(forward), setting))
         say(f"| {_label(setting, defaults)} | " + " | ".join(f"{t:.3f} | " for t in forward) + " |")
-    for _, setting in sorted(timed, key=lambda r: r[0])[:4]:
+    fastest = [setting for _, setting in sorted(timed, key=lambda r: r[0])[:4]]
+    # the scan walk's block_v and warps launch the backward only, once the forward walks token by token
+    best_tokens = next((st for st in fastest if st.get("fwd_walk") == "tokens"), None)
+    backward = [] if best_tokens is None else [dict(best_tokens, block_v=b, num_warps=w) for b, w in BACKWARD_SETTINGS
+                                               if (b, w) != (defaults["block_v"], defaults["num_warps"])]
+    for setting in fastest + (backward[:1] if SMOKE else backward):
         module.CONFIG.update(defaults, **setting)
         cells = []
         for T in lengths:
@@ -276,7 +282,8 @@ def sweep(programs, device):
         say(f"| {_label(setting, defaults)} | " + " | ".join(cells) + " |")
     module.CONFIG.update(defaults)
     say()
-    say(f"Default: {defaults}. Forward rows first, then forward and fwd+bwd of the four fastest forwards.")
+    say(f"Default: {defaults}. Forward rows first, then forward and fwd+bwd of the four fastest forwards, then the "
+        "fastest token walk's with the backward at other V blocks and warps.")
 
 
 def _mamba_peer(selective_scan_fn, x, B, T, H, K, V, device):
