@@ -122,3 +122,20 @@ def test_triton_matches_oracle(name):
     assert sum("segment_tokens" in case for case in errors) == 3 and sum(case.startswith("tokens") for case in errors) == 3
     bad = {f"{case}: {n}": e for case, errs in errors.items() for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
+
+
+def test_unknown_forward_walk_is_refused_before_any_launch():
+    import torch
+
+    import lmoec
+    from test_elementwise import _inputs
+
+    module = lmoec.compile_spec(ROOT / "specs" / "lsm" / "mamba.lsm").package.mamba_triton
+    saved = dict(module.CONFIG)
+    module.CONFIG["fwd_walk"] = "token"
+    try:
+        with pytest.raises(ValueError, match="fwd_walk.*'scan' or 'tokens'"):
+            module.chunk(**_inputs("mamba", 1, 4, 1, 2, 4, dtype=torch.float32))
+    finally:
+        module.CONFIG.clear()
+        module.CONFIG.update(saved)

@@ -225,6 +225,8 @@ def _forward(q, k, v, g, gv, scale, initial_state, output_final_state, bounds, c
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
     N = bounds.numel() - 1
+    if CONFIG["fwd_walk"] not in ("scan", "tokens"):
+        raise ValueError(f"CONFIG['fwd_walk'] must be 'scan' or 'tokens', got {CONFIG['fwd_walk']!r}")
     tokens = CONFIG["fwd_walk"] == "tokens"
     BV = min(CONFIG["tokens_block_v" if tokens else "block_v"], _pow2(V))
     o = _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
