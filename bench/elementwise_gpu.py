@@ -218,8 +218,8 @@ def bench(programs, device):
 # (Run 13 also timed a walk over one state row at a time, mamba_ssm's order: slower at all 15 of its settings.)
 # Run 13 timed that grid (bench/results/run13/mamba_sweep_*.md: the default since is its fastest). This sweep times the
 # forward walked token by token (CONFIG["fwd_walk"] "tokens": one multiply-add per state element and token carries the
-# state, where the scan's combines take several; sm_90 SASS counts 10-13 instructions per element and token at V blocks 64-32 against the
-# scan walk's 14), over its V block, warps and tokens per unrolled chunk, whole and in segments, beside the default
+# state, where the scan's combines take several; sm_90 SASS loop bodies: 9.6-12.7 instructions per element and token
+# at V blocks 64-32 against the scan walk's 12.0), over its V block, warps and tokens per unrolled chunk, whole and in segments, beside the default
 # (the first row, the reference in this process).
 TOKENS_SWEEP = ([{}]
                 + [dict(fwd_walk="tokens", scan=s, tokens_block_v=b, tokens_num_warps=w) for s in (8, 16)

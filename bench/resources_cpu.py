@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def resource_usage(cubin: bytes) -> dict:
     """{registers, local (bytes of local memory per thread: spills and stack arrays), stack, instructions (SASS, per
-    thread, as compiled: a loop's body once), shuffles, shared (shared-memory loads, stores and barriers: layout
-    conversions, mostly)} of one compiled kernel, read from its cubin by the cuobjdump that ships with Triton. Counts
+    thread, as compiled: a loop's body once), loop (the largest loop body's), shuffles, shared (shared-memory loads,
+    stores and barriers: layout conversions, mostly)} of one compiled kernel, read from its cubin by the cuobjdump that ships with Triton. Counts
     of instructions are a static lead for element-wise kernels, whose time is instruction issue, not a time."""
     import triton
 
@@ -38,9 +38,21 @@ def resource_usage(cubin: bytes) -> dict:
         text = subprocess.run([str(cuobjdump), "-res-usage", str(path)], capture_output=True, text=True).stdout
         sass = subprocess.run([str(cuobjdump), "-sass", str(path)], capture_output=True, text=True).stdout
     number = lambda name: int(m.group(1)) if (m := re.search(name + r":(\d+)", text)) else -1
-    opcodes = [m.group(1).split(".")[0] for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)]
+    lines = [(int(m.group(1), 16), m.group(2), m.group(3))
+             for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
+    opcodes = [op.split(".")[0] for _, op, _ in lines]
     return {"registers": number("REG"), "local": number("LOCAL"), "stack": number("STACK"), "instructions": len(opcodes),
-            "shuffles": opcodes.count("SHFL"), "shared": sum(opcodes.count(op) for op in ("LDS", "STS", "BAR"))}
+            "loop": _largest_loop(lines), "shuffles": opcodes.count("SHFL"),
+            "shared": sum(opcodes.count(op) for op in ("LDS", "STS", "BAR"))}
+
+
+def _largest_loop(lines: list) -> int:
+    """Instructions of the largest loop (from a backward branch's target to the branch): the body a walk runs once
+    per chunk, where the kernel's total also counts what runs once per program."""
+    spans = [sum(1 for a, _, _ in lines if int(t.group(1), 16) <= a <= addr)
+             for addr, op, rest in lines if op.startswith("BRA") and (t := re.search(r"0x([0-9a-f]+)", rest))
+             and int(t.group(1), 16) < addr]
+    return max(spans, default=0)
 
 
 def main() -> None:
@@ -74,8 +86,8 @@ def main() -> None:
         defaults = dict(module.CONFIG)
         settings = [extra] if extra else thc.CASES.get(spec, [{}])
         seen = set()
-        print(f"## {spec}\n\n| kernel | constexprs | warps | regs | local bytes | shared bytes | SASS instructions | SHFL | "
-              f"LDS + STS + BAR |\n|---|---|---|---|---|---|---|---|---|")
+        print(f"## {spec}\n\n| kernel | constexprs | warps | regs | local bytes | shared bytes | SASS instructions | "
+              f"largest loop | SHFL | LDS + STS + BAR |\n|---|---|---|---|---|---|---|---|---|---|")
         for config in settings:
             module.CONFIG.update(defaults, **config)
             for fn, args, kwargs in thc._record_launches(module, run):
@@ -89,8 +101,8 @@ def main() -> None:
                 rep = resource_usage(kernel.asm["cubin"])
                 shown = {n: v for n, v in constexprs.items() if v is not None and n not in ("H", "C", "K", "V")}
                 print(f"| {fn.__name__} | {shown} | {options.get('num_warps', 4)} | {rep['registers']} | "
-                      f"{rep['local']} | {kernel.metadata.shared} | {rep['instructions']} | {rep['shuffles']} | "
-                      f"{rep['shared']} |", flush=True)
+                      f"{rep['local']} | {kernel.metadata.shared} | {rep['instructions']} | {rep['loop']} | "
+                      f"{rep['shuffles']} | {rep['shared']} |", flush=True)
         module.CONFIG.update(defaults)
         print()
 
