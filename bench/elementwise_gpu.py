@@ -3,10 +3,9 @@
 Parts (any subset, in this order):
   check  bf16 Triton (specs/lsm/mamba.lsm, gfw.lsm) vs the same spec's float32 torch chunkwise backend (itself tested
          against the float64 oracle on CPU): o, final state and every gradient, T no multiple of the scan, initial
-         state, a packed batch with a one-token sequence; fp32 Triton too; both forward walks (CONFIG["fwd_walk"]). Outputs
-         are poisoned (NaN) first.
-  sweep  Mamba's forward walked token by token over a grid of launch settings (SWEEP), beside the default, at T = 2K
-         and 32K: forward, then fwd+bwd of the fastest.
+         state, a packed batch with a one-token sequence; fp32 Triton too. Outputs are poisoned (NaN) first.
+  sweep  Mamba's walk with sequences cut into segments of 512 to 8192 tokens (SWEEP) and whole, at T = 8K and 32K:
+         forward, then fwd+bwd of the four fastest.
   bench  median ms (triton.testing.do_bench) at B*T = 32K tokens, T in {2K, 8K, 32K}, bf16:
          Mamba's selective scan (d_inner 2048 = 32 heads x V 64, N = K = 16) forward and forward+backward against the
          memory floor (u, dt, B, C, z read once and y written once, bf16, at 3.0 TB/s) and against mamba_ssm's CUDA
@@ -37,9 +36,8 @@ LENGTHS = [2048, 8192, 32768]
 MAMBA = dict(H=32, K=16, V=64)  # d_inner 2048, N 16
 GFW = dict(H=16, K=64, V=128)
 SETTINGS = {"mamba": {"default": {}, "run-12 default (block_v 16, 4 warps)": {"block_v": 16, "num_warps": 4},
-                      "segments of 2048 tokens": {"segment_tokens": 2048},
-                      "forward token by token": {"fwd_walk": "tokens"}},
-            "gfw": {"default": {}, "block_v 8": {"block_v": 8}, "forward token by token": {"fwd_walk": "tokens"}}}
+                      "segments of 2048 tokens": {"segment_tokens": 2048}},
+            "gfw": {"default": {}, "block_v 8": {"block_v": 8}}}
 BANDWIDTH = 3.0e12  # H100 device copy, bytes/s (DESIGN.md)
 TOL_O, TOL_GRAD = 2e-3, 1e-2  # bf16 against fp32 (DESIGN.md); fp32 Triton (tf32-free: no tl.dot here) gets 1e-4
 
@@ -110,11 +108,7 @@ def check(programs, device):
         dims = MAMBA if name == "mamba" else GFW
         cases = ({"B=2 T=40": (2, 40, None), "packed [25, 1, 14]": (1, 40, [0, 25, 26, 40])} if SMOKE else
                  {"B=2 T=1000": (2, 1000, None), "packed [700, 1, 299]": (1, 1000, [0, 700, 701, 1000])})
-        walks = [(label, walk) for label in cases for walk in ("scan", "tokens")]  # CONFIG["fwd_walk"]
-        for case, walk in walks:
-            module.CONFIG.update(fwd_walk=walk)
-            B, T, cu = cases[case]
-            label = f"{case}, {walk} walk"
+        for label, (B, T, cu) in cases.items():
             for dtype in (torch.bfloat16, torch.float32):
                 x = inputs(name, B, T, dims["H"], dims["K"], dims["V"], dtype, device, seed=T)
                 n_seq = B if cu is None else len(cu) - 1
@@ -139,7 +133,6 @@ def check(programs, device):
                 say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {worst_o:.2e} | {worst_g:.2e} | "
                     f"{'yes' if ok else 'NO'} |")
         module.POISON = False
-        module.CONFIG.update(fwd_walk="scan")
     say()
     return failures
 
@@ -212,43 +205,31 @@ def bench(programs, device):
         "chunk_gla (q, k, v, g at the same K, V; no value gate) for GFW. Empty: the peer did not import (log).")
 
 
-# Mamba's forward sat at 19x its memory floor in run 12 at the tile walk's two timed settings. The sweep times a grid
-# of launch settings (tokens per scan step, V block, warps; the [scan, K, V block] tiles between 2^8 and 2^14
-# elements): forward at T = 2K and 32K first (each setting compiles once), then fwd+bwd of the four fastest.
-# (Run 13 also timed a walk over one state row at a time, mamba_ssm's order: slower at all 15 of its settings.)
-# Run 13 timed that grid (bench/results/run13/mamba_sweep_*.md: the default since is its fastest). This sweep times the
-# forward walked token by token (CONFIG["fwd_walk"] "tokens": one multiply-add per state element and token carries the
-# state, where the scan's combines take several; sm_90 SASS loop bodies: 9.6-12.7 instructions per element and token
-# at V blocks 64-32 against the scan walk's 12.0), over its V block, warps and tokens per unrolled chunk, whole and in segments, beside the default
-# (the first row, the reference in this process).
-TOKENS_SWEEP = ([{}]
-                + [dict(fwd_walk="tokens", scan=s, tokens_block_v=b, tokens_num_warps=w) for s in (8, 16)
-                   for b in (8, 16, 32, 64) for w in (1, 2) if w * 32 <= 16 * b]
-                + [dict(fwd_walk="tokens", scan=16, tokens_block_v=b, tokens_num_warps=1, segment_tokens=n) for b in (16, 64)
-                   for n in (1024, 4096)])
-SWEEP = TOKENS_SWEEP
-BACKWARD_SETTINGS = [(4, 1), (8, 1), (8, 2), (16, 1), (16, 2)]  # (block_v, num_warps) of the backward's scan walk
-SETTING_KEYS = ("fwd_walk", "scan", "block_v", "num_warps", "tokens_block_v", "tokens_num_warps", "segment_tokens")
+# Mamba's forward sat at 19x its memory floor in run 12 at the tile walk's two timed settings; run 13 timed a grid of
+# launch settings (bench/results/run13/mamba_sweep_*.md: the default since is its fastest). Run 16 found segments
+# (docs/STATE_PASS.md) decisive at one 32K sequence and harmful at 8K (2,048 tokens: 4.61 -> 2.63 ms and 1.38 -> 2.56 ms
+# forward), so this sweep times segment lengths at 8K and 32K, at the default launch settings, for a policy by program
+# count. (Run 16 also timed a forward walked token by token: slower at all 20 of its settings; not kept.)
+SWEEP = [dict(segment_tokens=0)] + [dict(segment_tokens=n) for n in (512, 1024, 2048, 4096, 8192)]
 
 
 def _label(setting, defaults):
-    return " | ".join(str(setting.get(key, defaults[key])) for key in SETTING_KEYS)
+    return " | ".join(str(setting.get(key, defaults[key])) for key in ("scan", "block_v", "num_warps", "segment_tokens"))
 
 
 def sweep(programs, device):
-    """Mamba's walk at the SWEEP settings, T = 2K and 32K: forward ms of each, then fwd+bwd of the four fastest."""
+    """Mamba's walk at the SWEEP settings, T = 8K and 32K: forward ms of each, then fwd+bwd of the four fastest."""
     import torch
 
     program = programs["mamba"]
     op, module = program.op(), getattr(program.package, "mamba_triton")
     H, K, V = MAMBA["H"], MAMBA["K"], MAMBA["V"]
     defaults = dict(module.CONFIG)
-    lengths = [64] if SMOKE else [2048, 32768]
+    lengths = [64] if SMOKE else [8192, 32768]
     say(f"## Mamba's walk: launch settings (median ms, bf16, B*T = {TOKENS} tokens)")
     say()
-    say("| forward walk | scan | block_v | warps | tokens block_v | tokens warps | segment tokens | "
-        + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
-    say("|---|---|---|---|---|---|---|" + "---|---|" * len(lengths))
+    say("| scan | block_v | warps | segment tokens | " + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
+    say("|---|---|---|---|" + "---|---|" * len(lengths))
     data = {}
     for T in lengths:
         leaves = {n: t.requires_grad_() for n, t in inputs("mamba", TOKENS // T, T, H, K, V, torch.bfloat16, device).items()}
@@ -263,12 +244,7 @@ def sweep(programs, device):
             continue
         timed.append((sum(forward), setting))
         say(f"| {_label(setting, defaults)} | " + " | ".join(f"{t:.3f} | " for t in forward) + " |")
-    fastest = [setting for _, setting in sorted(timed, key=lambda r: r[0])[:4]]
-    # the scan walk's block_v and warps launch the backward only, once the forward walks token by token
-    best_tokens = next((st for st in fastest if st.get("fwd_walk") == "tokens"), None)
-    backward = [] if best_tokens is None else [dict(best_tokens, block_v=b, num_warps=w) for b, w in BACKWARD_SETTINGS
-                                               if (b, w) != (defaults["block_v"], defaults["num_warps"])]
-    for setting in fastest + (backward[:1] if SMOKE else backward):
+    for _, setting in sorted(timed, key=lambda r: r[0])[:4]:
         module.CONFIG.update(defaults, **setting)
         cells = []
         for T in lengths:
@@ -282,8 +258,7 @@ def sweep(programs, device):
         say(f"| {_label(setting, defaults)} | " + " | ".join(cells) + " |")
     module.CONFIG.update(defaults)
     say()
-    say(f"Default: {defaults}. Forward rows first, then forward and fwd+bwd of the four fastest forwards, then the "
-        "fastest token walk's with the backward at other V blocks and warps.")
+    say(f"Default: {defaults}. Forward rows first, then forward and fwd+bwd of the four fastest forwards.")
 
 
 def _mamba_peer(selective_scan_fn, x, B, T, H, K, V, device):

@@ -11,7 +11,7 @@
 #  3. what limits the cells below 1.5x: Gated DeltaNet's and GLA's forward kernel by kernel against fla's (8K, packed).
 # PART=2 (the next call): the cells whose newest same-process row timed kernels that changed since (the starred rows
 # of bench/results/issue22_floors.md) at 2K and small heads, and the decay families' packed rows, against fla; while
-# fla compiles, the element-wise kind's check of both forward walks.
+# fla compiles, the element-wise kind's check.
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
@@ -23,7 +23,7 @@ if [ "${PART:-1}" = 2 ]; then
     FLA_CACHE_RESULTS=0 timeout $(left 330) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
       --memory-fraction 0.05 > $OUT/warm_${cell/:/_}.txt 2>&1 &
   done
-  # untimed while fla compiles: the element-wise kind's bf16 check of both forward walks (issue 17's token walk)
+  # untimed while fla compiles: the element-wise kind's bf16 check (issue 17)
   step check; timeout $(left 200) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
   grep "| NO |" $OUT/e/elementwise.md | cut -c1-200
   wait

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # What landed without a GPU (2026-12-07, ninth session), checked and timed in one call (~9.5 minutes), most decisive
 # first (a call cut short keeps what it measured):
-#  1. the element-wise walks' bf16 check: exp2 in the default walks (a change to GPU-checked kernels), and the opt-in
-#     forward walked token by token;
+#  1. the element-wise walks' bf16 check: exp2 in the default walks (a change to GPU-checked kernels);
 #  2. A0.3B-2B GLA training, compiled: the clipping folded into the fused AdamW (clipped_step) against the clipping
 #     pass of before (compiled+clip-pass), in one process;
 #  3. the compiled decode step's check against a float32 step (GLA), with its timing;
-#  4. Mamba's forward: the token walk's launch settings beside the default.
+#  4. Mamba's walk with sequences cut into segments of 512 to 8192 tokens, at 8K and 32K.
+# Run 16 ran it (bench/results/run16/), when step 1 also checked a forward walked token by token, since removed.
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 export PYTHONPATH=.:$PYTHONPATH

@@ -3,8 +3,7 @@
 Mamba (outer-product gate) and GFW (outer-sum gate) against the float64 oracle: the output, the final state and every
 gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (one of a single token), two V blocks and
 K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
-both cut into segments walked at once (CONFIG["segment_tokens"]); both with the decode step against the torch step;
-and the same with the forward walked token by token (CONFIG["fwd_walk"] "tokens").
+both cut into segments walked at once (CONFIG["segment_tokens"]); both with the decode step against the torch step.
 Outputs start as
 NaN (POISON), so an element no kernel writes fails. fp32 here; bf16 runs on the GPU (bench/elementwise_gpu.py).
 
@@ -92,16 +91,6 @@ CHILD = textwrap.dedent(
             what: 0.0 if torch.equal(a, b) else float("inf") for what, a, b in zip(("o", "final_state"), *got)}
     triton_mod.CONFIG.update(segment_tokens=0)
     out["step"] = step_case()
-    # the token-by-token forward walk (CONFIG["fwd_walk"]), at a V block of its own, with the scan kernel's backward
-    triton_mod.CONFIG.update(fwd_walk="tokens", tokens_block_v=4)
-    if name == "mamba":
-        out["tokens: varlen [20, 0, 1, 3], K=3 V=12"] = case(1, 24, 1, 3, 12, lens=[20, 0, 1, 3])
-    else:
-        out["tokens: batch B=2 T=19, a strong gate, K=4 V=8"] = case(2, 19, 1, 4, 8, strong=True)
-    triton_mod.CONFIG.update(segment_tokens=16)
-    out["tokens: B=2 T=37 in segments of 16 tokens, K=3 V=12"] = case(2, 37, 1, 3, 12, strong=name == "gfw")
-    triton_mod.CONFIG.update(segment_tokens=0)
-    out["tokens: step"] = step_case()
     print("RESULT " + json.dumps(out))
     '''
 )
@@ -116,26 +105,8 @@ def test_triton_matches_oracle(name):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     errors = json.loads(lines[-1][len("RESULT "):])
-    assert errors["step"] and errors["tokens: step"]
-    assert all(errs.keys() >= {"o", "final_state", "dq", "dk", "dv", "dinitial_state"}
-               for case, errs in errors.items() if not case.endswith("step") and "segment_tokens" not in case)
-    assert sum("segment_tokens" in case for case in errors) == 3 and sum(case.startswith("tokens") for case in errors) == 3
+    assert errors["step"] and all(errs.keys() >= {"o", "final_state", "dq", "dk", "dv", "dinitial_state"}
+                                  for case, errs in errors.items() if case != "step" and "segment_tokens" not in case)
+    assert sum("segment_tokens" in case for case in errors) == 3
     bad = {f"{case}: {n}": e for case, errs in errors.items() for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
-
-
-def test_unknown_forward_walk_is_refused_before_any_launch():
-    import torch
-
-    import lmoec
-    from test_elementwise import _inputs
-
-    module = lmoec.compile_spec(ROOT / "specs" / "lsm" / "mamba.lsm").package.mamba_triton
-    saved = dict(module.CONFIG)
-    module.CONFIG["fwd_walk"] = "token"
-    try:
-        with pytest.raises(ValueError, match="fwd_walk.*'scan' or 'tokens'"):
-            module.chunk(**_inputs("mamba", 1, 4, 1, 2, 4, dtype=torch.float32))
-    finally:
-        module.CONFIG.clear()
-        module.CONFIG.update(saved)

@@ -9,9 +9,7 @@ state in registers over chunks of SCAN tokens; inside a chunk an associative sca
 (exp(G_t), k_t w_t^T) gives every token's state, so the output needs no [T, K, V] tensor in memory; the chunk-entry
 states are stored when a gradient will be asked for), bwd (the reverse walk: each chunk's states again from its stored
 entry state, the state gradients dH_t = q_t do_t^T scale + exp(G_t+1) dH_t+1 by a scan over the chunk's tokens in
-reverse order, and from them dq, dk, dv and the gates' gradients), fwd_tokens (CONFIG["fwd_walk"] == "tokens": the
-forward walk token by token, the state carried by one multiply-add per element and token, the same chunk-entry states
-stored). step runs the forward walk on one token.
+reverse order, and from them dq, dk, dv and the gates' gradients). step runs fwd on one token.
 The reverse scan runs forward over inputs loaded in reverse order (tl.associative_scan's reverse=True is not
 trusted: triton-lang/triton#4362) and one tl.flip brings its result back into time order.
 Every exp() is of a gate G <= 0 or a product of them: strong gates underflow, never overflow.
@@ -24,11 +22,9 @@ import triton.language as tl
 # launch settings (tests and benchmarks may change them): V block of a program, tokens per scan, warps (the
 # outer-product gate's: the fastest of 39 settings for Mamba's fwd and fwd+bwd on an H100, bench/results/run13);
 # segment_tokens > 0 cuts sequences of a batch without cu_seqlens into segments of that many tokens (rounded up to
-# a multiple of scan) walked at once (_segment_entries; off until a GPU has timed it)
-# fwd_walk "tokens" runs the forward as _fwd_tokens_kernel at its own V block and warps (tokens_block_v,
-# tokens_num_warps; not yet timed on a GPU, so "scan" stays the default)
-CONFIG = {"block_v": 8, "scan": 16, "num_warps": 1, "segment_tokens": 0, "fwd_walk": "scan", "tokens_block_v": 32,
-          "tokens_num_warps": 1}
+# a multiple of scan) walked at once (_segment_entries; off: on an H100, run 16, 2,048-token segments took Mamba's
+# forward at one 32K sequence from 4.61 to 2.63 ms and at 8K from 1.38 to 2.56 ms, so they want a policy by program count)
+CONFIG = {"block_v": 8, "scan": 16, "num_warps": 1, "segment_tokens": 0}
 POISON = False  # tests: every output starts as NaN, so an element no kernel writes fails
 
 
@@ -90,56 +86,6 @@ def _fwd_kernel(q, k, v, dt, A, o, h0, ht, states, bounds, chunk_base, scale,
         S = tl.sum(tl.where((o_c == SCAN - 1)[:, None, None], states_t, 0.0), axis=0)  # masked tokens keep the state
     if STORE_FINAL:
         tl.store(ht + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
-
-
-@triton.jit
-def _token_gate(t, live_k, live_v, dt, rate, i_h, o_k, o_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """exp(G) of token t as the token walk holds it, [BV, BK] (or a row or column of it that broadcasts; 1 past the
-    end: no decay), and the write factor w's multiplier [BV]. rate: the program's [BV, BK] tile of A times log2(e),
-    loaded once: exp2 of it (on sm_90, tl.exp of a tile costs three multiplies an element more)."""
-    step = tl.load(dt + (t * H + i_h) * V + o_v, mask=live_v, other=0.0).to(tl.float32)
-    return tl.exp2(step[:, None] * rate), step
-
-
-@triton.jit
-def _fwd_tokens_kernel(q, k, v, dt, A_kv, o, h0, ht, states, bounds, chunk_base, scale,
-                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       SCAN: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr):
-    """_fwd_kernel's walk token by token: S = exp(G_t) * S + k_t w_t^T, o_t = scale S^T q_t. Each chunk's SCAN tokens
-    are unrolled, so their loads and gates do not wait for the state: what carries it from token to token is one
-    multiply-add per element (the scan's tree of combines and its selection of the last state are gone). The state is
-    held transposed, [BV, BK], and every tile is addressed along V (A_kv: A as [H, K, V]), so the compiler lays
-    each V column's K elements in one thread: the output's sum over K takes no shuffles (sm_90 SASS loop body: 9.6
-    instructions per state element and token at BV 64, against 12.0 for the scan walk). The chunk-entry states are stored as
-    _fwd_kernel stores them, for the same backward."""
-    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
-    base = tl.load(chunk_base + i_n)
-    o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_vk = m_v[:, None] & m_k[None, :]
-    p_vk = o_k[None, :] * V + o_v[:, None]  # element (v, k) of a [K, V] state
-    S = tl.zeros([BV, BK], dtype=tl.float32)
-    if USE_H0:
-        S = tl.load(h0 + (i_n * H + i_h) * K * V + p_vk, mask=m_vk, other=0.0).to(tl.float32)
-    rate = tl.load(A_kv + i_h * K * V + p_vk, mask=m_vk, other=0.0).to(tl.float32) * LOG2E
-    for i_c in range(0, tl.cdiv(eos - bos, SCAN)):
-        if STORE_STATES:
-            tl.store(states + ((base + i_c) * H + i_h) * K * V + p_vk, S, mask=m_vk)
-        for j in tl.static_range(SCAN):
-            t = bos + i_c * SCAN + j
-            # the token's masks as blocks (Triton's interpreter makes a block & scalar mask int32)
-            live_k, live_v = m_k & (o_k * 0 + t < eos), m_v & (o_v * 0 + t < eos)
-            q_t = tl.load(q + (t * H + i_h) * K + o_k, mask=live_k, other=0.0).to(tl.float32)
-            k_t = tl.load(k + (t * H + i_h) * K + o_k, mask=live_k, other=0.0).to(tl.float32)
-            w = tl.load(v + (t * H + i_h) * V + o_v, mask=live_v, other=0.0).to(tl.float32)
-            decay, step = _token_gate(t, live_k, live_v, dt, rate, i_h, o_k, o_v, H, K, V)
-            w = w * step
-            S = decay * S + w[:, None] * k_t[None, :]  # a token past the end: decay 1, k 0, the state unchanged
-            out = tl.sum(S * q_t[None, :], axis=1) * scale
-            tl.store(o + (t * H + i_h) * V + o_v, out.to(o.dtype.element_ty), mask=live_v)
-    if STORE_FINAL:
-        tl.store(ht + (i_n * H + i_h) * K * V + p_vk, S, mask=m_vk)
 
 
 @triton.jit
@@ -231,19 +177,16 @@ def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, c
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
     N = bounds.numel() - 1
-    if CONFIG["fwd_walk"] not in ("scan", "tokens"):
-        raise ValueError(f"CONFIG['fwd_walk'] must be 'scan' or 'tokens', got {CONFIG['fwd_walk']!r}")
-    tokens = CONFIG["fwd_walk"] == "tokens"
-    BV = min(CONFIG["tokens_block_v" if tokens else "block_v"], _pow2(V))
+    BV = min(CONFIG["block_v"], _pow2(V))
     o = _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
     ht = _empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     if store_states and n_states is None:  # a packed batch: chunk_base[-1] is the number of states (a host read)
         n_states = int(chunk_base[-1])
     states = _empty(n_states, H, K, V, device=q.device, dtype=torch.float32) if store_states else None
-    (_fwd_tokens_kernel if tokens else _fwd_kernel)[(triton.cdiv(V, BV), N, H)](
-        q, k, v, dt, A.transpose(1, 2).contiguous() if tokens else A, o, initial_state, ht, states, bounds, chunk_base, scale,
+    _fwd_kernel[(triton.cdiv(V, BV), N, H)](
+        q, k, v, dt, A, o, initial_state, ht, states, bounds, chunk_base, scale,
         H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_H0=initial_state is not None,
-        STORE_FINAL=output_final_state, STORE_STATES=store_states, num_warps=CONFIG["tokens_num_warps" if tokens else "num_warps"])
+        STORE_FINAL=output_final_state, STORE_STATES=store_states, num_warps=CONFIG["num_warps"])
     return o, ht, states
 
 
