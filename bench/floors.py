@@ -52,12 +52,45 @@ def floors_ms(family: str, shape: str, gpu: str = "h100") -> dict[str, float]:
             "op_fwd": fwd_bytes / bandwidth * 1e3, "op_fwdbwd": (fwd_bytes + bwd_bytes) / bandwidth * 1e3}
 
 
+COLUMNS = ("family", "shape", "lmoec_fwd", "lmoec_fwdbwd", "fla_fwd", "fla_fwdbwd", "sdpa_fwdbwd", "run", "changed", "kernels")
+TIMES = ("lmoec_fwd", "lmoec_fwdbwd", "fla_fwd", "fla_fwdbwd", "sdpa_fwdbwd")
+
+
+class CellsError(ValueError):
+    """A row of the measurements file that can't be used; the message names file:line."""
+
+
 def read_cells(path: str) -> list[dict]:
-    with open(path) as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    for row in rows:
-        for key in ("lmoec_fwd", "lmoec_fwdbwd", "fla_fwd", "fla_fwdbwd", "sdpa_fwdbwd"):
-            row[key] = float(row[key]) if row[key] else None
+    """The rows of the measurements file ('#' lines are comments), checked: known family and shape, positive times
+    (empty where not measured), lmoec's forward present, `changed` one of none / forward / backward / both."""
+    with open(path, encoding="utf-8") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip() and not line.startswith("#")]
+    if not lines:
+        raise CellsError(f"{path}: no header and no rows")
+    reader = csv.DictReader(line for _, line in lines)
+    if tuple(reader.fieldnames or ()) != COLUMNS:
+        raise CellsError(f"{path}:{lines[0][0]}: the header must be {','.join(COLUMNS)}")
+    rows = []
+    for (n, _), row in zip(lines[1:], reader):
+        where = f"{path}:{n}"
+        if None in row or None in row.values():
+            raise CellsError(f"{where}: {len(COLUMNS)} fields expected")
+        if not os.path.exists(os.path.join(ROOT, "specs", "lsm", f"{row['family']}.lsm")):
+            raise CellsError(f"{where}: unknown family {row['family']!r} (no specs/lsm/{row['family']}.lsm)")
+        if row["shape"] not in SHAPES:
+            raise CellsError(f"{where}: unknown shape {row['shape']!r}; one of {', '.join(SHAPES)}")
+        if row["changed"] not in ("none", "forward", "backward", "both"):
+            raise CellsError(f"{where}: changed must be none, forward, backward or both, got {row['changed']!r}")
+        for key in TIMES:
+            try:
+                row[key] = float(row[key]) if row[key] else None
+            except ValueError:
+                raise CellsError(f"{where}: {key} is not a number: {row[key]!r}") from None
+            if row[key] is not None and not (0 < row[key] < float("inf")):
+                raise CellsError(f"{where}: {key} must be a positive time in ms, got {row[key]}")
+        if row["lmoec_fwd"] is None:
+            raise CellsError(f"{where}: lmoec_fwd is missing")
+        rows.append(row)
     return rows
 
 
@@ -118,7 +151,14 @@ def main() -> int:
     parser.add_argument("--out", help="write the markdown here (default: print it)")
     parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
     args = parser.parse_args()
-    text = report(read_cells(args.cells), args.gpu)
+    try:
+        text = report(read_cells(args.cells), args.gpu)
+    except UnicodeDecodeError:
+        print(f"floors.py: {args.cells}: not UTF-8 text", file=sys.stderr)
+        return 2
+    except (OSError, CellsError) as err:
+        print(f"floors.py: {err}", file=sys.stderr)
+        return 2
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
