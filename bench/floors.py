@@ -20,6 +20,7 @@ import datetime
 import functools
 import io
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,7 +76,7 @@ def read_cells(path: str) -> list[dict]:
         where = f"{path}:{n}"
         if None in row or None in row.values():
             raise CellsError(f"{where}: {len(COLUMNS)} fields expected")
-        if not os.path.exists(os.path.join(ROOT, "specs", "lsm", f"{row['family']}.lsm")):
+        if not re.fullmatch(r"[a-z0-9_]+", row["family"]) or not os.path.exists(os.path.join(ROOT, "specs", "lsm", f"{row['family']}.lsm")):
             raise CellsError(f"{where}: unknown family {row['family']!r} (no specs/lsm/{row['family']}.lsm)")
         if row["shape"] not in SHAPES:
             raise CellsError(f"{where}: unknown shape {row['shape']!r}; one of {', '.join(SHAPES)}")
