@@ -11,6 +11,7 @@ by Triton for sm_90 and its cubin's resource usage read by cuobjdump. Spills sho
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
@@ -49,9 +50,10 @@ def resource_usage(cubin: bytes) -> dict:
 def _largest_loop(lines: list) -> int:
     """Instructions of the largest loop (from a backward branch's target to the branch): the body a walk runs once
     per chunk, where the kernel's total also counts what runs once per program."""
-    spans = [sum(1 for a, _, _ in lines if int(t.group(1), 16) <= a <= addr)
-             for addr, op, rest in lines if op.startswith("BRA") and (t := re.search(r"0x([0-9a-f]+)", rest))
-             and int(t.group(1), 16) < addr]
+    addresses = [addr for addr, _, _ in lines]  # ascending, as cuobjdump prints them
+    spans = [i - bisect.bisect_left(addresses, int(t.group(1), 16)) + 1
+             for i, (addr, op, rest) in enumerate(lines)
+             if op.startswith("BRA") and (t := re.search(r"0x([0-9a-f]+)", rest)) and int(t.group(1), 16) < addr]
     return max(spans, default=0)
 
 
