@@ -4,7 +4,8 @@ Parts (any subset, in this order):
   check  bf16 Triton (specs/lsm/mamba.lsm, gfw.lsm) vs the same spec's float32 torch chunkwise backend (itself tested
          against the float64 oracle on CPU): o, final state and every gradient, T no multiple of the scan, initial
          state, a packed batch with a one-token sequence; fp32 Triton too. Outputs are poisoned (NaN) first.
-  sweep  Mamba's walk with sequences cut into segments of 512 to 8192 tokens (SWEEP) and whole, at T = 8K and 32K:
+  sweep  Mamba's walk at the default segment policy, whole, and cut into segments of 512 to 8192 tokens (SWEEP), at
+         T = 8K and 32K:
          forward, then fwd+bwd of the four fastest.
   bench  median ms (triton.testing.do_bench) at B*T = 32K tokens, T in {2K, 8K, 32K}, bf16:
          Mamba's selective scan (d_inner 2048 = 32 heads x V 64, N = K = 16) forward and forward+backward against the
@@ -36,8 +37,9 @@ LENGTHS = [2048, 8192, 32768]
 MAMBA = dict(H=32, K=16, V=64)  # d_inner 2048, N 16
 GFW = dict(H=16, K=64, V=128)
 SETTINGS = {"mamba": {"default": {}, "run-12 default (block_v 16, 4 warps)": {"block_v": 16, "num_warps": 4},
-                      "segments of 2048 tokens": {"segment_tokens": 2048}},
-            "gfw": {"default": {}, "block_v 8": {"block_v": 8}}}
+                      "whole sequences (no segments)": {"walk_programs": 0}},
+            "gfw": {"default": {}, "block_v 16 (run-16 default)": {"block_v": 16},
+                    "whole sequences (no segments)": {"walk_programs": 0}}}
 BANDWIDTH = 3.0e12  # H100 device copy, bytes/s (DESIGN.md)
 TOL_O, TOL_GRAD = 2e-3, 1e-2  # bf16 against fp32 (DESIGN.md); fp32 Triton (tf32-free: no tl.dot here) gets 1e-4
 
@@ -108,6 +110,9 @@ def check(programs, device):
         dims = MAMBA if name == "mamba" else GFW
         cases = ({"B=2 T=40": (2, 40, None), "packed [25, 1, 14]": (1, 40, [0, 25, 26, 40])} if SMOKE else
                  {"B=2 T=1000": (2, 1000, None), "packed [700, 1, 299]": (1, 1000, [0, 700, 701, 1000])})
+        if not SMOKE:  # one sequence: the default segment policy cuts it (LASP-2 within the GPU)
+            segments = module._layout(1, 3000, dims["H"], dims["V"], None, device)[3]
+            cases[f"B=1 T=3000 in {segments} segments"] = (1, 3000, None)
         for label, (B, T, cu) in cases.items():
             for dtype in (torch.bfloat16, torch.float32):
                 x = inputs(name, B, T, dims["H"], dims["K"], dims["V"], dtype, device, seed=T)
@@ -208,13 +213,18 @@ def bench(programs, device):
 # Mamba's forward sat at 19x its memory floor in run 12 at the tile walk's two timed settings; run 13 timed a grid of
 # launch settings (bench/results/run13/mamba_sweep_*.md: the default since is its fastest). Run 16 found segments
 # (docs/STATE_PASS.md) decisive at one 32K sequence and harmful at 8K (2,048 tokens: 4.61 -> 2.63 ms and 1.38 -> 2.56 ms
-# forward), so this sweep times segment lengths at 8K and 32K, at the default launch settings, for a policy by program
-# count. (Run 16 also timed a forward walked token by token: slower at all 20 of its settings; not kept.)
-SWEEP = [dict(segment_tokens=0)] + [dict(segment_tokens=n) for n in (512, 1024, 2048, 4096, 8192)]
+# forward); the policy by program count set from those two points (CONFIG walk_programs) is the default, and this
+# sweep times it against whole sequences and forced segment lengths at 8K and 32K. (Run 16 also timed a forward walked
+# token by token: slower at all 20 of its settings; not kept.)
+FORCED = dict(walk_programs=10**9, segment_programs=10**9)
+SWEEP = [{}, dict(walk_programs=0)] + [dict(FORCED, segment_chunks=n // 16) for n in (512, 1024, 2048, 4096, 8192)]
 
 
 def _label(setting, defaults):
-    return " | ".join(str(setting.get(key, defaults[key])) for key in ("scan", "block_v", "num_warps", "segment_tokens"))
+    config = dict(defaults, **setting)
+    cut = ("policy" if not setting else "never" if not config["walk_programs"]
+           else f"{config['segment_chunks'] * config['scan']} tokens")
+    return " | ".join(str(config[key]) for key in ("scan", "block_v", "num_warps")) + f" | {cut}"
 
 
 def sweep(programs, device):
@@ -228,7 +238,7 @@ def sweep(programs, device):
     lengths = [64] if SMOKE else [8192, 32768]
     say(f"## Mamba's walk: launch settings (median ms, bf16, B*T = {TOKENS} tokens)")
     say()
-    say("| scan | block_v | warps | segment tokens | " + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
+    say("| scan | block_v | warps | segments | " + " | ".join(f"fwd ms T={T} | fwd+bwd ms T={T}" for T in lengths) + " |")
     say("|---|---|---|---|" + "---|---|" * len(lengths))
     data = {}
     for T in lengths:

@@ -11,7 +11,7 @@
 #  3. what limits the cells below 1.5x: Gated DeltaNet's and GLA's forward kernel by kernel against fla's (8K, packed).
 # PART=2 (the next call): the cells whose newest same-process row timed kernels that changed since (the starred rows
 # of bench/results/issue22_floors.md) at 2K and small heads, and the decay families' packed rows, against fla; while
-# fla compiles, the element-wise kind's check.
+# fla compiles, the checks of the delta template (exp2) and the element-wise kind (segment policy, GFW's block_v 8).
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
@@ -23,15 +23,18 @@ if [ "${PART:-1}" = 2 ]; then
     FLA_CACHE_RESULTS=0 timeout $(left 330) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
       --memory-fraction 0.05 > $OUT/warm_${cell/:/_}.txt 2>&1 &
   done
-  # untimed while fla compiles: the element-wise kind's bf16 check (issue 17)
-  step check; timeout $(left 200) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
+  # untimed while fla compiles: the delta template's check (its exp2 walks), the element-wise kind's (issue 17)
+  step check; timeout $(left 170) $F check --families gated_deltanet,deltanet,gated_delta_vector \
+    --cases "default,varlen [,K=V=64" --out $OUT/c > /dev/null 2>&1
+  grep "FAIL\|ALL PASS" $OUT/c/families.md | cut -c1-300
+  timeout $(left 300) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
   grep "| NO |" $OUT/e/elementwise.md | cut -c1-200
   wait
   step bench; timeout $(left $(( B - 150 ))) $F bench --no-sdpa --families deltanet,gla,rwkv6,gated_deltanet --shapes 2K,heads64 \
     --out $OUT/b > /dev/null 2>&1
   step varlen; timeout $(left $B) $F bench --no-sdpa --families simple_gla,rwkv6,rwkv7 --shapes varlen --out $OUT/v > /dev/null 2>&1
   step done
-  for d in b v; do echo "#### $d"; grep "^| \|^###" $OUT/$d/families.md 2>/dev/null | cut -c1-260; done
+  for d in c b v; do echo "#### $d"; grep "^| \|^###" $OUT/$d/families.md 2>/dev/null | cut -c1-260; done
   echo "#### e"; grep "^| " $OUT/e/elementwise.md 2>/dev/null | cut -c1-200
   tail -qn1 $OUT/warm_*.txt
   exit 0

@@ -3,8 +3,9 @@
 # kernel here passed its bf16 check in runs 10-12). Each part writes its table a row at a time, so a call cut
 # short keeps what it measured. Run 12 learned the costs: fla compiles MomAttention for minutes before its first row,
 # Titans' kernels at four launch settings take about two minutes to compile, Mamba's rows about 20 s each.
-#   PART=1: the element-wise check (bf16 and fp32), then Mamba's walk with sequences cut into segments of 512 to 8192
-#           tokens at 8K and 32K (run 16: 2,048-token segments halve the 32K forward and double the 8K one).
+#   PART=1: the element-wise check (bf16 and fp32; one sequence the default segment policy cuts), then Mamba's walk at
+#           the default policy, whole, and in segments of 512 to 8192 tokens, at 8K and 32K (run 16: 2,048-token
+#           segments halve the 32K forward and double the 8K one; the policy cuts only the 32K one).
 #   PART=4: the MoM layer against fla's MomAttention and a plain Gated DeltaNet layer (issue 19: >= 1.2x fla,
 #           <= 1.5x GDN).
 #   PART=3: Mamba against its memory floor and GFW against fla's chunk_gla (issue 17), at the default settings; then

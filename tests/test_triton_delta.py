@@ -188,7 +188,7 @@ def check(name: str) -> dict:
         assert mod._walk_layout(args["q"], case.D, cu)[0] == 16
     if "segments" in name:  # the case must take the segmented path
         bounds = [0, 13, 63, 75, 79] if cu is not None else [i * case.T for i in range(3)]
-        assert mod._segment_chunks(bounds, 2 * triton_blocks(mod, case.Dv or case.D)) is not None
+        assert mod._segment_chunks(bounds, 2 * triton_blocks(mod, case.Dv or case.D), mod.CHUNK) is not None
     names = list(args)
     ours = {n: t.clone().requires_grad_() for n, t in args.items()}
     refs = {n: t.double().requires_grad_() for n, t in args.items()}

@@ -3,7 +3,7 @@
 Mamba (outer-product gate) and GFW (outer-sum gate) against the float64 oracle: the output, the final state and every
 gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (one of a single token), two V blocks and
 K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
-both cut into segments walked at once (CONFIG["segment_tokens"]); both with the decode step against the torch step.
+both cut into segments walked at once (the segment policy forced); both with the decode step against the torch step.
 Outputs start as
 NaN (POISON), so an element no kernel writes fails. fp32 here; bf16 runs on the GPU (bench/elementwise_gpu.py).
 
@@ -19,6 +19,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+import lmoec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,17 +82,19 @@ CHILD = textwrap.dedent(
            case(1, 24, 1, 3, 12, lens=[20, 0, 1, 3])}
     else:
         out = {"batch B=2 T=19, a strong gate, K=4 V=8": case(2, 19, 1, 4, 8, strong=True)}
-    # one long sequence per row cut into segments walked at once (CONFIG["segment_tokens"]): 37 tokens in 16s
-    triton_mod.CONFIG.update(segment_tokens=16)
-    assert triton_mod._layout(2, 37, None, "cpu")[3] == 3
+    # one long sequence per row cut into segments walked at once (the segment policy forced): 37 tokens in 16s (2 scans)
+    defaults = dict(triton_mod.CONFIG)
+    cut, whole = dict(walk_programs=10**9, segment_programs=10**9, segment_chunks=2), dict(walk_programs=0)
+    triton_mod.CONFIG.update(cut)
+    assert triton_mod._layout(2, 37, 1, 12, None, "cpu")[3] == 3
     out["B=2 T=37 in segments of 16 tokens, K=3 V=12"] = case(2, 37, 1, 3, 12, strong=name == "gfw")
     for B, T in ((0, 40), (2, 5), (2, 0)):  # no sequence, shorter than a segment, empty: the plain walk's results
         x = _inputs(name, B, T, 1, 3, 12, dtype=torch.float32)
-        got = [op(**x, output_final_state=True, backend="triton") for segment_tokens in (16, 0)
-               if not triton_mod.CONFIG.update(segment_tokens=segment_tokens)]
-        out[f"B={B} T={T} with segment_tokens 16"] = {
+        got = [op(**x, output_final_state=True, backend="triton") for setting in (cut, whole)
+               if not triton_mod.CONFIG.update(setting)]
+        out[f"B={B} T={T} segmented in 16s"] = {
             what: 0.0 if torch.equal(a, b) else float("inf") for what, a, b in zip(("o", "final_state"), *got)}
-    triton_mod.CONFIG.update(segment_tokens=0)
+    triton_mod.CONFIG.update(defaults)
     out["step"] = step_case()
     print("RESULT " + json.dumps(out))
     '''
@@ -106,7 +111,16 @@ def test_triton_matches_oracle(name):
     assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     errors = json.loads(lines[-1][len("RESULT "):])
     assert errors["step"] and all(errs.keys() >= {"o", "final_state", "dq", "dk", "dv", "dinitial_state"}
-                                  for case, errs in errors.items() if case != "step" and "segment_tokens" not in case)
-    assert sum("segment_tokens" in case for case in errors) == 3
+                                  for case, errs in errors.items() if case != "step" and "segmented in" not in case)
+    assert sum("segmented in" in case for case in errors) == 3
     bad = {f"{case}: {n}": e for case, errs in errors.items() for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
+
+
+def test_segment_policy_cuts_only_an_idle_walk():
+    """The default rule at the shapes run 16 timed (Mamba, d_inner 2048 = 32 heads x V 64): one 32K sequence (256
+    programs) is cut into 2,048-token segments, four 8K sequences (1,024 programs) and a packed batch are walked whole."""
+    triton_mod = getattr(lmoec.compile_spec(ROOT / "specs/lsm/mamba.lsm").package, "mamba_triton")
+    assert triton_mod._layout(1, 32768, 32, 64, None, "cpu")[3:] == (16, 2048)
+    assert triton_mod._layout(4, 8192, 32, 64, None, "cpu")[3] == 1
+    assert triton_mod._layout(1, 32768, 32, 64, torch.tensor([0, 32768]), "cpu")[3] == 1

@@ -36,6 +36,10 @@ from lmoec.runtime.contract import sequence_offsets
 
 CHUNK = 64
 BLOCK = 16  # rows of the UT transform's tiles
+# The kernels hold G in base 2 (G * log2(e), so stored in gc) and take exp2 of it: one multiply per token where the
+# cumulative sum is formed, not one per element of every exp tile (tl.exp is exp2 of x * log2(e) on the GPU). The
+# gradients stay in natural units: they are sums of products of the exp values, which are unchanged.
+LOG2E = tl.constexpr(1.4426950408889634)
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
@@ -119,49 +123,49 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_k0 = tl.load(k + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0)
-        b_G0 = tl.cumsum(tl.load(g + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0)
+        b_G0 = tl.cumsum(tl.load(g + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
         b_Gend0 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G0, 0.0), 0)
         b_k1 = tl.load(k + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0)
-        b_G1 = tl.cumsum(tl.load(g + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0) + b_Gend0[None, :]
+        b_G1 = tl.cumsum(tl.load(g + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend0[None, :]
         b_Gend1 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G1, 0.0), 0)
         b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0)
-        b_G2 = tl.cumsum(tl.load(g + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0) + b_Gend1[None, :]
+        b_G2 = tl.cumsum(tl.load(g + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend1[None, :]
         b_Gend2 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G2, 0.0), 0)
         b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0)
-        b_G3 = tl.cumsum(tl.load(g + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0) + b_Gend2[None, :]
+        b_G3 = tl.cumsum(tl.load(g + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend2[None, :]
         b_Gend3 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G3, 0.0), 0)
 
         tl.store(gc + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_G0, mask=valid0[:, None] & m_k[None, :])
         # k_j / Gam_j relative to the decay before tile j: exp() stays within one tile's decay
-        b_kI0 = (b_k0.to(tl.float32) * tl.exp(- b_G0)).to(b_k0.dtype)
+        b_kI0 = (b_k0.to(tl.float32) * tl.exp2(- b_G0)).to(b_k0.dtype)
         tl.store(gc + (tok1[:, None] * H + i_h) * K + o_k[None, :], b_G1, mask=valid1[:, None] & m_k[None, :])
         # k_j / Gam_j relative to the decay before tile j: exp() stays within one tile's decay
-        b_kI1 = (b_k1.to(tl.float32) * tl.exp(b_Gend0[None, :] - b_G1)).to(b_k1.dtype)
+        b_kI1 = (b_k1.to(tl.float32) * tl.exp2(b_Gend0[None, :] - b_G1)).to(b_k1.dtype)
         tl.store(gc + (tok2[:, None] * H + i_h) * K + o_k[None, :], b_G2, mask=valid2[:, None] & m_k[None, :])
         # k_j / Gam_j relative to the decay before tile j: exp() stays within one tile's decay
-        b_kI2 = (b_k2.to(tl.float32) * tl.exp(b_Gend1[None, :] - b_G2)).to(b_k2.dtype)
+        b_kI2 = (b_k2.to(tl.float32) * tl.exp2(b_Gend1[None, :] - b_G2)).to(b_k2.dtype)
         tl.store(gc + (tok3[:, None] * H + i_h) * K + o_k[None, :], b_G3, mask=valid3[:, None] & m_k[None, :])
         # k_j / Gam_j relative to the decay before tile j: exp() stays within one tile's decay
-        b_kI3 = (b_k3.to(tl.float32) * tl.exp(b_Gend2[None, :] - b_G3)).to(b_k3.dtype)
-        b_kG = (b_k0.to(tl.float32) * tl.exp(b_G0)).to(b_k0.dtype)
+        b_kI3 = (b_k3.to(tl.float32) * tl.exp2(b_Gend2[None, :] - b_G3)).to(b_k3.dtype)
+        b_kG = (b_k0.to(tl.float32) * tl.exp2(b_G0)).to(b_k0.dtype)
         b_A00 = tl.dot(b_kG, tl.trans(b_kI0), b_A00)
-        b_kG = (b_k1.to(tl.float32) * tl.exp(b_G1)).to(b_k1.dtype)
+        b_kG = (b_k1.to(tl.float32) * tl.exp2(b_G1)).to(b_k1.dtype)
         b_A10 = tl.dot(b_kG, tl.trans(b_kI0), b_A10)
-        b_kG = (b_k1.to(tl.float32) * tl.exp(b_G1 - b_Gend0[None, :])).to(b_k1.dtype)
+        b_kG = (b_k1.to(tl.float32) * tl.exp2(b_G1 - b_Gend0[None, :])).to(b_k1.dtype)
         b_A11 = tl.dot(b_kG, tl.trans(b_kI1), b_A11)
-        b_kG = (b_k2.to(tl.float32) * tl.exp(b_G2)).to(b_k2.dtype)
+        b_kG = (b_k2.to(tl.float32) * tl.exp2(b_G2)).to(b_k2.dtype)
         b_A20 = tl.dot(b_kG, tl.trans(b_kI0), b_A20)
-        b_kG = (b_k2.to(tl.float32) * tl.exp(b_G2 - b_Gend0[None, :])).to(b_k2.dtype)
+        b_kG = (b_k2.to(tl.float32) * tl.exp2(b_G2 - b_Gend0[None, :])).to(b_k2.dtype)
         b_A21 = tl.dot(b_kG, tl.trans(b_kI1), b_A21)
-        b_kG = (b_k2.to(tl.float32) * tl.exp(b_G2 - b_Gend1[None, :])).to(b_k2.dtype)
+        b_kG = (b_k2.to(tl.float32) * tl.exp2(b_G2 - b_Gend1[None, :])).to(b_k2.dtype)
         b_A22 = tl.dot(b_kG, tl.trans(b_kI2), b_A22)
-        b_kG = (b_k3.to(tl.float32) * tl.exp(b_G3)).to(b_k3.dtype)
+        b_kG = (b_k3.to(tl.float32) * tl.exp2(b_G3)).to(b_k3.dtype)
         b_A30 = tl.dot(b_kG, tl.trans(b_kI0), b_A30)
-        b_kG = (b_k3.to(tl.float32) * tl.exp(b_G3 - b_Gend0[None, :])).to(b_k3.dtype)
+        b_kG = (b_k3.to(tl.float32) * tl.exp2(b_G3 - b_Gend0[None, :])).to(b_k3.dtype)
         b_A31 = tl.dot(b_kG, tl.trans(b_kI1), b_A31)
-        b_kG = (b_k3.to(tl.float32) * tl.exp(b_G3 - b_Gend1[None, :])).to(b_k3.dtype)
+        b_kG = (b_k3.to(tl.float32) * tl.exp2(b_G3 - b_Gend1[None, :])).to(b_k3.dtype)
         b_A32 = tl.dot(b_kG, tl.trans(b_kI2), b_A32)
-        b_kG = (b_k3.to(tl.float32) * tl.exp(b_G3 - b_Gend2[None, :])).to(b_k3.dtype)
+        b_kG = (b_k3.to(tl.float32) * tl.exp2(b_G3 - b_Gend2[None, :])).to(b_k3.dtype)
         b_A33 = tl.dot(b_kG, tl.trans(b_kI3), b_A33)
     # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j); row r of the diagonal tiles of (T - I) is -A_r - sum_{m < r} A_rm (T - I)_m
     b_A00 = tl.where(strict, b_A00, 0.0) * b_beta0[:, None]
@@ -233,22 +237,22 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
             b_k0 = tl.load(k + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0)
-            b_G0 = tl.cumsum(tl.load(g + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0)
+            b_G0 = tl.cumsum(tl.load(g + (tok0[:, None] * H + i_h) * K + o_k[None, :], mask=valid0[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
             b_Gend0 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G0, 0.0), 0)
             b_k1 = tl.load(k + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0)
-            b_G1 = tl.cumsum(tl.load(g + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0) + b_Gend0[None, :]
+            b_G1 = tl.cumsum(tl.load(g + (tok1[:, None] * H + i_h) * K + o_k[None, :], mask=valid1[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend0[None, :]
             b_Gend1 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G1, 0.0), 0)
             b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0)
-            b_G2 = tl.cumsum(tl.load(g + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0) + b_Gend1[None, :]
+            b_G2 = tl.cumsum(tl.load(g + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend1[None, :]
             b_Gend2 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G2, 0.0), 0)
             b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0)
-            b_G3 = tl.cumsum(tl.load(g + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0).to(tl.float32), 0) + b_Gend2[None, :]
+            b_G3 = tl.cumsum(tl.load(g + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend2[None, :]
             b_Gend3 = tl.sum(tl.where((o_s == BS - 1)[:, None], b_G3, 0.0), 0)
 
-            b_x0 = (b_k0.to(tl.float32) * tl.exp(b_G0) * b_beta0[:, None]).to(b_k0.dtype)
-            b_x1 = (b_k1.to(tl.float32) * tl.exp(b_G1) * b_beta1[:, None]).to(b_k1.dtype)
-            b_x2 = (b_k2.to(tl.float32) * tl.exp(b_G2) * b_beta2[:, None]).to(b_k2.dtype)
-            b_x3 = (b_k3.to(tl.float32) * tl.exp(b_G3) * b_beta3[:, None]).to(b_k3.dtype)
+            b_x0 = (b_k0.to(tl.float32) * tl.exp2(b_G0) * b_beta0[:, None]).to(b_k0.dtype)
+            b_x1 = (b_k1.to(tl.float32) * tl.exp2(b_G1) * b_beta1[:, None]).to(b_k1.dtype)
+            b_x2 = (b_k2.to(tl.float32) * tl.exp2(b_G2) * b_beta2[:, None]).to(b_k2.dtype)
+            b_x3 = (b_k3.to(tl.float32) * tl.exp2(b_G3) * b_beta3[:, None]).to(b_k3.dtype)
             b_w = tl.dot(b_T00, b_x0)
             tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None] & m_k[None, :])
             b_w = tl.dot(b_T10, b_x0) + tl.dot(b_T11, b_x1)
@@ -300,7 +304,7 @@ def _wu_kernel(k, v, beta, gc, w, u, tm, cu_seqlens, chunk_indices, H,
         m_tk = valid[:, None] & (o_k < K)[None, :]
         p_k = (tok[:, None] * H + i_h) * K + o_k[None, :]
         b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-        b_x = (b_k.to(tl.float32) * tl.exp(tl.load(gc + p_k, mask=m_tk, other=0.0)) * b_beta_k[:, None]).to(b_k.dtype)
+        b_x = (b_k.to(tl.float32) * tl.exp2(tl.load(gc + p_k, mask=m_tk, other=0.0)) * b_beta_k[:, None]).to(b_k.dtype)
         tl.store(w + p_k, tl.dot(b_Tm, b_x).to(w.dtype.element_ty), mask=m_tk)
     if U:
         for i_v in range(0, tl.cdiv(V, BV)):
@@ -360,7 +364,7 @@ def _chunk_state_kernel(q, k, w, u, tm, v, beta, gc, o, h, v_new, h0, ht, pm, ro
         m_tv = valid[:, None] & m_v[None, :]
         if WU_IN_WALK:
             b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-            b_x = (b_k.to(tl.float32) * tl.exp(b_G) * b_beta[:, None]).to(b_k.dtype)
+            b_x = (b_k.to(tl.float32) * tl.exp2(b_G) * b_beta[:, None]).to(b_k.dtype)
             b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
             b_r = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32) * b_beta[:, None] - tl.dot(b_x, b_S.to(b_x.dtype))
             b_vn = tl.dot(b_Tm, b_r.to(b_Tm.dtype))
@@ -372,12 +376,12 @@ def _chunk_state_kernel(q, k, w, u, tm, v, beta, gc, o, h, v_new, h0, ht, pm, ro
         if FUSE_OUTPUT:
             b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
             # o = scale (Gam * q S + M v') with M = tril(q k^T Gam_i / Gam_j)
-            b_qS = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
-            b_M = tl.where(causal, tl.dot(b_qS, tl.trans((b_k.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype))), 0.0)
+            b_qS = (b_q.to(tl.float32) * tl.exp2(b_G)).to(b_q.dtype)
+            b_M = tl.where(causal, tl.dot(b_qS, tl.trans((b_k.to(tl.float32) * tl.exp2(-b_G)).to(b_k.dtype))), 0.0)
             b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
             tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
-        b_k = (b_k.to(tl.float32) * tl.exp(b_Glast[None, :] - b_G)).to(b_k.dtype)
-        b_S = b_S * tl.exp(b_Glast)[:, None]
+        b_k = (b_k.to(tl.float32) * tl.exp2(b_Glast[None, :] - b_G)).to(b_k.dtype)
+        b_S = b_S * tl.exp2(b_Glast)[:, None]
         b_S += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype))
     if STORE_HT:
         tl.store(ht + (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], b_S, mask=m_kv)
@@ -444,8 +448,8 @@ def _chunk_output_kernel(q, k, gc, h, v_new, o, cu_seqlens, chunk_indices, scale
         b_S = tl.load(h + (i_t.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
         b_Gk = tl.load(gc + p_k, mask=m_tk, other=0.0)
-        b_qG = (b_q.to(tl.float32) * tl.exp(b_Gk)).to(b_q.dtype)
-        b_M = tl.dot(b_qG, tl.trans((b_k.to(tl.float32) * tl.exp(-b_Gk)).to(b_k.dtype)), b_M)
+        b_qG = (b_q.to(tl.float32) * tl.exp2(b_Gk)).to(b_q.dtype)
+        b_M = tl.dot(b_qG, tl.trans((b_k.to(tl.float32) * tl.exp2(-b_Gk)).to(b_k.dtype)), b_M)
         b_qS = tl.dot(b_qG, b_S.to(b_q.dtype), b_qS)
     b_M = tl.where(causal, b_M, 0.0)
     b_vn = tl.load(v_new + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0)
@@ -498,13 +502,13 @@ def _chunk_bwd_dstate_kernel(q, k, w, gc, do, dh, dv_new, dht, dh0, qm, rows, sc
         p_v = (tok[:, None] * H + i_h) * V + o_v[None, :]
         m_tv = valid[:, None] & m_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
-        b_qS = (b_q.to(tl.float32) * tl.exp(b_G)).to(b_q.dtype)
-        b_Mt = tl.where(anticausal, tl.dot((b_k.to(tl.float32) * tl.exp(-b_G)).to(b_k.dtype), tl.trans(b_qS)), 0.0)
-        b_kS = (b_k.to(tl.float32) * tl.exp(b_Glast[None, :] - b_G)).to(b_k.dtype)
+        b_qS = (b_q.to(tl.float32) * tl.exp2(b_G)).to(b_q.dtype)
+        b_Mt = tl.where(anticausal, tl.dot((b_k.to(tl.float32) * tl.exp2(-b_G)).to(b_k.dtype), tl.trans(b_qS)), 0.0)
+        b_kS = (b_k.to(tl.float32) * tl.exp2(b_Glast[None, :] - b_G)).to(b_k.dtype)
         b_dvn = tl.dot(b_Mt.to(b_do.dtype), b_do) * scale + tl.dot(b_kS, b_dS.to(b_k.dtype))
         if not MAP:
             tl.store(dv_new + p_v, b_dvn.to(dv_new.dtype.element_ty), mask=m_tv)
-        b_dS = b_dS * tl.exp(b_Glast)[:, None]
+        b_dS = b_dS * tl.exp2(b_Glast)[:, None]
         b_dS += tl.dot(tl.trans(b_qS), b_do.to(b_q.dtype)) * scale - tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype))
     if USE_H0:
         tl.store(dh0 + (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], b_dS, mask=m_kv)
@@ -536,7 +540,7 @@ def _bwd_dqk_kernel(q, k, gc, h, dh, v_new, dv_new, do, dq, dk_part, dw, dg_part
     m_tk = valid[:, None] & m_k[None, :]
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-    # gc: the in-chunk cumulative log decay written by _ut_kernel; the chunk's whole decay sits at its last token
+    # gc: the in-chunk cumulative log decay (base 2) written by _ut_kernel; the chunk's whole decay sits at its last token
     last = tl.minimum(eos - bos - i_c * BT, BT) - 1
     b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & (o_k[None, :] < K), other=0.0)
     b_Glast = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), 0)
@@ -566,18 +570,18 @@ def _bwd_dqk_kernel(q, k, gc, h, dh, v_new, dv_new, do, dq, dk_part, dw, dg_part
     b_dQ *= scale
     b_dM *= scale
     causal = o_t[:, None] >= o_t[None, :]
-    b_qG = b_q.to(tl.float32) * tl.exp(b_G)
-    b_kI = b_k.to(tl.float32) * tl.exp(-b_G)
-    b_kE = tl.exp(b_Glast[None, :] - b_G)
+    b_qG = b_q.to(tl.float32) * tl.exp2(b_G)
+    b_kI = b_k.to(tl.float32) * tl.exp2(-b_G)
+    b_kE = tl.exp2(b_Glast[None, :] - b_G)
     b_kS = b_k.to(tl.float32) * b_kE
     b_dMc = tl.where(causal, b_dM, 0.0).to(b_k.dtype)
     # M = (q Gam)_i . (k / Gam)_j
     b_d_qG = b_dQ + tl.dot(b_dMc, b_kI.to(b_k.dtype))
     b_d_kI = tl.dot(tl.trans(b_dMc), b_qG.to(b_k.dtype))
-    b_dq = b_d_qG * tl.exp(b_G)
-    b_dk = b_d_kI * tl.exp(-b_G) + b_dKS * b_kE
+    b_dq = b_d_qG * tl.exp2(b_G)
+    b_dk = b_d_kI * tl.exp2(-b_G) + b_dKS * b_kE
     b_dG = b_d_qG * b_qG - b_d_kI * b_kI - b_dKS * b_kS
-    b_dGlast_all = tl.sum(b_dKS * b_kS, 0) + b_dGlast * tl.exp(b_Glast)
+    b_dGlast_all = tl.sum(b_dKS * b_kS, 0) + b_dGlast * tl.exp2(b_Glast)
     b_dG += tl.where((o_t == last)[:, None], b_dGlast_all[None, :], 0.0)
     tl.store(dg_part + p_k, b_dG, mask=m_tk)
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
@@ -604,15 +608,15 @@ def _bwd_wy_kernel(k, v, beta, gc, tm, dw, dv_new, dk_part, dg_part, dk, dv, dbe
     m_tk = valid[:, None] & m_k[None, :]
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    # gc: the in-chunk cumulative log decay written by _ut_kernel; the chunk's whole decay sits at its last token
+    # gc: the in-chunk cumulative log decay (base 2) written by _ut_kernel; the chunk's whole decay sits at its last token
     last = tl.minimum(eos - bos - i_c * BT, BT) - 1
     b_G = tl.load(gc + (tok[:, None] * H + i_h) * K + o_k[None, :], mask=valid[:, None] & (o_k[None, :] < K), other=0.0)
     b_Glast = tl.sum(tl.where((o_t == last)[:, None], b_G, 0.0), 0)
 
     # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j) over the whole chunk (the backward's form)
     strict = o_t[:, None] > o_t[None, :]
-    b_kG = b_k.to(tl.float32) * tl.exp(b_G)
-    b_kI = b_k.to(tl.float32) * tl.exp(-b_G)
+    b_kG = b_k.to(tl.float32) * tl.exp2(b_G)
+    b_kI = b_k.to(tl.float32) * tl.exp2(-b_G)
     b_KK = tl.where(strict, tl.dot(b_kG.to(b_k.dtype), tl.trans(b_kI.to(b_k.dtype))), 0.0)
     b_A = b_KK * b_beta[:, None]
     b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
@@ -643,7 +647,7 @@ def _bwd_wy_kernel(k, v, beta, gc, tm, dw, dv_new, dk_part, dg_part, dk, dv, dbe
     b_d_kG = tl.dot(b_dAb, b_kI.to(b_k.dtype)) + b_dX * b_beta[:, None]
     b_d_kI = tl.dot(tl.trans(b_dAb), b_kG.to(b_k.dtype))
     b_dbeta += tl.sum(b_dA * b_KK, 1) + tl.sum(b_dX * b_kG, 1)
-    b_dk += b_d_kG * tl.exp(b_G) + b_d_kI * tl.exp(-b_G)
+    b_dk += b_d_kG * tl.exp2(b_G) + b_d_kI * tl.exp2(-b_G)
     b_dG = tl.load(dg_part + p_k, mask=m_tk, other=0.0) + b_d_kG * b_kG - b_d_kI * b_kI
     b_dg = tl.dot(tl.where(o_t[:, None] <= o_t[None, :], 1.0, 0.0), b_dG, input_precision="ieee")
     tl.store(dg + p_k, b_dg.to(dg.dtype.element_ty), mask=m_tk)
@@ -697,12 +701,12 @@ def _block_v(V, key="BV"):
     return min(_pow2(V), CONFIG[key])
 
 
-def _segment_chunks(bounds, programs_per_sequence):
+def _segment_chunks(bounds, programs_per_sequence, chunk):
     """Chunks per segment, or None to walk whole sequences. A walk lasts as long as its longest sequence, so the
     walks keep sum(chunks) / max(chunks) * programs_per_sequence programs busy on average; below
     CONFIG["walk_programs"] the sequences are cut into segments of at least CONFIG["segment_chunks"] chunks, about
     CONFIG["segment_programs"] of them in all."""
-    lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
+    lens = [triton.cdiv(eos - bos, chunk) for bos, eos in zip(bounds, bounds[1:])]
     if not lens or max(lens) == 0 or sum(lens) * programs_per_sequence >= CONFIG["walk_programs"] * max(lens):
         return None
     length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["segment_programs"]))
@@ -745,7 +749,7 @@ def _walk_layout(q, V, cu_seqlens):
     BV = _block_v(V)
     while BV > 16 and (len(bounds) - 1) * H * triton.cdiv(V, BV) < CONFIG["seq_programs"]:
         BV //= 2
-    return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV)))
+    return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV), CHUNK))
 
 
 def _segment_starts(walk, x, start, lay, K, V, BV, want_end, **meta):

@@ -32,6 +32,10 @@ from lmoec.runtime.contract import sequence_offsets
 
 CHUNK = 64
 BLOCK = 16  # rows of the UT transform's tiles
+# The kernels hold G in base 2 (G * log2(e), so stored in gc) and take exp2 of it: one multiply per token where the
+# cumulative sum is formed, not one per element of every exp tile (tl.exp is exp2 of x * log2(e) on the GPU). The
+# gradients stay in natural units: they are sums of products of the exp values, which are unchanged.
+LOG2E = tl.constexpr(1.4426950408889634)
 # Fill every output with NaN before a kernel writes it (tests set this): an unwritten element then fails.
 POISON = os.environ.get("LMOEC_POISON", "0") == "1"
 
@@ -93,7 +97,7 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     valid0 = i_c * BT + 0 * BS + o_s < eos - bos
     b_beta0 = tl.load(beta + tok0 * H + i_h, mask=valid0, other=0.0).to(tl.float32)
     # cumulative log decay from the chunk start (padded rows carry g = 0)
-    b_G0 = tl.cumsum(tl.load(g + tok0 * H + i_h, mask=valid0, other=0.0).to(tl.float32), 0)
+    b_G0 = tl.cumsum(tl.load(g + tok0 * H + i_h, mask=valid0, other=0.0).to(tl.float32) * LOG2E, 0)
     b_Gend0 = tl.sum(tl.where(o_s == BS - 1, b_G0, 0.0), 0)
     tl.store(gc + tok0 * H + i_h, b_G0, mask=valid0)
     b_A00 = tl.zeros([BS, BS], dtype=tl.float32)
@@ -101,7 +105,7 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     valid1 = i_c * BT + 1 * BS + o_s < eos - bos
     b_beta1 = tl.load(beta + tok1 * H + i_h, mask=valid1, other=0.0).to(tl.float32)
     # cumulative log decay from the chunk start (padded rows carry g = 0)
-    b_G1 = tl.cumsum(tl.load(g + tok1 * H + i_h, mask=valid1, other=0.0).to(tl.float32), 0) + b_Gend0
+    b_G1 = tl.cumsum(tl.load(g + tok1 * H + i_h, mask=valid1, other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend0
     b_Gend1 = tl.sum(tl.where(o_s == BS - 1, b_G1, 0.0), 0)
     tl.store(gc + tok1 * H + i_h, b_G1, mask=valid1)
     b_A10 = tl.zeros([BS, BS], dtype=tl.float32)
@@ -110,7 +114,7 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     valid2 = i_c * BT + 2 * BS + o_s < eos - bos
     b_beta2 = tl.load(beta + tok2 * H + i_h, mask=valid2, other=0.0).to(tl.float32)
     # cumulative log decay from the chunk start (padded rows carry g = 0)
-    b_G2 = tl.cumsum(tl.load(g + tok2 * H + i_h, mask=valid2, other=0.0).to(tl.float32), 0) + b_Gend1
+    b_G2 = tl.cumsum(tl.load(g + tok2 * H + i_h, mask=valid2, other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend1
     b_Gend2 = tl.sum(tl.where(o_s == BS - 1, b_G2, 0.0), 0)
     tl.store(gc + tok2 * H + i_h, b_G2, mask=valid2)
     b_A20 = tl.zeros([BS, BS], dtype=tl.float32)
@@ -120,7 +124,7 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
     valid3 = i_c * BT + 3 * BS + o_s < eos - bos
     b_beta3 = tl.load(beta + tok3 * H + i_h, mask=valid3, other=0.0).to(tl.float32)
     # cumulative log decay from the chunk start (padded rows carry g = 0)
-    b_G3 = tl.cumsum(tl.load(g + tok3 * H + i_h, mask=valid3, other=0.0).to(tl.float32), 0) + b_Gend2
+    b_G3 = tl.cumsum(tl.load(g + tok3 * H + i_h, mask=valid3, other=0.0).to(tl.float32) * LOG2E, 0) + b_Gend2
     b_Gend3 = tl.sum(tl.where(o_s == BS - 1, b_G3, 0.0), 0)
     tl.store(gc + tok3 * H + i_h, b_G3, mask=valid3)
     b_A30 = tl.zeros([BS, BS], dtype=tl.float32)
@@ -146,19 +150,19 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
         b_A32 = tl.dot(b_k3, tl.trans(b_k2), b_A32)
         b_A33 = tl.dot(b_k3, tl.trans(b_k3), b_A33)
     # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j); row r of the diagonal tiles of (T - I) is -A_r - sum_{m < r} A_rm (T - I)_m
-    b_A00 = b_A00 * tl.exp(tl.where(strict, b_G0[:, None] - b_G0[None, :], float("-inf"))) * b_beta0[:, None]
+    b_A00 = b_A00 * tl.exp2(tl.where(strict, b_G0[:, None] - b_G0[None, :], float("-inf"))) * b_beta0[:, None]
     b_T00 = -b_A00
-    b_A10 = b_A10 * tl.exp(b_G1[:, None] - b_G0[None, :]) * b_beta1[:, None]
-    b_A11 = b_A11 * tl.exp(tl.where(strict, b_G1[:, None] - b_G1[None, :], float("-inf"))) * b_beta1[:, None]
+    b_A10 = b_A10 * tl.exp2(b_G1[:, None] - b_G0[None, :]) * b_beta1[:, None]
+    b_A11 = b_A11 * tl.exp2(tl.where(strict, b_G1[:, None] - b_G1[None, :], float("-inf"))) * b_beta1[:, None]
     b_T11 = -b_A11
-    b_A20 = b_A20 * tl.exp(b_G2[:, None] - b_G0[None, :]) * b_beta2[:, None]
-    b_A21 = b_A21 * tl.exp(b_G2[:, None] - b_G1[None, :]) * b_beta2[:, None]
-    b_A22 = b_A22 * tl.exp(tl.where(strict, b_G2[:, None] - b_G2[None, :], float("-inf"))) * b_beta2[:, None]
+    b_A20 = b_A20 * tl.exp2(b_G2[:, None] - b_G0[None, :]) * b_beta2[:, None]
+    b_A21 = b_A21 * tl.exp2(b_G2[:, None] - b_G1[None, :]) * b_beta2[:, None]
+    b_A22 = b_A22 * tl.exp2(tl.where(strict, b_G2[:, None] - b_G2[None, :], float("-inf"))) * b_beta2[:, None]
     b_T22 = -b_A22
-    b_A30 = b_A30 * tl.exp(b_G3[:, None] - b_G0[None, :]) * b_beta3[:, None]
-    b_A31 = b_A31 * tl.exp(b_G3[:, None] - b_G1[None, :]) * b_beta3[:, None]
-    b_A32 = b_A32 * tl.exp(b_G3[:, None] - b_G2[None, :]) * b_beta3[:, None]
-    b_A33 = b_A33 * tl.exp(tl.where(strict, b_G3[:, None] - b_G3[None, :], float("-inf"))) * b_beta3[:, None]
+    b_A30 = b_A30 * tl.exp2(b_G3[:, None] - b_G0[None, :]) * b_beta3[:, None]
+    b_A31 = b_A31 * tl.exp2(b_G3[:, None] - b_G1[None, :]) * b_beta3[:, None]
+    b_A32 = b_A32 * tl.exp2(b_G3[:, None] - b_G2[None, :]) * b_beta3[:, None]
+    b_A33 = b_A33 * tl.exp2(tl.where(strict, b_G3[:, None] - b_G3[None, :], float("-inf"))) * b_beta3[:, None]
     b_T33 = -b_A33
     for r in range(2, BS):  # rows 0 and 1 of -A are already (T - I)'s
         sel = (o_s == r)[:, None]
@@ -219,10 +223,10 @@ def _ut_kernel(k, v, beta, g, w, u, tm, gc, cu_seqlens, chunk_indices, H,
             b_k2 = tl.load(k + (tok2[:, None] * H + i_h) * K + o_k[None, :], mask=valid2[:, None] & m_k[None, :], other=0.0)
             b_k3 = tl.load(k + (tok3[:, None] * H + i_h) * K + o_k[None, :], mask=valid3[:, None] & m_k[None, :], other=0.0)
 
-            b_x0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp(b_G0))[:, None]).to(b_k0.dtype)
-            b_x1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp(b_G1))[:, None]).to(b_k1.dtype)
-            b_x2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp(b_G2))[:, None]).to(b_k2.dtype)
-            b_x3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp(b_G3))[:, None]).to(b_k3.dtype)
+            b_x0 = (b_k0.to(tl.float32) * (b_beta0 * tl.exp2(b_G0))[:, None]).to(b_k0.dtype)
+            b_x1 = (b_k1.to(tl.float32) * (b_beta1 * tl.exp2(b_G1))[:, None]).to(b_k1.dtype)
+            b_x2 = (b_k2.to(tl.float32) * (b_beta2 * tl.exp2(b_G2))[:, None]).to(b_k2.dtype)
+            b_x3 = (b_k3.to(tl.float32) * (b_beta3 * tl.exp2(b_G3))[:, None]).to(b_k3.dtype)
             b_w = tl.dot(b_T00, b_x0)
             tl.store(w + (tok0[:, None] * H + i_h) * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=valid0[:, None] & m_k[None, :])
             b_w = tl.dot(b_T10, b_x0) + tl.dot(b_T11, b_x1)
@@ -268,7 +272,7 @@ def _wu_kernel(k, v, beta, gc, w, u, tm, cu_seqlens, chunk_indices, H,
     tok = bos + i_c * BT + o_t
     b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
     b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    b_beta_k = b_beta * tl.exp(tl.load(gc + tok * H + i_h, mask=valid, other=0.0))
+    b_beta_k = b_beta * tl.exp2(tl.load(gc + tok * H + i_h, mask=valid, other=0.0))
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = valid[:, None] & (o_k < K)[None, :]
@@ -334,7 +338,7 @@ def _chunk_state_kernel(q, k, w, u, tm, v, beta, gc, o, h, v_new, h0, ht, pm, ro
         m_tv = valid[:, None] & m_v[None, :]
         if WU_IN_WALK:
             b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-            b_x = (b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]).to(b_k.dtype)
+            b_x = (b_k.to(tl.float32) * (b_beta * tl.exp2(b_G))[:, None]).to(b_k.dtype)
             b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
             b_r = tl.load(v + p_v, mask=m_tv, other=0.0).to(tl.float32) * b_beta[:, None] - tl.dot(b_x, b_S.to(b_x.dtype))
             b_vn = tl.dot(b_Tm, b_r.to(b_Tm.dtype))
@@ -346,13 +350,13 @@ def _chunk_state_kernel(q, k, w, u, tm, v, beta, gc, o, h, v_new, h0, ht, pm, ro
         if FUSE_OUTPUT:
             b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
             # o = scale (Gam * q S + M v') with M = tril(q k^T Gam_i / Gam_j)
-            b_M = tl.dot(b_q, tl.trans(b_k)) * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-            b_qS = (b_q.to(tl.float32) * tl.exp(b_G)[:, None]).to(b_q.dtype)
+            b_M = tl.dot(b_q, tl.trans(b_k)) * tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+            b_qS = (b_q.to(tl.float32) * tl.exp2(b_G)[:, None]).to(b_q.dtype)
             b_o = tl.dot(b_qS, b_S.to(b_q.dtype)) + tl.dot(b_M.to(b_q.dtype), b_vn.to(b_q.dtype))
             tl.store(o + p_v, (b_o * scale).to(o.dtype.element_ty), mask=m_tv)
         # k_t enters the next state decayed by Gam_C / Gam_t: applied to v' (one scalar per row)
-        b_vn = b_vn * tl.exp(b_Glast - b_G)[:, None]
-        b_S = b_S * tl.exp(b_Glast)
+        b_vn = b_vn * tl.exp2(b_Glast - b_G)[:, None]
+        b_S = b_S * tl.exp2(b_Glast)
         b_S += tl.dot(tl.trans(b_k), b_vn.to(b_k.dtype))
     if STORE_HT:
         tl.store(ht + (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], b_S, mask=m_kv)
@@ -421,8 +425,8 @@ def _chunk_output_kernel(q, k, gc, h, v_new, o, cu_seqlens, chunk_indices, scale
                       mask=(o_k < K)[:, None] & m_v[None, :], other=0.0)
         b_M = tl.dot(b_q, tl.trans(b_k), b_M)
         b_qS = tl.dot(b_q, b_S.to(b_q.dtype), b_qS)
-    b_qS = b_qS * tl.exp(b_G)[:, None]
-    b_M = b_M * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_qS = b_qS * tl.exp2(b_G)[:, None]
+    b_M = b_M * tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     b_vn = tl.load(v_new + (tok[:, None] * H + i_h) * V + o_v[None, :], mask=valid[:, None] & m_v[None, :], other=0.0)
     b_o = b_qS + tl.dot(b_M.to(b_vn.dtype), b_vn)
     tl.store(o + (tok[:, None] * H + i_h) * V + o_v[None, :], (b_o * scale).to(o.dtype.element_ty), mask=valid[:, None] & m_v[None, :])
@@ -474,13 +478,13 @@ def _chunk_bwd_dstate_kernel(q, k, w, gc, do, dh, dv_new, dht, dh0, qm, rows, sc
         m_tv = valid[:, None] & m_v[None, :]
         b_do = tl.load(do + p_v, mask=m_tv, other=0.0)
         # Mt[j, i] = k_j . q_i Gam_i / Gam_j for i >= j
-        b_Mt = tl.dot(b_k, tl.trans(b_q)) * tl.exp(tl.where(anticausal, b_G[None, :] - b_G[:, None], float("-inf")))
-        b_qS = (b_q.to(tl.float32) * tl.exp(b_G)[:, None]).to(b_q.dtype)
-        b_kS = (b_k.to(tl.float32) * tl.exp(b_Glast - b_G)[:, None]).to(b_k.dtype)
+        b_Mt = tl.dot(b_k, tl.trans(b_q)) * tl.exp2(tl.where(anticausal, b_G[None, :] - b_G[:, None], float("-inf")))
+        b_qS = (b_q.to(tl.float32) * tl.exp2(b_G)[:, None]).to(b_q.dtype)
+        b_kS = (b_k.to(tl.float32) * tl.exp2(b_Glast - b_G)[:, None]).to(b_k.dtype)
         b_dvn = tl.dot(b_Mt.to(b_do.dtype), b_do) * scale + tl.dot(b_kS, b_dS.to(b_k.dtype))
         if not MAP:
             tl.store(dv_new + p_v, b_dvn.to(dv_new.dtype.element_ty), mask=m_tv)
-        b_dS = b_dS * tl.exp(b_Glast)
+        b_dS = b_dS * tl.exp2(b_Glast)
         b_dS += tl.dot(tl.trans(b_qS), b_do.to(b_q.dtype)) * scale - tl.dot(tl.trans(b_w), b_dvn.to(b_w.dtype))
     if USE_H0:
         tl.store(dh0 + (i_rh.to(tl.int64) * K + o_k[:, None]) * V + o_v[None, :], b_dS, mask=m_kv)
@@ -512,7 +516,7 @@ def _bwd_dqk_kernel(q, k, gc, h, dh, v_new, dv_new, do, dq, dk_part, dw, dg_part
     m_tk = valid[:, None] & m_k[None, :]
     b_q = tl.load(q + p_k, mask=m_tk, other=0.0)
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
-    # gc: the in-chunk cumulative log decay written by _ut_kernel; the chunk's whole decay sits at its last token
+    # gc: the in-chunk cumulative log decay (base 2) written by _ut_kernel; the chunk's whole decay sits at its last token
     last = tl.minimum(eos - bos - i_c * BT, BT) - 1
     b_G = tl.load(gc + tok * H + i_h, mask=valid, other=0.0)
     b_Glast = tl.sum(tl.where(o_t == last, b_G, 0.0), 0)
@@ -543,17 +547,17 @@ def _bwd_dqk_kernel(q, k, gc, h, dh, v_new, dv_new, do, dq, dk_part, dw, dg_part
     b_dQ *= scale
     b_dM *= scale
     causal = o_t[:, None] >= o_t[None, :]
-    b_Gam = tl.exp(b_G)
-    b_kS = b_k.to(tl.float32) * tl.exp(b_Glast - b_G)[:, None]
-    b_Rm = tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_Gam = tl.exp2(b_G)
+    b_kS = b_k.to(tl.float32) * tl.exp2(b_Glast - b_G)[:, None]
+    b_Rm = tl.exp2(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     b_dMR = (b_dM * b_Rm).to(b_k.dtype)
     b_dq = b_dQ * b_Gam[:, None] + tl.dot(b_dMR, b_k)
-    b_dk = tl.dot(tl.trans(b_dMR), b_q) + b_dKS * tl.exp(b_Glast - b_G)[:, None]
+    b_dk = tl.dot(tl.trans(b_dMR), b_q) + b_dKS * tl.exp2(b_Glast - b_G)[:, None]
     # this K block's share of dG (each ratio Gam_i / Gam_j pulls +G_i and -G_j)
     b_PM = b_dM * tl.dot(b_q, tl.trans(b_k)) * b_Rm
     b_dG = (tl.sum(b_PM, 1) - tl.sum(b_PM, 0) + tl.sum(b_dQ * b_q.to(tl.float32) * b_Gam[:, None], 1)
             - tl.sum(b_dKS * b_kS, 1))
-    b_dGlast_all = tl.sum(tl.sum(b_dKS * b_kS, 1), 0) + tl.sum(b_dGlast, 0) * tl.exp(b_Glast)
+    b_dGlast_all = tl.sum(tl.sum(b_dKS * b_kS, 1), 0) + tl.sum(b_dGlast, 0) * tl.exp2(b_Glast)
     b_dG += tl.where(o_t == last, b_dGlast_all, 0.0)
     tl.store(dg_part + (tok * NK + i_kb) * H + i_h, b_dG, mask=valid)
     tl.store(dq + p_k, b_dq.to(dq.dtype.element_ty), mask=m_tk)
@@ -580,7 +584,7 @@ def _bwd_wy_kernel(k, v, beta, gc, tm, dw, dv_new, dk_part, dg_part, dk, dv, dbe
     m_tk = valid[:, None] & m_k[None, :]
     b_k = tl.load(k + p_k, mask=m_tk, other=0.0)
     b_beta = tl.load(beta + tok * H + i_h, mask=valid, other=0.0).to(tl.float32)
-    # gc: the in-chunk cumulative log decay written by _ut_kernel; the chunk's whole decay sits at its last token
+    # gc: the in-chunk cumulative log decay (base 2) written by _ut_kernel; the chunk's whole decay sits at its last token
     last = tl.minimum(eos - bos - i_c * BT, BT) - 1
     b_G = tl.load(gc + tok * H + i_h, mask=valid, other=0.0)
     b_Glast = tl.sum(tl.where(o_t == last, b_G, 0.0), 0)
@@ -589,7 +593,7 @@ def _bwd_wy_kernel(k, v, beta, gc, tm, dw, dv_new, dk_part, dg_part, dk, dv, dbe
     # A = strictly lower (beta_i k_i . k_j Gam_i / Gam_j) over the whole chunk (the backward's form)
     strict = o_t[:, None] > o_t[None, :]
     b_KK = tl.dot(b_k, tl.trans(b_k))
-    b_R = tl.exp(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_R = tl.exp2(tl.where(strict, b_G[:, None] - b_G[None, :], float("-inf")))
     b_A = b_KK * b_R * b_beta[:, None]
     b_Tm = tl.load(tm + (tok[:, None] * H + i_h) * BT + o_t[None, :], mask=valid[:, None], other=0.0)
     b_Tmt = tl.trans(b_Tm).to(b_k.dtype)
@@ -607,14 +611,14 @@ def _bwd_wy_kernel(k, v, beta, gc, tm, dw, dv_new, dk_part, dg_part, dk, dv, dbe
         tl.store(dv + p_v, (b_dY * b_beta[:, None]).to(dv.dtype.element_ty), mask=m_tv)
     b_dW = tl.load(dw + p_k, mask=m_tk, other=0.0)
     # w = Tm X with X = beta Gam k
-    b_x = b_k.to(tl.float32) * (b_beta * tl.exp(b_G))[:, None]
+    b_x = b_k.to(tl.float32) * (b_beta * tl.exp2(b_G))[:, None]
     b_dTm += tl.dot(b_dW.to(b_k.dtype), tl.trans(b_x.to(b_k.dtype)))
     b_dX = tl.dot(b_Tmt, b_dW.to(b_k.dtype))
     # Tm = (I + A)^-1: dA = -Tm^T dTm Tm^T, on the strictly lower part
     b_dA = -tl.dot(b_Tmt, tl.dot(b_dTm.to(b_k.dtype), b_Tmt).to(b_k.dtype))
     b_dA = tl.where(strict, b_dA, 0.0)
     b_dk = tl.load(dk_part + p_k, mask=m_tk, other=0.0)
-    b_Gam = tl.exp(b_G)
+    b_Gam = tl.exp2(b_G)
     b_dAR = (b_dA * b_R * b_beta[:, None]).to(b_k.dtype)
     b_dk += tl.dot(b_dAR, b_k) + tl.dot(tl.trans(b_dAR), b_k) + b_dX * (b_beta * b_Gam)[:, None]
     b_dbeta += tl.sum(b_dA * b_KK * b_R, 1) + tl.sum(b_dX * b_k.to(tl.float32) * b_Gam[:, None], 1)
@@ -674,12 +678,12 @@ def _block_v(V, key="BV"):
     return min(_pow2(V), CONFIG[key])
 
 
-def _segment_chunks(bounds, programs_per_sequence):
+def _segment_chunks(bounds, programs_per_sequence, chunk):
     """Chunks per segment, or None to walk whole sequences. A walk lasts as long as its longest sequence, so the
     walks keep sum(chunks) / max(chunks) * programs_per_sequence programs busy on average; below
     CONFIG["walk_programs"] the sequences are cut into segments of at least CONFIG["segment_chunks"] chunks, about
     CONFIG["segment_programs"] of them in all."""
-    lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
+    lens = [triton.cdiv(eos - bos, chunk) for bos, eos in zip(bounds, bounds[1:])]
     if not lens or max(lens) == 0 or sum(lens) * programs_per_sequence >= CONFIG["walk_programs"] * max(lens):
         return None
     length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["segment_programs"]))
@@ -722,7 +726,7 @@ def _walk_layout(q, V, cu_seqlens):
     BV = _block_v(V)
     while BV > 16 and (len(bounds) - 1) * H * triton.cdiv(V, BV) < CONFIG["seq_programs"]:
         BV //= 2
-    return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV)))
+    return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV), CHUNK))
 
 
 def _segment_starts(walk, x, start, lay, K, V, BV, want_end, **meta):

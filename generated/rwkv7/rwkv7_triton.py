@@ -531,12 +531,12 @@ def _block_v(V, key="BV"):
     return min(_pow2(V), CONFIG[key])
 
 
-def _segment_chunks(bounds, programs_per_sequence):
+def _segment_chunks(bounds, programs_per_sequence, chunk):
     """Chunks per segment, or None to walk whole sequences. A walk lasts as long as its longest sequence, so the
     walks keep sum(chunks) / max(chunks) * programs_per_sequence programs busy on average; below
     CONFIG["walk_programs"] the sequences are cut into segments of at least CONFIG["segment_chunks"] chunks, about
     CONFIG["segment_programs"] of them in all."""
-    lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
+    lens = [triton.cdiv(eos - bos, chunk) for bos, eos in zip(bounds, bounds[1:])]
     if not lens or max(lens) == 0 or sum(lens) * programs_per_sequence >= CONFIG["walk_programs"] * max(lens):
         return None
     length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["segment_programs"]))
@@ -579,7 +579,7 @@ def _walk_layout(q, V, cu_seqlens):
     BV = _block_v(V)
     while BV > 16 and (len(bounds) - 1) * H * triton.cdiv(V, BV) < CONFIG["seq_programs"]:
         BV //= 2
-    return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV)))
+    return BV, _layout(bounds, q.device, _segment_chunks(bounds, H * triton.cdiv(V, BV), CHUNK))
 
 
 def _segment_starts(walk, x, start, lay, K, V, BV, want_end, **meta):

@@ -20,11 +20,17 @@ import triton
 import triton.language as tl
 
 # launch settings (tests and benchmarks may change them): V block of a program, tokens per scan, warps (the
-# outer-product gate's: the fastest of 39 settings for Mamba's fwd and fwd+bwd on an H100, bench/results/run13);
-# segment_tokens > 0 cuts sequences of a batch without cu_seqlens into segments of that many tokens (rounded up to
-# a multiple of scan) walked at once (_segment_entries; off: on an H100, run 16, 2,048-token segments took Mamba's
-# forward at one 32K sequence from 4.61 to 2.63 ms and at 8K from 1.38 to 2.56 ms, so they want a policy by program count)
-CONFIG = {"block_v": 8, "scan": 16, "num_warps": 1, "segment_tokens": 0}
+# outer-product gate's: the fastest of 39 settings for Mamba's fwd and fwd+bwd on an H100, bench/results/run13; the
+# outer sum's block_v 8: GFW's fwd+bwd 31.1 / 31.8 / 33.9 ms at T = 2K / 8K / 32K against 114.8 / 113.9 / 148.2 at
+# block_v 16, forward 5.87 / 6.48 / 8.27 against 5.81 / 5.81 / 9.88, bench/results/run16/elementwise_bench.md).
+# Sequences of a batch without cu_seqlens are cut into segments walked at once (_segment_entries: LASP-2 within the
+# GPU) by the shared rule (_segment_chunks, in scans of `scan` tokens): while the walks would keep fewer than
+# walk_programs programs busy (0: never), into about segment_programs programs, segments of at least segment_chunks
+# scans. Set from run 16 on an H100, Mamba at d_inner 2048: one 32K sequence walks 256 programs and 2,048-token
+# segments (4,096 programs) took its forward from 4.61 to 2.63 ms; four 8K sequences walk 1,024 and the same
+# segments took it from 1.38 to 2.56 ms. The outer-sum gate takes the same rule, not yet timed segmented.
+CONFIG = {"block_v": 8, "scan": 16, "num_warps": 1,
+          "walk_programs": 512, "segment_programs": 4096, "segment_chunks": 32}
 POISON = False  # tests: every output starts as NaN, so an element no kernel writes fails
 
 
@@ -151,14 +157,33 @@ def _bwd_kernel(q, k, v, dt, A, do, dht, states, bounds, chunk_base, scale,
 # ---- host ------------------------------------------------------------------------------------------
 
 
-def _layout(B, T, cu_seqlens, device):
+def _segment_chunks(bounds, programs_per_sequence, chunk):
+    """Chunks per segment, or None to walk whole sequences. A walk lasts as long as its longest sequence, so the
+    walks keep sum(chunks) / max(chunks) * programs_per_sequence programs busy on average; below
+    CONFIG["walk_programs"] the sequences are cut into segments of at least CONFIG["segment_chunks"] chunks, about
+    CONFIG["segment_programs"] of them in all."""
+    lens = [triton.cdiv(eos - bos, chunk) for bos, eos in zip(bounds, bounds[1:])]
+    if not lens or max(lens) == 0 or sum(lens) * programs_per_sequence >= CONFIG["walk_programs"] * max(lens):
+        return None
+    length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["segment_programs"]))
+    return length if max(lens) > length else None
+
+
+def _block_v(V):
+    return min(CONFIG["block_v"], _pow2(V))
+
+
+def _layout(B, T, H, V, cu_seqlens, device):
     """(bounds [N + 1] token offsets of the walks' rows into the packed batch, chunk_base [N + 1] each row's first
     stored state, the number of stored states (known on the host for B sequences of T tokens, read back for a packed
-    batch), segments per sequence, segment length). Rows are the sequences, or with CONFIG["segment_tokens"] the
-    segments of each of B sequences of T tokens."""
+    batch), segments per sequence, segment length). Rows are the sequences, or the segments of each of B sequences of
+    T tokens where _segment_chunks cuts them (a packed batch is walked whole)."""
     scan = CONFIG["scan"]
-    length = triton.cdiv(max(CONFIG["segment_tokens"], 0), scan) * scan
-    segments = triton.cdiv(T, length) if cu_seqlens is None and B and length and T > length else 1
+    chunks = None
+    if cu_seqlens is None and B:
+        chunks = _segment_chunks([i * T for i in range(B + 1)], H * triton.cdiv(V, _block_v(V)), scan)
+    length = (chunks or 0) * scan
+    segments = triton.cdiv(T, length) if length else 1  # _segment_chunks cuts only sequences longer than a segment
     if segments > 1:
         starts = (torch.arange(segments, device=device) * length).clamp_max(T)
         bounds = torch.cat([(torch.arange(B, device=device)[:, None] * T + starts).flatten(),
@@ -177,7 +202,7 @@ def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, bounds, c
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
     N = bounds.numel() - 1
-    BV = min(CONFIG["block_v"], _pow2(V))
+    BV = _block_v(V)
     o = _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
     ht = _empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
     if store_states and n_states is None:  # a packed batch: chunk_base[-1] is the number of states (a host read)
@@ -195,7 +220,7 @@ def _backward(q, k, v, dt, A, do, dht, states, bounds, chunk_base, scale):
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
     N = bounds.numel() - 1
-    BV = min(CONFIG["block_v"], _pow2(V))
+    BV = _block_v(V)
     NV = triton.cdiv(V, BV)
     f32 = dict(device=q.device, dtype=torch.float32)
     dq, dk = _empty(NV, N_TOKENS, H, K, **f32), _empty(NV, N_TOKENS, H, K, **f32)
@@ -277,7 +302,7 @@ def chunk(q, k, v, dt, A, scale=None, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     if scale is None:
         scale = K ** -0.5
-    bounds, chunk_base, n_states, segments, length = _layout(B, T, cu_seqlens, q.device)
+    bounds, chunk_base, n_states, segments, length = _layout(B, T, H, v.shape[-1], cu_seqlens, q.device)
     packed = [x.reshape(B * T, H, x.shape[2:].numel() // H).contiguous() for x in (q, k, v, dt)]
     A = A.contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
@@ -293,7 +318,7 @@ def step(q, k, v, dt, A, state, scale=None):
     B, H, K = q.shape
     if scale is None:
         scale = K ** -0.5
-    bounds, chunk_base, *_ = _layout(B, 1, None, q.device)
+    bounds, chunk_base, *_ = _layout(B, 1, H, v.shape[-1], None, q.device)
     tokens = [x.contiguous() for x in (q, k, v, dt)]
     o, new, _ = _forward(*tokens, A.contiguous(), float(scale), state.float().contiguous(), True,
                          bounds, chunk_base, None, False)

@@ -437,12 +437,12 @@ class _Layout:
 _LAYOUTS = {}
 
 
-def _segment_chunks(bounds, programs_per_sequence):
+def _segment_chunks(bounds, programs_per_sequence, chunk):
     """Chunks per segment, or None to walk whole sequences. A walk lasts as long as its longest sequence, so the
     walks keep sum(chunks) / max(chunks) * programs_per_sequence programs busy on average; below
     CONFIG["walk_programs"] the sequences are cut into segments of at least CONFIG["segment_chunks"] chunks, about
     CONFIG["segment_programs"] of them in all."""
-    lens = [triton.cdiv(eos - bos, CHUNK) for bos, eos in zip(bounds, bounds[1:])]
+    lens = [triton.cdiv(eos - bos, chunk) for bos, eos in zip(bounds, bounds[1:])]
     if not lens or max(lens) == 0 or sum(lens) * programs_per_sequence >= CONFIG["walk_programs"] * max(lens):
         return None
     length = max(CONFIG["segment_chunks"], triton.cdiv(sum(lens) * programs_per_sequence, CONFIG["segment_programs"]))
@@ -485,7 +485,7 @@ def _walk_launch(fused, K, V, N, H, bounds, device):
     BK = _pow2(K) if fused else _blocks(K, cfg.pop("BK"))
     BV = _blocks(V, cfg.pop("BV"))
     per_sequence = H * triton.cdiv(K, BK) * triton.cdiv(V, BV)
-    return cfg, BK, BV, _layout(bounds, device, _segment_chunks(bounds, per_sequence))
+    return cfg, BK, BV, _layout(bounds, device, _segment_chunks(bounds, per_sequence, CHUNK))
 
 
 def _segment_starts(x, y, g, start, lay, scale, forward, want_end):
