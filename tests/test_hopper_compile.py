@@ -35,10 +35,11 @@ DELTA = [{}, SEGMENTS, HALVED, {"fuse_output": True, "fuse_min_programs": 0}, {"
 DECAY = [{}, {"fuse_output": False, "fuse_dv": False}, {"fuse_output": True, "fuse_dv": True},
          {"walk_programs": 10**9, "segment_chunks": 1}]
 # the element-wise walks also at the run-12 default, a setting of the launch grid bench/elementwise_gpu.py sweeps (all
-# of which ran on an H100 in run 13), and cut into segments of 2 scans (the policy forced; 2,048-token segments ran on an H100 in run 16)
+# of which ran on an H100 in run 13), and cut into segments of 2 scans (the segment policy forced)
+SEGMENTED = {"walk_programs": 10**9, "segment_programs": 10**9, "segment_chunks": 2}
 ELEMENTWISE = {"mamba": [{}, {"block_v": 16, "scan": 16, "num_warps": 4}, {"block_v": 4, "scan": 32, "num_warps": 2},
-                         {"walk_programs": 10**9, "segment_programs": 10**9, "segment_chunks": 2}],
-               "gfw": [{}, {"block_v": 16}]}
+                         SEGMENTED],
+               "gfw": [{}, {"block_v": 16}, SEGMENTED]}
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": DECAY, "simple_gla": DECAY, "retnet": DECAY,
     "gla": DECAY + [{"grad_qk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2}}],  # dq/dk in K blocks (a sweep row)

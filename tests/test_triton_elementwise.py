@@ -86,8 +86,10 @@ CHILD = textwrap.dedent(
     defaults = dict(triton_mod.CONFIG)
     cut, whole = dict(walk_programs=10**9, segment_programs=10**9, segment_chunks=2), dict(walk_programs=0)
     triton_mod.CONFIG.update(cut)
-    assert triton_mod._layout(2, 37, 1, 12, None, "cpu")[3] == 3
+    assert triton_mod._layout(2, 37, 1, 12, None, "cpu").segments.tolist() == [[0, 3], [3, 3]]
     out["B=2 T=37 in segments of 16 tokens, K=3 V=12"] = case(2, 37, 1, 3, 12, strong=name == "gfw")
+    # a packed batch: 2, 1 (empty) and 1 segments, each sequence with its own initial state
+    out["packed [25, 0, 15] in segments of 16 tokens"] = case(1, 40, 1, 3, 12, lens=[25, 0, 15])
     for B, T in ((0, 40), (2, 5), (2, 0)):  # no sequence, shorter than a segment, empty: the plain walk's results
         x = _inputs(name, B, T, 1, 3, 12, dtype=torch.float32)
         got = [op(**x, output_final_state=True, backend="triton") for setting in (cut, whole)
@@ -119,8 +121,12 @@ def test_triton_matches_oracle(name):
 
 def test_segment_policy_cuts_only_an_idle_walk():
     """The default rule at the shapes run 16 timed (Mamba, d_inner 2048 = 32 heads x V 64): one 32K sequence (256
-    programs) is cut into 2,048-token segments, four 8K sequences (1,024 programs) and a packed batch are walked whole."""
+    programs) is cut into 2,048-token segments, four 8K sequences (1,024 programs) are walked whole; a packed batch
+    whose long sequence would walk alone is cut too."""
     triton_mod = getattr(lmoec.compile_spec(ROOT / "specs/lsm/mamba.lsm").package, "mamba_triton")
-    assert triton_mod._layout(1, 32768, 32, 64, None, "cpu")[3:] == (16, 2048)
-    assert triton_mod._layout(4, 8192, 32, 64, None, "cpu")[3] == 1
-    assert triton_mod._layout(1, 32768, 32, 64, torch.tensor([0, 32768]), "cpu")[3] == 1
+    rows = triton_mod._layout(1, 32768, 32, 64, None, "cpu")
+    assert rows.bounds.tolist() == list(range(0, 32769, 2048)) and rows.segments.tolist() == [[0, 16]]
+    assert triton_mod._layout(4, 8192, 32, 64, None, "cpu").segments is None
+    # a packed batch: its longest sequence sets the walk's length (three sequences keep 768 / 30 * 32 programs busy)
+    packed = triton_mod._layout(1, 32768, 32, 64, torch.tensor([0, 30720, 31744, 32768]), "cpu")
+    assert packed.segments.tolist() == [[0, 15], [15, 1], [16, 1]] and packed.bounds[15].item() == 30720

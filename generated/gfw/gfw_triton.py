@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from lmoec.runtime.contract import sequence_offsets
+
 # launch settings (tests and benchmarks may change them): V block of a program, tokens per scan, warps (the
 # outer-product gate's: the fastest of 39 settings for Mamba's fwd and fwd+bwd on an H100, bench/results/run13; the
 # outer sum's block_v 8: GFW's fwd+bwd 31.1 / 31.8 / 33.9 ms at T = 2K / 8K / 32K against 114.8 / 113.9 / 148.2 at
@@ -63,9 +65,12 @@ def _gate(t, m_t, g, gv, i_h, o_k, o_v, m_k, m_v, H: tl.constexpr, K: tl.constex
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, g, gv, o, h0, ht, states, bounds, chunk_base, scale,
+def _fwd_kernel(q, k, v, g, gv, o, h0, ht, states, maps, bounds, chunk_base, scale,
                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                SCAN: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr):
+                SCAN: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, STORE_STATES: tl.constexpr,
+                MAP: tl.constexpr):
+    """MAP: each row's affine map on the state, S -> P * S + E, walked from a zero state: E into ht, P (the product
+    of the row's decays) into maps; no output."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
     base = tl.load(chunk_base + i_n)
@@ -75,30 +80,37 @@ def _fwd_kernel(q, k, v, g, gv, o, h0, ht, states, bounds, chunk_base, scale,
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         S = tl.load(h0 + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0).to(tl.float32)
+    P = tl.full([BK, BV], 1.0, dtype=tl.float32)
     for i_c in range(0, tl.cdiv(eos - bos, SCAN)):
         if STORE_STATES:
             tl.store(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
         t = bos + i_c * SCAN + o_c
         m_t = t < eos
-        q_t = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         k_t = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
         w = tl.load(v + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
         decay, step = _gate(t, m_t, g, gv, i_h, o_k, o_v, m_k, m_v, H, K, V)
         decay, states_t = tl.associative_scan((decay, k_t[:, :, None] * w[:, None, :]), 0, _combine)
         states_t = states_t + decay * S[None, :, :]
-        out = tl.sum(q_t[:, :, None] * states_t, axis=1) * scale
-        tl.store(o + (t[:, None] * H + i_h) * V + o_v[None, :], out.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+        if MAP:  # the scan's last row: the product of the chunk's decays (masked tokens decay by 1)
+            P = P * tl.sum(tl.where((o_c == SCAN - 1)[:, None, None], decay, 0.0), axis=0)
+        else:
+            q_t = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(tl.float32)
+            out = tl.sum(q_t[:, :, None] * states_t, axis=1) * scale
+            tl.store(o + (t[:, None] * H + i_h) * V + o_v[None, :], out.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
         S = tl.sum(tl.where((o_c == SCAN - 1)[:, None, None], states_t, 0.0), axis=0)  # masked tokens keep the state
     if STORE_FINAL:
         tl.store(ht + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
+    if MAP:
+        tl.store(maps + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], P, mask=m_kv)
 
 
 @triton.jit
 def _bwd_kernel(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale,
                 dq, dk, dv, dg, dgv, dh0,
                 N_TOKENS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                SCAN: tl.constexpr, USE_DHT: tl.constexpr):
-    """dq, dk, dg are partial sums per V block ([NV, tokens, H, K]): the host adds them up."""
+                SCAN: tl.constexpr, USE_DHT: tl.constexpr, MAP: tl.constexpr):
+    """dq, dk, dg are partial sums per V block ([NV, tokens, H, K]): the host adds them up.
+    MAP: only dh0, each row's entry gradient from its exit gradient (the state gradients need no state, k or v)."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
     base = tl.load(chunk_base + i_n)
@@ -115,16 +127,7 @@ def _bwd_kernel(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale,
         t = bos + i_c * SCAN + o_c
         m_t = t < eos
         m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
-        S = tl.load(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
-        q_t = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        k_t = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-        v_t = tl.load(v + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        do_t = tl.load(do + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         decay, step = _gate(t, m_t, g, gv, i_h, o_k, o_v, m_k, m_v, H, K, V)
-        w = v_t
-        write = k_t[:, :, None] * w[:, None, :]
-        decay_to, states_t = tl.associative_scan((decay, write), 0, _combine)
-        states_t = states_t + decay_to * S[None, :, :]
         first_decay = tl.sum(tl.where((o_c == 0)[:, None, None], decay, 0.0), axis=0)
 
         # dH_t = scale q_t do_t^T + exp(G_t+1) dH_t+1, as a scan over the tokens in reverse order (r = SCAN - 1 - i)
@@ -136,18 +139,52 @@ def _bwd_kernel(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale,
         carry, dH_r = tl.associative_scan((decay_next, q_r[:, :, None] * do_r[:, None, :] * scale), 0, _combine)
         dH_r = dH_r + carry * dS[None, :, :]
         dS = tl.sum(tl.where((o_c == SCAN - 1)[:, None, None], dH_r, 0.0), axis=0)  # dH of the chunk's first token
-        dH = tl.flip(dH_r, 0)
 
-        tl.store(dq + ((i_v * N_TOKENS + t[:, None]) * H + i_h) * K + o_k[None, :],
-                 tl.sum(do_t[:, None, :] * states_t, axis=2) * scale, mask=m_tk)
-        tl.store(dk + ((i_v * N_TOKENS + t[:, None]) * H + i_h) * K + o_k[None, :], tl.sum(dH * w[:, None, :], axis=2), mask=m_tk)
-        dw = tl.sum(dH * k_t[:, :, None], axis=1)
-        dG = tl.where(m_t[:, None, None], dH * (states_t - write), 0.0)  # d(exp G) * exp G = dH_t * exp(G_t) S_t-1
-        tl.store(dv + (t[:, None] * H + i_h) * V + o_v[None, :], dw, mask=m_tv)
-        tl.store(dgv + (t[:, None] * H + i_h) * V + o_v[None, :], tl.sum(dG, axis=1), mask=m_tv)
-        tl.store(dg + ((i_v * N_TOKENS + t[:, None]) * H + i_h) * K + o_k[None, :], tl.sum(dG, axis=2), mask=m_tk)
+        if not MAP:
+            dH = tl.flip(dH_r, 0)
+            S = tl.load(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+            q_t = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            k_t = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            v_t = tl.load(v + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            do_t = tl.load(do + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            w = v_t
+            write = k_t[:, :, None] * w[:, None, :]
+            decay_to, states_t = tl.associative_scan((decay, write), 0, _combine)
+            states_t = states_t + decay_to * S[None, :, :]
+            tl.store(dq + ((i_v * N_TOKENS + t[:, None]) * H + i_h) * K + o_k[None, :],
+                     tl.sum(do_t[:, None, :] * states_t, axis=2) * scale, mask=m_tk)
+            tl.store(dk + ((i_v * N_TOKENS + t[:, None]) * H + i_h) * K + o_k[None, :], tl.sum(dH * w[:, None, :], axis=2), mask=m_tk)
+            dw = tl.sum(dH * k_t[:, :, None], axis=1)
+            dG = tl.where(m_t[:, None, None], dH * (states_t - write), 0.0)  # d(exp G) * exp G = dH_t * exp(G_t) S_t-1
+            tl.store(dv + (t[:, None] * H + i_h) * V + o_v[None, :], dw, mask=m_tv)
+            tl.store(dgv + (t[:, None] * H + i_h) * V + o_v[None, :], tl.sum(dG, axis=1), mask=m_tv)
+            tl.store(dg + ((i_v * N_TOKENS + t[:, None]) * H + i_h) * K + o_k[None, :], tl.sum(dG, axis=2), mask=m_tk)
     # S_0 enters the first token's state as exp(G_first) * S_0
     tl.store(dh0 + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], first_decay * dS, mask=m_kv)
+
+
+@triton.jit
+def _segment_prefix_kernel(e, p, start, end, segments, H, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                           BV: tl.constexpr, REVERSE: tl.constexpr, HAS_START: tl.constexpr):
+    """Per (V block, sequence, head), over the sequence's segments in order (REVERSE: from the last): e_s <- S, then
+    S <- p_s * S + e_s, from S = start or 0; end <- S. The maps are element-wise, so the reverse (gradient) prefix
+    takes the same p."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    first, count = tl.load(segments + i_n * 2), tl.load(segments + i_n * 2 + 1)
+    o_k, o_v = tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    at = o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_START:
+        S = tl.load(start + i_nh.to(tl.int64) * K * V + at, mask=m_kv, other=0.0)
+    for j in range(count):
+        row = (first + count - 1 - j) if REVERSE else (first + j)
+        here = (row.to(tl.int64) * H + i_h) * K * V + at
+        b_e = tl.load(e + here, mask=m_kv, other=0.0)
+        tl.store(e + here, S, mask=m_kv)
+        S = tl.load(p + here, mask=m_kv, other=0.0) * S + b_e
+    tl.store(end + i_nh.to(tl.int64) * K * V + at, S, mask=m_kv)
 
 
 # ---- host ------------------------------------------------------------------------------------------
@@ -169,53 +206,82 @@ def _block_v(V):
     return min(CONFIG["block_v"], _pow2(V))
 
 
+class _Rows:
+    """What the walks walk: bounds [R + 1] (int32) the rows' token offsets into the packed batch, chunk_base [R + 1]
+    each row's first stored state, n_states their number; segments [N, 2] (first row, rows) of each sequence, or None
+    where each row is a whole sequence."""
+
+    __slots__ = ("bounds", "chunk_base", "n_states", "segments")
+
+    def __init__(self, bounds, chunk_base, n_states, segments):
+        self.bounds, self.chunk_base, self.n_states, self.segments = bounds, chunk_base, n_states, segments
+
+
+_ROWS = {}
+
+
 def _layout(B, T, H, V, cu_seqlens, device):
-    """(bounds [N + 1] token offsets of the walks' rows into the packed batch, chunk_base [N + 1] each row's first
-    stored state, the number of stored states (known on the host for B sequences of T tokens, read back for a packed
-    batch), segments per sequence, segment length). Rows are the sequences, or the segments of each of B sequences of
-    T tokens where _segment_chunks cuts them (a packed batch is walked whole)."""
+    """The rows of B sequences of T tokens, or of a packed batch (cu_seqlens, read back once per tensor), cut into
+    segments where _segment_chunks says the walks would keep too few programs busy; built once per (lengths, heads,
+    device, settings), since building them costs host time and a copy to the device."""
+    offsets = [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "gfw")
     scan = CONFIG["scan"]
-    chunks = None
-    if cu_seqlens is None and B:
-        chunks = _segment_chunks([i * T for i in range(B + 1)], H * triton.cdiv(V, _block_v(V)), scan)
-    length = (chunks or 0) * scan
-    segments = triton.cdiv(T, length) if length else 1  # _segment_chunks cuts only sequences longer than a segment
-    if segments > 1:
-        starts = (torch.arange(segments, device=device) * length).clamp_max(T)
-        bounds = torch.cat([(torch.arange(B, device=device)[:, None] * T + starts).flatten(),
-                            torch.full((1,), B * T, device=device)]).to(torch.int32)
-    elif cu_seqlens is None:
-        bounds = torch.arange(B + 1, device=device, dtype=torch.int32) * T  # T = 0: every sequence empty
-    else:
-        bounds = cu_seqlens.to(device=device, dtype=torch.int32)
-    chunks = (bounds[1:] - bounds[:-1] + scan - 1) // scan
-    chunk_base = torch.cat([chunks.new_zeros(1), chunks.cumsum(0)]).to(torch.int32)
-    return bounds, chunk_base, (B * triton.cdiv(T, scan) if cu_seqlens is None else None), segments, length
+    chunks = _segment_chunks(offsets, H * triton.cdiv(V, _block_v(V)), scan) if len(offsets) > 1 else None
+    key = (tuple(offsets), str(device), scan, chunks)
+    if key not in _ROWS:
+        bounds, segments = [], []
+        for bos, eos in zip(offsets, offsets[1:]):
+            starts = range(bos, eos, chunks * scan) if chunks and eos > bos else [bos]
+            segments.append((len(bounds), len(starts)))
+            bounds += starts
+        bounds.append(offsets[-1])
+        chunk_base = [0]
+        for bos, eos in zip(bounds, bounds[1:]):
+            chunk_base.append(chunk_base[-1] + triton.cdiv(eos - bos, scan))
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device)
+        if len(_ROWS) > 64:
+            _ROWS.clear()
+        _ROWS[key] = _Rows(as_tensor(bounds), as_tensor(chunk_base), chunk_base[-1],
+                           as_tensor(segments) if chunks else None)
+    return _ROWS[key]
 
 
-def _forward(q, k, v, g, gv, scale, initial_state, output_final_state, bounds, chunk_base, n_states, store_states):
-    """Launch the forward walk on packed [tokens, H, D] inputs: (o, final state or None, chunk-entry states or None)."""
+def _forward(q, k, v, g, gv, scale, initial_state, output_final_state, rows, store_states, maps=None):
+    """Launch the forward walk on packed [tokens, H, D] inputs: (o, final state or None, chunk-entry states or None)
+    per row; with `maps` ([R, H, K, V] fp32) each row's map instead (no o, the row's end state from zero as its final)."""
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
-    N = bounds.numel() - 1
+    N = rows.bounds.numel() - 1
     BV = _block_v(V)
-    o = _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
+    o = None if maps is not None else _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
     ht = _empty(N, H, K, V, device=q.device, dtype=torch.float32) if output_final_state else None
-    if store_states and n_states is None:  # a packed batch: chunk_base[-1] is the number of states (a host read)
-        n_states = int(chunk_base[-1])
-    states = _empty(n_states, H, K, V, device=q.device, dtype=torch.float32) if store_states else None
+    states = _empty(rows.n_states, H, K, V, device=q.device, dtype=torch.float32) if store_states else None
     _fwd_kernel[(triton.cdiv(V, BV), N, H)](
-        q, k, v, g, gv, o, initial_state, ht, states, bounds, chunk_base, scale,
+        q, k, v, g, gv, o, initial_state, ht, states, maps, rows.bounds, rows.chunk_base, scale,
         H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_H0=initial_state is not None,
-        STORE_FINAL=output_final_state, STORE_STATES=store_states, num_warps=CONFIG["num_warps"])
+        STORE_FINAL=output_final_state, STORE_STATES=store_states, MAP=maps is not None, num_warps=CONFIG["num_warps"])
     return o, ht, states
 
 
-def _backward(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale):
+def _entry_grads(q, k, v, g, gv, do, rows, scale):
+    """Each row's entry-state gradient from a zero exit gradient (the backward walk's MAP launch): [R, H, K, V] fp32."""
+    N_TOKENS, H, K = q.shape
+    V = v.shape[-1]
+    N = rows.bounds.numel() - 1
+    BV = _block_v(V)
+    dh0 = _empty(N, H, K, V, device=q.device, dtype=torch.float32)
+    _bwd_kernel[(triton.cdiv(V, BV), N, H)](
+        q, k, v, g, gv, do, None, None, rows.bounds, rows.chunk_base, scale,
+        None, None, None, None, None, dh0, N_TOKENS,
+        H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_DHT=False, MAP=True, num_warps=CONFIG["num_warps"])
+    return dh0
+
+
+def _backward(q, k, v, g, gv, do, dht, states, rows, scale):
     """Launch the backward walk: (dq, dk, dv, the gates' gradients, dh0 per row), fp32, dq/dk/dg summed over V blocks."""
     N_TOKENS, H, K = q.shape
     V = v.shape[-1]
-    N = bounds.numel() - 1
+    N = rows.bounds.numel() - 1
     BV = _block_v(V)
     NV = triton.cdiv(V, BV)
     f32 = dict(device=q.device, dtype=torch.float32)
@@ -226,71 +292,60 @@ def _backward(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale):
     gate_grads = (dg, dgv)
     dh0 = _empty(N, H, K, V, **f32)
     _bwd_kernel[(NV, N, H)](
-        q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale,
+        q, k, v, g, gv, do, dht, states, rows.bounds, rows.chunk_base, scale,
         dq, dk, dv, *gate_grads, dh0, N_TOKENS,
-        H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_DHT=dht is not None, num_warps=CONFIG["num_warps"])
+        H=H, K=K, V=V, BK=_pow2(K), BV=BV, SCAN=CONFIG["scan"], USE_DHT=dht is not None, MAP=False,
+        num_warps=CONFIG["num_warps"])
     return dq.sum(0), dk.sum(0), dv, (dg.sum(0), dgv), dh0
 
 
-def _segment_decay(g, gv, B, segments, length):
-    """exp of each segment's total log gate: [B, segments, H, K, V] fp32 (segments of `length` tokens, the last one
-    shorter; padding adds nothing)."""
-    def totals(x):  # [B * T, H, D] -> [B, segments, H, D]: sums over each segment's tokens
-        x = x.float().view(B, -1, *x.shape[1:])
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, segments * length - x.shape[1]))
-        return x.view(B, segments, length, *x.shape[2:]).sum(2)
-    return torch.exp(totals(g)[..., :, None] + totals(gv)[..., None, :])
-
-
-def _segment_entries(q, k, v, g, gv, scale, initial_state, bounds, chunk_base, decay):
-    """Each segment's entry state [B * segments, H, K, V]: every segment walked from zero at once (its end state E),
-    then S <- decay * S + E over the segments in order (LASP-2's prefix over affine maps, on one GPU)."""
-    _, ends, _ = _forward(q, k, v, g, gv, scale, None, True, bounds, chunk_base, None, False)
-    ends = ends.view(*decay.shape[:2], *ends.shape[1:])
-    state = torch.zeros_like(ends[:, 0]) if initial_state is None else initial_state
-    entries = []
-    for s in range(decay.shape[1]):
-        entries.append(state)
-        state = decay[:, s] * state + ends[:, s]
-    return torch.stack(entries, 1).flatten(0, 1)
+def _segment_prefix(ends, maps, start, rows, reverse):
+    """LASP-2's prefix over each sequence's segments, in place: ends [R, H, K, V] (each segment's end state from zero,
+    or its entry gradient from a zero exit gradient) becomes each segment's entry state (or exit gradient); returns
+    the sequences' final states (initial-state gradients) [N, H, K, V]. `start`: the initial states (the final
+    states' gradients), or None for zeros."""
+    _, H, K, V = ends.shape
+    N = rows.segments.shape[0]
+    end = _empty(N, H, K, V, device=ends.device, dtype=torch.float32)
+    BV = min(_pow2(V), 32)
+    _segment_prefix_kernel[(triton.cdiv(V, BV), N * H)](
+        ends, maps, start, end, rows.segments, H, K=K, V=V, BK=_pow2(K), BV=BV, REVERSE=reverse,
+        HAS_START=start is not None, num_warps=4)
+    return end
 
 
 class _Chunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, gv, scale, initial_state, output_final_state, bounds, chunk_base, n_states, store_states,
-                segments, segment_length):
-        decay, has_h0 = None, initial_state is not None
-        if segments > 1:  # rows are segments: their entry states first, then the walk from them
-            B = (bounds.numel() - 1) // segments
-            decay = _segment_decay(g, gv, B, segments, segment_length)
-            initial_state = _segment_entries(q, k, v, g, gv, scale, initial_state, bounds, chunk_base, decay)
-        o, ht, states = _forward(q, k, v, g, gv, scale, initial_state, output_final_state or segments > 1, bounds,
-                                 chunk_base, n_states, store_states)
-        if segments > 1:
-            ht = ht.view(-1, segments, *ht.shape[1:])[:, -1] if output_final_state else None
-        ctx.save_for_backward(q, k, v, g, gv, states, bounds, chunk_base, decay)
-        ctx.scale, ctx.has_h0, ctx.segments = scale, has_h0, segments
+    def forward(ctx, q, k, v, g, gv, scale, initial_state, output_final_state, rows, store_states):
+        maps, has_h0 = None, initial_state is not None
+        if rows.segments is not None:  # rows are segments: their maps, the prefix for their entry states, the walk
+            N, H, K, V = rows.bounds.numel() - 1, q.shape[1], q.shape[2], v.shape[2]
+            maps = _empty(N, H, K, V, device=q.device, dtype=torch.float32)
+            _, entries, _ = _forward(q, k, v, g, gv, scale, None, True, rows, False, maps)
+            ht = _segment_prefix(entries, maps, initial_state, rows, False)
+            initial_state = entries
+        o, final, states = _forward(q, k, v, g, gv, scale, initial_state, output_final_state and maps is None, rows,
+                                    store_states)
+        ht = final if maps is None else (ht if output_final_state else None)
+        ctx.save_for_backward(q, k, v, g, gv, states, maps)
+        ctx.scale, ctx.has_h0, ctx.rows = scale, has_h0, rows
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gv, states, bounds, chunk_base, decay = ctx.saved_tensors
+        q, k, v, g, gv, states, maps = ctx.saved_tensors
+        rows = ctx.rows
         do = do.contiguous()
-        if ctx.segments > 1:  # each segment's exit gradient: its own gradient of the entry (from zero), in reverse
-            *_, entry_grads = _backward(q, k, v, g, gv, do, None, states, bounds, chunk_base, ctx.scale)
-            entry_grads = entry_grads.view(*decay.shape[:2], *entry_grads.shape[1:])
-            grad = torch.zeros_like(entry_grads[:, 0]) if dht is None else dht.float()
-            exits = [None] * ctx.segments
-            for s in reversed(range(ctx.segments)):
-                exits[s] = grad
-                grad = decay[:, s] * grad + entry_grads[:, s]
-            dht = torch.stack(exits, 1).flatten(0, 1)
-        dq, dk, dv, d_gates, dh0 = _backward(q, k, v, g, gv, do, dht, states, bounds, chunk_base, ctx.scale)
-        if ctx.segments > 1:
-            dh0 = dh0.view(-1, ctx.segments, *dh0.shape[1:])[:, 0]
+        if maps is not None:  # each segment's exit gradient: its entry gradient from zero, then the reverse prefix
+            exits = _entry_grads(q, k, v, g, gv, do, rows, ctx.scale)
+            dh0 = _segment_prefix(exits, maps, None if dht is None else dht.float().contiguous(), rows, True)
+            dht = exits
+        dq, dk, dv, d_gates, row_dh0 = _backward(q, k, v, g, gv, do, dht, states, rows, ctx.scale)
+        if maps is None:
+            dh0 = row_dh0
         d_gates = tuple(d.to(x.dtype) for d, x in zip(d_gates, (g, gv,)))
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *d_gates, None,
-                dh0 if ctx.has_h0 else None, None, None, None, None, None, None, None)
+                dh0 if ctx.has_h0 else None, None, None, None)
 
 
 def chunk(q, k, v, g, gv, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
@@ -299,14 +354,20 @@ def chunk(q, k, v, g, gv, scale=None, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     if scale is None:
         scale = K ** -0.5
-    bounds, chunk_base, n_states, segments, length = _layout(B, T, H, v.shape[-1], cu_seqlens, q.device)
+    rows = _layout(B, T, H, V, cu_seqlens, q.device)
     packed = [x.reshape(B * T, H, x.shape[2:].numel() // H).contiguous() for x in (q, k, v, g, gv)]
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # the chunk-entry states are stored only for a backward (autograd's forward runs without grad mode)
     store = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, gv, initial_state))
-    o, ht = _Chunk.apply(*packed, float(scale), h0, output_final_state, bounds, chunk_base, n_states, store,
-                         segments, length)
+    o, ht = _Chunk.apply(*packed, float(scale), h0, output_final_state, rows, store)
     return o.view(B, T, H, V), ht
+
+
+def _tokens(B, device):
+    """The rows of B one-token sequences (a decode step), made on the device: no copy from the host, so a CUDA graph
+    can capture the step."""
+    bounds = torch.arange(B + 1, device=device, dtype=torch.int32)
+    return _Rows(bounds, bounds, B, None)
 
 
 def step(q, k, v, g, gv, state, scale=None):
@@ -314,8 +375,7 @@ def step(q, k, v, g, gv, state, scale=None):
     B, H, K = q.shape
     if scale is None:
         scale = K ** -0.5
-    bounds, chunk_base, *_ = _layout(B, 1, H, v.shape[-1], None, q.device)
     tokens = [x.contiguous() for x in (q, k, v, g, gv)]
     o, new, _ = _forward(*tokens, float(scale), state.float().contiguous(), True,
-                         bounds, chunk_base, None, False)
+                         _tokens(B, q.device), False)
     return o, new
