@@ -111,8 +111,8 @@ def check(programs, device):
         cases = ({"B=2 T=40": (2, 40, None), "packed [25, 1, 14]": (1, 40, [0, 25, 26, 40])} if SMOKE else
                  {"B=2 T=1000": (2, 1000, None), "packed [700, 1, 299]": (1, 1000, [0, 700, 701, 1000])})
         if not SMOKE:  # one sequence: the default segment policy cuts it (LASP-2 within the GPU)
-            segments = module._layout(1, 3000, dims["H"], dims["V"], None, device)[3]
-            cases[f"B=1 T=3000 in {segments} segments"] = (1, 3000, None)
+            rows = module._layout(1, 3000, dims["H"], dims["V"], None, device)
+            cases[f"B=1 T=3000 in {rows.bounds.numel() - 1} segments"] = (1, 3000, None)
         for label, (B, T, cu) in cases.items():
             for dtype in (torch.bfloat16, torch.float32):
                 x = inputs(name, B, T, dims["H"], dims["K"], dims["V"], dtype, device, seed=T)

@@ -1,21 +1,32 @@
 #!/usr/bin/env bash
-# What landed without a GPU (2026-12-07, ninth session), checked and timed in one call (~9.5 minutes), most decisive
-# first (a call cut short keeps what it measured):
-#  1. the element-wise walks' bf16 check: exp2 in the default walks (a change to GPU-checked kernels);
-#  2. A0.3B-2B GLA training, compiled: the clipping folded into the fused AdamW (clipped_step) against the clipping
-#     pass of before (compiled+clip-pass), in one process;
-#  3. the compiled decode step's check against a float32 step (GLA), with its timing;
-#  4. Mamba's walk with sequences cut into segments of 512 to 8192 tokens, at 8K and 32K.
-# Run 16 ran it (bench/results/run16/), when step 1 also checked a forward walked token by token, since removed.
+# What landed without a GPU (2026-12-07, tenth session), checked and timed in one call (~9.5 minutes), most decisive
+# first (a call cut short keeps what it measured). fla compiles its kernels for the timed cells in processes of their
+# own (bench/fla_warm.py) while the foreground checks:
+#  1. the delta template's bf16 check (G held in base 2, exp2 everywhere): Gated DeltaNet, DeltaNet, the vector-decay
+#     delta spec, at T = 2085, packed and K = V = 64;
+#  2. the element-wise walks' bf16 check: GFW at block_v 8, a sequence and a packed batch the default segment policy
+#     cuts (segment maps from the walks' MAP launches, the prefix kernel);
+#  3. Mamba's walk at 8K and 32K: the default policy against whole sequences and forced segment lengths;
+#  4. Gated DeltaNet and DeltaNet against fla at 2K and 8K (the exp2 kernels; run 15's ratios are the before);
+#  5. Mamba and GFW against their floors and chunk_gla at 2K, 8K and 32K.
+# Run 17 ran it (bench/results/run17/).
 B=${BUDGET:-560}
 . bench/gpu_call.sh
-export PYTHONPATH=.:$PYTHONPATH
-step check; timeout $(left 120) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
+F="python3 bench/families_gpu.py"
+for cell in gated_deltanet:2K gated_deltanet:8K deltanet:2K deltanet:8K; do
+  FLA_CACHE_RESULTS=0 timeout $(left 300) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
+    --memory-fraction 0.05 > $OUT/warm_${cell/:/_}.txt 2>&1 &
+done
+step check; timeout $(left 150) $F check --families gated_deltanet,deltanet,gated_delta_vector \
+  --cases "default,varlen [,K=V=64" --out $OUT/c > /dev/null 2>&1
+grep "FAIL\|ALL PASS" $OUT/c/families.md | cut -c1-300
+timeout $(left 240) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
 grep "^| " $OUT/e/elementwise.md 2>/dev/null | cut -c1-160
-step train; timeout $(left 320) python3 bench/model_gpu.py --part train --variants GLA --modes compiled,compiled+clip-pass \
-  --budget 180 --out $OUT/t 2>&1 | grep "train \|FAIL\|skipped"
-step decode; timeout $(left 430) python3 bench/model_gpu.py --part decode --variants GLA --budget 90 --out $OUT/d 2>&1 \
-  | grep "decode \|FAIL\|skipped\|ok:\|MISMATCH\|SYNC"
-step sweep; timeout $(left $B) python3 bench/elementwise_gpu.py sweep --out $OUT/s > /dev/null 2>&1
-grep "^| " $OUT/s/elementwise.md 2>/dev/null | cut -c1-200
+step sweep; timeout $(left 330) python3 bench/elementwise_gpu.py sweep --out $OUT/s > /dev/null 2>&1
+wait
+step bench; timeout $(left 450) $F bench --no-sdpa --families gated_deltanet,deltanet --shapes 2K,8K --out $OUT/b \
+  > /dev/null 2>&1
+step elementwise; timeout $(left $B) python3 bench/elementwise_gpu.py bench --out $OUT/x > /dev/null 2>&1
 step done
+for d in c s b x; do echo "#### $d"; grep "^| \|^###" $OUT/$d/*.md 2>/dev/null | grep -v "| ok |" | cut -c1-240; done
+tail -qn1 $OUT/warm_*.txt
