@@ -38,7 +38,8 @@ MAMBA = dict(H=32, K=16, V=64)  # d_inner 2048, N 16
 GFW = dict(H=16, K=64, V=128)
 SETTINGS = {"mamba": {"default": {}, "run-12 default (block_v 16, 4 warps)": {"block_v": 16, "num_warps": 4},
                       "whole sequences (no segments)": {"walk_programs": 0}},
-            "gfw": {"default": {}, "block_v 16 (run-16 default)": {"block_v": 16},
+            "gfw": {"default": {}, "chunk form": {"form": "chunk"}, "chunk form, chunk_block_v 128": {"form": "chunk",
+                    "chunk_block_v": 128}, "block_v 16 (run-16 default)": {"block_v": 16},
                     "whole sequences (no segments)": {"walk_programs": 0}}}
 BANDWIDTH = 3.0e12  # H100 device copy, bytes/s (DESIGN.md)
 TOL_O, TOL_GRAD = 2e-3, 1e-2  # bf16 against fp32 (DESIGN.md); fp32 Triton (tf32-free: no tl.dot here) gets 1e-4
@@ -110,10 +111,15 @@ def check(programs, device):
         dims = MAMBA if name == "mamba" else GFW
         cases = ({"B=2 T=40": (2, 40, None), "packed [25, 1, 14]": (1, 40, [0, 25, 26, 40])} if SMOKE else
                  {"B=2 T=1000": (2, 1000, None), "packed [700, 1, 299]": (1, 1000, [0, 700, 701, 1000])})
+        cases = {label: (*shape, {}) for label, shape in cases.items()}
+        if name == "gfw":  # the outer sum's chunk form (CONFIG "form": "chunk") at the same shapes
+            cases.update({f"{label}, chunk form": (*shape[:3], {"form": "chunk"}) for label, shape in cases.items()})
         if not SMOKE:  # one sequence: the default segment policy cuts it (LASP-2 within the GPU)
             rows = module._layout(1, 3000, dims["H"], dims["V"], None, device)
-            cases[f"B=1 T=3000 in {rows.bounds.numel() - 1} segments"] = (1, 3000, None)
-        for label, (B, T, cu) in cases.items():
+            cases[f"B=1 T=3000 in {rows.bounds.numel() - 1} segments"] = (1, 3000, None, {})
+        defaults = dict(module.CONFIG)
+        for label, (B, T, cu, setting) in cases.items():
+            module.CONFIG.update(defaults, **setting)
             for dtype in (torch.bfloat16, torch.float32):
                 x = inputs(name, B, T, dims["H"], dims["K"], dims["V"], dtype, device, seed=T)
                 n_seq = B if cu is None else len(cu) - 1
@@ -137,6 +143,7 @@ def check(programs, device):
                 log(name, label, dtype, errs)
                 say(f"| {name} | {label} | {str(dtype).removeprefix('torch.')} | {worst_o:.2e} | {worst_g:.2e} | "
                     f"{'yes' if ok else 'NO'} |")
+        module.CONFIG.update(defaults)
         module.POISON = False
     say()
     return failures

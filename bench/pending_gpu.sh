@@ -5,10 +5,11 @@
 #  1. the delta template's bf16 check (G held in base 2, exp2 everywhere): Gated DeltaNet, DeltaNet, the vector-decay
 #     delta spec, at T = 2085, packed and K = V = 64;
 #  2. the element-wise walks' bf16 check: GFW at block_v 8, a sequence and a packed batch the default segment policy
-#     cuts (segment maps from the walks' MAP launches, the prefix kernel);
+#     cuts (segment maps from the walks' MAP launches, the prefix kernel); GFW's chunk form (new, opt-in; the CPU
+#     interpreter cannot run its bf16 products: its tl.dot of bf16 tiles returns garbage, as a bare 16x16 test shows);
 #  3. Mamba's walk at 8K and 32K: the default policy against whole sequences and forced segment lengths;
 #  4. Gated DeltaNet and DeltaNet against fla at 2K and 8K (the exp2 kernels; run 15's ratios are the before);
-#  5. Mamba and GFW against their floors and chunk_gla at 2K, 8K and 32K.
+#  5. Mamba and GFW (the scan and the chunk form) against their floors and chunk_gla at 2K, 8K and 32K.
 # Run 17 ran it (bench/results/run17/).
 B=${BUDGET:-560}
 . bench/gpu_call.sh

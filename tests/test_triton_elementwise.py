@@ -3,9 +3,9 @@
 Mamba (outer-product gate) and GFW (outer-sum gate) against the float64 oracle: the output, the final state and every
 gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (one of a single token), two V blocks and
 K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
-both cut into segments walked at once (the segment policy forced); both with the decode step against the torch step.
-Outputs start as
-NaN (POISON), so an element no kernel writes fails. fp32 here; bf16 runs on the GPU (bench/elementwise_gpu.py).
+both cut into segments walked at once (the segment policy forced); both with the decode step against the torch step;
+GFW's chunk form (CONFIG "form": "chunk") at packed sequences with an empty and a one-token one, a strong gate, three
+V blocks, and without a final state. Outputs start as NaN (POISON), so an element no kernel writes fails. fp32 here; bf16 runs on the GPU (bench/elementwise_gpu.py).
 
 Why a subprocess: TRITON_INTERPRET=1 must be set before triton is first imported.
 """
@@ -48,7 +48,7 @@ CHILD = textwrap.dedent(
             return float("inf")
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    def case(B, T, H, K, V, lens=None, strong=False):
+    def case(B, T, H, K, V, lens=None, strong=False, final=True):
         inputs = _inputs(name, B, T, H, K, V, dtype=torch.float32, seed=T)
         if strong:  # one token with log gates down to about -50: the state before it is wiped out, nothing overflows
             if name == "mamba":
@@ -63,9 +63,10 @@ CHILD = textwrap.dedent(
         results = {}
         for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
             leaves = {n: x.to(dtype).requires_grad_() for n, x in inputs.items()}
-            o, ht = op(**leaves, output_final_state=True, cu_seqlens=cu, backend=backend)
-            ((o * do.to(dtype)).sum() + (ht * dht.to(ht.dtype)).sum()).backward()
-            results[backend] = {"o": o, "final_state": ht, **{f"d{n}": x.grad for n, x in leaves.items()}}
+            o, ht = op(**leaves, output_final_state=final, cu_seqlens=cu, backend=backend)
+            ((o * do.to(dtype)).sum() + ((ht * dht.to(ht.dtype)).sum() if final else 0)).backward()
+            results[backend] = {"o": o, **({"final_state": ht} if final else {}),
+                                **{f"d{n}": x.grad for n, x in leaves.items()}}
         return {n: rel(results["triton"][n], want) for n, want in results["reference"].items()}
 
     def step_case(B=2, H=2, K=3, V=12):
@@ -97,6 +98,14 @@ CHILD = textwrap.dedent(
         out[f"B={B} T={T} segmented in 16s"] = {
             what: 0.0 if torch.equal(a, b) else float("inf") for what, a, b in zip(("o", "final_state"), *got)}
     triton_mod.CONFIG.update(defaults)
+    if name == "gfw":  # the outer sum's chunk form (CONFIG "form"): 64-token chunks of 16-row sub-chunks
+        triton_mod.CONFIG.update(form="chunk")
+        out["chunk form: packed [70, 0, 1, 79], K=5 V=20, a strong gate"] = case(1, 150, 2, 5, 20, lens=[70, 0, 1, 79],
+                                                                                strong=True)
+        out["chunk form: B=2 T=64, no final state"] = case(2, 64, 1, 16, 16, final=False)
+        triton_mod.CONFIG.update(chunk_block_v=16)
+        out["chunk form: packed [100, 30], K=3 V=40 in three V blocks"] = case(1, 130, 1, 3, 40, lens=[100, 30])
+        triton_mod.CONFIG.update(defaults)
     out["step"] = step_case()
     print("RESULT " + json.dumps(out))
     '''
@@ -112,8 +121,12 @@ def test_triton_matches_oracle(name):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     errors = json.loads(lines[-1][len("RESULT "):])
-    assert errors["step"] and all(errs.keys() >= {"o", "final_state", "dq", "dk", "dv", "dinitial_state"}
-                                  for case, errs in errors.items() if case != "step" and "segmented in" not in case)
+    assert errors["step"]
+    for case, errs in errors.items():
+        if case != "step" and "segmented in" not in case:
+            final = set() if "no final state" in case else {"final_state"}
+            assert errs.keys() >= {"o", "dq", "dk", "dv", "dinitial_state"} | final, case
+    assert sum(case.startswith("chunk form") for case in errors) == (3 if name == "gfw" else 0)
     assert sum("segmented in" in case for case in errors) == 3
     bad = {f"{case}: {n}": e for case, errs in errors.items() for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"

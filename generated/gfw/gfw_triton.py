@@ -30,8 +30,11 @@ from lmoec.runtime.contract import sequence_offsets
 # scans. Set from run 16 on an H100, Mamba at d_inner 2048: one 32K sequence walks 256 programs and 2,048-token
 # segments (4,096 programs) took its forward from 4.61 to 2.63 ms; four 8K sequences walk 1,024 and the same
 # segments took it from 1.38 to 2.56 ms. The outer-sum gate takes the same rule, not yet timed segmented.
+# form: "scan" (the walks above) or "chunk" (_chunk_form: chunks of OS_CHUNK tokens on the matrix units, V blocks of
+# chunk_block_v, chunk_warps warps; whole sequences, no segments). "chunk" is opt-in until a GPU has checked and timed it.
 CONFIG = {"block_v": 8, "scan": 16, "num_warps": 4,
-          "walk_programs": 512, "segment_programs": 4096, "segment_chunks": 32}
+          "walk_programs": 512, "segment_programs": 4096, "segment_chunks": 32,
+          "form": "scan", "chunk_block_v": 64, "chunk_warps": 4}
 POISON = False  # tests: every output starts as NaN, so an element no kernel writes fails
 
 
@@ -185,6 +188,598 @@ def _segment_prefix_kernel(e, p, start, end, segments, H, K: tl.constexpr, V: tl
         tl.store(e + here, S, mask=m_kv)
         S = tl.load(p + here, mask=m_kv, other=0.0) * S + b_e
     tl.store(end + i_nh.to(tl.int64) * K * V + at, S, mask=m_kv)
+
+
+# ---- the chunk form of the outer-sum gate ------------------------------------------------------------------
+#
+# Per chunk of OS_CHUNK tokens, with a_t, b_t the in-chunk cumulative log gates (key side, value side; base 2 in the
+# kernels) and S0 the chunk's entry state:
+#   o_t = scale * (e^b_t * ((q_t e^a_t) S0) + sum_{s <= t} A_ts (v_s e^(b_t - b_s))),  A_ts = sum_k q_t k_s e^(a_t - a_s)
+#   S_C = (e^a_C e^b_C^T) * S0 + (k e^(a_C - a))^T (v e^(b_C - b))
+# Every product runs on the matrix units with factors at most 1: the state terms refer to the chunk's start or end,
+# and the in-chunk terms between sub-chunks i > j of OS_SUB rows refer to the cumulative gate at the end of sub-chunk
+# i - 1 (a later token's is below it, an earlier token's above); inside a sub-chunk the pairs go element-wise, one
+# column s at a time. So no exp() overflows at any gate strength, and no chunk needs a fallback.
+# The gates' gradients come from the rescaling identities: raising gv_t by eps scales every output from t on by
+# e^eps and every v from t on by e^-eps (and the final state by e^eps), so d gv_t = sum_{tau >= t} (o do - v dv)
+# + sum_k S_T dS_T, and likewise d g_t = sum_{tau >= t} (q dq - k dk) + sum_v S_T dS_T: a reverse cumulative sum
+# per sequence (_os_rev_cumsum_kernel) of terms the gradient kernel forms.
+OS_CHUNK = tl.constexpr(64)  # globals a kernel reads must be constexpr instances (the host reads .value)
+OS_SUB = tl.constexpr(16)
+
+
+@triton.jit
+def _mm(a, b, DOT: tl.constexpr):
+    return tl.dot(a, b, input_precision=DOT)
+
+
+
+
+
+@triton.jit
+def _os_walk_kernel(k, v, g, gv, h0, ht, states, bounds, chunk_base, H: tl.constexpr,
+                    K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
+                    USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr):
+    """Per (V block, sequence, head): the chunk-entry states (stored), S <- (e^a_C e^b_C^T) * S + (k e^(a_C - a))^T
+    (v e^(b_C - b)) chunk by chunk, the final state."""
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
+    base = tl.load(chunk_base + i_n)
+    o_s, o_k, o_v = tl.arange(0, OS_SUB), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S = tl.load(h0 + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+    for i_c in range(0, tl.cdiv(eos - bos, OS_CHUNK)):
+        tl.store(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
+        t0 = bos + i_c * OS_CHUNK + 0 * OS_SUB + o_s
+        m0 = t0 < eos
+        k0 = tl.load(k + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
+        v0 = tl.load(v + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0)
+        a0 = tl.cumsum(tl.load(g + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
+        a_end0 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a0, 0.0), 0)
+        b0 = tl.cumsum(tl.load(gv + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
+        b_end0 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b0, 0.0), 0)
+        t1 = bos + i_c * OS_CHUNK + 1 * OS_SUB + o_s
+        m1 = t1 < eos
+        k1 = tl.load(k + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
+        v1 = tl.load(v + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0)
+        a1 = tl.cumsum(tl.load(g + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end0[None, :]
+        a_end1 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a1, 0.0), 0)
+        b1 = tl.cumsum(tl.load(gv + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end0[None, :]
+        b_end1 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b1, 0.0), 0)
+        t2 = bos + i_c * OS_CHUNK + 2 * OS_SUB + o_s
+        m2 = t2 < eos
+        k2 = tl.load(k + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
+        v2 = tl.load(v + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0)
+        a2 = tl.cumsum(tl.load(g + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end1[None, :]
+        a_end2 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a2, 0.0), 0)
+        b2 = tl.cumsum(tl.load(gv + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end1[None, :]
+        b_end2 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b2, 0.0), 0)
+        t3 = bos + i_c * OS_CHUNK + 3 * OS_SUB + o_s
+        m3 = t3 < eos
+        k3 = tl.load(k + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
+        v3 = tl.load(v + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0)
+        a3 = tl.cumsum(tl.load(g + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end2[None, :]
+        a_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a3, 0.0), 0)
+        b3 = tl.cumsum(tl.load(gv + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end2[None, :]
+        b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
+
+        S = S * (tl.exp2(a_end3)[:, None] * tl.exp2(b_end3)[None, :])
+        S += _mm(tl.trans((k0 * tl.exp2(a_end3[None, :] - a0)).to(k0.dtype)),
+                 (v0 * tl.exp2(b_end3[None, :] - b0)).to(v0.dtype), DOT)
+        S += _mm(tl.trans((k1 * tl.exp2(a_end3[None, :] - a1)).to(k1.dtype)),
+                 (v1 * tl.exp2(b_end3[None, :] - b1)).to(v1.dtype), DOT)
+        S += _mm(tl.trans((k2 * tl.exp2(a_end3[None, :] - a2)).to(k2.dtype)),
+                 (v2 * tl.exp2(b_end3[None, :] - b2)).to(v2.dtype), DOT)
+        S += _mm(tl.trans((k3 * tl.exp2(a_end3[None, :] - a3)).to(k3.dtype)),
+                 (v3 * tl.exp2(b_end3[None, :] - b3)).to(v3.dtype), DOT)
+    if STORE_FINAL:
+        tl.store(ht + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
+
+
+@triton.jit
+def _os_output_kernel(q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indices, scale,
+                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      DOT: tl.constexpr):
+    """Per (V block, chunk, head): o of the chunk's tokens from its entry state and its own tokens."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_c = tl.load(chunk_indices + i_t * 2), tl.load(chunk_indices + i_t * 2 + 1)
+    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
+    base = tl.load(chunk_base + i_n)
+    o_s, o_k, o_v = tl.arange(0, OS_SUB), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    S0 = tl.load(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :],
+                 mask=m_k[:, None] & m_v[None, :], other=0.0)
+    t0 = bos + i_c * OS_CHUNK + 0 * OS_SUB + o_s
+    m0 = t0 < eos
+    k0 = tl.load(k + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
+    q0 = tl.load(q + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
+    v0 = tl.load(v + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0)
+    a0 = tl.cumsum(tl.load(g + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
+    a_end0 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a0, 0.0), 0)
+    b0 = tl.cumsum(tl.load(gv + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
+    b_end0 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b0, 0.0), 0)
+    t1 = bos + i_c * OS_CHUNK + 1 * OS_SUB + o_s
+    m1 = t1 < eos
+    k1 = tl.load(k + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
+    q1 = tl.load(q + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
+    v1 = tl.load(v + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0)
+    a1 = tl.cumsum(tl.load(g + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end0[None, :]
+    a_end1 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a1, 0.0), 0)
+    b1 = tl.cumsum(tl.load(gv + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end0[None, :]
+    b_end1 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b1, 0.0), 0)
+    t2 = bos + i_c * OS_CHUNK + 2 * OS_SUB + o_s
+    m2 = t2 < eos
+    k2 = tl.load(k + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
+    q2 = tl.load(q + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
+    v2 = tl.load(v + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0)
+    a2 = tl.cumsum(tl.load(g + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end1[None, :]
+    a_end2 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a2, 0.0), 0)
+    b2 = tl.cumsum(tl.load(gv + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end1[None, :]
+    b_end2 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b2, 0.0), 0)
+    t3 = bos + i_c * OS_CHUNK + 3 * OS_SUB + o_s
+    m3 = t3 < eos
+    k3 = tl.load(k + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
+    q3 = tl.load(q + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
+    v3 = tl.load(v + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0)
+    a3 = tl.cumsum(tl.load(g + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end2[None, :]
+    a_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a3, 0.0), 0)
+    b3 = tl.cumsum(tl.load(gv + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end2[None, :]
+    b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
+
+    out = tl.exp2(b0) * _mm((q0 * tl.exp2(a0)).to(q0.dtype), S0.to(q0.dtype), DOT)
+    for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
+        after = (o_s >= s)[:, None]
+        k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], k0.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a0, 0.0), 0)
+        v_s, b_s = tl.sum(tl.where((o_s == s)[:, None], v0.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], b0, 0.0), 0)
+        col = tl.sum(q0.to(tl.float32) * k_s[None, :] * tl.exp2(tl.where(after, a0 - a_s[None, :], float("-inf"))), 1)
+        out += col[:, None] * v_s[None, :] * tl.exp2(tl.where(after, b0 - b_s[None, :], float("-inf")))
+    tl.store(o + (t0[:, None] * H + i_h) * V + o_v[None, :], (out * scale).to(o.dtype.element_ty),
+             mask=m0[:, None] & m_v[None, :])
+    out = tl.exp2(b1) * _mm((q1 * tl.exp2(a1)).to(q1.dtype), S0.to(q1.dtype), DOT)
+    # sub-chunk 0 before 1: factors referred to the gates after sub-chunk 0
+    scores = _mm((q1 * tl.exp2(a1 - a_end0[None, :])).to(q1.dtype),
+                 tl.trans((k0 * tl.exp2(a_end0[None, :] - a0)).to(k0.dtype)), DOT)
+    out += tl.exp2(b1 - b_end0[None, :]) * _mm(scores.to(v0.dtype),
+                                                       (v0 * tl.exp2(b_end0[None, :] - b0)).to(v0.dtype), DOT)
+    for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
+        after = (o_s >= s)[:, None]
+        k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], k1.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a1, 0.0), 0)
+        v_s, b_s = tl.sum(tl.where((o_s == s)[:, None], v1.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], b1, 0.0), 0)
+        col = tl.sum(q1.to(tl.float32) * k_s[None, :] * tl.exp2(tl.where(after, a1 - a_s[None, :], float("-inf"))), 1)
+        out += col[:, None] * v_s[None, :] * tl.exp2(tl.where(after, b1 - b_s[None, :], float("-inf")))
+    tl.store(o + (t1[:, None] * H + i_h) * V + o_v[None, :], (out * scale).to(o.dtype.element_ty),
+             mask=m1[:, None] & m_v[None, :])
+    out = tl.exp2(b2) * _mm((q2 * tl.exp2(a2)).to(q2.dtype), S0.to(q2.dtype), DOT)
+    # sub-chunk 0 before 2: factors referred to the gates after sub-chunk 1
+    scores = _mm((q2 * tl.exp2(a2 - a_end1[None, :])).to(q2.dtype),
+                 tl.trans((k0 * tl.exp2(a_end1[None, :] - a0)).to(k0.dtype)), DOT)
+    out += tl.exp2(b2 - b_end1[None, :]) * _mm(scores.to(v0.dtype),
+                                                       (v0 * tl.exp2(b_end1[None, :] - b0)).to(v0.dtype), DOT)
+    # sub-chunk 1 before 2: factors referred to the gates after sub-chunk 1
+    scores = _mm((q2 * tl.exp2(a2 - a_end1[None, :])).to(q2.dtype),
+                 tl.trans((k1 * tl.exp2(a_end1[None, :] - a1)).to(k1.dtype)), DOT)
+    out += tl.exp2(b2 - b_end1[None, :]) * _mm(scores.to(v1.dtype),
+                                                       (v1 * tl.exp2(b_end1[None, :] - b1)).to(v1.dtype), DOT)
+    for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
+        after = (o_s >= s)[:, None]
+        k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], k2.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a2, 0.0), 0)
+        v_s, b_s = tl.sum(tl.where((o_s == s)[:, None], v2.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], b2, 0.0), 0)
+        col = tl.sum(q2.to(tl.float32) * k_s[None, :] * tl.exp2(tl.where(after, a2 - a_s[None, :], float("-inf"))), 1)
+        out += col[:, None] * v_s[None, :] * tl.exp2(tl.where(after, b2 - b_s[None, :], float("-inf")))
+    tl.store(o + (t2[:, None] * H + i_h) * V + o_v[None, :], (out * scale).to(o.dtype.element_ty),
+             mask=m2[:, None] & m_v[None, :])
+    out = tl.exp2(b3) * _mm((q3 * tl.exp2(a3)).to(q3.dtype), S0.to(q3.dtype), DOT)
+    # sub-chunk 0 before 3: factors referred to the gates after sub-chunk 2
+    scores = _mm((q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype),
+                 tl.trans((k0 * tl.exp2(a_end2[None, :] - a0)).to(k0.dtype)), DOT)
+    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores.to(v0.dtype),
+                                                       (v0 * tl.exp2(b_end2[None, :] - b0)).to(v0.dtype), DOT)
+    # sub-chunk 1 before 3: factors referred to the gates after sub-chunk 2
+    scores = _mm((q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype),
+                 tl.trans((k1 * tl.exp2(a_end2[None, :] - a1)).to(k1.dtype)), DOT)
+    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores.to(v1.dtype),
+                                                       (v1 * tl.exp2(b_end2[None, :] - b1)).to(v1.dtype), DOT)
+    # sub-chunk 2 before 3: factors referred to the gates after sub-chunk 2
+    scores = _mm((q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype),
+                 tl.trans((k2 * tl.exp2(a_end2[None, :] - a2)).to(k2.dtype)), DOT)
+    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores.to(v2.dtype),
+                                                       (v2 * tl.exp2(b_end2[None, :] - b2)).to(v2.dtype), DOT)
+    for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
+        after = (o_s >= s)[:, None]
+        k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], k3.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a3, 0.0), 0)
+        v_s, b_s = tl.sum(tl.where((o_s == s)[:, None], v3.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], b3, 0.0), 0)
+        col = tl.sum(q3.to(tl.float32) * k_s[None, :] * tl.exp2(tl.where(after, a3 - a_s[None, :], float("-inf"))), 1)
+        out += col[:, None] * v_s[None, :] * tl.exp2(tl.where(after, b3 - b_s[None, :], float("-inf")))
+    tl.store(o + (t3[:, None] * H + i_h) * V + o_v[None, :], (out * scale).to(o.dtype.element_ty),
+             mask=m3[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _os_walk_bwd_kernel(q, do, g, gv, dht, dh0, grads, bounds, chunk_base, scale,
+                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        DOT: tl.constexpr, USE_DHT: tl.constexpr):
+    """Per (V block, sequence, head), from the last chunk: the gradient of each chunk's exit state (stored), then
+    dS <- (e^a_C e^b_C^T) * dS + scale (q e^a)^T (do e^b); the initial state's gradient."""
+    i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
+    base = tl.load(chunk_base + i_n)
+    o_s, o_k, o_v = tl.arange(0, OS_SUB), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        dS = tl.load(dht + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, OS_CHUNK)
+    for j in range(0, n_chunks):
+        i_c = n_chunks - 1 - j
+        tl.store(grads + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], dS, mask=m_kv)
+        t0 = bos + i_c * OS_CHUNK + 0 * OS_SUB + o_s
+        m0 = t0 < eos
+        q0 = tl.load(q + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
+        do0 = tl.load(do + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0)
+        a0 = tl.cumsum(tl.load(g + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
+        a_end0 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a0, 0.0), 0)
+        b0 = tl.cumsum(tl.load(gv + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
+        b_end0 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b0, 0.0), 0)
+        t1 = bos + i_c * OS_CHUNK + 1 * OS_SUB + o_s
+        m1 = t1 < eos
+        q1 = tl.load(q + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
+        do1 = tl.load(do + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0)
+        a1 = tl.cumsum(tl.load(g + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end0[None, :]
+        a_end1 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a1, 0.0), 0)
+        b1 = tl.cumsum(tl.load(gv + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end0[None, :]
+        b_end1 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b1, 0.0), 0)
+        t2 = bos + i_c * OS_CHUNK + 2 * OS_SUB + o_s
+        m2 = t2 < eos
+        q2 = tl.load(q + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
+        do2 = tl.load(do + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0)
+        a2 = tl.cumsum(tl.load(g + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end1[None, :]
+        a_end2 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a2, 0.0), 0)
+        b2 = tl.cumsum(tl.load(gv + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end1[None, :]
+        b_end2 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b2, 0.0), 0)
+        t3 = bos + i_c * OS_CHUNK + 3 * OS_SUB + o_s
+        m3 = t3 < eos
+        q3 = tl.load(q + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
+        do3 = tl.load(do + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0)
+        a3 = tl.cumsum(tl.load(g + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end2[None, :]
+        a_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a3, 0.0), 0)
+        b3 = tl.cumsum(tl.load(gv + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end2[None, :]
+        b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
+        dS = dS * (tl.exp2(a_end3)[:, None] * tl.exp2(b_end3)[None, :])
+        dS += scale * _mm(tl.trans((q0 * tl.exp2(a0)).to(q0.dtype)), (do0 * tl.exp2(b0)).to(do0.dtype), DOT)
+        dS += scale * _mm(tl.trans((q1 * tl.exp2(a1)).to(q1.dtype)), (do1 * tl.exp2(b1)).to(do1.dtype), DOT)
+        dS += scale * _mm(tl.trans((q2 * tl.exp2(a2)).to(q2.dtype)), (do2 * tl.exp2(b2)).to(do2.dtype), DOT)
+        dS += scale * _mm(tl.trans((q3 * tl.exp2(a3)).to(q3.dtype)), (do3 * tl.exp2(b3)).to(do3.dtype), DOT)
+    tl.store(dh0 + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], dS, mask=m_kv)
+
+
+@triton.jit
+def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv_terms, bounds, chunk_base,
+                    chunk_indices, scale, N_TOKENS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, DOT: tl.constexpr):
+    """Per (V block, chunk, head): dv, and this V block's shares of dq and dk ([NV, tokens, H, K], summed on the host);
+    dgv_terms = o do - v dv (the value gate's gradient before its reverse cumulative sum)."""
+    i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_c = tl.load(chunk_indices + i_t * 2), tl.load(chunk_indices + i_t * 2 + 1)
+    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
+    base = tl.load(chunk_base + i_n)
+    o_s, o_k, o_v = tl.arange(0, OS_SUB), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    at = (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :]
+    S0 = tl.load(states + at, mask=m_k[:, None] & m_v[None, :], other=0.0)
+    dS = tl.load(grads + at, mask=m_k[:, None] & m_v[None, :], other=0.0)  # the chunk's exit state's gradient
+    t0 = bos + i_c * OS_CHUNK + 0 * OS_SUB + o_s
+    m0 = t0 < eos
+    k0 = tl.load(k + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
+    q0 = tl.load(q + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
+    v0 = tl.load(v + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0)
+    do0 = tl.load(do + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0)
+    a0 = tl.cumsum(tl.load(g + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
+    a_end0 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a0, 0.0), 0)
+    b0 = tl.cumsum(tl.load(gv + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m0[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0)
+    b_end0 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b0, 0.0), 0)
+    t1 = bos + i_c * OS_CHUNK + 1 * OS_SUB + o_s
+    m1 = t1 < eos
+    k1 = tl.load(k + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
+    q1 = tl.load(q + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0)
+    v1 = tl.load(v + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0)
+    do1 = tl.load(do + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0)
+    a1 = tl.cumsum(tl.load(g + (t1[:, None] * H + i_h) * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end0[None, :]
+    a_end1 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a1, 0.0), 0)
+    b1 = tl.cumsum(tl.load(gv + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m1[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end0[None, :]
+    b_end1 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b1, 0.0), 0)
+    t2 = bos + i_c * OS_CHUNK + 2 * OS_SUB + o_s
+    m2 = t2 < eos
+    k2 = tl.load(k + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
+    q2 = tl.load(q + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0)
+    v2 = tl.load(v + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0)
+    do2 = tl.load(do + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0)
+    a2 = tl.cumsum(tl.load(g + (t2[:, None] * H + i_h) * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end1[None, :]
+    a_end2 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a2, 0.0), 0)
+    b2 = tl.cumsum(tl.load(gv + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m2[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end1[None, :]
+    b_end2 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b2, 0.0), 0)
+    t3 = bos + i_c * OS_CHUNK + 3 * OS_SUB + o_s
+    m3 = t3 < eos
+    k3 = tl.load(k + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
+    q3 = tl.load(q + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0)
+    v3 = tl.load(v + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0)
+    do3 = tl.load(do + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0)
+    a3 = tl.cumsum(tl.load(g + (t3[:, None] * H + i_h) * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + a_end2[None, :]
+    a_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a3, 0.0), 0)
+    b3 = tl.cumsum(tl.load(gv + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end2[None, :]
+    b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
+
+    # the state terms: dq from S0, dk and dv from the exit gradient
+    dq0 = scale * tl.exp2(a0) * _mm((do0 * tl.exp2(b0)).to(do0.dtype), tl.trans(S0).to(do0.dtype), DOT)
+    dk0 = tl.exp2(a_end3[None, :] - a0) * _mm((v0 * tl.exp2(b_end3[None, :] - b0)).to(v0.dtype),
+                                                       tl.trans(dS).to(v0.dtype), DOT)
+    dv0 = tl.exp2(b_end3[None, :] - b0) * _mm((k0 * tl.exp2(a_end3[None, :] - a0)).to(k0.dtype),
+                                                       dS.to(k0.dtype), DOT)
+    # the state terms: dq from S0, dk and dv from the exit gradient
+    dq1 = scale * tl.exp2(a1) * _mm((do1 * tl.exp2(b1)).to(do1.dtype), tl.trans(S0).to(do1.dtype), DOT)
+    dk1 = tl.exp2(a_end3[None, :] - a1) * _mm((v1 * tl.exp2(b_end3[None, :] - b1)).to(v1.dtype),
+                                                       tl.trans(dS).to(v1.dtype), DOT)
+    dv1 = tl.exp2(b_end3[None, :] - b1) * _mm((k1 * tl.exp2(a_end3[None, :] - a1)).to(k1.dtype),
+                                                       dS.to(k1.dtype), DOT)
+    # the state terms: dq from S0, dk and dv from the exit gradient
+    dq2 = scale * tl.exp2(a2) * _mm((do2 * tl.exp2(b2)).to(do2.dtype), tl.trans(S0).to(do2.dtype), DOT)
+    dk2 = tl.exp2(a_end3[None, :] - a2) * _mm((v2 * tl.exp2(b_end3[None, :] - b2)).to(v2.dtype),
+                                                       tl.trans(dS).to(v2.dtype), DOT)
+    dv2 = tl.exp2(b_end3[None, :] - b2) * _mm((k2 * tl.exp2(a_end3[None, :] - a2)).to(k2.dtype),
+                                                       dS.to(k2.dtype), DOT)
+    # the state terms: dq from S0, dk and dv from the exit gradient
+    dq3 = scale * tl.exp2(a3) * _mm((do3 * tl.exp2(b3)).to(do3.dtype), tl.trans(S0).to(do3.dtype), DOT)
+    dk3 = tl.exp2(a_end3[None, :] - a3) * _mm((v3 * tl.exp2(b_end3[None, :] - b3)).to(v3.dtype),
+                                                       tl.trans(dS).to(v3.dtype), DOT)
+    dv3 = tl.exp2(b_end3[None, :] - b3) * _mm((k3 * tl.exp2(a_end3[None, :] - a3)).to(k3.dtype),
+                                                       dS.to(k3.dtype), DOT)
+    # rows of sub-chunk 1, columns of 0: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
+    qi = (q1 * tl.exp2(a1 - a_end0[None, :])).to(q1.dtype)
+    kj = (k0 * tl.exp2(a_end0[None, :] - a0)).to(k0.dtype)
+    doi = (do1 * tl.exp2(b1 - b_end0[None, :])).to(do1.dtype)
+    vj = (v0 * tl.exp2(b_end0[None, :] - b0)).to(v0.dtype)
+    scores = _mm(qi, tl.trans(kj), DOT)
+    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
+    dv0 += scale * tl.exp2(b_end0[None, :] - b0) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
+    dq1 += tl.exp2(a1 - a_end0[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
+    dk0 += tl.exp2(a_end0[None, :] - a0) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    # rows of sub-chunk 2, columns of 0: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
+    qi = (q2 * tl.exp2(a2 - a_end1[None, :])).to(q2.dtype)
+    kj = (k0 * tl.exp2(a_end1[None, :] - a0)).to(k0.dtype)
+    doi = (do2 * tl.exp2(b2 - b_end1[None, :])).to(do2.dtype)
+    vj = (v0 * tl.exp2(b_end1[None, :] - b0)).to(v0.dtype)
+    scores = _mm(qi, tl.trans(kj), DOT)
+    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
+    dv0 += scale * tl.exp2(b_end1[None, :] - b0) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
+    dq2 += tl.exp2(a2 - a_end1[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
+    dk0 += tl.exp2(a_end1[None, :] - a0) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    # rows of sub-chunk 2, columns of 1: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
+    qi = (q2 * tl.exp2(a2 - a_end1[None, :])).to(q2.dtype)
+    kj = (k1 * tl.exp2(a_end1[None, :] - a1)).to(k1.dtype)
+    doi = (do2 * tl.exp2(b2 - b_end1[None, :])).to(do2.dtype)
+    vj = (v1 * tl.exp2(b_end1[None, :] - b1)).to(v1.dtype)
+    scores = _mm(qi, tl.trans(kj), DOT)
+    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
+    dv1 += scale * tl.exp2(b_end1[None, :] - b1) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
+    dq2 += tl.exp2(a2 - a_end1[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
+    dk1 += tl.exp2(a_end1[None, :] - a1) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    # rows of sub-chunk 3, columns of 0: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
+    qi = (q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype)
+    kj = (k0 * tl.exp2(a_end2[None, :] - a0)).to(k0.dtype)
+    doi = (do3 * tl.exp2(b3 - b_end2[None, :])).to(do3.dtype)
+    vj = (v0 * tl.exp2(b_end2[None, :] - b0)).to(v0.dtype)
+    scores = _mm(qi, tl.trans(kj), DOT)
+    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
+    dv0 += scale * tl.exp2(b_end2[None, :] - b0) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
+    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
+    dk0 += tl.exp2(a_end2[None, :] - a0) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    # rows of sub-chunk 3, columns of 1: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
+    qi = (q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype)
+    kj = (k1 * tl.exp2(a_end2[None, :] - a1)).to(k1.dtype)
+    doi = (do3 * tl.exp2(b3 - b_end2[None, :])).to(do3.dtype)
+    vj = (v1 * tl.exp2(b_end2[None, :] - b1)).to(v1.dtype)
+    scores = _mm(qi, tl.trans(kj), DOT)
+    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
+    dv1 += scale * tl.exp2(b_end2[None, :] - b1) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
+    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
+    dk1 += tl.exp2(a_end2[None, :] - a1) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    # rows of sub-chunk 3, columns of 2: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
+    qi = (q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype)
+    kj = (k2 * tl.exp2(a_end2[None, :] - a2)).to(k2.dtype)
+    doi = (do3 * tl.exp2(b3 - b_end2[None, :])).to(do3.dtype)
+    vj = (v2 * tl.exp2(b_end2[None, :] - b2)).to(v2.dtype)
+    scores = _mm(qi, tl.trans(kj), DOT)
+    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
+    dv2 += scale * tl.exp2(b_end2[None, :] - b2) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
+    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
+    dk2 += tl.exp2(a_end2[None, :] - a2) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    qf, kf, vf, dof = q0.to(tl.float32), k0.to(tl.float32), v0.to(tl.float32), do0.to(tl.float32)
+    for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
+        after = (o_s >= s)[:, None]
+        at_s = (o_s == s)[:, None]
+        k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], kf, 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a0, 0.0), 0)
+        v_s, b_s = tl.sum(tl.where((o_s == s)[:, None], vf, 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], b0, 0.0), 0)
+        key = tl.exp2(tl.where(after, a0 - a_s[None, :], float("-inf")))  # e^(a_t - a_s), rows t >= s
+        value = tl.exp2(tl.where(after, b0 - b_s[None, :], float("-inf")))
+        score = tl.sum(qf * k_s[None, :] * key, 1)  # A[:, s]
+        d_score = scale * tl.sum(dof * v_s[None, :] * value, 1)  # dA[:, s]
+        dq0 += d_score[:, None] * k_s[None, :] * key
+        dk0 += tl.where(at_s, tl.sum(d_score[:, None] * qf * key, 0)[None, :], 0.0)
+        dv0 += tl.where(at_s, scale * tl.sum(score[:, None] * dof * value, 0)[None, :], 0.0)
+    m_tv = m0[:, None] & m_v[None, :]
+    tl.store(dq + ((i_v * N_TOKENS + t0[:, None]) * H + i_h) * K + o_k[None, :], dq0, mask=m0[:, None] & m_k[None, :])
+    tl.store(dk + ((i_v * N_TOKENS + t0[:, None]) * H + i_h) * K + o_k[None, :], dk0, mask=m0[:, None] & m_k[None, :])
+    tl.store(dv + (t0[:, None] * H + i_h) * V + o_v[None, :], dv0, mask=m_tv)
+    o_t = tl.load(o + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    tl.store(dgv_terms + (t0[:, None] * H + i_h) * V + o_v[None, :], o_t * dof - vf * dv0, mask=m_tv)
+    qf, kf, vf, dof = q1.to(tl.float32), k1.to(tl.float32), v1.to(tl.float32), do1.to(tl.float32)
+    for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
+        after = (o_s >= s)[:, None]
+        at_s = (o_s == s)[:, None]
+        k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], kf, 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a1, 0.0), 0)
+        v_s, b_s = tl.sum(tl.where((o_s == s)[:, None], vf, 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], b1, 0.0), 0)
+        key = tl.exp2(tl.where(after, a1 - a_s[None, :], float("-inf")))  # e^(a_t - a_s), rows t >= s
+        value = tl.exp2(tl.where(after, b1 - b_s[None, :], float("-inf")))
+        score = tl.sum(qf * k_s[None, :] * key, 1)  # A[:, s]
+        d_score = scale * tl.sum(dof * v_s[None, :] * value, 1)  # dA[:, s]
+        dq1 += d_score[:, None] * k_s[None, :] * key
+        dk1 += tl.where(at_s, tl.sum(d_score[:, None] * qf * key, 0)[None, :], 0.0)
+        dv1 += tl.where(at_s, scale * tl.sum(score[:, None] * dof * value, 0)[None, :], 0.0)
+    m_tv = m1[:, None] & m_v[None, :]
+    tl.store(dq + ((i_v * N_TOKENS + t1[:, None]) * H + i_h) * K + o_k[None, :], dq1, mask=m1[:, None] & m_k[None, :])
+    tl.store(dk + ((i_v * N_TOKENS + t1[:, None]) * H + i_h) * K + o_k[None, :], dk1, mask=m1[:, None] & m_k[None, :])
+    tl.store(dv + (t1[:, None] * H + i_h) * V + o_v[None, :], dv1, mask=m_tv)
+    o_t = tl.load(o + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    tl.store(dgv_terms + (t1[:, None] * H + i_h) * V + o_v[None, :], o_t * dof - vf * dv1, mask=m_tv)
+    qf, kf, vf, dof = q2.to(tl.float32), k2.to(tl.float32), v2.to(tl.float32), do2.to(tl.float32)
+    for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
+        after = (o_s >= s)[:, None]
+        at_s = (o_s == s)[:, None]
+        k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], kf, 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a2, 0.0), 0)
+        v_s, b_s = tl.sum(tl.where((o_s == s)[:, None], vf, 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], b2, 0.0), 0)
+        key = tl.exp2(tl.where(after, a2 - a_s[None, :], float("-inf")))  # e^(a_t - a_s), rows t >= s
+        value = tl.exp2(tl.where(after, b2 - b_s[None, :], float("-inf")))
+        score = tl.sum(qf * k_s[None, :] * key, 1)  # A[:, s]
+        d_score = scale * tl.sum(dof * v_s[None, :] * value, 1)  # dA[:, s]
+        dq2 += d_score[:, None] * k_s[None, :] * key
+        dk2 += tl.where(at_s, tl.sum(d_score[:, None] * qf * key, 0)[None, :], 0.0)
+        dv2 += tl.where(at_s, scale * tl.sum(score[:, None] * dof * value, 0)[None, :], 0.0)
+    m_tv = m2[:, None] & m_v[None, :]
+    tl.store(dq + ((i_v * N_TOKENS + t2[:, None]) * H + i_h) * K + o_k[None, :], dq2, mask=m2[:, None] & m_k[None, :])
+    tl.store(dk + ((i_v * N_TOKENS + t2[:, None]) * H + i_h) * K + o_k[None, :], dk2, mask=m2[:, None] & m_k[None, :])
+    tl.store(dv + (t2[:, None] * H + i_h) * V + o_v[None, :], dv2, mask=m_tv)
+    o_t = tl.load(o + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    tl.store(dgv_terms + (t2[:, None] * H + i_h) * V + o_v[None, :], o_t * dof - vf * dv2, mask=m_tv)
+    qf, kf, vf, dof = q3.to(tl.float32), k3.to(tl.float32), v3.to(tl.float32), do3.to(tl.float32)
+    for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
+        after = (o_s >= s)[:, None]
+        at_s = (o_s == s)[:, None]
+        k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], kf, 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a3, 0.0), 0)
+        v_s, b_s = tl.sum(tl.where((o_s == s)[:, None], vf, 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], b3, 0.0), 0)
+        key = tl.exp2(tl.where(after, a3 - a_s[None, :], float("-inf")))  # e^(a_t - a_s), rows t >= s
+        value = tl.exp2(tl.where(after, b3 - b_s[None, :], float("-inf")))
+        score = tl.sum(qf * k_s[None, :] * key, 1)  # A[:, s]
+        d_score = scale * tl.sum(dof * v_s[None, :] * value, 1)  # dA[:, s]
+        dq3 += d_score[:, None] * k_s[None, :] * key
+        dk3 += tl.where(at_s, tl.sum(d_score[:, None] * qf * key, 0)[None, :], 0.0)
+        dv3 += tl.where(at_s, scale * tl.sum(score[:, None] * dof * value, 0)[None, :], 0.0)
+    m_tv = m3[:, None] & m_v[None, :]
+    tl.store(dq + ((i_v * N_TOKENS + t3[:, None]) * H + i_h) * K + o_k[None, :], dq3, mask=m3[:, None] & m_k[None, :])
+    tl.store(dk + ((i_v * N_TOKENS + t3[:, None]) * H + i_h) * K + o_k[None, :], dk3, mask=m3[:, None] & m_k[None, :])
+    tl.store(dv + (t3[:, None] * H + i_h) * V + o_v[None, :], dv3, mask=m_tv)
+    o_t = tl.load(o + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    tl.store(dgv_terms + (t3[:, None] * H + i_h) * V + o_v[None, :], o_t * dof - vf * dv3, mask=m_tv)
+
+
+@triton.jit
+def _os_rev_cumsum_kernel(x, end_term, bounds, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                          USE_END: tl.constexpr):
+    """In place, per (D block, sequence, head): x_t <- sum_{tau >= t} x_tau within the sequence, plus end_term."""
+    i_d, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
+    o_c, o_d = tl.arange(0, OS_CHUNK), i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    carry = tl.zeros([BD], dtype=tl.float32)
+    if USE_END:
+        carry = tl.load(end_term + (i_n * H + i_h) * D + o_d, mask=m_d, other=0.0)
+    n_chunks = tl.cdiv(eos - bos, OS_CHUNK)
+    for j in range(0, n_chunks):
+        t = bos + (n_chunks - 1 - j) * OS_CHUNK + o_c
+        m = (t < eos)[:, None] & m_d[None, :]
+        p = x + (t[:, None] * H + i_h) * D + o_d[None, :]
+        tile = tl.load(p, mask=m, other=0.0)
+        total = tl.sum(tile, 0)
+        tl.store(p, carry[None, :] + total[None, :] - tl.cumsum(tile, 0) + tile, mask=m)
+        carry += total
+
+
+_OS_TABLES = {}
+
+
+def _os_tables(offsets, device):
+    """(bounds [N + 1], chunk_base [N + 1] each sequence's first stored chunk state, chunk_indices [NT, 2] =
+    (sequence, chunk within it), NT), built once per (lengths, device)."""
+    key = (tuple(offsets), str(device))
+    if key not in _OS_TABLES:
+        chunks = [triton.cdiv(eos - bos, OS_CHUNK.value) for bos, eos in zip(offsets, offsets[1:])]
+        chunk_base = [0]
+        for n in chunks:
+            chunk_base.append(chunk_base[-1] + n)
+        pairs = [(n, c) for n, count in enumerate(chunks) for c in range(count)]
+        as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device)
+        if len(_OS_TABLES) > 64:
+            _OS_TABLES.clear()
+        _OS_TABLES[key] = (as_tensor(offsets), as_tensor(chunk_base), as_tensor(pairs).reshape(-1, 2), len(pairs))
+    return _OS_TABLES[key]
+
+
+def _os_launch(x):
+    V = x.shape[-1]
+    BV = min(CONFIG["chunk_block_v"], max(16, triton.next_power_of_2(V)))
+    return BV, dict(num_warps=CONFIG["chunk_warps"], DOT="ieee" if x.dtype == torch.float32 else "tf32")
+
+
+class _ChunkForm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, gv, scale, initial_state, output_final_state, tables):
+        bounds, chunk_base, chunk_indices, NT = tables
+        N_TOKENS, H, K = q.shape
+        V, N = v.shape[-1], bounds.numel() - 1
+        BV, meta = _os_launch(q)
+        BK = max(16, _pow2(K))
+        f32 = dict(device=q.device, dtype=torch.float32)
+        states = _empty(NT, H, K, V, **f32)
+        ht = _empty(N, H, K, V, **f32) if output_final_state else None
+        _os_walk_kernel[(triton.cdiv(V, BV), N, H)](
+            k, v, g, gv, initial_state, ht, states, bounds, chunk_base, H=H, K=K, V=V, BK=BK, BV=BV,
+            USE_H0=initial_state is not None, STORE_FINAL=output_final_state, **meta)
+        o = _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
+        _os_output_kernel[(triton.cdiv(V, BV), NT, H)](
+            q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indices, scale, H=H, K=K, V=V, BK=BK,
+            BV=BV, **meta)
+        ctx.save_for_backward(q, k, v, g, gv, o, states, ht)
+        ctx.scale, ctx.has_h0, ctx.tables = scale, initial_state is not None, tables
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, gv, o, states, ht = ctx.saved_tensors
+        bounds, chunk_base, chunk_indices, NT = ctx.tables
+        N_TOKENS, H, K = q.shape
+        V, N = v.shape[-1], bounds.numel() - 1
+        BV, meta = _os_launch(q)
+        BK, NV = max(16, _pow2(K)), triton.cdiv(V, BV)
+        f32 = dict(device=q.device, dtype=torch.float32)
+        do = do.contiguous()
+        dht = None if dht is None else dht.float().contiguous()
+        grads, dh0 = _empty(NT, H, K, V, **f32), _empty(N, H, K, V, **f32)
+        _os_walk_bwd_kernel[(NV, N, H)](
+            q, do, g, gv, dht, dh0, grads, bounds, chunk_base, ctx.scale, H=H, K=K, V=V, BK=BK, BV=BV,
+            USE_DHT=dht is not None, **meta)
+        dq, dk = _empty(NV, N_TOKENS, H, K, **f32), _empty(NV, N_TOKENS, H, K, **f32)
+        dv, dgv = _empty(N_TOKENS, H, V, **f32), _empty(N_TOKENS, H, V, **f32)
+        _os_grad_kernel[(NV, NT, H)](
+            q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv, bounds, chunk_base, chunk_indices,
+            ctx.scale, N_TOKENS, H=H, K=K, V=V, BK=BK, BV=BV, **meta)
+        dq, dk = dq.sum(0), dk.sum(0)
+        # the final state's term of both gates' gradients: sum over the other dimension of S_T * dS_T
+        final = None if dht is None else ht * dht
+        _os_rev_cumsum_kernel[(triton.cdiv(V, 64), N, H)](dgv, None if final is None else final.sum(2).contiguous(),
+                                                        bounds, H=H, D=V, BD=64, USE_END=final is not None)
+        dg = q.float() * dq - k.float() * dk
+        _os_rev_cumsum_kernel[(triton.cdiv(K, 64), N, H)](dg, None if final is None else final.sum(3).contiguous(),
+                                                        bounds, H=H, D=K, BD=64, USE_END=final is not None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dgv.to(gv.dtype), None,
+                dh0 if ctx.has_h0 else None, None, None)
+
+
+def _chunk_form(q, k, v, g, gv, scale, initial_state, output_final_state, offsets):
+    """The chunk form on packed [tokens, H, D] inputs: (o, final state or None)."""
+    tables = _os_tables(offsets, q.device)
+    return _ChunkForm.apply(q, k, v, g, gv, scale, initial_state, output_final_state, tables)
 
 
 # ---- host ------------------------------------------------------------------------------------------
@@ -354,8 +949,13 @@ def chunk(q, k, v, g, gv, scale=None, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     if scale is None:
         scale = K ** -0.5
-    rows = _layout(B, T, H, V, cu_seqlens, q.device)
     packed = [x.reshape(B * T, H, x.shape[2:].numel() // H).contiguous() for x in (q, k, v, g, gv)]
+    if CONFIG["form"] == "chunk":
+        offsets = [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "gfw")
+        h0 = None if initial_state is None else initial_state.float().contiguous()
+        o, ht = _chunk_form(*packed, float(scale), h0, output_final_state, offsets)
+        return o.view(B, T, H, V), ht
+    rows = _layout(B, T, H, V, cu_seqlens, q.device)
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # the chunk-entry states are stored only for a backward (autograd's forward runs without grad mode)
     store = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, g, gv, initial_state))

@@ -358,8 +358,8 @@ def chunk(q, k, v, dt, A, scale=None, initial_state=None, output_final_state=Fal
     V = v.shape[-1]
     if scale is None:
         scale = K ** -0.5
-    rows = _layout(B, T, H, V, cu_seqlens, q.device)
     packed = [x.reshape(B * T, H, x.shape[2:].numel() // H).contiguous() for x in (q, k, v, dt)]
+    rows = _layout(B, T, H, V, cu_seqlens, q.device)
     A = A.contiguous()
     h0 = None if initial_state is None else initial_state.float().contiguous()
     # the chunk-entry states are stored only for a backward (autograd's forward runs without grad mode)
