@@ -448,6 +448,7 @@ def _os_walk_bwd_kernel(q, do, g, gv, dht, dh0, grads, bounds, chunk_base, scale
         a_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], a3, 0.0), 0)
         b3 = tl.cumsum(tl.load(gv + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end2[None, :]
         b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
+
         dS = dS * (tl.exp2(a_end3)[:, None] * tl.exp2(b_end3)[None, :])
         dS += scale * _mm(tl.trans((q0 * tl.exp2(a0)).to(q0.dtype)), (do0 * tl.exp2(b0)).to(do0.dtype), DOT)
         dS += scale * _mm(tl.trans((q1 * tl.exp2(a1)).to(q1.dtype)), (do1 * tl.exp2(b1)).to(do1.dtype), DOT)
