@@ -7,9 +7,9 @@
 #  2. the element-wise walks' bf16 check: GFW at block_v 8, a sequence and a packed batch the default segment policy
 #     cuts (segment maps from the walks' MAP launches, the prefix kernel); GFW's chunk form (new, opt-in; the CPU
 #     interpreter cannot run its bf16 products: its tl.dot of bf16 tiles returns garbage, as a bare 16x16 test shows);
-#  3. Mamba's walk at 8K and 32K: the default policy against whole sequences and forced segment lengths;
+#  3. Mamba and GFW (the scan and the chunk form) against their floors and chunk_gla at 2K, 8K and 32K;
 #  4. Gated DeltaNet and DeltaNet against fla at 2K and 8K (the exp2 kernels; run 15's ratios are the before);
-#  5. Mamba and GFW (the scan and the chunk form) against their floors and chunk_gla at 2K, 8K and 32K.
+#  5. Mamba's walk at 8K and 32K: the default policy against whole sequences and forced segment lengths.
 # Run 17 ran it (bench/results/run17/).
 B=${BUDGET:-560}
 . bench/gpu_call.sh
@@ -23,11 +23,11 @@ step check; timeout $(left 150) $F check --families gated_deltanet,deltanet,gate
 grep "FAIL\|ALL PASS" $OUT/c/families.md | cut -c1-300
 timeout $(left 240) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
 grep "^| " $OUT/e/elementwise.md 2>/dev/null | cut -c1-160
-step sweep; timeout $(left 330) python3 bench/elementwise_gpu.py sweep --out $OUT/s > /dev/null 2>&1
+step elementwise; timeout $(left 400) python3 bench/elementwise_gpu.py bench --out $OUT/x > /dev/null 2>&1
 wait
-step bench; timeout $(left 450) $F bench --no-sdpa --families gated_deltanet,deltanet --shapes 2K,8K --out $OUT/b \
+step bench; timeout $(left 480) $F bench --no-sdpa --families gated_deltanet,deltanet --shapes 2K,8K --out $OUT/b \
   > /dev/null 2>&1
-step elementwise; timeout $(left $B) python3 bench/elementwise_gpu.py bench --out $OUT/x > /dev/null 2>&1
+step sweep; timeout $(left $B) python3 bench/elementwise_gpu.py sweep --out $OUT/s > /dev/null 2>&1
 step done
-for d in c s b x; do echo "#### $d"; grep "^| \|^###" $OUT/$d/*.md 2>/dev/null | grep -v "| ok |" | cut -c1-240; done
+for d in c x b s; do echo "#### $d"; grep "^| \|^###" $OUT/$d/*.md 2>/dev/null | grep -v "| ok |" | cut -c1-240; done
 tail -qn1 $OUT/warm_*.txt
