@@ -23,8 +23,8 @@ step check; timeout $(left 150) $F check --families gated_deltanet,deltanet,gate
 grep "FAIL\|ALL PASS" $OUT/c/families.md | cut -c1-300
 timeout $(left 240) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/null 2>&1
 grep "^| " $OUT/e/elementwise.md 2>/dev/null | cut -c1-160
+wait  # every timing below runs on an otherwise idle GPU
 step elementwise; timeout $(left 400) python3 bench/elementwise_gpu.py bench --out $OUT/x > /dev/null 2>&1
-wait
 step bench; timeout $(left 480) $F bench --no-sdpa --families gated_deltanet,deltanet --shapes 2K,8K --out $OUT/b \
   > /dev/null 2>&1
 step sweep; timeout $(left $B) python3 bench/elementwise_gpu.py sweep --out $OUT/s > /dev/null 2>&1
