@@ -14,7 +14,10 @@
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
-for cell in gated_deltanet:2K gated_deltanet:8K deltanet:2K deltanet:8K; do
+# FLA=0 (a short call): no fla warm-ups, no step 4
+CELLS="gated_deltanet:2K gated_deltanet:8K deltanet:2K deltanet:8K"
+[ "${FLA:-1}" = 0 ] && CELLS=""
+for cell in $CELLS; do
   FLA_CACHE_RESULTS=0 timeout $(left 300) python3 bench/fla_warm.py --families ${cell%%:*} --shapes ${cell##*:} \
     --memory-fraction 0.05 > $OUT/warm_${cell/:/_}.txt 2>&1 &
 done
@@ -25,7 +28,7 @@ timeout $(left 240) python3 bench/elementwise_gpu.py check --out $OUT/e > /dev/n
 grep "^| " $OUT/e/elementwise.md 2>/dev/null | cut -c1-160
 wait  # every timing below runs on an otherwise idle GPU
 step elementwise; timeout $(left 400) python3 bench/elementwise_gpu.py bench --out $OUT/x > /dev/null 2>&1
-step bench; timeout $(left 480) $F bench --no-sdpa --families gated_deltanet,deltanet --shapes 2K,8K --out $OUT/b \
+[ -n "$CELLS" ] && step bench && timeout $(left 480) $F bench --no-sdpa --families gated_deltanet,deltanet --shapes 2K,8K --out $OUT/b \
   > /dev/null 2>&1
 step sweep; timeout $(left $B) python3 bench/elementwise_gpu.py sweep --out $OUT/s > /dev/null 2>&1
 step done
