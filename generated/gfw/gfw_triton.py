@@ -130,7 +130,20 @@ def _bwd_kernel(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale,
         t = bos + i_c * SCAN + o_c
         m_t = t < eos
         m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
+        # the walk's order (loads, gates, the forward scan, then the reverse one) is the one run 16 timed: with the
+        # reverse scan first, run 17 measured the backward 16-34% slower
+        if not MAP:
+            S = tl.load(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+            q_t = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            k_t = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
+            v_t = tl.load(v + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            do_t = tl.load(do + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         decay, step = _gate(t, m_t, g, gv, i_h, o_k, o_v, m_k, m_v, H, K, V)
+        if not MAP:
+            w = v_t
+            write = k_t[:, :, None] * w[:, None, :]
+            decay_to, states_t = tl.associative_scan((decay, write), 0, _combine)
+            states_t = states_t + decay_to * S[None, :, :]
         first_decay = tl.sum(tl.where((o_c == 0)[:, None, None], decay, 0.0), axis=0)
 
         # dH_t = scale q_t do_t^T + exp(G_t+1) dH_t+1, as a scan over the tokens in reverse order (r = SCAN - 1 - i)
@@ -145,15 +158,6 @@ def _bwd_kernel(q, k, v, g, gv, do, dht, states, bounds, chunk_base, scale,
 
         if not MAP:
             dH = tl.flip(dH_r, 0)
-            S = tl.load(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
-            q_t = tl.load(q + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            k_t = tl.load(k + (t[:, None] * H + i_h) * K + o_k[None, :], mask=m_tk, other=0.0).to(tl.float32)
-            v_t = tl.load(v + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-            do_t = tl.load(do + (t[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-            w = v_t
-            write = k_t[:, :, None] * w[:, None, :]
-            decay_to, states_t = tl.associative_scan((decay, write), 0, _combine)
-            states_t = states_t + decay_to * S[None, :, :]
             tl.store(dq + ((i_v * N_TOKENS + t[:, None]) * H + i_h) * K + o_k[None, :],
                      tl.sum(do_t[:, None, :] * states_t, axis=2) * scale, mask=m_tk)
             tl.store(dk + ((i_v * N_TOKENS + t[:, None]) * H + i_h) * K + o_k[None, :], tl.sum(dH * w[:, None, :], axis=2), mask=m_tk)
