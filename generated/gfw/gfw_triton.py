@@ -29,9 +29,12 @@ from lmoec.runtime.contract import sequence_offsets
 # walk_programs programs busy (0: never), into about segment_programs programs, segments of at least segment_chunks
 # scans. Set from run 16 on an H100, Mamba at d_inner 2048: one 32K sequence walks 256 programs and 2,048-token
 # segments (4,096 programs) took its forward from 4.61 to 2.63 ms; four 8K sequences walk 1,024 and the same
-# segments took it from 1.38 to 2.56 ms. The outer-sum gate takes the same rule, not yet timed segmented.
+# segments took it from 1.38 to 2.56 ms. Run 17 timed the rule with the MAP launches: one 32K sequence 4.73 -> 1.27 ms
+# forward, 21.8 -> 7.8 ms fwd+bwd; 2K and 8K left whole (bench/results/run17). The outer-sum gate takes the same rule,
+# checked segmented on the GPU, not yet timed.
 # form: "scan" (the walks above) or "chunk" (_chunk_form: chunks of OS_CHUNK tokens on the matrix units, V blocks of
-# chunk_block_v, chunk_warps warps; whole sequences, no segments). "chunk" is opt-in until a GPU has checked and timed it.
+# chunk_block_v, chunk_warps warps; whole sequences, no segments). "chunk" is opt-in: on an H100 (run 17) it passed in
+# fp32, but in bf16 its gates' gradients came 1.6e-2 / 2.4e-2 from the fp32 reference (the bound is 1e-2); not timed.
 CONFIG = {"block_v": 8, "scan": 16, "num_warps": 4,
           "walk_programs": 512, "segment_programs": 4096, "segment_chunks": 32,
           "form": "scan", "chunk_block_v": 64, "chunk_warps": 4}
