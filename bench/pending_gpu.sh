@@ -10,7 +10,7 @@
 #  3. Mamba and GFW (the scan and the chunk form) against their floors and chunk_gla at 2K, 8K and 32K;
 #  4. Gated DeltaNet and DeltaNet against fla at 2K and 8K (the exp2 kernels; run 15's ratios are the before);
 #  5. Mamba's walk at 8K and 32K: the default policy against whole sequences and forced segment lengths.
-# Run 17 ran it (bench/results/run17/).
+# Run 17 ran it at FLA=0 BUDGET=270 (bench/results/run17/): steps 1, 2 and Mamba's rows of step 3; the rest is pending.
 B=${BUDGET:-560}
 . bench/gpu_call.sh
 F="python3 bench/families_gpu.py"
