@@ -143,3 +143,12 @@ def test_segment_policy_cuts_only_an_idle_walk():
     # a packed batch: its longest sequence sets the walk's length (three sequences keep 768 / 30 * 32 programs busy)
     packed = triton_mod._layout(1, 32768, 32, 64, torch.tensor([0, 30720, 31744, 32768]), "cpu")
     assert packed.segments.tolist() == [[0, 15], [15, 1], [16, 1]] and packed.bounds[15].item() == 30720
+
+
+def test_unknown_form_is_one_clear_error():
+    """A mistyped CONFIG["form"] names the module and the choices (no silent fallback to the scan)."""
+    triton_mod = getattr(lmoec.compile_spec(ROOT / "specs/lsm/gfw.lsm").package, "gfw_triton")
+    triton_mod.CONFIG["form"] = "chunks"
+    x = [torch.randn(1, 4, 1, 2), torch.randn(1, 4, 1, 2), torch.randn(1, 4, 1, 3)]
+    with pytest.raises(ValueError, match=r"gfw: CONFIG\['form'\] must be 'scan' or 'chunk', got 'chunks'"):
+        triton_mod.chunk(*x, torch.randn(1, 4, 1, 2), torch.randn(1, 4, 1, 3))

@@ -32,7 +32,7 @@ from lmoec.runtime.contract import sequence_offsets
 # segments took it from 1.38 to 2.56 ms. Run 17 timed the rule with the MAP launches: one 32K sequence 4.73 -> 1.27 ms
 # forward, 21.8 -> 7.8 ms fwd+bwd; 2K and 8K left whole (bench/results/run17). The outer-sum gate takes the same rule,
 # checked segmented on the GPU, not yet timed.
-# form: "scan" (the walks above) or "chunk" (_chunk_form: chunks of OS_CHUNK tokens on the matrix units, V blocks of
+# form: "scan" (the walks above) or "chunk" (_ChunkForm: chunks of OS_CHUNK tokens on the matrix units, V blocks of
 # chunk_block_v, chunk_warps warps; whole sequences, no segments). "chunk" is opt-in: on an H100 (run 17) it passed in
 # fp32, but in bf16 its gates' gradients came 1.6e-2 / 2.4e-2 from the fp32 reference (the bound is 1e-2); not timed.
 CONFIG = {"block_v": 8, "scan": 16, "num_warps": 4,
@@ -704,26 +704,6 @@ def _os_rev_cumsum_kernel(x, end_term, bounds, H: tl.constexpr, D: tl.constexpr,
         carry += total
 
 
-_OS_TABLES = {}
-
-
-def _os_tables(offsets, device):
-    """(bounds [N + 1], chunk_base [N + 1] each sequence's first stored chunk state, chunk_indices [NT, 2] =
-    (sequence, chunk within it), NT), built once per (lengths, device)."""
-    key = (tuple(offsets), str(device))
-    if key not in _OS_TABLES:
-        chunks = [triton.cdiv(eos - bos, OS_CHUNK.value) for bos, eos in zip(offsets, offsets[1:])]
-        chunk_base = [0]
-        for n in chunks:
-            chunk_base.append(chunk_base[-1] + n)
-        pairs = [(n, c) for n, count in enumerate(chunks) for c in range(count)]
-        as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device)
-        if len(_OS_TABLES) > 64:
-            _OS_TABLES.clear()
-        _OS_TABLES[key] = (as_tensor(offsets), as_tensor(chunk_base), as_tensor(pairs).reshape(-1, 2), len(pairs))
-    return _OS_TABLES[key]
-
-
 def _os_launch(x):
     V = x.shape[-1]
     BV = min(CONFIG["chunk_block_v"], max(16, triton.next_power_of_2(V)))
@@ -732,8 +712,9 @@ def _os_launch(x):
 
 class _ChunkForm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, gv, scale, initial_state, output_final_state, tables):
-        bounds, chunk_base, chunk_indices, NT = tables
+    def forward(ctx, q, k, v, g, gv, scale, initial_state, output_final_state, rows):
+        """Packed [tokens, H, D] inputs; rows: _rows of the sequences in steps of OS_CHUNK tokens, unsegmented."""
+        bounds, chunk_base, chunk_indices, NT = rows.bounds, rows.chunk_base, rows.chunk_indices, rows.n_states
         N_TOKENS, H, K = q.shape
         V, N = v.shape[-1], bounds.numel() - 1
         BV, meta = _os_launch(q)
@@ -749,13 +730,14 @@ class _ChunkForm(torch.autograd.Function):
             q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indices, scale, H=H, K=K, V=V, BK=BK,
             BV=BV, **meta)
         ctx.save_for_backward(q, k, v, g, gv, o, states, ht)
-        ctx.scale, ctx.has_h0, ctx.tables = scale, initial_state is not None, tables
+        ctx.scale, ctx.has_h0, ctx.rows = scale, initial_state is not None, rows
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, gv, o, states, ht = ctx.saved_tensors
-        bounds, chunk_base, chunk_indices, NT = ctx.tables
+        rows = ctx.rows
+        bounds, chunk_base, chunk_indices, NT = rows.bounds, rows.chunk_base, rows.chunk_indices, rows.n_states
         N_TOKENS, H, K = q.shape
         V, N = v.shape[-1], bounds.numel() - 1
         BV, meta = _os_launch(q)
@@ -784,12 +766,6 @@ class _ChunkForm(torch.autograd.Function):
                 dh0 if ctx.has_h0 else None, None, None)
 
 
-def _chunk_form(q, k, v, g, gv, scale, initial_state, output_final_state, offsets):
-    """The chunk form on packed [tokens, H, D] inputs: (o, final state or None)."""
-    tables = _os_tables(offsets, q.device)
-    return _ChunkForm.apply(q, k, v, g, gv, scale, initial_state, output_final_state, tables)
-
-
 # ---- host ------------------------------------------------------------------------------------------
 
 
@@ -811,42 +787,55 @@ def _block_v(V):
 
 class _Rows:
     """What the walks walk: bounds [R + 1] (int32) the rows' token offsets into the packed batch, chunk_base [R + 1]
-    each row's first stored state, n_states their number; segments [N, 2] (first row, rows) of each sequence, or None
-    where each row is a whole sequence."""
+    each row's first stored state (one per `step` tokens), n_states their number, chunk_indices [n_states, 2] (row,
+    step within it); segments [N, 2] (first row, rows) of each sequence, or None where each row is a whole sequence."""
 
-    __slots__ = ("bounds", "chunk_base", "n_states", "segments")
+    __slots__ = ("bounds", "chunk_base", "n_states", "chunk_indices", "segments")
 
-    def __init__(self, bounds, chunk_base, n_states, segments):
-        self.bounds, self.chunk_base, self.n_states, self.segments = bounds, chunk_base, n_states, segments
+    def __init__(self, bounds, chunk_base, n_states, chunk_indices, segments):
+        self.bounds, self.chunk_base, self.n_states = bounds, chunk_base, n_states
+        self.chunk_indices, self.segments = chunk_indices, segments
 
 
 _ROWS = {}
 
 
-def _layout(B, T, H, V, cu_seqlens, device):
-    """The rows of B sequences of T tokens, or of a packed batch (cu_seqlens, read back once per tensor), cut into
-    segments where _segment_chunks says the walks would keep too few programs busy; built once per (lengths, heads,
-    device, settings), since building them costs host time and a copy to the device."""
-    offsets = [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "gfw")
-    scan = CONFIG["scan"]
-    chunks = _segment_chunks(offsets, H * triton.cdiv(V, _block_v(V)), scan) if len(offsets) > 1 else None
-    key = (tuple(offsets), str(device), scan, chunks)
+def _rows(offsets, step, segment_steps, device):
+    """The rows of the sequences at `offsets`, each cut into segments of segment_steps * step tokens (None: whole);
+    built once per (lengths, step, segmenting, device): building them costs host time and a copy to the device."""
+    key = (tuple(offsets), step, segment_steps, str(device))
     if key not in _ROWS:
         bounds, segments = [], []
         for bos, eos in zip(offsets, offsets[1:]):
-            starts = range(bos, eos, chunks * scan) if chunks and eos > bos else [bos]
+            starts = range(bos, eos, segment_steps * step) if segment_steps and eos > bos else [bos]
             segments.append((len(bounds), len(starts)))
             bounds += starts
         bounds.append(offsets[-1])
+        steps = [triton.cdiv(eos - bos, step) for bos, eos in zip(bounds, bounds[1:])]
         chunk_base = [0]
-        for bos, eos in zip(bounds, bounds[1:]):
-            chunk_base.append(chunk_base[-1] + triton.cdiv(eos - bos, scan))
+        for n in steps:
+            chunk_base.append(chunk_base[-1] + n)
+        pairs = [(row, c) for row, n in enumerate(steps) for c in range(n)]
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device)
         if len(_ROWS) > 64:
             _ROWS.clear()
-        _ROWS[key] = _Rows(as_tensor(bounds), as_tensor(chunk_base), chunk_base[-1],
-                           as_tensor(segments) if chunks else None)
+        _ROWS[key] = _Rows(as_tensor(bounds), as_tensor(chunk_base), chunk_base[-1], as_tensor(pairs).reshape(-1, 2),
+                           as_tensor(segments) if segment_steps else None)
     return _ROWS[key]
+
+
+def _offsets(B, T, cu_seqlens):
+    """Token offsets of the sequences: B of T tokens, or a packed batch's cu_seqlens (read back once per tensor)."""
+    return [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "gfw")
+
+
+def _layout(B, T, H, V, cu_seqlens, device):
+    """The scan walks' rows: the sequences, cut into segments where _segment_chunks says the walks would keep too few
+    programs busy."""
+    offsets = _offsets(B, T, cu_seqlens)
+    scan = CONFIG["scan"]
+    chunks = _segment_chunks(offsets, H * triton.cdiv(V, _block_v(V)), scan) if len(offsets) > 1 else None
+    return _rows(offsets, scan, chunks, device)
 
 
 def _forward(q, k, v, g, gv, scale, initial_state, output_final_state, rows, store_states, maps=None):
@@ -958,10 +947,12 @@ def chunk(q, k, v, g, gv, scale=None, initial_state=None, output_final_state=Fal
     if scale is None:
         scale = K ** -0.5
     packed = [x.reshape(B * T, H, x.shape[2:].numel() // H).contiguous() for x in (q, k, v, g, gv)]
+    if CONFIG["form"] not in ("scan", "chunk"):
+        raise ValueError(f"gfw: CONFIG['form'] must be 'scan' or 'chunk', got {CONFIG['form']!r}")
     if CONFIG["form"] == "chunk":
-        offsets = [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "gfw")
         h0 = None if initial_state is None else initial_state.float().contiguous()
-        o, ht = _chunk_form(*packed, float(scale), h0, output_final_state, offsets)
+        o, ht = _ChunkForm.apply(*packed, float(scale), h0, output_final_state,
+                                 _rows(_offsets(B, T, cu_seqlens), OS_CHUNK.value, None, q.device))
         return o.view(B, T, H, V), ht
     rows = _layout(B, T, H, V, cu_seqlens, q.device)
     h0 = None if initial_state is None else initial_state.float().contiguous()
@@ -975,7 +966,7 @@ def _tokens(B, device):
     """The rows of B one-token sequences (a decode step), made on the device: no copy from the host, so a CUDA graph
     can capture the step."""
     bounds = torch.arange(B + 1, device=device, dtype=torch.int32)
-    return _Rows(bounds, bounds, B, None)
+    return _Rows(bounds, bounds, B, None, None)
 
 
 def step(q, k, v, g, gv, state, scale=None):

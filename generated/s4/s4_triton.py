@@ -219,42 +219,55 @@ def _block_v(V):
 
 class _Rows:
     """What the walks walk: bounds [R + 1] (int32) the rows' token offsets into the packed batch, chunk_base [R + 1]
-    each row's first stored state, n_states their number; segments [N, 2] (first row, rows) of each sequence, or None
-    where each row is a whole sequence."""
+    each row's first stored state (one per `step` tokens), n_states their number, chunk_indices [n_states, 2] (row,
+    step within it); segments [N, 2] (first row, rows) of each sequence, or None where each row is a whole sequence."""
 
-    __slots__ = ("bounds", "chunk_base", "n_states", "segments")
+    __slots__ = ("bounds", "chunk_base", "n_states", "chunk_indices", "segments")
 
-    def __init__(self, bounds, chunk_base, n_states, segments):
-        self.bounds, self.chunk_base, self.n_states, self.segments = bounds, chunk_base, n_states, segments
+    def __init__(self, bounds, chunk_base, n_states, chunk_indices, segments):
+        self.bounds, self.chunk_base, self.n_states = bounds, chunk_base, n_states
+        self.chunk_indices, self.segments = chunk_indices, segments
 
 
 _ROWS = {}
 
 
-def _layout(B, T, H, V, cu_seqlens, device):
-    """The rows of B sequences of T tokens, or of a packed batch (cu_seqlens, read back once per tensor), cut into
-    segments where _segment_chunks says the walks would keep too few programs busy; built once per (lengths, heads,
-    device, settings), since building them costs host time and a copy to the device."""
-    offsets = [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "s4")
-    scan = CONFIG["scan"]
-    chunks = _segment_chunks(offsets, H * triton.cdiv(V, _block_v(V)), scan) if len(offsets) > 1 else None
-    key = (tuple(offsets), str(device), scan, chunks)
+def _rows(offsets, step, segment_steps, device):
+    """The rows of the sequences at `offsets`, each cut into segments of segment_steps * step tokens (None: whole);
+    built once per (lengths, step, segmenting, device): building them costs host time and a copy to the device."""
+    key = (tuple(offsets), step, segment_steps, str(device))
     if key not in _ROWS:
         bounds, segments = [], []
         for bos, eos in zip(offsets, offsets[1:]):
-            starts = range(bos, eos, chunks * scan) if chunks and eos > bos else [bos]
+            starts = range(bos, eos, segment_steps * step) if segment_steps and eos > bos else [bos]
             segments.append((len(bounds), len(starts)))
             bounds += starts
         bounds.append(offsets[-1])
+        steps = [triton.cdiv(eos - bos, step) for bos, eos in zip(bounds, bounds[1:])]
         chunk_base = [0]
-        for bos, eos in zip(bounds, bounds[1:]):
-            chunk_base.append(chunk_base[-1] + triton.cdiv(eos - bos, scan))
+        for n in steps:
+            chunk_base.append(chunk_base[-1] + n)
+        pairs = [(row, c) for row, n in enumerate(steps) for c in range(n)]
         as_tensor = lambda x: torch.tensor(x, dtype=torch.int32).to(device)
         if len(_ROWS) > 64:
             _ROWS.clear()
-        _ROWS[key] = _Rows(as_tensor(bounds), as_tensor(chunk_base), chunk_base[-1],
-                           as_tensor(segments) if chunks else None)
+        _ROWS[key] = _Rows(as_tensor(bounds), as_tensor(chunk_base), chunk_base[-1], as_tensor(pairs).reshape(-1, 2),
+                           as_tensor(segments) if segment_steps else None)
     return _ROWS[key]
+
+
+def _offsets(B, T, cu_seqlens):
+    """Token offsets of the sequences: B of T tokens, or a packed batch's cu_seqlens (read back once per tensor)."""
+    return [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "s4")
+
+
+def _layout(B, T, H, V, cu_seqlens, device):
+    """The scan walks' rows: the sequences, cut into segments where _segment_chunks says the walks would keep too few
+    programs busy."""
+    offsets = _offsets(B, T, cu_seqlens)
+    scan = CONFIG["scan"]
+    chunks = _segment_chunks(offsets, H * triton.cdiv(V, _block_v(V)), scan) if len(offsets) > 1 else None
+    return _rows(offsets, scan, chunks, device)
 
 
 def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, rows, store_states, maps=None):
@@ -378,7 +391,7 @@ def _tokens(B, device):
     """The rows of B one-token sequences (a decode step), made on the device: no copy from the host, so a CUDA graph
     can capture the step."""
     bounds = torch.arange(B + 1, device=device, dtype=torch.int32)
-    return _Rows(bounds, bounds, B, None)
+    return _Rows(bounds, bounds, B, None, None)
 
 
 def step(q, k, v, dt, A, state, scale=None):
