@@ -33,11 +33,15 @@ from lmoec.runtime.contract import sequence_offsets
 # forward, 21.8 -> 7.8 ms fwd+bwd; 2K and 8K left whole (bench/results/run17). The outer-sum gate takes the same rule,
 # checked segmented on the GPU, not yet timed.
 # form: "scan" (the walks above) or "chunk" (_ChunkForm: chunks of OS_CHUNK tokens on the matrix units, V blocks of
-# chunk_block_v, chunk_warps warps; whole sequences, no segments). "chunk" is opt-in: on an H100 (run 17) it passed in
-# fp32, but in bf16 its gates' gradients came 1.6e-2 / 2.4e-2 from the fp32 reference (the bound is 1e-2); not timed.
+# chunk_block_v, chunk_warps warps; whole sequences, no segments; chunk_forward_tf32: the forward's products take fp32
+# operands read as tf32 instead of bf16 ones). "chunk" is opt-in until a GPU has checked and timed this revision: on
+# an H100 (run 17) the previous one passed in fp32 but its bf16 gate gradients came 1.6e-2 / 2.4e-2 from the fp32
+# reference (bound 1e-2). The chunk-local gate gradients and the tf32 forward bring them, under the interpreter with
+# the GPU's bf16 and tf32 roundings (tests/interpreter_bf16.py), to 4.7e-3 / 6.4e-3, o and the final state to
+# 1.8e-3 / 7.1e-4 (bound 2e-3; bf16 operands in the forward: 2.3e-3 / 2.1e-3).
 CONFIG = {"block_v": 8, "scan": 16, "num_warps": 4,
           "walk_programs": 512, "segment_programs": 4096, "segment_chunks": 32,
-          "form": "scan", "chunk_block_v": 64, "chunk_warps": 4}
+          "form": "scan", "chunk_block_v": 64, "chunk_warps": 4, "chunk_forward_tf32": True}
 POISON = False  # tests: every output starts as NaN, so an element no kernel writes fails
 
 
@@ -209,15 +213,27 @@ def _segment_prefix_kernel(e, p, start, end, segments, H, K: tl.constexpr, V: tl
 # column s at a time. So no exp() overflows at any gate strength, and no chunk needs a fallback.
 # The gates' gradients come from the rescaling identities: raising gv_t by eps scales every output from t on by
 # e^eps and every v from t on by e^-eps (and the final state by e^eps), so d gv_t = sum_{tau >= t} (o do - v dv)
-# + sum_k S_T dS_T, and likewise d g_t = sum_{tau >= t} (q dq - k dk) + sum_v S_T dS_T: a reverse cumulative sum
-# per sequence (_os_rev_cumsum_kernel) of terms the gradient kernel forms.
+# + sum_k S_T dS_T, and likewise d g_t = sum_{tau >= t} (q dq - k dk) + sum_v S_T dS_T. The same identity at the end
+# of t's chunk folds every later token into the chunk's exit state: d gv_t = sum_{t <= tau <= C} (o do - v dv) +
+# sum_k S_C dS_C. The gradient kernel takes that chunk-local form. A sum over the whole sequence would add up the
+# terms' bf16 rounding (of o above all) over T tokens while the true sum stays bounded by the decay: its relative
+# error grows as sqrt(T) (1.6e-2 at T = 1000 from rounding o alone), the local one's does not.
+# Precision: o and the final state are held to 2e-3 of the fp32 recurrence. With bf16 inputs o's own bf16 rounding
+# takes ~1.7e-3 of that, and a product of two bf16-rounded operands adds ~1.6e-3 more, so the forward's products
+# (the walk's state update and the output's) take fp32 operands at tf32 (CONFIG "chunk_forward_tf32"); the backward's
+# stay bf16, within the gradients' 1e-2.
 OS_CHUNK = tl.constexpr(64)  # globals a kernel reads must be constexpr instances (the host reads .value)
 OS_SUB = tl.constexpr(16)
 
 
 @triton.jit
-def _mm(a, b, DOT: tl.constexpr):
-    return tl.dot(a, b, input_precision=DOT)
+def _mm(a, b, like, DOT: tl.constexpr, WIDE: tl.constexpr):
+    """a @ b on the matrix units, both operands in fp32 read at precision DOT when WIDE, else rounded to the
+    inputs' dtype (that of `like`)."""
+    if WIDE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=DOT)
+    else:
+        return tl.dot(a.to(like.dtype), b.to(like.dtype), input_precision=DOT)
 
 
 
@@ -226,7 +242,7 @@ def _mm(a, b, DOT: tl.constexpr):
 @triton.jit
 def _os_walk_kernel(k, v, g, gv, h0, ht, states, bounds, chunk_base, H: tl.constexpr,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
-                    USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr):
+                    WIDE: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr):
     """Per (V block, sequence, head): the chunk-entry states (stored), S <- (e^a_C e^b_C^T) * S + (k e^(a_C - a))^T
     (v e^(b_C - b)) chunk by chunk, the final state."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -274,14 +290,14 @@ def _os_walk_kernel(k, v, g, gv, h0, ht, states, bounds, chunk_base, H: tl.const
         b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
 
         S = S * (tl.exp2(a_end3)[:, None] * tl.exp2(b_end3)[None, :])
-        S += _mm(tl.trans((k0 * tl.exp2(a_end3[None, :] - a0)).to(k0.dtype)),
-                 (v0 * tl.exp2(b_end3[None, :] - b0)).to(v0.dtype), DOT)
-        S += _mm(tl.trans((k1 * tl.exp2(a_end3[None, :] - a1)).to(k1.dtype)),
-                 (v1 * tl.exp2(b_end3[None, :] - b1)).to(v1.dtype), DOT)
-        S += _mm(tl.trans((k2 * tl.exp2(a_end3[None, :] - a2)).to(k2.dtype)),
-                 (v2 * tl.exp2(b_end3[None, :] - b2)).to(v2.dtype), DOT)
-        S += _mm(tl.trans((k3 * tl.exp2(a_end3[None, :] - a3)).to(k3.dtype)),
-                 (v3 * tl.exp2(b_end3[None, :] - b3)).to(v3.dtype), DOT)
+        S += _mm(tl.trans(k0 * tl.exp2(a_end3[None, :] - a0)), v0 * tl.exp2(b_end3[None, :] - b0), k0,
+                 DOT, WIDE)
+        S += _mm(tl.trans(k1 * tl.exp2(a_end3[None, :] - a1)), v1 * tl.exp2(b_end3[None, :] - b1), k1,
+                 DOT, WIDE)
+        S += _mm(tl.trans(k2 * tl.exp2(a_end3[None, :] - a2)), v2 * tl.exp2(b_end3[None, :] - b2), k2,
+                 DOT, WIDE)
+        S += _mm(tl.trans(k3 * tl.exp2(a_end3[None, :] - a3)), v3 * tl.exp2(b_end3[None, :] - b3), k3,
+                 DOT, WIDE)
     if STORE_FINAL:
         tl.store(ht + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
 
@@ -289,7 +305,7 @@ def _os_walk_kernel(k, v, g, gv, h0, ht, states, bounds, chunk_base, H: tl.const
 @triton.jit
 def _os_output_kernel(q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indices, scale,
                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      DOT: tl.constexpr):
+                      DOT: tl.constexpr, WIDE: tl.constexpr):
     """Per (V block, chunk, head): o of the chunk's tokens from its entry state and its own tokens."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_c = tl.load(chunk_indices + i_t * 2), tl.load(chunk_indices + i_t * 2 + 1)
@@ -336,7 +352,7 @@ def _os_output_kernel(q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indic
     b3 = tl.cumsum(tl.load(gv + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m3[:, None] & m_v[None, :], other=0.0).to(tl.float32) * LOG2E, 0) + b_end2[None, :]
     b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
 
-    out = tl.exp2(b0) * _mm((q0 * tl.exp2(a0)).to(q0.dtype), S0.to(q0.dtype), DOT)
+    out = tl.exp2(b0) * _mm(q0 * tl.exp2(a0), S0, q0, DOT, WIDE)
     for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
         after = (o_s >= s)[:, None]
         k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], k0.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a0, 0.0), 0)
@@ -345,12 +361,11 @@ def _os_output_kernel(q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indic
         out += col[:, None] * v_s[None, :] * tl.exp2(tl.where(after, b0 - b_s[None, :], float("-inf")))
     tl.store(o + (t0[:, None] * H + i_h) * V + o_v[None, :], (out * scale).to(o.dtype.element_ty),
              mask=m0[:, None] & m_v[None, :])
-    out = tl.exp2(b1) * _mm((q1 * tl.exp2(a1)).to(q1.dtype), S0.to(q1.dtype), DOT)
+    out = tl.exp2(b1) * _mm(q1 * tl.exp2(a1), S0, q1, DOT, WIDE)
     # sub-chunk 0 before 1: factors referred to the gates after sub-chunk 0
-    scores = _mm((q1 * tl.exp2(a1 - a_end0[None, :])).to(q1.dtype),
-                 tl.trans((k0 * tl.exp2(a_end0[None, :] - a0)).to(k0.dtype)), DOT)
-    out += tl.exp2(b1 - b_end0[None, :]) * _mm(scores.to(v0.dtype),
-                                                       (v0 * tl.exp2(b_end0[None, :] - b0)).to(v0.dtype), DOT)
+    scores = _mm(q1 * tl.exp2(a1 - a_end0[None, :]), tl.trans(k0 * tl.exp2(a_end0[None, :] - a0)), q1,
+                 DOT, WIDE)
+    out += tl.exp2(b1 - b_end0[None, :]) * _mm(scores, v0 * tl.exp2(b_end0[None, :] - b0), v0, DOT, WIDE)
     for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
         after = (o_s >= s)[:, None]
         k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], k1.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a1, 0.0), 0)
@@ -359,17 +374,15 @@ def _os_output_kernel(q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indic
         out += col[:, None] * v_s[None, :] * tl.exp2(tl.where(after, b1 - b_s[None, :], float("-inf")))
     tl.store(o + (t1[:, None] * H + i_h) * V + o_v[None, :], (out * scale).to(o.dtype.element_ty),
              mask=m1[:, None] & m_v[None, :])
-    out = tl.exp2(b2) * _mm((q2 * tl.exp2(a2)).to(q2.dtype), S0.to(q2.dtype), DOT)
+    out = tl.exp2(b2) * _mm(q2 * tl.exp2(a2), S0, q2, DOT, WIDE)
     # sub-chunk 0 before 2: factors referred to the gates after sub-chunk 1
-    scores = _mm((q2 * tl.exp2(a2 - a_end1[None, :])).to(q2.dtype),
-                 tl.trans((k0 * tl.exp2(a_end1[None, :] - a0)).to(k0.dtype)), DOT)
-    out += tl.exp2(b2 - b_end1[None, :]) * _mm(scores.to(v0.dtype),
-                                                       (v0 * tl.exp2(b_end1[None, :] - b0)).to(v0.dtype), DOT)
+    scores = _mm(q2 * tl.exp2(a2 - a_end1[None, :]), tl.trans(k0 * tl.exp2(a_end1[None, :] - a0)), q2,
+                 DOT, WIDE)
+    out += tl.exp2(b2 - b_end1[None, :]) * _mm(scores, v0 * tl.exp2(b_end1[None, :] - b0), v0, DOT, WIDE)
     # sub-chunk 1 before 2: factors referred to the gates after sub-chunk 1
-    scores = _mm((q2 * tl.exp2(a2 - a_end1[None, :])).to(q2.dtype),
-                 tl.trans((k1 * tl.exp2(a_end1[None, :] - a1)).to(k1.dtype)), DOT)
-    out += tl.exp2(b2 - b_end1[None, :]) * _mm(scores.to(v1.dtype),
-                                                       (v1 * tl.exp2(b_end1[None, :] - b1)).to(v1.dtype), DOT)
+    scores = _mm(q2 * tl.exp2(a2 - a_end1[None, :]), tl.trans(k1 * tl.exp2(a_end1[None, :] - a1)), q2,
+                 DOT, WIDE)
+    out += tl.exp2(b2 - b_end1[None, :]) * _mm(scores, v1 * tl.exp2(b_end1[None, :] - b1), v1, DOT, WIDE)
     for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
         after = (o_s >= s)[:, None]
         k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], k2.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a2, 0.0), 0)
@@ -378,22 +391,19 @@ def _os_output_kernel(q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indic
         out += col[:, None] * v_s[None, :] * tl.exp2(tl.where(after, b2 - b_s[None, :], float("-inf")))
     tl.store(o + (t2[:, None] * H + i_h) * V + o_v[None, :], (out * scale).to(o.dtype.element_ty),
              mask=m2[:, None] & m_v[None, :])
-    out = tl.exp2(b3) * _mm((q3 * tl.exp2(a3)).to(q3.dtype), S0.to(q3.dtype), DOT)
+    out = tl.exp2(b3) * _mm(q3 * tl.exp2(a3), S0, q3, DOT, WIDE)
     # sub-chunk 0 before 3: factors referred to the gates after sub-chunk 2
-    scores = _mm((q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype),
-                 tl.trans((k0 * tl.exp2(a_end2[None, :] - a0)).to(k0.dtype)), DOT)
-    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores.to(v0.dtype),
-                                                       (v0 * tl.exp2(b_end2[None, :] - b0)).to(v0.dtype), DOT)
+    scores = _mm(q3 * tl.exp2(a3 - a_end2[None, :]), tl.trans(k0 * tl.exp2(a_end2[None, :] - a0)), q3,
+                 DOT, WIDE)
+    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores, v0 * tl.exp2(b_end2[None, :] - b0), v0, DOT, WIDE)
     # sub-chunk 1 before 3: factors referred to the gates after sub-chunk 2
-    scores = _mm((q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype),
-                 tl.trans((k1 * tl.exp2(a_end2[None, :] - a1)).to(k1.dtype)), DOT)
-    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores.to(v1.dtype),
-                                                       (v1 * tl.exp2(b_end2[None, :] - b1)).to(v1.dtype), DOT)
+    scores = _mm(q3 * tl.exp2(a3 - a_end2[None, :]), tl.trans(k1 * tl.exp2(a_end2[None, :] - a1)), q3,
+                 DOT, WIDE)
+    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores, v1 * tl.exp2(b_end2[None, :] - b1), v1, DOT, WIDE)
     # sub-chunk 2 before 3: factors referred to the gates after sub-chunk 2
-    scores = _mm((q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype),
-                 tl.trans((k2 * tl.exp2(a_end2[None, :] - a2)).to(k2.dtype)), DOT)
-    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores.to(v2.dtype),
-                                                       (v2 * tl.exp2(b_end2[None, :] - b2)).to(v2.dtype), DOT)
+    scores = _mm(q3 * tl.exp2(a3 - a_end2[None, :]), tl.trans(k2 * tl.exp2(a_end2[None, :] - a2)), q3,
+                 DOT, WIDE)
+    out += tl.exp2(b3 - b_end2[None, :]) * _mm(scores, v2 * tl.exp2(b_end2[None, :] - b2), v2, DOT, WIDE)
     for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
         after = (o_s >= s)[:, None]
         k_s, a_s = tl.sum(tl.where((o_s == s)[:, None], k3.to(tl.float32), 0.0), 0), tl.sum(tl.where((o_s == s)[:, None], a3, 0.0), 0)
@@ -457,19 +467,20 @@ def _os_walk_bwd_kernel(q, do, g, gv, dht, dh0, grads, bounds, chunk_base, scale
         b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
 
         dS = dS * (tl.exp2(a_end3)[:, None] * tl.exp2(b_end3)[None, :])
-        dS += scale * _mm(tl.trans((q0 * tl.exp2(a0)).to(q0.dtype)), (do0 * tl.exp2(b0)).to(do0.dtype), DOT)
-        dS += scale * _mm(tl.trans((q1 * tl.exp2(a1)).to(q1.dtype)), (do1 * tl.exp2(b1)).to(do1.dtype), DOT)
-        dS += scale * _mm(tl.trans((q2 * tl.exp2(a2)).to(q2.dtype)), (do2 * tl.exp2(b2)).to(do2.dtype), DOT)
-        dS += scale * _mm(tl.trans((q3 * tl.exp2(a3)).to(q3.dtype)), (do3 * tl.exp2(b3)).to(do3.dtype), DOT)
+        dS += scale * _mm(tl.trans(q0 * tl.exp2(a0)), do0 * tl.exp2(b0), q0, DOT, False)
+        dS += scale * _mm(tl.trans(q1 * tl.exp2(a1)), do1 * tl.exp2(b1), q1, DOT, False)
+        dS += scale * _mm(tl.trans(q2 * tl.exp2(a2)), do2 * tl.exp2(b2), q2, DOT, False)
+        dS += scale * _mm(tl.trans(q3 * tl.exp2(a3)), do3 * tl.exp2(b3), q3, DOT, False)
     tl.store(dh0 + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], dS, mask=m_kv)
 
 
 @triton.jit
-def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv_terms, bounds, chunk_base,
+def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dg, dgv, bounds, chunk_base,
                     chunk_indices, scale, N_TOKENS, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
-                    BV: tl.constexpr, DOT: tl.constexpr):
-    """Per (V block, chunk, head): dv, and this V block's shares of dq and dk ([NV, tokens, H, K], summed on the host);
-    dgv_terms = o do - v dv (the value gate's gradient before its reverse cumulative sum)."""
+                    BV: tl.constexpr, DOT: tl.constexpr, WIDE_WALK: tl.constexpr):
+    """Per (V block, chunk, head): dv and dgv, and this V block's shares of dq, dk and dg ([NV, tokens, H, K], summed on
+    the host). The gates' gradients in the chunk-local form: reverse sums within the chunk of o do - v dv and q dq - k dk,
+    plus the exit state's S_C dS_C."""
     i_v, i_t, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_c = tl.load(chunk_indices + i_t * 2), tl.load(chunk_indices + i_t * 2 + 1)
     bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
@@ -521,89 +532,85 @@ def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv_terms,
     b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
 
     # the state terms: dq from S0, dk and dv from the exit gradient
-    dq0 = scale * tl.exp2(a0) * _mm((do0 * tl.exp2(b0)).to(do0.dtype), tl.trans(S0).to(do0.dtype), DOT)
-    dk0 = tl.exp2(a_end3[None, :] - a0) * _mm((v0 * tl.exp2(b_end3[None, :] - b0)).to(v0.dtype),
-                                                       tl.trans(dS).to(v0.dtype), DOT)
-    dv0 = tl.exp2(b_end3[None, :] - b0) * _mm((k0 * tl.exp2(a_end3[None, :] - a0)).to(k0.dtype),
-                                                       dS.to(k0.dtype), DOT)
+    dq0 = scale * tl.exp2(a0) * _mm(do0 * tl.exp2(b0), tl.trans(S0), q0, DOT, False)
+    dk0 = tl.exp2(a_end3[None, :] - a0) * _mm(v0 * tl.exp2(b_end3[None, :] - b0), tl.trans(dS), q0,
+                                                       DOT, False)
+    dv0 = tl.exp2(b_end3[None, :] - b0) * _mm(k0 * tl.exp2(a_end3[None, :] - a0), dS, q0, DOT, False)
     # the state terms: dq from S0, dk and dv from the exit gradient
-    dq1 = scale * tl.exp2(a1) * _mm((do1 * tl.exp2(b1)).to(do1.dtype), tl.trans(S0).to(do1.dtype), DOT)
-    dk1 = tl.exp2(a_end3[None, :] - a1) * _mm((v1 * tl.exp2(b_end3[None, :] - b1)).to(v1.dtype),
-                                                       tl.trans(dS).to(v1.dtype), DOT)
-    dv1 = tl.exp2(b_end3[None, :] - b1) * _mm((k1 * tl.exp2(a_end3[None, :] - a1)).to(k1.dtype),
-                                                       dS.to(k1.dtype), DOT)
+    dq1 = scale * tl.exp2(a1) * _mm(do1 * tl.exp2(b1), tl.trans(S0), q1, DOT, False)
+    dk1 = tl.exp2(a_end3[None, :] - a1) * _mm(v1 * tl.exp2(b_end3[None, :] - b1), tl.trans(dS), q1,
+                                                       DOT, False)
+    dv1 = tl.exp2(b_end3[None, :] - b1) * _mm(k1 * tl.exp2(a_end3[None, :] - a1), dS, q1, DOT, False)
     # the state terms: dq from S0, dk and dv from the exit gradient
-    dq2 = scale * tl.exp2(a2) * _mm((do2 * tl.exp2(b2)).to(do2.dtype), tl.trans(S0).to(do2.dtype), DOT)
-    dk2 = tl.exp2(a_end3[None, :] - a2) * _mm((v2 * tl.exp2(b_end3[None, :] - b2)).to(v2.dtype),
-                                                       tl.trans(dS).to(v2.dtype), DOT)
-    dv2 = tl.exp2(b_end3[None, :] - b2) * _mm((k2 * tl.exp2(a_end3[None, :] - a2)).to(k2.dtype),
-                                                       dS.to(k2.dtype), DOT)
+    dq2 = scale * tl.exp2(a2) * _mm(do2 * tl.exp2(b2), tl.trans(S0), q2, DOT, False)
+    dk2 = tl.exp2(a_end3[None, :] - a2) * _mm(v2 * tl.exp2(b_end3[None, :] - b2), tl.trans(dS), q2,
+                                                       DOT, False)
+    dv2 = tl.exp2(b_end3[None, :] - b2) * _mm(k2 * tl.exp2(a_end3[None, :] - a2), dS, q2, DOT, False)
     # the state terms: dq from S0, dk and dv from the exit gradient
-    dq3 = scale * tl.exp2(a3) * _mm((do3 * tl.exp2(b3)).to(do3.dtype), tl.trans(S0).to(do3.dtype), DOT)
-    dk3 = tl.exp2(a_end3[None, :] - a3) * _mm((v3 * tl.exp2(b_end3[None, :] - b3)).to(v3.dtype),
-                                                       tl.trans(dS).to(v3.dtype), DOT)
-    dv3 = tl.exp2(b_end3[None, :] - b3) * _mm((k3 * tl.exp2(a_end3[None, :] - a3)).to(k3.dtype),
-                                                       dS.to(k3.dtype), DOT)
+    dq3 = scale * tl.exp2(a3) * _mm(do3 * tl.exp2(b3), tl.trans(S0), q3, DOT, False)
+    dk3 = tl.exp2(a_end3[None, :] - a3) * _mm(v3 * tl.exp2(b_end3[None, :] - b3), tl.trans(dS), q3,
+                                                       DOT, False)
+    dv3 = tl.exp2(b_end3[None, :] - b3) * _mm(k3 * tl.exp2(a_end3[None, :] - a3), dS, q3, DOT, False)
     # rows of sub-chunk 1, columns of 0: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
-    qi = (q1 * tl.exp2(a1 - a_end0[None, :])).to(q1.dtype)
-    kj = (k0 * tl.exp2(a_end0[None, :] - a0)).to(k0.dtype)
-    doi = (do1 * tl.exp2(b1 - b_end0[None, :])).to(do1.dtype)
-    vj = (v0 * tl.exp2(b_end0[None, :] - b0)).to(v0.dtype)
-    scores = _mm(qi, tl.trans(kj), DOT)
-    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
-    dv0 += scale * tl.exp2(b_end0[None, :] - b0) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
-    dq1 += tl.exp2(a1 - a_end0[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
-    dk0 += tl.exp2(a_end0[None, :] - a0) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    qi = q1 * tl.exp2(a1 - a_end0[None, :])
+    kj = k0 * tl.exp2(a_end0[None, :] - a0)
+    doi = do1 * tl.exp2(b1 - b_end0[None, :])
+    vj = v0 * tl.exp2(b_end0[None, :] - b0)
+    scores = _mm(qi, tl.trans(kj), q1, DOT, False)
+    d_scores = scale * _mm(doi, tl.trans(vj), q1, DOT, False)
+    dv0 += scale * tl.exp2(b_end0[None, :] - b0) * _mm(tl.trans(scores), doi, q1, DOT, False)
+    dq1 += tl.exp2(a1 - a_end0[None, :]) * _mm(d_scores, kj, q1, DOT, False)
+    dk0 += tl.exp2(a_end0[None, :] - a0) * _mm(tl.trans(d_scores), qi, q1, DOT, False)
     # rows of sub-chunk 2, columns of 0: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
-    qi = (q2 * tl.exp2(a2 - a_end1[None, :])).to(q2.dtype)
-    kj = (k0 * tl.exp2(a_end1[None, :] - a0)).to(k0.dtype)
-    doi = (do2 * tl.exp2(b2 - b_end1[None, :])).to(do2.dtype)
-    vj = (v0 * tl.exp2(b_end1[None, :] - b0)).to(v0.dtype)
-    scores = _mm(qi, tl.trans(kj), DOT)
-    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
-    dv0 += scale * tl.exp2(b_end1[None, :] - b0) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
-    dq2 += tl.exp2(a2 - a_end1[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
-    dk0 += tl.exp2(a_end1[None, :] - a0) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    qi = q2 * tl.exp2(a2 - a_end1[None, :])
+    kj = k0 * tl.exp2(a_end1[None, :] - a0)
+    doi = do2 * tl.exp2(b2 - b_end1[None, :])
+    vj = v0 * tl.exp2(b_end1[None, :] - b0)
+    scores = _mm(qi, tl.trans(kj), q2, DOT, False)
+    d_scores = scale * _mm(doi, tl.trans(vj), q2, DOT, False)
+    dv0 += scale * tl.exp2(b_end1[None, :] - b0) * _mm(tl.trans(scores), doi, q2, DOT, False)
+    dq2 += tl.exp2(a2 - a_end1[None, :]) * _mm(d_scores, kj, q2, DOT, False)
+    dk0 += tl.exp2(a_end1[None, :] - a0) * _mm(tl.trans(d_scores), qi, q2, DOT, False)
     # rows of sub-chunk 2, columns of 1: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
-    qi = (q2 * tl.exp2(a2 - a_end1[None, :])).to(q2.dtype)
-    kj = (k1 * tl.exp2(a_end1[None, :] - a1)).to(k1.dtype)
-    doi = (do2 * tl.exp2(b2 - b_end1[None, :])).to(do2.dtype)
-    vj = (v1 * tl.exp2(b_end1[None, :] - b1)).to(v1.dtype)
-    scores = _mm(qi, tl.trans(kj), DOT)
-    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
-    dv1 += scale * tl.exp2(b_end1[None, :] - b1) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
-    dq2 += tl.exp2(a2 - a_end1[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
-    dk1 += tl.exp2(a_end1[None, :] - a1) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    qi = q2 * tl.exp2(a2 - a_end1[None, :])
+    kj = k1 * tl.exp2(a_end1[None, :] - a1)
+    doi = do2 * tl.exp2(b2 - b_end1[None, :])
+    vj = v1 * tl.exp2(b_end1[None, :] - b1)
+    scores = _mm(qi, tl.trans(kj), q2, DOT, False)
+    d_scores = scale * _mm(doi, tl.trans(vj), q2, DOT, False)
+    dv1 += scale * tl.exp2(b_end1[None, :] - b1) * _mm(tl.trans(scores), doi, q2, DOT, False)
+    dq2 += tl.exp2(a2 - a_end1[None, :]) * _mm(d_scores, kj, q2, DOT, False)
+    dk1 += tl.exp2(a_end1[None, :] - a1) * _mm(tl.trans(d_scores), qi, q2, DOT, False)
     # rows of sub-chunk 3, columns of 0: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
-    qi = (q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype)
-    kj = (k0 * tl.exp2(a_end2[None, :] - a0)).to(k0.dtype)
-    doi = (do3 * tl.exp2(b3 - b_end2[None, :])).to(do3.dtype)
-    vj = (v0 * tl.exp2(b_end2[None, :] - b0)).to(v0.dtype)
-    scores = _mm(qi, tl.trans(kj), DOT)
-    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
-    dv0 += scale * tl.exp2(b_end2[None, :] - b0) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
-    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
-    dk0 += tl.exp2(a_end2[None, :] - a0) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    qi = q3 * tl.exp2(a3 - a_end2[None, :])
+    kj = k0 * tl.exp2(a_end2[None, :] - a0)
+    doi = do3 * tl.exp2(b3 - b_end2[None, :])
+    vj = v0 * tl.exp2(b_end2[None, :] - b0)
+    scores = _mm(qi, tl.trans(kj), q3, DOT, False)
+    d_scores = scale * _mm(doi, tl.trans(vj), q3, DOT, False)
+    dv0 += scale * tl.exp2(b_end2[None, :] - b0) * _mm(tl.trans(scores), doi, q3, DOT, False)
+    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores, kj, q3, DOT, False)
+    dk0 += tl.exp2(a_end2[None, :] - a0) * _mm(tl.trans(d_scores), qi, q3, DOT, False)
     # rows of sub-chunk 3, columns of 1: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
-    qi = (q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype)
-    kj = (k1 * tl.exp2(a_end2[None, :] - a1)).to(k1.dtype)
-    doi = (do3 * tl.exp2(b3 - b_end2[None, :])).to(do3.dtype)
-    vj = (v1 * tl.exp2(b_end2[None, :] - b1)).to(v1.dtype)
-    scores = _mm(qi, tl.trans(kj), DOT)
-    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
-    dv1 += scale * tl.exp2(b_end2[None, :] - b1) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
-    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
-    dk1 += tl.exp2(a_end2[None, :] - a1) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    qi = q3 * tl.exp2(a3 - a_end2[None, :])
+    kj = k1 * tl.exp2(a_end2[None, :] - a1)
+    doi = do3 * tl.exp2(b3 - b_end2[None, :])
+    vj = v1 * tl.exp2(b_end2[None, :] - b1)
+    scores = _mm(qi, tl.trans(kj), q3, DOT, False)
+    d_scores = scale * _mm(doi, tl.trans(vj), q3, DOT, False)
+    dv1 += scale * tl.exp2(b_end2[None, :] - b1) * _mm(tl.trans(scores), doi, q3, DOT, False)
+    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores, kj, q3, DOT, False)
+    dk1 += tl.exp2(a_end2[None, :] - a1) * _mm(tl.trans(d_scores), qi, q3, DOT, False)
     # rows of sub-chunk 3, columns of 2: scores A and their gradient dA = scale (do e^b)(v e^-b)^T
-    qi = (q3 * tl.exp2(a3 - a_end2[None, :])).to(q3.dtype)
-    kj = (k2 * tl.exp2(a_end2[None, :] - a2)).to(k2.dtype)
-    doi = (do3 * tl.exp2(b3 - b_end2[None, :])).to(do3.dtype)
-    vj = (v2 * tl.exp2(b_end2[None, :] - b2)).to(v2.dtype)
-    scores = _mm(qi, tl.trans(kj), DOT)
-    d_scores = scale * _mm(doi, tl.trans(vj), DOT)
-    dv2 += scale * tl.exp2(b_end2[None, :] - b2) * _mm(tl.trans(scores.to(doi.dtype)), doi, DOT)
-    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores.to(kj.dtype), kj, DOT)
-    dk2 += tl.exp2(a_end2[None, :] - a2) * _mm(tl.trans(d_scores.to(qi.dtype)), qi, DOT)
+    qi = q3 * tl.exp2(a3 - a_end2[None, :])
+    kj = k2 * tl.exp2(a_end2[None, :] - a2)
+    doi = do3 * tl.exp2(b3 - b_end2[None, :])
+    vj = v2 * tl.exp2(b_end2[None, :] - b2)
+    scores = _mm(qi, tl.trans(kj), q3, DOT, False)
+    d_scores = scale * _mm(doi, tl.trans(vj), q3, DOT, False)
+    dv2 += scale * tl.exp2(b_end2[None, :] - b2) * _mm(tl.trans(scores), doi, q3, DOT, False)
+    dq3 += tl.exp2(a3 - a_end2[None, :]) * _mm(d_scores, kj, q3, DOT, False)
+    dk2 += tl.exp2(a_end2[None, :] - a2) * _mm(tl.trans(d_scores), qi, q3, DOT, False)
     qf, kf, vf, dof = q0.to(tl.float32), k0.to(tl.float32), v0.to(tl.float32), do0.to(tl.float32)
     for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
         after = (o_s >= s)[:, None]
@@ -617,12 +624,9 @@ def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv_terms,
         dq0 += d_score[:, None] * k_s[None, :] * key
         dk0 += tl.where(at_s, tl.sum(d_score[:, None] * qf * key, 0)[None, :], 0.0)
         dv0 += tl.where(at_s, scale * tl.sum(score[:, None] * dof * value, 0)[None, :], 0.0)
-    m_tv = m0[:, None] & m_v[None, :]
     tl.store(dq + ((i_v * N_TOKENS + t0[:, None]) * H + i_h) * K + o_k[None, :], dq0, mask=m0[:, None] & m_k[None, :])
     tl.store(dk + ((i_v * N_TOKENS + t0[:, None]) * H + i_h) * K + o_k[None, :], dk0, mask=m0[:, None] & m_k[None, :])
-    tl.store(dv + (t0[:, None] * H + i_h) * V + o_v[None, :], dv0, mask=m_tv)
-    o_t = tl.load(o + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    tl.store(dgv_terms + (t0[:, None] * H + i_h) * V + o_v[None, :], o_t * dof - vf * dv0, mask=m_tv)
+    tl.store(dv + (t0[:, None] * H + i_h) * V + o_v[None, :], dv0, mask=m0[:, None] & m_v[None, :])
     qf, kf, vf, dof = q1.to(tl.float32), k1.to(tl.float32), v1.to(tl.float32), do1.to(tl.float32)
     for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
         after = (o_s >= s)[:, None]
@@ -636,12 +640,9 @@ def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv_terms,
         dq1 += d_score[:, None] * k_s[None, :] * key
         dk1 += tl.where(at_s, tl.sum(d_score[:, None] * qf * key, 0)[None, :], 0.0)
         dv1 += tl.where(at_s, scale * tl.sum(score[:, None] * dof * value, 0)[None, :], 0.0)
-    m_tv = m1[:, None] & m_v[None, :]
     tl.store(dq + ((i_v * N_TOKENS + t1[:, None]) * H + i_h) * K + o_k[None, :], dq1, mask=m1[:, None] & m_k[None, :])
     tl.store(dk + ((i_v * N_TOKENS + t1[:, None]) * H + i_h) * K + o_k[None, :], dk1, mask=m1[:, None] & m_k[None, :])
-    tl.store(dv + (t1[:, None] * H + i_h) * V + o_v[None, :], dv1, mask=m_tv)
-    o_t = tl.load(o + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    tl.store(dgv_terms + (t1[:, None] * H + i_h) * V + o_v[None, :], o_t * dof - vf * dv1, mask=m_tv)
+    tl.store(dv + (t1[:, None] * H + i_h) * V + o_v[None, :], dv1, mask=m1[:, None] & m_v[None, :])
     qf, kf, vf, dof = q2.to(tl.float32), k2.to(tl.float32), v2.to(tl.float32), do2.to(tl.float32)
     for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
         after = (o_s >= s)[:, None]
@@ -655,12 +656,9 @@ def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv_terms,
         dq2 += d_score[:, None] * k_s[None, :] * key
         dk2 += tl.where(at_s, tl.sum(d_score[:, None] * qf * key, 0)[None, :], 0.0)
         dv2 += tl.where(at_s, scale * tl.sum(score[:, None] * dof * value, 0)[None, :], 0.0)
-    m_tv = m2[:, None] & m_v[None, :]
     tl.store(dq + ((i_v * N_TOKENS + t2[:, None]) * H + i_h) * K + o_k[None, :], dq2, mask=m2[:, None] & m_k[None, :])
     tl.store(dk + ((i_v * N_TOKENS + t2[:, None]) * H + i_h) * K + o_k[None, :], dk2, mask=m2[:, None] & m_k[None, :])
-    tl.store(dv + (t2[:, None] * H + i_h) * V + o_v[None, :], dv2, mask=m_tv)
-    o_t = tl.load(o + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    tl.store(dgv_terms + (t2[:, None] * H + i_h) * V + o_v[None, :], o_t * dof - vf * dv2, mask=m_tv)
+    tl.store(dv + (t2[:, None] * H + i_h) * V + o_v[None, :], dv2, mask=m2[:, None] & m_v[None, :])
     qf, kf, vf, dof = q3.to(tl.float32), k3.to(tl.float32), v3.to(tl.float32), do3.to(tl.float32)
     for s in range(OS_SUB):  # the sub-chunk's own pairs (t >= s), one column s at a time
         after = (o_s >= s)[:, None]
@@ -674,34 +672,69 @@ def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv_terms,
         dq3 += d_score[:, None] * k_s[None, :] * key
         dk3 += tl.where(at_s, tl.sum(d_score[:, None] * qf * key, 0)[None, :], 0.0)
         dv3 += tl.where(at_s, scale * tl.sum(score[:, None] * dof * value, 0)[None, :], 0.0)
-    m_tv = m3[:, None] & m_v[None, :]
     tl.store(dq + ((i_v * N_TOKENS + t3[:, None]) * H + i_h) * K + o_k[None, :], dq3, mask=m3[:, None] & m_k[None, :])
     tl.store(dk + ((i_v * N_TOKENS + t3[:, None]) * H + i_h) * K + o_k[None, :], dk3, mask=m3[:, None] & m_k[None, :])
-    tl.store(dv + (t3[:, None] * H + i_h) * V + o_v[None, :], dv3, mask=m_tv)
+    tl.store(dv + (t3[:, None] * H + i_h) * V + o_v[None, :], dv3, mask=m3[:, None] & m_v[None, :])
+    # the gates: the exit state S_C as the walk formed it, then reverse sums from the chunk's end
+    S_C = S0 * (tl.exp2(a_end3)[:, None] * tl.exp2(b_end3)[None, :])
+    S_C += _mm(tl.trans(k0 * tl.exp2(a_end3[None, :] - a0)), v0 * tl.exp2(b_end3[None, :] - b0), k0,
+               DOT, WIDE_WALK)
+    S_C += _mm(tl.trans(k1 * tl.exp2(a_end3[None, :] - a1)), v1 * tl.exp2(b_end3[None, :] - b1), k1,
+               DOT, WIDE_WALK)
+    S_C += _mm(tl.trans(k2 * tl.exp2(a_end3[None, :] - a2)), v2 * tl.exp2(b_end3[None, :] - b2), k2,
+               DOT, WIDE_WALK)
+    S_C += _mm(tl.trans(k3 * tl.exp2(a_end3[None, :] - a3)), v3 * tl.exp2(b_end3[None, :] - b3), k3,
+               DOT, WIDE_WALK)
+    carry_v = tl.sum(S_C * dS, 0)
+    carry_k = tl.sum(S_C * dS, 1)
+    m_tv = m3[:, None] & m_v[None, :]
     o_t = tl.load(o + (t3[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-    tl.store(dgv_terms + (t3[:, None] * H + i_h) * V + o_v[None, :], o_t * dof - vf * dv3, mask=m_tv)
-
-
-@triton.jit
-def _os_rev_cumsum_kernel(x, end_term, bounds, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                          USE_END: tl.constexpr):
-    """In place, per (D block, sequence, head): x_t <- sum_{tau >= t} x_tau within the sequence, plus end_term."""
-    i_d, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
-    o_c, o_d = tl.arange(0, OS_CHUNK), i_d * BD + tl.arange(0, BD)
-    m_d = o_d < D
-    carry = tl.zeros([BD], dtype=tl.float32)
-    if USE_END:
-        carry = tl.load(end_term + (i_n * H + i_h) * D + o_d, mask=m_d, other=0.0)
-    n_chunks = tl.cdiv(eos - bos, OS_CHUNK)
-    for j in range(0, n_chunks):
-        t = bos + (n_chunks - 1 - j) * OS_CHUNK + o_c
-        m = (t < eos)[:, None] & m_d[None, :]
-        p = x + (t[:, None] * H + i_h) * D + o_d[None, :]
-        tile = tl.load(p, mask=m, other=0.0)
-        total = tl.sum(tile, 0)
-        tl.store(p, carry[None, :] + total[None, :] - tl.cumsum(tile, 0) + tile, mask=m)
-        carry += total
+    terms = o_t * do3.to(tl.float32) - v3.to(tl.float32) * dv3
+    total = tl.sum(terms, 0)
+    tl.store(dgv + (t3[:, None] * H + i_h) * V + o_v[None, :], carry_v[None, :] + total[None, :] - tl.cumsum(terms, 0) + terms,
+             mask=m_tv)
+    carry_v += total
+    terms = q3.to(tl.float32) * dq3 - k3.to(tl.float32) * dk3
+    total = tl.sum(terms, 0)
+    tl.store(dg + ((i_v * N_TOKENS + t3[:, None]) * H + i_h) * K + o_k[None, :],
+             carry_k[None, :] + total[None, :] - tl.cumsum(terms, 0) + terms, mask=m3[:, None] & m_k[None, :])
+    carry_k += total
+    m_tv = m2[:, None] & m_v[None, :]
+    o_t = tl.load(o + (t2[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    terms = o_t * do2.to(tl.float32) - v2.to(tl.float32) * dv2
+    total = tl.sum(terms, 0)
+    tl.store(dgv + (t2[:, None] * H + i_h) * V + o_v[None, :], carry_v[None, :] + total[None, :] - tl.cumsum(terms, 0) + terms,
+             mask=m_tv)
+    carry_v += total
+    terms = q2.to(tl.float32) * dq2 - k2.to(tl.float32) * dk2
+    total = tl.sum(terms, 0)
+    tl.store(dg + ((i_v * N_TOKENS + t2[:, None]) * H + i_h) * K + o_k[None, :],
+             carry_k[None, :] + total[None, :] - tl.cumsum(terms, 0) + terms, mask=m2[:, None] & m_k[None, :])
+    carry_k += total
+    m_tv = m1[:, None] & m_v[None, :]
+    o_t = tl.load(o + (t1[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    terms = o_t * do1.to(tl.float32) - v1.to(tl.float32) * dv1
+    total = tl.sum(terms, 0)
+    tl.store(dgv + (t1[:, None] * H + i_h) * V + o_v[None, :], carry_v[None, :] + total[None, :] - tl.cumsum(terms, 0) + terms,
+             mask=m_tv)
+    carry_v += total
+    terms = q1.to(tl.float32) * dq1 - k1.to(tl.float32) * dk1
+    total = tl.sum(terms, 0)
+    tl.store(dg + ((i_v * N_TOKENS + t1[:, None]) * H + i_h) * K + o_k[None, :],
+             carry_k[None, :] + total[None, :] - tl.cumsum(terms, 0) + terms, mask=m1[:, None] & m_k[None, :])
+    carry_k += total
+    m_tv = m0[:, None] & m_v[None, :]
+    o_t = tl.load(o + (t0[:, None] * H + i_h) * V + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+    terms = o_t * do0.to(tl.float32) - v0.to(tl.float32) * dv0
+    total = tl.sum(terms, 0)
+    tl.store(dgv + (t0[:, None] * H + i_h) * V + o_v[None, :], carry_v[None, :] + total[None, :] - tl.cumsum(terms, 0) + terms,
+             mask=m_tv)
+    carry_v += total
+    terms = q0.to(tl.float32) * dq0 - k0.to(tl.float32) * dk0
+    total = tl.sum(terms, 0)
+    tl.store(dg + ((i_v * N_TOKENS + t0[:, None]) * H + i_h) * K + o_k[None, :],
+             carry_k[None, :] + total[None, :] - tl.cumsum(terms, 0) + terms, mask=m0[:, None] & m_k[None, :])
+    carry_k += total
 
 
 def _os_launch(x):
@@ -724,18 +757,18 @@ class _ChunkForm(torch.autograd.Function):
         ht = _empty(N, H, K, V, **f32) if output_final_state else None
         _os_walk_kernel[(triton.cdiv(V, BV), N, H)](
             k, v, g, gv, initial_state, ht, states, bounds, chunk_base, H=H, K=K, V=V, BK=BK, BV=BV,
-            USE_H0=initial_state is not None, STORE_FINAL=output_final_state, **meta)
+            USE_H0=initial_state is not None, STORE_FINAL=output_final_state, WIDE=CONFIG["chunk_forward_tf32"], **meta)
         o = _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
         _os_output_kernel[(triton.cdiv(V, BV), NT, H)](
             q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indices, scale, H=H, K=K, V=V, BK=BK,
-            BV=BV, **meta)
-        ctx.save_for_backward(q, k, v, g, gv, o, states, ht)
+            BV=BV, WIDE=CONFIG["chunk_forward_tf32"], **meta)
+        ctx.save_for_backward(q, k, v, g, gv, o, states)
         ctx.scale, ctx.has_h0, ctx.rows = scale, initial_state is not None, rows
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gv, o, states, ht = ctx.saved_tensors
+        q, k, v, g, gv, o, states = ctx.saved_tensors
         rows = ctx.rows
         bounds, chunk_base, chunk_indices, NT = rows.bounds, rows.chunk_base, rows.chunk_indices, rows.n_states
         N_TOKENS, H, K = q.shape
@@ -751,17 +784,13 @@ class _ChunkForm(torch.autograd.Function):
             USE_DHT=dht is not None, **meta)
         dq, dk = _empty(NV, N_TOKENS, H, K, **f32), _empty(NV, N_TOKENS, H, K, **f32)
         dv, dgv = _empty(N_TOKENS, H, V, **f32), _empty(N_TOKENS, H, V, **f32)
+        dg = _empty(NV, N_TOKENS, H, K, **f32)
         _os_grad_kernel[(NV, NT, H)](
-            q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dgv, bounds, chunk_base, chunk_indices,
-            ctx.scale, N_TOKENS, H=H, K=K, V=V, BK=BK, BV=BV, **meta)
+            q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dg, dgv, bounds, chunk_base,
+            chunk_indices, ctx.scale, N_TOKENS, H=H, K=K, V=V, BK=BK, BV=BV,
+            WIDE_WALK=CONFIG["chunk_forward_tf32"], **meta)
         dq, dk = dq.sum(0), dk.sum(0)
-        # the final state's term of both gates' gradients: sum over the other dimension of S_T * dS_T
-        final = None if dht is None else ht * dht
-        _os_rev_cumsum_kernel[(triton.cdiv(V, 64), N, H)](dgv, None if final is None else final.sum(2).contiguous(),
-                                                        bounds, H=H, D=V, BD=64, USE_END=final is not None)
-        dg = q.float() * dq - k.float() * dk
-        _os_rev_cumsum_kernel[(triton.cdiv(K, 64), N, H)](dg, None if final is None else final.sum(3).contiguous(),
-                                                        bounds, H=H, D=K, BD=64, USE_END=final is not None)
+        dg = dg.sum(0)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dgv.to(gv.dtype), None,
                 dh0 if ctx.has_h0 else None, None, None)
 
