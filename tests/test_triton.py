@@ -4,7 +4,7 @@ Why a subprocess: TRITON_INTERPRET=1 must be set before triton is first imported
 this session may import triton first (or need it uncompiled). Each case below therefore runs in a
 fresh `python -c` child with the variable set, which prints one JSON line of relative errors; the
 parent asserts. One child per family keeps the interpreter's start-up cost (a few seconds) amortized
-over all of that family's cases. bf16 can't run in the interpreter: bench/families_gpu.py checks it on the GPU.
+over all of that family's cases. bf16: tests/test_triton_bf16.py, and bench/families_gpu.py on the GPU.
 """
 from __future__ import annotations
 

@@ -7,8 +7,8 @@ a = -alpha kk, b = kk with kk L2-normalized, alpha in (0, 1), log decay in [-0.6
 tiny (chunk 16, K = V = 16, T = 40: not a multiple of the chunk).
 
 Precision: the interpreter's fp32 tl.dot is exact, so fp32 is held to TOL (the reference is float64).
-It can't run bf16 (a bf16 tl.dot multiplies raw bit patterns): bench/families_gpu.py checks bf16
-on the GPU. fp16 inputs run in fp32 inside (fp16 can't hold the decayed factors); what is left of
+bf16 runs in tests/test_triton_bf16.py (the interpreter made to round as the GPU does) and in
+bench/families_gpu.py on the GPU. fp16 inputs run in fp32 inside (fp16 can't hold the decayed factors); what is left of
 their error is the rounding of inputs and outputs to fp16 (2^-11 relative), hence TOL_FP16.
 check_fp16_dots runs the kernels themselves on fp16 operands, the interpreter's stand-in for bf16 matmuls.
 

@@ -4,8 +4,8 @@ under TRITON_INTERPRET=1.
 As in tests/test_triton_delta.py, Triton reads TRITON_INTERPRET when it is imported, so the checks run in one
 subprocess (this file run as a script) with that variable and LMOEC_POISON set; each test asserts one check's result.
 Shapes are tiny (K = 16 or 20, V = 24, T = 24 at chunk 16, T = 70 at chunk 64: the last chunk partial) and fp32
-(the interpreter's fp32 dot is exact); bf16 and the benchmark's shapes run in bench/titans_gpu.py on the GPU, the
-sm_90 compile in tests/test_hopper_compile.py.
+(the interpreter's fp32 dot is exact); bf16 runs in tests/test_triton_bf16.py, bf16 and the benchmark's shapes in
+bench/titans_gpu.py on the GPU, the sm_90 compile in tests/test_hopper_compile.py.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ under TRITON_INTERPRET=1.
 
 As in tests/test_triton_titans.py, the checks run in one child process (this file run as a script, tests/interpreted.py)
 with the interpreter and LMOEC_POISON set; each test asserts one check's result. Shapes are tiny (K = V = 16 or 20,
-H = 2, T = 10 or a packed [3, 9, 1]) and fp32 (the interpreter's fp32 dot is exact); bf16 and the benchmark's shapes
-run in bench/ttt_gpu.py on the GPU, the sm_90 compile in tests/test_hopper_compile.py.
+H = 2, T = 10 or a packed [3, 9, 1]) and fp32 (the interpreter's fp32 dot is exact); bf16 runs in
+tests/test_triton_bf16.py, bf16 and the benchmark's shapes in bench/ttt_gpu.py on the GPU, the sm_90 compile in
+tests/test_hopper_compile.py.
 """
 from __future__ import annotations
 
