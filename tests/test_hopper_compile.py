@@ -40,7 +40,7 @@ SEGMENTED = {"walk_programs": 10**9, "segment_programs": 10**9, "segment_chunks"
 ELEMENTWISE = {"mamba": [{}, {"block_v": 16, "scan": 16, "num_warps": 4}, {"block_v": 4, "scan": 32, "num_warps": 2},
                          SEGMENTED],
                "gfw": [{}, {"block_v": 16}, SEGMENTED, {"form": "chunk"}, {"form": "chunk", "chunk_block_v": 32},
-                       {"form": "chunk", "chunk_forward_tf32": False}]}
+                       {"form": "chunk", "chunk_forward_tf32": False}, {"form": "chunk", **SEGMENTED, "segment_chunks": 1}]}
 CASES = {  # spec: launch settings to exercise besides the defaults
     "bla": DECAY, "simple_gla": DECAY, "retnet": DECAY,
     "gla": DECAY + [{"grad_qk": {"BK": 64, "BV": 64, "num_warps": 4, "num_stages": 2}}],  # dq/dk in K blocks (a sweep row)

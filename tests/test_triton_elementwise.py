@@ -5,7 +5,7 @@ gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (o
 K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
 both cut into segments walked at once (the segment policy forced); both with the decode step against the torch step;
 GFW's chunk form (CONFIG "form": "chunk") at packed sequences with an empty and a one-token one, a strong gate, three
-V blocks, and without a final state. Outputs start as NaN (POISON), so an element no kernel writes fails. fp32 here;
+V blocks, without a final state, and cut into one-chunk segments. Outputs start as NaN (POISON), so an element no kernel writes fails. fp32 here;
 bf16 in tests/test_triton_bf16.py (the interpreter rounding as the GPU does) and on the GPU (bench/elementwise_gpu.py).
 
 Why a subprocess: TRITON_INTERPRET=1 must be set before triton is first imported.
@@ -106,6 +106,12 @@ CHILD = textwrap.dedent(
         out["chunk form: B=2 T=64, no final state"] = case(2, 64, 1, 16, 16, final=False)
         triton_mod.CONFIG.update(chunk_block_v=16)
         out["chunk form: packed [100, 30], K=3 V=40 in three V blocks"] = case(1, 130, 1, 3, 40, lens=[100, 30])
+        # segments of one chunk walked at once (the segment policy forced): maps, the prefix, exit gradients
+        triton_mod.CONFIG.update(defaults, form="chunk", **dict(cut, segment_chunks=1))
+        assert triton_mod._os_rows(1, 300, 1, 20, torch.tensor([0, 140, 140, 141, 300]), "cpu").segments.tolist() == [
+            [0, 3], [3, 1], [4, 1], [5, 3]]
+        out["chunk form: packed [140, 0, 1, 159] in segments of 64 tokens, a strong gate"] = case(
+            1, 300, 1, 5, 20, lens=[140, 0, 1, 159], strong=True)
         triton_mod.CONFIG.update(defaults)
     out["step"] = step_case()
     print("RESULT " + json.dumps(out))
@@ -127,7 +133,7 @@ def test_triton_matches_oracle(name):
         if case != "step" and "segmented in" not in case:
             final = set() if "no final state" in case else {"final_state"}
             assert errs.keys() >= {"o", "dq", "dk", "dv", "dinitial_state"} | final, case
-    assert sum(case.startswith("chunk form") for case in errors) == (3 if name == "gfw" else 0)
+    assert sum(case.startswith("chunk form") for case in errors) == (4 if name == "gfw" else 0)
     assert sum("segmented in" in case for case in errors) == 3
     bad = {f"{case}: {n}": e for case, errs in errors.items() for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"

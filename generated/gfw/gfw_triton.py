@@ -33,8 +33,8 @@ from lmoec.runtime.contract import sequence_offsets
 # forward, 21.8 -> 7.8 ms fwd+bwd; 2K and 8K left whole (bench/results/run17). The outer-sum gate takes the same rule,
 # checked segmented on the GPU, not yet timed.
 # form: "scan" (the walks above) or "chunk" (_ChunkForm: chunks of OS_CHUNK tokens on the matrix units, V blocks of
-# chunk_block_v, chunk_warps warps; whole sequences, no segments; chunk_forward_tf32: the forward's products take fp32
-# operands read as tf32 instead of bf16 ones). "chunk" is opt-in until a GPU has checked and timed this revision: on
+# chunk_block_v, chunk_warps warps, segments by the same rule in steps of OS_CHUNK tokens; chunk_forward_tf32: the
+# forward's products take fp32 operands read as tf32 instead of bf16 ones). "chunk" is opt-in until a GPU has checked and timed this revision: on
 # an H100 (run 17) the previous one passed in fp32 but its bf16 gate gradients came 1.6e-2 / 2.4e-2 from the fp32
 # reference (bound 1e-2). The chunk-local gate gradients and the tf32 forward bring them, under the interpreter with
 # the GPU's bf16 and tf32 roundings (tests/interpreter_bf16.py), to 4.7e-3 / 6.4e-3, o and the final state to
@@ -240,11 +240,12 @@ def _mm(a, b, like, DOT: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _os_walk_kernel(k, v, g, gv, h0, ht, states, bounds, chunk_base, H: tl.constexpr,
+def _os_walk_kernel(k, v, g, gv, h0, ht, states, maps, bounds, chunk_base, H: tl.constexpr,
                     K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
-                    WIDE: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr):
-    """Per (V block, sequence, head): the chunk-entry states (stored), S <- (e^a_C e^b_C^T) * S + (k e^(a_C - a))^T
-    (v e^(b_C - b)) chunk by chunk, the final state."""
+                    WIDE: tl.constexpr, USE_H0: tl.constexpr, STORE_FINAL: tl.constexpr, MAP: tl.constexpr):
+    """Per (V block, row, head): the chunk-entry states (stored), S <- (e^a_C e^b_C^T) * S + (k e^(a_C - a))^T
+    (v e^(b_C - b)) chunk by chunk, the row's final state. MAP (rows are segments): the row's affine map S -> P * S + E
+    instead, from S = 0: E into ht, P (e^(sum a) e^(sum b)^T, element-wise) into maps; no states."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
     base = tl.load(chunk_base + i_n)
@@ -254,8 +255,11 @@ def _os_walk_kernel(k, v, g, gv, h0, ht, states, bounds, chunk_base, H: tl.const
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         S = tl.load(h0 + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], mask=m_kv, other=0.0)
+    log_p_k = tl.zeros([BK], dtype=tl.float32)
+    log_p_v = tl.zeros([BV], dtype=tl.float32)
     for i_c in range(0, tl.cdiv(eos - bos, OS_CHUNK)):
-        tl.store(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
+        if not MAP:
+            tl.store(states + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
         t0 = bos + i_c * OS_CHUNK + 0 * OS_SUB + o_s
         m0 = t0 < eos
         k0 = tl.load(k + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
@@ -290,6 +294,9 @@ def _os_walk_kernel(k, v, g, gv, h0, ht, states, bounds, chunk_base, H: tl.const
         b_end3 = tl.sum(tl.where((o_s == OS_SUB - 1)[:, None], b3, 0.0), 0)
 
         S = S * (tl.exp2(a_end3)[:, None] * tl.exp2(b_end3)[None, :])
+        if MAP:
+            log_p_k += a_end3
+            log_p_v += b_end3
         S += _mm(tl.trans(k0 * tl.exp2(a_end3[None, :] - a0)), v0 * tl.exp2(b_end3[None, :] - b0), k0,
                  DOT, WIDE)
         S += _mm(tl.trans(k1 * tl.exp2(a_end3[None, :] - a1)), v1 * tl.exp2(b_end3[None, :] - b1), k1,
@@ -300,6 +307,9 @@ def _os_walk_kernel(k, v, g, gv, h0, ht, states, bounds, chunk_base, H: tl.const
                  DOT, WIDE)
     if STORE_FINAL:
         tl.store(ht + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], S, mask=m_kv)
+    if MAP:
+        tl.store(maps + ((i_n * H + i_h) * K + o_k[:, None]) * V + o_v[None, :],
+                 tl.exp2(log_p_k)[:, None] * tl.exp2(log_p_v)[None, :], mask=m_kv)
 
 
 @triton.jit
@@ -417,9 +427,10 @@ def _os_output_kernel(q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indic
 @triton.jit
 def _os_walk_bwd_kernel(q, do, g, gv, dht, dh0, grads, bounds, chunk_base, scale,
                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                        DOT: tl.constexpr, USE_DHT: tl.constexpr):
-    """Per (V block, sequence, head), from the last chunk: the gradient of each chunk's exit state (stored), then
-    dS <- (e^a_C e^b_C^T) * dS + scale (q e^a)^T (do e^b); the initial state's gradient."""
+                        DOT: tl.constexpr, USE_DHT: tl.constexpr, MAP: tl.constexpr):
+    """Per (V block, row, head), from the last chunk: the gradient of each chunk's exit state (stored), then
+    dS <- (e^a_C e^b_C^T) * dS + scale (q e^a)^T (do e^b); the row's entry-state gradient. MAP (rows are segments):
+    only that, from a zero exit gradient."""
     i_v, i_n, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bos, eos = tl.load(bounds + i_n), tl.load(bounds + i_n + 1)
     base = tl.load(chunk_base + i_n)
@@ -432,7 +443,8 @@ def _os_walk_bwd_kernel(q, do, g, gv, dht, dh0, grads, bounds, chunk_base, scale
     n_chunks = tl.cdiv(eos - bos, OS_CHUNK)
     for j in range(0, n_chunks):
         i_c = n_chunks - 1 - j
-        tl.store(grads + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], dS, mask=m_kv)
+        if not MAP:
+            tl.store(grads + (((base + i_c) * H + i_h) * K + o_k[:, None]) * V + o_v[None, :], dS, mask=m_kv)
         t0 = bos + i_c * OS_CHUNK + 0 * OS_SUB + o_s
         m0 = t0 < eos
         q0 = tl.load(q + (t0[:, None] * H + i_h) * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.0)
@@ -737,58 +749,90 @@ def _os_grad_kernel(q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dg, dgv, b
     carry_k += total
 
 
+def _os_block_v(V):
+    return min(CONFIG["chunk_block_v"], max(16, triton.next_power_of_2(V)))
+
+
+def _os_rows(B, T, H, V, cu_seqlens, device):
+    """The chunk form's rows: the sequences in steps of OS_CHUNK tokens, cut into segments where _segment_chunks says
+    its walks would keep too few programs busy (the scan's rule and CONFIG keys, in steps of OS_CHUNK tokens)."""
+    offsets = _offsets(B, T, cu_seqlens)
+    steps = _segment_chunks(offsets, H * triton.cdiv(V, _os_block_v(V)), OS_CHUNK.value) if len(offsets) > 1 else None
+    return _rows(offsets, OS_CHUNK.value, steps, device)
+
+
 def _os_launch(x):
-    V = x.shape[-1]
-    BV = min(CONFIG["chunk_block_v"], max(16, triton.next_power_of_2(V)))
-    return BV, dict(num_warps=CONFIG["chunk_warps"], DOT="ieee" if x.dtype == torch.float32 else "tf32")
+    return _os_block_v(x.shape[-1]), dict(num_warps=CONFIG["chunk_warps"], DOT="ieee" if x.dtype == torch.float32 else "tf32")
 
 
 class _ChunkForm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, gv, scale, initial_state, output_final_state, rows):
-        """Packed [tokens, H, D] inputs; rows: _rows of the sequences in steps of OS_CHUNK tokens, unsegmented."""
+        """Packed [tokens, H, D] inputs; rows: _os_rows (whole sequences, or segments walked at once)."""
         bounds, chunk_base, chunk_indices, NT = rows.bounds, rows.chunk_base, rows.chunk_indices, rows.n_states
         N_TOKENS, H, K = q.shape
-        V, N = v.shape[-1], bounds.numel() - 1
+        V, R = v.shape[-1], bounds.numel() - 1
         BV, meta = _os_launch(q)
         BK = max(16, _pow2(K))
         f32 = dict(device=q.device, dtype=torch.float32)
+        ctx.scale, ctx.has_h0, ctx.rows = scale, initial_state is not None, rows
+
+        def walk(h0, ht, states, maps):
+            _os_walk_kernel[(triton.cdiv(V, BV), R, H)](
+                k, v, g, gv, h0, ht, states, maps, bounds, chunk_base, H=H, K=K, V=V, BK=BK, BV=BV,
+                USE_H0=h0 is not None, STORE_FINAL=ht is not None, MAP=maps is not None,
+                WIDE=CONFIG["chunk_forward_tf32"], **meta)
+
+        maps, ht = None, None
+        if rows.segments is not None:  # each segment's map from a zero state, then LASP-2's prefix: their entry states
+            maps, entries = _empty(R, H, K, V, **f32), _empty(R, H, K, V, **f32)
+            walk(None, entries, None, maps)
+            final = _segment_prefix(entries, maps, initial_state, rows, False)
+            initial_state, ht = entries, final if output_final_state else None
+        elif output_final_state:
+            ht = _empty(R, H, K, V, **f32)
         states = _empty(NT, H, K, V, **f32)
-        ht = _empty(N, H, K, V, **f32) if output_final_state else None
-        _os_walk_kernel[(triton.cdiv(V, BV), N, H)](
-            k, v, g, gv, initial_state, ht, states, bounds, chunk_base, H=H, K=K, V=V, BK=BK, BV=BV,
-            USE_H0=initial_state is not None, STORE_FINAL=output_final_state, WIDE=CONFIG["chunk_forward_tf32"], **meta)
+        walk(initial_state, ht if maps is None else None, states, None)
         o = _empty(N_TOKENS, H, V, device=q.device, dtype=q.dtype)
         _os_output_kernel[(triton.cdiv(V, BV), NT, H)](
             q, k, v, g, gv, o, states, bounds, chunk_base, chunk_indices, scale, H=H, K=K, V=V, BK=BK,
             BV=BV, WIDE=CONFIG["chunk_forward_tf32"], **meta)
-        ctx.save_for_backward(q, k, v, g, gv, o, states)
-        ctx.scale, ctx.has_h0, ctx.rows = scale, initial_state is not None, rows
+        ctx.save_for_backward(q, k, v, g, gv, o, states, maps)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, g, gv, o, states = ctx.saved_tensors
+        q, k, v, g, gv, o, states, maps = ctx.saved_tensors
         rows = ctx.rows
         bounds, chunk_base, chunk_indices, NT = rows.bounds, rows.chunk_base, rows.chunk_indices, rows.n_states
         N_TOKENS, H, K = q.shape
-        V, N = v.shape[-1], bounds.numel() - 1
+        V, R = v.shape[-1], bounds.numel() - 1
         BV, meta = _os_launch(q)
         BK, NV = max(16, _pow2(K)), triton.cdiv(V, BV)
         f32 = dict(device=q.device, dtype=torch.float32)
         do = do.contiguous()
         dht = None if dht is None else dht.float().contiguous()
-        grads, dh0 = _empty(NT, H, K, V, **f32), _empty(N, H, K, V, **f32)
-        _os_walk_bwd_kernel[(NV, N, H)](
-            q, do, g, gv, dht, dh0, grads, bounds, chunk_base, ctx.scale, H=H, K=K, V=V, BK=BK, BV=BV,
-            USE_DHT=dht is not None, **meta)
+
+        def walk(dht, dh0, grads):
+            _os_walk_bwd_kernel[(NV, R, H)](
+                q, do, g, gv, dht, dh0, grads, bounds, chunk_base, ctx.scale, H=H, K=K, V=V, BK=BK,
+                BV=BV, USE_DHT=dht is not None, MAP=grads is None, **meta)
+
+        if maps is not None:  # each segment's exit gradient: its entry gradient from zero, then the reverse prefix
+            exits = _empty(R, H, K, V, **f32)
+            walk(None, exits, None)
+            dh0 = _segment_prefix(exits, maps, dht, rows, True)
+            dht = exits
+        grads, row_dh0 = _empty(NT, H, K, V, **f32), _empty(R, H, K, V, **f32)
+        walk(dht, row_dh0, grads)
+        if maps is None:
+            dh0 = row_dh0
         dq, dk = _empty(NV, N_TOKENS, H, K, **f32), _empty(NV, N_TOKENS, H, K, **f32)
         dv, dgv = _empty(N_TOKENS, H, V, **f32), _empty(N_TOKENS, H, V, **f32)
         dg = _empty(NV, N_TOKENS, H, K, **f32)
         _os_grad_kernel[(NV, NT, H)](
             q, k, v, g, gv, o, do, states, grads, dq, dk, dv, dg, dgv, bounds, chunk_base,
-            chunk_indices, ctx.scale, N_TOKENS, H=H, K=K, V=V, BK=BK, BV=BV,
-            WIDE_WALK=CONFIG["chunk_forward_tf32"], **meta)
+            chunk_indices, ctx.scale, N_TOKENS, H=H, K=K, V=V, BK=BK, BV=BV, WIDE_WALK=CONFIG["chunk_forward_tf32"], **meta)
         dq, dk = dq.sum(0), dk.sum(0)
         dg = dg.sum(0)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dgv.to(gv.dtype), None,
@@ -981,7 +1025,7 @@ def chunk(q, k, v, g, gv, scale=None, initial_state=None, output_final_state=Fal
     if CONFIG["form"] == "chunk":
         h0 = None if initial_state is None else initial_state.float().contiguous()
         o, ht = _ChunkForm.apply(*packed, float(scale), h0, output_final_state,
-                                 _rows(_offsets(B, T, cu_seqlens), OS_CHUNK.value, None, q.device))
+                                 _os_rows(B, T, H, V, cu_seqlens, q.device))
         return o.view(B, T, H, V), ht
     rows = _layout(B, T, H, V, cu_seqlens, q.device)
     h0 = None if initial_state is None else initial_state.float().contiguous()
