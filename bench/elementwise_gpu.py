@@ -40,7 +40,8 @@ GFW = dict(H=16, K=64, V=128)
 SETTINGS = {"mamba": {"default": {}, "whole sequences (no segments)": {"walk_programs": 0}},
             "gfw": {"default": {}, "chunk form": {"form": "chunk"}, "chunk form, chunk_block_v 32": {"form": "chunk",
                     "chunk_block_v": 32}, "chunk form, bf16 forward products": {"form": "chunk",
-                    "chunk_forward_tf32": False}, "whole sequences (no segments)": {"walk_programs": 0}}}
+                    "chunk_forward_tf32": False}, "chunk form, whole sequences": {"form": "chunk", "walk_programs": 0},
+                    "whole sequences (no segments)": {"walk_programs": 0}}}
 BANDWIDTH = 3.0e12  # H100 device copy, bytes/s (DESIGN.md)
 TOL_O, TOL_GRAD = 2e-3, 1e-2  # bf16 against fp32 (DESIGN.md); fp32 Triton (ieee tl.dot in the chunk form) gets 1e-4
 
@@ -117,6 +118,9 @@ def check(programs, device):
         if not SMOKE:  # one sequence: the default segment policy cuts it (LASP-2 within the GPU)
             rows = module._layout(1, 3000, dims["H"], dims["V"], None, device)
             cases[f"B=1 T=3000 in {rows.bounds.numel() - 1} segments"] = (1, 3000, None, {})
+            if name == "gfw":
+                rows = module._os_rows(1, 3000, dims["H"], dims["V"], None, device)
+                cases[f"B=1 T=3000, chunk form in {rows.bounds.numel() - 1} segments"] = (1, 3000, None, {"form": "chunk"})
         defaults = dict(module.CONFIG)
         for label, (B, T, cu, setting) in cases.items():
             module.CONFIG.update(defaults, **setting)
