@@ -9,7 +9,7 @@ Two shapes of G, both never materialised over the sequence:
 The torch template (templates/torch/elementwise.py.j2) and the Triton template (templates/triton/elementwise.py.j2:
 walks over chunks with an associative scan over time inside each) run both. The outer sum also has a chunk form on
 the matrix units (templates/triton/outer_sum.py.j2, CONFIG "form": "chunk"; opt-in until a GPU has checked and timed
-it): GLA's chunkwise products with a value-side factor, the gates' gradients from reverse cumulative sums.
+it): GLA's chunkwise products with a value-side factor, the gates' gradients from reverse sums within each chunk.
 """
 from __future__ import annotations
 
