@@ -75,7 +75,8 @@ def main() -> None:
         program = lmoec.compile_spec(ROOT / "specs" / "lsm" / f"{spec}.lsm")
         lsm = program.ir.lsm()
         module = getattr(program.package, f"{lsm.name}_triton")
-        seq, token, state_shape = thc._inputs(module, lsm.recurrence.decay)
+        K, V = thc.HEAD_DIMS.get(spec, [(128, 128)])[0]  # the benchmark's head dims, as the compile test takes them
+        seq, token, state_shape = thc._inputs(module, lsm.recurrence.decay, K=K, V=V)
 
         def run():
             import torch
@@ -88,7 +89,7 @@ def main() -> None:
         defaults = dict(module.CONFIG)
         settings = [extra] if extra else thc.CASES.get(spec, [{}])
         seen = set()
-        print(f"## {spec}\n\n| kernel | constexprs | warps | regs | local bytes | shared bytes | SASS instructions | "
+        print(f"## {spec} (K = {K}, V = {V})\n\n| kernel | constexprs | warps | regs | local bytes | shared bytes | SASS instructions | "
               f"largest loop | SHFL | LDS + STS + BAR |\n|---|---|---|---|---|---|---|---|---|---|")
         for config in settings:
             module.CONFIG.update(defaults, **config)
