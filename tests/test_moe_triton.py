@@ -3,8 +3,8 @@
 CUDA runs them in place of eager silu(g) * up * weight; here a child process (TRITON_INTERPRET=1 must be
 set before triton is first imported) forces them on CPU tensors. It checks the kernels alone (with and
 without the per-row combine weights, widths that are not a multiple of the block) and then every layer
-configuration of test_moe against its dense float64 reference, gradients included. bf16 can't run in the
-interpreter: bench/moe_gpu.py checks it on the GPU.
+configuration of test_moe against its dense float64 reference, gradients included; the kernels alone also in bf16,
+with the interpreter rounding bf16 as the GPU does (tests/interpreter_bf16.py), and on the GPU in bench/moe_gpu.py.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(
     r'''
+    import interpreter_bf16
+    interpreter_bf16.install()
     import torch
     import torch.nn.functional as F
     from lmoec.runtime import moe
@@ -37,6 +39,17 @@ CHILD = textwrap.dedent(
             torch.testing.assert_close(h.double(), ref, rtol=1e-5, atol=1e-5)
             for got, want in zip(torch.autograd.grad(h, inputs, dh.float()), torch.autograd.grad(ref, inputs, dh)):
                 torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+            # bf16 inputs and outputs (fp32 inside): the reference on the same rounded inputs, within bf16's rounding
+            gb, ub = (x.detach().bfloat16().requires_grad_() for x in (g, u))
+            wb = None if w is None else w.detach().bfloat16().requires_grad_()
+            hb = moe.swiglu(gb, ub, wb)
+            assert hb.dtype == torch.bfloat16 and type(hb.grad_fn).__name__ == "_FusedSwiGLUBackward"
+            exact = [x.detach().double().requires_grad_() for x in [gb, ub] + ([wb] if weighted else [])]
+            ref = F.silu(exact[0]) * exact[1] * (exact[2][:, None] if weighted else 1)
+            torch.testing.assert_close(hb.double(), ref, rtol=2 ** -8, atol=1e-6)
+            for got, want in zip(torch.autograd.grad(hb, [gb, ub] + ([wb] if weighted else []), dh.bfloat16()),
+                                 torch.autograd.grad(ref, exact, dh.bfloat16().double())):
+                torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-3)
     for name, config in sorted(CONFIGS.items()):
         for backend in ("loop", "grouped"):
             layer = make_moe(dtype=torch.float32, grouped_backend=backend, **config)
