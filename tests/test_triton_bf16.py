@@ -3,10 +3,10 @@
 One library spec per transition family, bf16 inputs and outputs against the same spec's float32 torch chunkwise
 backend (itself checked against the float64 oracle) on the same bf16-representable inputs: o, the final state and
 every gradient, at a packed batch of three sequences (one of a single token) with initial states, T no multiple of
-the chunk. The bounds are the GPU check's (bench/families_gpu.py: 1e-2 for o and the state, 2e-2 for gradients); GFW's chunk
-form is held to DESIGN.md's 2e-3 / 1e-2, as bench/elementwise_gpu.py holds it. Before this, bf16 was checked only on
-a GPU; a precision change to a template is now seen at commit time (the GPU check stays: the interpreter sums in
-another order and cannot see what the GPU compiler does).
+the chunk. The bounds are the GPU check's (bench/families_gpu.py: 1e-2 for o and the state, 2e-2 for gradients);
+GFW's chunk form is held to DESIGN.md's 2e-3 / 1e-2, as bench/elementwise_gpu.py holds it. Before this, bf16 was
+checked only on a GPU; a precision change to a template is now seen at commit time (the GPU check stays: the
+interpreter sums in another order and cannot see what the GPU compiler does).
 
 Why subprocesses: TRITON_INTERPRET=1 must be set before triton is first imported; the specs are dealt over one
 child per core (this file run as a script), each printing one JSON line of relative errors.

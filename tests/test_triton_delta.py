@@ -3,7 +3,8 @@
 Triton reads TRITON_INTERPRET when it is imported, so the checks run in one subprocess
 (this file run as a script) with that variable set; each test below asserts one check's
 result. Shapes are tiny (T <= 100, K = V = 16) at chunk sizes 16, 32 and 64 (one, two and four tiles of
-the UT transform's block inverse); bf16 runs in tests/test_triton_bf16.py, bf16 and the large shapes in bench/families_gpu.py on the GPU.
+the UT transform's block inverse); bf16 runs in tests/test_triton_bf16.py, bf16 and the large shapes in
+bench/families_gpu.py on the GPU.
 The interpreter accepts code the GPU compiler rejects: tests/test_hopper_compile.py compiles every kernel
 for sm_90 (Triton's own compiler and ptxas, no GPU needed) at the benchmark's head dims.
 """

@@ -5,8 +5,9 @@ gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (o
 K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
 both cut into segments walked at once (the segment policy forced); both with the decode step against the torch step;
 GFW's chunk form (CONFIG "form": "chunk") at packed sequences with an empty and a one-token one, a strong gate, three
-V blocks, without a final state, and cut into one-chunk segments. Outputs start as NaN (POISON), so an element no kernel writes fails. fp32 here;
-bf16 in tests/test_triton_bf16.py (the interpreter rounding as the GPU does) and on the GPU (bench/elementwise_gpu.py).
+V blocks, without a final state, and cut into one-chunk segments. Outputs start as NaN (POISON), so an element no
+kernel writes fails. fp32 here; bf16 in tests/test_triton_bf16.py (the interpreter rounding as the GPU does) and on
+the GPU (bench/elementwise_gpu.py).
 
 Why a subprocess: TRITON_INTERPRET=1 must be set before triton is first imported.
 """
