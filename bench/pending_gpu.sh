@@ -9,7 +9,9 @@
 #     chunk_gla at 2K, 8K and 32K;
 #  3. Gated DeltaNet and DeltaNet against fla at 2K and 8K (the exp2 kernels, whose bf16 check passed in run 17;
 #     run 15's ratios are the before);
-#  4. Mamba's walk at 8K and 32K: the default policy against whole sequences and forced segment lengths.
+#  4. the vector-decay delta spec's backward, not finite on the H100 (runs 10-17) but finite on CPU at the same shape
+#     with the interpreter rounding as the GPU does: which buffer turns NaN / inf (bench/probes_gpu.py);
+#  5. Mamba's walk at 8K and 32K: the default policy against whole sequences and forced segment lengths.
 # Run 17 ran the tenth session's version at FLA=0 BUDGET=270 (bench/results/run17/): the checks and Mamba's rows.
 B=${BUDGET:-560}
 . bench/gpu_call.sh
@@ -27,6 +29,8 @@ wait  # every timing below runs on an otherwise idle GPU
 step elementwise; timeout $(left 400) python3 bench/elementwise_gpu.py bench --out $OUT/x > /dev/null 2>&1
 [ -n "$CELLS" ] && step bench && timeout $(left 480) $F bench --no-sdpa --families gated_deltanet,deltanet --shapes 2K,8K --out $OUT/b \
   > /dev/null 2>&1
+step probe; timeout $(left 90) python3 bench/probes_gpu.py delta-vector --out $OUT/p > $OUT/probe.txt 2>&1
+grep -B1 "inf [1-9]\|NaN [1-9]" $OUT/probe.txt | head -40
 step sweep; timeout $(left $B) python3 bench/elementwise_gpu.py sweep --out $OUT/s > /dev/null 2>&1
 step done
 for d in e x b s; do echo "#### $d"; grep "^| \|^###" $OUT/$d/*.md 2>/dev/null | grep -v "| ok |" | cut -c1-240; done
