@@ -10,7 +10,11 @@
                 (its `_new`, which fills with NaN under POISON) is recorded in order, and after forward and backward
                 each one's shape and NaN / inf counts are printed, for bf16 and fp32 inputs, with poison on and off
                 (NaN only with poison on: an element no kernel writes; with it off too: arithmetic or a bad read), at
-                the default settings and at wu = "kernel".
+                the default settings and at wu = "kernel"; then, bf16 with poison, at the launch settings in which the
+                spec differs from Gated DeltaNet (which passes), as fla found Triton 3.4-3.7.0 miscompiling delta-rule
+                backward kernels on Hopper at some warp counts. One SUMMARY line per run names the gradients that
+                are not finite. On CPU (the interpreter rounding as the GPU does) every run is finite, at this shape
+                too.
 
     python bench/probes_gpu.py rwkv6 delta-vector [--out DIR] [--small]
 --small runs tiny shapes, for the interpreter on CPU (this script's Python, not its numbers).
@@ -81,32 +85,38 @@ def probe_delta_vector(small: bool) -> list:
     tri._new = recording_new
     B, T, H, D = (1, 70, 1, 32) if small else (2, 2085, 4, 128)
     lines, defaults = [], dict(tri.CONFIG)
-    for setting in ({}, {"wu": "kernel"}):
-        for dtype in (torch.bfloat16, torch.float32):
-            for poison in (True, False):
-                tri.CONFIG.update(defaults, **setting)
-                fg.set_poison(tri, poison)
-                torch.manual_seed(0)
-                x = fg.make_inputs("gated_delta_vector", tri, B, T, H, D, D, dtype)
-                xs = {n: t.clone().requires_grad_(True) for n, t in x.items()}
-                h0 = torch.randn(B, H, D, D, device=fg.DEVICE, requires_grad=True)
-                allocations.clear()
-                stage[0] = "forward"
-                o, ht = fg.call(tri, xs, h0, True)
-                stage[0] = "backward"
-                loss = (o.float() * torch.randn_like(o.float())).sum() + (ht * torch.randn_like(ht)).sum()
-                grads = torch.autograd.grad(loss, list(xs.values()) + [h0])
-                lines.append(f"### {setting or 'defaults'}, {str(dtype)[6:]}, poison {poison}")
-                for name, g in zip(list(xs) + ["h0"], grads):
-                    lines.append(f"- d{name}: NaN {int(torch.isnan(g).sum())}, inf {int(torch.isinf(g).sum())}")
-                for i, (when, shape, dt, t) in enumerate(allocations):
-                    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-                    where = ""
-                    if nan and t.dim() >= 2:
-                        idx = torch.isnan(t).nonzero()
-                        where = f" first NaN at {idx[0].tolist()}, last at {idx[-1].tolist()}"
-                    lines.append(f"  - {when} buffer {i} {list(shape)} {dt}: NaN {nan}, inf {inf}{where}")
-                print("\n".join(lines[-(len(allocations) + 9):]), flush=True)
+    # the launch settings that differ from Gated DeltaNet's (which passes): fla finds Triton 3.4-3.7.0 miscompiling
+    # delta-rule backward kernels on Hopper at 4 and 8 warps (fla-org/flash-linear-attention#984, #988, #640)
+    narrow = {"warps_dstate": 2, "warps_dqk": 2, "warps_wy_bwd": 2}
+    runs = [(s, d, p) for s in ({}, {"wu": "kernel"}) for d in (torch.bfloat16, torch.float32) for p in (True, False)]
+    runs += [(s, torch.bfloat16, True) for s in (narrow, {"warps_wy_bwd": 4}, {"stages": 1}, {"warps_ut": 1})]
+    for setting, dtype, poison in runs:
+        tri.CONFIG.update(defaults, **setting)
+        fg.set_poison(tri, poison)
+        torch.manual_seed(0)
+        x = fg.make_inputs("gated_delta_vector", tri, B, T, H, D, D, dtype)
+        xs = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+        h0 = torch.randn(B, H, D, D, device=fg.DEVICE, requires_grad=True)
+        allocations.clear()
+        stage[0] = "forward"
+        o, ht = fg.call(tri, xs, h0, True)
+        stage[0] = "backward"
+        loss = (o.float() * torch.randn_like(o.float())).sum() + (ht * torch.randn_like(ht)).sum()
+        grads = torch.autograd.grad(loss, list(xs.values()) + [h0])
+        lines.append(f"### {setting or 'defaults'}, {str(dtype)[6:]}, poison {poison}")
+        for name, g in zip(list(xs) + ["h0"], grads):
+            lines.append(f"- d{name}: NaN {int(torch.isnan(g).sum())}, inf {int(torch.isinf(g).sum())}")
+        bad = [name for name, g in zip(list(xs) + ["h0"], grads) if not torch.isfinite(g).all()]
+        print(f"SUMMARY {setting or 'defaults'} {str(dtype)[6:]} poison {poison}: not finite: {bad or 'none'}",
+              flush=True)
+        for i, (when, shape, dt, t) in enumerate(allocations):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            where = ""
+            if nan and t.dim() >= 2:
+                idx = torch.isnan(t).nonzero()
+                where = f" first NaN at {idx[0].tolist()}, last at {idx[-1].tolist()}"
+            lines.append(f"  - {when} buffer {i} {list(shape)} {dt}: NaN {nan}, inf {inf}{where}")
+        print("\n".join(lines[-(len(allocations) + 9):]), flush=True)
     tri.CONFIG.update(defaults)
     fg.set_poison(tri, False)
     tri._new = new
