@@ -1,7 +1,7 @@
 """The element-wise kind's Triton kernels (templates/triton/elementwise.py.j2) under Triton's interpreter.
 
-Mamba (outer-product gate) and GFW (outer-sum gate) against the float64 oracle: the output, the final state and every
-gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (one of a single token), two V blocks and
+Mamba (outer-product gate), GFW (outer-sum gate) and a value gate alone (`decay value`, no key side) against the
+float64 oracle: the output, the final state and every gradient (q, k, v, the gates, the initial state); Mamba with packed sequences (one of a single token), two V blocks and
 K, V not multiples of the tiles, GFW with a batch, T not a multiple of the scan and a token of log gates near -50;
 both cut into segments walked at once (the segment policy forced); both with the decode step against the torch step;
 GFW's chunk form (CONFIG "form": "chunk") at packed sequences with an empty and a one-token one, a strong gate, three
@@ -36,7 +36,13 @@ CHILD = textwrap.dedent(
     from test_elementwise import _inputs
 
     name = sys.argv[1]
-    program = lmoec.compile_spec(f"specs/lsm/{name}.lsm")
+    if name == "value_gate":  # `decay value` alone: an outer sum with no key side (no library spec has it)
+        import pathlib, tempfile
+        spec = pathlib.Path(tempfile.mkdtemp()) / "value_gate.lsm"
+        spec.write_text("lsm value_gate {\n    decay value = logsigmoid(x @ W_gv[16] @ W_gv2) / 16\n}\n")
+        program = lmoec.compile_spec(spec)
+    else:
+        program = lmoec.compile_spec(f"specs/lsm/{name}.lsm")
     op = program.op()
     triton_mod = getattr(program.package, f"{name}_triton")
     torch_mod = getattr(program.package, f"{name}_torch")
@@ -50,14 +56,21 @@ CHILD = textwrap.dedent(
             return float("inf")
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
+    def make_inputs(*shape, **kwargs):
+        inputs = _inputs("gfw" if name == "value_gate" else name, *shape, **kwargs)
+        if name == "value_gate":
+            del inputs["g"]
+        return inputs
+
     def case(B, T, H, K, V, lens=None, strong=False, final=True):
-        inputs = _inputs(name, B, T, H, K, V, dtype=torch.float32, seed=T)
+        inputs = make_inputs(B, T, H, K, V, dtype=torch.float32, seed=T)
         if strong:  # one token with log gates down to about -50: the state before it is wiped out, nothing overflows
             if name == "mamba":
                 inputs["dt"][:, T // 2] = 60.0
             else:
-                inputs["g"][:, T // 2] *= 50
                 inputs["gv"][:, T // 2] *= 50
+                if "g" in inputs:
+                    inputs["g"][:, T // 2] *= 50
         cu = None if lens is None else torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
         inputs["initial_state"] = torch.randn(B if lens is None else len(lens), H, K, V)
         do = torch.randn(B, T, H, V, dtype=torch.float64)
@@ -72,13 +85,21 @@ CHILD = textwrap.dedent(
         return {n: rel(results["triton"][n], want) for n, want in results["reference"].items()}
 
     def step_case(B=2, H=2, K=3, V=12):
-        inputs = _inputs(name, B, 1, H, K, V, dtype=torch.float32)
+        inputs = make_inputs(B, 1, H, K, V, dtype=torch.float32)
         token = {n: (x if n == "A" else x[:, 0]) for n, x in inputs.items()}
         state = torch.randn(B, H, K, V)
         o, new = triton_mod.step(**token, state=state)
         o_ref, new_ref = torch_mod.step(**token, state=state)
         return {"o": rel(o, o_ref), "state": rel(new, new_ref)}
 
+    if name == "value_gate":  # _gate's own branch in the scan, and the chunk form's kernels without g
+        triton_mod.CONFIG.update(form="chunk", walk_programs=10**9, segment_programs=10**9, segment_chunks=1)
+        chunk_form = case(1, 150, 2, 5, 20, lens=[70, 0, 1, 79], strong=True)
+        triton_mod.CONFIG.update(form="scan", walk_programs=0)
+        print("RESULT " + json.dumps({"batch B=2 T=19, a strong gate, K=4 V=8": case(2, 19, 1, 4, 8, strong=True),
+                                      "chunk form: packed [70, 0, 1, 79] in one-chunk segments": chunk_form,
+                                      "step": step_case()}))
+        sys.exit(0)
     # the walks' layout code is the same for both gates (only _gate differs): each spec takes one layout
     if name == "mamba":
         out = {"varlen [20, 0, 1, 3], K=3 V=12 (two V blocks, padded tiles, an empty sequence)":
@@ -122,7 +143,7 @@ CHILD = textwrap.dedent(
 TOL = 1e-5  # fp32 against float64: relative norm of the difference (measured: below 3e-7)
 
 
-@pytest.mark.parametrize("name", ["mamba", "gfw"])
+@pytest.mark.parametrize("name", ["mamba", "gfw", "value_gate"])
 def test_triton_matches_oracle(name):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", CHILD, name], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -134,8 +155,8 @@ def test_triton_matches_oracle(name):
         if case != "step" and "segmented in" not in case:
             final = set() if "no final state" in case else {"final_state"}
             assert errs.keys() >= {"o", "dq", "dk", "dv", "dinitial_state"} | final, case
-    assert sum(case.startswith("chunk form") for case in errors) == (4 if name == "gfw" else 0)
-    assert sum("segmented in" in case for case in errors) == 3
+    assert sum(case.startswith("chunk form") for case in errors) == {"gfw": 4, "value_gate": 1}.get(name, 0)
+    assert sum("segmented in" in case for case in errors) == (0 if name == "value_gate" else 3)
     bad = {f"{case}: {n}": e for case, errs in errors.items() for n, e in errs.items() if not e <= TOL}
     assert not bad, f"relative errors above {TOL}: {bad}"
 
