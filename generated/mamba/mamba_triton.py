@@ -261,13 +261,16 @@ def _offsets(B, T, cu_seqlens):
     return [i * T for i in range(B + 1)] if cu_seqlens is None else sequence_offsets(cu_seqlens, T, "mamba")
 
 
+def _walk_rows(offsets, programs_per_sequence, step, device):
+    """The rows of walks that take `step` tokens at a time: the sequences, cut into segments where _segment_chunks
+    says the walks would keep too few programs busy."""
+    chunks = _segment_chunks(offsets, programs_per_sequence, step) if len(offsets) > 1 else None
+    return _rows(offsets, step, chunks, device)
+
+
 def _layout(B, T, H, V, cu_seqlens, device):
-    """The scan walks' rows: the sequences, cut into segments where _segment_chunks says the walks would keep too few
-    programs busy."""
-    offsets = _offsets(B, T, cu_seqlens)
-    scan = CONFIG["scan"]
-    chunks = _segment_chunks(offsets, H * triton.cdiv(V, _block_v(V)), scan) if len(offsets) > 1 else None
-    return _rows(offsets, scan, chunks, device)
+    """The scan walks' rows."""
+    return _walk_rows(_offsets(B, T, cu_seqlens), H * triton.cdiv(V, _block_v(V)), CONFIG["scan"], device)
 
 
 def _forward(q, k, v, dt, A, scale, initial_state, output_final_state, rows, store_states, maps=None):
